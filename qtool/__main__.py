@@ -1,0 +1,5 @@
+"""`python -m qtool` runs the CLI."""
+
+from qtool.cli import main
+
+main()

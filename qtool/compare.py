@@ -1,0 +1,150 @@
+"""Float vs quantized over the same feeds: streamed per-output metrics, accuracy, gates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+from onnx import ModelProto
+
+from qtool.data import DataFolder
+from qtool.metrics import is_classifier_output, top1
+from qtool.runner import make_session, run
+
+GATES = {
+    # name: (figure it reads, True when larger is better)
+    "min_cosine": ("cosine", True),
+    "min_sqnr_db": ("sqnr_db", True),
+    "min_top1_agreement": ("top1_agreement", True),
+    "max_accuracy_drop": ("accuracy_drop", False),
+}
+
+
+class _OutputStats:
+    """Running sums that give cosine, SQNR and errors without keeping outputs."""
+
+    def __init__(self):
+        self.dot = self.ref_sq = self.cand_sq = self.noise = self.abs_sum = 0.0
+        self.max_abs = 0.0
+        self.count = 0
+        self.samples = 0
+        self.agree = 0
+        self.classifier = True
+
+    def update(self, ref: np.ndarray, cand: np.ndarray) -> None:
+        a, b = ref.astype(np.float64), cand.astype(np.float64)
+        diff = a - b
+        self.dot += float(np.sum(a * b))
+        self.ref_sq += float(np.sum(a * a))
+        self.cand_sq += float(np.sum(b * b))
+        self.noise += float(np.sum(diff * diff))
+        self.abs_sum += float(np.sum(np.abs(diff)))
+        self.max_abs = max(self.max_abs, float(np.max(np.abs(diff), initial=0.0)))
+        self.count += diff.size
+        self.classifier = self.classifier and is_classifier_output(ref)
+        if self.classifier:
+            self.agree += int(np.sum(top1(ref) == top1(cand)))
+            self.samples += ref.shape[0]
+
+    def figures(self) -> dict:
+        norms = np.sqrt(self.ref_sq * self.cand_sq)
+        figures = {
+            "cosine": float(self.dot / norms) if norms > 0 else float(self.noise == 0),
+            "sqnr_db": _sqnr(self.ref_sq, self.noise),
+            "mse": self.noise / self.count if self.count else 0.0,
+            "max_abs_error": self.max_abs,
+            "mean_abs_error": self.abs_sum / self.count if self.count else 0.0,
+        }
+        if self.classifier and self.samples:
+            figures["top1_agreement"] = self.agree / self.samples
+        return figures
+
+
+def _sqnr(signal: float, noise: float) -> float:
+    if noise == 0:
+        return float("inf")
+    if signal == 0:
+        return float("-inf")
+    return float(10.0 * np.log10(signal / noise))
+
+
+@dataclass(frozen=True)
+class Comparison:
+    samples: int
+    outputs: dict[str, dict]  # output name -> figures
+    accuracy: dict[str, float] = field(default_factory=dict)  # "reference"/"candidate" -> top-1
+    labelled: int = 0
+
+    def figure(self, name: str) -> float | None:
+        """The worst value of a figure over all outputs (what a gate checks)."""
+        if name == "accuracy_drop":
+            if not self.accuracy:
+                return None
+            return self.accuracy["reference"] - self.accuracy["candidate"]
+        values = [figures[name] for figures in self.outputs.values() if name in figures]
+        return min(values) if values else None
+
+
+@dataclass(frozen=True)
+class GateResult:
+    name: str
+    threshold: float
+    value: float | None
+    passed: bool
+
+    def describe(self) -> str:
+        shown = "n/a" if self.value is None else f"{self.value:.6g}"
+        verdict = "passed" if self.passed else "FAILED"
+        return f"gate {self.name}: {verdict} (value {shown}, threshold {self.threshold:g})"
+
+
+def compare_models(
+    reference: ModelProto,
+    candidate: ModelProto,
+    data: DataFolder,
+    *,
+    labels: dict[str, int] | None = None,
+    batch_size: int = 8,
+    optimize_candidate: bool = True,
+    progress: Callable[[int, int | None], None] | None = None,
+) -> Comparison:
+    """Run both models on every sample; stream per-output figures and accuracy."""
+    ref_session = make_session(reference)
+    cand_session = make_session(candidate, optimize=optimize_candidate)
+    stats: dict[str, _OutputStats] = {}
+    correct = {"reference": 0, "candidate": 0}
+    labelled = samples = 0
+    total = min(len(data.files), data.limit) if data.limit else len(data.files)
+    for batch in data.batches(batch_size):
+        ref_out = run(ref_session, batch.feeds)
+        cand_out = run(cand_session, batch.feeds)
+        for name, ref in ref_out.items():
+            stats.setdefault(name, _OutputStats()).update(ref, cand_out[name])
+        samples += len(batch.files)
+        if labels:
+            first = next(iter(ref_out))
+            if is_classifier_output(ref_out[first]):
+                known = [i for i, f in enumerate(batch.files) if f in labels]
+                truth = np.array([labels[batch.files[i]] for i in known])
+                if known:
+                    correct["reference"] += int(np.sum(top1(ref_out[first])[known] == truth))
+                    correct["candidate"] += int(np.sum(top1(cand_out[first])[known] == truth))
+                    labelled += len(known)
+        if progress:
+            progress(samples, max(total, samples))
+    accuracy = {key: value / labelled for key, value in correct.items()} if labelled else {}
+    return Comparison(samples, {name: s.figures() for name, s in stats.items()}, accuracy, labelled)
+
+
+def check_gates(comparison: Comparison, gates: dict[str, float]) -> list[GateResult]:
+    results = []
+    for name, threshold in gates.items():
+        figure, larger_is_better = GATES[name]
+        value = comparison.figure(figure)
+        if value is None:
+            passed = False
+        else:
+            passed = value >= threshold if larger_is_better else value <= threshold
+        results.append(GateResult(name, threshold, value, passed))
+    return results

@@ -1,0 +1,38 @@
+"""User-facing failures: one exception family, each class carrying its exit code.
+
+The CLI maps a QtoolError to one line on stderr and its exit code; anything
+else escaping the library is a bug (exit 3).
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_GATE_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 3
+
+
+class QtoolError(Exception):
+    """A failure caused by what the user gave us; its message is one line."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class UsageError(QtoolError):
+    """Command-line arguments that contradict each other or the file system."""
+
+
+class RecipeError(QtoolError):
+    """A recipe that does not parse or does not match the schema."""
+
+
+class ModelError(QtoolError):
+    """A model file that cannot be loaded, is unsafe, or cannot be quantized."""
+
+
+class DataError(QtoolError):
+    """A data folder, data file or labels file that cannot feed the model."""
+
+
+class CalibrationError(QtoolError):
+    """A calibration table that is malformed or does not match the model."""

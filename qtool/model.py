@@ -1,0 +1,161 @@
+"""Model files in and out: safe loading, opset upgrade, saving, and a graph index.
+
+Loading refuses what would make onnx read outside the model's folder
+(external-data path traversal) and models that are already quantized.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import onnx
+from onnx import ModelProto, TensorProto, external_data_helper, version_converter
+
+from qtool.errors import ModelError
+
+MIN_OPSET = 13  # QuantizeLinear/DequantizeLinear gain `axis` (per-channel) here
+DEFAULT_DOMAINS = ("", "ai.onnx")
+QUANTIZED_OP_TYPES = {
+    "QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul",
+    "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear", "MatMulNBits",
+}
+PROTOBUF_LIMIT = 2**31 - 1
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_model(path: str | Path) -> ModelProto:
+    """Load a float model, with external data, refusing unsafe or quantized ones."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: no such model file")
+    if path.stat().st_size == 0:
+        raise ModelError(f"{path}: file is empty; expected an ONNX model (.onnx)")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises several unrelated types
+        raise ModelError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
+    if not model.graph.node:
+        raise ModelError(f"{path}: not an ONNX model with a graph (no nodes found)")
+    check_external_data(model, path)
+    try:
+        external_data_helper.load_external_data_for_model(model, str(path.parent))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: cannot read external data: {exc}") from None
+    refuse_quantized(model, path)
+    return model
+
+
+def external_data_files(model: ModelProto) -> list[str]:
+    """Locations of external-data files named by the model's tensors, in order."""
+    files: list[str] = []
+    for tensor in external_data_helper._get_all_tensors(model):
+        if tensor.data_location == TensorProto.EXTERNAL:
+            info = {entry.key: entry.value for entry in tensor.external_data}
+            location = info.get("location", "")
+            if location not in files:
+                files.append(location)
+    return files
+
+
+def model_file_bytes(path: Path) -> int:
+    """Size on disk including external-data files."""
+    header = onnx.load(str(path), load_external_data=False)
+    return path.stat().st_size + sum(
+        (path.parent / location).stat().st_size for location in external_data_files(header)
+    )
+
+
+def check_external_data(model: ModelProto, path: Path) -> None:
+    """Every external-data file must resolve inside the model's folder."""
+    folder = path.parent.resolve()
+    for location in external_data_files(model):
+        target = (folder / location).resolve()
+        if os.path.isabs(location) or ".." in Path(location).parts or not target.is_relative_to(folder):
+            raise ModelError(
+                f"{path}: external data location {location!r} points outside the model's "
+                f"folder; only relative paths inside {folder} are allowed"
+            )
+        if not target.is_file():
+            raise ModelError(f"{path}: external data file {location!r} is missing")
+
+
+def refuse_quantized(model: ModelProto, path: Path) -> None:
+    found = sorted({node.op_type for node in model.graph.node if node.op_type in QUANTIZED_OP_TYPES})
+    if found:
+        raise ModelError(
+            f"{path}: model is already quantized (has {', '.join(found)}); "
+            "give qtool the float model"
+        )
+
+
+def opset_version(model: ModelProto) -> int:
+    for entry in model.opset_import:
+        if entry.domain in DEFAULT_DOMAINS:
+            return entry.version
+    return 0
+
+
+def upgrade_opset(model: ModelProto, path: Path, target: int = MIN_OPSET) -> tuple[ModelProto, str | None]:
+    """Convert models below opset 13 so that Q/DQ can carry a per-channel axis."""
+    current = opset_version(model)
+    if current >= target:
+        return model, None
+    try:
+        upgraded = version_converter.convert_version(model, target)
+    except Exception as exc:  # the converter raises bare RuntimeErrors per op
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"{path}: opset {current} is below {target} (needed for per-channel Q/DQ) "
+            f"and could not be upgraded: {first_line}"
+        ) from None
+    return upgraded, f"opset upgraded from {current} to {target} (per-channel Q/DQ needs `axis`)"
+
+
+def save_model(model: ModelProto, path: Path) -> None:
+    """Write a model; weights go to `<name>.data` beside it past protobuf's 2 GB limit."""
+    if model.ByteSize() > PROTOBUF_LIMIT - (64 << 20):
+        location = path.name + ".data"
+        onnx.save_model(model, str(path), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=location, size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+
+
+class GraphIndex:
+    """Producers, consumers and initializers of one graph, by tensor name."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.graph = graph
+        self.initializers = {tensor.name: tensor for tensor in graph.initializer}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in graph.node:
+            for name in node.output:
+                if name:
+                    self.producer[name] = node
+            for name in node.input:
+                if name:
+                    self.consumers[name].append(node)
+        self.graph_inputs = {value.name for value in graph.input} - set(self.initializers)
+        self.graph_outputs = {value.name for value in graph.output}
+        self._taken = set(self.producer) | set(self.initializers) | self.graph_inputs
+        self._taken |= {node.name for node in graph.node}
+
+    def unique_name(self, base: str) -> str:
+        """A tensor or node name not used anywhere in the graph yet."""
+        name, counter = base, 1
+        while name in self._taken:
+            name = f"{base}_{counter}"
+            counter += 1
+        self._taken.add(name)
+        return name

@@ -1,0 +1,125 @@
+"""Pure numpy quantization arithmetic: ranges to scale/zero point, quantize, dequantize.
+
+Conventions follow ONNX QuantizeLinear: q = saturate(round_half_even(x / scale) + zp).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from onnx import TensorProto
+
+
+@dataclass(frozen=True)
+class QType:
+    """An integer type that QuantizeLinear can produce."""
+
+    name: str
+    numpy: type
+    onnx: int
+    qmin: int
+    qmax: int
+
+    @property
+    def signed(self) -> bool:
+        return self.qmin < 0
+
+
+QTYPES = {
+    "uint8": QType("uint8", np.uint8, TensorProto.UINT8, 0, 255),
+    "int8": QType("int8", np.int8, TensorProto.INT8, -128, 127),
+    "int32": QType("int32", np.int32, TensorProto.INT32, -(2**31), 2**31 - 1),
+}
+
+
+def quant_bounds(qtype: QType, symmetric: bool, reduce_range: bool = False) -> tuple[int, int]:
+    """The integer interval a tensor may use.
+
+    Symmetric signed types drop the most negative value (int8: [-127, 127]) so
+    that zero sits exactly in the middle; `reduce_range` halves the interval
+    (7 bits) to keep uint8 x int8 kernels without VNNI from saturating.
+    """
+    qmin, qmax = qtype.qmin, qtype.qmax
+    if symmetric and qtype.signed:
+        qmin = -qmax
+    if reduce_range:
+        half = (qmax - qmin) // 2
+        if qtype.signed:
+            qmin, qmax = -(half // 2), half // 2
+        else:
+            qmin, qmax = 0, half
+    return qmin, qmax
+
+
+def scale_zero_point(
+    lo: np.ndarray | float,
+    hi: np.ndarray | float,
+    qtype: QType,
+    symmetric: bool,
+    reduce_range: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scale (float32) and zero point (qtype) mapping [lo, hi] onto the type.
+
+    The range is widened to contain 0 so that zero is exactly representable
+    (padding, ReLU). Works elementwise for per-channel ranges. A zero-width
+    range gives scale 1 (every value is 0); callers check `is_sane_scale`.
+    """
+    lo = np.minimum(np.asarray(lo, dtype=np.float64), 0.0)
+    hi = np.maximum(np.asarray(hi, dtype=np.float64), 0.0)
+    qmin, qmax = quant_bounds(qtype, symmetric, reduce_range)
+    if symmetric:
+        absmax = np.maximum(np.abs(lo), np.abs(hi))
+        scale = absmax / ((qmax - qmin) / 2.0)
+        zero_point = np.full_like(scale, (qmin + qmax + 1) // 2 if not qtype.signed else 0)
+    else:
+        scale = (hi - lo) / float(qmax - qmin)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            zero_point = np.where(scale > 0, np.rint(qmin - lo / scale), qmin)
+    scale = np.where(scale > 0, scale, 1.0)
+    zero_point = np.clip(zero_point, qtype.qmin, qtype.qmax)
+    return scale.astype(np.float32), zero_point.astype(qtype.numpy)
+
+
+def is_sane_scale(scale: np.ndarray) -> bool:
+    """False for scales that would corrupt a model: inf, nan, zero or absurd."""
+    scale = np.asarray(scale, dtype=np.float64)
+    return bool(np.all(np.isfinite(scale)) and np.all(scale > 1e-30) and np.all(scale < 1e10))
+
+
+def _broadcast(param: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
+    param = np.asarray(param)
+    if axis is None or param.ndim == 0:
+        return param
+    shape = [1] * ndim
+    shape[axis] = param.size
+    return param.reshape(shape)
+
+
+def quantize(
+    x: np.ndarray,
+    scale: np.ndarray,
+    zero_point: np.ndarray,
+    qtype: QType,
+    axis: int | None = None,
+) -> np.ndarray:
+    """ONNX QuantizeLinear: round half to even, add zero point, saturate."""
+    s = _broadcast(scale, x.ndim, axis).astype(np.float32)
+    zp = _broadcast(zero_point, x.ndim, axis).astype(np.float64)
+    q = np.rint(x.astype(np.float32) / s).astype(np.float64) + zp
+    return np.clip(q, qtype.qmin, qtype.qmax).astype(qtype.numpy)
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int | None = None) -> np.ndarray:
+    """ONNX DequantizeLinear: (q - zero_point) * scale, in float32."""
+    s = _broadcast(scale, q.ndim, axis).astype(np.float32)
+    zp = _broadcast(zero_point, q.ndim, axis).astype(np.int64)
+    return ((q.astype(np.int64) - zp).astype(np.float32) * s).astype(np.float32)
+
+
+def channel_ranges(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Min and max of a weight over everything but `axis` (None: whole tensor)."""
+    if axis is None:
+        return np.asarray(w.min(), np.float64), np.asarray(w.max(), np.float64)
+    moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+    return moved.min(axis=1).astype(np.float64), moved.max(axis=1).astype(np.float64)

@@ -1,0 +1,160 @@
+"""Function-preserving graph clean-up before quantization.
+
+Constant nodes become initializers (exported Paddle models keep every weight
+in one), BatchNormalization is folded into the Conv before it, shapes are
+inferred. Each pass returns the number of things it changed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import ModelProto, numpy_helper
+
+from qtool.model import GraphIndex, PROTOBUF_LIMIT
+
+
+def constants_to_initializers(model: ModelProto) -> int:
+    """Turn `Constant` nodes holding a tensor into initializers."""
+    graph = model.graph
+    kept, moved = [], 0
+    for node in graph.node:
+        value = None
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            attribute = {attr.name: attr for attr in node.attribute}
+            value = _constant_value(attribute)
+        if value is None:
+            kept.append(node)
+            continue
+        graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+        moved += 1
+    if moved:
+        del graph.node[:]
+        graph.node.extend(kept)
+    return moved
+
+
+def _constant_value(attribute: dict) -> np.ndarray | None:
+    if "value" in attribute:
+        return numpy_helper.to_array(attribute["value"].t)
+    if "value_float" in attribute:
+        return np.array(attribute["value_float"].f, dtype=np.float32)
+    if "value_floats" in attribute:
+        return np.array(list(attribute["value_floats"].floats), dtype=np.float32)
+    if "value_int" in attribute:
+        return np.array(attribute["value_int"].i, dtype=np.int64)
+    if "value_ints" in attribute:
+        return np.array(list(attribute["value_ints"].ints), dtype=np.int64)
+    return None  # sparse or string constants stay as nodes
+
+
+def fold_batchnorm(model: ModelProto) -> int:
+    """Fold inference-mode BatchNormalization into the Conv that feeds only it."""
+    graph = model.graph
+    index = GraphIndex(graph)
+    removed: set[int] = set()
+    folded = 0
+    for bn in list(graph.node):
+        if bn.op_type != "BatchNormalization" or len(bn.output) != 1:
+            continue
+        conv = index.producer.get(bn.input[0])
+        params = [index.initializers.get(name) for name in bn.input[1:5]]
+        if (
+            conv is None
+            or conv.op_type != "Conv"
+            or len(index.consumers[conv.output[0]]) != 1
+            or conv.output[0] in index.graph_outputs
+            or any(p is None for p in params)
+            or conv.input[1] not in index.initializers
+            or (len(conv.input) > 2 and conv.input[2] and conv.input[2] not in index.initializers)
+            or len(index.consumers[conv.input[1]]) != 1
+        ):
+            continue
+        epsilon = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        gamma, beta, mean, var = (numpy_helper.to_array(p).astype(np.float64) for p in params)
+        weight_init = index.initializers[conv.input[1]]
+        weight = numpy_helper.to_array(weight_init).astype(np.float64)
+        has_bias = len(conv.input) > 2 and conv.input[2]
+        bias = (numpy_helper.to_array(index.initializers[conv.input[2]]).astype(np.float64)
+                if has_bias else np.zeros(weight.shape[0]))
+        factor = gamma / np.sqrt(var + epsilon)
+        new_weight = weight * factor.reshape(-1, *([1] * (weight.ndim - 1)))
+        new_bias = (bias - mean) * factor + beta
+        weight_init.CopyFrom(numpy_helper.from_array(new_weight.astype(np.float32), weight_init.name))
+        bias_name = index.unique_name(f"{conv.name or conv.output[0]}.folded_bias")
+        graph.initializer.append(numpy_helper.from_array(new_bias.astype(np.float32), bias_name))
+        if len(conv.input) > 2:
+            conv.input[2] = bias_name
+        else:
+            conv.input.append(bias_name)
+        conv.output[0] = bn.output[0]
+        removed.add(id(bn))
+        folded += 1
+    if folded:
+        kept = [node for node in graph.node if id(node) not in removed]
+        del graph.node[:]
+        graph.node.extend(kept)
+        remove_unused_initializers(model)
+    return folded
+
+
+def remove_unused_initializers(model: ModelProto) -> int:
+    graph = model.graph
+    used = {name for node in graph.node for name in node.input}
+    used |= {value.name for value in graph.output}
+    used |= _subgraph_inputs(graph)
+    kept = [init for init in graph.initializer if init.name in used]
+    dropped = len(graph.initializer) - len(kept)
+    if dropped:
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+    return dropped
+
+
+def _subgraph_inputs(graph: onnx.GraphProto) -> set[str]:
+    """Names that nested graphs (If/Loop/Scan bodies) read from the outer scope."""
+    names: set[str] = set()
+    for node in graph.node:
+        for attribute in node.attribute:
+            bodies = ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs)
+            for body in bodies:
+                names |= {name for inner in body.node for name in inner.input}
+                names |= _subgraph_inputs(body)
+    return names
+
+
+def infer_shapes(model: ModelProto) -> ModelProto:
+    """ONNX shape inference, best effort: a model it cannot fully type still works."""
+    if model.ByteSize() > PROTOBUF_LIMIT:
+        return model
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # inference is an aid; ONNX Runtime gives the real verdict
+        return model
+
+
+def name_nodes(model: ModelProto) -> int:
+    """Give unnamed nodes a unique name: plans and reports refer to nodes by name."""
+    index = GraphIndex(model.graph)
+    named = 0
+    for node in model.graph.node:
+        if not node.name:
+            node.name = index.unique_name(f"{node.op_type}_{named}")
+            named += 1
+    return named
+
+
+def prepare_model(model: ModelProto) -> tuple[ModelProto, list[str]]:
+    """Run every preparation pass; returns the model and what was done."""
+    notes = []
+    named = name_nodes(model)
+    if named:
+        notes.append(f"{named} unnamed nodes given names")
+    moved = constants_to_initializers(model)
+    if moved:
+        notes.append(f"{moved} Constant nodes turned into initializers")
+    folded = fold_batchnorm(model)
+    if folded:
+        notes.append(f"{folded} BatchNormalization nodes folded into Conv")
+    model = infer_shapes(model)
+    return model, notes

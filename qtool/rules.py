@@ -1,0 +1,67 @@
+"""Per-op quantization behaviour: one literal table, one entry per ONNX op type.
+
+An entry says which inputs are activations, which input is the weight (and
+its per-channel axis) and the bias, and how the output is quantized. Op types
+not in the table stay float. Adding an op is one entry and one test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+ALL = "all"
+
+# own:    the output gets its own calibrated range.
+# shared: the output reuses input 0's scale and zero point (data movement ops),
+#         so ONNX Runtime can run the op on integers and drop the Q/DQ pair.
+OutputMode = Literal["own", "shared"]
+
+
+@dataclass(frozen=True)
+class OpRule:
+    activations: tuple[int, ...] | str = (0,)
+    weight: int | None = None
+    weight_axis: int | Literal["gemm"] | None = None
+    bias: int | None = None
+    output: OutputMode = "own"
+    # Relu/Clip: the producer's output is left unquantized and this op's output
+    # range stands for both, so ORT removes the activation inside the int kernel.
+    fuses_into_producer: bool = False
+
+
+_MOVE = OpRule(output="shared")
+
+RULES: dict[str, OpRule] = {
+    "Conv": OpRule(weight=1, weight_axis=0, bias=2),
+    "ConvTranspose": OpRule(weight=1, weight_axis=1, bias=2),
+    "Gemm": OpRule(weight=1, weight_axis="gemm", bias=2),
+    "MatMul": OpRule(weight=1, weight_axis=-1),
+    "Add": OpRule(activations=ALL),
+    "Mul": OpRule(activations=ALL),
+    "Relu": OpRule(activations=(), fuses_into_producer=True),
+    "Clip": OpRule(activations=(), fuses_into_producer=True),
+    "MaxPool": _MOVE,
+    "AveragePool": OpRule(),
+    "GlobalAveragePool": OpRule(),
+    "Concat": OpRule(activations=ALL),
+    "Resize": _MOVE,
+    "Reshape": _MOVE,
+    "Transpose": _MOVE,
+    "Flatten": _MOVE,
+    "Squeeze": _MOVE,
+    "Unsqueeze": _MOVE,
+    "Sigmoid": OpRule(),
+    "HardSigmoid": OpRule(),
+    "Softmax": OpRule(),
+}
+
+# Ops whose float output ONNX Runtime can produce straight from integer inputs
+# (QGemm, MatMulIntegerToFloat): a graph output they produce stays float.
+FLOAT_OUTPUT_KERNELS = {"Gemm", "MatMul"}
+
+
+def activation_inputs(rule: OpRule, input_count: int) -> list[int]:
+    if rule.activations == ALL:
+        return list(range(input_count))
+    return [index for index in rule.activations if index < input_count]

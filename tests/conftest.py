@@ -1,0 +1,40 @@
+"""Shared paths and small model builders for the tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "sample_models" / "digits_cnn"
+SHARED_MODELS = ROOT.parent / "shared" / "models"
+
+
+def shared_model(name: str) -> Path:
+    path = SHARED_MODELS / name
+    if not (path / "model.onnx").is_file():
+        pytest.skip(f"shared model {name} not found at {path}")
+    return path
+
+
+def make_model(nodes, inputs, outputs, initializers=(), opset: int = 13) -> onnx.ModelProto:
+    """A checked model from onnx.helper pieces; initializers given as {name: array}."""
+    graph = helper.make_graph(
+        nodes, "test", inputs, outputs,
+        [numpy_helper.from_array(np.asarray(a), n) for n, a in dict(initializers).items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def save_npy_folder(folder: Path, arrays) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, array in enumerate(arrays):
+        np.save(folder / f"{i:04d}.npy", np.asarray(array, dtype=np.float32))
+    return folder

@@ -1,0 +1,136 @@
+"""The `qtool` command: outputs, exit codes and messages, run as a user would."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from conftest import ROOT, SAMPLE
+from qtool import __version__
+from qtool.cli import main
+
+
+def qtool(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qtool", *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def quantize_args(output, *extra):
+    return ["quantize", str(SAMPLE / "model.onnx"), "--recipe", str(ROOT / "configs" / "int8.yaml"),
+            "--data", str(SAMPLE / "calib"), "--validation-data", str(SAMPLE / "eval"),
+            "--output", str(output), *extra]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    output = tmp_path_factory.mktemp("demo") / "out"
+    result = qtool(*quantize_args(output))
+    return output, result
+
+
+def test_version_and_help():
+    runner = CliRunner()
+    assert runner.invoke(main, ["--version"]).output.strip() == f"qtool, version {__version__}"
+    for args in (["--help"], ["quantize", "--help"]):
+        result = runner.invoke(main, args)
+        assert result.exit_code == 0 and "Example:" in result.output
+
+
+def test_quantize_writes_model_and_reports(demo):
+    output, result = demo
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in output.iterdir()) == ["model.onnx", "report.json", "report.md"]
+    onnx.checker.check_model(onnx.load(str(output / "model.onnx")), full_check=True)
+    report = json.loads((output / "report.json").read_text())
+    assert report["passed"] is True and report["schema_version"] == 1
+    assert "min_cosine" in (output / "report.md").read_text()
+
+
+def test_sample_model_accuracy_and_size(demo):
+    """Issue 2's bar: within 1 point of float, at least 3.5x smaller, integer kernels."""
+    report = json.loads((demo[0] / "report.json").read_text())
+    accuracy = report["validation"]["accuracy"]
+    assert accuracy["labelled_samples"] == 300
+    assert accuracy["drop"] <= 0.01, accuracy
+    assert report["size"]["ratio"] >= 3.5, report["size"]
+    assert report["kernels"]["integer_ops"]["QLinearConv"] == 3
+    assert report["warnings"] == []
+    model = onnx.load(str(demo[0] / "model.onnx"))
+    float_model = onnx.load(str(SAMPLE / "model.onnx"))
+    assert {p.key: p.value for p in model.metadata_props} == {p.key: p.value for p in float_model.metadata_props}
+
+
+def test_failed_gate_exits_1_with_artifacts(tmp_path):
+    recipe = tmp_path / "strict.yaml"
+    recipe.write_text("version: 1\nvalidation:\n  gates: {min_cosine: 0.999999, min_top1_agreement: 0.5}\n")
+    output = tmp_path / "out"
+    args = quantize_args(output)
+    args[args.index("--recipe") + 1] = str(recipe)
+    result = qtool(*args)
+    assert result.returncode == 1
+    assert "gate min_cosine: FAILED" in result.stderr
+    assert "min_top1_agreement" not in result.stderr  # passed gates are not listed as failures
+    gates = json.loads((output / "report.json").read_text())["gates"]
+    assert [(g["name"], g["passed"]) for g in gates] == [("min_cosine", False), ("min_top1_agreement", True)]
+
+
+def test_bad_recipe_exits_2_and_writes_nothing(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("version: 1\ncalibration:\n  metod: minmax\n")
+    output = tmp_path / "out"
+    args = quantize_args(output)
+    args[args.index("--recipe") + 1] = str(recipe)
+    result = qtool(*args)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"Error: {recipe}:3: calibration.metod: unknown key; allowed here: batch_size, bins, method, "
+        "moving_average, percentile, samples"
+    ]
+    assert not output.exists()
+    assert list(tmp_path.iterdir()) == [recipe]  # no temporary folder left either
+
+
+def test_existing_output_needs_overwrite(tmp_path):
+    output = tmp_path / "out"
+    output.mkdir()
+    result = qtool(*quantize_args(output))
+    assert result.returncode == 2 and "pass --overwrite" in result.stderr
+    assert qtool(*quantize_args(output, "--overwrite", "-q")).returncode == 0
+    assert (output / "model.onnx").is_file()
+
+
+def test_output_may_not_contain_the_input_model(tmp_path):
+    result = qtool(*quantize_args(SAMPLE))
+    assert result.returncode == 2 and "would contain the input model" in result.stderr
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "file is empty"),
+    (b"\x08\x07garbage that is not protobuf", "not"),
+])
+def test_unreadable_model_exits_2(tmp_path, content, message):
+    model = tmp_path / "model.onnx"
+    model.write_bytes(content)
+    args = quantize_args(tmp_path / "out")
+    args[1] = str(model)
+    result = qtool(*args)
+    assert result.returncode == 2 and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_data_that_does_not_fit_names_the_file(tmp_path):
+    import numpy as np
+
+    data = tmp_path / "data"
+    data.mkdir()
+    np.save(data / "0000.npy", np.zeros((1, 1, 8, 8), np.float32))
+    args = quantize_args(tmp_path / "out")
+    args[args.index("--data") + 1] = str(data)
+    result = qtool(*args)
+    assert result.returncode == 2
+    assert f"{data / '0000.npy'}: array of shape [1, 1, 8, 8] does not fit input image: float32 [N, 1, 16, 16]" \
+        in result.stderr

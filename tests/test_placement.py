@@ -1,0 +1,122 @@
+"""Where Q/DQ go, asserted structurally, and that ONNX Runtime fuses them into integer kernels."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+from onnx import TensorProto, helper
+
+from conftest import make_model, save_npy_folder
+from qtool import api
+from qtool.recipe import load_recipe
+from qtool.runner import optimized_op_histogram
+
+RNG = np.random.default_rng(0)
+
+
+def conv_relu_pool_gemm():
+    return make_model(
+        [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["c"], ["r"], name="relu"),
+         helper.make_node("MaxPool", ["r"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+         helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+         helper.make_node("Gemm", ["f", "fw", "fb"], ["y"], name="fc", transB=1)],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
+        {"w": RNG.normal(size=(4, 3, 3, 3)).astype(np.float32), "b": RNG.normal(size=4).astype(np.float32),
+         "fw": RNG.normal(size=(5, 64)).astype(np.float32), "fb": RNG.normal(size=5).astype(np.float32)},
+    )
+
+
+def quantize_tiny(tmp_path, model, recipe_text="version: 1\n"):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    data = save_npy_folder(tmp_path / "data", RNG.normal(size=(16, 1, 3, 8, 8)))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(recipe_text)
+    return api.quantize(path, data, load_recipe(recipe))
+
+
+def consumers_of_dq(model, op_type):
+    """For each node of op_type, which of its inputs come from a DequantizeLinear."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    result = {}
+    for node in model.graph.node:
+        if node.op_type == op_type:
+            result[node.name] = [producers.get(i) is not None and producers[i].op_type == "DequantizeLinear"
+                                 for i in node.input]
+    return result
+
+
+def test_conv_relu_pool_gemm_placement(tmp_path):
+    result = quantize_tiny(tmp_path, conv_relu_pool_gemm())
+    model = result.model
+    # Conv reads dequantized input, weight and bias; Gemm likewise.
+    assert consumers_of_dq(model, "Conv") == {"conv": [True, True, True]}
+    assert consumers_of_dq(model, "Gemm") == {"fc": [True, True, True]}
+    # The Conv output feeds only Relu: quantized after Relu, not before (ORT folds the Relu).
+    quantized_tensors = {node.input[0] for node in model.graph.node if node.op_type == "QuantizeLinear"}
+    assert "c" not in quantized_tensors and "r" in quantized_tensors
+    # MaxPool and Flatten move data: their outputs reuse the Relu output's scale initializer.
+    q_scale = {node.input[0]: node.input[1] for node in model.graph.node if node.op_type == "QuantizeLinear"}
+    assert q_scale["p"] == q_scale["r"] == q_scale["f"]
+    # The graph output from Gemm stays float: ORT's QGemm writes float directly.
+    assert "y" not in quantized_tensors
+    # Weights are stored as int8, bias as int32.
+    types = {init.name: init.data_type for init in model.graph.initializer}
+    assert TensorProto.INT8 in types.values() and TensorProto.INT32 in types.values()
+    assert not any(t == TensorProto.FLOAT and len(init.dims) == 4
+                   for init, t in zip(model.graph.initializer, types.values()))
+
+
+def test_ort_fuses_into_integer_kernels(tmp_path):
+    result = quantize_tiny(tmp_path, conv_relu_pool_gemm())
+    ops = optimized_op_histogram(result.model)
+    assert ops["QLinearConv"] == 1
+    assert ops["QGemm"] == 1
+    assert ops["Conv"] == 0 and ops["Gemm"] == 0
+    assert result.report["kernels"]["integer_ops"] == {"QGemm": 1, "QLinearConv": 1}
+
+
+def test_excluded_op_type_stays_float(tmp_path):
+    result = quantize_tiny(tmp_path, conv_relu_pool_gemm(),
+                           "version: 1\nquantization:\n  exclude: {op_types: [Gemm]}\n")
+    assert consumers_of_dq(result.model, "Gemm") == {"fc": [False, False, False]}
+    decisions = {n["node"]: n for n in result.report["plan"]["nodes"]}
+    assert decisions["fc"]["reason"] == "excluded: quantization.exclude.op_types"
+    assert decisions["conv"]["quantized"]
+
+
+def test_add_of_two_activations_and_unknown_op(tmp_path):
+    model = make_model(
+        [helper.make_node("Conv", ["x", "w"], ["a"], name="conv_a"),
+         helper.make_node("Conv", ["x", "w2"], ["b"], name="conv_b"),
+         helper.make_node("Add", ["a", "b"], ["s"], name="add"),
+         helper.make_node("Erf", ["s"], ["y"], name="erf")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        {"w": RNG.normal(size=(4, 3, 1, 1)).astype(np.float32),
+         "w2": RNG.normal(size=(4, 3, 1, 1)).astype(np.float32)},
+    )
+    result = quantize_tiny(tmp_path, model)
+    assert consumers_of_dq(result.model, "Add") == {"add": [True, True]}
+    # Float consumers of a quantized tensor read it through Q/DQ too (ORT fuses only then).
+    assert consumers_of_dq(result.model, "Erf") == {"erf": [True]}
+    ops = optimized_op_histogram(result.model)
+    assert ops["QLinearAdd"] == 1 and ops["QLinearConv"] == 2
+    assert Counter(n["reason"] for n in result.report["plan"]["nodes"] if not n["quantized"]) == \
+        {"op type not in the rule table": 1}
+
+
+def test_degenerate_tensor_stays_float_with_a_note(tmp_path):
+    model = make_model(
+        [helper.make_node("Mul", ["x", "zero"], ["z"], name="zero_out"),
+         helper.make_node("Conv", ["z", "w"], ["y"], name="conv")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        {"zero": np.zeros((1,), np.float32), "w": RNG.normal(size=(2, 3, 1, 1)).astype(np.float32)},
+    )
+    result = quantize_tiny(tmp_path, model)
+    assert any("z: degenerate range" in note for note in result.report["plan"]["notes"])
+    assert all(np.isfinite(v) for o in result.report["validation"]["outputs"].values() for v in [o["cosine"]])

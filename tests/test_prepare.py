@@ -1,0 +1,57 @@
+"""Preparation passes keep the model's function."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from conftest import SAMPLE, make_model
+from qtool.model import load_model
+from qtool.prepare import constants_to_initializers, fold_batchnorm, prepare_model
+from qtool.runner import make_session, run
+
+
+def outputs(model, feeds):
+    return run(make_session(model, optimize=False), feeds)
+
+
+def test_batchnorm_folded_into_conv_keeps_outputs():
+    model = load_model(SAMPLE / "model.onnx")
+    before = sum(node.op_type == "BatchNormalization" for node in model.graph.node)
+    feeds = {"image": np.random.default_rng(0).random((4, 1, 16, 16), dtype=np.float32)}
+    expected = outputs(model, feeds)["logits"]
+    prepared, notes = prepare_model(model)
+    assert before == 2
+    assert not any(node.op_type == "BatchNormalization" for node in prepared.graph.node)
+    assert "2 BatchNormalization nodes folded into Conv" in notes
+    np.testing.assert_allclose(outputs(prepared, feeds)["logits"], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_constant_nodes_become_initializers():
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [2, 2], [1, 2, 3, 4])
+    model = make_model(
+        [helper.make_node("Constant", [], ["w"], value=weight), helper.make_node("MatMul", ["x", "w"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+    )
+    assert constants_to_initializers(model) == 1
+    assert [init.name for init in model.graph.initializer] == ["w"]
+    assert [node.op_type for node in model.graph.node] == ["MatMul"]
+    np.testing.assert_allclose(outputs(model, {"x": np.ones((1, 2), np.float32)})["y"], [[4, 6]])
+
+
+def test_batchnorm_not_folded_when_conv_output_is_shared():
+    rng = np.random.default_rng(0)
+    model = make_model(
+        [helper.make_node("Conv", ["x", "w"], ["c"]),
+         helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"]),
+         helper.make_node("Relu", ["c"], ["z"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 4, 4]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 2, 4, 4])],
+        {"w": rng.random((2, 1, 1, 1), dtype=np.float32), "g": np.ones(2, np.float32),
+         "b": np.zeros(2, np.float32), "m": np.zeros(2, np.float32), "v": np.ones(2, np.float32)},
+    )
+    assert fold_batchnorm(model) == 0
+    onnx.checker.check_model(model)
