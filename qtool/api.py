@@ -13,16 +13,23 @@ from typing import Callable
 
 from onnx import ModelProto
 
+from qtool import inspection
 from qtool import report as reporting
-from qtool.calibrate import calibrate
-from qtool.compare import Comparison, GateResult, check_gates, compare_models
+from qtool import __version__
+from qtool.calibrate import CalibrationTable, check_table, load_table, save_table, table_document
+from qtool.calibrate import calibrate as calibrate_tensors
+from qtool.bench import bench_models
+from qtool.compare import GATES, Comparison, GateResult, check_gates, compare_models
 from qtool.data import DataFolder, model_inputs, read_labels
-from qtool.errors import RecipeError, UsageError
-from qtool.model import file_sha256, load_model, model_file_bytes, save_model, upgrade_opset
+from qtool.errors import ModelError, RecipeError, UsageError
+from qtool.html_report import render_html
+from qtool.layers import layer_errors, weight_errors
+from qtool.model import (QUANTIZED_OP_TYPES, file_sha256, load_model, model_file_bytes, opset_version, save_model,
+                         upgrade_opset)
 from qtool.numerics import QTYPES
-from qtool.plan import build_plan, select_tensors
+from qtool.plan import build_plan, required_opset, select_tensors
 from qtool.prepare import prepare_model
-from qtool.qdq import apply_plan
+from qtool.qdq import apply_plan, ensure_opset
 from qtool.recipe import Recipe, load_recipe
 from qtool.runner import INTEGER_OP_TYPES, int8_kernels_may_saturate, optimized_op_histogram
 
@@ -41,46 +48,161 @@ class QuantizeResult:
         return all(gate.passed for gate in self.gates)
 
 
-def prepare(model_path: Path) -> tuple[ModelProto, list[str]]:
-    """load → opset upgrade → graph clean-up; returns the model and what was done."""
+def prepare(model_path: Path, recipe: Recipe | None = None) -> tuple[ModelProto, list[str]]:
+    """load → opset upgrade → graph clean-up → the opset the recipe's types need; returns
+    the model and what was done."""
     model = load_model(model_path)
     model, upgrade_note = upgrade_opset(model, model_path)
     model, notes = prepare_model(model)
-    return model, ([upgrade_note] if upgrade_note else []) + notes
+    model, opset_note = ensure_opset(model, required_opset(recipe)) if recipe else (model, None)
+    return model, [note for note in [upgrade_note, *notes, opset_note] if note]
+
+
+def inspect(model_path: str | Path, recipe: Recipe | str | Path | None = None) -> inspection.Inspection:
+    """What a model is and what qtool would do to it under `recipe`.
+
+    Problems qtool would refuse or change later are listed, not raised; only
+    a file that is not a readable ONNX model is an error.
+    """
+    model_path = Path(model_path)
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    header = inspection.read_header(model_path)
+    problems = inspection.load_problems(header, model_path)
+    notes: list[str] = []
+    decisions = None
+    upgraded = None
+    if not problems:
+        try:
+            model, notes = prepare(model_path, recipe)
+            upgraded = True
+        except ModelError as exc:
+            problems.append(inspection.Problem("refuse", str(exc)))
+            upgraded = False
+        else:
+            decisions = select_tensors(model, recipe).nodes
+    opset = inspection.opset_problem(opset_version(header), upgraded)
+    return inspection.describe_model(
+        header, model_path, ([opset] if opset else []) + problems, prepare_notes=notes,
+        recipe=str(recipe.source) if recipe.source else "built-in default", decisions=decisions,
+    )
+
+
+@dataclass(frozen=True)
+class CalibrateResult:
+    table: CalibrationTable
+    document: dict  # the table file's content
+    output: Path | None
+
+
+def calibrate(
+    model_path: str | Path,
+    data_dir: str | Path,
+    recipe: Recipe | str | Path | None = None,
+    output: str | Path | None = None,
+    *,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> CalibrateResult:
+    """load → prepare → calibrate the tensors `recipe` would quantize; write the table to `output`.
+
+    The table (JSON, `format: qtool-calibration`) is what `quantize(..., calibration=...)` reads
+    instead of calibration data. It is written atomically; an existing file needs `overwrite`.
+    """
+    model_path, data_dir = Path(model_path), Path(data_dir)
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    output = Path(output) if output is not None else None
+    if output is not None:
+        _check_table_output(output, model_path, overwrite)
+    model, _ = prepare(model_path, recipe)
+    data = DataFolder(data_dir, model_inputs(model), recipe.calibration.samples,
+                      images=recipe.data.images if recipe.data else None)
+    selection = select_tensors(model, recipe)
+    act = recipe.quantization.activations
+    table = calibrate_tensors(model, selection.calibration_tensors, data, recipe.calibration,
+                              QTYPES[act.dtype], act.symmetric, _stage_progress(progress)("calibrate"))
+    document = table_document(
+        table, model_path=model_path, model_sha256=file_sha256(model_path), data=data,
+        recipe={"path": str(recipe.source) if recipe.source else None, "resolved": recipe.as_dict()},
+        qtool_version=__version__,
+    )
+    if output is not None:
+        save_table(document, output)
+    return CalibrateResult(table, document, output)
+
+
+def _check_table_output(output: Path, model_path: Path, overwrite: bool) -> None:
+    if output.resolve() == model_path.resolve():
+        raise UsageError(f"{output}: would overwrite the input model; choose another output file")
+    if output.is_dir():
+        raise UsageError(f"{output}: is a folder; give the calibration table's file name (e.g. table.json)")
+    if output.exists() and not overwrite:
+        raise UsageError(f"{output}: file exists; pass --overwrite to replace it")
+
+
+def _table_warnings(table: CalibrationTable, recipe: Recipe) -> list[str]:
+    """Entropy and mse ranges depend on the activation type: say so if the table's differs."""
+    made_with = ((table.provenance.get("recipe") or {}).get("resolved") or {}).get("quantization", {})
+    then, now = made_with.get("activations"), recipe.as_dict()["quantization"]["activations"]
+    if then is not None and then != now:
+        return [f"calibration table {table.provenance.get('file')} was made for activations {then}, "
+                f"this recipe quantizes them as {now}"]
+    return []
 
 
 def quantize(
     model_path: str | Path,
-    data_dir: str | Path,
+    data_dir: str | Path | None,
     recipe: Recipe | str | Path | None = None,
     output_dir: str | Path | None = None,
     *,
     validation_data: str | Path | None = None,
     labels: str | Path | None = None,
+    calibration: str | Path | None = None,
     overwrite: bool = False,
+    per_layer: bool = False,
+    bench: bool = False,
+    threads: int | None = None,
+    junit: str | Path | None = None,
+    step_summary: str | Path | None = None,
     progress: Progress | None = None,
 ) -> QuantizeResult:
     """Calibrate, quantize and validate one model; write artifacts if `output_dir` is given.
 
     `validation_data` and `labels` override the recipe's `validation.data`/`labels`.
+    With `calibration` (a table written by `calibrate`) no calibration data is read:
+    `data_dir` must then be None, and validation data must come from `validation_data`
+    or the recipe.
     """
-    model_path, data_dir = Path(model_path), Path(data_dir)
+    if calibration is not None and data_dir is not None:
+        raise UsageError("give calibration data (--data) or a calibration table (--calibration), not both")
+    if calibration is None and data_dir is None:
+        raise UsageError("calibration data (--data DIR) or a calibration table (--calibration TABLE.json) "
+                         "is needed")
+    model_path = Path(model_path)
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     output = Path(output_dir) if output_dir is not None else None
     if output is not None:
-        check_output_path(output, model_path, overwrite)
+        check_output_path(output, model_path, overwrite,
+                          (data_dir, validation_data, labels, recipe.source, calibration))
     tick = _stage_progress(progress)
+    loaded = load_table(calibration) if calibration is not None else None
 
-    model, prepare_notes = prepare(model_path)
+    model, prepare_notes = prepare(model_path, recipe)
     inputs = model_inputs(model)
-    calib_data = DataFolder(data_dir, inputs, recipe.calibration.samples, images=recipe.data.images if recipe.data else None)
+    calib_data = None if data_dir is None else DataFolder(
+        Path(data_dir), inputs, recipe.calibration.samples, images=recipe.data.images if recipe.data else None)
     eval_data, eval_labels, warnings = _validation_data(recipe, calib_data, inputs, validation_data, labels)
     _check_gates_are_measurable(recipe, eval_labels)
 
     selection = select_tensors(model, recipe)
     act = recipe.quantization.activations
-    table = calibrate(model, selection.calibration_tensors, calib_data, recipe.calibration,
-                      QTYPES[act.dtype], act.symmetric, tick("calibrate"))
+    if loaded is not None:
+        check_table(loaded, file_sha256(model_path), selection.calibration_tensors)
+        table = loaded
+        warnings += _table_warnings(loaded, recipe)
+    else:
+        table = calibrate_tensors(model, selection.calibration_tensors, calib_data, recipe.calibration,
+                                  QTYPES[act.dtype], act.symmetric, tick("calibrate"))
     saturating = int8_kernels_may_saturate()
     plan = build_plan(model, recipe, selection, table, saturating)
     quantized = apply_plan(model, plan)
@@ -91,7 +213,12 @@ def quantize(
                                 batch_size=recipe.calibration.batch_size, progress=tick("validate"))
     simulated = compare_models(model, quantized, eval_data, labels=eval_labels,
                                batch_size=recipe.calibration.batch_size, optimize_candidate=False)
-    gates = check_gates(comparison, recipe.validation.gates)
+    layers, latency = _layers_and_latency(
+        model, quantized, eval_data, recipe.calibration.batch_size, per_layer,
+        bench or "max_latency_ratio" in recipe.validation.gates, threads, tick,
+        {decision.node: decision.reason for decision in plan.nodes})
+    gates = check_gates(comparison, recipe.validation.gates,
+                        _extra_figures(model_file_bytes(model_path), quantized.ByteSize(), latency))
     warnings += _kernel_warnings(comparison, simulated)
     ops = optimized_op_histogram(quantized)
 
@@ -103,14 +230,136 @@ def quantize(
         integer_ops={op: n for op, n in sorted(ops.items()) if op in INTEGER_OP_TYPES},
         optimized_ops=dict(sorted(ops.items())),
         comparison=comparison, simulated=simulated, gates=gates, warnings=warnings,
+        layers=layers, latency=latency,
     )
     if output is not None:
         write_artifacts(output, overwrite, {
             "model.onnx": lambda path: save_model(quantized, path),
-            "report.json": lambda path: path.write_text(reporting.render_json(report), encoding="utf-8"),
-            "report.md": lambda path: path.write_text(reporting.render_markdown(report), encoding="utf-8"),
+            **_report_writers(report),
         })
+    write_ci_files(report, junit, step_summary)
     return QuantizeResult(quantized, report, gates)
+
+
+@dataclass(frozen=True)
+class CompareResult:
+    report: dict
+    gates: list[GateResult]
+
+    @property
+    def passed(self) -> bool:
+        return all(gate.passed for gate in self.gates)
+
+
+def compare(
+    reference_path: str | Path,
+    candidate_path: str | Path,
+    data_dir: str | Path,
+    output_dir: str | Path | None = None,
+    *,
+    labels: str | Path | None = None,
+    recipe: Recipe | str | Path | None = None,
+    gates: dict[str, float] | None = None,
+    per_layer: bool = False,
+    bench: bool = False,
+    threads: int | None = None,
+    junit: str | Path | None = None,
+    step_summary: str | Path | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> CompareResult:
+    """Validate `candidate` (usually quantized) against `reference` on the same inputs; write a report.
+
+    `gates` override the recipe's `validation.gates`. A float reference goes
+    through the same preparation as in `quantize` (function-preserving), so
+    per-layer matching sees the graph the candidate was made from.
+    """
+    reference_path, candidate_path, data_dir = Path(reference_path), Path(candidate_path), Path(data_dir)
+    recipe_given = recipe is not None
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    wanted = {**recipe.validation.gates, **(gates or {})}
+    unknown = sorted(set(wanted) - set(GATES))
+    if unknown:
+        raise UsageError(f"unknown gate {', '.join(unknown)}; allowed: {', '.join(GATES)}")
+    output = Path(output_dir) if output_dir is not None else None
+    if output is not None:
+        check_output_path(output, reference_path, overwrite, (candidate_path, data_dir, labels, recipe.source))
+    tick = _stage_progress(progress)
+
+    reference = load_model(reference_path, allow_quantized=True)
+    if not any(node.op_type in QUANTIZED_OP_TYPES for node in reference.graph.node):
+        reference, _ = prepare(reference_path)
+    candidate = load_model(candidate_path, allow_quantized=True)
+    inputs = model_inputs(reference)
+    candidate_inputs = {spec.name for spec in model_inputs(candidate)}
+    if candidate_inputs != {spec.name for spec in inputs}:
+        raise ModelError(f"{candidate_path}: inputs {sorted(candidate_inputs)} differ from the reference's "
+                         f"{sorted(spec.name for spec in inputs)}")
+    data = DataFolder(data_dir, inputs, recipe.validation.samples, images=recipe.data.images if recipe.data else None)
+    labels_path = Path(labels) if labels else data.folder / "labels.txt"
+    if labels and not labels_path.is_file():
+        raise UsageError(f"{labels_path}: no such labels file")
+    truth = read_labels(labels_path) if labels_path.is_file() else data.class_labels
+    if "max_accuracy_drop" in wanted and not truth:
+        raise UsageError("gate max_accuracy_drop needs labels: pass --labels or put labels.txt in the data folder")
+
+    batch_size = recipe.calibration.batch_size
+    comparison = compare_models(reference, candidate, data, labels=truth, batch_size=batch_size,
+                                progress=tick("validate"))
+    layers, latency = _layers_and_latency(reference, candidate, data, batch_size, per_layer,
+                                          bench or "max_latency_ratio" in wanted, threads, tick)
+    reference_bytes, candidate_bytes = model_file_bytes(reference_path), model_file_bytes(candidate_path)
+    results = check_gates(comparison, wanted, _extra_figures(reference_bytes, candidate_bytes, latency))
+    report = reporting.build_compare_report(
+        reference_path=reference_path, candidate_path=candidate_path, recipe=recipe if recipe_given else None,
+        data=data, labels_path=labels_path if labels_path.is_file() else None,
+        reference_bytes=reference_bytes, candidate_bytes=candidate_bytes, comparison=comparison,
+        gates=results, layers=layers, latency=latency,
+    )
+    if output is not None:
+        write_artifacts(output, overwrite, _report_writers(report))
+    write_ci_files(report, junit, step_summary)
+    return CompareResult(report, results)
+
+
+def _layers_and_latency(reference: ModelProto, candidate: ModelProto, data: DataFolder, batch_size: int,
+                        per_layer: bool, bench: bool, threads: int | None, tick,
+                        reasons: dict[str, str] | None = None) -> tuple[dict | None, dict | None]:
+    layers = latency = None
+    if per_layer:
+        activations, unmatched = layer_errors(reference, candidate, data, batch_size=batch_size,
+                                              progress=tick("per-layer"))
+        layers = reporting.layers_section(activations, weight_errors(reference, candidate), unmatched, reasons)
+    if bench:
+        feeds = next(data.batches(1)).feeds
+        latency = reporting.latency_section(bench_models(reference, candidate, feeds, threads=threads))
+    return layers, latency
+
+
+def _extra_figures(reference_bytes: int, candidate_bytes: int, latency: dict | None) -> dict:
+    return {"size_ratio": reference_bytes / candidate_bytes if candidate_bytes else None,
+            "latency_ratio": latency["ratio"] if latency else None}
+
+
+def _report_writers(report: dict) -> dict[str, Callable[[Path], None]]:
+    return {
+        "report.json": lambda path: path.write_text(reporting.render_json(report), encoding="utf-8"),
+        "report.md": lambda path: path.write_text(reporting.render_markdown(report), encoding="utf-8"),
+        "report.html": lambda path: path.write_text(render_html(report), encoding="utf-8"),
+    }
+
+
+def write_ci_files(report: dict, junit: str | Path | None, step_summary: str | Path | None) -> None:
+    """The JUnit file (written whole, then renamed) and the Markdown appended to a CI step summary."""
+    if junit is not None:
+        junit = Path(junit)
+        junit.parent.mkdir(parents=True, exist_ok=True)
+        staging = junit.with_name(f".{junit.name}{STAGING_SUFFIX}")
+        staging.write_text(reporting.render_junit(report), encoding="utf-8")
+        staging.replace(junit)
+    if step_summary:
+        with open(step_summary, "a", encoding="utf-8") as handle:
+            handle.write(reporting.render_markdown(report) + "\n")
 
 
 def _stage_progress(progress: Progress | None):
@@ -122,7 +371,7 @@ def _stage_progress(progress: Progress | None):
 
 
 def _validation_data(
-    recipe: Recipe, calib_data: DataFolder, inputs, data_override: str | Path | None,
+    recipe: Recipe, calib_data: DataFolder | None, inputs, data_override: str | Path | None,
     labels_override: str | Path | None,
 ) -> tuple[DataFolder, dict | None, list[str]]:
     spec = recipe.validation
@@ -130,6 +379,9 @@ def _validation_data(
     folder_path = Path(data_override) if data_override else recipe.resolve_path(spec.data)
     if folder_path is not None:
         folder = DataFolder(folder_path, inputs, spec.samples, images=recipe.data.images if recipe.data else None)
+    elif calib_data is None:
+        raise UsageError("with --calibration no calibration data is read: give validation data with "
+                         "--validation-data or the recipe's validation.data")
     else:
         folder = DataFolder(calib_data.folder, inputs, spec.samples, images=recipe.data.images if recipe.data else None)
         warnings.append("validation ran on the calibration data (no validation data given): "
@@ -144,7 +396,7 @@ def _validation_data(
             raise RecipeError(f"{recipe.source}: validation.labels: no such file {labels_path}")
     else:
         labels_path = folder.folder / "labels.txt"
-    labels = read_labels(labels_path) if labels_path.is_file() else None
+    labels = read_labels(labels_path) if labels_path.is_file() else folder.class_labels
     return folder, labels, warnings
 
 
@@ -182,31 +434,56 @@ def _set_metadata(model: ModelProto, key: str, value: str) -> None:
     model.metadata_props.add(key=key, value=value)
 
 
-def check_output_path(output: Path, model_path: Path, overwrite: bool) -> None:
-    """The output folder may not be, or contain, the input; an existing one needs --overwrite."""
+def check_output_path(output: Path, model_path: Path, overwrite: bool, protected: tuple = ()) -> None:
+    """The output folder may not be, or contain, the input model or any other input
+    (`protected`: data folders, labels, recipe); an existing one needs --overwrite."""
     out = output.resolve()
-    source = model_path.resolve()
-    if out == source or source.is_relative_to(out):
-        raise UsageError(f"{output}: output folder would contain the input model {model_path}; choose another")
+    for given in (model_path, *(Path(p) for p in protected if p is not None)):
+        source = given.resolve()
+        if out == source or source.is_relative_to(out):
+            what = "the input model" if given == model_path else "the input"
+            raise UsageError(f"{output}: output folder would contain {what} {given}; choose another")
     if out.exists() and not out.is_dir():
         raise UsageError(f"{output}: exists and is not a folder")
     if out.exists() and not overwrite:
         raise UsageError(f"{output}: output folder exists; pass --overwrite to replace it")
 
 
+STAGING_SUFFIX = ".qtool-tmp"
+
+
 def write_artifacts(output: Path, overwrite: bool, writers: dict[str, Callable[[Path], None]]) -> None:
-    """Write every artifact into a temporary folder beside `output`, then rename it into place."""
+    """Write every artifact into a temporary folder beside `output`, then rename it into place.
+
+    A failure or an interrupt (KeyboardInterrupt, SystemExit) at any point
+    leaves `output` as it was (absent, or the old folder) and no temporary
+    folder behind: an old folder replaced with --overwrite is first moved
+    aside, and only deleted once the new one is in place.
+    """
     output = output.resolve()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".qtool-tmp", dir=output.parent))
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=STAGING_SUFFIX, dir=output.parent))
+    except OSError as exc:
+        raise UsageError(f"{output}: cannot create the output folder: {exc.strerror or exc}") from None
+    retired = staging.with_name(staging.name[: -len(STAGING_SUFFIX)] + ".old" + STAGING_SUFFIX)
     try:
         for name, write in writers.items():
-            write(staging / name)
+            try:
+                write(staging / name)
+            except OSError as exc:
+                raise UsageError(f"{output / name}: cannot write: {exc.strerror or exc}") from None
         if output.exists():
             if not overwrite:
                 raise UsageError(f"{output}: output folder exists; pass --overwrite to replace it")
-            shutil.rmtree(output)
-        staging.rename(output)
+            output.rename(retired)
+        try:
+            staging.rename(output)
+        except BaseException:
+            if retired.exists() and not output.exists():
+                retired.rename(output)  # put the old folder back
+            raise
     finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        for leftover in (staging, retired):
+            if leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)

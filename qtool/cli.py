@@ -2,43 +2,68 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from qtool import __version__, api
-from qtool.errors import EXIT_GATE_FAILED, EXIT_INTERNAL, QtoolError
+from qtool.recipe import recipe_json_schema
+from qtool.errors import (EXIT_GATE_FAILED, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, QtoolError,
+                          one_line, reason)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every `finally` cleans up on the way out."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
 
 
 class QtoolGroup(click.Group):
-    """Turns every failure into one line and its exit code, in one place."""
+    """Turns every failure into one line and its exit code, in one place.
+
+    User errors (QtoolError) exit 2 with `Error: ...`; SIGINT exits 130 and
+    SIGTERM 143, after the api's cleanup ran; anything else is a bug: exit 3.
+    """
 
     def invoke(self, ctx: click.Context):
+        on_main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None
         try:
             return super().invoke(ctx)
         except QtoolError as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 traceback.print_exc()
-            click.echo(f"Error: {exc}", err=True)
+            click.echo(f"Error: {one_line(exc)}", err=True)
             sys.exit(exc.exit_code)
         except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
             raise
-        except KeyboardInterrupt:
-            click.echo("Interrupted: nothing was written.", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as exc:
+            click.echo(f"{'Terminated' if isinstance(exc, Terminated) else 'Interrupted'}: "
+                       "nothing was written.", err=True)
+            sys.exit(EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED)
         except Exception as exc:  # a bug: one line, or the traceback with --debug
             if ctx.obj and ctx.obj.get("debug"):
                 traceback.print_exc()
             else:
-                click.echo(f"Internal error ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                click.echo(f"Internal error ({type(exc).__name__}: {reason(exc)}); "
                            "run again with --debug for the traceback and report it.", err=True)
             sys.exit(EXIT_INTERNAL)
+        finally:
+            if on_main_thread:
+                signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 class StageProgress:
@@ -50,6 +75,7 @@ class StageProgress:
         self.bar: Progress | None = None
         self.tasks: dict[str, int] = {}
         self.last_line = 0.0
+        self.started: dict[str, float] = {}  # stage → when its first report came (plain lines)
 
     def __enter__(self):
         if self.console.is_terminal and not self.quiet:
@@ -74,9 +100,12 @@ class StageProgress:
             self.bar.update(self.tasks[stage], completed=done, total=total, rate=rate)
             return
         now = time.monotonic()
+        start = self.started.setdefault(stage, now)
         if done == total or now - self.last_line >= 5.0:
             self.last_line = now
-            self.console.print(f"{stage}: {done}/{total if total else '?'} samples", highlight=False)
+            # The first report comes after one batch: the rate counts from there (samples/s is approximate).
+            rate = f", {done / (now - start):.1f} samples/s" if now > start else ""
+            self.console.print(f"{stage}: {done}/{total if total else '?'} samples{rate}", highlight=False)
 
 
 @click.group(cls=QtoolGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -97,7 +126,11 @@ def main(ctx: click.Context, debug: bool) -> None:
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), help="Recipe YAML (default: built-in int8).")
-@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path), help="Calibration data folder.")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path),
+              help="Calibration data folder (not with --calibration).")
+@click.option("--calibration", "calibration", type=click.Path(path_type=Path),
+              help="Calibration table from `qtool calibrate` to take ranges from instead of --data; "
+                   "validation data then comes from --validation-data or the recipe.")
 @click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path),
               help="Folder to write model.onnx, report.json and report.md into.")
 @click.option("--validation-data", type=click.Path(path_type=Path),
@@ -106,8 +139,9 @@ def main(ctx: click.Context, debug: bool) -> None:
               help="labels.txt for the evaluation data (overrides validation.labels).")
 @click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress and no summary table.")
-def quantize(model: Path, recipe_path: Path | None, data_dir: Path, output_dir: Path,
-             validation_data: Path | None, labels: Path | None, overwrite: bool, quiet: bool) -> None:
+def quantize(model: Path, recipe_path: Path | None, data_dir: Path | None, calibration: Path | None,
+             output_dir: Path, validation_data: Path | None, labels: Path | None, overwrite: bool,
+             quiet: bool) -> None:
     """Quantize MODEL to int8 QDQ, validate it against the float model, write a report.
 
     Exit codes: 0 done and every gate passed; 1 a gate failed (artifacts
@@ -117,11 +151,13 @@ def quantize(model: Path, recipe_path: Path | None, data_dir: Path, output_dir: 
     Example:
       qtool quantize model.onnx --recipe configs/int8.yaml --data calib/ \\
           --validation-data eval/ --output out/int8
+      qtool quantize model.onnx --calibration table.json \\
+          --validation-data eval/ --output out/int8
     """
     err = Console(stderr=True)
     with StageProgress(err, quiet) as progress:
         result = api.quantize(model, data_dir, recipe_path, output_dir, validation_data=validation_data,
-                              labels=labels, overwrite=overwrite, progress=progress)
+                              labels=labels, calibration=calibration, overwrite=overwrite, progress=progress)
     if not quiet:
         _print_summary(Console(), result.report, output_dir)
     for gate in result.gates:
@@ -129,6 +165,45 @@ def quantize(model: Path, recipe_path: Path | None, data_dir: Path, output_dir: 
             click.echo(gate.describe(), err=True)
     if not result.passed:
         sys.exit(EXIT_GATE_FAILED)
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path), help="Calibration data folder.")
+@click.option("--recipe", "recipe_path", type=click.Path(path_type=Path),
+              help="Recipe YAML: its calibration section and which tensors it quantizes (default: built-in int8).")
+@click.option("--output", "output_path", required=True, type=click.Path(path_type=Path),
+              help="Calibration table file to write (JSON).")
+@click.option("--overwrite", is_flag=True, help="Replace the table file if it exists.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress and no summary.")
+def calibrate(model: Path, data_dir: Path, recipe_path: Path | None, output_path: Path, overwrite: bool,
+              quiet: bool) -> None:
+    """Measure a range for every tensor the recipe would quantize; write a calibration table.
+
+    The table (JSON, versioned) holds per tensor its range, method and the
+    observer's summary (percentiles, clipped fraction, range drift over the
+    last 10 % of samples), with the model's sha256, the data listing's hash
+    and the resolved recipe. `qtool quantize --calibration TABLE.json` then
+    quantizes without reading calibration data. Exit 2 on bad input.
+
+    \b
+    Example:
+      qtool calibrate model.onnx --data calib/ --recipe configs/int8.yaml --output table.json
+      qtool quantize model.onnx --calibration table.json --recipe configs/int8.yaml \\
+          --validation-data eval/ --output out/int8
+    """
+    with StageProgress(Console(stderr=True), quiet) as progress:
+        result = api.calibrate(model, data_dir, recipe_path, output_path, overwrite=overwrite, progress=progress)
+    if quiet:
+        return
+    tensors = result.document["tensors"]
+    drifts = [(entry["summary"].get("range_drift"), name) for name, entry in tensors.items()
+              if isinstance(entry["summary"].get("range_drift"), (int, float))]
+    line = f"wrote {output_path}: {len(tensors)} tensors, {result.table.samples} samples"
+    if drifts:
+        drift, name = max(drifts)
+        line += f"; largest range drift over the last 10 % of samples: {drift:.1%} ({name})"
+    click.echo(line)
 
 
 def _print_summary(console: Console, report: dict, output_dir: Path) -> None:
@@ -153,3 +228,226 @@ def _print_summary(console: Console, report: dict, output_dir: Path) -> None:
     console.print(table)
     for warning in report["warnings"]:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+
+
+# --- Output conventions shared by every command -------------------------------------------
+
+
+def make_console(stderr: bool = False) -> Console:
+    """Colour only on a terminal (rich decides) and never with NO_COLOR set, not even bold."""
+    return Console(stderr=stderr, color_system=None if os.environ.get("NO_COLOR") else "auto")
+
+
+def output_options(command):
+    """`--quiet`, `--verbose` and `--json`, spelled and meant the same on every command."""
+    command = click.option("--json", "as_json", is_flag=True,
+                           help="Print the result as JSON on stdout, and nothing else there.")(command)
+    command = click.option("--verbose", "-v", is_flag=True, help="Print more detail.")(command)
+    command = click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")(command)
+    return command
+
+
+def _echo_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=False))
+
+
+# --- inspect, schema ------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--recipe", "recipe_path", type=click.Path(path_type=Path),
+              help="Recipe whose rules decide what would be quantized (default: built-in int8).")
+@output_options
+def inspect(model: Path, recipe_path: Path | None, quiet: bool, verbose: bool, as_json: bool) -> None:
+    """Show what MODEL is and what qtool would do to it.
+
+    Inputs and outputs (symbolic dims named), opset, op types, external data,
+    the problems qtool would refuse or change, and which nodes the recipe
+    would quantize, with the reason each other node stays float. Exits 0
+    even when it lists problems; 2 only for an unreadable file.
+
+    \b
+    Example:
+      qtool inspect model.onnx --recipe configs/int8.yaml
+    """
+    facts = api.inspect(model, recipe_path)
+    if as_json:
+        _echo_json(facts.as_dict())
+    elif not quiet:
+        _print_inspection(make_console(), facts, verbose)
+
+
+def _print_inspection(console: Console, facts, verbose: bool) -> None:
+    def line(label: str, text: str, style: str = "") -> None:
+        text = f"[{style}]{escape(text)}[/]" if style else escape(text)
+        console.print(f"[bold]{label:<14}[/]{text}", highlight=False, soft_wrap=True)
+
+    line("model", f"{facts.path} ({facts.file_bytes:,} B)")
+    line("format", f"IR {facts.ir_version}, opset {facts.opset}"
+         + (f", producer {facts.producer}" if facts.producer else ""))
+    for tensor in facts.inputs:
+        line("input", tensor.describe())
+    for tensor in facts.outputs:
+        line("output", tensor.describe())
+    line("nodes", f"{facts.nodes} ({facts.initializers} initializers)")
+    line("op types", ", ".join(f"{op}×{n}" for op, n in facts.op_types.items()))
+    if facts.external_data:
+        files = ", ".join(f"{f.location} ({'missing' if f.bytes is None else f'{f.bytes:,} B'})"
+                          for f in facts.external_data)
+        line("external data", f"{files}; {facts.external_bytes:,} B in all")
+    else:
+        line("external data", "none")
+    if facts.metadata_keys:
+        line("metadata", ", ".join(facts.metadata_keys))
+    for problem in facts.problems:
+        line("problem", f"{problem.action}: {problem.message}", "red" if problem.action == "refuse" else "yellow")
+    if not facts.problems:
+        line("problems", "none")
+    for note in facts.prepare_notes:
+        line("prepare", note)
+    if facts.decisions is None:
+        line("quantization", "not possible until the problems above are fixed", "red")
+        return
+    quantized = sum(d.quantized for d in facts.decisions)
+    line("quantization", f"{quantized} of {len(facts.decisions)} nodes under recipe {facts.recipe}")
+    line("  quantized", ", ".join(f"{op}×{n}" for op, n in facts.quantized_op_types().items()) or "none")
+    for reason, ops in facts.float_reasons().items():
+        line("  float", f"{reason}: " + ", ".join(f"{op}×{n}" for op, n in ops.items()))
+    if verbose:
+        for decision in facts.decisions:
+            verdict = "quantized" if decision.quantized else "float"
+            line("  node", f"{decision.node} ({decision.op_type}): {verdict}, {decision.reason}")
+
+
+@main.command()
+@click.option("--output", "output_path", type=click.Path(path_type=Path),
+              help="Write the schema to this file instead of stdout.")
+@output_options
+def schema(output_path: Path | None, quiet: bool, verbose: bool, as_json: bool) -> None:
+    """Print the recipe's JSON Schema (for editors and validators).
+
+    The schema is JSON already: --json changes nothing here.
+
+    \b
+    Example:
+      qtool schema --output qtool-recipe.schema.json
+    """
+    text = json.dumps(recipe_json_schema(), indent=2) + "\n"
+    if output_path is None:
+        click.echo(text, nl=False)
+        return
+    output_path.write_text(text, encoding="utf-8")
+    if verbose:
+        click.echo(f"wrote {output_path}", err=True)
+
+
+# --- compare ----------------------------------------------------------------------------------
+
+
+def _parse_gates(ctx, param, values: tuple[str, ...]) -> dict[str, float]:
+    from qtool.compare import GATES
+
+    gates = {}
+    for text in values:
+        name, sep, value = text.partition("=")
+        if name not in GATES:
+            raise click.BadParameter(f"unknown gate {name!r}; allowed: {', '.join(GATES)}")
+        try:
+            gates[name] = float(value) if sep else float("nan")
+        except ValueError:
+            gates[name] = float("nan")
+        if gates[name] != gates[name]:
+            raise click.BadParameter(f"{text!r}: expected NAME=NUMBER, e.g. min_cosine=0.99")
+    return gates
+
+
+def analysis_options(command):
+    """`--per-layer`, `--bench`, `--threads` and `--junit`, shared by quantize and compare."""
+    command = click.option("--junit", type=click.Path(path_type=Path),
+                           help="Write a JUnit XML file: one test case per gate.")(command)
+    command = click.option("--threads", type=click.IntRange(min=1),
+                           help="ONNX Runtime intra-op threads for --bench (default: ORT's choice).")(command)
+    command = click.option("--bench", is_flag=True,
+                           help="Measure latency: interleaved A/B runs on ONNX Runtime CPU.")(command)
+    command = click.option("--per-layer", is_flag=True,
+                           help="Per-layer and per-weight error, matched through the Q/DQ pairs.")(command)
+    return command
+
+
+@main.command()
+@click.argument("reference", type=click.Path(path_type=Path))
+@click.argument("candidate", type=click.Path(path_type=Path))
+@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path),
+              help="Evaluation data folder run through both models.")
+@click.option("--labels", type=click.Path(path_type=Path),
+              help="labels.txt (`file label` per line; default: labels.txt in the data folder).")
+@click.option("--recipe", "recipe_path", type=click.Path(path_type=Path),
+              help="Recipe whose validation.gates, data and batch settings apply.")
+@click.option("--gate", "gates", multiple=True, callback=_parse_gates, metavar="NAME=VALUE",
+              help="A quality gate (repeatable; overrides the recipe's). Names: min_cosine, min_sqnr_db, "
+                   "max_accuracy_drop, min_top1_agreement, max_latency_ratio, min_size_ratio.")
+@analysis_options
+@click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path),
+              help="Folder to write report.json, report.md and report.html into.")
+@click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
+@output_options
+def compare(reference: Path, candidate: Path, data_dir: Path, labels: Path | None, recipe_path: Path | None,
+            gates: dict, per_layer: bool, bench: bool, threads: int | None, junit: Path | None, output_dir: Path,
+            overwrite: bool, quiet: bool, verbose: bool, as_json: bool) -> None:
+    """Compare CANDIDATE (e.g. quantized) with REFERENCE (e.g. float) on the same inputs; write a report.
+
+    Per output: cosine, SQNR, MSE, max/mean abs error, top-1/top-5 agreement,
+    accuracy of both with labels. Exit codes: 0 every gate passed; 1 a gate
+    failed (report written, one line per failed gate on stderr); 2 bad input.
+
+    \b
+    Example:
+      qtool compare model.onnx out/int8/model.onnx --data eval/ --per-layer --bench \\
+          --gate min_cosine=0.99 --gate max_latency_ratio=1.2 --junit gates.xml --output out/compare
+    """
+    with StageProgress(make_console(stderr=True), quiet or as_json) as progress:
+        result = api.compare(reference, candidate, data_dir, output_dir, labels=labels, recipe=recipe_path,
+                             gates=gates, per_layer=per_layer, bench=bench, threads=threads, junit=junit,
+                             step_summary=os.environ.get("GITHUB_STEP_SUMMARY") or None, overwrite=overwrite,
+                             progress=progress)
+    if as_json:
+        from qtool.report import render_json
+
+        click.echo(render_json(result.report), nl=False)
+    elif not quiet:
+        _print_compare_summary(make_console(), result.report, output_dir, verbose)
+    for gate in result.gates:
+        if not gate.passed:
+            click.echo(gate.describe(), err=True)
+    if not result.passed:
+        sys.exit(EXIT_GATE_FAILED)
+
+
+def _print_compare_summary(console: Console, report: dict, output_dir: Path, verbose: bool) -> None:
+    table = Table(title=f"qtool compare → {output_dir}", show_header=True)
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    size = report["size"]
+    table.add_row("size", f"{size['float_bytes']:,} → {size['quantized_bytes']:,} B ({size['ratio']:.2f}× smaller)")
+    latency = report.get("latency")
+    if latency:
+        table.add_row("latency ratio (median)", f"{latency['ratio']:.3f} ({latency['reference']['median_ms']:.3g} → "
+                      f"{latency['candidate']['median_ms']:.3g} ms)")
+    for name, f in report["validation"]["outputs"].items():
+        agreement = f" / top-1 agr. {f['top1_agreement']:.2%}" if "top1_agreement" in f else ""
+        table.add_row(f"{escape(name)}: cosine / SQNR", f"{f['cosine']:.5f} / {f['sqnr_db']:.2f} dB{agreement}")
+    accuracy = report["validation"].get("accuracy")
+    if accuracy:
+        table.add_row("top-1 reference → candidate", f"{accuracy['float']:.2%} → {accuracy['quantized']:.2%}")
+    layers = report.get("layers")
+    if layers:
+        for row in layers["activations"][: 10 if verbose else 3]:
+            table.add_row(f"worst layer {escape(row['tensor'])} ({escape(row['op_type'])})", f"{row['sqnr_db']:.2f} dB")
+    for gate in report["gates"]:
+        verdict = "[green]pass[/]" if gate["passed"] else "[red]FAIL[/]"
+        value = "n/a" if gate["value"] is None else f"{gate['value']:.6g}"
+        table.add_row(f"gate {gate['name']} ({gate['threshold']:g})", f"{value} {verdict}")
+    console.print(table)
+    for warning in report["warnings"]:
+        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
