@@ -10,6 +10,8 @@ EXIT_OK = 0
 EXIT_GATE_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 3
+EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C): 128 + 2
+EXIT_TERMINATED = 143  # SIGTERM: 128 + 15
 
 
 class QtoolError(Exception):
@@ -36,3 +38,14 @@ class DataError(QtoolError):
 
 class CalibrationError(QtoolError):
     """A calibration table that is malformed or does not match the model."""
+
+
+def one_line(text: str) -> str:
+    """A message squeezed onto one line (library messages often span several)."""
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def reason(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type name when it has none."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
