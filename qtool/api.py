@@ -5,6 +5,8 @@ The CLI calls these; so can any Python program (`import qtool`).
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -13,7 +15,7 @@ from typing import Callable
 
 from onnx import ModelProto
 
-from qtool import inspection
+from qtool import inspection, starter
 from qtool import report as reporting
 from qtool import __version__
 from qtool.calibrate import CalibrationTable, check_table, load_table, save_table, table_document
@@ -30,7 +32,7 @@ from qtool.numerics import QTYPES
 from qtool.plan import build_plan, required_opset, select_tensors
 from qtool.prepare import prepare_model
 from qtool.qdq import apply_plan, ensure_opset
-from qtool.recipe import Recipe, load_recipe
+from qtool.recipe import Recipe, load_recipe, parse_recipe, recipe_json_schema
 from qtool.runner import INTEGER_OP_TYPES, int8_kernels_may_saturate, optimized_op_histogram
 
 # progress(stage, done, total): the CLI renders it; nothing below the CLI prints.
@@ -85,6 +87,56 @@ def inspect(model_path: str | Path, recipe: Recipe | str | Path | None = None) -
         header, model_path, ([opset] if opset else []) + problems, prepare_notes=notes,
         recipe=str(recipe.source) if recipe.source else "built-in default", decisions=decisions,
     )
+
+
+def init_recipe(
+    model_path: str | Path,
+    output: str | Path,
+    *,
+    data_dir: str | Path | None = None,
+    validation_data: str | Path | None = None,
+    image: starter.ImageChoices = starter.ImageChoices(),
+    schema: str | None = None,
+    overwrite: bool = False,
+) -> tuple[Path, Path | None]:
+    """Write a starter recipe for `model_path` (and the JSON Schema beside it unless `schema` names one).
+
+    Returns the recipe's path and the schema file written (None when `schema` was given).
+    The written text is checked to load as a recipe before anything is written.
+    """
+    model_path, output = Path(model_path), Path(output)
+    data = Path(data_dir) if data_dir is not None else None
+    evaluation = Path(validation_data) if validation_data is not None else None
+    for folder in (data, evaluation):
+        if folder is not None and not folder.is_dir():
+            raise UsageError(f"{folder}: no such data folder")
+    if output.exists() and not overwrite:
+        raise UsageError(f"{output}: exists; pass --overwrite to replace it")
+    schema_path = output.parent / starter.SCHEMA_FILE if schema is None else None
+    if schema_path is not None and schema_path.exists() and not overwrite and not _is_qtool_schema(schema_path):
+        raise UsageError(f"{schema_path}: exists and is not a qtool recipe schema; pass --overwrite to replace it")
+    model = load_model(model_path)
+    text = starter.starter_recipe(model, model_path, output, data, evaluation,
+                                  schema or starter.SCHEMA_FILE, image)
+    parse_recipe(text, output)  # what we write must load as it is; a RecipeError here names the key
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if schema_path is not None:
+        _write_text_atomic(schema_path, json.dumps(recipe_json_schema(), indent=2) + "\n")
+    _write_text_atomic(output, text)
+    return output, schema_path
+
+
+def _is_qtool_schema(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("title") == "qtool recipe"
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return False
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    staging = path.with_name(f".{path.name}.qtool-tmp")
+    staging.write_text(text, encoding="utf-8")
+    os.replace(staging, path)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from qtool import __version__, api
+from qtool import starter
 from qtool.recipe import recipe_json_schema
 from qtool.errors import (EXIT_GATE_FAILED, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, QtoolError,
                           one_line, reason)
@@ -451,3 +452,78 @@ def _print_compare_summary(console: Console, report: dict, output_dir: Path, ver
     console.print(table)
     for warning in report["warnings"]:
         console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
+
+
+# --- init -----------------------------------------------------------------------------------
+
+
+def _float_list(ctx, param, value: str | None) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        numbers = tuple(float(part) for part in value.replace(" ", "").split(","))
+    except ValueError:
+        raise click.BadParameter("expected numbers separated by commas, e.g. 0.485,0.456,0.406") from None
+    if len(numbers) not in (1, 3):
+        raise click.BadParameter(f"expected 1 or 3 values, got {len(numbers)}")
+    return numbers
+
+
+def _size(ctx, param, value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    parts = value.lower().split("x")
+    if len(parts) != 2 or not all(part.isdigit() and 0 < int(part) <= 65536 for part in parts):
+        raise click.BadParameter("expected HxW, e.g. 320x320")
+    return int(parts[0]), int(parts[1])
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--data", "data_dir", type=click.Path(path_type=Path),
+              help="Calibration data folder; images there pre-fill data.images.")
+@click.option("--validation-data", type=click.Path(path_type=Path),
+              help="Evaluation folder to name in validation.data (labels.txt there adds an accuracy gate).")
+@click.option("--output", "output_path", required=True, type=click.Path(path_type=Path),
+              help="Recipe file to write.")
+@click.option("--channels", type=click.Choice(["RGB", "BGR"]),
+              help="Channel order the model was trained on (default RGB, marked CHECK in the recipe).")
+@click.option("--mean", callback=_float_list, help="Per-channel mean after scaling, e.g. 0.485,0.456,0.406.")
+@click.option("--std", callback=_float_list, help="Per-channel std, e.g. 0.229,0.224,0.225.")
+@click.option("--scale", type=click.FloatRange(min=0, min_open=True),
+              help="Pixels are divided by this first (default 255).")
+@click.option("--size", callback=_size, help="Image size HxW (default: the model's static dims, else the "
+              "first image's rounded to multiples of 32).")
+@click.option("--schema", "schema_ref",
+              help="Path or URL for the `$schema` line (default: write qtool-recipe.schema.json beside the recipe).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing recipe file.")
+@output_options
+def init(model: Path, data_dir: Path | None, validation_data: Path | None, output_path: Path,
+         channels: str | None, mean, std, scale: float | None, size, schema_ref: str | None,
+         overwrite: bool, quiet: bool, verbose: bool, as_json: bool) -> None:
+    """Write a starter recipe for MODEL, every section commented.
+
+    Inputs come from the model; with image data, data.images is pre-filled:
+    size and layout from the model (or the first image), channel order and
+    mean/std from the options. A file cannot tell those two: without the
+    options the recipe holds neutral defaults marked CHECK. The recipe loads
+    as written; `qtool quantize` runs it unchanged.
+
+    \b
+    Example:
+      qtool init model.onnx --data calib/ --channels BGR \\
+          --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 --output recipe.yaml
+    """
+    choices = starter.ImageChoices(channels=channels, mean=mean, std=std, scale=scale, size=size)
+    recipe, schema_file = api.init_recipe(model, output_path, data_dir=data_dir, validation_data=validation_data,
+                                          image=choices, schema=schema_ref, overwrite=overwrite)
+    if as_json:
+        _echo_json({"recipe": str(recipe), "schema": str(schema_file) if schema_file else None})
+        return
+    if quiet:
+        return
+    click.echo(f"wrote {recipe}" + (f" and {schema_file}" if schema_file else ""))
+    if verbose:
+        click.echo(recipe.read_text(encoding="utf-8"), nl=False)
+    if "# CHECK:" in recipe.read_text(encoding="utf-8"):
+        click.echo("check the values marked CHECK in it: they are defaults, not read from your model", err=True)

@@ -18,19 +18,26 @@ GATES = {
     "min_sqnr_db": ("sqnr_db", True),
     "min_top1_agreement": ("top1_agreement", True),
     "max_accuracy_drop": ("accuracy_drop", False),
+    "max_latency_ratio": ("latency_ratio", False),  # candidate median / reference median
+    "min_size_ratio": ("size_ratio", True),  # reference bytes / candidate bytes
 }
 
+# Per-sample SQNR histogram bins (dB); values outside land in the end bins.
+SQNR_EDGES = tuple(float(edge) for edge in range(0, 84, 4))
 
-class _OutputStats:
+
+class OutputStats:
     """Running sums that give cosine, SQNR and errors without keeping outputs."""
 
-    def __init__(self):
+    def __init__(self, classifier: bool = True):
         self.dot = self.ref_sq = self.cand_sq = self.noise = self.abs_sum = 0.0
         self.max_abs = 0.0
         self.count = 0
         self.samples = 0
-        self.agree = 0
-        self.classifier = True
+        self.agree = self.agree5 = 0
+        self.classes = 0
+        self.classifier = classifier  # False: skip top-k agreement (layers, weights)
+        self.sqnr_counts = np.zeros(len(SQNR_EDGES) - 1, dtype=np.int64)
 
     def update(self, ref: np.ndarray, cand: np.ndarray) -> None:
         a, b = ref.astype(np.float64), cand.astype(np.float64)
@@ -42,12 +49,25 @@ class _OutputStats:
         self.abs_sum += float(np.sum(np.abs(diff)))
         self.max_abs = max(self.max_abs, float(np.max(np.abs(diff), initial=0.0)))
         self.count += diff.size
+        if a.ndim >= 1 and a.shape[0]:
+            per_signal = np.sum(a.reshape(a.shape[0], -1) ** 2, axis=1)
+            per_noise = np.sum(diff.reshape(a.shape[0], -1) ** 2, axis=1)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                per_sqnr = 10.0 * np.log10(per_signal / per_noise)
+            per_sqnr = np.nan_to_num(per_sqnr, nan=SQNR_EDGES[-1], posinf=SQNR_EDGES[-1], neginf=SQNR_EDGES[0])
+            clipped = np.clip(per_sqnr, SQNR_EDGES[0], SQNR_EDGES[-1] - 1e-9)
+            self.sqnr_counts += np.histogram(clipped, bins=SQNR_EDGES)[0]
         self.classifier = self.classifier and is_classifier_output(ref)
         if self.classifier:
-            self.agree += int(np.sum(top1(ref) == top1(cand)))
+            self.classes = ref.shape[1]
+            ref_top1 = top1(ref)
+            self.agree += int(np.sum(ref_top1 == top1(cand)))
+            if self.classes > 5:
+                top5 = np.argsort(-b.reshape(b.shape[0], -1), axis=1)[:, :5]
+                self.agree5 += int(np.sum(np.any(top5 == ref_top1[:, None], axis=1)))
             self.samples += ref.shape[0]
 
-    def figures(self) -> dict:
+    def figures(self, histogram: bool = True) -> dict:
         norms = np.sqrt(self.ref_sq * self.cand_sq)
         figures = {
             "cosine": float(self.dot / norms) if norms > 0 else float(self.noise == 0),
@@ -58,6 +78,12 @@ class _OutputStats:
         }
         if self.classifier and self.samples:
             figures["top1_agreement"] = self.agree / self.samples
+            if self.classes > 5:
+                # the reference's top-1 class is among the candidate's top 5
+                figures["top5_agreement"] = self.agree5 / self.samples
+        if histogram:
+            figures["sample_sqnr_histogram"] = {"edges_db": list(SQNR_EDGES),
+                                                "counts": [int(c) for c in self.sqnr_counts]}
         return figures
 
 
@@ -112,7 +138,7 @@ def compare_models(
     """Run both models on every sample; stream per-output figures and accuracy."""
     ref_session = make_session(reference)
     cand_session = make_session(candidate, optimize=optimize_candidate)
-    stats: dict[str, _OutputStats] = {}
+    stats: dict[str, OutputStats] = {}
     correct = {"reference": 0, "candidate": 0}
     labelled = samples = 0
     total = min(len(data.files), data.limit) if data.limit else len(data.files)
@@ -120,7 +146,7 @@ def compare_models(
         ref_out = run(ref_session, batch.feeds)
         cand_out = run(cand_session, batch.feeds)
         for name, ref in ref_out.items():
-            stats.setdefault(name, _OutputStats()).update(ref, cand_out[name])
+            stats.setdefault(name, OutputStats()).update(ref, cand_out[name])
         samples += len(batch.files)
         if labels:
             first = next(iter(ref_out))
@@ -137,11 +163,14 @@ def compare_models(
     return Comparison(samples, {name: s.figures() for name, s in stats.items()}, accuracy, labelled)
 
 
-def check_gates(comparison: Comparison, gates: dict[str, float]) -> list[GateResult]:
+def check_gates(comparison: Comparison, gates: dict[str, float],
+                extra: dict[str, float | None] | None = None) -> list[GateResult]:
+    """Each gate's verdict; `extra` holds figures measured elsewhere (latency_ratio, size_ratio)."""
+    extra = extra or {}
     results = []
     for name, threshold in gates.items():
         figure, larger_is_better = GATES[name]
-        value = comparison.figure(figure)
+        value = extra.get(figure) if figure in extra else comparison.figure(figure)
         if value is None:
             passed = False
         else:

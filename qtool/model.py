@@ -33,8 +33,8 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_model(path: str | Path) -> ModelProto:
-    """Load a float model, with external data, refusing unsafe or quantized ones."""
+def load_model(path: str | Path, *, allow_quantized: bool = False) -> ModelProto:
+    """Load a float model, with external data, refusing unsafe ones and (unless allowed) quantized ones."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: no such model file")
@@ -51,7 +51,8 @@ def load_model(path: str | Path) -> ModelProto:
         external_data_helper.load_external_data_for_model(model, str(path.parent))
     except (OSError, ValueError) as exc:
         raise ModelError(f"{path}: cannot read external data: {exc}") from None
-    refuse_quantized(model, path)
+    if not allow_quantized:
+        refuse_quantized(model, path)
     return model
 
 

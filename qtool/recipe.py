@@ -5,6 +5,7 @@ Errors name the file, the line and the dotted key, and say what is allowed.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -22,8 +23,32 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+Method = Literal["minmax", "percentile", "entropy", "mse"]
+
+
+class CalibrationOverride(_Strict):
+    """A calibration method for the tensors whose names match a regex (the first match wins)."""
+
+    tensor: str = Field(
+        description="Regex matched against the whole tensor name (re.fullmatch), e.g. `/head/.*`."
+    )
+    method: Method | None = Field(None, description="Method for these tensors (default: calibration.method).")
+    percentile: Annotated[float, Field(gt=50.0, le=100.0)] | None = Field(
+        None, description="Percentile for these tensors (default: calibration.percentile)."
+    )
+
+    @field_validator("tensor")
+    @classmethod
+    def _regex(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression ({exc})") from None
+        return value
+
+
 class CalibrationSpec(_Strict):
-    method: Literal["minmax", "percentile", "entropy", "mse"] = Field(
+    method: Method = Field(
         "minmax", description="How an observed distribution becomes a range."
     )
     percentile: Annotated[float, Field(gt=50.0, le=100.0)] = Field(
@@ -43,24 +68,133 @@ class CalibrationSpec(_Strict):
     batch_size: Annotated[int, Field(ge=1, le=4096)] = Field(
         8, description="Samples per ONNX Runtime run."
     )
+    overrides: list[CalibrationOverride] = Field(
+        default_factory=list,
+        description="Per-tensor method/percentile, e.g. `[{tensor: \"/head/.*\", method: minmax}]`; "
+        "the first entry whose regex matches a tensor name applies to it.",
+    )
+
+    def for_tensor(self, name: str) -> "CalibrationSpec":
+        """This spec with the first matching override applied (itself when none matches)."""
+        for override in self.overrides:
+            if re.fullmatch(override.tensor, name):
+                changes = {key: value for key in ("method", "percentile")
+                           if (value := getattr(override, key)) is not None}
+                return self.model_copy(update={**changes, "overrides": []})
+        return self
+
+
+ActivationDtype = Literal["uint8", "int8", "uint16", "int16"]
+WeightDtype = Literal["int8", "uint8", "int4", "uint4", "int16"]
+Granularity = Literal["per_channel", "per_tensor", "per_block"]
+BlockSize = Annotated[int, Field(ge=2, le=4096)]
 
 
 class ActivationSpec(_Strict):
-    dtype: Literal["uint8", "int8"] = Field("uint8", description="Activation integer type.")
+    dtype: ActivationDtype = Field(
+        "uint8", description="Activation integer type; 16-bit types need opset 21 (qtool upgrades "
+        "the model, or falls back to ONNX Runtime's com.microsoft Q/DQ, and says which)."
+    )
     symmetric: bool = Field(False, description="Zero point fixed at the middle of the type.")
 
 
 class WeightSpec(_Strict):
-    dtype: Literal["int8", "uint8"] = Field("int8", description="Weight integer type.")
-    symmetric: bool = Field(True, description="Zero point fixed at 0 (int8) or 128 (uint8).")
-    granularity: Literal["per_channel", "per_tensor"] = Field(
-        "per_channel", description="One scale per output channel, or one per tensor."
+    dtype: WeightDtype = Field(
+        "int8", description="Weight integer type; int4/uint4/int16 need opset 21 (upgraded automatically)."
     )
+    symmetric: bool = Field(True, description="Zero point fixed at 0 (signed types) or the middle (unsigned).")
+    granularity: Granularity = Field(
+        "per_channel",
+        description="One scale per output channel, one per tensor, or one per `block_size` "
+        "run along the reduction axis (per_block: opset-21 blocked Q/DQ).",
+    )
+    block_size: BlockSize = Field(32, description="Elements per scale with granularity per_block.")
     reduce_range: Literal["auto", True, False] = Field(
         "auto",
         description="Store weights in 7 bits so that uint8 x int8 kernels without "
-        "VNNI cannot saturate; `auto` decides from the host CPU.",
+        "VNNI cannot saturate; `auto` decides from the host CPU. Applies only to 8-bit "
+        "weights read together with 8-bit activations.",
     )
+
+
+class ActivationPatch(_Strict):
+    """An override's activation settings: keys left out keep the value from the defaults."""
+
+    dtype: ActivationDtype | None = Field(None, description="Activation integer type.")
+    symmetric: bool | None = Field(None, description="Zero point fixed at the middle of the type.")
+
+
+class WeightPatch(_Strict):
+    """An override's weight settings: keys left out keep the value from the defaults."""
+
+    dtype: WeightDtype | None = Field(None, description="Weight integer type.")
+    symmetric: bool | None = Field(None, description="Zero point fixed at 0 or the middle of the type.")
+    granularity: Granularity | None = Field(None, description="per_channel, per_tensor or per_block.")
+    block_size: BlockSize | None = Field(None, description="Elements per scale with per_block.")
+
+
+class MatchSpec(_Strict):
+    """Which nodes an override applies to; every key given must match."""
+
+    name: str | None = Field(None, description="Regex the whole node name must match.")
+    op_type: str | None = Field(None, description="ONNX op type, e.g. MatMul.")
+    tensor: str | None = Field(
+        None, description="Regex the whole name of one of the node's inputs or outputs must match."
+    )
+
+    @field_validator("name", "tensor")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from None
+        return value
+
+    @property
+    def names_nodes(self) -> bool:
+        """Name and tensor matches single out nodes; they rank above op-type matches."""
+        return self.name is not None or self.tensor is not None
+
+
+class OverrideSpec(_Strict):
+    match: MatchSpec = Field(description="Which nodes this override applies to.")
+    activations: ActivationPatch | None = Field(None, description="Activation settings for these nodes.")
+    weights: WeightPatch | None = Field(None, description="Weight settings for these nodes.")
+    float: bool | None = Field(None, description="true keeps these nodes float.")
+
+    @field_validator("match")
+    @classmethod
+    def _not_empty(cls, value: MatchSpec) -> MatchSpec:
+        if value.name is None and value.op_type is None and value.tensor is None:
+            raise ValueError("give at least one of name, op_type, tensor")
+        return value
+
+
+class WeightOnlySpec(_Strict):
+    """Weights stored in few bits, activations left float: the LLM-style MatMul recipe."""
+
+    op_types: list[Literal["MatMul"]] = Field(
+        ["MatMul"], description="Op types whose constant 2-D weight is quantized weight-only."
+    )
+    format: Literal["matmulnbits", "qdq"] = Field(
+        "matmulnbits",
+        description="`matmulnbits`: ONNX Runtime's com.microsoft MatMulNBits (fast on CPU); "
+        "`qdq`: blocked DequantizeLinear -> MatMul at opset 21 (portable).",
+    )
+    bits: Literal[4] = Field(4, description="Bits per weight.")
+    block_size: Annotated[int, Field(ge=16, le=2048)] = Field(
+        32, description="Weights per scale along K; a power of two (MatMulNBits needs one)."
+    )
+    symmetric: bool = Field(True, description="false stores a zero point per block as well.")
+
+    @field_validator("block_size")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        if value & (value - 1):
+            raise ValueError("expected a power of two (16, 32, 64, 128, ...)")
+        return value
 
 
 class ExcludeSpec(_Strict):
@@ -72,9 +206,23 @@ class QuantizationSpec(_Strict):
     activations: ActivationSpec = ActivationSpec()
     weights: WeightSpec = WeightSpec()
     exclude: ExcludeSpec = ExcludeSpec()
+    overrides: list[OverrideSpec] = Field(
+        default_factory=list,
+        description="Per-node settings. Precedence: exclude > name/tensor overrides > op_type "
+        "overrides > the defaults above; within a rank the earlier override wins, key by key.",
+    )
+    static: bool = Field(
+        True,
+        description="Quantize activations and weights with Q/DQ by the rule table; false leaves "
+        "every node float except those `weight_only` covers.",
+    )
+    weight_only: WeightOnlySpec | None = Field(
+        None, description="Weight-only low-bit quantization of MatMuls with constant weights."
+    )
 
 
-Gate = Literal["min_cosine", "min_sqnr_db", "max_accuracy_drop", "min_top1_agreement"]
+Gate = Literal["min_cosine", "min_sqnr_db", "max_accuracy_drop", "min_top1_agreement",
+               "max_latency_ratio", "min_size_ratio"]
 
 
 class ValidationSpec(_Strict):
@@ -279,6 +427,8 @@ def _describe(error: dict, path: Path, lines: dict) -> str:
 def _allowed_keys(loc: tuple) -> list[str]:
     model: Any = Recipe
     for part in loc:
+        if isinstance(part, int):  # an item of a list section: its keys are the item model's
+            continue
         field = getattr(model, "model_fields", {}).get(part)
         if field is None:
             return []

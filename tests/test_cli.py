@@ -43,7 +43,7 @@ def test_version_and_help():
 def test_quantize_writes_model_and_reports(demo):
     output, result = demo
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in output.iterdir()) == ["model.onnx", "report.json", "report.md"]
+    assert sorted(p.name for p in output.iterdir()) == ["model.onnx", "report.html", "report.json", "report.md"]
     onnx.checker.check_model(onnx.load(str(output / "model.onnx")), full_check=True)
     report = json.loads((output / "report.json").read_text())
     assert report["passed"] is True and report["schema_version"] == 1
@@ -88,7 +88,7 @@ def test_bad_recipe_exits_2_and_writes_nothing(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"Error: {recipe}:3: calibration.metod: unknown key; allowed here: batch_size, bins, method, "
-        "moving_average, percentile, samples"
+        "moving_average, overrides, percentile, samples"
     ]
     assert not output.exists()
     assert list(tmp_path.iterdir()) == [recipe]  # no temporary folder left either

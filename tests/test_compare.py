@@ -1,0 +1,170 @@
+"""`qtool compare`: per-output and per-layer figures, gates and their exit codes, JUnit, CI summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper
+
+from conftest import ROOT, SAMPLE, make_model, save_npy_folder
+from qtool import api
+from qtool.cli import main
+from qtool.layers import match_activations, weight_errors
+from qtool.recipe import Recipe
+
+
+class Ran:
+    def __init__(self, returncode: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def qtool(*args: str, env: dict | None = None) -> Ran:
+    """In-process (fast); `qtool_process` where stdout must be the real one."""
+    result = CliRunner().invoke(main, list(args), env={"GITHUB_STEP_SUMMARY": None, **(env or {})})
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return Ran(result.exit_code, result.stdout, result.stderr)
+
+
+def qtool_process(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qtool", *args], capture_output=True, text=True, cwd=ROOT,
+                          env={k: v for k, v in os.environ.items() if k != "GITHUB_STEP_SUMMARY"})
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """The sample model quantized once; both paths and an output root."""
+    root = tmp_path_factory.mktemp("digits")
+    api.quantize(SAMPLE / "model.onnx", SAMPLE / "calib", Recipe(), root / "int8",
+                 validation_data=SAMPLE / "eval")
+    return SAMPLE / "model.onnx", root / "int8" / "model.onnx", root
+
+
+def compare_args(digits, output, *extra):
+    reference, candidate, _ = digits
+    return ["compare", str(reference), str(candidate), "--data", str(SAMPLE / "eval"), "--output", str(output),
+            *extra]
+
+
+def test_compare_per_output_per_layer_bench_and_passing_gates(digits, tmp_path):
+    junit = tmp_path / "gates.xml"
+    summary = tmp_path / "summary.md"
+    summary.write_text("earlier step\n")
+    result = qtool(*compare_args(digits, tmp_path / "out", "--per-layer", "--bench", "--threads", "1",
+                                 "--gate", "min_cosine=0.99", "--gate", "max_accuracy_drop=0.01",
+                                 "--gate", "min_size_ratio=3", "--gate", "max_latency_ratio=50",
+                                 "--junit", str(junit)),
+                   env={"GITHUB_STEP_SUMMARY": str(summary)})
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.html", "report.json", "report.md"]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["command"] == "compare" and report["passed"] is True
+    logits = report["validation"]["outputs"]["logits"]
+    assert logits["cosine"] > 0.999 and logits["sqnr_db"] > 30
+    assert logits["top1_agreement"] >= 0.99 and logits["top5_agreement"] == 1.0
+    assert set(logits) >= {"mse", "max_abs_error", "mean_abs_error", "sample_sqnr_histogram"}
+    assert sum(logits["sample_sqnr_histogram"]["counts"]) == 300
+    assert report["validation"]["accuracy"]["labelled_samples"] == 300
+    layers = report["layers"]
+    assert len(layers["activations"]) >= 8 and layers["unmatched"] == 0
+    sqnrs = [row["sqnr_db"] for row in layers["activations"]]
+    assert sqnrs == sorted(sqnrs)  # worst first
+    assert {row["op_type"] for row in layers["activations"]} >= {"Relu", "MaxPool"}
+    convs = [row for row in layers["weights"] if row["tensor"].startswith("conv") and row["dtype"] == "int8"]
+    assert len(convs) >= 2 and all(row["sqnr_db"] > 30 for row in convs)
+    latency = report["latency"]
+    assert latency["threads"] == 1 and latency["reference"]["runs"] >= 10
+    assert latency["reference"]["p10_ms"] <= latency["reference"]["median_ms"] <= latency["reference"]["p90_ms"]
+    assert report["size"]["ratio"] > 3
+    assert len(report["inputs"]["candidate"]["sha256"]) == 64
+    cases = ET.parse(junit).getroot().findall(".//testcase")
+    assert [c.get("name") for c in cases] == ["min_cosine", "max_accuracy_drop", "min_size_ratio", "max_latency_ratio"]
+    assert not ET.parse(junit).getroot().findall(".//failure")
+    text = summary.read_text()
+    assert text.startswith("earlier step\n") and "# qtool compare report — passed" in text
+    assert "Worst layers" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_too_strict_gate_exits_1_naming_it(digits, tmp_path):
+    junit = tmp_path / "gates.xml"
+    result = qtool(*compare_args(digits, tmp_path / "out", "--gate", "min_sqnr_db=90",
+                                 "--gate", "min_top1_agreement=0.9", "--junit", str(junit), "-q"))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [line for line in result.stderr.strip().splitlines()
+                                                  if line.startswith("gate min_sqnr_db: FAILED")]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [(g["name"], g["passed"]) for g in report["gates"]] == [("min_sqnr_db", False), ("min_top1_agreement", True)]
+    failures = ET.parse(junit).getroot().findall(".//testcase/failure")
+    assert len(failures) == 1 and "min_sqnr_db" in failures[0].get("message")
+
+
+def test_recipe_gates_apply_and_cli_overrides_them(digits, tmp_path):
+    recipe = tmp_path / "gates.yaml"
+    recipe.write_text("version: 1\nvalidation:\n  gates: {min_cosine: 0.9999999, min_size_ratio: 2}\n")
+    failed = qtool(*compare_args(digits, tmp_path / "a", "--recipe", str(recipe), "-q"))
+    assert failed.returncode == 1 and "gate min_cosine: FAILED" in failed.stderr
+    passed = qtool(*compare_args(digits, tmp_path / "b", "--recipe", str(recipe), "--gate", "min_cosine=0.99", "-q"))
+    assert passed.returncode == 0, passed.stderr
+
+
+def test_unknown_gate_is_a_usage_error_listing_the_names(digits, tmp_path):
+    result = qtool(*compare_args(digits, tmp_path / "out", "--gate", "min_cosin=0.9"))
+    assert result.returncode == 2
+    assert "unknown gate 'min_cosin'; allowed: min_cosine, min_sqnr_db" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_json_prints_the_report_and_nothing_else(digits, tmp_path):
+    result = qtool_process(*compare_args(digits, tmp_path / "out", "--json"))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report == json.loads((tmp_path / "out" / "report.json").read_text())
+
+
+def test_quantize_report_gains_layers_with_recipe_rules(tmp_path):
+    result = api.quantize(SAMPLE / "model.onnx", SAMPLE / "calib", Recipe(), tmp_path / "out",
+                          validation_data=SAMPLE / "eval", per_layer=True)
+    layers = result.report["layers"]
+    assert layers["activations"] and layers["weights"]
+    rules = {row["rule"] for row in layers["activations"] + layers["weights"]}
+    assert "rule Conv" in rules
+    assert (tmp_path / "out" / "report.html").is_file()
+
+
+def _conv_relu_output_model():
+    """Conv -> Relu where the Relu output is the graph output: qdq renames the producer's output."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["y"], name="relu")]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 2, 6, 6])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4, 6, 6])],
+                      {"w": rng.normal(size=(4, 2, 3, 3)).astype(np.float32),
+                       "b": rng.normal(size=4).astype(np.float32)})
+
+
+def test_layers_match_through_qdq_including_renamed_graph_outputs(tmp_path):
+    model = _conv_relu_output_model()
+    onnx.save(model, str(tmp_path / "float.onnx"))
+    data = save_npy_folder(tmp_path / "data", np.random.default_rng(1).normal(size=(8, 1, 2, 6, 6)))
+    result = api.quantize(tmp_path / "float.onnx", data, Recipe(), tmp_path / "q")
+    quantized = result.model
+    renamed = [node for node in quantized.graph.node if node.op_type == "QuantizeLinear"
+               and node.input[0] not in {t for n in model.graph.node for t in n.output} | {"x"}]
+    matches, unmatched = match_activations(model, quantized)
+    by_tensor = {m.float_tensor: m for m in matches}
+    assert unmatched == 0
+    assert "x" in by_tensor
+    if renamed:  # the graph output y got a Q/DQ pair: found by following the Q input back to its node
+        assert by_tensor["y"].quantized_tensor == "y" and by_tensor["y"].node == "relu"
+    weights = weight_errors(model, quantized)
+    assert [(row["tensor"], row["node"], row["input"]) for row in weights if row["dtype"] == "int8"] == [("w", "conv", 1)]
+    report = api.compare(tmp_path / "float.onnx", tmp_path / "q" / "model.onnx", data, per_layer=True).report
+    assert {row["tensor"] for row in report["layers"]["activations"]} >= {"x"}
