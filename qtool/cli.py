@@ -139,9 +139,14 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--labels", type=click.Path(path_type=Path),
               help="labels.txt for the evaluation data (overrides validation.labels).")
 @click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
+@click.option("--per-layer", is_flag=True, help="Per-layer and per-weight error in the report.")
+@click.option("--bench", is_flag=True, help="Measure float vs quantized latency (interleaved, ORT CPU).")
+@click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime intra-op threads for --bench.")
+@click.option("--junit", type=click.Path(path_type=Path), help="Write a JUnit XML file: one test case per gate.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress and no summary table.")
 def quantize(model: Path, recipe_path: Path | None, data_dir: Path | None, calibration: Path | None,
              output_dir: Path, validation_data: Path | None, labels: Path | None, overwrite: bool,
+             per_layer: bool, bench: bool, threads: int | None, junit: Path | None,
              quiet: bool) -> None:
     """Quantize MODEL to int8 QDQ, validate it against the float model, write a report.
 
@@ -158,7 +163,9 @@ def quantize(model: Path, recipe_path: Path | None, data_dir: Path | None, calib
     err = Console(stderr=True)
     with StageProgress(err, quiet) as progress:
         result = api.quantize(model, data_dir, recipe_path, output_dir, validation_data=validation_data,
-                              labels=labels, calibration=calibration, overwrite=overwrite, progress=progress)
+                              labels=labels, calibration=calibration, overwrite=overwrite, per_layer=per_layer,
+                              bench=bench, threads=threads, junit=junit,
+                              step_summary=os.environ.get("GITHUB_STEP_SUMMARY") or None, progress=progress)
     if not quiet:
         _print_summary(Console(), result.report, output_dir)
     for gate in result.gates:

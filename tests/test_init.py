@@ -1,0 +1,114 @@
+"""`qtool init`: a starter recipe that loads, runs, and says what the user must check."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import ROOT, SAMPLE, shared_model
+from qtool import api
+from qtool.cli import main
+from qtool.recipe import load_recipe, recipe_json_schema
+
+
+def init(*args: str):
+    return CliRunner().invoke(main, ["init", *args])
+
+
+def test_array_data_recipe_loads_and_quantize_runs_it_unchanged(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    result = init(str(SAMPLE / "model.onnx"), "--data", str(SAMPLE / "calib"),
+                  "--validation-data", str(SAMPLE / "eval"), "--output", str(recipe))
+    assert result.exit_code == 0, result.output
+    text = recipe.read_text()
+    assert text.splitlines()[0] == "# yaml-language-server: $schema=qtool-recipe.schema.json"
+    assert json.loads((tmp_path / "qtool-recipe.schema.json").read_text()) == recipe_json_schema()
+    assert "#   image: float32 [N, 1, 16, 16]" in text  # inputs detected from the model
+    loaded = load_recipe(recipe)
+    assert loaded.data.images is None
+    assert loaded.validation.gates == {"min_cosine": 0.99, "max_accuracy_drop": 0.01}  # eval has labels.txt
+    assert loaded.validation.data and (recipe.parent / loaded.validation.data).resolve() == (SAMPLE / "eval")
+    outcome = api.quantize(SAMPLE / "model.onnx", SAMPLE / "calib", recipe, tmp_path / "out")
+    assert outcome.passed and (tmp_path / "out" / "report.json").is_file()
+
+
+def test_refuses_to_overwrite(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("mine\n")
+    result = init(str(SAMPLE / "model.onnx"), "--output", str(recipe))
+    assert result.exit_code == 2 and "pass --overwrite" in result.output
+    assert recipe.read_text() == "mine\n"
+    assert init(str(SAMPLE / "model.onnx"), "--output", str(recipe), "--overwrite").exit_code == 0
+    assert load_recipe(recipe).version == 1
+
+
+def test_foreign_schema_file_is_not_replaced_and_schema_url_is_used(tmp_path):
+    (tmp_path / "qtool-recipe.schema.json").write_text("{}")
+    result = init(str(SAMPLE / "model.onnx"), "--output", str(tmp_path / "r.yaml"))
+    assert result.exit_code == 2 and "not a qtool recipe schema" in result.output
+    url = "https://example.org/qtool-recipe.schema.json"
+    assert init(str(SAMPLE / "model.onnx"), "--output", str(tmp_path / "r.yaml"), "--schema", url).exit_code == 0
+    assert (tmp_path / "r.yaml").read_text().startswith(f"# yaml-language-server: $schema={url}\n")
+    assert (tmp_path / "qtool-recipe.schema.json").read_text() == "{}"
+
+
+def test_image_defaults_are_marked_check(tmp_path):
+    data = tmp_path / "imgs"
+    data.mkdir()
+    Image.fromarray(np.zeros((100, 150, 3), np.uint8)).save(data / "a.png")
+    from conftest import make_model
+    from onnx import TensorProto, helper, save
+
+    model = make_model([helper.make_node("Relu", ["x"], ["y"], name="relu")],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, "H", "W"])])
+    save(model, str(tmp_path / "m.onnx"))
+    result = init(str(tmp_path / "m.onnx"), "--data", str(data), "--output", str(tmp_path / "r.yaml"))
+    assert result.exit_code == 0 and "CHECK" in result.output
+    images = load_recipe(tmp_path / "r.yaml").data.images
+    assert images.size == (96, 160)  # 100x150 rounded to multiples of 32
+    assert (images.channels, images.scale, images.mean, images.std) == ("RGB", 255, [0.0], [1.0])
+    text = (tmp_path / "r.yaml").read_text()
+    assert text.count("# CHECK:") == 3  # size, channel order, mean/std
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mean", "0.1,0.2"], "expected 1 or 3 values"),
+    (["--size", "320"], "expected HxW"),
+    (["--data", "/no/such/folder"], "no such data folder"),
+])
+def test_bad_options_exit_2(tmp_path, args, message):
+    result = init(str(SAMPLE / "model.onnx"), "--output", str(tmp_path / "r.yaml"), *args)
+    assert result.exit_code == 2 and message in result.output
+    assert not (tmp_path / "r.yaml").exists()
+
+
+def test_ppocr_det_recipe_matches_manifest_and_quantize_runs_it(tmp_path):
+    """Issue 8's bar: init on ppocr_det with the authors' preprocessing → MANIFEST.md's, and it runs."""
+    folder = shared_model("ppocr_det")
+    recipe = tmp_path / "recipe.yaml"
+    result = init(str(folder / "model.onnx"), "--data", str(folder / "calib"), "--channels", "BGR",
+                  "--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225", "--size", "320x320",
+                  "--output", str(recipe))
+    assert result.exit_code == 0, result.output
+    assert "CHECK" not in result.output
+    images = load_recipe(recipe).data.images
+    # MANIFEST.md: BGR, x/255, mean [0.485, 0.456, 0.406], std [0.229, 0.224, 0.225], NCHW, 320x320.
+    assert (images.channels, images.scale, images.layout, images.size, images.resize, images.crop) == \
+        ("BGR", 255, "NCHW", (320, 320), None, "none")
+    assert (images.mean, images.std) == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    assert images == load_recipe(ROOT / "configs" / "ppocr_det.yaml").data.images
+    # The recipe as written runs (on two of the images, to keep the test short).
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for path in sorted((folder / "calib").glob("*.jpg"))[:2]:
+        shutil.copy(path, calib)
+    outcome = api.quantize(folder / "model.onnx", calib, recipe, tmp_path / "out")
+    assert (tmp_path / "out" / "model.onnx").is_file()
+    assert outcome.report["gates"][0]["name"] == "min_cosine"
+
