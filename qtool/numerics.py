@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 from onnx import TensorProto
 
@@ -21,16 +22,29 @@ class QType:
     qmin: int
     qmax: int
 
+    # Lowest default-domain opset whose QuantizeLinear/DequantizeLinear take the type.
+    min_opset: int = 13
+
     @property
     def signed(self) -> bool:
         return self.qmin < 0
 
+    @property
+    def bits(self) -> int:
+        return int(self.qmax - self.qmin).bit_length()
 
+
+# int4/uint4 are stored as ml_dtypes arrays, which onnx.numpy_helper packs two to a byte.
 QTYPES = {
     "uint8": QType("uint8", np.uint8, TensorProto.UINT8, 0, 255),
     "int8": QType("int8", np.int8, TensorProto.INT8, -128, 127),
+    "uint16": QType("uint16", np.uint16, TensorProto.UINT16, 0, 65535, min_opset=21),
+    "int16": QType("int16", np.int16, TensorProto.INT16, -32768, 32767, min_opset=21),
+    "uint4": QType("uint4", ml_dtypes.uint4, TensorProto.UINT4, 0, 15, min_opset=21),
+    "int4": QType("int4", ml_dtypes.int4, TensorProto.INT4, -8, 7, min_opset=21),
     "int32": QType("int32", np.int32, TensorProto.INT32, -(2**31), 2**31 - 1),
 }
+BLOCKED_MIN_OPSET = 21  # DequantizeLinear gains `block_size`
 
 
 def quant_bounds(qtype: QType, symmetric: bool, reduce_range: bool = False) -> tuple[int, int]:
@@ -87,13 +101,16 @@ def is_sane_scale(scale: np.ndarray) -> bool:
     return bool(np.all(np.isfinite(scale)) and np.all(scale > 1e-30) and np.all(scale < 1e10))
 
 
-def _broadcast(param: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
+def _broadcast(param: np.ndarray, shape: tuple, axis: int | None, block_size: int | None = None) -> np.ndarray:
+    """Per-tensor, per-axis (1-D) or blocked (same rank as the tensor) parameters, made broadcastable."""
     param = np.asarray(param)
     if axis is None or param.ndim == 0:
         return param
-    shape = [1] * ndim
-    shape[axis] = param.size
-    return param.reshape(shape)
+    if block_size:
+        return np.repeat(param, block_size, axis=axis).take(range(shape[axis]), axis=axis)
+    view = [1] * len(shape)
+    view[axis] = param.size
+    return param.reshape(view)
 
 
 def quantize(
@@ -102,18 +119,26 @@ def quantize(
     zero_point: np.ndarray,
     qtype: QType,
     axis: int | None = None,
+    block_size: int | None = None,
 ) -> np.ndarray:
-    """ONNX QuantizeLinear: round half to even, add zero point, saturate."""
-    s = _broadcast(scale, x.ndim, axis).astype(np.float32)
-    zp = _broadcast(zero_point, x.ndim, axis).astype(np.float64)
+    """ONNX QuantizeLinear: round half to even, add zero point, saturate.
+
+    With `block_size`, `scale` and `zero_point` have the tensor's rank and
+    ceil(n / block_size) entries along `axis` (opset-21 blocked quantization).
+    """
+    s = _broadcast(scale, x.shape, axis, block_size).astype(np.float32)
+    zp = _broadcast(zero_point, x.shape, axis, block_size).astype(np.float64)
     q = np.rint(x.astype(np.float32) / s).astype(np.float64) + zp
     return np.clip(q, qtype.qmin, qtype.qmax).astype(qtype.numpy)
 
 
-def dequantize(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int | None = None) -> np.ndarray:
+def dequantize(
+    q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int | None = None,
+    block_size: int | None = None,
+) -> np.ndarray:
     """ONNX DequantizeLinear: (q - zero_point) * scale, in float32."""
-    s = _broadcast(scale, q.ndim, axis).astype(np.float32)
-    zp = _broadcast(zero_point, q.ndim, axis).astype(np.int64)
+    s = _broadcast(scale, q.shape, axis, block_size).astype(np.float32)
+    zp = _broadcast(zero_point, q.shape, axis, block_size).astype(np.int64)
     return ((q.astype(np.int64) - zp).astype(np.float32) * s).astype(np.float32)
 
 
@@ -123,3 +148,17 @@ def channel_ranges(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndar
         return np.asarray(w.min(), np.float64), np.asarray(w.max(), np.float64)
     moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
     return moved.min(axis=1).astype(np.float64), moved.max(axis=1).astype(np.float64)
+
+
+def block_ranges(w: np.ndarray, axis: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Min and max of each run of `block_size` elements along `axis` (the last run may be short).
+
+    The results keep the tensor's rank with ceil(n / block_size) entries along
+    `axis`: the layout of an opset-21 blocked scale.
+    """
+    n = w.shape[axis]
+    blocks = -(-n // block_size)
+    moved = np.moveaxis(w.astype(np.float64), axis, 0)
+    padded = np.concatenate([moved, np.repeat(moved[-1:], blocks * block_size - n, axis=0)])
+    grouped = padded.reshape((blocks, block_size) + moved.shape[1:])
+    return np.moveaxis(grouped.min(axis=1), 0, axis), np.moveaxis(grouped.max(axis=1), 0, axis)

@@ -8,15 +8,18 @@ plain data that the report shows and `qdq.apply_plan` carries out.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from onnx import ModelProto, TensorProto, numpy_helper
 
 from qtool.calibrate import CalibrationTable
-from qtool.model import DEFAULT_DOMAINS, GraphIndex
-from qtool.numerics import QTYPES, channel_ranges, is_sane_scale, scale_zero_point
-from qtool.recipe import Recipe
+from qtool.errors import ModelError
+from qtool.model import DEFAULT_DOMAINS, GraphIndex, opset_version
+from qtool.numerics import (
+    BLOCKED_MIN_OPSET, QTYPES, block_ranges, channel_ranges, is_sane_scale, quantize, scale_zero_point,
+)
+from qtool.recipe import ActivationSpec, MatchSpec, OverrideSpec, QuantizationSpec, Recipe, WeightSpec
 from qtool.rules import FLOAT_OUTPUT_KERNELS, RULES, OpRule, activation_inputs
 
 
@@ -40,6 +43,24 @@ class ConstantQuant:
     scale: np.ndarray
     zero_point: np.ndarray
     role: str  # "weight" or "constant" (an initializer operand of Add, Mul, ...)
+    block_size: int | None = None  # per_block: scale has the weight's rank, blocked along `axis`
+    reduce_range: bool = False
+    symmetric: bool = True
+
+
+@dataclass(frozen=True)
+class NBitsQuant:
+    """A MatMul with a constant [K, N] weight, rewritten as com.microsoft MatMulNBits."""
+
+    node: str
+    weight: str
+    bits: int
+    block_size: int
+    k: int
+    n: int
+    scale: np.ndarray  # [N, blocks] float32
+    zero_point: np.ndarray | None  # [N, blocks] uint8 in [0, 2**bits); None: symmetric (2**(bits-1))
+    quantized: np.ndarray  # [N, blocks * block_size] uint8 in [0, 2**bits), K padded with zero points
 
 
 @dataclass(frozen=True)
@@ -59,12 +80,17 @@ class NodeDecision:
     activation_inputs: tuple[int, ...] = ()
     weight_input: int | None = None
     bias_input: int | None = None
+    activations: ActivationSpec | None = None  # resolved settings (defaults + overrides)
+    weights: WeightSpec | None = None
+    weight_only: str | None = None  # "matmulnbits" or "qdq" when quantization.weight_only took the node
+    tensors: tuple[tuple[str, str], ...] = ()  # (tensor, what it got), filled by build_plan
 
 
 @dataclass(frozen=True)
 class Selection:
     nodes: list[NodeDecision]
     activations: dict[str, ActivationQuant]
+    notes: list[str] = field(default_factory=list)
 
     @property
     def calibration_tensors(self) -> list[str]:
@@ -79,6 +105,8 @@ class QuantPlan:
     biases: dict[tuple[str, str], BiasQuant]
     reduce_range: bool
     notes: list[str] = field(default_factory=list)
+    nbits: dict[str, NBitsQuant] = field(default_factory=dict)  # by node name
+    qdq_domain_16bit: str = ""  # "com.microsoft" where the model's opset predates 16-bit Q/DQ
 
 
 def _tensor_types(model: ModelProto) -> dict[str, int]:
@@ -90,21 +118,129 @@ def _tensor_types(model: ModelProto) -> dict[str, int]:
     return types
 
 
+# --- recipe precedence: exclude > name/tensor override > op-type override > defaults ---------
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    activations: ActivationSpec
+    weights: WeightSpec
+    float_by: str | None  # the override that keeps the node float, if any
+    sources: dict[str, str]  # "weights.dtype" -> the override that set it (absent: defaults)
+
+
+def _describe_match(index: int, override: OverrideSpec) -> str:
+    keys = ", ".join(f"{k} {v!r}" for k, v in override.match.model_dump(exclude_none=True).items())
+    return f"overrides[{index}] ({keys})"
+
+
+def _matches(match: MatchSpec, node) -> bool:
+    if match.op_type is not None and node.op_type != match.op_type:
+        return False
+    if match.name is not None and not re.fullmatch(match.name, node.name):
+        return False
+    if match.tensor is not None and not any(
+        name and re.fullmatch(match.tensor, name) for name in list(node.input) + list(node.output)
+    ):
+        return False
+    return True
+
+
+def resolve_settings(node, quant: QuantizationSpec) -> NodeSettings:
+    """The one place recipe precedence is applied, key by key.
+
+    Name and tensor matches outrank op-type matches; within a rank the earlier
+    override wins; keys no override sets come from the defaults.
+    """
+    matching = [(i, o) for i, o in enumerate(quant.overrides) if _matches(o.match, node)]
+    ranked = [m for m in matching if m[1].match.names_nodes] + [m for m in matching if not m[1].match.names_nodes]
+    values: dict[str, dict] = {"activations": {}, "weights": {}}
+    sources: dict[str, str] = {}
+    float_by = None
+    float_decided = False
+    for i, override in ranked:
+        if override.float is not None and not float_decided:
+            float_decided = True
+            float_by = _describe_match(i, override) if override.float else None
+        for section in ("activations", "weights"):
+            patch = getattr(override, section)
+            if patch is None:
+                continue
+            for key, value in patch.model_dump(exclude_none=True).items():
+                if key not in values[section]:
+                    values[section][key] = value
+                    sources[f"{section}.{key}"] = _describe_match(i, override)
+    return NodeSettings(
+        quant.activations.model_copy(update=values["activations"]),
+        quant.weights.model_copy(update=values["weights"]),
+        float_by, sources,
+    )
+
+
+def _settings_reason(settings: NodeSettings) -> str:
+    by_source: dict[str, list[str]] = {}
+    for key, source in settings.sources.items():
+        by_source.setdefault(source, []).append(key)
+    return "".join(f"; {', '.join(keys)}: {source}" for source, keys in by_source.items())
+
+
 def _float_decision(node, reason: str) -> NodeDecision:
     return NodeDecision(node.name, node.op_type, False, reason)
 
 
+def _has_subgraph(node) -> bool:
+    return any(attr.HasField("g") or attr.graphs for attr in node.attribute)
+
+
+def subgraph_reads(node) -> set[str]:
+    """Outer-scope names the node's bodies (If/Loop/Scan) read, at any depth."""
+    reads: set[str] = set()
+    for attr in node.attribute:
+        for body in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+            defined = {v.name for v in body.input} | {t.name for t in body.initializer}
+            defined |= {out for inner in body.node for out in inner.output}
+            used = {name for inner in body.node for name in inner.input if name}
+            for inner in body.node:
+                used |= subgraph_reads(inner)
+            reads |= used - defined
+    return reads
+
+
+def _weight_only_decision(node, recipe: Recipe, index: GraphIndex, types: dict) -> NodeDecision | None:
+    spec = recipe.quantization.weight_only
+    if spec is None or node.op_type not in spec.op_types or len(node.input) < 2:
+        return None
+    weight = node.input[1]
+    if weight not in index.initializers or types.get(weight) != TensorProto.FLOAT:
+        return None
+    if len(index.initializers[weight].dims) != 2:
+        return None
+    return NodeDecision(node.name, node.op_type, True, f"weight_only {spec.format} (quantization.weight_only)",
+                        (), 1, None, weight_only=spec.format)
+
+
 def _decide(node, rule: OpRule | None, recipe: Recipe, index: GraphIndex, types: dict) -> NodeDecision:
-    exclude = recipe.quantization.exclude
-    if node.domain not in DEFAULT_DOMAINS or rule is None:
-        return _float_decision(node, "op type not in the rule table")
+    quant = recipe.quantization
+    exclude = quant.exclude
     if node.op_type in exclude.op_types:
         return _float_decision(node, "excluded: quantization.exclude.op_types")
     for pattern in exclude.nodes:
         if re.fullmatch(pattern, node.name):
             return _float_decision(node, f"excluded: quantization.exclude.nodes {pattern!r}")
-    if any(attr.HasField("g") or attr.graphs for attr in node.attribute):
-        return _float_decision(node, "has a subgraph")
+    if node.domain not in DEFAULT_DOMAINS:
+        return _float_decision(node, "op type not in the rule table")
+    if _has_subgraph(node):
+        return _float_decision(node, "has a subgraph (its bodies stay float)")
+    settings = resolve_settings(node, quant)
+    if settings.float_by:
+        return _float_decision(node, f"float: {settings.float_by}")
+    weight_only = _weight_only_decision(node, recipe, index, types)
+    if weight_only is not None:
+        return weight_only
+    if rule is None:
+        return _float_decision(node, "op type not in the rule table")
+    if not quant.static:
+        return _float_decision(node, "quantization.static is false")
     is_float = lambda name: types.get(name) == TensorProto.FLOAT  # noqa: E731
     weight = None
     if rule.weight is not None and len(node.input) > rule.weight:
@@ -116,26 +252,43 @@ def _decide(node, rule: OpRule | None, recipe: Recipe, index: GraphIndex, types:
         inputs.add(rule.weight)  # a dynamic "weight" (MatMul of two activations)
     inputs = tuple(sorted(i for i in inputs if node.input[i] and is_float(node.input[i]) and i != weight))
     bias = None
-    if (rule.bias is not None and weight is not None and len(node.input) > rule.bias
+    wide = settings.weights.granularity == "per_block" or QTYPES[settings.weights.dtype].bits > 8 \
+        or QTYPES[settings.activations.dtype].bits > 8  # no integer kernel: keep the bias float
+    if (rule.bias is not None and weight is not None and len(node.input) > rule.bias and not wide
             and node.input[rule.bias] in index.initializers and 0 in inputs):
         bias = rule.bias
     if not inputs and weight is None and not rule.fuses_into_producer:
         return _float_decision(node, "no float inputs to quantize")
     if rule.fuses_into_producer and not is_float(node.output[0]):
         return _float_decision(node, "no float inputs to quantize")
-    return NodeDecision(node.name, node.op_type, True, f"rule {node.op_type}", inputs, weight, bias)
+    return NodeDecision(node.name, node.op_type, True, f"rule {node.op_type}{_settings_reason(settings)}",
+                        inputs, weight, bias, settings.activations, settings.weights)
 
 
 def select_tensors(model: ModelProto, recipe: Recipe) -> Selection:
-    """Per-node decisions and the activation tensors that need a calibrated range."""
+    """Per-node decisions and the activation tensors that need a calibrated range.
+
+    An activation read by several nodes takes the settings of its first
+    quantized reader (else of its producer); a data-movement output takes its
+    source's, so ONNX Runtime can keep the data integer through it.
+    """
     graph = model.graph
     index = GraphIndex(graph)
     types = _tensor_types(model)
-    spec = recipe.quantization.activations
     decisions = [_decide(node, RULES.get(node.op_type), recipe, index, types) for node in graph.node]
     by_output = {node.output[0]: (node, d) for node, d in zip(graph.node, decisions) if node.output}
     position = {id(node): i for i, node in enumerate(index.graph.node)}
-    activations: dict[str, ActivationQuant] = {}
+    implicit: dict[str, list[str]] = {}  # outer tensor -> nodes whose subgraphs read it
+    notes: list[str] = []
+    for node in graph.node:
+        if _has_subgraph(node):
+            reads = sorted(subgraph_reads(node))
+            for name in reads:
+                implicit.setdefault(name, []).append(node.name)
+            shown = ", ".join(reads[:5]) + (", ..." if len(reads) > 5 else "")
+            notes.append(f"{node.name} ({node.op_type}): subgraph left float; the outer tensors it reads "
+                         f"({shown or 'none'}) reach it with their float values")
+    wanted: dict[str, ActivationSpec] = {}
 
     def range_source(tensor: str) -> str:
         """Outputs of quantized data-movement ops take the range of their input."""
@@ -145,17 +298,14 @@ def select_tensors(model: ModelProto, recipe: Recipe) -> Selection:
             return range_source(node.input[0])
         return tensor
 
-    def add(tensor: str) -> None:
-        activations.setdefault(tensor, ActivationQuant(tensor, spec.dtype, spec.symmetric, range_source(tensor)))
-
     for node, decision in zip(graph.node, decisions):
-        if not decision.quantized:
-            continue
-        for i in decision.activation_inputs:
-            if node.input[i] not in index.initializers:
-                add(node.input[i])
+        if decision.quantized:
+            for i in decision.activation_inputs:
+                if node.input[i] not in index.initializers:
+                    wanted.setdefault(node.input[i], decision.activations)
     for node, decision in zip(graph.node, decisions):
-        if not decision.quantized or not node.output or types.get(node.output[0]) != TensorProto.FLOAT:
+        if not decision.quantized or decision.weight_only or not node.output \
+                or types.get(node.output[0]) != TensorProto.FLOAT:
             continue
         out = node.output[0]
         consumers = index.consumers.get(out, [])
@@ -167,13 +317,43 @@ def select_tensors(model: ModelProto, recipe: Recipe) -> Selection:
             decisions[position[id(c)]].quantized for c in consumers
         ):
             continue  # moving quantized data only helps if someone reads it quantized
-        fused = consumers and out not in index.graph_outputs and all(
+        # A reader inside a subgraph is a float reader: the producer's output is never fused away.
+        fused = consumers and out not in index.graph_outputs and out not in implicit and all(
             by_output[c.output[0]][1].quantized and RULES[c.op_type].fuses_into_producer
             for c in consumers if c.output and c.output[0] in by_output
         ) and all(c.output and c.output[0] in by_output for c in consumers)
         if not fused:
-            add(out)
-    return Selection(decisions, activations)
+            wanted.setdefault(out, decision.activations)
+    activations: dict[str, ActivationQuant] = {}
+    for tensor, spec in wanted.items():
+        source = range_source(tensor)
+        spec = wanted.get(source, spec)
+        activations[tensor] = ActivationQuant(tensor, spec.dtype, spec.symmetric, source)
+    return Selection(decisions, activations, notes)
+
+
+def required_opset(recipe: Recipe) -> tuple[int, str] | None:
+    """The default-domain opset the recipe's types need, and why (None: 13 will do)."""
+    quant = recipe.quantization
+    dtypes = {quant.activations.dtype, quant.weights.dtype}
+    blocked = quant.weights.granularity == "per_block"
+    for override in quant.overrides:
+        for patch in (override.activations, override.weights):
+            if patch is not None and patch.dtype:
+                dtypes.add(patch.dtype)
+        if override.weights is not None and override.weights.granularity == "per_block":
+            blocked = True
+    if not quant.static:
+        dtypes, blocked = set(), False
+    needs = sorted(d for d in dtypes if QTYPES[d].min_opset > 13)
+    if quant.weight_only is not None and quant.weight_only.format == "qdq":
+        needs.append(f"int{quant.weight_only.bits}")
+        blocked = True
+    if not needs and not blocked:
+        return None
+    why = ", ".join(dict.fromkeys(needs)) + (" types" if needs else "")
+    why += (" and " if needs and blocked else "") + ("blocked Q/DQ" if blocked else "")
+    return BLOCKED_MIN_OPSET, f"{why} need opset {BLOCKED_MIN_OPSET}"
 
 
 def weights_reduce_range(recipe: Recipe, saturating_host: bool) -> bool:
@@ -181,11 +361,90 @@ def weights_reduce_range(recipe: Recipe, saturating_host: bool) -> bool:
     return saturating_host if setting == "auto" else bool(setting)
 
 
-def _weight_axis(node, rule: OpRule, weight: np.ndarray) -> int:
+def _gemm_trans_b(node) -> bool:
+    return bool(next((a.i for a in node.attribute if a.name == "transB"), 0))
+
+
+def _weight_axes(node, rule: OpRule, weight: np.ndarray) -> tuple[int, int]:
+    """(output-channel axis, reduction axis) of a weight; Gemm's depend on transB."""
     if rule.weight_axis == "gemm":
-        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-        return 0 if trans_b else 1
-    return int(rule.weight_axis) % weight.ndim
+        return (0, 1) if _gemm_trans_b(node) else (1, 0)
+    return int(rule.weight_axis) % weight.ndim, int(rule.reduction_axis) % weight.ndim
+
+
+def _weight_quant(node, rule: OpRule, name: str, array: np.ndarray, spec: WeightSpec,
+                  reduce_range: bool) -> ConstantQuant:
+    channel_axis, reduction_axis = _weight_axes(node, rule, array)
+    block_size = None
+    if spec.granularity == "per_block":
+        axis, block_size = reduction_axis, spec.block_size
+        lo, hi = block_ranges(array, axis, block_size)
+    else:
+        axis = channel_axis if spec.granularity == "per_channel" else None
+        lo, hi = channel_ranges(array, axis)
+    scale, zero_point = scale_zero_point(lo, hi, QTYPES[spec.dtype], spec.symmetric, reduce_range)
+    return ConstantQuant(name, spec.dtype, axis, scale, zero_point, "weight", block_size, reduce_range,
+                         spec.symmetric)
+
+
+def nbits_quant(node, weight: str, array: np.ndarray, bits: int, block_size: int, symmetric: bool) -> NBitsQuant:
+    """Block-wise unsigned `bits`-bit codes of a [K, N] weight, laid out as MatMulNBits wants ([N, K])."""
+    k, n = array.shape
+    blocks = -(-k // block_size)
+    qtype = QTYPES["int4" if symmetric else "uint4"]
+    lo, hi = block_ranges(array, 0, block_size)  # [blocks, N]
+    scale, zero_point = scale_zero_point(lo, hi, qtype, symmetric)
+    codes = quantize(array, scale, zero_point, qtype, axis=0, block_size=block_size).astype(np.int64)
+    offset = 2 ** (bits - 1) if symmetric else 0
+    zp = np.asarray(zero_point, np.int64) + offset  # [blocks, N], unsigned
+    codes = codes + offset
+    padded = np.concatenate([codes, np.repeat(zp[-1:], blocks * block_size - k, axis=0)])  # pad = value 0
+    return NBitsQuant(
+        node.name, weight, bits, block_size, k, n,
+        np.ascontiguousarray(scale.T.astype(np.float32)),
+        None if symmetric else np.ascontiguousarray(zp.T.astype(np.uint8)),
+        np.ascontiguousarray(padded.T.astype(np.uint8)),
+    )
+
+
+def _describe_activation(quant: ActivationQuant) -> str:
+    return f"{quant.qtype} {'symmetric' if quant.symmetric else 'asymmetric'} per_tensor"
+
+
+def _describe_constant(const: ConstantQuant) -> str:
+    if const.axis is None:
+        granularity = "per_tensor"
+    elif const.block_size:
+        granularity = f"per_block {const.block_size} (axis {const.axis})"
+    else:
+        granularity = f"per_channel (axis {const.axis})"
+    return (f"{const.qtype} {'symmetric' if const.symmetric else 'asymmetric'} {granularity}"
+            + (", 7-bit (reduce_range)" if const.reduce_range else ""))
+
+
+def _node_tensors(node, decision: NodeDecision, activations, constants, biases, nbits) -> tuple:
+    """What each input and output of a node got, for the report."""
+    got = []
+    for i, name in enumerate(node.input):
+        if not name:
+            continue
+        if decision.node in nbits and i == 1:
+            q = nbits[decision.node]
+            got.append((name, f"MatMulNBits {q.bits}-bit block {q.block_size}"
+                              f"{'' if q.zero_point is None else ' with zero points'}"))
+        elif name in activations:
+            got.append((name, _describe_activation(activations[name])))
+        elif decision.quantized and name in constants and (
+                i == decision.weight_input or i in decision.activation_inputs):
+            got.append((name, _describe_constant(constants[name])))
+        elif (decision.node, name) in biases:
+            got.append((name, "int32 bias (scale = input scale x weight scale)"))
+        else:
+            got.append((name, "float"))
+    for name in node.output:
+        if name:
+            got.append((name, _describe_activation(activations[name]) if name in activations else "float"))
+    return tuple(got)
 
 
 def build_plan(
@@ -193,10 +452,8 @@ def build_plan(
 ) -> QuantPlan:
     """Scales and zero points for every selected tensor; degenerate ones stay float."""
     index = GraphIndex(model.graph)
-    notes: list[str] = []
-    act_spec, w_spec = recipe.quantization.activations, recipe.quantization.weights
-    act_qtype = QTYPES[act_spec.dtype]
-    reduce_range = weights_reduce_range(recipe, saturating_host)
+    notes: list[str] = list(selection.notes)
+    host_reduce_range = weights_reduce_range(recipe, saturating_host)
 
     activations: dict[str, ActivationQuant] = {}
     for name, quant in selection.activations.items():
@@ -204,7 +461,7 @@ def build_plan(
         if measured is None:
             notes.append(f"{name}: no calibrated range, kept float")
             continue
-        scale, zero_point = scale_zero_point(measured.lo, measured.hi, act_qtype, act_spec.symmetric)
+        scale, zero_point = scale_zero_point(measured.lo, measured.hi, QTYPES[quant.qtype], quant.symmetric)
         if measured.lo == measured.hi or not is_sane_scale(scale):
             notes.append(f"{name}: degenerate range [{measured.lo:g}, {measured.hi:g}], kept float")
             continue
@@ -214,32 +471,68 @@ def build_plan(
 
     constants: dict[str, ConstantQuant] = {}
     biases: dict[tuple[str, str], BiasQuant] = {}
+    nbits: dict[str, NBitsQuant] = {}
+    weight_only = recipe.quantization.weight_only
     nodes = list(selection.nodes)
     for node, decision in zip(model.graph.node, nodes):
         if not decision.quantized:
             continue
+        if decision.weight_only:
+            name = node.input[1]
+            array = numpy_helper.to_array(index.initializers[name])
+            if decision.weight_only == "matmulnbits":
+                nbits[node.name] = nbits_quant(node, name, array, weight_only.bits, weight_only.block_size,
+                                               weight_only.symmetric)
+            elif name not in constants:
+                spec = WeightSpec(dtype="int4" if weight_only.symmetric else "uint4", symmetric=weight_only.symmetric,
+                                  granularity="per_block", block_size=weight_only.block_size)
+                constants[name] = _weight_quant(node, RULES["MatMul"], name, array, spec, False)
+            continue
         rule = RULES[node.op_type]
+        act_spec, w_spec = decision.activations, decision.weights
         if decision.weight_input is not None:
             name = node.input[decision.weight_input]
             array = numpy_helper.to_array(index.initializers[name])
-            axis = _weight_axis(node, rule, array) if w_spec.granularity == "per_channel" else None
+            # The saturating u8 x s8 kernels exist only for 8-bit weights read with 8-bit activations.
+            eight_bit = QTYPES[w_spec.dtype].bits == 8 and QTYPES[act_spec.dtype].bits == 8
             if name not in constants:
-                lo, hi = channel_ranges(array, axis)
-                scale, zero_point = scale_zero_point(lo, hi, QTYPES[w_spec.dtype], w_spec.symmetric, reduce_range)
-                constants[name] = ConstantQuant(name, w_spec.dtype, axis, scale, zero_point, "weight")
+                constants[name] = _weight_quant(node, rule, name, array, w_spec, host_reduce_range and eight_bit)
         for i in decision.activation_inputs:
             name = node.input[i]
             if name in index.initializers and name not in constants:
                 array = numpy_helper.to_array(index.initializers[name])
                 lo, hi = channel_ranges(array, None)
-                scale, zero_point = scale_zero_point(lo, hi, act_qtype, act_spec.symmetric)
-                constants[name] = ConstantQuant(name, act_spec.dtype, None, scale, zero_point, "constant")
+                qtype = QTYPES[act_spec.dtype]
+                scale, zero_point = scale_zero_point(lo, hi, qtype, act_spec.symmetric)
+                constants[name] = ConstantQuant(name, act_spec.dtype, None, scale, zero_point, "constant",
+                                                symmetric=act_spec.symmetric)
         if decision.bias_input is not None:
             bias = node.input[decision.bias_input]
             weight = node.input[decision.weight_input]
             bias_shape = tuple(index.initializers[bias].dims)
             channels = constants[weight].scale.size
             # Every rule's weight axis is its output-channel axis, which the bias follows.
-            if node.input[0] in activations and len(bias_shape) == 1 and channels in (1, bias_shape[0]):
+            if node.input[0] in activations and len(bias_shape) == 1 and channels in (1, bias_shape[0]) \
+                    and constants[weight].block_size is None:
                 biases[(node.name, bias)] = BiasQuant(bias, node.name, node.input[0], weight)
-    return QuantPlan(nodes, activations, constants, biases, reduce_range, notes)
+    nodes = [replace(d, tensors=_node_tensors(node, d, activations, constants, biases, nbits))
+             for node, d in zip(model.graph.node, nodes)]
+    qdq_domain = _check_opset(model, activations, constants, notes)
+    return QuantPlan(nodes, activations, constants, biases, host_reduce_range, notes, nbits, qdq_domain)
+
+
+def _check_opset(model: ModelProto, activations: dict, constants: dict, notes: list[str]) -> str:
+    """16-bit Q/DQ below opset 21 falls back to com.microsoft ops; 4-bit and blocked cannot."""
+    opset = opset_version(model)
+    if opset >= BLOCKED_MIN_OPSET:
+        return ""
+    late = {c.qtype for c in constants.values() if QTYPES[c.qtype].min_opset > opset or c.block_size}
+    if any(c.block_size for c in constants.values()) or late & {"int4", "uint4"}:
+        raise ModelError(f"opset {opset}: 4-bit and blocked Q/DQ need opset {BLOCKED_MIN_OPSET}, "
+                         "and the model could not be upgraded")
+    late |= {a.qtype for a in activations.values() if QTYPES[a.qtype].min_opset > opset}
+    if late:
+        notes.append(f"opset {opset}: {', '.join(sorted(late))} Q/DQ written as com.microsoft "
+                     "QuantizeLinear/DequantizeLinear (ONNX Runtime contrib ops)")
+        return "com.microsoft"
+    return ""

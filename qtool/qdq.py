@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import ModelProto, helper, numpy_helper
+from onnx import ModelProto, helper, numpy_helper, version_converter
 
-from qtool.model import GraphIndex
+from qtool.model import GraphIndex, opset_version
 from qtool.numerics import QTYPES, quantize
-from qtool.plan import QuantPlan
+from qtool.plan import NBitsQuant, QuantPlan
 from qtool.prepare import remove_unused_initializers
+
+MS_DOMAIN = "com.microsoft"
 
 
 class PlanViolation(RuntimeError):
@@ -37,20 +39,28 @@ def apply_plan(model: ModelProto, plan: QuantPlan) -> ModelProto:
         graph.initializer.append(numpy_helper.from_array(array, unique))
         return unique
 
-    def dq_node(source: str, scale: str, zero_point: str | None, output: str, axis: int | None) -> onnx.NodeProto:
+    def domain(qtype: str) -> str:
+        return plan.qdq_domain_16bit if QTYPES[qtype].bits == 16 else ""
+
+    def dq_node(source: str, scale: str, zero_point: str | None, output: str, axis: int | None,
+                block_size: int | None = None, qtype: str = "int32") -> onnx.NodeProto:
         kwargs = {"axis": axis} if axis is not None else {}
+        if block_size:
+            kwargs["block_size"] = block_size
         inputs = [source, scale] + ([zero_point] if zero_point else [])
-        return helper.make_node("DequantizeLinear", inputs, [output],
+        return helper.make_node("DequantizeLinear", inputs, [output], domain=domain(qtype),
                                 name=index.unique_name(f"{output}_DequantizeLinear"), **kwargs)
 
     for name, const in plan.constants.items():
         array = numpy_helper.to_array(index.initializers[name])
-        q = quantize(array, const.scale, const.zero_point, QTYPES[const.qtype], const.axis)
+        qtype = QTYPES[const.qtype]
+        q = quantize(array, const.scale, const.zero_point, qtype, const.axis, const.block_size)
         q_name = add_initializer(f"{name}_quantized", q)
-        scale = add_initializer(f"{name}_scale", _param(const.scale, np.float32))
-        zero_point = add_initializer(f"{name}_zero_point", _param(const.zero_point, QTYPES[const.qtype].numpy))
+        blocked = const.block_size is not None
+        scale = add_initializer(f"{name}_scale", _param(const.scale, np.float32, blocked))
+        zero_point = add_initializer(f"{name}_zero_point", _param(const.zero_point, qtype.numpy, blocked))
         dequantized[name] = index.unique_name(f"{name}_dequantized")
-        head.append(dq_node(q_name, scale, zero_point, dequantized[name], const.axis))
+        head.append(dq_node(q_name, scale, zero_point, dequantized[name], const.axis, const.block_size, const.qtype))
 
     bias_outputs: dict[tuple[str, str], str] = {}
     for key, bias in plan.biases.items():
@@ -86,9 +96,9 @@ def apply_plan(model: ModelProto, plan: QuantPlan) -> ModelProto:
             dequantized[name] = index.unique_name(f"{name}_dequantized")
         q_out = index.unique_name(f"{name}_quantized")
         pair = [
-            helper.make_node("QuantizeLinear", [source, scale, zero_point], [q_out],
+            helper.make_node("QuantizeLinear", [source, scale, zero_point], [q_out], domain=domain(act.qtype),
                              name=index.unique_name(f"{name}_QuantizeLinear")),
-            dq_node(q_out, scale, zero_point, dequantized[name], None),
+            dq_node(q_out, scale, zero_point, dequantized[name], None, qtype=act.qtype),
         ]
         if name in position:
             after.setdefault(position[name], []).extend(pair)
@@ -102,6 +112,9 @@ def apply_plan(model: ModelProto, plan: QuantPlan) -> ModelProto:
             if name in plan.activations:
                 node.input[i] = dequantized[name]
         if not decision.quantized:
+            continue
+        if node.name in plan.nbits:
+            _to_matmul_nbits(node, plan.nbits[node.name], add_initializer)
             continue
         reads = list(decision.activation_inputs)
         if decision.weight_input is not None:
@@ -122,14 +135,63 @@ def apply_plan(model: ModelProto, plan: QuantPlan) -> ModelProto:
     del graph.node[:]
     graph.node.extend(ordered)
     graph.ClearField("value_info")  # inferred shapes of the float graph; stale after renames
+    if any(node.domain == MS_DOMAIN for node in graph.node) and \
+            not any(entry.domain == MS_DOMAIN for entry in quantized.opset_import):
+        quantized.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     remove_unused_initializers(quantized)
     check_postconditions(quantized, plan)
     return quantized
 
 
-def _param(values: np.ndarray, dtype) -> np.ndarray:
+def _param(values: np.ndarray, dtype, blocked: bool = False) -> np.ndarray:
+    """Scalar, 1-D per-axis, or (blocked) the weight's rank, as DequantizeLinear wants."""
     values = np.asarray(values, dtype=dtype)
+    if blocked:
+        return values
     return values.reshape(()) if values.size == 1 else values.reshape(-1)
+
+
+def _to_matmul_nbits(node: onnx.NodeProto, quant: NBitsQuant, add_initializer) -> None:
+    """Rewrite MatMul(A, W) in place as com.microsoft MatMulNBits(A, B, scales[, zero_points]).
+
+    B is [N, blocks, block_size * bits / 8] uint8, two 4-bit codes a byte, the
+    first in the low nibble; zero points are packed the same way per column.
+    """
+    n, blocks = quant.scale.shape
+    codes = quant.quantized.reshape(n, blocks, quant.block_size)
+    packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+    inputs = [node.input[0], add_initializer(f"{quant.weight}_nbits", packed),
+              add_initializer(f"{quant.weight}_nbits_scale", quant.scale.reshape(-1))]
+    if quant.zero_point is not None:
+        zp = quant.zero_point
+        if blocks % 2:
+            zp = np.concatenate([zp, np.zeros((n, 1), np.uint8)], axis=1)
+        inputs.append(add_initializer(f"{quant.weight}_nbits_zero_point",
+                                      (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8).reshape(-1)))
+    output = list(node.output)
+    name = node.name
+    node.Clear()
+    node.CopyFrom(helper.make_node("MatMulNBits", inputs, output, name=name, domain=MS_DOMAIN,
+                                   K=quant.k, N=quant.n, bits=quant.bits, block_size=quant.block_size))
+
+
+def ensure_opset(model: ModelProto, need: tuple[int, str] | None) -> tuple[ModelProto, str | None]:
+    """Upgrade the model to the opset the recipe's types need; say what was done.
+
+    A failed upgrade is not an error here: `build_plan` then writes 16-bit Q/DQ
+    as com.microsoft ops, and refuses 4-bit or blocked ones.
+    """
+    current = opset_version(model)
+    if need is None or current >= need[0]:
+        return model, None
+    target, reason = need
+    try:
+        upgraded = version_converter.convert_version(model, target)
+        onnx.checker.check_model(upgraded)
+    except Exception as exc:  # the converter raises bare RuntimeErrors per op
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return model, f"opset {current} kept: upgrade to {target} ({reason}) failed: {first}"
+    return upgraded, f"opset upgraded from {current} to {target}: {reason}"
 
 
 def _rename_producer(graph: onnx.GraphProto, old: str, new: str) -> None:
@@ -141,7 +203,11 @@ def _rename_producer(graph: onnx.GraphProto, old: str, new: str) -> None:
 
 
 def check_postconditions(model: ModelProto, plan: QuantPlan) -> None:
-    """One QuantizeLinear per planned activation, and a model onnx.checker accepts."""
+    """One QuantizeLinear per planned activation, one MatMulNBits per planned one, and a
+    model onnx.checker accepts."""
+    nbits = [node.name for node in model.graph.node if node.op_type == "MatMulNBits"]
+    if sorted(nbits) != sorted(plan.nbits):
+        raise PlanViolation(f"expected {len(plan.nbits)} MatMulNBits nodes, found {len(nbits)}")
     quantized_inputs = [node.input[0] for node in model.graph.node if node.op_type == "QuantizeLinear"]
     if len(quantized_inputs) != len(plan.activations) or len(set(quantized_inputs)) != len(quantized_inputs):
         raise PlanViolation(

@@ -23,6 +23,8 @@ class OpRule:
     activations: tuple[int, ...] | str = (0,)
     weight: int | None = None
     weight_axis: int | Literal["gemm"] | None = None
+    # The weight axis summed over (input channels, K): where per_block blocks run.
+    reduction_axis: int | Literal["gemm"] | None = None
     bias: int | None = None
     output: OutputMode = "own"
     # Relu/Clip: the producer's output is left unquantized and this op's output
@@ -33,10 +35,10 @@ class OpRule:
 _MOVE = OpRule(output="shared")
 
 RULES: dict[str, OpRule] = {
-    "Conv": OpRule(weight=1, weight_axis=0, bias=2),
-    "ConvTranspose": OpRule(weight=1, weight_axis=1, bias=2),
-    "Gemm": OpRule(weight=1, weight_axis="gemm", bias=2),
-    "MatMul": OpRule(weight=1, weight_axis=-1),
+    "Conv": OpRule(weight=1, weight_axis=0, reduction_axis=1, bias=2),
+    "ConvTranspose": OpRule(weight=1, weight_axis=1, reduction_axis=0, bias=2),
+    "Gemm": OpRule(weight=1, weight_axis="gemm", reduction_axis="gemm", bias=2),
+    "MatMul": OpRule(weight=1, weight_axis=-1, reduction_axis=-2),
     "Add": OpRule(activations=ALL),
     "Mul": OpRule(activations=ALL),
     "Relu": OpRule(activations=(), fuses_into_producer=True),

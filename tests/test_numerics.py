@@ -7,11 +7,15 @@ import pytest
 from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
 
-from qtool.numerics import QTYPES, dequantize, is_sane_scale, quant_bounds, quantize, scale_zero_point
+from qtool.numerics import (
+    QTYPES, block_ranges, dequantize, is_sane_scale, quant_bounds, quantize, scale_zero_point,
+)
 
 
-def reference_qdq(x, scale, zero_point, axis):
+def reference_qdq(x, scale, zero_point, axis, block_size=None, opset=19):
     kwargs = {"axis": axis} if axis is not None else {}
+    if block_size:
+        kwargs["block_size"] = block_size
     elem = helper.np_dtype_to_tensor_dtype(zero_point.dtype)
     nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], **kwargs),
              helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], **kwargs)]
@@ -22,7 +26,7 @@ def reference_qdq(x, scale, zero_point, axis):
          helper.make_tensor_value_info("z", elem, None)],
         [helper.make_tensor_value_info("q", elem, None), helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     return ReferenceEvaluator(model).run(None, {"x": x, "s": scale, "z": zero_point})
 
 
@@ -76,3 +80,63 @@ def test_degenerate_ranges_are_flagged():
     assert not is_sane_scale(np.array([np.inf]))
     assert not is_sane_scale(np.array([0.0]))
     assert is_sane_scale(np.array([0.01, 2.0]))
+
+
+ALL_TYPES = ["uint8", "int8", "uint16", "int16", "uint4", "int4"]
+
+
+@pytest.mark.parametrize("dtype", ALL_TYPES)
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_every_type_matches_onnx_reference_at_opset_21(dtype, symmetric):
+    """Per-tensor scale/zero point, rounding and saturation for every type against onnx.reference."""
+    qtype = QTYPES[dtype]
+    rng = np.random.default_rng(2)
+    x = rng.normal(0.3, 2.0, size=(6, 9)).astype(np.float32)
+    scale, zp = scale_zero_point(x.min() * 0.7, x.max() * 0.7, qtype, symmetric)  # forces saturation
+    q = quantize(x, scale, zp, qtype)
+    ref_q, ref_y = reference_qdq(x, scale, zp, None, opset=21)
+    np.testing.assert_array_equal(q.astype(np.int64), ref_q.astype(np.int64))
+    np.testing.assert_array_equal(dequantize(q, scale, zp), ref_y)
+    assert q.astype(np.int64).min() == qtype.qmin or q.astype(np.int64).max() == qtype.qmax
+    assert q.dtype == np.dtype(qtype.numpy)
+
+
+@pytest.mark.parametrize("dtype", ALL_TYPES)
+def test_half_to_even_and_saturation_for_every_type(dtype):
+    qtype = QTYPES[dtype]
+    zp = np.array(0 if qtype.signed else 2, dtype=qtype.numpy)
+    x = np.array([0.5, 1.5, 2.5, -0.5, -1.5, 1e6, -1e6], np.float32)
+    q = quantize(x, np.float32(1.0), zp, qtype).astype(np.int64)
+    offset = int(zp.astype(np.int64))
+    assert list(q[:5]) == [min(v + offset, qtype.qmax) if v + offset >= qtype.qmin else qtype.qmin
+                           for v in [0, 2, 2, 0, -2]]
+    assert (q[5], q[6]) == (qtype.qmax, qtype.qmin)
+    np.testing.assert_array_equal(q, reference_qdq(x, np.float32(1.0), zp, None, opset=21)[0].astype(np.int64))
+
+
+@pytest.mark.parametrize("dtype", ["int4", "uint4", "int8", "int16"])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_per_block_matches_onnx_reference(dtype, symmetric):
+    """Blocked quantization (opset 21) on the reduction axis, with a short last block."""
+    qtype = QTYPES[dtype]
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(40, 6)).astype(np.float32)  # K=40, blocks of 16: 16, 16, 8
+    lo, hi = block_ranges(w, 0, 16)
+    assert lo.shape == (3, 6)
+    np.testing.assert_array_equal(hi[2], w[32:].max(axis=0))
+    scale, zp = scale_zero_point(lo, hi, qtype, symmetric)
+    q = quantize(w, scale, zp, qtype, axis=0, block_size=16)
+    ref_q, ref_y = reference_qdq(w, scale, zp, 0, block_size=16, opset=21)
+    np.testing.assert_array_equal(q.astype(np.int64), ref_q.astype(np.int64))
+    np.testing.assert_array_equal(dequantize(q, scale, zp, axis=0, block_size=16), ref_y)
+    error = np.abs(dequantize(q, scale, zp, axis=0, block_size=16) - w).max()
+    assert error <= np.repeat(scale, 16, axis=0)[:40].max() * 0.51 + 1e-6
+
+
+def test_sixteen_bit_activations_are_256x_finer_than_eight():
+    s8, _ = scale_zero_point(-1.0, 3.0, QTYPES["uint8"], symmetric=False)
+    s16, z16 = scale_zero_point(-1.0, 3.0, QTYPES["uint16"], symmetric=False)
+    assert float(s8 / s16) == pytest.approx(65535 / 255)
+    assert z16.dtype == np.uint16 and int(z16) == round(65535 / 4)
+    _, zsym = scale_zero_point(-1.0, 3.0, QTYPES["uint16"], symmetric=True)
+    assert int(zsym) == 32768
