@@ -2,10 +2,10 @@
 
 __version__ = "0.1.0"
 
-from qtool.api import CalibrateResult, QuantizeResult, calibrate, inspect, quantize  # noqa: E402
+from qtool.api import CalibrateResult, CompareResult, QuantizeResult, calibrate, compare, inspect, quantize  # noqa: E402,E501
 from qtool.errors import QtoolError  # noqa: E402
 from qtool.inspection import Inspection  # noqa: E402
 from qtool.recipe import Recipe, load_recipe  # noqa: E402
 
-__all__ = ["CalibrateResult", "Inspection", "QtoolError", "QuantizeResult", "Recipe", "__version__",
-           "calibrate", "inspect", "load_recipe", "quantize"]
+__all__ = ["CalibrateResult", "CompareResult", "Inspection", "QtoolError", "QuantizeResult", "Recipe", "__version__",
+           "calibrate", "compare", "inspect", "load_recipe", "quantize"]

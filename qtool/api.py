@@ -33,7 +33,7 @@ from qtool.plan import build_plan, required_opset, select_tensors
 from qtool.prepare import prepare_model
 from qtool.qdq import apply_plan, ensure_opset
 from qtool.recipe import Recipe, load_recipe, parse_recipe, recipe_json_schema
-from qtool.runner import INTEGER_OP_TYPES, int8_kernels_may_saturate, optimized_op_histogram
+from qtool.runner import INTEGER_OP_TYPES, check_runnable, int8_kernels_may_saturate, optimized_op_histogram
 
 # progress(stage, done, total): the CLI renders it; nothing below the CLI prints.
 Progress = Callable[[str, int, int | None], None]
@@ -54,6 +54,7 @@ def prepare(model_path: Path, recipe: Recipe | None = None) -> tuple[ModelProto,
     """load → opset upgrade → graph clean-up → the opset the recipe's types need; returns
     the model and what was done."""
     model = load_model(model_path)
+    check_runnable(model, model_path)
     model, upgrade_note = upgrade_opset(model, model_path)
     model, notes = prepare_model(model)
     model, opset_note = ensure_opset(model, required_opset(recipe)) if recipe else (model, None)

@@ -1,4 +1,4 @@
-"""The streaming calibration loop: batches → ONNX Runtime → observers → ranges.
+"""The streaming calibration loop (batches → ONNX Runtime → observers → ranges) and its table file.
 
 Only the tensors the plan will quantize are exposed, and each batch's outputs
 are dropped before the next one is read, so memory does not grow with data.
@@ -6,19 +6,27 @@ are dropped before the next one is read, so memory does not grow with data.
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from onnx import ModelProto
 
 from qtool.data import DataFolder
-from qtool.errors import DataError
+from qtool.errors import CalibrationError, DataError
 from qtool.numerics import QType
 from qtool.observers import make_observer
 from qtool.recipe import CalibrationSpec
 from qtool.runner import make_session, run, with_outputs
 
 Progress = Callable[[int, int | None], None]
+
+TABLE_FORMAT = "qtool-calibration"
+TABLE_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,8 @@ class TensorRange:
 class CalibrationTable:
     ranges: dict[str, TensorRange]
     samples: int
+    # Where a table read from a file came from: its path, model sha256, data listing, recipe.
+    provenance: dict = field(default_factory=dict)
 
 
 def calibrate(
@@ -44,10 +54,14 @@ def calibrate(
     symmetric: bool,
     progress: Progress | None = None,
 ) -> CalibrationTable:
-    """Observe every named tensor over the data folder; return one range each."""
+    """Observe every named tensor over the data folder; return one range each.
+
+    `spec.overrides` choose another method (or percentile) per tensor: the first match wins.
+    """
     session = make_session(with_outputs(model, tensors), optimize=False)
-    observers = {name: make_observer(spec, qtype, symmetric) for name in tensors}
     total = min(len(data.files), spec.samples) if spec.samples else len(data.files)
+    specs = {name: spec.for_tensor(name) for name in tensors}
+    observers = {name: make_observer(specs[name], qtype, symmetric, expected_samples=total) for name in tensors}
     done = 0
     for batch in data.batches(spec.batch_size):
         try:
@@ -57,8 +71,8 @@ def calibrate(
             raise DataError(f"{data.folder / batch.files[0]}: ONNX Runtime refused this input: {message}") from None
         for name, observer in observers.items():
             observer.update(outputs[name])
-        del outputs
         done += len(batch.files)
+        del outputs, batch  # nothing of this batch survives into the next
         if progress:
             progress(done, max(total, done))
     if done == 0:
@@ -66,5 +80,106 @@ def calibrate(
     ranges = {}
     for name, observer in observers.items():
         result = observer.result()
-        ranges[name] = TensorRange(result.lo, result.hi, spec.method, observer.summary())
+        ranges[name] = TensorRange(float(result.lo), float(result.hi), specs[name].method, observer.summary())
     return CalibrationTable(ranges, done)
+
+
+def _json_safe(value):
+    """JSON has no inf/nan: write them as strings (as the report does)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "inf" if value > 0 else "-inf" if value < 0 else "nan"
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    return value
+
+
+def table_document(table: CalibrationTable, *, model_path: Path, model_sha256: str, data: DataFolder,
+                   recipe: dict, qtool_version: str) -> dict:
+    """The calibration table file's content: ranges plus what they were measured on."""
+    return _json_safe({
+        "format": TABLE_FORMAT,
+        "version": TABLE_VERSION,
+        "qtool_version": qtool_version,
+        "model": {"path": str(model_path), "sha256": model_sha256},
+        "data": {"path": str(data.folder), "listing_sha256": data.listing_hash()},
+        "recipe": recipe,
+        "samples": table.samples,
+        "tensors": {
+            name: {"lo": r.lo, "hi": r.hi, "method": r.method, "summary": r.summary}
+            for name, r in sorted(table.ranges.items())
+        },
+    })
+
+
+def save_table(document: dict, path: Path) -> None:
+    """Write atomically: a temporary file beside `path`, renamed over it when complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".qtool-tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            json.dump(document, out, indent=2, allow_nan=False)
+            out.write("\n")
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)
+
+
+def _number(value, where: str, path: Path) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise CalibrationError(f"{path}: {where}: expected a finite number, got {value!r}")
+    return float(value)
+
+
+def load_table(path: str | Path) -> CalibrationTable:
+    """Read and check a table file written by `qtool calibrate`; any defect is a CalibrationError."""
+    path = Path(path)
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CalibrationError(f"{path}: cannot read calibration table: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CalibrationError(f"{path}: not a calibration table (not valid JSON: {exc})") from None
+    if not isinstance(document, dict) or document.get("format") != TABLE_FORMAT:
+        raise CalibrationError(f"{path}: not a calibration table (expected \"format\": \"{TABLE_FORMAT}\"); "
+                               "write one with `qtool calibrate`")
+    if document.get("version") != TABLE_VERSION:
+        raise CalibrationError(f"{path}: calibration table version {document.get('version')!r} is not "
+                               f"supported (this qtool reads version {TABLE_VERSION})")
+    tensors, model = document.get("tensors"), document.get("model")
+    if not isinstance(tensors, dict) or not isinstance(model, dict) or not isinstance(model.get("sha256"), str):
+        raise CalibrationError(f"{path}: calibration table lacks its \"tensors\" or \"model.sha256\"")
+    ranges = {}
+    for name, entry in tensors.items():
+        if not isinstance(entry, dict):
+            raise CalibrationError(f"{path}: tensors.{name}: expected an object with lo, hi, method")
+        lo = _number(entry.get("lo"), f"tensors.{name}.lo", path)
+        hi = _number(entry.get("hi"), f"tensors.{name}.hi", path)
+        if lo > hi:
+            raise CalibrationError(f"{path}: tensors.{name}: lo {lo:g} is above hi {hi:g}")
+        summary = entry.get("summary") if isinstance(entry.get("summary"), dict) else {}
+        ranges[name] = TensorRange(lo, hi, str(entry.get("method", "")), summary)
+    samples = document.get("samples")
+    provenance = {key: document.get(key) for key in ("model", "data", "recipe", "qtool_version")}
+    return CalibrationTable(ranges, samples if isinstance(samples, int) else 0, {"file": str(path), **provenance})
+
+
+def check_table(table: CalibrationTable, model_sha256: str, needed: list[str]) -> None:
+    """Refuse a table measured on another model file, or one without a range the plan needs."""
+    source = table.provenance.get("file", "calibration table")
+    recorded = (table.provenance.get("model") or {}).get("sha256")
+    if recorded != model_sha256:
+        raise CalibrationError(
+            f"{source}: calibration table was made for another model (sha256 {str(recorded)[:12]}…, "
+            f"this model {model_sha256[:12]}…); run `qtool calibrate` on this model"
+        )
+    missing = [name for name in needed if name not in table.ranges]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise CalibrationError(
+            f"{source}: calibration table has no range for {len(missing)} tensor(s) this plan quantizes "
+            f"({shown}); was it made with another recipe? run `qtool calibrate` with this recipe"
+        )

@@ -378,15 +378,46 @@ def parse_recipe(text: str, path: Path) -> Recipe:
         where = f":{mark.line + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise RecipeError(f"{path}{where}: not valid YAML: {problem}") from None
+    except RecursionError:
+        raise RecipeError(f"{path}: YAML nested too deeply; a recipe is a few levels deep") from None
     if document is None:
         document = {}
     if not isinstance(document, dict):
         raise RecipeError(f"{path}:1: a recipe is a mapping of sections, e.g. `version: 1`")
+    _check_expansion(root, path)
     lines = _key_lines(root, (), {}, path)
     try:
         return Recipe.model_validate({**document, "source": path.resolve()})
     except ValidationError as exc:
         raise RecipeError(_describe(exc.errors()[0], path, lines)) from None
+
+
+MAX_YAML_NODES = 100_000
+
+
+def _check_expansion(root: yaml.Node | None, path: Path) -> None:
+    """Refuse aliases that refer to themselves or expand past MAX_YAML_NODES (a "billion laughs")."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in open_nodes:
+            raise RecipeError(f"{path}:{node.start_mark.line + 1}: a YAML alias refers to itself")
+        open_nodes.add(id(node))
+        children = ([item for pair in node.value for item in pair] if isinstance(node, yaml.MappingNode)
+                    else node.value if isinstance(node, yaml.SequenceNode) else [])
+        total = 1 + sum(size(child) for child in children)
+        if total > MAX_YAML_NODES:
+            raise RecipeError(f"{path}:{node.start_mark.line + 1}: YAML aliases expand this document past "
+                              f"{MAX_YAML_NODES:,} values; a recipe is small")
+        open_nodes.discard(id(node))
+        sizes[id(node)] = total
+        return total
+
+    if root is not None:
+        size(root)
 
 
 def _key_lines(node: yaml.Node | None, prefix: tuple, out: dict, path: Path) -> dict:

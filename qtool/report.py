@@ -75,8 +75,8 @@ def layers_section(activations: list[dict], weights: list[dict], unmatched: int,
         "activations": activations,
         "weights": weights,
         "unmatched": unmatched,
-        "note": "activations matched through Q/DQ pairs and measured with those tensors exposed as "
-                "outputs (which can stop ONNX Runtime fusing the nodes that read them)",
+        "note": "measured with the matched tensors exposed as model outputs, which can stop ONNX Runtime "
+                "fusing the nodes that read them",
     }
 
 

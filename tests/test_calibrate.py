@@ -1,0 +1,206 @@
+"""Calibration: streaming equals batch, per-tensor overrides, and the calibration table file."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper
+
+import qtool
+from conftest import ROOT, SAMPLE, make_model, save_npy_folder
+from qtool.calibrate import calibrate as collect
+from qtool.cli import main
+from qtool.data import DataFolder, model_inputs
+from qtool.errors import RecipeError
+from qtool.numerics import QTYPES
+from qtool.observers import OBSERVERS
+from qtool.recipe import CalibrationSpec, load_recipe
+
+TENSORS = ["x", "mm", "act"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """x [N, 16, 64] → MatMul → Add → Relu; 32 samples with heavy tails, as .npy files."""
+    rng = np.random.default_rng(0)
+    model = make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["mm"]), helper.make_node("Add", ["mm", "b"], ["act"]),
+         helper.make_node("Relu", ["act"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16, 64])],
+        {"w": rng.normal(size=(64, 64)).astype(np.float32) / 8, "b": rng.normal(size=64).astype(np.float32)},
+    )
+    folder = save_npy_folder(tmp_path_factory.mktemp("tiny") / "data", rng.standard_t(3, size=(32, 16, 64)))
+    return model, folder
+
+
+def ranges(model, folder, spec: CalibrationSpec) -> dict:
+    data = DataFolder(folder, model_inputs(model))
+    table = collect(model, TENSORS, data, spec, QTYPES["uint8"], False)
+    assert table.samples == 32
+    return table.ranges
+
+
+@pytest.mark.parametrize("method", sorted(OBSERVERS))
+def test_streaming_equals_one_batch(tiny, method):
+    """batch_size 1 and 16 over the same data give the same ranges within histogram resolution."""
+    model, folder = tiny
+    streamed = ranges(model, folder, CalibrationSpec(method=method, batch_size=1, percentile=99.9))
+    batched = ranges(model, folder, CalibrationSpec(method=method, batch_size=16, percentile=99.9))
+    for name in TENSORS:
+        a, b = streamed[name], batched[name]
+        width = max(a.hi, b.hi) - min(a.lo, b.lo)
+        # Two histogram grids (the first batch sets the bin width; widening doubles it): a few bins.
+        resolution = 4 * 2 * width / CalibrationSpec().bins
+        if method == "entropy":
+            # The KL curve is flat near its minimum: a different grid can move the chosen
+            # threshold by tens of bins (seen: 7 % of the range on Laplace data, 32 samples).
+            resolution = 0.05 * width
+        assert a.method == b.method == method
+        assert a.lo == pytest.approx(b.lo, abs=resolution), name
+        assert a.hi == pytest.approx(b.hi, abs=resolution), name
+        if method == "minmax":
+            assert (a.lo, a.hi) == (b.lo, b.hi)
+
+
+def test_overrides_first_match_wins(tiny):
+    model, folder = tiny
+    spec = CalibrationSpec(method="minmax", overrides=[
+        {"tensor": "m.", "method": "percentile", "percentile": 90.0},
+        {"tensor": "mm|act", "method": "entropy"},
+    ])
+    got = ranges(model, folder, spec)
+    plain = ranges(model, folder, CalibrationSpec(method="minmax"))
+    assert [got[name].method for name in TENSORS] == ["minmax", "percentile", "entropy"]
+    assert (got["x"].lo, got["x"].hi) == (plain["x"].lo, plain["x"].hi)
+    assert got["mm"].hi < plain["mm"].hi and got["mm"].lo > plain["mm"].lo  # 90th percentile clips
+    assert got["mm"].summary["clipped_fraction"] > 0.1
+
+
+def test_override_errors_name_the_key(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("calibration:\n  overrides:\n    - {tensor: 'a(', method: minmax}\n")
+    with pytest.raises(RecipeError, match=r":3: calibration\.overrides\.0\.tensor: .*not a valid regular"):
+        load_recipe(recipe)
+    recipe.write_text("calibration:\n  overrides:\n    - tensor: a\n      methd: minmax\n")
+    with pytest.raises(RecipeError, match=r":4: calibration\.overrides\.0\.methd: unknown key; "
+                                          r"allowed here: method, percentile, tensor"):
+        load_recipe(recipe)
+
+
+# --- the table file and `quantize --calibration` ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    """A percentile table of the sample model, and a quick recipe (32 validation samples)."""
+    folder = tmp_path_factory.mktemp("sample")
+    recipe = folder / "recipe.yaml"
+    recipe.write_text("version: 1\ncalibration: {method: percentile, percentile: 99.9, samples: 64}\n"
+                      "validation: {samples: 32}\n")
+    table = folder / "table.json"
+    result = CliRunner().invoke(main, ["calibrate", str(SAMPLE / "model.onnx"), "--data", str(SAMPLE / "calib"),
+                                       "--recipe", str(recipe), "--output", str(table), "-q"])
+    assert result.exit_code == 0, result.output
+    return folder, recipe, table
+
+
+def quantize(*args: str):
+    return CliRunner().invoke(main, ["quantize", str(SAMPLE / "model.onnx"), "-q", *args])
+
+
+def test_table_contents(sample):
+    folder, recipe, table = sample
+    document = json.loads(table.read_text())
+    assert (document["format"], document["version"], document["samples"]) == ("qtool-calibration", 1, 64)
+    assert document["qtool_version"] == qtool.__version__
+    assert document["model"]["sha256"] == qtool.api.file_sha256(SAMPLE / "model.onnx")
+    assert len(document["data"]["listing_sha256"]) == 64
+    assert document["recipe"]["resolved"]["calibration"]["method"] == "percentile"
+    entry = next(iter(document["tensors"].values()))
+    assert entry["method"] == "percentile" and entry["lo"] <= entry["hi"]
+    assert {"p99.9", "clipped_fraction", "range_drift"} <= set(entry["summary"])
+    assert sorted(p.name for p in folder.iterdir()) == ["recipe.yaml", "table.json"]  # no temp file left
+
+
+def test_quantize_from_table_is_byte_identical(sample, tmp_path):
+    _, recipe, table = sample
+    common = ["--recipe", str(recipe), "--validation-data", str(SAMPLE / "eval")]
+    direct = quantize("--data", str(SAMPLE / "calib"), "--output", str(tmp_path / "direct"), *common)
+    reused = quantize("--calibration", str(table), "--output", str(tmp_path / "reused"), *common)
+    assert direct.exit_code == 0 and reused.exit_code == 0, reused.output
+    assert (tmp_path / "direct" / "model.onnx").read_bytes() == (tmp_path / "reused" / "model.onnx").read_bytes()
+    report = json.loads((tmp_path / "reused" / "report.json").read_text())
+    assert report["calibration"]["table"] == str(table)
+    assert report["calibration"]["method"] == "percentile"
+
+
+def test_table_for_another_model_is_refused(sample, tmp_path):
+    _, recipe, table = sample
+    other = tmp_path / "model.onnx"
+    model = onnx.load(str(SAMPLE / "model.onnx"))
+    model.doc_string = "another file of the same graph"
+    onnx.save(model, str(other))
+    result = CliRunner().invoke(main, ["quantize", str(other), "--calibration", str(table), "--recipe", str(recipe),
+                                       "--validation-data", str(SAMPLE / "eval"), "--output", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert f"Error: {table}: calibration table was made for another model" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_table_without_a_needed_range_is_refused(sample, tmp_path):
+    _, recipe, table = sample
+    document = json.loads(table.read_text())
+    dropped = sorted(document["tensors"])[0]
+    del document["tensors"][dropped]
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps(document))
+    result = quantize("--calibration", str(partial), "--recipe", str(recipe),
+                      "--validation-data", str(SAMPLE / "eval"), "--output", str(tmp_path / "o"))
+    assert result.exit_code == 2
+    assert f"{partial}: calibration table has no range for 1 tensor(s)" in result.output and dropped in result.output
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not valid JSON"),
+    ('{"format": "something-else", "version": 1}', 'expected "format": "qtool-calibration"'),
+    ('{"format": "qtool-calibration", "version": 7}', "version 7 is not supported"),
+    ('{"format": "qtool-calibration", "version": 1, "model": {"sha256": "0"}, '
+     '"tensors": {"t": {"lo": 1, "hi": 0}}}', "tensors.t: lo 1 is above hi 0"),
+    ('{"format": "qtool-calibration", "version": 1, "model": {"sha256": "0"}, '
+     '"tensors": {"t": {"lo": "inf", "hi": 0}}}', "tensors.t.lo: expected a finite number"),
+])
+def test_malformed_table_is_refused(tmp_path, content, message):
+    table = tmp_path / "table.json"
+    table.write_text(content)
+    result = quantize("--calibration", str(table), "--validation-data", str(SAMPLE / "eval"),
+                      "--output", str(tmp_path / "o"))
+    assert result.exit_code == 2
+    assert result.output.startswith(f"Error: {table}: ") and message in result.output
+
+
+def test_calibration_table_usage_errors(sample, tmp_path):
+    _, _, table = sample
+    both = quantize("--data", str(SAMPLE / "calib"), "--calibration", str(table), "--output", str(tmp_path / "o"))
+    assert both.exit_code == 2 and "not both" in both.output
+    neither = quantize("--output", str(tmp_path / "o"))
+    assert neither.exit_code == 2 and "--calibration" in neither.output
+    no_eval = quantize("--calibration", str(table), "--output", str(tmp_path / "o"))
+    assert no_eval.exit_code == 2 and "--validation-data" in no_eval.output
+    exists = CliRunner().invoke(main, ["calibrate", str(SAMPLE / "model.onnx"), "--data", str(SAMPLE / "calib"),
+                                       "--output", str(table)])
+    assert exists.exit_code == 2 and "pass --overwrite" in exists.output
+
+
+def test_calibrate_help_has_an_example():
+    result = CliRunner().invoke(main, ["calibrate", "--help"])
+    assert result.exit_code == 0 and "Example:" in result.output and "qtool calibrate model.onnx" in result.output
+
+
+def test_shipped_recipes_still_load():
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        assert load_recipe(path).calibration.overrides == []
