@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SAMPLE := sample_models/digits_cnn
 
-.PHONY: install demo test clean
+.PHONY: install demo test browser docs clean
 
 install: $(VENV)/.installed
 
@@ -19,8 +19,20 @@ demo: install
 		--data $(SAMPLE)/calib --validation-data $(SAMPLE)/eval --output out/demo --overwrite
 	@echo "Report: out/demo/report.md"
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest -q
+
+# Headless Chromium for tests/test_browser.py: installed with apt only when missing and running as
+# root; never fails the build (the browser test skips, saying why, when there is still no Chromium).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || \
+	    echo "note: chromium not installed; tests/test_browser.py will be skipped"; }
+
+# docs/cli.md (every command's --help) and the field table in docs/recipe.md
+docs: install
+	$(BIN)/python tools/make_docs.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

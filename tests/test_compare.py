@@ -168,3 +168,30 @@ def test_layers_match_through_qdq_including_renamed_graph_outputs(tmp_path):
     assert [(row["tensor"], row["node"], row["input"]) for row in weights if row["dtype"] == "int8"] == [("w", "conv", 1)]
     report = api.compare(tmp_path / "float.onnx", tmp_path / "q" / "model.onnx", data, per_layer=True).report
     assert {row["tensor"] for row in report["layers"]["activations"]} >= {"x"}
+
+
+@pytest.fixture(scope="module")
+def ppocr_cls(tmp_path_factory):
+    """ppocr_cls (opset 11, Constant-node weights) quantized from its image folder with configs/ppocr_cls.yaml."""
+    from conftest import shared_model
+
+    folder = shared_model("ppocr_cls")
+    root = tmp_path_factory.mktemp("ppocr_cls_compare")
+    recipe = ROOT / "configs" / "ppocr_cls.yaml"
+    api.quantize(folder / "model.onnx", folder / "calib", recipe, root / "int8", validation_data=folder / "eval")
+    return folder / "model.onnx", root / "int8" / "model.onnx", folder / "eval", recipe, root
+
+
+def test_ppocr_cls_compare_per_output_and_per_layer(ppocr_cls):
+    reference, candidate, evaluation, recipe, root = ppocr_cls
+    result = qtool("compare", str(reference), str(candidate), "--data", str(evaluation), "--recipe", str(recipe),
+                   "--per-layer", "--gate", "max_accuracy_drop=0.05", "--output", str(root / "compare"), "-q")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((root / "compare" / "report.json").read_text())
+    output = next(iter(report["validation"]["outputs"].values()))
+    assert output["cosine"] > 0.95 and output["top1_agreement"] >= 0.9
+    assert report["validation"]["accuracy"]["labelled_samples"] == 96
+    layers = report["layers"]
+    assert len(layers["activations"]) >= 50 and len(layers["weights"]) >= 50
+    assert "Conv" in {row["op_type"] for row in layers["activations"]}
+    assert (root / "compare" / "report.html").read_text().count("<svg") >= 4
