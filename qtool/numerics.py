@@ -162,3 +162,39 @@ def block_ranges(w: np.ndarray, axis: int, block_size: int) -> tuple[np.ndarray,
     padded = np.concatenate([moved, np.repeat(moved[-1:], blocks * block_size - n, axis=0)])
     grouped = padded.reshape((blocks, block_size) + moved.shape[1:])
     return np.moveaxis(grouped.min(axis=1), 0, axis), np.moveaxis(grouped.max(axis=1), 0, axis)
+
+
+def mse_block_ranges(
+    w: np.ndarray, axis: int, block_size: int, qtype: QType, symmetric: bool,
+    shrink: tuple[float, ...] = tuple(np.linspace(1.0, 0.6, 17)),
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-block ranges shrunk by the factor (from `shrink`) that minimises each block's squared error.
+
+    Few-bit blocks gain from clipping their largest values: the step shrinks
+    for every other value. 1.0 (plain min/max) is always a candidate.
+    """
+    lo, hi = block_ranges(w, axis, block_size)
+    best_lo, best_hi = lo, hi
+    best_err = None
+    for factor in shrink:
+        scale, zero_point = scale_zero_point(lo * factor, hi * factor, qtype, symmetric)
+        q = quantize(w, scale, zero_point, qtype, axis, block_size)
+        err_sq = (dequantize(q, scale, zero_point, axis, block_size) - w).astype(np.float64) ** 2
+        err = _block_sums(err_sq, axis, block_size)
+        if best_err is None:
+            best_err, best_lo, best_hi = err, lo * factor, hi * factor
+            continue
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_lo = np.where(better, lo * factor, best_lo)
+        best_hi = np.where(better, hi * factor, best_hi)
+    return best_lo, best_hi
+
+
+def _block_sums(x: np.ndarray, axis: int, block_size: int) -> np.ndarray:
+    n = x.shape[axis]
+    blocks = -(-n // block_size)
+    moved = np.moveaxis(x, axis, 0)
+    pad = np.zeros((blocks * block_size - n,) + moved.shape[1:], moved.dtype)
+    summed = np.concatenate([moved, pad]).reshape((blocks, block_size) + moved.shape[1:]).sum(axis=1)
+    return np.moveaxis(summed, 0, axis)

@@ -17,7 +17,8 @@ from qtool.calibrate import CalibrationTable
 from qtool.errors import ModelError
 from qtool.model import DEFAULT_DOMAINS, GraphIndex, opset_version
 from qtool.numerics import (
-    BLOCKED_MIN_OPSET, QTYPES, block_ranges, channel_ranges, is_sane_scale, quantize, scale_zero_point,
+    BLOCKED_MIN_OPSET, QTYPES, channel_ranges, is_sane_scale, mse_block_ranges, quantize,
+    scale_zero_point,
 )
 from qtool.recipe import ActivationSpec, MatchSpec, OverrideSpec, QuantizationSpec, Recipe, WeightSpec
 from qtool.rules import FLOAT_OUTPUT_KERNELS, RULES, OpRule, activation_inputs
@@ -378,7 +379,7 @@ def _weight_quant(node, rule: OpRule, name: str, array: np.ndarray, spec: Weight
     block_size = None
     if spec.granularity == "per_block":
         axis, block_size = reduction_axis, spec.block_size
-        lo, hi = block_ranges(array, axis, block_size)
+        lo, hi = mse_block_ranges(array, axis, block_size, QTYPES[spec.dtype], spec.symmetric)
     else:
         axis = channel_axis if spec.granularity == "per_channel" else None
         lo, hi = channel_ranges(array, axis)
@@ -392,7 +393,7 @@ def nbits_quant(node, weight: str, array: np.ndarray, bits: int, block_size: int
     k, n = array.shape
     blocks = -(-k // block_size)
     qtype = QTYPES["int4" if symmetric else "uint4"]
-    lo, hi = block_ranges(array, 0, block_size)  # [blocks, N]
+    lo, hi = mse_block_ranges(array, 0, block_size, qtype, symmetric)  # [blocks, N]
     scale, zero_point = scale_zero_point(lo, hi, qtype, symmetric)
     codes = quantize(array, scale, zero_point, qtype, axis=0, block_size=block_size).astype(np.int64)
     offset = 2 ** (bits - 1) if symmetric else 0

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import make_model, save_npy_folder
+from conftest import ROOT, SAMPLE, make_model, save_npy_folder, shared_model
 from qtool import api
 from qtool.calibrate import CalibrationTable, TensorRange
 from qtool.numerics import QTYPES, dequantize
@@ -195,8 +195,60 @@ def test_matmul_nbits_matches_blocked_dequantize(symmetric, k):
     zp = np.full_like(quant.scale, 8, np.uint8) if quant.zero_point is None else quant.zero_point
     codes = quant.quantized[:, :k].T.astype(np.int64)  # [K, N]
     w_hat = dequantize(codes, quant.scale.T, zp.T.astype(np.int64), axis=0, block_size=32)
-    assert np.abs(w_hat - w).max() <= quant.scale.max() * 0.51
+    # Ranges are clipped per block to minimise squared error: better than plain min/max overall.
+    assert np.abs(w_hat - w).mean() <= quant.scale.mean() * 0.3
     x = RNG.normal(size=(3, k)).astype(np.float32)
     got = run(make_session(quantized), {"x": x})["y"]
     np.testing.assert_allclose(got, x @ w_hat, rtol=1e-4, atol=1e-4)
     assert QTYPES["uint4"].qmax == 15
+
+
+# --- A16W8 against A8W8 on real models --------------------------------------------------------
+
+def _pair(model_path, base: Recipe, calib, evaluation, samples):
+    """The same recipe with 8-bit and with 16-bit activations (configs/a16w8.yaml's)."""
+    a16 = load_recipe(ROOT / "configs" / "a16w8.yaml").quantization.activations
+    base = base.model_copy(update={
+        "calibration": base.calibration.model_copy(update={"samples": samples}),
+        "validation": base.validation.model_copy(update={"samples": samples}),
+    })
+    wide = base.model_copy(update={"quantization": base.quantization.model_copy(update={"activations": a16})})
+    return {name: api.quantize(model_path, calib, recipe, validation_data=evaluation)
+            for name, recipe in (("a8w8", base), ("a16w8", wide))}
+
+
+@pytest.fixture(scope="module")
+def sample_pair():
+    base = load_recipe(ROOT / "configs" / "int8.yaml")
+    return _pair(SAMPLE / "model.onnx", base, SAMPLE / "calib", SAMPLE / "eval", 128)
+
+
+@pytest.fixture(scope="module")
+def ppocr_det_pair():
+    folder = shared_model("ppocr_det")
+    base = load_recipe(ROOT / "configs" / "ppocr_det.yaml")
+    return _pair(folder / "model.onnx", base, folder / "calib", folder / "eval", 8)
+
+
+def _sqnr_gain(pair) -> float:
+    gains = []
+    for name, a8 in pair["a8w8"].report["validation"]["outputs"].items():
+        a16 = pair["a16w8"].report["validation"]["outputs"][name]
+        print(f"{name}: A8W8 SQNR {a8['sqnr_db']:.2f} dB, A16W8 {a16['sqnr_db']:.2f} dB")
+        gains.append(a16["sqnr_db"] - a8["sqnr_db"])
+    return min(gains)
+
+
+# ppocr_det: activation error dominates, 16 bits gain ~10 dB. digits_cnn is weight-limited:
+# simulated SQNR with float-exact activations and int8 weights is ~47 dB against ~43 dB for
+# A8W8 (and 73 dB with int16 weights too), so 16-bit activations can gain ~4 dB there, no more.
+@pytest.mark.parametrize("pair_name, min_gain_db", [("sample_pair", 3.0), ("ppocr_det_pair", 6.0)])
+def test_a16w8_sqnr_gain_over_a8w8(pair_name, min_gain_db, request):
+    pair = request.getfixturevalue(pair_name)
+    a16 = pair["a16w8"]
+    onnx.checker.check_model(a16.model, full_check=True)
+    assert any("opset upgraded" in note and "uint16" in note for note in a16.report["prepare"])
+    # Full 8-bit weights under 16-bit activations: reduce_range is for 8-bit activations only.
+    w_desc = [v for n in a16.report["plan"]["nodes"] for v in n["tensors"].values() if "per_channel" in v]
+    assert w_desc and not any("reduce_range" in v for v in w_desc)
+    assert _sqnr_gain(pair) >= min_gain_db
