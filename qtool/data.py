@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -28,6 +29,10 @@ from qtool.images import IMAGE_SUFFIXES, image_size_for, preprocess_image
 from qtool.recipe import ImageSpec
 
 LABEL_FILES = ("labels.txt",)
+# What numpy and zipfile raise on a damaged or hostile file: bad headers, short data,
+# encrypted or oddly compressed members (RuntimeError, NotImplementedError, zlib.error),
+# and shapes declared too large to allocate (MemoryError).
+UNREADABLE = (ValueError, OSError, EOFError, RuntimeError, NotImplementedError, zlib.error, MemoryError)
 
 
 @dataclass(frozen=True)
@@ -79,7 +84,7 @@ def _read_npz(path: Path, inputs: list[InputSpec]) -> dict[str, np.ndarray]:
             arrays = {key: _checked_array(archive[key], path) for key in archive.files}
     except DataError:
         raise
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError, KeyError) as exc:
+    except (*UNREADABLE, zipfile.BadZipFile, KeyError) as exc:
         raise DataError(f"{path}: not a readable .npz file ({_reason(exc)})") from None
     expected = {spec.name for spec in inputs}
     if set(arrays) != expected:
@@ -90,7 +95,7 @@ def _read_npz(path: Path, inputs: list[InputSpec]) -> dict[str, np.ndarray]:
 def _safe_load(path: Path) -> np.ndarray:
     try:
         array = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
+    except UNREADABLE as exc:
         raise DataError(f"{path}: not a readable .npy file ({_reason(exc)})") from None
     if not isinstance(array, np.ndarray):
         raise DataError(f"{path}: expected one array in a .npy file")

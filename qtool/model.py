@@ -14,7 +14,7 @@ from pathlib import Path
 import onnx
 from onnx import ModelProto, TensorProto, external_data_helper, version_converter
 
-from qtool.errors import ModelError
+from qtool.errors import ModelError, reason
 
 MIN_OPSET = 13  # QuantizeLinear/DequantizeLinear gain `axis` (per-channel) here
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -51,6 +51,7 @@ def load_model(path: str | Path, *, allow_quantized: bool = False) -> ModelProto
         external_data_helper.load_external_data_for_model(model, str(path.parent))
     except (OSError, ValueError) as exc:
         raise ModelError(f"{path}: cannot read external data: {exc}") from None
+    check_model(model, path)
     if not allow_quantized:
         refuse_quantized(model, path)
     return model
@@ -88,6 +89,21 @@ def check_external_data(model: ModelProto, path: Path) -> None:
             )
         if not target.is_file():
             raise ModelError(f"{path}: external data file {location!r} is missing")
+
+
+def check_model(model: ModelProto, path: Path) -> None:
+    """onnx.checker over the whole model: a structurally broken file is a ModelError, not a crash later.
+
+    Past protobuf's 2 GB limit the checker reads the file by path (its external
+    data was checked to stay inside the model's folder before).
+    """
+    try:
+        if model.ByteSize() < PROTOBUF_LIMIT:
+            onnx.checker.check_model(model)
+        else:
+            onnx.checker.check_model(str(path))
+    except Exception as exc:  # ValidationError, and decode errors from strings that are not UTF-8
+        raise ModelError(f"{path}: not a valid ONNX model: {reason(exc)}") from None
 
 
 def refuse_quantized(model: ModelProto, path: Path) -> None:
@@ -128,6 +144,9 @@ def save_model(model: ModelProto, path: Path) -> None:
         location = path.name + ".data"
         onnx.save_model(model, str(path), save_as_external_data=True,
                         all_tensors_to_one_file=True, location=location, size_threshold=1024)
+        # onnx.save_model moved the weights out of `model` into the file: read them
+        # back, so that the caller's model stays whole (it may still be used).
+        external_data_helper.load_external_data_for_model(model, str(path.parent))
     else:
         onnx.save_model(model, str(path))
 

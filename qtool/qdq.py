@@ -7,11 +7,14 @@ the consumers the plan quantizes read the dequantized value.
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import ModelProto, helper, numpy_helper, version_converter
 
-from qtool.model import GraphIndex, opset_version
+from qtool.model import PROTOBUF_LIMIT, GraphIndex, opset_version, save_model
 from qtool.numerics import QTYPES, quantize
 from qtool.plan import NBitsQuant, QuantPlan
 from qtool.prepare import remove_unused_initializers
@@ -215,6 +218,11 @@ def check_postconditions(model: ModelProto, plan: QuantPlan) -> None:
             f"found {len(quantized_inputs)}"
         )
     try:
-        onnx.checker.check_model(model)
+        if model.ByteSize() < PROTOBUF_LIMIT:
+            onnx.checker.check_model(model)
+        else:  # past protobuf's 2 GB the checker reads a file, weights in external data
+            with tempfile.TemporaryDirectory(prefix="qtool-check-") as folder:
+                save_model(model, Path(folder) / "model.onnx")
+                onnx.checker.check_model(str(Path(folder) / "model.onnx"))
     except onnx.checker.ValidationError as exc:
         raise PlanViolation(f"quantized model fails onnx.checker: {str(exc).splitlines()[0]}") from None

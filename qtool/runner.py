@@ -11,8 +11,9 @@ from typing import Iterable
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import ModelProto, TensorProto, helper
+from onnx import ModelProto, TensorProto, external_data_helper, helper
 
+from qtool.errors import ModelError, reason
 from qtool.model import PROTOBUF_LIMIT
 
 # Ops ONNX Runtime runs with integer arithmetic once it has fused Q/DQ groups.
@@ -71,7 +72,26 @@ def make_session(
     with tempfile.TemporaryDirectory(prefix="qtool-session-") as folder:
         path = Path(folder) / "model.onnx"
         onnx.save_model(model, str(path), save_as_external_data=True, location="model.data")
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        try:
+            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        finally:
+            # onnx.save_model moved the weights out of `model`: put them back before the file goes.
+            external_data_helper.load_external_data_for_model(model, folder)
+
+
+def check_runnable(model: ModelProto, path: Path) -> None:
+    """The user's float model must load in ONNX Runtime: if not, say so now as a ModelError.
+
+    onnx.checker accepts some models ORT refuses (unknown ops, type mismatches);
+    without this they would fail deep in calibration. Skipped past 2 GB, where
+    a session costs a full temporary copy: calibration's own session reports those.
+    """
+    if model.ByteSize() >= PROTOBUF_LIMIT:
+        return
+    try:
+        make_session(model, optimize=False)
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types, and decode errors
+        raise ModelError(f"{path}: ONNX Runtime cannot load this model: {reason(exc)}") from None
 
 
 def run(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
