@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SAMPLE := sample_models/digits_cnn
 
-.PHONY: install demo test browser docs clean
+.PHONY: install demo test browser docs bench-calibration clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,10 @@ browser:
 # docs/cli.md (every command's --help) and the field table in docs/recipe.md
 docs: install
 	$(BIN)/python tools/make_docs.py
+
+# qtool vs onnxruntime.quantization calibration: time, peak RSS, accuracy (a few minutes)
+bench-calibration: install
+	$(BIN)/python bench/calibration.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -160,14 +160,14 @@ def quantize(model: Path, recipe_path: Path | None, data_dir: Path | None, calib
       qtool quantize model.onnx --calibration table.json \\
           --validation-data eval/ --output out/int8
     """
-    err = Console(stderr=True)
+    err = make_console(stderr=True)
     with StageProgress(err, quiet) as progress:
         result = api.quantize(model, data_dir, recipe_path, output_dir, validation_data=validation_data,
                               labels=labels, calibration=calibration, overwrite=overwrite, per_layer=per_layer,
                               bench=bench, threads=threads, junit=junit,
                               step_summary=os.environ.get("GITHUB_STEP_SUMMARY") or None, progress=progress)
     if not quiet:
-        _print_summary(Console(), result.report, output_dir)
+        _print_summary(make_console(), result.report, output_dir)
     for gate in result.gates:
         if not gate.passed:
             click.echo(gate.describe(), err=True)
@@ -200,7 +200,7 @@ def calibrate(model: Path, data_dir: Path, recipe_path: Path | None, output_path
       qtool quantize model.onnx --calibration table.json --recipe configs/int8.yaml \\
           --validation-data eval/ --output out/int8
     """
-    with StageProgress(Console(stderr=True), quiet) as progress:
+    with StageProgress(make_console(stderr=True), quiet) as progress:
         result = api.calibrate(model, data_dir, recipe_path, output_path, overwrite=overwrite, progress=progress)
     if quiet:
         return
