@@ -515,11 +515,32 @@ def build_plan(
             # Every rule's weight axis is its output-channel axis, which the bias follows.
             if node.input[0] in activations and len(bias_shape) == 1 and channels in (1, bias_shape[0]) \
                     and constants[weight].block_size is None:
+                bias_values = numpy_helper.to_array(index.initializers[bias])
+                constants[weight] = _fit_bias_in_int32(constants[weight], bias_values,
+                                                       activations[node.input[0]].scale, notes)
                 biases[(node.name, bias)] = BiasQuant(bias, node.name, node.input[0], weight)
     nodes = [replace(d, tensors=_node_tensors(node, d, activations, constants, biases, nbits))
              for node, d in zip(model.graph.node, nodes)]
     qdq_domain = _check_opset(model, activations, constants, notes)
     return QuantPlan(nodes, activations, constants, biases, host_reduce_range, notes, nbits, qdq_domain)
+
+
+def _fit_bias_in_int32(weight: ConstantQuant, bias: np.ndarray, input_scale: float, notes: list[str]) -> ConstantQuant:
+    """Raise weight scales whose int32 bias (scale = input x weight scale) would saturate.
+
+    A near-dead channel (weights ~1e-26) gets a near-zero scale; its bias divided by
+    that overflows int32 and the channel's bias silently becomes -2^31 x scale.
+    """
+    if not weight.symmetric:
+        return weight  # raising the scale would move an asymmetric zero point too
+    scale = weight.scale.astype(np.float64)
+    limit = np.abs(bias.astype(np.float64)) / (input_scale * float(2**31 - 1) * 0.5)
+    limit = limit.reshape(scale.shape) if limit.size == scale.size else np.full(scale.shape, limit.max())
+    if np.all(scale >= limit):
+        return weight
+    raised = np.maximum(scale, limit)
+    notes.append(f"{weight.tensor}: {int(np.sum(raised > scale))} channel scale(s) raised so the int32 bias fits")
+    return replace(weight, scale=raised.astype(np.float32))
 
 
 def _check_opset(model: ModelProto, activations: dict, constants: dict, notes: list[str]) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from conftest import make_model, save_npy_folder
 from qtool import api
@@ -120,3 +120,22 @@ def test_degenerate_tensor_stays_float_with_a_note(tmp_path):
     result = quantize_tiny(tmp_path, model)
     assert any("z: degenerate range" in note for note in result.report["plan"]["notes"])
     assert all(np.isfinite(v) for o in result.report["validation"]["outputs"].values() for v in [o["cosine"]])
+
+
+def test_dead_channel_bias_does_not_saturate_int32(tmp_path):
+    """A channel with ~0 weights gets a ~0 scale; its int32 bias must still hold its value."""
+    weight = RNG.normal(size=(4, 3, 1, 1)).astype(np.float32)
+    weight[2] = 1e-26
+    bias = np.array([0.1, -0.2, -0.012, 0.3], np.float32)
+    model = make_model(
+        [helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        {"w": weight, "b": bias},
+    )
+    result = quantize_tiny(tmp_path, model)
+    assert any("scale(s) raised so the int32 bias fits" in n for n in result.report["plan"]["notes"])
+    inits = {i.name: numpy_helper.to_array(i) for i in result.model.graph.initializer}
+    dequantized = inits["b_quantized"].astype(np.float64) * inits["b_scale"]
+    assert np.all(np.abs(dequantized - bias) <= inits["b_scale"] / 2 + 1e-9)  # rounding error only
+    assert abs(dequantized[2] - bias[2]) < 1e-6
