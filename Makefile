@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SAMPLE := sample_models/digits_cnn
 
-.PHONY: install demo test browser docs bench-calibration clean
+.PHONY: install demo test fuzz browser docs bench-calibration clean
 
 install: $(VENV)/.installed
 
@@ -21,6 +21,13 @@ demo: install
 
 test: install browser
 	$(BIN)/python -m pytest -q
+
+# Property-based fuzzing, long: 3000 fresh cases per test (recipes, mutated ONNX, mutated .npz);
+# `make test` runs the same tests with 40 fixed cases each. QTOOL_FUZZ_EXAMPLES=N to change.
+QTOOL_FUZZ_EXAMPLES ?= 3000
+fuzz: install
+	QTOOL_FUZZ_EXAMPLES=$(QTOOL_FUZZ_EXAMPLES) $(BIN)/python -m pytest -q -p no:cacheprovider \
+		--hypothesis-show-statistics tests/test_fuzz.py
 
 # Headless Chromium for tests/test_browser.py: installed with apt only when missing and running as
 # root; never fails the build (the browser test skips, saying why, when there is still no Chromium).

@@ -1,0 +1,200 @@
+"""Benchmark: qtool's calibration against onnxruntime.quantization's calibrator, same model, same data.
+
+For minmax, percentile and entropy on the sample digits CNN and on ppocr_det (320x320 images),
+each case runs in its own child process; wall time and peak RSS are measured from outside
+(os.wait4's rusage of that one child). The ranges each side finds become a qtool calibration
+table (ORT's TensorsData converted), and the same `qtool quantize --calibration` turns each
+into a model, so only the ranges differ; the table reports the validation figure (top-1
+accuracy for digits, cosine to the float output for ppocr_det). Last, memory flatness: qtool
+entropy on ppocr_det with 8 and with 64 samples (the images repeated).
+
+    python bench/calibration.py            # or: make bench-calibration
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "models"
+METHODS = ("minmax", "percentile", "entropy")
+PERCENTILE = 99.99
+BATCH = 8
+
+MODELS = {
+    "digits": {"model": ROOT / "sample_models/digits_cnn/model.onnx", "calib": ROOT / "sample_models/digits_cnn/calib",
+               "eval": ROOT / "sample_models/digits_cnn/eval", "recipe": None, "figure": "accuracy"},
+    "ppocr_det": {"model": SHARED / "ppocr_det/model.onnx", "calib": SHARED / "ppocr_det/calib",
+                  "eval": SHARED / "ppocr_det/eval", "recipe": ROOT / "configs/ppocr_det.yaml", "figure": "cosine"},
+}
+
+
+def recipe_for(model: str, method: str, samples: int | None = None):
+    from qtool.recipe import load_recipe
+
+    base = load_recipe(MODELS[model]["recipe"])
+    calibration = base.calibration.model_copy(update={"method": method, "percentile": PERCENTILE,
+                                                       "batch_size": BATCH, "samples": samples})
+    return base.model_copy(update={"calibration": calibration})
+
+
+# --- one case, in a child process -------------------------------------------------------------
+
+
+def run_case(case: str, model: str, data: Path, out: Path, samples: int | None) -> None:
+    side, method = case.split("-", 1)
+    spec = MODELS[model]
+    recipe = recipe_for(model, method, samples)
+    if side == "qtool":
+        import qtool
+
+        qtool.calibrate(spec["model"], data, recipe, out, overwrite=True)
+        return
+    ort_table(spec["model"], data, recipe, method, out)
+
+
+def ort_table(model_path: Path, data: Path, recipe, method: str, out: Path) -> None:
+    """ORT's calibrator on qtool's prepared model (so tensor names match), written as a qtool table."""
+    import onnx
+    from onnxruntime.quantization.calibrate import CalibrationDataReader, CalibrationMethod, create_calibrator
+
+    from qtool import __version__, api
+    from qtool.calibrate import CalibrationTable, TensorRange, save_table, table_document
+    from qtool.data import DataFolder, model_inputs
+
+    model, _ = api.prepare(model_path)
+    folder = DataFolder(data, model_inputs(model), recipe.calibration.samples, images=recipe.data.images)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = folder.batches(BATCH)
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else batch.feeds
+
+    with tempfile.TemporaryDirectory(prefix="qtool-bench-ort-") as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        onnx.save(model, str(prepared))
+        kind = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                "entropy": CalibrationMethod.Entropy}[method]
+        extra = {"percentile": PERCENTILE} if method == "percentile" else {}
+        calibrator = create_calibrator(prepared, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                                       calibrate_method=kind, extra_options=extra)
+        calibrator.collect_data(Reader())
+        tensors = calibrator.compute_data()
+    ranges = {}
+    for name, data_ in tensors.data.items():
+        lo, hi = data_.range_value
+        ranges[name] = TensorRange(float(lo.min()), float(hi.max()), f"ort-{method}")
+    table = CalibrationTable(ranges, len(folder.files) if not recipe.calibration.samples
+                             else min(len(folder.files), recipe.calibration.samples))
+    save_table(table_document(table, model_path=model_path, model_sha256=api.file_sha256(model_path),
+                              data=folder, recipe={"path": None, "resolved": recipe.as_dict()},
+                              qtool_version=__version__), out)
+
+
+# --- the orchestrator ---------------------------------------------------------------------------
+
+
+def measure(case: str, model: str, data: Path, out: Path, samples: int | None = None) -> dict:
+    """Run one case in a child; its wall time and peak RSS come from outside (wait4)."""
+    args = [sys.executable, __file__, "--case", case, "--model", model, "--data", str(data), "--out", str(out)]
+    if samples:
+        args += ["--samples", str(samples)]
+    start = time.perf_counter()
+    child = subprocess.Popen(args, cwd=ROOT)
+    _, status, usage = os.wait4(child.pid, 0)
+    wall = time.perf_counter() - start
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        raise SystemExit(f"case {case} on {model} failed (exit {child.returncode})")
+    return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024}
+
+
+def figure(model: str, table: Path, workdir: Path) -> float:
+    import qtool
+
+    spec = MODELS[model]
+    recipe = recipe_for(model, "minmax")
+    result = qtool.quantize(spec["model"], None, recipe, None, calibration=table,
+                            validation_data=spec["eval"])
+    validation = result.report["validation"]
+    if spec["figure"] == "accuracy":
+        return validation["accuracy"]["quantized"]
+    return min(figures["cosine"] for figures in validation["outputs"].values())
+
+
+def repeated_images(source: Path, count: int, target: Path) -> Path:
+    target.mkdir(parents=True, exist_ok=True)
+    files = sorted(p for p in source.iterdir() if p.suffix.lower() in (".jpg", ".png", ".jpeg", ".bmp"))
+    for i in range(count):
+        shutil.copy(files[i % len(files)], target / f"{i:04d}{files[i % len(files)].suffix}")
+    return target
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", help="internal: run one case (e.g. qtool-entropy, ort-minmax) and exit")
+    parser.add_argument("--model", choices=sorted(MODELS))
+    parser.add_argument("--data", type=Path)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--samples", type=int)
+    parser.add_argument("--models", default="digits,ppocr_det", help="comma-separated (default: both)")
+    args = parser.parse_args()
+    if args.case:
+        run_case(args.case, args.model, args.data, args.out, args.samples)
+        return
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="qtool-bench-") as tmp:
+        work = Path(tmp)
+        for model in args.models.split(","):
+            spec = MODELS[model]
+            if not spec["model"].is_file():
+                print(f"skip {model}: {spec['model']} not found", file=sys.stderr)
+                continue
+            for method in METHODS:
+                result = {}
+                for side in ("qtool", "ort"):
+                    table = work / f"{model}-{side}-{method}.json"
+                    result[side] = measure(f"{side}-{method}", model, spec["calib"], table)
+                    result[side]["figure"] = figure(model, table, work)
+                    print(f"{model:9} {side:5} {method:10} {result[side]['wall_s']:7.1f} s "
+                          f"{result[side]['peak_rss_mb']:8.0f} MB  {spec['figure']} {result[side]['figure']:.4f}",
+                          file=sys.stderr, flush=True)
+                rows.append((model, method, spec["figure"], result))
+        flat = None
+        det = MODELS["ppocr_det"]
+        if "ppocr_det" in args.models and det["model"].is_file():
+            many = repeated_images(det["calib"], 64, work / "det64")
+            few = measure("qtool-entropy", "ppocr_det", many, work / "flat8.json", samples=8)
+            lots = measure("qtool-entropy", "ppocr_det", many, work / "flat64.json", samples=64)
+            flat = (few, lots)
+
+    print()
+    print("| model | method | qtool wall s | ORT wall s | wall qtool/ORT | qtool peak RSS MB | ORT peak RSS MB "
+          "| RSS qtool/ORT | figure | qtool | ORT |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for model, method, name, r in rows:
+        q, o = r["qtool"], r["ort"]
+        print(f"| {model} | {method} | {q['wall_s']:.1f} | {o['wall_s']:.1f} | {q['wall_s'] / o['wall_s']:.2f} "
+              f"| {q['peak_rss_mb']:.0f} | {o['peak_rss_mb']:.0f} | {q['peak_rss_mb'] / o['peak_rss_mb']:.2f} "
+              f"| {name} | {q['figure']:.4f} | {o['figure']:.4f} |")
+    if flat:
+        few, lots = flat
+        print(f"\nMemory flatness (qtool entropy, ppocr_det 320x320): 8 samples {few['peak_rss_mb']:.0f} MB, "
+              f"64 samples {lots['peak_rss_mb']:.0f} MB: {lots['peak_rss_mb'] / few['peak_rss_mb']:.3f}x "
+              f"(target <= 1.15x); wall {few['wall_s']:.1f} s vs {lots['wall_s']:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
