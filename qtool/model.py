@@ -12,6 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import onnx
+from google.protobuf.descriptor import FieldDescriptor
 from onnx import ModelProto, TensorProto, external_data_helper, version_converter
 
 from qtool.errors import ModelError, reason
@@ -51,6 +52,7 @@ def load_model(path: str | Path, *, allow_quantized: bool = False) -> ModelProto
         external_data_helper.load_external_data_for_model(model, str(path.parent))
     except (OSError, ValueError) as exc:
         raise ModelError(f"{path}: cannot read external data: {exc}") from None
+    check_text(model, path)
     check_model(model, path)
     if not allow_quantized:
         refuse_quantized(model, path)
@@ -89,6 +91,26 @@ def check_external_data(model: ModelProto, path: Path) -> None:
             )
         if not target.is_file():
             raise ModelError(f"{path}: external data file {location!r} is missing")
+
+
+def check_text(message, path: Path, where: str = "model") -> None:
+    """Every string field (names, op types, metadata, doc strings) must be UTF-8 text.
+
+    protobuf hands invalid UTF-8 back as bytes or raises on access, which would
+    otherwise crash ONNX Runtime or the report writer far from the cause.
+    """
+    try:
+        fields = message.ListFields()
+    except UnicodeDecodeError:
+        raise ModelError(f"{path}: {where} holds text that is not valid UTF-8") from None
+    for field, value in fields:
+        if field.type == FieldDescriptor.TYPE_STRING:
+            for text in (value if field.is_repeated else [value]):
+                if not isinstance(text, str):
+                    raise ModelError(f"{path}: {where}.{field.name} holds text that is not valid UTF-8")
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            for index, item in enumerate(value if field.is_repeated else [value]):
+                check_text(item, path, f"{where}.{field.name}" + (f"[{index}]" if field.is_repeated else ""))
 
 
 def check_model(model: ModelProto, path: Path) -> None:

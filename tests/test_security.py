@@ -266,6 +266,33 @@ def test_truncated_or_foreign_model_files(tmp_path, content, message):
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("where, tag", [("model.metadata_props[0].value", b"QQQQ"),
+                                        ("model.graph.node[0].name", b"WWWW")])
+def test_text_that_is_not_utf8_is_refused(tmp_path, where, tag):
+    model = matmul_model()
+    model.metadata_props.add(key="note", value="QQQQ")
+    model.graph.node[0].name = "WWWW"
+    path = tmp_path / "model.onnx"
+    path.write_bytes(model.SerializeToString().replace(tag, b"\xff\xfe" + tag[2:]))
+    with pytest.raises(ModelError) as info:
+        load_model(path)
+    assert str(info.value) == f"{path}: {where} holds text that is not valid UTF-8"
+
+
+def test_model_onnx_runtime_cannot_load_is_a_model_error(tmp_path):
+    model = matmul_model()
+    model.graph.node[1].op_type = "NoSuchOp"
+    model.graph.node[1].domain = "example.custom"
+    model.opset_import.add(domain="example.custom", version=1)
+    path = tmp_path / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    data = save_npy_folder(tmp_path / "data", [np.zeros((1, 8))])
+    result = CliRunner().invoke(main, quantize_args(path, data, tmp_path / "out"))
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"Error: {path}: ONNX Runtime cannot load this model: ")
+    assert "NoSuchOp" in result.stderr and not (tmp_path / "out").exists()
+
+
 def test_missing_model_file(tmp_path):
     result = CliRunner().invoke(main, quantize_args(tmp_path / "nope.onnx", SAMPLE / "calib", tmp_path / "out"))
     assert result.exit_code == 2 and result.stderr == f"Error: {tmp_path / 'nope.onnx'}: no such model file\n"
@@ -344,3 +371,25 @@ def test_hostile_names_are_escaped_in_report_md(tmp_path):
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert "<script>" not in markdown and "&lt;script&gt;" in markdown
     assert md_escape(HOSTILE_NAME) in markdown
+
+
+# --- hostile recipes ------------------------------------------------------------------------
+
+
+def test_yaml_alias_bombs_and_self_references_are_refused(tmp_path):
+    from qtool.errors import RecipeError
+    from qtool.recipe import load_recipe
+
+    laughs = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    laughs += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    cases = {"bomb.yaml": ("\n".join(laughs) + "\n", "YAML aliases expand this document past 100,000 values"),
+             "self.yaml": ("calibration: &a [*a]\n", ":1: a YAML alias refers to itself"),
+             "deep.yaml": ("[" * 5000 + "]" * 5000 + "\n", "nested too deeply")}
+    for name, (text, message) in cases.items():
+        path = tmp_path / name
+        path.write_text(text)
+        started = time.monotonic()
+        with pytest.raises(RecipeError) as info:
+            load_recipe(path)
+        assert str(info.value).startswith(str(path)) and message in str(info.value), str(info.value)
+        assert time.monotonic() - started < 20  # no hang: aliases are counted, never expanded

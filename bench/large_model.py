@@ -1,0 +1,99 @@
+"""Benchmark: quantize a model past protobuf's 2 GB limit (weights in external data).
+
+Generates a chain of MatMul → Relu layers whose float weights total more than 2 GB
+(default 9 × 8192×8192 float32 = 2.42 GB) in a temporary folder, with a small
+calibration folder, then runs `qtool quantize` on it in a child process and
+prints wall time, the child's peak RSS, and the sizes in and out. Not part of
+the tests: it needs ~3 GB of disk and several GB of memory.
+
+    python bench/large_model.py [--width 8192] [--layers 9] [--samples 8] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+
+def write_model(folder: Path, width: int, layers: int) -> Path:
+    """Write the model with every weight as external data, one layer at a time in memory."""
+    rng = np.random.default_rng(0)
+    nodes, initializers, previous = [], [], "x"
+    data_file = folder / "model.onnx.data"
+    offset = 0
+    with open(data_file, "wb") as handle:
+        for i in range(layers):
+            weight = (rng.standard_normal((width, width), dtype=np.float32) / np.sqrt(width)).astype(np.float32)
+            raw = weight.tobytes()
+            handle.write(raw)
+            tensor = TensorProto(name=f"w{i}", data_type=TensorProto.FLOAT, dims=weight.shape)
+            tensor.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", data_file.name), ("offset", str(offset)), ("length", str(len(raw)))):
+                tensor.external_data.add(key=key, value=value)
+            offset += len(raw)
+            initializers.append(tensor)
+            nodes += [helper.make_node("MatMul", [previous, f"w{i}"], [f"m{i}"], name=f"matmul{i}"),
+                      helper.make_node("Relu", [f"m{i}"], [f"r{i}"], name=f"relu{i}")]
+            previous = f"r{i}"
+            del weight, raw
+    graph = helper.make_graph(nodes, "large", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+                              [helper.make_tensor_value_info(previous, TensorProto.FLOAT, ["N", width])],
+                              initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path = folder / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--width", type=int, default=8192)
+    parser.add_argument("--layers", type=int, default=9)
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--keep", type=Path, help="Work in this folder and keep it (default: a temp folder).")
+    args = parser.parse_args()
+
+    folder = args.keep or Path(tempfile.mkdtemp(prefix="qtool-large-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        started = time.perf_counter()
+        model = write_model(folder, args.width, args.layers)
+        data = folder / "calib"
+        data.mkdir(exist_ok=True)
+        rng = np.random.default_rng(1)
+        for i in range(args.samples):
+            np.save(data / f"{i:04d}.npy", rng.standard_normal((1, args.width), dtype=np.float32))
+        size_in = model.stat().st_size + (folder / "model.onnx.data").stat().st_size
+        print(f"model: {args.layers} x MatMul {args.width}x{args.width}, {size_in / 1e9:.2f} GB "
+              f"(written in {time.perf_counter() - started:.1f} s)", flush=True)
+
+        output = folder / "out"
+        started = time.perf_counter()
+        child = subprocess.Popen([sys.executable, "-m", "qtool", "quantize", str(model), "--data", str(data),
+                                  "--output", str(output), "--overwrite", "-q"])
+        _, status, usage = os.wait4(child.pid, 0)
+        seconds = time.perf_counter() - started
+        code = os.waitstatus_to_exitcode(status)
+        print(f"qtool quantize: exit {code}, {seconds:.1f} s, peak RSS {usage.ru_maxrss / 2**20:.2f} GB")
+        if code in (0, 1):
+            out_files = {p.name: p.stat().st_size for p in output.iterdir()}
+            print("output:", ", ".join(f"{name} {size / 1e6:.1f} MB" for name, size in sorted(out_files.items())))
+        sys.exit(code)
+    finally:
+        if args.keep is None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

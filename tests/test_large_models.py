@@ -1,0 +1,68 @@
+"""Models past protobuf's 2 GB limit, simulated: the limit is lowered so a small model takes every large-model path.
+
+Input with external data → load (checker by path) → calibrate (ORT session through a
+temporary file) → quantize (checker by path) → save with external data inside the
+output folder. bench/large_model.py runs the real > 2 GB case.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from conftest import make_model, save_npy_folder
+from qtool import api
+
+
+def matmul_chain(width: int = 64, layers: int = 3) -> onnx.ModelProto:
+    rng = np.random.RandomState(0)
+    nodes, weights, previous = [], {}, "x"
+    for i in range(layers):
+        weights[f"w{i}"] = (rng.randn(width, width) / np.sqrt(width)).astype(np.float32)
+        nodes += [helper.make_node("MatMul", [previous, f"w{i}"], [f"m{i}"], name=f"matmul{i}"),
+                  helper.make_node("Relu", [f"m{i}"], [f"r{i}"], name=f"relu{i}")]
+        previous = f"r{i}"
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+                      [helper.make_tensor_value_info(previous, TensorProto.FLOAT, ["N", width])], weights)
+
+
+@pytest.fixture
+def small_limit(monkeypatch):
+    """Every qtool module that compares against PROTOBUF_LIMIT sees 16 KiB instead of 2 GiB."""
+    for name, module in list(sys.modules.items()):
+        if name.startswith("qtool") and hasattr(module, "PROTOBUF_LIMIT"):
+            monkeypatch.setattr(module, "PROTOBUF_LIMIT", 16 << 10)
+
+
+def test_external_data_model_through_the_large_model_path(tmp_path, small_limit):
+    source = tmp_path / "in"
+    source.mkdir()
+    float_model = matmul_chain()
+    onnx.save_model(float_model, str(source / "model.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
+    assert (source / "weights.bin").stat().st_size > 3 * 64 * 64 * 4 - 1
+    rng = np.random.RandomState(1)
+    data = save_npy_folder(tmp_path / "data", [rng.randn(1, 64) for _ in range(8)])
+    output = tmp_path / "out"
+
+    result = api.quantize(source / "model.onnx", data, None, output)
+
+    files = sorted(p.name for p in output.iterdir())
+    assert "model.onnx" in files and "model.onnx.data" in files
+    header = onnx.load(str(output / "model.onnx"), load_external_data=False)
+    locations = {entry.value for tensor in header.graph.initializer for entry in tensor.external_data
+                 if entry.key == "location"}
+    assert locations == {"model.onnx.data"}  # inside the output folder, relative
+    session = ort.InferenceSession(str(output / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = rng.randn(4, 64).astype(np.float32)
+    reference = ort.InferenceSession(str(source / "model.onnx"), providers=["CPUExecutionProvider"])
+    got, want = session.run(None, {"x": x})[0], reference.run(None, {"x": x})[0]
+    assert np.abs(got - want).max() < 0.1 * np.abs(want).max()
+    # Saving with external data must not strip the weights from the model the api returns.
+    assert all(t.data_location == TensorProto.DEFAULT for t in result.model.graph.initializer)
+    assert result.report["calibration"]["samples"] == 8
