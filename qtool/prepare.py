@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import ModelProto, numpy_helper
 
-from qtool.model import GraphIndex, PROTOBUF_LIMIT
+from qtool.model import GraphIndex, PROTOBUF_LIMIT, opset_version
 
 
 def constants_to_initializers(model: ModelProto) -> int:
@@ -144,6 +144,134 @@ def name_nodes(model: ModelProto) -> int:
     return named
 
 
+# Ops evaluated ahead of time when every input is a constant (exporters leave
+# Reshape(bias, shape) and friends in the graph). Small, pure and shape-only or
+# elementwise, so folding them cannot blow up the file.
+FOLDABLE_OP_TYPES = {
+    "Reshape", "Transpose", "Unsqueeze", "Squeeze", "Flatten", "Cast", "Identity",
+    "Concat", "Add", "Sub", "Mul", "Div", "Neg", "Sqrt", "Reciprocal",
+}
+FOLD_LIMIT_BYTES = 64 << 20
+
+
+def fold_constants(model: ModelProto) -> int:
+    """Replace nodes whose inputs are all initializers by their computed outputs."""
+    graph = model.graph
+    index = GraphIndex(graph)
+    constants = {name: numpy_helper.to_array(init) for name, init in index.initializers.items()}
+    kept, folded = [], 0
+    for node in graph.node:
+        inputs = [name for name in node.input if name]
+        if (node.op_type not in FOLDABLE_OP_TYPES or node.domain not in ("", "ai.onnx") or not inputs
+                or not all(name in constants for name in inputs) or len(node.output) != 1
+                or node.output[0] in index.graph_outputs):
+            kept.append(node)
+            continue
+        value = _evaluate(node, constants, opset_version(model))
+        if value is None or value.nbytes > FOLD_LIMIT_BYTES:
+            kept.append(node)
+            continue
+        constants[node.output[0]] = value
+        graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+        folded += 1
+    if folded:
+        del graph.node[:]
+        graph.node.extend(kept)
+        remove_unused_initializers(model)
+    return folded
+
+
+def _evaluate(node: onnx.NodeProto, constants: dict, opset: int) -> np.ndarray | None:
+    """Run one node with onnx's reference evaluator; None when it cannot."""
+    from onnx.reference import ReferenceEvaluator
+
+    try:
+        evaluator = ReferenceEvaluator(node, opsets={"": opset})
+        (value,) = evaluator.run(None, {name: constants[name] for name in node.input if name})
+    except Exception:  # an op or attribute the evaluator does not know: leave it to ORT
+        return None
+    return np.asarray(value)
+
+
+def fold_conv_add(model: ModelProto) -> int:
+    """Fold `Add(Conv(x), c)` with a per-channel constant `c` into the Conv's bias."""
+    graph = model.graph
+    index = GraphIndex(graph)
+    removed: set[int] = set()
+    folded = 0
+    for add in graph.node:
+        if add.op_type != "Add" or len(add.input) != 2:
+            continue
+        conv_out, constant = (add.input if add.input[1] in index.initializers else add.input[::-1])
+        conv = index.producer.get(conv_out)
+        if (constant not in index.initializers or conv is None or conv.op_type != "Conv"
+                or conv.input[1] not in index.initializers or len(index.consumers[conv_out]) != 1
+                or conv_out in index.graph_outputs
+                or (len(conv.input) > 2 and conv.input[2] and conv.input[2] not in index.initializers)):
+            continue
+        weight_dims = index.initializers[conv.input[1]].dims
+        addend = _per_channel(numpy_helper.to_array(index.initializers[constant]), weight_dims[0], len(weight_dims))
+        if addend is None:
+            continue
+        has_bias = len(conv.input) > 2 and conv.input[2]
+        bias = (numpy_helper.to_array(index.initializers[conv.input[2]]).astype(np.float64)
+                if has_bias else np.zeros(weight_dims[0]))
+        bias_name = index.unique_name(f"{conv.name or conv.output[0]}.add_bias")
+        graph.initializer.append(numpy_helper.from_array((bias + addend).astype(np.float32), bias_name))
+        if len(conv.input) > 2:
+            conv.input[2] = bias_name
+        else:
+            conv.input.append(bias_name)
+        conv.output[0] = add.output[0]
+        removed.add(id(add))
+        folded += 1
+    if folded:
+        kept = [node for node in graph.node if id(node) not in removed]
+        del graph.node[:]
+        graph.node.extend(kept)
+        remove_unused_initializers(model)
+    return folded
+
+
+def _per_channel(addend: np.ndarray, channels: int, rank: int) -> np.ndarray | None:
+    """The addend as a [C] vector when it broadcasts over [N, C, spatial...] by channel only."""
+    if addend.ndim > rank:
+        return None
+    if addend.size == 1:
+        return np.full(channels, float(addend.reshape(())))
+    padded = (1,) * (rank - addend.ndim) + addend.shape
+    if padded[0] == 1 and padded[1] == channels and all(d == 1 for d in padded[2:]):
+        return addend.reshape(channels).astype(np.float64)
+    return None
+
+
+def div_by_constant_to_mul(model: ModelProto) -> int:
+    """Rewrite `Div(x, c)` with a constant float `c` as `Mul(x, 1/c)`.
+
+    ONNX Runtime has an integer Mul (QLinearMul) but no integer Div, so a float
+    Div in a hard-swish (x * relu6(x + 3) / 6) breaks every integer chain it sits
+    in with a DequantizeLinear/QuantizeLinear pair. The result differs from the
+    Div by at most float rounding.
+    """
+    graph = model.graph
+    index = GraphIndex(graph)
+    rewritten = 0
+    for node in graph.node:
+        if node.op_type != "Div" or node.domain not in ("", "ai.onnx") or node.input[1] not in index.initializers:
+            continue
+        divisor = numpy_helper.to_array(index.initializers[node.input[1]])
+        if divisor.dtype != np.float32 or not np.all(np.isfinite(divisor)) or np.any(divisor == 0):
+            continue
+        reciprocal = index.unique_name(f"{node.input[1]}.reciprocal")
+        graph.initializer.append(numpy_helper.from_array((1.0 / divisor).astype(np.float32), reciprocal))
+        node.op_type = "Mul"
+        node.input[1] = reciprocal
+        rewritten += 1
+    if rewritten:
+        remove_unused_initializers(model)
+    return rewritten
+
+
 def prepare_model(model: ModelProto) -> tuple[ModelProto, list[str]]:
     """Run every preparation pass; returns the model and what was done."""
     notes = []
@@ -153,8 +281,17 @@ def prepare_model(model: ModelProto) -> tuple[ModelProto, list[str]]:
     moved = constants_to_initializers(model)
     if moved:
         notes.append(f"{moved} Constant nodes turned into initializers")
+    constant_nodes = fold_constants(model)
+    if constant_nodes:
+        notes.append(f"{constant_nodes} nodes with constant inputs computed ahead of time")
     folded = fold_batchnorm(model)
     if folded:
         notes.append(f"{folded} BatchNormalization nodes folded into Conv")
+    bias_adds = fold_conv_add(model)
+    if bias_adds:
+        notes.append(f"{bias_adds} constant Adds after a Conv folded into its bias")
+    divisions = div_by_constant_to_mul(model)
+    if divisions:
+        notes.append(f"{divisions} divisions by a constant rewritten as multiplications (integer kernels exist)")
     model = infer_shapes(model)
     return model, notes

@@ -55,3 +55,39 @@ def test_batchnorm_not_folded_when_conv_output_is_shared():
     )
     assert fold_batchnorm(model) == 0
     onnx.checker.check_model(model)
+
+
+def test_paddle_style_bias_add_and_division_are_folded():
+    """Conv → Add(Reshape(bias)) and x / 6 (hard-swish) become a Conv bias and a Mul."""
+    rng = np.random.default_rng(1)
+    model = make_model(
+        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+         helper.make_node("Reshape", ["b", "shape"], ["b4"], name="reshape_bias"),
+         helper.make_node("Add", ["c", "b4"], ["a"], name="bias_add"),
+         helper.make_node("Div", ["a", "six"], ["y"], name="div")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 5, 5])],
+        {"w": rng.normal(size=(4, 3, 1, 1)).astype(np.float32), "b": rng.normal(size=4).astype(np.float32),
+         "shape": np.array([1, 4, 1, 1], np.int64), "six": np.array(6.0, np.float32)},
+    )
+    feeds = {"x": rng.normal(size=(2, 3, 5, 5)).astype(np.float32)}
+    expected = outputs(model, feeds)["y"]
+    prepared, notes = prepare_model(model)
+    assert [node.op_type for node in prepared.graph.node] == ["Conv", "Mul"]
+    assert len(prepared.graph.node[0].input) == 3  # the Add became the Conv's bias
+    assert "1 constant Adds after a Conv folded into its bias" in notes
+    np.testing.assert_allclose(outputs(prepared, feeds)["y"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_spatial_add_is_not_folded_into_bias():
+    rng = np.random.default_rng(2)
+    model = make_model(
+        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+         helper.make_node("Add", ["c", "plane"], ["y"], name="add")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 5, 5])],
+        {"w": rng.normal(size=(4, 3, 1, 1)).astype(np.float32),
+         "plane": rng.normal(size=(1, 1, 5, 5)).astype(np.float32)},
+    )
+    prepared, _ = prepare_model(model)
+    assert [node.op_type for node in prepared.graph.node] == ["Conv", "Add"]
