@@ -1,8 +1,10 @@
 """Function-preserving graph clean-up before quantization.
 
 Constant nodes become initializers (exported Paddle models keep every weight
-in one), BatchNormalization is folded into the Conv before it, shapes are
-inferred. Each pass returns the number of things it changed.
+in one), constant subgraphs are computed, BatchNormalization and constant
+bias Adds are folded into the Conv before them, divisions by a constant
+become multiplications, shapes are inferred. Each pass returns the number of
+things it changed.
 """
 
 from __future__ import annotations
@@ -53,49 +55,61 @@ def fold_batchnorm(model: ModelProto) -> int:
     graph = model.graph
     index = GraphIndex(graph)
     removed: set[int] = set()
-    folded = 0
     for bn in list(graph.node):
         if bn.op_type != "BatchNormalization" or len(bn.output) != 1:
             continue
-        conv = index.producer.get(bn.input[0])
+        conv = _sole_conv_producer(index, bn.input[0])
         params = [index.initializers.get(name) for name in bn.input[1:5]]
-        if (
-            conv is None
-            or conv.op_type != "Conv"
-            or len(index.consumers[conv.output[0]]) != 1
-            or conv.output[0] in index.graph_outputs
-            or any(p is None for p in params)
-            or conv.input[1] not in index.initializers
-            or (len(conv.input) > 2 and conv.input[2] and conv.input[2] not in index.initializers)
-            or len(index.consumers[conv.input[1]]) != 1
-        ):
+        if conv is None or any(p is None for p in params) or len(index.consumers[conv.input[1]]) != 1:
             continue
         epsilon = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
         gamma, beta, mean, var = (numpy_helper.to_array(p).astype(np.float64) for p in params)
         weight_init = index.initializers[conv.input[1]]
         weight = numpy_helper.to_array(weight_init).astype(np.float64)
-        has_bias = len(conv.input) > 2 and conv.input[2]
-        bias = (numpy_helper.to_array(index.initializers[conv.input[2]]).astype(np.float64)
-                if has_bias else np.zeros(weight.shape[0]))
         factor = gamma / np.sqrt(var + epsilon)
         new_weight = weight * factor.reshape(-1, *([1] * (weight.ndim - 1)))
-        new_bias = (bias - mean) * factor + beta
+        new_bias = (_conv_bias(index, conv) - mean) * factor + beta
         weight_init.CopyFrom(numpy_helper.from_array(new_weight.astype(np.float32), weight_init.name))
-        bias_name = index.unique_name(f"{conv.name or conv.output[0]}.folded_bias")
-        graph.initializer.append(numpy_helper.from_array(new_bias.astype(np.float32), bias_name))
-        if len(conv.input) > 2:
-            conv.input[2] = bias_name
-        else:
-            conv.input.append(bias_name)
-        conv.output[0] = bn.output[0]
+        _absorb_into_conv(index, conv, new_bias, bn, "folded_bias")
         removed.add(id(bn))
-        folded += 1
-    if folded:
-        kept = [node for node in graph.node if id(node) not in removed]
-        del graph.node[:]
-        graph.node.extend(kept)
+    _drop_nodes(model, removed)
+    return len(removed)
+
+
+def _sole_conv_producer(index: GraphIndex, tensor: str) -> onnx.NodeProto | None:
+    """The Conv writing `tensor` when only one node reads it and its weights are constant."""
+    conv = index.producer.get(tensor)
+    if (conv is None or conv.op_type != "Conv" or len(index.consumers[tensor]) != 1
+            or tensor in index.graph_outputs or conv.input[1] not in index.initializers
+            or (len(conv.input) > 2 and conv.input[2] and conv.input[2] not in index.initializers)):
+        return None
+    return conv
+
+
+def _conv_bias(index: GraphIndex, conv: onnx.NodeProto) -> np.ndarray:
+    """The Conv's bias in float64, zeros when it has none."""
+    if len(conv.input) > 2 and conv.input[2]:
+        return numpy_helper.to_array(index.initializers[conv.input[2]]).astype(np.float64)
+    return np.zeros(index.initializers[conv.input[1]].dims[0])
+
+
+def _absorb_into_conv(index: GraphIndex, conv: onnx.NodeProto, bias: np.ndarray, follower, label: str) -> None:
+    """Give the Conv a new bias and the follower's output, so the follower can be dropped."""
+    bias_name = index.unique_name(f"{conv.name or conv.output[0]}.{label}")
+    index.graph.initializer.append(numpy_helper.from_array(bias.astype(np.float32), bias_name))
+    if len(conv.input) > 2:
+        conv.input[2] = bias_name
+    else:
+        conv.input.append(bias_name)
+    conv.output[0] = follower.output[0]
+
+
+def _drop_nodes(model: ModelProto, removed: set[int]) -> None:
+    if removed:
+        kept = [node for node in model.graph.node if id(node) not in removed]
+        del model.graph.node[:]
+        model.graph.node.extend(kept)
         remove_unused_initializers(model)
-    return folded
 
 
 def remove_unused_initializers(model: ModelProto) -> int:
@@ -198,39 +212,21 @@ def fold_conv_add(model: ModelProto) -> int:
     graph = model.graph
     index = GraphIndex(graph)
     removed: set[int] = set()
-    folded = 0
     for add in graph.node:
         if add.op_type != "Add" or len(add.input) != 2:
             continue
         conv_out, constant = (add.input if add.input[1] in index.initializers else add.input[::-1])
-        conv = index.producer.get(conv_out)
-        if (constant not in index.initializers or conv is None or conv.op_type != "Conv"
-                or conv.input[1] not in index.initializers or len(index.consumers[conv_out]) != 1
-                or conv_out in index.graph_outputs
-                or (len(conv.input) > 2 and conv.input[2] and conv.input[2] not in index.initializers)):
+        conv = _sole_conv_producer(index, conv_out)
+        if constant not in index.initializers or conv is None:
             continue
         weight_dims = index.initializers[conv.input[1]].dims
         addend = _per_channel(numpy_helper.to_array(index.initializers[constant]), weight_dims[0], len(weight_dims))
         if addend is None:
             continue
-        has_bias = len(conv.input) > 2 and conv.input[2]
-        bias = (numpy_helper.to_array(index.initializers[conv.input[2]]).astype(np.float64)
-                if has_bias else np.zeros(weight_dims[0]))
-        bias_name = index.unique_name(f"{conv.name or conv.output[0]}.add_bias")
-        graph.initializer.append(numpy_helper.from_array((bias + addend).astype(np.float32), bias_name))
-        if len(conv.input) > 2:
-            conv.input[2] = bias_name
-        else:
-            conv.input.append(bias_name)
-        conv.output[0] = add.output[0]
+        _absorb_into_conv(index, conv, _conv_bias(index, conv) + addend, add, "add_bias")
         removed.add(id(add))
-        folded += 1
-    if folded:
-        kept = [node for node in graph.node if id(node) not in removed]
-        del graph.node[:]
-        graph.node.extend(kept)
-        remove_unused_initializers(model)
-    return folded
+    _drop_nodes(model, removed)
+    return len(removed)
 
 
 def _per_channel(addend: np.ndarray, channels: int, rank: int) -> np.ndarray | None:
