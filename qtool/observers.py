@@ -16,7 +16,10 @@ from qtool.numerics import QType, quant_bounds
 from qtool.recipe import CalibrationSpec
 
 SUMMARY_PERCENTILES = (50.0, 99.0, 99.9, 99.99)
-MAX_KL_CANDIDATES = 2048  # bounds the entropy search's memory when `bins` is large
+# Thresholds the entropy search scores: at most 512, so a 2048-bin histogram is searched in steps
+# of <= 3.5 bins (0.17 % of its range) in ~2 ms instead of ~17 ms for every bin (1,793 x 257 groups).
+MAX_KL_CANDIDATES = 512
+CHUNK = 1 << 15  # values binned at a time: the chunk's float and index copies fit in L2 cache
 KL_EPSILON = 1e-4  # Q's floor where P has mass: a threshold in a sparse tail costs, not forbids
 
 
@@ -34,13 +37,24 @@ class Observer(Protocol):
     def summary(self) -> dict: ...
 
 
-def _finite(batch: np.ndarray) -> np.ndarray:
-    """The batch's finite values, flat: inf and nan never widen a range."""
+def _finite(batch: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """The batch's finite values, flat, with their min and max: inf and nan never widen a range.
+
+    min and max come first: when both are finite (nan propagates into them) every value is,
+    and the batch is used as it is, without an isfinite pass or a copy.
+    """
     flat = np.ravel(batch)
     if flat.dtype.kind != "f":
         flat = flat.astype(np.float64)
-    keep = np.isfinite(flat)
-    return flat if keep.all() else flat[keep]
+    if not flat.size:
+        return flat, math.inf, -math.inf
+    lo, hi = float(flat.min()), float(flat.max())
+    if math.isfinite(lo) and math.isfinite(hi):
+        return flat, lo, hi
+    flat = flat[np.isfinite(flat)]
+    if not flat.size:
+        return flat, math.inf, -math.inf
+    return flat, float(flat.min()), float(flat.max())
 
 
 def _samples(batch: np.ndarray) -> int:
@@ -96,9 +110,8 @@ class MinMaxObserver:
         self.drift = _Drift(expected_samples)
 
     def update(self, batch: np.ndarray) -> None:
-        finite = batch[np.isfinite(batch)] if not np.all(np.isfinite(batch)) else batch
+        finite, lo, hi = _finite(batch)
         if finite.size:
-            lo, hi = float(finite.min()), float(finite.max())
             if self.lo is None:
                 self.lo, self.hi = lo, hi
             elif self.momentum > 0:
@@ -139,20 +152,39 @@ class _Histogram:
         self.start = 0  # the first bin's left edge is start * width
         self.zeros = 0  # exact zeros are representable: they carry no rounding error
 
-    def add(self, values: np.ndarray) -> None:
-        """Count finite values."""
-        bins, new_zeros = len(self.counts), int(np.count_nonzero(values == 0))
-        self.zeros += new_zeros
-        lo, hi = min(float(values.min()), 0.0), max(float(values.max()), 0.0)
+    def add(self, values: np.ndarray, lo: float, hi: float, absolute: bool = False) -> None:
+        """Count finite flat `values` (their magnitudes when `absolute`); lo, hi: their min and max
+        (of the magnitudes when `absolute`)."""
+        bins = len(self.counts)
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
         if self.width == 0:
             if hi == lo:
-                return  # only zeros so far: counted in self.zeros until a grid exists
+                self.zeros += values.size  # only zeros so far: counted once a grid exists
+                return
             self.width = (hi - lo) / (bins - 1)
             self.start = math.floor(lo / self.width)
-            self.counts[min(-self.start, bins - 1)] += self.zeros - new_zeros
+            self.counts[min(-self.start, bins - 1)] += self.zeros
         else:
             self._grow(lo, hi)
-        self.counts += np.bincount(self._index(values), minlength=bins)
+        counts = np.zeros(bins, dtype=np.intp)
+        top = hi / self.width - self.start > bins - 1.01  # may round onto the top edge: clamp
+        position = np.empty(min(values.size, CHUNK), dtype=values.dtype)
+        index = np.empty(len(position), dtype=np.intp)
+        for at in range(0, values.size, CHUNK):  # chunks stay in cache across the passes below
+            chunk = values[at : at + CHUNK]
+            n = len(chunk)
+            pos, idx = position[:n], index[:n]
+            self.zeros += int(np.count_nonzero(chunk == 0))
+            if absolute:
+                np.abs(chunk, out=pos)
+                chunk = pos
+            np.divide(chunk, self.width, out=pos)  # float32 stays float32: half the memory traffic
+            pos -= self.start
+            if top:
+                np.minimum(pos, bins - 1, out=pos)
+            np.copyto(idx, pos, casting="unsafe")  # values lie inside the grid: truncation is floor
+            counts += np.bincount(idx, minlength=bins)
+        self.counts += counts
 
     def _grow(self, lo: float, hi: float) -> None:
         """Fit [lo, hi] and the occupied bins: shift the grid, doubling the width only if needed."""
@@ -172,12 +204,6 @@ class _Histogram:
         merged = np.clip(merged, 0, bins - 1).astype(np.intp)  # only empty bins are clipped
         self.counts = np.bincount(merged, weights=self.counts, minlength=bins)
         self.width, self.start = width, low
-
-    def _index(self, values: np.ndarray) -> np.ndarray:
-        position = values / self.width  # float32 stays float32: half the memory traffic
-        position -= self.start
-        index = position.astype(np.intp)  # values lie inside the grid: truncation is floor
-        return np.minimum(index, len(self.counts) - 1, out=index)  # the top edge
 
     @property
     def total(self) -> float:
@@ -225,19 +251,27 @@ class _HistogramObserver:
         self.hist = _Histogram(spec.bins)
         self.lo, self.hi = math.inf, -math.inf  # observed extremes of x
         self.drift = _Drift(expected_samples)
+        self._result: Range | None = None  # the threshold searches cost milliseconds: once per update
+
 
     def update(self, batch: np.ndarray) -> None:
-        values = _finite(batch)
+        values, lo, hi = _finite(batch)
         if values.size:
-            self.lo, self.hi = min(self.lo, float(values.min())), max(self.hi, float(values.max()))
-            self.hist.add(np.abs(values) if self.symmetric else values)
+            self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
+            if self.symmetric:
+                self.hist.add(values, 0.0, max(-lo, hi), absolute=True)
+            else:
+                self.hist.add(values, lo, hi)
+            self._result = None
         self.drift.step(_samples(batch), self.result)
 
     def result(self) -> Range:
         if self.hist.width == 0:  # nothing seen, or only zeros
             return Range(0.0, 0.0)
-        lo, hi = self._choose()
-        return Range(float(max(lo, self.lo)), float(min(hi, self.hi)))
+        if self._result is None:
+            lo, hi = self._choose()
+            self._result = Range(float(max(lo, self.lo)), float(min(hi, self.hi)))
+        return self._result
 
     def _choose(self) -> tuple[float, float]:
         raise NotImplementedError

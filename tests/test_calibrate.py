@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import numpy as np
@@ -65,6 +66,34 @@ def test_streaming_equals_one_batch(tiny, method):
         assert a.hi == pytest.approx(b.hi, abs=resolution), name
         if method == "minmax":
             assert (a.lo, a.hi) == (b.lo, b.hi)
+
+
+@pytest.mark.parametrize("budget, runs", [(10**9, 3), (16 * 64 * 4 * 3 * 4, 1 + 8), (10_000, 1 + 2 * 31)])
+def test_runs_stay_under_the_memory_budget(tiny, monkeypatch, budget, runs):
+    """Whatever the batch size: runs of as many samples as fit, or one pass per tensor group."""
+    module = importlib.import_module("qtool.calibrate")  # `qtool.calibrate` is also the api function
+    model, folder = tiny
+    spec = CalibrationSpec(method="percentile", batch_size=16, percentile=99.9)
+    expected = ranges(model, folder, spec)
+    exposed = []
+    real_run = module.run
+
+    def recording_run(session, feeds):
+        outputs = real_run(session, feeds)
+        exposed.append(sum(value.nbytes for name, value in outputs.items() if name in TENSORS))
+        return outputs
+
+    monkeypatch.setattr(module, "MEMORY_BUDGET", budget)
+    monkeypatch.setattr(module, "run", recording_run)
+    seen = []
+    data = DataFolder(folder, model_inputs(model))
+    table = collect(model, TENSORS, data, spec, QTYPES["uint8"], False, progress=lambda *a: seen.append(a))
+    assert len(exposed) == runs and max(exposed[1:]) <= budget  # the first run measures one sample
+    assert table.samples == 32 and seen[-1][0] == seen[-1][1]
+    for name in TENSORS:  # the same samples, in other runs: the same ranges within two bins
+        got, want = table.ranges[name], expected[name]
+        resolution = 2 * 2 * (want.hi - want.lo) / CalibrationSpec().bins
+        assert got.lo == pytest.approx(want.lo, abs=resolution) and got.hi == pytest.approx(want.hi, abs=resolution)
 
 
 def test_overrides_first_match_wins(tiny):

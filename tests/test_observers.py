@@ -63,7 +63,7 @@ def test_rebinned_histogram_equals_histogram_of_all_values_on_final_grid():
     batches += [rng.normal(0, 1, 500), rng.uniform(-40, 90, 500), np.zeros(100)]
     hist = _Histogram(256)
     for batch in batches:
-        hist.add(batch)
+        hist.add(batch, float(batch.min()), float(batch.max()))
     everything = np.concatenate(batches)
     edges = (hist.start + np.arange(257)) * hist.width
     assert edges[0] <= everything.min() and everything.max() <= edges[-1]
