@@ -20,6 +20,7 @@ from rich.table import Table
 from qtool import __version__, api
 from qtool import starter
 from qtool.recipe import recipe_json_schema
+from qtool.report import render_json
 from qtool.errors import (EXIT_GATE_FAILED, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, QtoolError,
                           one_line, reason)
 
@@ -109,6 +110,27 @@ class StageProgress:
             self.console.print(f"{stage}: {done}/{total if total else '?'} samples{rate}", highlight=False)
 
 
+# --- Output conventions shared by every command -------------------------------------------
+
+
+def make_console(stderr: bool = False) -> Console:
+    """Colour only on a terminal (rich decides) and never with NO_COLOR set, not even bold."""
+    return Console(stderr=stderr, color_system=None if os.environ.get("NO_COLOR") else "auto")
+
+
+def output_options(command):
+    """`--quiet`, `--verbose` and `--json`, spelled and meant the same on every command."""
+    command = click.option("--json", "as_json", is_flag=True,
+                           help="Print the result as JSON on stdout, and nothing else there.")(command)
+    command = click.option("--verbose", "-v", is_flag=True, help="Print more detail.")(command)
+    command = click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")(command)
+    return command
+
+
+def _echo_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=False))
+
+
 @click.group(cls=QtoolGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="qtool")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
@@ -143,11 +165,11 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--bench", is_flag=True, help="Measure float vs quantized latency (interleaved, ORT CPU).")
 @click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime intra-op threads for --bench.")
 @click.option("--junit", type=click.Path(path_type=Path), help="Write a JUnit XML file: one test case per gate.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress and no summary table.")
+@output_options
 def quantize(model: Path, recipe_path: Path | None, data_dir: Path | None, calibration: Path | None,
              output_dir: Path, validation_data: Path | None, labels: Path | None, overwrite: bool,
              per_layer: bool, bench: bool, threads: int | None, junit: Path | None,
-             quiet: bool) -> None:
+             quiet: bool, verbose: bool, as_json: bool) -> None:
     """Quantize MODEL to int8 QDQ, validate it against the float model, write a report.
 
     Exit codes: 0 done and every gate passed; 1 a gate failed (artifacts
@@ -160,14 +182,15 @@ def quantize(model: Path, recipe_path: Path | None, data_dir: Path | None, calib
       qtool quantize model.onnx --calibration table.json \\
           --validation-data eval/ --output out/int8
     """
-    err = make_console(stderr=True)
-    with StageProgress(err, quiet) as progress:
+    with StageProgress(make_console(stderr=True), quiet or as_json) as progress:
         result = api.quantize(model, data_dir, recipe_path, output_dir, validation_data=validation_data,
                               labels=labels, calibration=calibration, overwrite=overwrite, per_layer=per_layer,
                               bench=bench, threads=threads, junit=junit,
                               step_summary=os.environ.get("GITHUB_STEP_SUMMARY") or None, progress=progress)
-    if not quiet:
-        _print_summary(make_console(), result.report, output_dir)
+    if as_json:
+        click.echo(render_json(result.report), nl=False)
+    elif not quiet:
+        _print_summary(make_console(), result.report, output_dir, verbose)
     for gate in result.gates:
         if not gate.passed:
             click.echo(gate.describe(), err=True)
@@ -183,9 +206,9 @@ def quantize(model: Path, recipe_path: Path | None, data_dir: Path | None, calib
 @click.option("--output", "output_path", required=True, type=click.Path(path_type=Path),
               help="Calibration table file to write (JSON).")
 @click.option("--overwrite", is_flag=True, help="Replace the table file if it exists.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress and no summary.")
+@output_options
 def calibrate(model: Path, data_dir: Path, recipe_path: Path | None, output_path: Path, overwrite: bool,
-              quiet: bool) -> None:
+              quiet: bool, verbose: bool, as_json: bool) -> None:
     """Measure a range for every tensor the recipe would quantize; write a calibration table.
 
     The table (JSON, versioned) holds per tensor its range, method and the
@@ -200,11 +223,17 @@ def calibrate(model: Path, data_dir: Path, recipe_path: Path | None, output_path
       qtool quantize model.onnx --calibration table.json --recipe configs/int8.yaml \\
           --validation-data eval/ --output out/int8
     """
-    with StageProgress(make_console(stderr=True), quiet) as progress:
+    with StageProgress(make_console(stderr=True), quiet or as_json) as progress:
         result = api.calibrate(model, data_dir, recipe_path, output_path, overwrite=overwrite, progress=progress)
+    if as_json:
+        _echo_json(result.document)
+        return
     if quiet:
         return
     tensors = result.document["tensors"]
+    if verbose:
+        for name, entry in tensors.items():
+            click.echo(f"{name}: [{entry['lo']:.6g}, {entry['hi']:.6g}] ({entry['method']})")
     drifts = [(entry["summary"].get("range_drift"), name) for name, entry in tensors.items()
               if isinstance(entry["summary"].get("range_drift"), (int, float))]
     line = f"wrote {output_path}: {len(tensors)} tensors, {result.table.samples} samples"
@@ -214,7 +243,7 @@ def calibrate(model: Path, data_dir: Path, recipe_path: Path | None, output_path
     click.echo(line)
 
 
-def _print_summary(console: Console, report: dict, output_dir: Path) -> None:
+def _print_summary(console: Console, report: dict, output_dir: Path, verbose: bool) -> None:
     table = Table(title=f"qtool quantize → {output_dir}", show_header=True)
     table.add_column("figure")
     table.add_column("value", justify="right")
@@ -236,27 +265,13 @@ def _print_summary(console: Console, report: dict, output_dir: Path) -> None:
     console.print(table)
     for warning in report["warnings"]:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
-
-
-# --- Output conventions shared by every command -------------------------------------------
-
-
-def make_console(stderr: bool = False) -> Console:
-    """Colour only on a terminal (rich decides) and never with NO_COLOR set, not even bold."""
-    return Console(stderr=stderr, color_system=None if os.environ.get("NO_COLOR") else "auto")
-
-
-def output_options(command):
-    """`--quiet`, `--verbose` and `--json`, spelled and meant the same on every command."""
-    command = click.option("--json", "as_json", is_flag=True,
-                           help="Print the result as JSON on stdout, and nothing else there.")(command)
-    command = click.option("--verbose", "-v", is_flag=True, help="Print more detail.")(command)
-    command = click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")(command)
-    return command
-
-
-def _echo_json(data) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=False))
+    if verbose:
+        for note in report["prepare"] + report["plan"]["notes"]:
+            console.print(f"note: {note}", highlight=False, markup=False)
+        for node in report["plan"]["nodes"]:
+            state = "int" if node["quantized"] else "float"
+            console.print(f"{state:5} {node['op_type']:<20} {node['node']}: {node['reason']}",
+                          highlight=False, markup=False)
 
 
 # --- inspect, schema ------------------------------------------------------------------------
@@ -420,8 +435,6 @@ def compare(reference: Path, candidate: Path, data_dir: Path, labels: Path | Non
                              step_summary=os.environ.get("GITHUB_STEP_SUMMARY") or None, overwrite=overwrite,
                              progress=progress)
     if as_json:
-        from qtool.report import render_json
-
         click.echo(render_json(result.report), nl=False)
     elif not quiet:
         _print_compare_summary(make_console(), result.report, output_dir, verbose)

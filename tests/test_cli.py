@@ -134,3 +134,16 @@ def test_data_that_does_not_fit_names_the_file(tmp_path):
     assert result.returncode == 2
     assert f"{data / '0000.npy'}: array of shape [1, 1, 8, 8] does not fit input image: float32 [N, 1, 16, 16]" \
         in result.stderr
+
+
+@pytest.mark.parametrize("command", ["quantize", "calibrate"])
+def test_json_flag_prints_only_json_on_stdout(tmp_path, command):
+    if command == "quantize":
+        args = quantize_args(tmp_path / "out", "--json")
+    else:
+        args = ["calibrate", str(SAMPLE / "model.onnx"), "--data", str(SAMPLE / "calib"),
+                "--output", str(tmp_path / "table.json"), "--json"]
+    result = qtool(*args)
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["command" if command == "quantize" else "format"] in ("quantize", "qtool-calibration")
