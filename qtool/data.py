@@ -103,6 +103,8 @@ def _safe_load(path: Path) -> np.ndarray:
 
 
 def _checked_array(array: np.ndarray, path: Path) -> np.ndarray:
+    if not isinstance(array, np.ndarray):  # an .npz member not named *.npy comes back as raw bytes
+        raise DataError(f"{path}: holds a member that is not a .npy array; allowed: arrays keyed by input name")
     if array.dtype.kind not in "biuf":
         raise DataError(f"{path}: arrays of dtype {array.dtype} are not allowed; use numbers")
     return array

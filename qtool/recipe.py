@@ -201,6 +201,16 @@ class ExcludeSpec(_Strict):
     nodes: list[str] = Field(default_factory=list, description="Node-name regexes kept float.")
     op_types: list[str] = Field(default_factory=list, description="Op types kept float.")
 
+    @field_validator("nodes")
+    @classmethod
+    def _regexes(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a valid regular expression: {exc}") from None
+        return value
+
 
 class QuantizationSpec(_Strict):
     activations: ActivationSpec = ActivationSpec()

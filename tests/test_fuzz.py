@@ -3,7 +3,7 @@
 Whatever the input, `qtool.quantize` either succeeds or raises a QtoolError
 (exit code 2) — never another exception, never a hang — and a failed run
 leaves no artifact. `make test` runs a small, reproducible budget;
-`make fuzz` (QTOOL_FUZZ_EXAMPLES=3000) runs each test long with fresh random cases.
+`make fuzz` (QTOOL_FUZZ_EXAMPLES=3500) runs each test long with fresh random cases.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.register_profile(
-    "qtool-fuzz", max_examples=FUZZ_EXAMPLES or 3000, deadline=30_000, derandomize=False,
+    "qtool-fuzz", max_examples=FUZZ_EXAMPLES or 3500, deadline=30_000, derandomize=False,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 PROFILE = settings.get_profile("qtool-fuzz" if FUZZ_EXAMPLES else "qtool-ci")
@@ -193,7 +193,8 @@ RECIPE_TEXT = st.one_of(
     st.text(max_size=200),
     st.binary(max_size=200).map(lambda b: b.decode("latin-1")),
     st.sampled_from(["version: 1\n", "!!python/object/apply:os.system ['true']\n", "? [a, b]\n: 1\n",
-                     "calibration: &a [*a]\n", "[" * 5000 + "]" * 5000, "a: " + "{b: " * 3000 + "1" + "}" * 3000, "a: &x 1\nb: *x\n", "version: 1\n...\n---\nversion: 1\n"]),
+                     "calibration: &a [*a]\n", "[" * 5000 + "]" * 5000, "a: " + "{b: " * 3000 + "1" + "}" * 3000,
+                     "a: &x 1\nb: *x\n", "version: 1\n...\n---\nversion: 1\n"]),
 )
 
 

@@ -393,3 +393,27 @@ def test_yaml_alias_bombs_and_self_references_are_refused(tmp_path):
             load_recipe(path)
         assert str(info.value).startswith(str(path)) and message in str(info.value), str(info.value)
         assert time.monotonic() - started < 20  # no hang: aliases are counted, never expanded
+
+
+# --- regressions found by tests/test_fuzz.py ------------------------------------------------
+
+
+def test_invalid_exclude_regex_is_a_recipe_error(tmp_path):
+    from qtool.errors import RecipeError
+    from qtool.recipe import load_recipe
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text("quantization:\n  exclude:\n    nodes:\n    - (\n")
+    with pytest.raises(RecipeError, match=r"recipe.yaml:3: quantization.exclude.nodes: .*not a valid regular"):
+        load_recipe(path)
+
+
+def test_npz_member_that_is_not_npy_is_a_data_error(tmp_path):
+    import zipfile
+
+    data = tmp_path / "data"
+    data.mkdir()
+    with zipfile.ZipFile(data / "0000.npz", "w") as archive:
+        archive.writestr("x", b"raw bytes, not an array")  # np.load hands back bytes for non-.npy members
+    with pytest.raises(DataError, match=r"0000.npz: holds a member that is not a .npy array"):
+        list(DataFolder(data, model_inputs(matmul_model())).batches(8))
