@@ -121,6 +121,13 @@ def measure(case: str, model: str, data: Path, out: Path, samples: int | None = 
 
 
 def figure(model: str, table: Path, workdir: Path) -> float:
+    """In a child too: a child's ru_maxrss starts at its parent's RSS (kept across fork and exec),
+    so a parent grown by quantizing would set a floor under every later measurement."""
+    args = [sys.executable, __file__, "--figure", str(table), "--model", model]
+    return float(subprocess.run(args, cwd=ROOT, check=True, capture_output=True, text=True).stdout.split()[-1])
+
+
+def compute_figure(model: str, table: Path) -> float:
     import qtool
 
     spec = MODELS[model]
@@ -148,8 +155,12 @@ def main() -> None:
     parser.add_argument("--data", type=Path)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--samples", type=int)
+    parser.add_argument("--figure", type=Path, help="internal: print the validation figure of a table and exit")
     parser.add_argument("--models", default="digits,ppocr_det", help="comma-separated (default: both)")
     args = parser.parse_args()
+    if args.figure:
+        print(compute_figure(args.model, args.figure))
+        return
     if args.case:
         run_case(args.case, args.model, args.data, args.out, args.samples)
         return

@@ -214,13 +214,11 @@ class _Histogram:
 
     def quantile(self, q: float) -> float:
         """The value below which a fraction q of the counts lie, interpolated within its bin."""
-        if self.width == 0:
-            return 0.0
-        cum = np.cumsum(self.counts)
-        target = q * cum[-1]
-        j = min(int(np.searchsorted(cum, target)), len(cum) - 1)
-        inside = (target - (cum[j] - self.counts[j])) / self.counts[j] if self.counts[j] else 0.0
-        return float((self.start + j + inside) * self.width)
+        return _quantile(self.counts, self.start, self.width, q) if self.width else 0.0
+
+    def abs_quantile(self, q: float) -> float:
+        """The same for |x|: on the folded counts (bin 0 starts at 0)."""
+        return _quantile(self.folded(), 0, self.width, q) if self.width else 0.0
 
     def cdf(self, x: float) -> float:
         """The fraction of counts below x, interpolated within its bin."""
@@ -235,6 +233,14 @@ class _Histogram:
         """Counts of |x| on the same width, bin 0 starting at 0 (exact: edges are multiples)."""
         index = self.start + np.arange(len(self.counts))
         return np.bincount(np.where(index >= 0, index, -index - 1), weights=self.counts)
+
+
+def _quantile(counts: np.ndarray, start: int, width: float, q: float) -> float:
+    cum = np.cumsum(counts)
+    target = q * cum[-1]
+    j = min(int(np.searchsorted(cum, target)), len(cum) - 1)
+    inside = (target - (cum[j] - counts[j])) / counts[j] if counts[j] else 0.0
+    return float((start + j + inside) * width)
 
 
 class _HistogramObserver:
@@ -296,14 +302,18 @@ class _HistogramObserver:
 
 
 class PercentileObserver(_HistogramObserver):
-    """Drops the rarest (100 - p) % of values, so a few outliers cannot stretch the scale."""
+    """Drops the rarest (100 - p) % of values, those farthest from 0, so a few outliers cannot
+    stretch the scale: t is the p-th percentile of |x|, the range (-t, t) cut to the observed
+    [min, max] (so one-signed data keep 0..t, and a skewed tensor its short side whole).
+
+    Not a percentile per side: that clipped (100 - p) % at each end, cutting the short side
+    of skewed tensors (residual Adds) far inside values the long side kept; on ppocr_det
+    (uint8, 99.99) cosine 0.948 per side, 0.958 with (100 - p) / 2 per side, 0.962 this way.
+    """
 
     def _choose(self) -> tuple[float, float]:
-        p = self.spec.percentile / 100
-        if self.symmetric:
-            t = self.hist.quantile(p)
-            return -t, t
-        return self.hist.quantile(1 - p), self.hist.quantile(p)
+        t = self.hist.abs_quantile(self.spec.percentile / 100)
+        return -t, t
 
 
 class EntropyObserver(_HistogramObserver):

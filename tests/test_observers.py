@@ -114,8 +114,18 @@ def test_percentile_on_uniform_matches_the_analytic_value(p):
     assert symmetric.hi == pytest.approx(p / 100, abs=2e-3)  # |x| ~ U(0, 1)
     assert symmetric.lo == -symmetric.hi
     asymmetric = observe("percentile", batches, "uint8", False, percentile=p).result()
-    assert asymmetric.hi == pytest.approx(1 - 2 * (1 - p / 100), abs=2e-3)
-    assert asymmetric.lo == pytest.approx(-1 + 2 * (1 - p / 100), abs=2e-3)
+    # the same (100 - p) % of values, the farthest from 0 (on a histogram of x, not |x|)
+    assert asymmetric.hi == pytest.approx(symmetric.hi, abs=2e-3)
+    assert asymmetric.lo == pytest.approx(symmetric.lo, abs=2e-3)
+
+
+def test_percentile_keeps_the_short_side_of_a_skewed_tensor():
+    rng = np.random.default_rng(15)
+    x = np.concatenate([rng.uniform(-1, 0, 100_000), rng.uniform(0, 3, 100_000)])
+    observer = observe("percentile", [x], "uint8", False, percentile=99.0)
+    r, width = observer.result(), observer.hist.width
+    assert r.hi == pytest.approx(np.percentile(np.abs(x), 99.0), abs=width)  # the long side is cut
+    assert r.lo == pytest.approx(x.min(), abs=width)  # the short side kept whole (not at -0.98)
 
 
 def test_percentile_interpolates_within_a_bin():
@@ -128,9 +138,9 @@ def test_percentile_matches_numpy_on_skewed_data():
     rng = np.random.default_rng(5)
     x = rng.lognormal(0, 1, 100_000)
     observer = observe("percentile", np.array_split(x, 7), "uint8", False, percentile=99.0)
-    lo, hi = np.percentile(x.astype(np.float32), [1.0, 99.0])
+    hi = np.percentile(x.astype(np.float32), 99.0)
     r, width = observer.result(), observer.hist.width
-    assert r.lo == pytest.approx(lo, abs=width) and r.hi == pytest.approx(hi, abs=width)
+    assert r.lo == pytest.approx(x.min()) and r.hi == pytest.approx(hi, abs=width)
 
 
 @pytest.mark.parametrize("qtype, symmetric", MODES)
