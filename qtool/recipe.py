@@ -52,7 +52,7 @@ class CalibrationSpec(_Strict):
         "minmax", description="How an observed distribution becomes a range."
     )
     percentile: Annotated[float, Field(gt=50.0, le=100.0)] = Field(
-        99.99, description="Percentile kept by the `percentile` method."
+        99.99, description="`percentile` method: the range is ±(this percentile of |x|), cut to the observed min and max."
     )
     moving_average: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
         0.0,
