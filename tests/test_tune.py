@@ -1,0 +1,167 @@
+"""qtool sensitivity and qtool tune: ranking, search, the tuned recipe, interrupts, the Pareto report."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from conftest import ROOT, make_model, save_npy_folder, shared_model
+from qtool import api
+from qtool.recipe import load_recipe
+from qtool.search_report import frontier_chart
+from qtool.tune import parse_duration
+
+QTOOL = Path(sys.executable).parent / "qtool"
+HOSTILE = "/layer3/MatMul"
+
+
+def hostile_model(width: int = 16, layers: int = 6, hostile: int = 3, seed: int = 0) -> onnx.ModelProto:
+    """A MatMul chain; the input of layer 3 has one channel sitting near +1000 (which layer 3's
+    weights then ignore): only its activation range is hostile to 8 bits."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, prev = [], {}, "x"
+    for i in range(layers):
+        w = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+        source = prev
+        if i == hostile:
+            offset = np.zeros(width, np.float32)
+            offset[5] = -1000.0
+            inits["outlier_offset"] = offset
+            nodes.append(helper.make_node("Sub", [prev, "outlier_offset"], ["spread"], name="/spread/Sub"))
+            w[5, :] = 0.0
+            source = "spread"
+        inits[f"w{i}"] = w
+        out = "y" if i == layers - 1 else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [source, f"w{i}"], [out], name=f"/layer{i}/MatMul"))
+        prev = out
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])], inits)
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hostile")
+    onnx.save(hostile_model(), folder / "model.onnx")
+    rng = np.random.default_rng(1)
+    save_npy_folder(folder / "calib", [rng.standard_normal((1, 16)) for _ in range(32)])
+    save_npy_folder(folder / "eval", [rng.standard_normal((1, 16)) for _ in range(32)])
+    (folder / "recipe.yaml").write_text("version: 1\nvalidation:\n  gates: {min_sqnr_db: 12}\n")
+    return folder
+
+
+def test_sensitivity_ranks_the_hostile_layer_first_and_is_cached(hostile, tmp_path):
+    args = (hostile / "model.onnx", hostile / "calib", hostile / "recipe.yaml", tmp_path / "sens")
+    first = api.sensitivity(*args, validation_data=hostile / "eval")
+    assert not first.cache_hit
+    rows = first.rows
+    assert rows[0]["node"] == HOSTILE
+    assert rows[0]["sqnr_db"] < 5 and all(row["sqnr_db"] > 15 for row in rows[1:])
+    assert {row["node"] for row in rows} == {f"/layer{i}/MatMul" for i in range(6)}
+    cache = json.loads((tmp_path / "sens" / "sensitivity.cache.json").read_text())
+    assert cache["rows"][0]["node"] == HOSTILE
+    again = api.sensitivity(*args, validation_data=hostile / "eval", overwrite=True)
+    assert again.cache_hit and [r["node"] for r in again.rows] == [r["node"] for r in rows]
+    assert "sensitivity" in (tmp_path / "sens" / "report.md").read_text()
+    other = api.sensitivity(*args[:3], tmp_path / "float-mode", validation_data=hostile / "eval", mode="only_float")
+    assert other.rows[0]["node"] == HOSTILE and not other.cache_hit
+
+
+def test_tune_promotes_the_hostile_layer_and_nothing_else(hostile, tmp_path):
+    out = tmp_path / "tuned"
+    result = subprocess.run([str(QTOOL), "tune", str(hostile / "model.onnx"), "--recipe", str(hostile / "recipe.yaml"),
+                             "--data", str(hostile / "calib"), "--validation-data", str(hostile / "eval"),
+                             "--output", str(out), "--max-trials", "10"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["chosen"]["promotions"] == [{"node": HOSTILE, "step": "a16"}]
+    assert report["chosen"]["reproduced_by_quantize"] is True
+    assert report["trials"][0]["trial"] == "recipe as given" and not report["trials"][0]["passed"]
+    tuned = load_recipe(out / "recipe.tuned.yaml")
+    assert tuned.quantization.overrides[0].match.name == "^/layer3/MatMul$"
+    assert tuned.validation.gates == {"min_sqnr_db": 12}
+    html = (out / "report.html").read_text()
+    assert "<svg" in html and 'class="chosen"' in html
+    onnx.checker.check_model(onnx.load(out / "model.onnx"))
+
+
+def test_tune_needs_a_target(hostile, tmp_path):
+    (tmp_path / "r.yaml").write_text("version: 1\n")
+    result = subprocess.run([str(QTOOL), "tune", str(hostile / "model.onnx"), "--recipe", str(tmp_path / "r.yaml"),
+                             "--data", str(hostile / "calib"), "--output", str(tmp_path / "o")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "tune needs a target" in result.stderr
+
+
+def ppocr_recipe(tmp_path: Path) -> Path:
+    text = (ROOT / "configs" / "ppocr_cls.yaml").read_text()
+    recipe = tmp_path / "ppocr.yaml"
+    recipe.write_text(text.replace("gates: {min_cosine: 0.85}", "gates: {max_accuracy_drop: 0.01}"))
+    return recipe
+
+
+def test_tune_ppocr_cls_within_one_point_and_quantize_reproduces_it(tmp_path):
+    folder = shared_model("ppocr_cls")
+    out = tmp_path / "tuned"
+    common = ["--data", str(folder / "calib"), "--validation-data", str(folder / "eval")]
+    result = subprocess.run([str(QTOOL), "tune", str(folder / "model.onnx"), "--recipe", str(ppocr_recipe(tmp_path)),
+                             *common, "--output", str(out), "--max-trials", "12", "--jobs", "2",
+                             "--sensitivity-samples", "32"], capture_output=True, text=True, timeout=300)
+    report = json.loads((out / "report.json").read_text())
+    assert result.returncode == 0, (result.stderr, report["search"], report["chosen"])
+    assert report["trials"][0]["accuracy_drop"] > 0.01  # the recipe as given misses the target
+    chosen = next(row for row in report["trials"] if row["chosen"])
+    assert chosen["accuracy_drop"] <= 0.01 and report["chosen"]["promotions"]
+    again = tmp_path / "again"
+    result = subprocess.run([str(QTOOL), "quantize", str(folder / "model.onnx"), "--recipe", str(out / "recipe.tuned.yaml"),
+                             *common, "--output", str(again), "--quiet"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert (again / "model.onnx").read_bytes() == (out / "model.onnx").read_bytes()
+
+
+def test_ctrl_c_keeps_the_best_so_far(tmp_path):
+    folder = shared_model("ppocr_cls")
+    out = tmp_path / "tuned"
+    process = subprocess.Popen([str(QTOOL), "tune", str(folder / "model.onnx"), "--recipe", str(ppocr_recipe(tmp_path)),
+                                "--data", str(folder / "calib"), "--validation-data", str(folder / "eval"),
+                                "--output", str(out), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.monotonic() + 60
+    while not (out / "report.json").exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.1)
+    assert (out / "report.json").exists(), process.communicate()
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "best so far kept" in stderr
+    onnx.checker.check_model(onnx.load(out / "model.onnx"))
+    assert load_recipe(out / "recipe.tuned.yaml").validation.gates == {"max_accuracy_drop": 0.01}
+    report = json.loads((out / "report.json").read_text())
+    assert report["interrupted"] and report["trials"]
+    assert not list(out.glob(".*qtool-tmp"))
+
+
+def test_frontier_chart_escapes_names_and_marks_the_choice():
+    rows = [{"trial": "<script>alert(1)</script>", "size_bytes": 100, "objective": 0.9, "passed": False,
+             "frontier": True, "chosen": False, "promotions": []},
+            {"trial": "b&c", "size_bytes": 120, "objective": 0.99, "passed": True, "frontier": True, "chosen": True,
+             "promotions": []}]
+    svg = frontier_chart(rows, "cosine")
+    assert "<script>" not in svg and "&lt;script&gt;" in svg and "b&amp;c" in svg
+    assert svg.count('class="chosen"') == 1
+
+
+def test_parse_duration():
+    assert parse_duration("90s") == 90 and parse_duration("30m") == 1800 and parse_duration("1.5h") == 5400
+    assert parse_duration("45") == 45
+    with pytest.raises(ValueError):
+        parse_duration("soon")
