@@ -29,8 +29,8 @@ from qtool.data import DataFolder, model_inputs, read_labels
 from qtool.errors import ModelError, RecipeError, UsageError
 from qtool.html_report import render_html
 from qtool.layers import layer_errors, weight_errors
-from qtool.model import (QUANTIZED_OP_TYPES, file_sha256, load_model, model_file_bytes, opset_version, save_model,
-                         upgrade_opset)
+from qtool.model import (QUANTIZED_OP_TYPES, file_sha256, load_model, model_file_bytes, opset_version, proto_size,
+                         save_model, upgrade_opset)
 from qtool.numerics import QTYPES
 from qtool.plan import build_plan, required_opset, select_tensors
 from qtool.prepare import prepare_model
@@ -281,7 +281,7 @@ def quantize(
         bench or "max_latency_ratio" in recipe.validation.gates, threads, tick,
         {decision.node: decision.reason for decision in plan.nodes})
     gates = check_gates(comparison, recipe.validation.gates,
-                        _extra_figures(model_file_bytes(model_path), quantized.ByteSize(), latency))
+                        _extra_figures(model_file_bytes(model_path), proto_size(quantized), latency))
     warnings += _kernel_warnings(comparison, simulated)
     ops = optimized_op_histogram(quantized)
 
@@ -289,7 +289,7 @@ def quantize(
         model_path=model_path, model_sha256=file_sha256(model_path), recipe=recipe,
         calib_data=calib_data, eval_data=eval_data, prepare_notes=prepare_notes,
         table=table, plan=plan, saturating_host=saturating,
-        float_bytes=model_file_bytes(model_path), quantized_bytes=quantized.ByteSize(),
+        float_bytes=model_file_bytes(model_path), quantized_bytes=proto_size(quantized),
         integer_ops={op: n for op, n in sorted(ops.items()) if op in INTEGER_OP_TYPES},
         optimized_ops=dict(sorted(ops.items())),
         comparison=comparison, simulated=simulated, gates=gates, warnings=warnings,

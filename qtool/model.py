@@ -13,6 +13,7 @@ from pathlib import Path
 
 import onnx
 from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import EncodeError
 from onnx import ModelProto, TensorProto, external_data_helper, version_converter
 
 from qtool.errors import ModelError, reason
@@ -24,6 +25,14 @@ QUANTIZED_OP_TYPES = {
     "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear", "MatMulNBits",
 }
 PROTOBUF_LIMIT = 2**31 - 1
+
+
+def proto_size(model: ModelProto) -> int:
+    """model.ByteSize(), which protobuf refuses past 2 GB: then the tensors' sizes added up."""
+    try:
+        return model.ByteSize()
+    except EncodeError:
+        return max(PROTOBUF_LIMIT, sum(t.ByteSize() for t in external_data_helper._get_all_tensors(model)))
 
 
 def file_sha256(path: Path) -> str:
@@ -120,7 +129,7 @@ def check_model(model: ModelProto, path: Path) -> None:
     data was checked to stay inside the model's folder before).
     """
     try:
-        if model.ByteSize() < PROTOBUF_LIMIT:
+        if proto_size(model) < PROTOBUF_LIMIT:
             onnx.checker.check_model(model)
         else:
             onnx.checker.check_model(str(path))
@@ -162,7 +171,7 @@ def upgrade_opset(model: ModelProto, path: Path, target: int = MIN_OPSET) -> tup
 
 def save_model(model: ModelProto, path: Path) -> None:
     """Write a model; weights go to `<name>.data` beside it past protobuf's 2 GB limit."""
-    if model.ByteSize() > PROTOBUF_LIMIT - (64 << 20):
+    if proto_size(model) > PROTOBUF_LIMIT - (64 << 20):
         location = path.name + ".data"
         onnx.save_model(model, str(path), save_as_external_data=True,
                         all_tensors_to_one_file=True, location=location, size_threshold=1024)

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import ModelProto, numpy_helper
 
-from qtool.model import GraphIndex, PROTOBUF_LIMIT, opset_version
+from qtool.model import GraphIndex, PROTOBUF_LIMIT, opset_version, proto_size
 
 
 def constants_to_initializers(model: ModelProto) -> int:
@@ -139,7 +139,7 @@ def _subgraph_inputs(graph: onnx.GraphProto) -> set[str]:
 
 def infer_shapes(model: ModelProto) -> ModelProto:
     """ONNX shape inference, best effort: a model it cannot fully type still works."""
-    if model.ByteSize() > PROTOBUF_LIMIT:
+    if proto_size(model) > PROTOBUF_LIMIT:
         return model
     try:
         return onnx.shape_inference.infer_shapes(model, data_prop=True)

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import ModelProto, helper, numpy_helper, version_converter
 
-from qtool.model import PROTOBUF_LIMIT, GraphIndex, opset_version, save_model
+from qtool.model import PROTOBUF_LIMIT, GraphIndex, opset_version, proto_size, save_model
 from qtool.numerics import QTYPES, quantize
 from qtool.plan import NBitsQuant, QuantPlan
 from qtool.prepare import remove_unused_initializers
@@ -218,7 +218,7 @@ def check_postconditions(model: ModelProto, plan: QuantPlan) -> None:
             f"found {len(quantized_inputs)}"
         )
     try:
-        if model.ByteSize() < PROTOBUF_LIMIT:
+        if proto_size(model) < PROTOBUF_LIMIT:
             onnx.checker.check_model(model)
         else:  # past protobuf's 2 GB the checker reads a file, weights in external data
             with tempfile.TemporaryDirectory(prefix="qtool-check-") as folder:

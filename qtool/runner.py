@@ -14,7 +14,7 @@ import onnxruntime as ort
 from onnx import ModelProto, TensorProto, external_data_helper, helper
 
 from qtool.errors import ModelError, reason
-from qtool.model import PROTOBUF_LIMIT
+from qtool.model import PROTOBUF_LIMIT, proto_size
 
 # Ops ONNX Runtime runs with integer arithmetic once it has fused Q/DQ groups.
 INTEGER_OP_TYPES = {
@@ -67,7 +67,7 @@ def make_session(
     options = session_options(optimize, threads)
     if optimized_model_path is not None:
         options.optimized_model_filepath = str(optimized_model_path)
-    if model.ByteSize() < PROTOBUF_LIMIT:
+    if proto_size(model) < PROTOBUF_LIMIT:
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     with tempfile.TemporaryDirectory(prefix="qtool-session-") as folder:
         path = Path(folder) / "model.onnx"
@@ -86,7 +86,7 @@ def check_runnable(model: ModelProto, path: Path) -> None:
     without this they would fail deep in calibration. Skipped past 2 GB, where
     a session costs a full temporary copy: calibration's own session reports those.
     """
-    if model.ByteSize() >= PROTOBUF_LIMIT:
+    if proto_size(model) >= PROTOBUF_LIMIT:
         return
     try:
         make_session(model, optimize=False)
