@@ -14,7 +14,6 @@ entropy on ppocr_det with 8 and with 64 samples (the images repeated).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess

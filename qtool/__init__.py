@@ -6,6 +6,8 @@ from qtool.api import CalibrateResult, CompareResult, QuantizeResult, calibrate,
 from qtool.errors import QtoolError  # noqa: E402
 from qtool.inspection import Inspection  # noqa: E402
 from qtool.recipe import Recipe, load_recipe  # noqa: E402
+from qtool.tuning import SensitivityResult, TuneResult, sensitivity, tune  # noqa: E402
 
-__all__ = ["CalibrateResult", "CompareResult", "Inspection", "QtoolError", "QuantizeResult", "Recipe", "__version__",
-           "calibrate", "compare", "inspect", "load_recipe", "quantize"]
+__all__ = ["CalibrateResult", "CompareResult", "Inspection", "QtoolError", "QuantizeResult", "Recipe",
+           "SensitivityResult", "TuneResult", "__version__", "calibrate", "compare", "inspect", "load_recipe",
+           "quantize", "sensitivity", "tune"]

@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from qtool import __version__, api
+from qtool import __version__, api, tuning
 from qtool import starter
 from qtool.recipe import recipe_json_schema
 from qtool.report import render_json
@@ -335,8 +335,8 @@ def _print_inspection(console: Console, facts, verbose: bool) -> None:
     quantized = sum(d.quantized for d in facts.decisions)
     line("quantization", f"{quantized} of {len(facts.decisions)} nodes under recipe {facts.recipe}")
     line("  quantized", ", ".join(f"{op}×{n}" for op, n in facts.quantized_op_types().items()) or "none")
-    for reason, ops in facts.float_reasons().items():
-        line("  float", f"{reason}: " + ", ".join(f"{op}×{n}" for op, n in ops.items()))
+    for why, ops in facts.float_reasons().items():
+        line("  float", f"{why}: " + ", ".join(f"{op}×{n}" for op, n in ops.items()))
     if verbose:
         for decision in facts.decisions:
             verdict = "quantized" if decision.quantized else "float"
@@ -597,7 +597,7 @@ def sensitivity(model: Path, recipe_path: Path | None, data_dir: Path, validatio
           --validation-data eval/ --jobs 2 --output out/sensitivity
     """
     with StageProgress(make_console(stderr=True), quiet or as_json) as progress:
-        result = api.sensitivity(model, data_dir, recipe_path, output_dir, validation_data=validation_data,
+        result = tuning.sensitivity(model, data_dir, recipe_path, output_dir, validation_data=validation_data,
                                  labels=labels, mode=mode, samples=samples, jobs=jobs, cache=cache,
                                  overwrite=overwrite, progress=progress)
     if as_json:
@@ -663,7 +663,7 @@ def tune(model: Path, recipe_path: Path, data_dir: Path, validation_data: Path |
             err.print(line, highlight=False, markup=False)
 
     with StageProgress(err, quiet or as_json) as progress:
-        result = api.tune(model, data_dir, recipe_path, output_dir, validation_data=validation_data, labels=labels,
+        result = tuning.tune(model, data_dir, recipe_path, output_dir, validation_data=validation_data, labels=labels,
                           max_trials=max_trials, time_budget=time_budget, jobs=jobs,
                           sensitivity_samples=sensitivity_samples, cache=cache, overwrite=overwrite,
                           progress=progress, on_event=event)
@@ -675,9 +675,9 @@ def tune(model: Path, recipe_path: Path, data_dir: Path, validation_data: Path |
         click.echo(f"{report['search']['trials_run']} trials, {report['search']['wall_s']:.1f} s; "
                    f"{report['search']['stop_reason']}")
         click.echo(f"chosen: {chosen['trial']} ({len(chosen['promotions'])} promotion(s)) → "
-                   f"{output_dir}/model.onnx, {output_dir}/{api.TUNED_RECIPE}")
+                   f"{output_dir}/model.onnx, {output_dir}/{tuning.TUNED_RECIPE}")
     if result.interrupted:
-        click.echo(f"Interrupted: best so far kept in {output_dir} (model.onnx, {api.TUNED_RECIPE}, report.*).",
+        click.echo(f"Interrupted: best so far kept in {output_dir} (model.onnx, {tuning.TUNED_RECIPE}, report.*).",
                    err=True)
         sys.exit(EXIT_INTERRUPTED)
     if not result.passed:

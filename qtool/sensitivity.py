@@ -24,7 +24,7 @@ from onnx import ModelProto
 from qtool.calibrate import CalibrationTable
 from qtool.compare import Comparison, OutputStats, check_gates
 from qtool.metrics import is_classifier_output, top1
-from qtool.model import load_model
+from qtool.model import load_model, proto_size
 from qtool.plan import build_plan, required_opset, select_tensors
 from qtool.qdq import apply_plan
 from qtool.recipe import Recipe
@@ -232,7 +232,7 @@ def run_trial(task: tuple[TrialContext, TrialSpec]) -> TrialResult:
             labelled += int(known.sum())
     figures = {name: s.figures(histogram=False) for name, s in stats.items()}
     accuracy = {key: value / labelled for key, value in correct.items()} if labelled else {}
-    size = quantized.ByteSize()
+    size = proto_size(quantized)
     gates = {name: value for name, value in context.gates.items() if name in SEARCH_GATES}
     verdicts = check_gates(Comparison(samples, figures, accuracy, labelled), gates,
                            {"size_ratio": context.float_bytes / size if size else None})

@@ -171,7 +171,7 @@ def _data_section(inputs: list[InputSpec], data: DataKind, image: ImageChoices) 
     else:
         width, height = decode_image(data.first_image).size
         size = (_round(height), _round(width))
-        lines += [f"    # CHECK: the model's height and width are dynamic; this is the first image",
+        lines += ["    # CHECK: the model's height and width are dynamic; this is the first image",
                   f"    # ({data.first_image.name}, {height}x{width}) rounded to multiples of {SIZE_MULTIPLE}. Use the size",
                   "    # your application feeds (`qtool init --size HxW`).",
                   f"    size: [{size[0]}, {size[1]}]"]

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper
 
-from conftest import ROOT, SAMPLE, make_model, shared_model
+from conftest import SAMPLE, make_model, shared_model
 from qtool import api
 from qtool.cli import main
 

@@ -19,10 +19,10 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import ROOT, SAMPLE, make_model, save_npy_folder
-from qtool import api
+from qtool import api, artifacts
 from qtool.cli import main
 from qtool.data import DataFolder, InputSpec, fit_to_input, model_inputs
-from qtool.errors import DataError, ModelError
+from qtool.errors import DataError, ModelError, UsageError
 from qtool.model import load_model
 from qtool.report import md_escape
 
@@ -111,8 +111,8 @@ def test_failed_write_leaves_nothing(tmp_path, failure):
 
     output = tmp_path / "out"
     writers = {"model.onnx": lambda path: path.write_bytes(b"x" * 1000), "report.json": second_fails}
-    with pytest.raises((type(failure), api.UsageError)):
-        api.write_artifacts(output, False, writers)
+    with pytest.raises((type(failure), UsageError)):
+        artifacts.write_artifacts(output, False, writers)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -125,9 +125,9 @@ def test_overwrite_keeps_the_old_folder_until_the_new_one_is_complete(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        api.write_artifacts(output, True, {"model.onnx": fails})
+        artifacts.write_artifacts(output, True, {"model.onnx": fails})
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and (output / "old.txt").read_text() == "old"
-    api.write_artifacts(output, True, {"model.onnx": lambda path: path.write_text("new")})
+    artifacts.write_artifacts(output, True, {"model.onnx": lambda path: path.write_text("new")})
     assert [p.name for p in output.iterdir()] == ["model.onnx"] and leftovers(tmp_path) == []
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from conftest import ROOT, make_model, save_npy_folder, shared_model
-from qtool import api
+from qtool import tuning
 from qtool.recipe import load_recipe
 from qtool.search_report import frontier_chart
 from qtool.tune import parse_duration
@@ -61,7 +60,7 @@ def hostile(tmp_path_factory):
 
 def test_sensitivity_ranks_the_hostile_layer_first_and_is_cached(hostile, tmp_path):
     args = (hostile / "model.onnx", hostile / "calib", hostile / "recipe.yaml", tmp_path / "sens")
-    first = api.sensitivity(*args, validation_data=hostile / "eval")
+    first = tuning.sensitivity(*args, validation_data=hostile / "eval")
     assert not first.cache_hit
     rows = first.rows
     assert rows[0]["node"] == HOSTILE
@@ -69,10 +68,10 @@ def test_sensitivity_ranks_the_hostile_layer_first_and_is_cached(hostile, tmp_pa
     assert {row["node"] for row in rows} == {f"/layer{i}/MatMul" for i in range(6)}
     cache = json.loads((tmp_path / "sens" / "sensitivity.cache.json").read_text())
     assert cache["rows"][0]["node"] == HOSTILE
-    again = api.sensitivity(*args, validation_data=hostile / "eval", overwrite=True)
+    again = tuning.sensitivity(*args, validation_data=hostile / "eval", overwrite=True)
     assert again.cache_hit and [r["node"] for r in again.rows] == [r["node"] for r in rows]
     assert "sensitivity" in (tmp_path / "sens" / "report.md").read_text()
-    other = api.sensitivity(*args[:3], tmp_path / "float-mode", validation_data=hostile / "eval", mode="only_float")
+    other = tuning.sensitivity(*args[:3], tmp_path / "float-mode", validation_data=hostile / "eval", mode="only_float")
     assert other.rows[0]["node"] == HOSTILE and not other.cache_hit
 
 
