@@ -7,17 +7,12 @@ import os
 import signal
 import sys
 import threading
-import time
 import traceback
 from pathlib import Path
 
 import click
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
-from qtool import __version__, api, tuning
+from qtool import __version__, api, terminal, tuning
 from qtool import starter
 from qtool.recipe import recipe_json_schema
 from qtool.report import render_json
@@ -68,54 +63,7 @@ class QtoolGroup(click.Group):
                 signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
-class StageProgress:
-    """A rich progress bar on a terminal; a plain line every few seconds otherwise (CI logs)."""
-
-    def __init__(self, console: Console, quiet: bool):
-        self.console = console
-        self.quiet = quiet
-        self.bar: Progress | None = None
-        self.tasks: dict[str, int] = {}
-        self.last_line = 0.0
-        self.started: dict[str, float] = {}  # stage → when its first report came (plain lines)
-
-    def __enter__(self):
-        if self.console.is_terminal and not self.quiet:
-            self.bar = Progress(TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
-                                console=self.console, transient=True)
-            self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc_info):
-        if self.bar is not None:
-            self.bar.__exit__(*exc_info)
-
-    def __call__(self, stage: str, done: int, total: int | None) -> None:
-        if self.quiet:
-            return
-        if self.bar is not None:
-            if stage not in self.tasks:
-                self.tasks[stage] = self.bar.add_task(stage, total=total, rate="")
-            task = self.bar.tasks[self.tasks[stage]]
-            rate = f"{done / task.elapsed:.1f} samples/s" if task.elapsed else ""
-            self.bar.update(self.tasks[stage], completed=done, total=total, rate=rate)
-            return
-        now = time.monotonic()
-        start = self.started.setdefault(stage, now)
-        if done == total or now - self.last_line >= 5.0:
-            self.last_line = now
-            # The first report comes after one batch: the rate counts from there (samples/s is approximate).
-            rate = f", {done / (now - start):.1f} samples/s" if now > start else ""
-            self.console.print(f"{stage}: {done}/{total if total else '?'} samples{rate}", highlight=False)
-
-
 # --- Output conventions shared by every command -------------------------------------------
-
-
-def make_console(stderr: bool = False) -> Console:
-    """Colour only on a terminal (rich decides) and never with NO_COLOR set, not even bold."""
-    return Console(stderr=stderr, color_system=None if os.environ.get("NO_COLOR") else "auto")
 
 
 def output_options(command):
@@ -182,7 +130,7 @@ def quantize(model: Path, recipe_path: Path | None, data_dir: Path | None, calib
       qtool quantize model.onnx --calibration table.json \\
           --validation-data eval/ --output out/int8
     """
-    with StageProgress(make_console(stderr=True), quiet or as_json) as progress:
+    with terminal.StageProgress(terminal.make_console(stderr=True), quiet or as_json) as progress:
         result = api.quantize(model, data_dir, recipe_path, output_dir, validation_data=validation_data,
                               labels=labels, calibration=calibration, overwrite=overwrite, per_layer=per_layer,
                               bench=bench, threads=threads, junit=junit,
@@ -190,7 +138,7 @@ def quantize(model: Path, recipe_path: Path | None, data_dir: Path | None, calib
     if as_json:
         click.echo(render_json(result.report), nl=False)
     elif not quiet:
-        _print_summary(make_console(), result.report, output_dir, verbose)
+        terminal.print_quantize_summary(terminal.make_console(), result.report, output_dir, verbose)
     for gate in result.gates:
         if not gate.passed:
             click.echo(gate.describe(), err=True)
@@ -223,7 +171,7 @@ def calibrate(model: Path, data_dir: Path, recipe_path: Path | None, output_path
       qtool quantize model.onnx --calibration table.json --recipe configs/int8.yaml \\
           --validation-data eval/ --output out/int8
     """
-    with StageProgress(make_console(stderr=True), quiet or as_json) as progress:
+    with terminal.StageProgress(terminal.make_console(stderr=True), quiet or as_json) as progress:
         result = api.calibrate(model, data_dir, recipe_path, output_path, overwrite=overwrite, progress=progress)
     if as_json:
         _echo_json(result.document)
@@ -241,37 +189,6 @@ def calibrate(model: Path, data_dir: Path, recipe_path: Path | None, output_path
         drift, name = max(drifts)
         line += f"; largest range drift over the last 10 % of samples: {drift:.1%} ({name})"
     click.echo(line)
-
-
-def _print_summary(console: Console, report: dict, output_dir: Path, verbose: bool) -> None:
-    table = Table(title=f"qtool quantize → {output_dir}", show_header=True)
-    table.add_column("figure")
-    table.add_column("value", justify="right")
-    size = report["size"]
-    table.add_row("size", f"{size['float_bytes']:,} → {size['quantized_bytes']:,} B ({size['ratio']:.2f}×)")
-    table.add_row("nodes quantized", f"{report['plan']['nodes_quantized']} of "
-                  f"{report['plan']['nodes_quantized'] + report['plan']['nodes_float']}")
-    table.add_row("integer ops", ", ".join(f"{op}×{n}" for op, n in report["kernels"]["integer_ops"].items())
-                  or "none")
-    for name, figures in report["validation"]["outputs"].items():
-        table.add_row(f"{name}: cosine / SQNR", f"{figures['cosine']:.5f} / {figures['sqnr_db']:.2f} dB")
-    accuracy = report["validation"].get("accuracy")
-    if accuracy:
-        table.add_row("top-1 float → quantized", f"{accuracy['float']:.2%} → {accuracy['quantized']:.2%}")
-    for gate in report["gates"]:
-        verdict = "[green]pass[/]" if gate["passed"] else "[red]FAIL[/]"
-        value = "n/a" if gate["value"] is None else f"{gate['value']:.4g}"
-        table.add_row(f"gate {gate['name']} ({gate['threshold']:g})", f"{value} {verdict}")
-    console.print(table)
-    for warning in report["warnings"]:
-        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
-    if verbose:
-        for note in report["prepare"] + report["plan"]["notes"]:
-            console.print(f"note: {note}", highlight=False, markup=False)
-        for node in report["plan"]["nodes"]:
-            state = "int" if node["quantized"] else "float"
-            console.print(f"{state:5} {node['op_type']:<20} {node['node']}: {node['reason']}",
-                          highlight=False, markup=False)
 
 
 # --- inspect, schema ------------------------------------------------------------------------
@@ -298,49 +215,7 @@ def inspect(model: Path, recipe_path: Path | None, quiet: bool, verbose: bool, a
     if as_json:
         _echo_json(facts.as_dict())
     elif not quiet:
-        _print_inspection(make_console(), facts, verbose)
-
-
-def _print_inspection(console: Console, facts, verbose: bool) -> None:
-    def line(label: str, text: str, style: str = "") -> None:
-        text = f"[{style}]{escape(text)}[/]" if style else escape(text)
-        console.print(f"[bold]{label:<14}[/]{text}", highlight=False, soft_wrap=True)
-
-    line("model", f"{facts.path} ({facts.file_bytes:,} B)")
-    line("format", f"IR {facts.ir_version}, opset {facts.opset}"
-         + (f", producer {facts.producer}" if facts.producer else ""))
-    for tensor in facts.inputs:
-        line("input", tensor.describe())
-    for tensor in facts.outputs:
-        line("output", tensor.describe())
-    line("nodes", f"{facts.nodes} ({facts.initializers} initializers)")
-    line("op types", ", ".join(f"{op}×{n}" for op, n in facts.op_types.items()))
-    if facts.external_data:
-        files = ", ".join(f"{f.location} ({'missing' if f.bytes is None else f'{f.bytes:,} B'})"
-                          for f in facts.external_data)
-        line("external data", f"{files}; {facts.external_bytes:,} B in all")
-    else:
-        line("external data", "none")
-    if facts.metadata_keys:
-        line("metadata", ", ".join(facts.metadata_keys))
-    for problem in facts.problems:
-        line("problem", f"{problem.action}: {problem.message}", "red" if problem.action == "refuse" else "yellow")
-    if not facts.problems:
-        line("problems", "none")
-    for note in facts.prepare_notes:
-        line("prepare", note)
-    if facts.decisions is None:
-        line("quantization", "not possible until the problems above are fixed", "red")
-        return
-    quantized = sum(d.quantized for d in facts.decisions)
-    line("quantization", f"{quantized} of {len(facts.decisions)} nodes under recipe {facts.recipe}")
-    line("  quantized", ", ".join(f"{op}×{n}" for op, n in facts.quantized_op_types().items()) or "none")
-    for why, ops in facts.float_reasons().items():
-        line("  float", f"{why}: " + ", ".join(f"{op}×{n}" for op, n in ops.items()))
-    if verbose:
-        for decision in facts.decisions:
-            verdict = "quantized" if decision.quantized else "float"
-            line("  node", f"{decision.node} ({decision.op_type}): {verdict}, {decision.reason}")
+        terminal.print_inspection(terminal.make_console(), facts, verbose)
 
 
 @main.command()
@@ -429,7 +304,7 @@ def compare(reference: Path, candidate: Path, data_dir: Path, labels: Path | Non
       qtool compare model.onnx out/int8/model.onnx --data eval/ --per-layer --bench \\
           --gate min_cosine=0.99 --gate max_latency_ratio=1.2 --junit gates.xml --output out/compare
     """
-    with StageProgress(make_console(stderr=True), quiet or as_json) as progress:
+    with terminal.StageProgress(terminal.make_console(stderr=True), quiet or as_json) as progress:
         result = api.compare(reference, candidate, data_dir, output_dir, labels=labels, recipe=recipe_path,
                              gates=gates, per_layer=per_layer, bench=bench, threads=threads, junit=junit,
                              step_summary=os.environ.get("GITHUB_STEP_SUMMARY") or None, overwrite=overwrite,
@@ -437,41 +312,12 @@ def compare(reference: Path, candidate: Path, data_dir: Path, labels: Path | Non
     if as_json:
         click.echo(render_json(result.report), nl=False)
     elif not quiet:
-        _print_compare_summary(make_console(), result.report, output_dir, verbose)
+        terminal.print_compare_summary(terminal.make_console(), result.report, output_dir, verbose)
     for gate in result.gates:
         if not gate.passed:
             click.echo(gate.describe(), err=True)
     if not result.passed:
         sys.exit(EXIT_GATE_FAILED)
-
-
-def _print_compare_summary(console: Console, report: dict, output_dir: Path, verbose: bool) -> None:
-    table = Table(title=f"qtool compare → {output_dir}", show_header=True)
-    table.add_column("figure")
-    table.add_column("value", justify="right")
-    size = report["size"]
-    table.add_row("size", f"{size['float_bytes']:,} → {size['quantized_bytes']:,} B ({size['ratio']:.2f}× smaller)")
-    latency = report.get("latency")
-    if latency:
-        table.add_row("latency ratio (median)", f"{latency['ratio']:.3f} ({latency['reference']['median_ms']:.3g} → "
-                      f"{latency['candidate']['median_ms']:.3g} ms)")
-    for name, f in report["validation"]["outputs"].items():
-        agreement = f" / top-1 agr. {f['top1_agreement']:.2%}" if "top1_agreement" in f else ""
-        table.add_row(f"{escape(name)}: cosine / SQNR", f"{f['cosine']:.5f} / {f['sqnr_db']:.2f} dB{agreement}")
-    accuracy = report["validation"].get("accuracy")
-    if accuracy:
-        table.add_row("top-1 reference → candidate", f"{accuracy['float']:.2%} → {accuracy['quantized']:.2%}")
-    layers = report.get("layers")
-    if layers:
-        for row in layers["activations"][: 10 if verbose else 3]:
-            table.add_row(f"worst layer {escape(row['tensor'])} ({escape(row['op_type'])})", f"{row['sqnr_db']:.2f} dB")
-    for gate in report["gates"]:
-        verdict = "[green]pass[/]" if gate["passed"] else "[red]FAIL[/]"
-        value = "n/a" if gate["value"] is None else f"{gate['value']:.6g}"
-        table.add_row(f"gate {gate['name']} ({gate['threshold']:g})", f"{value} {verdict}")
-    console.print(table)
-    for warning in report["warnings"]:
-        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
 
 
 # --- init -----------------------------------------------------------------------------------
@@ -596,24 +442,16 @@ def sensitivity(model: Path, recipe_path: Path | None, data_dir: Path, validatio
       qtool sensitivity model.onnx --recipe configs/int8.yaml --data calib/ \\
           --validation-data eval/ --jobs 2 --output out/sensitivity
     """
-    with StageProgress(make_console(stderr=True), quiet or as_json) as progress:
+    with terminal.StageProgress(terminal.make_console(stderr=True), quiet or as_json) as progress:
         result = tuning.sensitivity(model, data_dir, recipe_path, output_dir, validation_data=validation_data,
-                                 labels=labels, mode=mode, samples=samples, jobs=jobs, cache=cache,
-                                 overwrite=overwrite, progress=progress)
+                                    labels=labels, mode=mode, samples=samples, jobs=jobs, cache=cache,
+                                    overwrite=overwrite, progress=progress)
     if as_json:
         click.echo(render_json(result.report), nl=False)
         return
     if quiet:
         return
-    console = make_console()
-    table = Table(title=f"qtool sensitivity → {output_dir}" + (" (cached)" if result.cache_hit else ""))
-    for column in ("rank", "node", "op", "SQNR dB"):
-        table.add_column(column, justify="right" if column in ("rank", "SQNR dB") else "left")
-    for row in result.rows[: 20 if verbose else 5]:
-        sqnr = row.get("sqnr_db")
-        table.add_row(str(row.get("rank")), escape(row["node"]), escape(row.get("op_type", "")),
-                      f"{sqnr:.2f}" if isinstance(sqnr, float) else str(sqnr))
-    console.print(table)
+    terminal.print_sensitivity(terminal.make_console(), result.rows, output_dir, result.cache_hit, verbose)
 
 
 @main.command()
@@ -656,13 +494,13 @@ def tune(model: Path, recipe_path: Path, data_dir: Path, validation_data: Path |
       qtool tune model.onnx --recipe recipe.yaml --data calib/ --validation-data eval/ \\
           --max-trials 20 --time-budget 30m --jobs 2 --output out/tuned
     """
-    err = make_console(stderr=True)
+    err = terminal.make_console(stderr=True)
 
     def event(line: str) -> None:
         if verbose and not as_json:
             err.print(line, highlight=False, markup=False)
 
-    with StageProgress(err, quiet or as_json) as progress:
+    with terminal.StageProgress(err, quiet or as_json) as progress:
         result = tuning.tune(model, data_dir, recipe_path, output_dir, validation_data=validation_data, labels=labels,
                           max_trials=max_trials, time_budget=time_budget, jobs=jobs,
                           sensitivity_samples=sensitivity_samples, cache=cache, overwrite=overwrite,
