@@ -502,9 +502,9 @@ def tune(model: Path, recipe_path: Path, data_dir: Path, validation_data: Path |
 
     with terminal.StageProgress(err, quiet or as_json) as progress:
         result = tuning.tune(model, data_dir, recipe_path, output_dir, validation_data=validation_data, labels=labels,
-                          max_trials=max_trials, time_budget=time_budget, jobs=jobs,
-                          sensitivity_samples=sensitivity_samples, cache=cache, overwrite=overwrite,
-                          progress=progress, on_event=event)
+                             max_trials=max_trials, time_budget=time_budget, jobs=jobs,
+                             sensitivity_samples=sensitivity_samples, cache=cache, overwrite=overwrite,
+                             progress=progress, on_event=event)
     report = result.report
     if as_json:
         click.echo(render_json(report), nl=False)
