@@ -146,11 +146,14 @@ class _Histogram:
     multiples of the old width, so each new bin is a whole number of old bins: re-binning is exact.
     """
 
-    def __init__(self, bins: int):
+    def __init__(self, bins: int, count_zeros: bool = True):
         self.counts = np.zeros(bins)
         self.width = 0.0  # 0 until a non-zero value arrives
         self.start = 0  # the first bin's left edge is start * width
-        self.zeros = 0  # exact zeros are representable: they carry no rounding error
+        # Exact zeros are representable: they carry no rounding error. Only the mse search
+        # needs them once a grid exists; counting costs two passes over every value.
+        self.count_zeros = count_zeros
+        self.zeros = 0
 
     def add(self, values: np.ndarray, lo: float, hi: float, absolute: bool = False) -> None:
         """Count finite flat `values` (their magnitudes when `absolute`); lo, hi: their min and max
@@ -174,7 +177,8 @@ class _Histogram:
             chunk = values[at : at + CHUNK]
             n = len(chunk)
             pos, idx = position[:n], index[:n]
-            self.zeros += int(np.count_nonzero(chunk == 0))
+            if self.count_zeros:
+                self.zeros += int(np.count_nonzero(chunk == 0))
             if absolute:
                 np.abs(chunk, out=pos)
                 chunk = pos
@@ -246,6 +250,8 @@ def _quantile(counts: np.ndarray, start: int, width: float, q: float) -> float:
 class _HistogramObserver:
     """What percentile, entropy and mse share: a histogram of x, or of |x| when symmetric."""
 
+    needs_zeros = False  # whether the range search reads the count of exact zeros
+
     def __init__(
         self,
         spec: CalibrationSpec,
@@ -254,7 +260,7 @@ class _HistogramObserver:
         expected_samples: int | None = None,
     ):
         self.spec, self.qtype, self.symmetric = spec, qtype, symmetric
-        self.hist = _Histogram(spec.bins)
+        self.hist = _Histogram(spec.bins, count_zeros=self.needs_zeros)
         self.lo, self.hi = math.inf, -math.inf  # observed extremes of x
         self.drift = _Drift(expected_samples)
         self._result: Range | None = None  # the threshold searches cost milliseconds: once per update
@@ -339,6 +345,8 @@ class MseObserver(_HistogramObserver):
     Candidates shrink the observed range toward 0 by one factor a in (0, 1]: (-a|x|max, a|x|max)
     when symmetric, (a min, a max) otherwise (one search for both bounds).
     """
+
+    needs_zeros = True
 
     def _choose(self) -> tuple[float, float]:
         qmin, qmax = quant_bounds(self.qtype, self.symmetric)

@@ -481,6 +481,8 @@ def build_plan(
         if decision.weight_only:
             name = node.input[1]
             array = numpy_helper.to_array(index.initializers[name])
+            if not _finite(name, array, notes):
+                continue
             if decision.weight_only == "matmulnbits":
                 nbits[node.name] = nbits_quant(node, name, array, weight_only.bits, weight_only.block_size,
                                                weight_only.symmetric)
@@ -496,26 +498,30 @@ def build_plan(
             array = numpy_helper.to_array(index.initializers[name])
             # The saturating u8 x s8 kernels exist only for 8-bit weights read with 8-bit activations.
             eight_bit = QTYPES[w_spec.dtype].bits == 8 and QTYPES[act_spec.dtype].bits == 8
-            if name not in constants:
+            if name not in constants and _finite(name, array, notes):
                 constants[name] = _weight_quant(node, rule, name, array, w_spec, host_reduce_range and eight_bit)
         for i in decision.activation_inputs:
             name = node.input[i]
             if name in index.initializers and name not in constants:
                 array = numpy_helper.to_array(index.initializers[name])
+                if not _finite(name, array, notes):
+                    continue
                 lo, hi = channel_ranges(array, None)
                 qtype = QTYPES[act_spec.dtype]
                 scale, zero_point = scale_zero_point(lo, hi, qtype, act_spec.symmetric)
                 constants[name] = ConstantQuant(name, act_spec.dtype, None, scale, zero_point, "constant",
                                                 symmetric=act_spec.symmetric)
-        if decision.bias_input is not None:
+        if decision.bias_input is not None and node.input[decision.weight_input] in constants:
             bias = node.input[decision.bias_input]
             weight = node.input[decision.weight_input]
+            bias_values = numpy_helper.to_array(index.initializers[bias])
+            if not _finite(bias, bias_values, notes):
+                continue
             bias_shape = tuple(index.initializers[bias].dims)
             channels = constants[weight].scale.size
             # Every rule's weight axis is its output-channel axis, which the bias follows.
             if node.input[0] in activations and len(bias_shape) == 1 and channels in (1, bias_shape[0]) \
                     and constants[weight].block_size is None:
-                bias_values = numpy_helper.to_array(index.initializers[bias])
                 constants[weight] = _fit_bias_in_int32(constants[weight], bias_values,
                                                        activations[node.input[0]].scale, notes)
                 biases[(node.name, bias)] = BiasQuant(bias, node.name, node.input[0], weight)
@@ -523,6 +529,14 @@ def build_plan(
              for node, d in zip(model.graph.node, nodes)]
     qdq_domain = _check_opset(model, activations, constants, notes)
     return QuantPlan(nodes, activations, constants, biases, host_reduce_range, notes, nbits, qdq_domain)
+
+
+def _finite(name: str, array: np.ndarray, notes: list[str]) -> bool:
+    """Constants holding NaN or inf (masks, broken exports) stay float: no scale can carry them."""
+    if np.all(np.isfinite(array)):
+        return True
+    notes.append(f"{name}: holds NaN or infinite values, kept float")
+    return False
 
 
 def _fit_bias_in_int32(weight: ConstantQuant, bias: np.ndarray, input_scale: float, notes: list[str]) -> ConstantQuant:

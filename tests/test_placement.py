@@ -139,3 +139,21 @@ def test_dead_channel_bias_does_not_saturate_int32(tmp_path):
     dequantized = inits["b_quantized"].astype(np.float64) * inits["b_scale"]
     assert np.all(np.abs(dequantized - bias) <= inits["b_scale"] / 2 + 1e-9)  # rounding error only
     assert abs(dequantized[2] - bias[2]) < 1e-6
+
+
+def test_non_finite_constants_stay_float(tmp_path):
+    weight = RNG.normal(size=(4, 3, 1, 1)).astype(np.float32)
+    weight[1, 0, 0, 0] = np.nan
+    model = make_model(
+        [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv"),
+         helper.make_node("Mul", ["c", "mask"], ["y"], name="mul")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        {"w": weight, "b": np.zeros(4, np.float32), "mask": np.array([1, np.inf, 1, 1], np.float32).reshape(1, 4, 1, 1)},
+    )
+    result = quantize_tiny(tmp_path, model)
+    notes = result.report["plan"]["notes"]
+    assert "w: holds NaN or infinite values, kept float" in notes
+    assert "mask: holds NaN or infinite values, kept float" in notes
+    assert consumers_of_dq(result.model, "Conv") == {"conv": [True, False, False]}
+    assert {init.name for init in result.model.graph.initializer} >= {"w", "mask"}
