@@ -26,7 +26,7 @@ from qtool.errors import ModelError, RecipeError, UsageError
 from qtool.html_report import render_html
 from qtool.layers import layer_errors, weight_errors
 from qtool.model import (QUANTIZED_OP_TYPES, file_sha256, load_model, model_file_bytes, opset_version, proto_size,
-                         save_model, upgrade_opset)
+                         read_header, save_model, upgrade_opset)
 from qtool.numerics import QTYPES
 from qtool.plan import build_plan, required_opset, select_tensors
 from qtool.prepare import prepare_model
@@ -68,7 +68,7 @@ def inspect(model_path: str | Path, recipe: Recipe | str | Path | None = None) -
     """
     model_path = Path(model_path)
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    header = inspection.read_header(model_path)
+    header = read_header(model_path)
     problems = inspection.load_problems(header, model_path)
     notes: list[str] = []
     decisions = None

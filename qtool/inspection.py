@@ -130,21 +130,6 @@ def _tensor_dict(tensor: TensorFacts) -> dict[str, Any]:
             "shape": None if tensor.shape is None else list(tensor.shape)}
 
 
-def read_header(path: Path) -> ModelProto:
-    """The model's graph without external data; only an unreadable file is an error."""
-    if not path.is_file():
-        raise ModelError(f"{path}: no such model file")
-    if path.stat().st_size == 0:
-        raise ModelError(f"{path}: file is empty; expected an ONNX model (.onnx)")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf raises several unrelated types
-        raise ModelError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
-    if not model.graph.node:
-        raise ModelError(f"{path}: not an ONNX model with a graph (no nodes found)")
-    return model
-
-
 def load_problems(model: ModelProto, path: Path) -> list[Problem]:
     """What `load_model` would refuse: unsafe or missing external data, an already-quantized model."""
     problems = []

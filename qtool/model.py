@@ -43,9 +43,8 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_model(path: str | Path, *, allow_quantized: bool = False) -> ModelProto:
-    """Load a float model, with external data, refusing unsafe ones and (unless allowed) quantized ones."""
-    path = Path(path)
+def read_header(path: Path) -> ModelProto:
+    """The model's graph without external data; only an unreadable file is an error."""
     if not path.is_file():
         raise ModelError(f"{path}: no such model file")
     if path.stat().st_size == 0:
@@ -56,6 +55,13 @@ def load_model(path: str | Path, *, allow_quantized: bool = False) -> ModelProto
         raise ModelError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
     if not model.graph.node:
         raise ModelError(f"{path}: not an ONNX model with a graph (no nodes found)")
+    return model
+
+
+def load_model(path: str | Path, *, allow_quantized: bool = False) -> ModelProto:
+    """Load a float model, with external data, refusing unsafe ones and (unless allowed) quantized ones."""
+    path = Path(path)
+    model = read_header(path)
     check_external_data(model, path)
     try:
         external_data_helper.load_external_data_for_model(model, str(path.parent))
