@@ -78,13 +78,9 @@ def print_quantize_summary(console: Console, report: dict, output_dir: Path, ver
     accuracy = report["validation"].get("accuracy")
     if accuracy:
         table.add_row("top-1 float → quantized", f"{accuracy['float']:.2%} → {accuracy['quantized']:.2%}")
-    for gate in report["gates"]:
-        verdict = "[green]pass[/]" if gate["passed"] else "[red]FAIL[/]"
-        value = "n/a" if gate["value"] is None else f"{gate['value']:.4g}"
-        table.add_row(f"gate {gate['name']} ({gate['threshold']:g})", f"{value} {verdict}")
+    _add_gate_rows(table, report["gates"], ".4g")
     console.print(table)
-    for warning in report["warnings"]:
-        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    _print_warnings(console, report["warnings"])
     if verbose:
         for note in report["prepare"] + report["plan"]["notes"]:
             console.print(f"note: {note}", highlight=False, markup=False)
@@ -156,13 +152,9 @@ def print_compare_summary(console: Console, report: dict, output_dir: Path, verb
     if layers:
         for row in layers["activations"][: 10 if verbose else 3]:
             table.add_row(f"worst layer {escape(row['tensor'])} ({escape(row['op_type'])})", f"{row['sqnr_db']:.2f} dB")
-    for gate in report["gates"]:
-        verdict = "[green]pass[/]" if gate["passed"] else "[red]FAIL[/]"
-        value = "n/a" if gate["value"] is None else f"{gate['value']:.6g}"
-        table.add_row(f"gate {gate['name']} ({gate['threshold']:g})", f"{value} {verdict}")
+    _add_gate_rows(table, report["gates"], ".6g")
     console.print(table)
-    for warning in report["warnings"]:
-        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
+    _print_warnings(console, report["warnings"])
 
 
 def print_sensitivity(console: Console, rows: list[dict], output_dir: Path, cache_hit: bool, verbose: bool) -> None:
@@ -174,3 +166,16 @@ def print_sensitivity(console: Console, rows: list[dict], output_dir: Path, cach
         table.add_row(str(row.get("rank")), escape(row["node"]), escape(row.get("op_type", "")),
                       f"{sqnr:.2f}" if isinstance(sqnr, float) else str(sqnr))
     console.print(table)
+
+
+def _add_gate_rows(table: Table, gates: list[dict], value_format: str) -> None:
+    for gate in gates:
+        verdict = "[green]pass[/]" if gate["passed"] else "[red]FAIL[/]"
+        value = "n/a" if gate["value"] is None else format(gate["value"], value_format)
+        table.add_row(f"gate {gate['name']} ({gate['threshold']:g})", f"{value} {verdict}")
+
+
+def _print_warnings(console: Console, warnings: list[str]) -> None:
+    """Warnings quote model names: escaped, so `[...]` in a name is text, not markup."""
+    for warning in warnings:
+        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)

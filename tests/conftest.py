@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_models" / "digits_cnn"
@@ -38,3 +38,16 @@ def save_npy_folder(folder: Path, arrays) -> Path:
     for i, array in enumerate(arrays):
         np.save(folder / f"{i:04d}.npy", np.asarray(array, dtype=np.float32))
     return folder
+
+
+def matmul_chain(width: int = 8, layers: int = 1, seed: int = 0) -> onnx.ModelProto:
+    """x [N, width] → (MatMul → Relu) × layers, seeded weights."""
+    rng = np.random.RandomState(seed)
+    nodes, weights, previous = [], {}, "x"
+    for i in range(layers):
+        weights[f"w{i}"] = (rng.randn(width, width) / np.sqrt(width)).astype(np.float32)
+        nodes += [helper.make_node("MatMul", [previous, f"w{i}"], [f"m{i}"], name=f"matmul{i}"),
+                  helper.make_node("Relu", [f"m{i}"], [f"r{i}"], name=f"relu{i}")]
+        previous = f"r{i}"
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+                      [helper.make_tensor_value_info(previous, TensorProto.FLOAT, ["N", width])], weights)

@@ -13,22 +13,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto
 
-from conftest import make_model, save_npy_folder
+from conftest import matmul_chain, save_npy_folder
 from qtool import api
-
-
-def matmul_chain(width: int = 64, layers: int = 3) -> onnx.ModelProto:
-    rng = np.random.RandomState(0)
-    nodes, weights, previous = [], {}, "x"
-    for i in range(layers):
-        weights[f"w{i}"] = (rng.randn(width, width) / np.sqrt(width)).astype(np.float32)
-        nodes += [helper.make_node("MatMul", [previous, f"w{i}"], [f"m{i}"], name=f"matmul{i}"),
-                  helper.make_node("Relu", [f"m{i}"], [f"r{i}"], name=f"relu{i}")]
-        previous = f"r{i}"
-    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
-                      [helper.make_tensor_value_info(previous, TensorProto.FLOAT, ["N", width])], weights)
 
 
 @pytest.fixture
@@ -42,7 +30,7 @@ def small_limit(monkeypatch):
 def test_external_data_model_through_the_large_model_path(tmp_path, small_limit):
     source = tmp_path / "in"
     source.mkdir()
-    float_model = matmul_chain()
+    float_model = matmul_chain(64, 3)
     onnx.save_model(float_model, str(source / "model.onnx"), save_as_external_data=True,
                     all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
     assert (source / "weights.bin").stat().st_size > 3 * 64 * 64 * 4 - 1

@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import ROOT, SAMPLE, make_model, save_npy_folder
+from conftest import ROOT, SAMPLE, make_model, matmul_chain, save_npy_folder
 from qtool import api, artifacts
 from qtool.cli import main
 from qtool.data import DataFolder, InputSpec, fit_to_input, model_inputs
@@ -41,24 +41,11 @@ def leftovers(folder: Path) -> list[str]:
     return sorted(path.name for path in folder.glob("*.qtool-tmp"))
 
 
-def matmul_model(width: int = 8, layers: int = 1, seed: int = 0) -> onnx.ModelProto:
-    """x [N, width] → (MatMul → Relu) × layers, seeded weights."""
-    rng = np.random.RandomState(seed)
-    nodes, weights, previous = [], {}, "x"
-    for i in range(layers):
-        weights[f"w{i}"] = (rng.randn(width, width) / np.sqrt(width)).astype(np.float32)
-        nodes += [helper.make_node("MatMul", [previous, f"w{i}"], [f"m{i}"], name=f"matmul{i}"),
-                  helper.make_node("Relu", [f"m{i}"], [f"r{i}"], name=f"relu{i}")]
-        previous = f"r{i}"
-    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
-                      [helper.make_tensor_value_info(previous, TensorProto.FLOAT, ["N", width])], weights)
-
-
 @pytest.fixture
 def small(tmp_path):
     """A one-MatMul model and 16 samples: (model path, data folder)."""
     model = tmp_path / "model.onnx"
-    onnx.save(matmul_model(), str(model))
+    onnx.save(matmul_chain(), str(model))
     rng = np.random.RandomState(1)
     data = save_npy_folder(tmp_path / "data", [rng.randn(1, 8) for _ in range(16)])
     return model, data
@@ -159,7 +146,7 @@ def test_output_may_not_be_or_contain_an_input(small, target):
 def slow_job(tmp_path_factory):
     """A model and 800 one-sample files: calibration with batch_size 1 takes seconds."""
     folder = tmp_path_factory.mktemp("slow")
-    onnx.save(matmul_model(width=512, layers=8), str(folder / "model.onnx"))
+    onnx.save(matmul_chain(width=512, layers=8), str(folder / "model.onnx"))
     rng = np.random.RandomState(2)
     save_npy_folder(folder / "data", [rng.randn(1, 512) for _ in range(800)])
     (folder / "recipe.yaml").write_text("version: 1\ncalibration: {method: minmax, batch_size: 1}\n")
@@ -199,7 +186,7 @@ def test_signal_mid_calibration_leaves_nothing(slow_job, tmp_path, signum, code)
 def external_model(folder: Path, location: str) -> Path:
     """A model whose weight lives in external data at `location` (written as given, not checked)."""
     folder.mkdir(parents=True, exist_ok=True)
-    model = matmul_model()
+    model = matmul_chain()
     weight = model.graph.initializer[0]
     raw = numpy_helper.to_array(weight).tobytes()
     weight.ClearField("float_data")
@@ -269,7 +256,7 @@ def test_truncated_or_foreign_model_files(tmp_path, content, message):
 @pytest.mark.parametrize("where, tag", [("model.metadata_props[0].value", b"QQQQ"),
                                         ("model.graph.node[0].name", b"WWWW")])
 def test_text_that_is_not_utf8_is_refused(tmp_path, where, tag):
-    model = matmul_model()
+    model = matmul_chain()
     model.metadata_props.add(key="note", value="QQQQ")
     model.graph.node[0].name = "WWWW"
     path = tmp_path / "model.onnx"
@@ -280,7 +267,7 @@ def test_text_that_is_not_utf8_is_refused(tmp_path, where, tag):
 
 
 def test_model_onnx_runtime_cannot_load_is_a_model_error(tmp_path):
-    model = matmul_model()
+    model = matmul_chain()
     model.graph.node[1].op_type = "NoSuchOp"
     model.graph.node[1].domain = "example.custom"
     model.opset_import.add(domain="example.custom", version=1)
@@ -322,7 +309,7 @@ def test_pickled_object_arrays_are_refused_and_never_run(tmp_path, suffix):
         np.save(data / "0000.npy", payload, allow_pickle=True)
     else:
         np.savez(data / "0000.npz", x=payload)
-    folder = DataFolder(data, model_inputs(matmul_model()))
+    folder = DataFolder(data, model_inputs(matmul_chain()))
     with pytest.raises(DataError) as info:
         list(folder.batches(8))
     assert str(info.value).startswith(f"{data / ('0000' + suffix)}: ")
@@ -416,4 +403,4 @@ def test_npz_member_that_is_not_npy_is_a_data_error(tmp_path):
     with zipfile.ZipFile(data / "0000.npz", "w") as archive:
         archive.writestr("x", b"raw bytes, not an array")  # np.load hands back bytes for non-.npy members
     with pytest.raises(DataError, match=r"0000.npz: holds a member that is not a .npy array"):
-        list(DataFolder(data, model_inputs(matmul_model())).batches(8))
+        list(DataFolder(data, model_inputs(matmul_chain())).batches(8))
