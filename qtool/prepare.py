@@ -229,6 +229,37 @@ def fold_conv_add(model: ModelProto) -> int:
     return len(removed)
 
 
+def fold_conv_mul(model: ModelProto) -> int:
+    """Fold `Mul(Conv(x), c)` with a per-channel constant `c` into the Conv's weights and bias.
+
+    PP-HGNet-style "learnable affine" blocks put a constant Mul and Add after
+    every Conv; left alone, each is one more 8-bit rounding of the same wide
+    tensor (on ppocr_det each one alone costs the output ~10 dB of SQNR).
+    """
+    graph = model.graph
+    index = GraphIndex(graph)
+    removed: set[int] = set()
+    for mul in graph.node:
+        if mul.op_type != "Mul" or len(mul.input) != 2:
+            continue
+        conv_out, constant = (mul.input if mul.input[1] in index.initializers else mul.input[::-1])
+        conv = _sole_conv_producer(index, conv_out)
+        if constant not in index.initializers or conv is None:
+            continue
+        weight = numpy_helper.to_array(index.initializers[conv.input[1]])
+        factor = _per_channel(numpy_helper.to_array(index.initializers[constant]), weight.shape[0], weight.ndim)
+        if factor is None or weight.dtype != np.float32 or not np.all(np.isfinite(factor)):
+            continue
+        scaled = (weight.astype(np.float64) * factor.reshape((-1,) + (1,) * (weight.ndim - 1))).astype(np.float32)
+        weight_name = index.unique_name(f"{conv.name or conv.output[0]}.scaled_weight")
+        graph.initializer.append(numpy_helper.from_array(scaled, weight_name))
+        conv.input[1] = weight_name
+        _absorb_into_conv(index, conv, _conv_bias(index, conv) * factor, mul, "scaled_bias")
+        removed.add(id(mul))
+    _drop_nodes(model, removed)
+    return len(removed)
+
+
 def _per_channel(addend: np.ndarray, channels: int, rank: int) -> np.ndarray | None:
     """The addend as a [C] vector when it broadcasts over [N, C, spatial...] by channel only."""
     if addend.ndim > rank:
@@ -283,6 +314,9 @@ def prepare_model(model: ModelProto) -> tuple[ModelProto, list[str]]:
     folded = fold_batchnorm(model)
     if folded:
         notes.append(f"{folded} BatchNormalization nodes folded into Conv")
+    scalings = fold_conv_mul(model)
+    if scalings:
+        notes.append(f"{scalings} constant Muls after a Conv folded into its weights")
     bias_adds = fold_conv_add(model)
     if bias_adds:
         notes.append(f"{bias_adds} constant Adds after a Conv folded into its bias")

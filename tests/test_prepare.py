@@ -91,3 +91,27 @@ def test_spatial_add_is_not_folded_into_bias():
     )
     prepared, _ = prepare_model(model)
     assert [node.op_type for node in prepared.graph.node] == ["Conv", "Add"]
+
+
+def test_learnable_affine_after_conv_is_folded_without_touching_shared_weights():
+    """PP-HGNet's Conv → Mul(scale) → Add(bias) becomes one Conv; a second Conv on the same weights keeps them."""
+    rng = np.random.default_rng(3)
+    model = make_model(
+        [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv"),
+         helper.make_node("Mul", ["scale", "c"], ["m"], name="affine_scale"),
+         helper.make_node("Add", ["m", "shift"], ["y"], name="affine_shift"),
+         helper.make_node("Conv", ["x", "w"], ["z"], name="twin")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 5, 5]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 4, 5, 5])],
+        {"w": rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "b": rng.normal(size=4).astype(np.float32),
+         "scale": rng.normal(size=(1, 4, 1, 1)).astype(np.float32), "shift": np.array([0.7], np.float32)},
+    )
+    feeds = {"x": rng.normal(size=(2, 3, 5, 5)).astype(np.float32)}
+    expected = outputs(model, feeds)
+    prepared, notes = prepare_model(model)
+    assert [node.op_type for node in prepared.graph.node] == ["Conv", "Conv"]
+    assert "1 constant Muls after a Conv folded into its weights" in notes
+    assert prepared.graph.node[1].input[1] == "w"  # the twin still reads the original weights
+    for name, value in outputs(prepared, feeds).items():
+        np.testing.assert_allclose(value, expected[name], rtol=1e-5, atol=1e-5)
