@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -143,7 +144,23 @@ def quantize(model: Path, recipe_path: Path | None, data_dir: Path | None, calib
         if not gate.passed:
             click.echo(gate.describe(), err=True)
     if not result.passed:
+        if not quiet and data_dir is not None:
+            click.echo(_tune_hint(model, recipe_path, data_dir, validation_data, labels), err=True)
         sys.exit(EXIT_GATE_FAILED)
+
+
+def _tune_hint(model: Path, recipe_path: Path | None, data_dir: Path, validation_data: Path | None,
+               labels: Path | None) -> str:
+    """The next command after a failed gate: tune finds the nodes to give more bits until the gates pass."""
+    words = ["qtool", "tune", str(model)]
+    if recipe_path is not None:
+        words += ["--recipe", str(recipe_path)]
+    words += ["--data", str(data_dir)]
+    for option, value in (("--validation-data", validation_data), ("--labels", labels)):
+        if value is not None:
+            words += [option, str(value)]
+    words += ["--output", "tuned/"]
+    return "next: `" + " ".join(shlex.quote(word) for word in words) + "` promotes the nodes that cost the most"
 
 
 @main.command()
@@ -353,13 +370,14 @@ def _size(ctx, param, value: str | None) -> tuple[int, int] | None:
 @click.option("--output", "output_path", required=True, type=click.Path(path_type=Path),
               help="Recipe file to write.")
 @click.option("--channels", type=click.Choice(["RGB", "BGR"]),
-              help="Channel order the model was trained on (default RGB, marked CHECK in the recipe).")
+              help="Channel order the model was trained on (default: the model family's, else RGB marked CHECK).")
 @click.option("--mean", callback=_float_list, help="Per-channel mean after scaling, e.g. 0.485,0.456,0.406.")
 @click.option("--std", callback=_float_list, help="Per-channel std, e.g. 0.229,0.224,0.225.")
 @click.option("--scale", type=click.FloatRange(min=0, min_open=True),
               help="Pixels are divided by this first (default 255).")
 @click.option("--size", callback=_size, help="Image size HxW (default: the model's static dims, else the "
-              "first image's rounded to multiples of 32).")
+              "model family's, else the images' one size or a square of their median shorter side, "
+              "rounded to multiples of 32).")
 @click.option("--schema", "schema_ref",
               help="Path or URL for the `$schema` line (default: write qtool-recipe.schema.json beside the recipe).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing recipe file.")
@@ -370,10 +388,11 @@ def init(model: Path, data_dir: Path | None, validation_data: Path | None, outpu
     """Write a starter recipe for MODEL, every section commented.
 
     Inputs come from the model; with image data, data.images is pre-filled:
-    size and layout from the model (or the first image), channel order and
-    mean/std from the options. A file cannot tell those two: without the
-    options the recipe holds neutral defaults marked CHECK. The recipe loads
-    as written; `qtool quantize` runs it unchanged.
+    size and layout from the model (or from the images when its H and W are
+    dynamic); channel order and mean/std from the options, else from a model
+    family the file identifies (PaddleOCR detector, classifier, recogniser),
+    else neutral defaults marked CHECK. The recipe loads as written; `qtool
+    quantize` runs it unchanged.
 
     \b
     Example:

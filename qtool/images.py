@@ -52,6 +52,17 @@ def decode_image(path: Path) -> Image.Image:
         raise DataError(f"{path}: not a readable image ({_reason(exc)})") from None
 
 
+def image_dimensions(path: Path) -> tuple[int, int]:
+    """(height, width) from the file's header, without decoding its pixels."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path, formats=IMAGE_FORMATS) as image:
+                return image.height, image.width
+    except _DECODE_ERRORS as exc:
+        raise DataError(f"{path}: not a readable image ({_reason(exc)})") from None
+
+
 def preprocess_image(path: Path, spec: ImageSpec, size: tuple[int, int] | None) -> np.ndarray:
     """The image at `path` as one sample without a batch axis: [C, H, W] or [H, W, C]."""
     image = decode_image(path)

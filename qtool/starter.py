@@ -1,22 +1,26 @@
 """A starter recipe for one model and data folder: every section written out and commented.
 
 Only what the model and the files can tell is filled in (inputs, image size,
-layout); what they cannot (channel order, mean/std) comes from the caller or
-a neutral default, and the text says which values the user must check.
+layout, and the preprocessing of a model family the file identifies, see
+conventions.py); the rest (channel order, mean/std) comes from the caller or a
+neutral default, and the text says which values the user must check.
 """
 
 from __future__ import annotations
 
 import os
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
 from onnx import ModelProto
 
+from qtool.conventions import Convention, find_convention
 from qtool.data import DATA_SUFFIXES, InputSpec, model_inputs
-from qtool.images import IMAGE_SUFFIXES, decode_image
+from qtool.images import IMAGE_SUFFIXES, image_dimensions
 
 SIZE_MULTIPLE = 32  # the coarsest stride of common CNN backbones (ResNet, MobileNet, DB heads)
+SIZE_SAMPLE_LIMIT = 256  # image headers read to choose a size for dynamic H and W
 SCHEMA_FILE = "qtool-recipe.schema.json"
 
 
@@ -31,10 +35,20 @@ class ImageChoices:
     size: tuple[int, int] | None = None
 
 
+# What an image recipe holds when neither the caller nor a known model family says otherwise.
+NEUTRAL_IMAGE = ImageChoices(channels="RGB", mean=(0.0,), std=(1.0,), scale=255)
+
+
+def _family_defaults(convention: Convention | None) -> ImageChoices:
+    if convention is None:
+        return NEUTRAL_IMAGE
+    return ImageChoices(convention.channels, convention.mean, convention.std, convention.scale, convention.size)
+
+
 @dataclass(frozen=True)
 class DataKind:
     kind: str  # "images", "arrays" or "none"
-    first_image: Path | None = None
+    images: tuple[Path, ...] = ()
     files: int = 0
 
 
@@ -48,8 +62,8 @@ def data_kind(folder: Path | None) -> DataKind:
                        for p in sub.iterdir() if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     if images:
-        return DataKind("images", images[0], len(files))
-    return DataKind("arrays" if files else "none", None, len(files))
+        return DataKind("images", tuple(images), len(files))
+    return DataKind("arrays" if files else "none", (), len(files))
 
 
 def _layout(spec: InputSpec) -> str:
@@ -70,6 +84,21 @@ def _static_hw(spec: InputSpec, layout: str) -> tuple[int, int] | None:
 
 def _round(side: int) -> int:
     return max(SIZE_MULTIPLE, round(side / SIZE_MULTIPLE) * SIZE_MULTIPLE)
+
+
+def size_from_images(images: tuple[Path, ...]) -> tuple[tuple[int, int], str]:
+    """A fixed [H, W] for a model with dynamic H and W, and how it was chosen.
+
+    One size throughout: that size. Mixed sizes (and orientations): a square
+    of the median shorter side, so that most images are shrunk, not blown up.
+    Either way rounded to a multiple of SIZE_MULTIPLE.
+    """
+    sizes = [image_dimensions(path) for path in images[:SIZE_SAMPLE_LIMIT]]
+    if len(set(sizes)) == 1:
+        height, width = sizes[0]
+        return (_round(height), _round(width)), f"every image is {height}x{width}"
+    side = sorted(min(size) for size in sizes)[len(sizes) // 2]
+    return (_round(side), _round(side)), f"square of the median shorter side ({side}) of {len(sizes)} images"
 
 
 def _floats(values) -> str:
@@ -116,7 +145,7 @@ def starter_recipe(
         "  # samples: 256          # use at most this many calibration files (default: all)",
         "",
     ]
-    lines += _data_section(inputs, data, image)
+    lines += _data_section(inputs, data, image, find_convention(model))
     gates = ["min_cosine: 0.99"]
     labelled = validation_dir is not None and (validation_dir / "labels.txt").is_file()
     if labelled:
@@ -149,7 +178,8 @@ def starter_recipe(
     return "\n".join(lines) + "\n"
 
 
-def _data_section(inputs: list[InputSpec], data: DataKind, image: ImageChoices) -> list[str]:
+def _data_section(inputs: list[InputSpec], data: DataKind, image: ImageChoices,
+                  convention: Convention | None) -> list[str]:
     if data.kind != "images":
         what = {"arrays": f"holds {data.files} array files (.npy/.npz): fed as they are",
                 "none": "was not given or holds no data files"}[data.kind]
@@ -164,31 +194,38 @@ def _data_section(inputs: list[InputSpec], data: DataKind, image: ImageChoices) 
     layout = _layout(spec)
     static = _static_hw(spec, layout)
     lines = ["data:", "  images:"]
+    if convention is not None:
+        note = (f"The model shows the producer and input/output shapes of a {convention.family}, so values "
+                f"not given as options follow {convention.source}.")
+        lines += ["    # " + line for line in textwrap.wrap(note, 92)]
     if image.size is not None:
         lines.append(f"    size: [{image.size[0]}, {image.size[1]}]      # [H, W], as given")
     elif static is not None:
         lines.append(f"    size: [{static[0]}, {static[1]}]      # [H, W] from the model's static input dims")
+    elif convention is not None and convention.size is not None:
+        lines.append(f"    size: [{convention.size[0]}, {convention.size[1]}]      # [H, W] of the {convention.family}")
     else:
-        width, height = decode_image(data.first_image).size
-        size = (_round(height), _round(width))
-        lines += ["    # CHECK: the model's height and width are dynamic; this is the first image",
-                  f"    # ({data.first_image.name}, {height}x{width}) rounded to multiples of {SIZE_MULTIPLE}. Use the size",
-                  "    # your application feeds (`qtool init --size HxW`).",
-                  f"    size: [{size[0]}, {size[1]}]"]
+        size, how = size_from_images(data.images)
+        note = (f"CHECK: the model's height and width are dynamic; this size comes from the data ({how}), "
+                f"rounded to multiples of {SIZE_MULTIPLE}. Use the size your application feeds "
+                "(`qtool init --size HxW`).")
+        lines += ["    # " + line for line in textwrap.wrap(note, 92)] + [f"    size: [{size[0]}, {size[1]}]"]
     lines += [
         "    resize: null          # null: resize exactly to size (aspect not kept); N: shorter side to N",
         "    crop: none            # none | center (cut size out of the resized image)",
         f"    layout: {layout}          # from the model's input shape",
     ]
-    if image.channels is None:
+    known = _family_defaults(convention)
+    channels = image.channels or known.channels
+    if image.channels is None and convention is None:
         lines.append("    # CHECK: RGB is a default; use the channel order your model was trained on.")
-    lines.append(f"    channels: {image.channels or 'RGB'}         # RGB | BGR")
-    scale = image.scale if image.scale is not None else 255
+    lines.append(f"    channels: {channels}         # RGB | BGR")
+    scale = image.scale if image.scale is not None else known.scale
     lines.append(f"    scale: {scale:g}            # pixels (0-255) are divided by this first")
-    if image.mean is None or image.std is None:
+    if (image.mean is None or image.std is None) and convention is None:
         lines.append("    # CHECK: mean/std below are neutral defaults (x/scale only): use your training's")
         lines.append("    # normalisation, per channel in the order of `channels`.")
-    lines.append(f"    mean: {_floats(image.mean or (0,))}")
-    lines.append(f"    std: {_floats(image.std or (1,))}")
+    lines.append(f"    mean: {_floats(image.mean or known.mean)}")
+    lines.append(f"    std: {_floats(image.std or known.std)}")
     lines += ["    dtype: float32", ""]
     return lines

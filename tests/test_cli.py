@@ -74,6 +74,7 @@ def test_failed_gate_exits_1_with_artifacts(tmp_path):
     assert result.returncode == 1
     assert "gate min_cosine: FAILED" in result.stderr
     assert "min_top1_agreement" not in result.stderr  # passed gates are not listed as failures
+    assert f"next: `qtool tune {SAMPLE / 'model.onnx'} --recipe {recipe} --data" in result.stderr
     gates = json.loads((output / "report.json").read_text())["gates"]
     assert [(g["name"], g["passed"]) for g in gates] == [("min_cosine", False), ("min_top1_agreement", True)]
 

@@ -8,9 +8,10 @@ import shutil
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from onnx import TensorProto, helper, save
 from PIL import Image
 
-from conftest import ROOT, SAMPLE, shared_model
+from conftest import ROOT, SAMPLE, make_model, shared_model
 from qtool import api
 from qtool.cli import main
 from qtool.recipe import load_recipe, recipe_json_schema
@@ -57,17 +58,20 @@ def test_foreign_schema_file_is_not_replaced_and_schema_url_is_used(tmp_path):
     assert (tmp_path / "qtool-recipe.schema.json").read_text() == "{}"
 
 
+def dynamic_image_model(folder):
+    """A one-Relu model over [N, 3, H, W] images with H and W left open."""
+    model = make_model([helper.make_node("Relu", ["x"], ["y"], name="relu")],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, "H", "W"])])
+    save(model, str(folder / "m.onnx"))
+    return folder / "m.onnx"
+
+
 def test_image_defaults_are_marked_check(tmp_path):
     data = tmp_path / "imgs"
     data.mkdir()
     Image.fromarray(np.zeros((100, 150, 3), np.uint8)).save(data / "a.png")
-    from conftest import make_model
-    from onnx import TensorProto, helper, save
-
-    model = make_model([helper.make_node("Relu", ["x"], ["y"], name="relu")],
-                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
-                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, "H", "W"])])
-    save(model, str(tmp_path / "m.onnx"))
+    dynamic_image_model(tmp_path)
     result = init(str(tmp_path / "m.onnx"), "--data", str(data), "--output", str(tmp_path / "r.yaml"))
     assert result.exit_code == 0 and "CHECK" in result.output
     images = load_recipe(tmp_path / "r.yaml").data.images
@@ -89,20 +93,20 @@ def test_bad_options_exit_2(tmp_path, args, message):
 
 
 def test_ppocr_det_recipe_matches_manifest_and_quantize_runs_it(tmp_path):
-    """Issue 8's bar: init on ppocr_det with the authors' preprocessing → MANIFEST.md's, and it runs."""
+    """Issue 8's bar: plain `qtool init` on ppocr_det gives MANIFEST.md's preprocessing, and the recipe runs."""
     folder = shared_model("ppocr_det")
     recipe = tmp_path / "recipe.yaml"
-    result = init(str(folder / "model.onnx"), "--data", str(folder / "calib"), "--channels", "BGR",
-                  "--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225", "--size", "320x320",
-                  "--output", str(recipe))
+    result = init(str(folder / "model.onnx"), "--data", str(folder / "calib"), "--output", str(recipe))
     assert result.exit_code == 0, result.output
-    assert "CHECK" not in result.output
     images = load_recipe(recipe).data.images
     # MANIFEST.md: BGR, x/255, mean [0.485, 0.456, 0.406], std [0.229, 0.224, 0.225], NCHW, 320x320.
     assert (images.channels, images.scale, images.layout, images.size, images.resize, images.crop) == \
         ("BGR", 255, "NCHW", (320, 320), None, "none")
     assert (images.mean, images.std) == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
     assert images == load_recipe(ROOT / "configs" / "ppocr_det.yaml").data.images
+    text = recipe.read_text()
+    assert "PaddleOCR text detector" in text
+    assert text.count("# CHECK:") == 1  # only the size: the model's H and W are dynamic
     # The recipe as written runs (on two of the images, to keep the test short).
     calib = tmp_path / "calib"
     calib.mkdir()
@@ -112,3 +116,26 @@ def test_ppocr_det_recipe_matches_manifest_and_quantize_runs_it(tmp_path):
     assert (tmp_path / "out" / "model.onnx").is_file()
     assert outcome.report["gates"][0]["name"] == "min_cosine"
 
+
+def test_ppocr_cls_follows_its_family_and_options_still_win(tmp_path):
+    folder = shared_model("ppocr_cls")
+    recipe = tmp_path / "recipe.yaml"
+    result = init(str(folder / "model.onnx"), "--data", str(folder / "calib"), "--channels", "RGB",
+                  "--output", str(recipe))
+    assert result.exit_code == 0 and "CHECK" not in result.output
+    images = load_recipe(recipe).data.images
+    # MANIFEST.md: 48x192, x/255, mean 0.5, std 0.5 (RGB or BGR give the same accuracy; the option wins).
+    assert (images.channels, images.size, images.scale, images.mean, images.std) == \
+        ("RGB", (48, 192), 255, [0.5], [0.5])
+
+
+def test_mixed_image_sizes_give_a_square_of_the_median_shorter_side(tmp_path):
+    data = tmp_path / "imgs"
+    data.mkdir()
+    for index, (height, width) in enumerate([(200, 500), (330, 300), (700, 400)]):
+        Image.fromarray(np.zeros((height, width, 3), np.uint8)).save(data / f"{index}.png")
+    result = init(str(dynamic_image_model(tmp_path)), "--data", str(data), "--output", str(tmp_path / "r.yaml"))
+    assert result.exit_code == 0
+    text = (tmp_path / "r.yaml").read_text()
+    assert load_recipe(tmp_path / "r.yaml").data.images.size == (288, 288)  # shorter sides 200, 300, 400
+    assert "PaddleOCR" not in text and text.count("# CHECK:") == 3  # no known family: size, channels, mean/std
