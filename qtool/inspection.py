@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 from onnx import ModelProto, TensorProto, helper
 
+from qtool.conventions import find_convention
 from qtool.errors import ModelError
 from qtool.model import MIN_OPSET, check_external_data, external_data_files, opset_version, refuse_quantized
 from qtool.plan import NodeDecision
@@ -57,6 +58,7 @@ class Inspection:
     opset: int
     opset_imports: dict[str, int]
     producer: str
+    family: str | None  # a model family with published preprocessing (conventions.py), when recognised
     inputs: list[TensorFacts]
     outputs: list[TensorFacts]
     op_types: dict[str, int]
@@ -110,6 +112,7 @@ class Inspection:
             "opset": self.opset,
             "opset_imports": self.opset_imports,
             "producer": self.producer,
+            "family": self.family,
             "inputs": [_tensor_dict(t) for t in self.inputs],
             "outputs": [_tensor_dict(t) for t in self.outputs],
             "nodes": self.nodes,
@@ -185,6 +188,11 @@ def external_files(model: ModelProto, path: Path) -> list[ExternalFile]:
     return files
 
 
+def _family(model: ModelProto) -> str | None:
+    convention = find_convention(model)
+    return f"{convention.family} ({convention.source})" if convention else None
+
+
 def describe_model(model: ModelProto, path: Path, problems: list[Problem], *, prepare_notes: list[str] = (),
                    recipe: str = "built-in default", decisions: list[NodeDecision] | None = None) -> Inspection:
     """Collect the facts of `model` (as read from `path`, without external data)."""
@@ -197,6 +205,7 @@ def describe_model(model: ModelProto, path: Path, problems: list[Problem], *, pr
         opset=opset_version(model),
         opset_imports={entry.domain or "ai.onnx": entry.version for entry in model.opset_import},
         producer=" ".join(filter(None, (model.producer_name, model.producer_version))),
+        family=_family(model),
         inputs=[tensor_facts(v) for v in graph.input if v.name not in initializers],
         outputs=[tensor_facts(v) for v in graph.output],
         op_types=dict(sorted(Counter(node.op_type for node in graph.node).items())),

@@ -98,6 +98,8 @@ def print_inspection(console: Console, facts, verbose: bool) -> None:
     line("model", f"{facts.path} ({facts.file_bytes:,} B)")
     line("format", f"IR {facts.ir_version}, opset {facts.opset}"
          + (f", producer {facts.producer}" if facts.producer else ""))
+    if facts.family:
+        line("family", facts.family)
     for tensor in facts.inputs:
         line("input", tensor.describe())
     for tensor in facts.outputs:

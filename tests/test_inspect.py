@@ -42,6 +42,7 @@ def test_facts_of_a_tiny_model(tmp_path):
     assert facts["inputs"] == [{"name": "x", "dtype": "float32", "shape": ["batch", 3, 8, 8]}]
     assert facts["outputs"][1] == {"name": "s", "dtype": "int64", "shape": [4]}
     assert (facts["opset"], facts["ir_version"]) == (13, 8)
+    assert facts["family"] is None
     assert facts["op_types"] == {"Conv": 1, "Relu": 1, "Shape": 1}
     assert facts["problems"] == [] and facts["quantizable"] is True
     assert facts["external_data"] == {"files": [], "total_bytes": 0}
@@ -105,9 +106,11 @@ def test_quiet_prints_nothing_and_verbose_lists_nodes():
     assert verbose.count("  node ") == 13
 
 
-@pytest.mark.parametrize("name, opset", [("ppocr_cls", 11), ("ppocr_det", 12)])
-def test_shared_models_list_opset_problem_and_quantized_nodes(name, opset):
+@pytest.mark.parametrize("name, opset, family", [("ppocr_cls", 11, "PaddleOCR text-line classifier"),
+                                                 ("ppocr_det", 12, "PaddleOCR text detector (DB)")])
+def test_shared_models_list_opset_problem_and_quantized_nodes(name, opset, family):
     facts = inspect_json(str(shared_model(name) / "model.onnx"))
+    assert facts["family"].startswith(family)
     assert facts["problems"] == [{
         "action": "change",
         "message": f"opset {opset} is below 13 (per-channel QuantizeLinear/DequantizeLinear needs `axis`): "
