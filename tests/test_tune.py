@@ -1,4 +1,7 @@
-"""qtool sensitivity and qtool tune: ranking, search, the tuned recipe, interrupts, the Pareto report."""
+"""qtool sensitivity and qtool tune: ranking, search, the tuned recipe, interrupts, the Pareto report.
+
+Every report.json these tests write is validated against docs/tune-report.schema.json.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import onnx
 import pytest
@@ -22,6 +26,13 @@ from qtool.tune import parse_duration
 
 QTOOL = Path(sys.executable).parent / "qtool"
 HOSTILE = "/layer3/MatMul"
+SCHEMA = json.loads((ROOT / "docs" / "tune-report.schema.json").read_text())
+
+
+def validated(report_file: Path) -> dict:
+    report = json.loads(report_file.read_text())
+    jsonschema.Draft202012Validator(SCHEMA).validate(report)
+    return report
 
 
 def assert_timed(report: dict) -> None:
@@ -80,8 +91,10 @@ def test_sensitivity_ranks_the_hostile_layer_first_and_is_cached(hostile, tmp_pa
     again = tuning.sensitivity(*args, validation_data=hostile / "eval", overwrite=True)
     assert again.cache_hit and [r["node"] for r in again.rows] == [r["node"] for r in rows]
     assert "sensitivity" in (tmp_path / "sens" / "report.md").read_text()
+    assert validated(tmp_path / "sens" / "report.json")["sensitivity"]["cache"]["hit"]
     other = tuning.sensitivity(*args[:3], tmp_path / "float-mode", validation_data=hostile / "eval", mode="only_float")
     assert other.rows[0]["node"] == HOSTILE and not other.cache_hit
+    assert "sqnr_gain_db" in validated(tmp_path / "float-mode" / "report.json")["sensitivity"]["rows"][0]
 
 
 def test_tune_promotes_the_hostile_layer_and_nothing_else(hostile, tmp_path):
@@ -90,7 +103,7 @@ def test_tune_promotes_the_hostile_layer_and_nothing_else(hostile, tmp_path):
                              "--data", str(hostile / "calib"), "--validation-data", str(hostile / "eval"),
                              "--output", str(out), "--max-trials", "10"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    report = json.loads((out / "report.json").read_text())
+    report = validated(out / "report.json")
     assert report["chosen"]["promotions"] == [{"node": HOSTILE, "step": "a16"}]
     assert_timed(report)
     assert "latency ratio" in (out / "report.md").read_text() and "× float" in result.stdout
@@ -107,7 +120,7 @@ def test_tune_promotes_the_hostile_layer_and_nothing_else(hostile, tmp_path):
 def test_tune_without_timing(hostile, tmp_path):
     result = tuning.tune(hostile / "model.onnx", hostile / "calib", hostile / "recipe.yaml", tmp_path / "t",
                          validation_data=hostile / "eval", max_trials=4, latency_runs=0)
-    report = json.loads((tmp_path / "t" / "report.json").read_text())
+    report = validated(tmp_path / "t" / "report.json")
     assert result.passed and report["latency"]["status"] == "off"
     assert all(row["latency_ratio"] is None and row["latency_ms"] is None for row in report["trials"])
     assert (tmp_path / "t" / "report.html").read_text().count("<svg") == 1
@@ -135,7 +148,7 @@ def test_tune_ppocr_cls_within_one_point_and_quantize_reproduces_it(tmp_path):
     result = subprocess.run([str(QTOOL), "tune", str(folder / "model.onnx"), "--recipe", str(ppocr_recipe(tmp_path)),
                              *common, "--output", str(out), "--max-trials", "12", "--jobs", "2",
                              "--sensitivity-samples", "32"], capture_output=True, text=True, timeout=300)
-    report = json.loads((out / "report.json").read_text())
+    report = validated(out / "report.json")
     assert result.returncode == 0, (result.stderr, report["search"], report["chosen"])
     assert report["trials"][0]["accuracy_drop"] > 0.01  # the recipe as given misses the target
     assert_timed(report)
@@ -165,7 +178,7 @@ def test_ctrl_c_keeps_the_best_so_far(tmp_path):
     assert "best so far kept" in stderr
     onnx.checker.check_model(onnx.load(out / "model.onnx"))
     assert load_recipe(out / "recipe.tuned.yaml").validation.gates == {"max_accuracy_drop": 0.01}
-    report = json.loads((out / "report.json").read_text())
+    report = validated(out / "report.json")
     assert report["interrupted"] and report["trials"]
     assert report["latency"]["status"] in ("pending", "interrupted")
     assert not list(out.glob(".*qtool-tmp"))
@@ -183,6 +196,10 @@ def test_frontier_chart_escapes_names_and_marks_the_choice():
     svg = latency_chart(rows, "cosine")  # only the timed trial is drawn, float speed marked
     assert svg.count("<circle") == 2 and svg.count('class="chosen"') == 1 and 'class="marker"' in svg
     assert "b&amp;c" in svg and "script" not in svg
+
+
+def test_tune_report_schema_is_a_valid_json_schema():
+    jsonschema.Draft202012Validator.check_schema(SCHEMA)
 
 
 def test_parse_duration():
