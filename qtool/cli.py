@@ -491,13 +491,16 @@ def sensitivity(model: Path, recipe_path: Path | None, data_dir: Path, validatio
               help="Trials run in this many processes (one ONNX Runtime thread each when above 1).")
 @click.option("--sensitivity-samples", type=click.IntRange(min=1),
               help="Rank nodes on the first N evaluation samples (default: all).")
+@click.option("--latency-runs", type=click.IntRange(min=0), default=tuning.LATENCY_RUNS, show_default=True,
+              help="After the search, time the recipe as given, the frontier trials and the chosen one against "
+                   "the float model, one at a time on one thread: up to N interleaved runs each (0: do not time).")
 @click.option("--cache", type=click.Path(path_type=Path),
               help="Sensitivity cache file (default: OUTPUT/sensitivity.cache.json).")
 @click.option("--overwrite", is_flag=True, help="Reuse an existing output folder (its results are replaced).")
 @output_options
 def tune(model: Path, recipe_path: Path, data_dir: Path, validation_data: Path | None, labels: Path | None,
          output_dir: Path, max_trials: int, time_budget: float | None, jobs: int, sensitivity_samples: int | None,
-         cache: Path | None, overwrite: bool, quiet: bool, verbose: bool, as_json: bool) -> None:
+         latency_runs: int, cache: Path | None, overwrite: bool, quiet: bool, verbose: bool, as_json: bool) -> None:
     """Find per-node precision (16-bit activations, then float) that meets the recipe's gates.
 
     Target: the recipe's validation.gates (max_accuracy_drop with labels,
@@ -522,16 +525,18 @@ def tune(model: Path, recipe_path: Path, data_dir: Path, validation_data: Path |
     with terminal.StageProgress(err, quiet or as_json) as progress:
         result = tuning.tune(model, data_dir, recipe_path, output_dir, validation_data=validation_data, labels=labels,
                              max_trials=max_trials, time_budget=time_budget, jobs=jobs,
-                             sensitivity_samples=sensitivity_samples, cache=cache, overwrite=overwrite,
-                             progress=progress, on_event=event)
+                             sensitivity_samples=sensitivity_samples, latency_runs=latency_runs, cache=cache,
+                             overwrite=overwrite, progress=progress, on_event=event)
     report = result.report
     if as_json:
         click.echo(render_json(report), nl=False)
     elif not quiet:
         chosen = report["chosen"]
+        ratio = next((row["latency_ratio"] for row in report["trials"] if row["chosen"]), None)
         click.echo(f"{report['search']['trials_run']} trials, {report['search']['wall_s']:.1f} s; "
                    f"{report['search']['stop_reason']}")
-        click.echo(f"chosen: {chosen['trial']} ({len(chosen['promotions'])} promotion(s)) → "
+        click.echo(f"chosen: {chosen['trial']} ({len(chosen['promotions'])} promotion(s)"
+                   + (f", latency {ratio:.2f}× float" if ratio is not None else "") + ") → "
                    f"{output_dir}/model.onnx, {output_dir}/{tuning.TUNED_RECIPE}")
     if result.interrupted:
         click.echo(f"Interrupted: best so far kept in {output_dir} (model.onnx, {tuning.TUNED_RECIPE}, report.*).",

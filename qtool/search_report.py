@@ -1,7 +1,8 @@
 """Reports of `qtool sensitivity` and `qtool tune` as JSON, Markdown and one self-contained HTML page.
 
-The ranking, the trials and the size/accuracy frontier (an inline SVG scatter,
-the chosen trial marked). Node names come from the model: escaped everywhere.
+The ranking, the trials and two inline SVG scatters: the size/accuracy frontier
+and the timed trials' latency ratios, the chosen trial marked in both. Node
+names come from the model: escaped everywhere.
 """
 
 from __future__ import annotations
@@ -31,6 +32,20 @@ def _figure(row: dict, objective: str) -> str:
     if objective == "accuracy" and number is not None:
         return f"{number:.2%}"
     return _fmt(value if number is None else number)
+
+
+def _latency(row: dict) -> str:
+    ratio = _num(row.get("latency_ratio"))
+    return "—" if ratio is None else f"{ratio:.2f}×"
+
+
+def _latency_note(latency: dict) -> str:
+    if latency["status"] == "off":
+        return "Latency: not measured (--latency-runs 0)."
+    if latency["status"] == "pending":
+        return "Latency: measured once the search ends."
+    cut = " Interrupted: only trials timed before Ctrl-C have a figure." if latency["status"] == "interrupted" else ""
+    return f"Latency ratio (—: not timed). {latency['method']}{cut}"
 
 
 def _promotions(row: dict) -> str:
@@ -87,14 +102,15 @@ def render_markdown(report: dict) -> str:
         lines += [f"| {md_escape(p['node'])} | {p['step']} |" for p in chosen["promotions"]]
         lines.append("")
     lines += ["## Trials (★ chosen, ◆ on the size/accuracy frontier)", "",
-              "| # | trial | promotions | size B | size ratio | " + target["objective"] + " | SQNR dB | gates |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| # | trial | promotions | size B | size ratio | latency ratio | " + target["objective"]
+              + " | SQNR dB | gates |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for i, row in enumerate(report["trials"], 1):
         mark = ("★" if row["chosen"] else "") + ("◆" if row["frontier"] else "")
         lines.append(f"| {i}{mark} | {md_escape(row['trial'])} | {_promotions(row)} | {row['size_bytes']:,} | "
-                     f"{_fmt(row['size_ratio'])} | {_figure(row, target['objective'])} | {_fmt(row['sqnr_db'])} | "
-                     f"{'pass' if row['passed'] else 'fail'} |")
-    lines += ["", f"Latency: {md_escape(search['latency'])}.", ""]
+                     f"{_fmt(row['size_ratio'])} | {_latency(row)} | {_figure(row, target['objective'])} | "
+                     f"{_fmt(row['sqnr_db'])} | {'pass' if row['passed'] else 'fail'} |")
+    lines += ["", _latency_note(report["latency"]), ""]
     sens = report["sensitivity"]
     if sens["rows"]:
         lines += [f"## Sensitivity ({_mode_text(sens['mode'])}"
@@ -110,13 +126,25 @@ def _notes_md(report: dict) -> list[str]:
 
 def frontier_chart(trials: list[dict], objective: str) -> str:
     """Size (x) against the objective (y), one dot per trial; the frontier joined; the chosen ringed."""
-    points = [(row, _num(row["size_bytes"]), _num(row.get("accuracy") if objective == "accuracy"
-                                                      else row.get("objective"))) for row in trials]
+    return _trial_chart(trials, objective, "size_bytes", f"Trials: model size vs {objective}",
+                        "model size (bytes; smaller is better)", lambda x: f"{x:,.0f} B", join_frontier=True)
+
+
+def latency_chart(trials: list[dict], objective: str) -> str:
+    """Latency ratio (x) against the objective (y) for the timed trials; float speed (1×) dashed; the chosen ringed."""
+    return _trial_chart(trials, objective, "latency_ratio", f"Timed trials: latency ratio vs {objective}",
+                        "latency ratio, quantized / float (smaller is faster)", lambda x: f"{x:.2f}×", marker=1.0)
+
+
+def _trial_chart(trials: list[dict], objective: str, x_key: str, title: str, x_label: str,
+                 x_format: Callable[[float], str], join_frontier: bool = False, marker: float | None = None) -> str:
+    points = [(row, _num(row.get(x_key)), _num(row.get("accuracy") if objective == "accuracy"
+                                                else row.get("objective"))) for row in trials]
     points = [(row, x, y) for row, x, y in points if x is not None and y is not None]
     if not points:
-        return '<p class="muted">No trial has a finite figure to plot.</p>'
+        return '<p class="muted">No trial has finite figures to plot.</p>'
     width, height, left, right, top, bottom = 640, 320, 70, 20, 30, 45
-    xs, ys = [x for _, x, _ in points], [y for _, _, y in points]
+    xs, ys = [x for _, x, _ in points] + ([marker] if marker is not None else []), [y for _, _, y in points]
     x0, x1 = min(xs), max(xs)
     y0, y1 = min(ys), max(ys)
     x0, x1 = (x0 * 0.95, x1 * 1.05) if x1 > x0 else (x0 * 0.9, x1 * 1.1 + 1)
@@ -129,7 +157,6 @@ def frontier_chart(trials: list[dict], objective: str) -> str:
     def py(y: float) -> float:
         return height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)
 
-    title = f"Trials: model size vs {objective}"
     parts = [f'<svg class="chart" role="img" aria-label="{esc(title)}" viewBox="0 0 {width} {height}" '
              f'width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">',
              f'<text x="0" y="16" font-size="14" font-weight="600">{esc(title)}</text>',
@@ -137,22 +164,27 @@ def frontier_chart(trials: list[dict], objective: str) -> str:
              f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="#888"/>']
     for value, anchor in ((x0, "start"), (x1, "end")):
         parts.append(f'<text x="{px(value):.1f}" y="{height - bottom + 14}" font-size="10" fill="#555" '
-                     f'text-anchor="{anchor}">{value:,.0f} B</text>')
+                     f'text-anchor="{anchor}">{esc(x_format(value))}</text>')
     parts.append(f'<text x="{(left + width - right) / 2:.1f}" y="{height - 8}" font-size="11" fill="#555" '
-                 f'text-anchor="middle">model size (bytes; smaller is better)</text>')
+                 f'text-anchor="middle">{esc(x_label)}</text>')
     for value in (y0 + pad, y1 - pad):
         shown = f"{value:.2%}" if objective == "accuracy" else f"{value:.4g}"
         parts.append(f'<text x="{left - 4}" y="{py(value) + 4:.1f}" font-size="10" fill="#555" '
                      f'text-anchor="end">{esc(shown)}</text>')
+    if marker is not None:
+        parts.append(f'<line class="marker" x1="{px(marker):.1f}" y1="{top}" x2="{px(marker):.1f}" '
+                     f'y2="{height - bottom}" stroke="#888" stroke-dasharray="2 3"/>')
+        parts.append(f'<text x="{px(marker) + 3:.1f}" y="{top + 10}" font-size="10" fill="#555">'
+                     f'{esc(x_format(marker))} float</text>')
     frontier = sorted([(x, y) for row, x, y in points if row["frontier"]])
-    if len(frontier) > 1:
+    if join_frontier and len(frontier) > 1:
         path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in frontier)
         parts.append(f'<polyline points="{path}" fill="none" stroke="#5c6bc0" stroke-width="1.5" '
                      f'stroke-dasharray="4 3"/>')
     for row, x, y in points:
         color = "#2e7d32" if row["passed"] else "#c62828"
-        label = (f"{row['trial']}: {row['size_bytes']:,} B, {objective} {_figure(row, objective)}, "
-                 f"gates {'pass' if row['passed'] else 'fail'}")
+        label = (f"{row['trial']}: {row['size_bytes']:,} B, latency {_latency(row)}, "
+                 f"{objective} {_figure(row, objective)}, gates {'pass' if row['passed'] else 'fail'}")
         parts.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="{5 if row["frontier"] else 3.5}" '
                      f'fill="{color}" fill-opacity="0.8"><title>{esc(label)}</title></circle>')
         if row["chosen"]:
@@ -194,14 +226,18 @@ def render_html(report: dict) -> str:
             parts.append(_table(["node", "step"], [[f'<span class="mono">{esc(p["node"])}</span>', esc(p["step"])]
                                                    for p in chosen["promotions"]]))
         parts.append("<h2>Size and accuracy frontier</h2>" + frontier_chart(report["trials"], target["objective"]))
-        parts.append(f'<p class="muted">Green: gates pass; red: fail; large dots on the frontier (dashed); '
-                     f'ringed: chosen. Latency {esc(search["latency"])}.</p>')
+        parts.append('<p class="muted">Green: gates pass; red: fail; large dots on the frontier (dashed); '
+                     'ringed: chosen.</p>')
+        if any(_num(row.get("latency_ratio")) is not None for row in report["trials"]):
+            parts.append("<h2>Latency of the timed trials</h2>" + latency_chart(report["trials"], target["objective"]))
+        parts.append(f'<p class="muted">{esc(_latency_note(report["latency"]))}</p>')
         rows = [[esc(i) + (" ★" if r["chosen"] else "") + (" ◆" if r["frontier"] else ""),
                  f'<span class="mono">{esc(r["trial"])}</span>', esc(_promotions(r)), esc(f"{r['size_bytes']:,}"),
-                 esc(_fmt(r["size_ratio"])), esc(_figure(r, target["objective"])), esc(_fmt(r["sqnr_db"])),
-                 "pass" if r["passed"] else "fail"] for i, r in enumerate(report["trials"], 1)]
-        parts.append("<h2>Trials</h2>" + _table(["#", "trial", "promotions", "size B", "size ratio",
-                                                  esc(target["objective"]), "SQNR dB", "gates"], rows, {3, 4, 5, 6}))
+                 esc(_fmt(r["size_ratio"])), esc(_latency(r)), esc(_figure(r, target["objective"])),
+                 esc(_fmt(r["sqnr_db"])), "pass" if r["passed"] else "fail"] for i, r in enumerate(report["trials"], 1)]
+        parts.append("<h2>Trials</h2>" + _table(["#", "trial", "promotions", "size B", "size ratio", "latency ratio",
+                                                  esc(target["objective"]), "SQNR dB", "gates"], rows,
+                                                 {3, 4, 5, 6, 7}))
         if report["sensitivity"]["rows"]:
             parts.append("<h2>Sensitivity</h2>" + '<div class="card">' + _ranking_html(report["sensitivity"]["rows"])
                          + "</div>")

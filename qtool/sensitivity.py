@@ -5,7 +5,8 @@ in any process: it reads the prepared float models and the evaluation set (feeds
 float outputs, labels) from a work folder once per process, builds the recipe's
 plan from the shared `CalibrationTable` (no recalibration), and measures the
 quantized model against the float outputs. `rank_nodes` turns one-node trials
-into the sensitivity ranking.
+into the sensitivity ranking; `trial_latency` times a trial's model against the
+float one.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from onnx import ModelProto
 
+from qtool.bench import BenchResult, bench_models
 from qtool.calibrate import CalibrationTable
 from qtool.compare import Comparison, OutputStats, check_gates
 from qtool.metrics import is_classifier_output, top1
@@ -35,6 +37,7 @@ STEPS = ("a16", "float")  # precision steps above the recipe's own, in order
 FLOAT_MODEL = "float.onnx"
 EVAL_SET = "eval.npz"
 EVAL_INDEX = "eval.json"
+LATENCY_THREADS = 1  # one intra-op thread: a trial's ratio should not depend on what else the cores run
 SEARCH_GATES = ("min_cosine", "min_sqnr_db", "max_accuracy_drop", "min_top1_agreement", "min_size_ratio")
 
 
@@ -239,6 +242,15 @@ def run_trial(task: tuple[TrialContext, TrialSpec]) -> TrialResult:
     digest = hashlib.sha256(quantized.SerializeToString()).hexdigest()
     return TrialResult(spec, figures, accuracy, labelled, samples, size, quantized_nodes,
                        time.perf_counter() - started, tuple(notes), tuple(verdicts), digest)
+
+
+def trial_latency(context: TrialContext, spec: TrialSpec, rounds: int) -> BenchResult:
+    """One trial's model against the recipe's prepared float model on the first evaluation sample,
+    interleaved (`bench_models`, one ORT thread); meant for the parent with no trial running beside it."""
+    quantized, _, _ = build_trial_model(context, spec)
+    feeds = _head(_state(context).batches[0], 1)["feeds"]
+    return bench_models(_float_model(context, context.recipe), quantized, feeds, threads=LATENCY_THREADS,
+                        rounds=rounds)
 
 
 def _head(batch: dict, count: int) -> dict:

@@ -23,6 +23,7 @@ from qtool import report as reporting
 from qtool.api import (Progress, check_gates_are_measurable, prepare, quantize, resolve_validation_data,
                        stage_progress)
 from qtool.artifacts import check_output_path, replace_file, write_artifacts, write_text_atomic
+from qtool.bench import BenchResult
 from qtool.calibrate import calibrate as calibrate_tensors
 from qtool.data import DataFolder, model_inputs
 from qtool.errors import RecipeError, UsageError
@@ -33,13 +34,14 @@ from qtool.plan import select_tensors
 from qtool.recipe import Recipe, load_recipe, parse_recipe
 from qtool.runner import int8_kernels_may_saturate, make_session, run
 from qtool.search_report import search_report_writers
-from qtool.sensitivity import (A16, FLOAT_MODEL, SEARCH_GATES, TrialContext, TrialResult, TrialSpec, build_trial_model,
-                               cache_key, float_model_name, promotion_overrides, rank_nodes, run_trial,
-                               with_overrides, worst, write_eval_set)
+from qtool.sensitivity import (A16, FLOAT_MODEL, LATENCY_THREADS, SEARCH_GATES, TrialContext, TrialResult, TrialSpec,
+                               build_trial_model, cache_key, float_model_name, promotion_overrides, rank_nodes,
+                               run_trial, trial_latency, with_overrides, worst, write_eval_set)
 from qtool.tune import Search, objective, objective_name, pareto_frontier
 
 SENSITIVITY_CACHE = "sensitivity.cache.json"
 SENSITIVITY_MODES = ("only_quantized", "only_float")
+LATENCY_RUNS = 100  # interleaved rounds per timed trial (bench_models stops earlier after 4 s)
 
 
 @dataclass
@@ -292,6 +294,7 @@ def tune(
     time_budget: float | None = None,
     jobs: int = 1,
     sensitivity_samples: int | None = None,
+    latency_runs: int = LATENCY_RUNS,
     cache: str | Path | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
@@ -304,6 +307,10 @@ def tune(
     an interrupted run (Ctrl-C) leaves a usable result; `interrupted` says so. At the
     end the tuned recipe is re-run through `quantize` and its model written. The ranking
     (on the first `sensitivity_samples` evaluation samples) is cached as in `sensitivity`.
+    After the search, the recipe as given, the size/accuracy frontier and the chosen trial are timed
+    against the float model one after another in this process, `latency_runs` interleaved
+    rounds each (0: not timed): trials running side by side in `jobs` processes would time
+    each other's contention.
     """
     model_path, data_dir = Path(model_path), Path(data_dir)
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
@@ -326,6 +333,7 @@ def tune(
     steps = ("a16", "float") if recipe.quantization.activations.dtype in A16 else ("float",)
     interrupted = False
     state: dict = {"best": None, "writes": 0}
+    latencies: dict[tuple, BenchResult] = {}  # trial promotions -> timing
     report: dict = {}
     with tempfile.TemporaryDirectory(prefix="qtool-trials-") as folder, make_executor(jobs) as executor:
         setup = _setup_trials(model_path, data_dir, recipe, Path(folder), validation_data, labels,
@@ -341,7 +349,8 @@ def tune(
 
         def build_report(final: bool, stop: str) -> dict:
             return _tune_report(model_path, recipe, setup, search, sens, figure, gates, stop, final,
-                                interrupted, max_trials, time_budget, jobs, time.monotonic() - started)
+                                interrupted, max_trials, time_budget, jobs, time.monotonic() - started,
+                                latencies, latency_runs)
 
         def write_best(result: TrialResult) -> None:
             quantized, _, _ = build_trial_model(context, result.spec)
@@ -377,6 +386,8 @@ def tune(
                 search.run()
             else:
                 search.stop_reason = "the recipe as given passes the gates: nothing to promote"
+            if latency_runs:
+                _time_trials(context, _latency_trials(search), latency_runs, latencies, tick("latency"))
         except KeyboardInterrupt:
             interrupted = True
             search.stop_reason = "interrupted (Ctrl-C)"
@@ -396,6 +407,32 @@ def tune(
     return TuneResult(report, bool(best and best.passed), interrupted, output)
 
 
+def _latency_trials(search: Search) -> list[TrialResult]:
+    """The trials worth timing: the recipe as given (what promotions cost), the size/accuracy frontier and
+    the chosen one; the rest are dominated on size and accuracy."""
+    picked = [search.results.get(()), *pareto_frontier(search.order, search.objective), search.best]
+    return list({r.spec.promotions: r for r in picked if r is not None}.values())
+
+
+def _time_trials(context: TrialContext, trials: list[TrialResult], runs: int, latencies: dict, progress) -> None:
+    for done, result in enumerate(trials, 1):
+        latencies[result.spec.promotions] = trial_latency(context, result.spec, runs)
+        if progress:
+            progress(done, len(trials))
+
+
+def _latency_section(runs: int, final: bool, interrupted: bool) -> dict:
+    status = "off" if not runs else "pending" if not final else "interrupted" if interrupted else "measured"
+    return {"status": status, "runs": runs, "threads": LATENCY_THREADS, "batch_size": 1,
+            "provider": "CPUExecutionProvider",
+            "method": ("Timed after the search, one trial at a time in the tuning process (no trial running "
+                       "beside it): the recipe as given, each frontier trial and the chosen one against the "
+                       "prepared float model on the first evaluation sample, in interleaved A/B rounds (order "
+                       f"alternating) after warm-up, up to {runs} rounds or 4 s per trial, {LATENCY_THREADS} "
+                       "ONNX Runtime intra-op thread, CPUExecutionProvider; ratio = quantized median / float "
+                       "median (below 1: faster).")}
+
+
 def _read_cache_any(path: Path) -> dict | None:
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
@@ -413,14 +450,19 @@ def _describe_trial(result: TrialResult, figure: str) -> str:
 
 def _tune_report(model_path: Path, recipe: Recipe, setup: _TrialSetup, search: Search, sens: dict, figure: str,
                  gates: dict, stop: str, final: bool, interrupted: bool, max_trials: int,
-                 time_budget: float | None, jobs: int, wall_s: float) -> dict:
+                 time_budget: float | None, jobs: int, wall_s: float, latencies: dict[tuple, BenchResult],
+                 latency_runs: int) -> dict:
     float_bytes = setup.context.float_bytes
     trials = [_trial_row(result, figure, float_bytes) for result in search.order]
     frontier = {result.spec.key for result in pareto_frontier(search.order, figure)}
     best = search.best
-    for row in trials:
+    for result, row in zip(search.order, trials):
         row["frontier"] = row["trial"] in frontier
         row["chosen"] = best is not None and row["trial"] == best.spec.key
+        timing = latencies.get(result.spec.promotions)
+        row["latency_ratio"] = timing.ratio if timing else None
+        row["latency_ms"] = ({"float": timing.reference.median_ms, "quantized": timing.candidate.median_ms,
+                              "runs": timing.candidate.runs} if timing else None)
     reference = next((r.accuracy.get("reference") for r in search.order if r.accuracy), None)
     return {
         "schema_version": reporting.REPORT_SCHEMA_VERSION, "command": "tune",
@@ -431,9 +473,8 @@ def _tune_report(model_path: Path, recipe: Recipe, setup: _TrialSetup, search: S
                    "float_bytes": float_bytes},
         "search": {"max_trials": max_trials, "time_budget_s": time_budget, "jobs": jobs,
                    "trials_run": len(search.order), "stop_reason": stop, "wall_s": wall_s,
-                   "calibration_s": setup.calibration_s, "steps": list(search.steps),
-                   "latency": "not measured: trials are compared on size and accuracy; run `qtool compare "
-                              "--bench` on the chosen model for its latency ratio"},
+                   "calibration_s": setup.calibration_s, "steps": list(search.steps)},
+        "latency": _latency_section(latency_runs, final, interrupted),
         "sensitivity": {"mode": "only_quantized", "rows": sens["rows"], "complete": sens["complete"],
                         "cache_hit": sens["cache_hit"], "unnamed_nodes": setup.unnamed},
         "trials": trials,

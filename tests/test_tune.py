@@ -1,4 +1,7 @@
-"""qtool sensitivity and qtool tune: ranking, search, the tuned recipe, interrupts, the Pareto report."""
+"""qtool sensitivity and qtool tune: ranking, search, the tuned recipe, interrupts, the Pareto report.
+
+Every report.json these tests write is validated against docs/tune-report.schema.json.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import onnx
 import pytest
@@ -17,11 +21,27 @@ from onnx import TensorProto, helper
 from conftest import ROOT, make_model, save_npy_folder, shared_model
 from qtool import tuning
 from qtool.recipe import load_recipe
-from qtool.search_report import frontier_chart
+from qtool.search_report import frontier_chart, latency_chart
 from qtool.tune import parse_duration
 
 QTOOL = Path(sys.executable).parent / "qtool"
 HOSTILE = "/layer3/MatMul"
+SCHEMA = json.loads((ROOT / "docs" / "tune-report.schema.json").read_text())
+
+
+def validated(report_file: Path) -> dict:
+    report = json.loads(report_file.read_text())
+    jsonschema.Draft202012Validator(SCHEMA).validate(report)
+    return report
+
+
+def assert_timed(report: dict) -> None:
+    """The recipe as given, the frontier and the chosen trial have a latency ratio; it is a positive number."""
+    assert report["latency"]["status"] == "measured" and report["latency"]["threads"] == 1
+    for row in report["trials"]:
+        if row["frontier"] or row["chosen"] or row["kind"] == "baseline":
+            assert 0 < row["latency_ratio"] < float("inf"), row
+            assert row["latency_ms"]["runs"] >= 10
 
 
 def hostile_model(width: int = 16, layers: int = 6, hostile: int = 3, seed: int = 0) -> onnx.ModelProto:
@@ -71,8 +91,10 @@ def test_sensitivity_ranks_the_hostile_layer_first_and_is_cached(hostile, tmp_pa
     again = tuning.sensitivity(*args, validation_data=hostile / "eval", overwrite=True)
     assert again.cache_hit and [r["node"] for r in again.rows] == [r["node"] for r in rows]
     assert "sensitivity" in (tmp_path / "sens" / "report.md").read_text()
+    assert validated(tmp_path / "sens" / "report.json")["sensitivity"]["cache"]["hit"]
     other = tuning.sensitivity(*args[:3], tmp_path / "float-mode", validation_data=hostile / "eval", mode="only_float")
     assert other.rows[0]["node"] == HOSTILE and not other.cache_hit
+    assert "sqnr_gain_db" in validated(tmp_path / "float-mode" / "report.json")["sensitivity"]["rows"][0]
 
 
 def test_tune_promotes_the_hostile_layer_and_nothing_else(hostile, tmp_path):
@@ -81,16 +103,27 @@ def test_tune_promotes_the_hostile_layer_and_nothing_else(hostile, tmp_path):
                              "--data", str(hostile / "calib"), "--validation-data", str(hostile / "eval"),
                              "--output", str(out), "--max-trials", "10"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    report = json.loads((out / "report.json").read_text())
+    report = validated(out / "report.json")
     assert report["chosen"]["promotions"] == [{"node": HOSTILE, "step": "a16"}]
+    assert_timed(report)
+    assert "latency ratio" in (out / "report.md").read_text() and "× float" in result.stdout
     assert report["chosen"]["reproduced_by_quantize"] is True
     assert report["trials"][0]["trial"] == "recipe as given" and not report["trials"][0]["passed"]
     tuned = load_recipe(out / "recipe.tuned.yaml")
     assert tuned.quantization.overrides[0].match.name == "^/layer3/MatMul$"
     assert tuned.validation.gates == {"min_sqnr_db": 12}
     html = (out / "report.html").read_text()
-    assert "<svg" in html and 'class="chosen"' in html
+    assert html.count("<svg") == 2 and html.count('class="chosen"') == 2  # size and latency charts
     onnx.checker.check_model(onnx.load(out / "model.onnx"))
+
+
+def test_tune_without_timing(hostile, tmp_path):
+    result = tuning.tune(hostile / "model.onnx", hostile / "calib", hostile / "recipe.yaml", tmp_path / "t",
+                         validation_data=hostile / "eval", max_trials=4, latency_runs=0)
+    report = validated(tmp_path / "t" / "report.json")
+    assert result.passed and report["latency"]["status"] == "off"
+    assert all(row["latency_ratio"] is None and row["latency_ms"] is None for row in report["trials"])
+    assert (tmp_path / "t" / "report.html").read_text().count("<svg") == 1
 
 
 def test_tune_needs_a_target(hostile, tmp_path):
@@ -115,9 +148,10 @@ def test_tune_ppocr_cls_within_one_point_and_quantize_reproduces_it(tmp_path):
     result = subprocess.run([str(QTOOL), "tune", str(folder / "model.onnx"), "--recipe", str(ppocr_recipe(tmp_path)),
                              *common, "--output", str(out), "--max-trials", "12", "--jobs", "2",
                              "--sensitivity-samples", "32"], capture_output=True, text=True, timeout=300)
-    report = json.loads((out / "report.json").read_text())
+    report = validated(out / "report.json")
     assert result.returncode == 0, (result.stderr, report["search"], report["chosen"])
     assert report["trials"][0]["accuracy_drop"] > 0.01  # the recipe as given misses the target
+    assert_timed(report)
     chosen = next(row for row in report["trials"] if row["chosen"])
     assert chosen["accuracy_drop"] <= 0.01 and report["chosen"]["promotions"]
     again = tmp_path / "again"
@@ -144,8 +178,9 @@ def test_ctrl_c_keeps_the_best_so_far(tmp_path):
     assert "best so far kept" in stderr
     onnx.checker.check_model(onnx.load(out / "model.onnx"))
     assert load_recipe(out / "recipe.tuned.yaml").validation.gates == {"max_accuracy_drop": 0.01}
-    report = json.loads((out / "report.json").read_text())
+    report = validated(out / "report.json")
     assert report["interrupted"] and report["trials"]
+    assert report["latency"]["status"] in ("pending", "interrupted")
     assert not list(out.glob(".*qtool-tmp"))
 
 
@@ -157,6 +192,14 @@ def test_frontier_chart_escapes_names_and_marks_the_choice():
     svg = frontier_chart(rows, "cosine")
     assert "<script>" not in svg and "&lt;script&gt;" in svg and "b&amp;c" in svg
     assert svg.count('class="chosen"') == 1
+    rows[1]["latency_ratio"] = 1.5
+    svg = latency_chart(rows, "cosine")  # only the timed trial is drawn, float speed marked
+    assert svg.count("<circle") == 2 and svg.count('class="chosen"') == 1 and 'class="marker"' in svg
+    assert "b&amp;c" in svg and "script" not in svg
+
+
+def test_tune_report_schema_is_a_valid_json_schema():
+    jsonschema.Draft202012Validator.check_schema(SCHEMA)
 
 
 def test_parse_duration():
