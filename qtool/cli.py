@@ -492,8 +492,8 @@ def sensitivity(model: Path, recipe_path: Path | None, data_dir: Path, validatio
 @click.option("--sensitivity-samples", type=click.IntRange(min=1),
               help="Rank nodes on the first N evaluation samples (default: all).")
 @click.option("--latency-runs", type=click.IntRange(min=0), default=tuning.LATENCY_RUNS, show_default=True,
-              help="After the search, time the recipe as given, the frontier trials and the chosen one against "
-                   "the float model, one at a time on one thread: up to N interleaved runs each (0: do not time).")
+              help="After the search, time every trial against the float model, one at a time on one "
+                   "thread: up to N interleaved runs each (0: do not time).")
 @click.option("--cache", type=click.Path(path_type=Path),
               help="Sensitivity cache file (default: OUTPUT/sensitivity.cache.json).")
 @click.option("--overwrite", is_flag=True, help="Reuse an existing output folder (its results are replaced).")

@@ -307,8 +307,8 @@ def tune(
     an interrupted run (Ctrl-C) leaves a usable result; `interrupted` says so. At the
     end the tuned recipe is re-run through `quantize` and its model written. The ranking
     (on the first `sensitivity_samples` evaluation samples) is cached as in `sensitivity`.
-    After the search, the recipe as given, the size/accuracy frontier and the chosen trial are timed
-    against the float model one after another in this process, `latency_runs` interleaved
+    After the search, every trial is timed against the float model one after another in this
+    process, `latency_runs` interleaved
     rounds each (0: not timed): trials running side by side in `jobs` processes would time
     each other's contention.
     """
@@ -387,7 +387,7 @@ def tune(
             else:
                 search.stop_reason = "the recipe as given passes the gates: nothing to promote"
             if latency_runs:
-                _time_trials(context, _latency_trials(search), latency_runs, latencies, tick("latency"))
+                _time_trials(context, search.order, latency_runs, latencies, tick("latency"))
         except KeyboardInterrupt:
             interrupted = True
             search.stop_reason = "interrupted (Ctrl-C)"
@@ -407,13 +407,6 @@ def tune(
     return TuneResult(report, bool(best and best.passed), interrupted, output)
 
 
-def _latency_trials(search: Search) -> list[TrialResult]:
-    """The trials worth timing: the recipe as given (what promotions cost), the size/accuracy frontier and
-    the chosen one; the rest are dominated on size and accuracy."""
-    picked = [search.results.get(()), *pareto_frontier(search.order, search.objective), search.best]
-    return list({r.spec.promotions: r for r in picked if r is not None}.values())
-
-
 def _time_trials(context: TrialContext, trials: list[TrialResult], runs: int, latencies: dict, progress) -> None:
     for done, result in enumerate(trials, 1):
         latencies[result.spec.promotions] = trial_latency(context, result.spec, runs)
@@ -426,8 +419,7 @@ def _latency_section(runs: int, final: bool, interrupted: bool) -> dict:
     return {"status": status, "runs": runs, "threads": LATENCY_THREADS, "batch_size": 1,
             "provider": "CPUExecutionProvider",
             "method": ("Timed after the search, one trial at a time in the tuning process (no trial running "
-                       "beside it): the recipe as given, each frontier trial and the chosen one against the "
-                       "prepared float model on the first evaluation sample, in interleaved A/B rounds (order "
+                       "beside it): every trial against the prepared float model on the first evaluation sample, in interleaved A/B rounds (order "
                        f"alternating) after warm-up, up to {runs} rounds or 4 s per trial, {LATENCY_THREADS} "
                        "ONNX Runtime intra-op thread, CPUExecutionProvider; ratio = quantized median / float "
                        "median (below 1: faster).")}
