@@ -18,6 +18,7 @@ LAYERS = [
     {"html_report", "sensitivity"},
     {"search_report", "tune"},
     {"api"},
+    {"trials"},
     {"tuning"},
     {"cli", "__init__"},
     {"__main__"},
