@@ -16,7 +16,8 @@ from onnx import ModelProto, helper, numpy_helper, version_converter
 
 from qtool.model import PROTOBUF_LIMIT, GraphIndex, opset_version, proto_size, save_model
 from qtool.numerics import QTYPES, quantize
-from qtool.plan import NBitsQuant, QuantPlan
+from qtool.plan import QuantPlan
+from qtool.weights import NBitsQuant
 from qtool.prepare import remove_unused_initializers
 
 MS_DOMAIN = "com.microsoft"

@@ -12,7 +12,8 @@ from conftest import ROOT, SAMPLE, make_model, save_npy_folder, shared_model
 from qtool import api
 from qtool.calibrate import CalibrationTable, TensorRange
 from qtool.numerics import QTYPES, dequantize
-from qtool.plan import build_plan, nbits_quant, resolve_settings, select_tensors
+from qtool.plan import build_plan, resolve_settings, select_tensors
+from qtool.weights import nbits_quant
 from qtool.qdq import apply_plan
 from qtool.recipe import Recipe, load_recipe
 from qtool.runner import make_session, run

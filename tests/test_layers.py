@@ -10,7 +10,7 @@ from conftest import ROOT
 LAYERS = [
     {"errors", "numerics", "metrics", "rules", "executor", "terminal"},
     {"recipe", "model", "artifacts"},
-    {"images", "runner", "prepare"},
+    {"images", "runner", "prepare", "weights"},
     {"data", "observers", "bench"},
     {"calibrate", "compare", "starter"},
     {"plan", "layers"},
