@@ -14,6 +14,7 @@ from onnx import ModelProto, TensorProto
 
 from qtool.calibrate import CalibrationTable
 from qtool.errors import ModelError
+from qtool.hessians import Im2Col, hessian_inputs
 from qtool.model import DEFAULT_DOMAINS, GraphIndex, opset_version
 from qtool.numerics import BLOCKED_MIN_OPSET, QTYPES, is_sane_scale, scale_zero_point
 from qtool.recipe import ActivationSpec, MatchSpec, OverrideSpec, QuantizationSpec, Recipe, WeightSpec
@@ -51,6 +52,8 @@ class Selection:
     nodes: list[NodeDecision]
     activations: dict[str, ActivationQuant]
     notes: list[str] = field(default_factory=list)
+    # gptq rounding: node -> (the weight's input tensor, how the weight meets it), for calibration
+    hessian_inputs: dict[str, tuple[str, Im2Col]] = field(default_factory=dict)
 
     @property
     def calibration_tensors(self) -> list[str]:
@@ -289,7 +292,7 @@ def select_tensors(model: ModelProto, recipe: Recipe) -> Selection:
         source = range_source(tensor)
         spec = wanted.get(source, spec)
         activations[tensor] = ActivationQuant(tensor, spec.dtype, spec.symmetric, source)
-    return Selection(decisions, activations, notes)
+    return Selection(decisions, activations, notes, hessian_inputs(graph.node, decisions, index.initializers, notes))
 
 
 def required_opset(recipe: Recipe) -> tuple[int, str] | None:
@@ -328,7 +331,8 @@ def _describe_constant(const: ConstantQuant) -> str:
     else:
         granularity = f"per_channel (axis {const.axis})"
     return (f"{const.qtype} {'symmetric' if const.symmetric else 'asymmetric'} {granularity}"
-            + (", 7-bit (reduce_range)" if const.reduce_range else ""))
+            + (", 7-bit (reduce_range)" if const.reduce_range else "")
+            + (", gptq rounding" if const.codes is not None else ""))
 
 
 def _node_tensors(node, decision: NodeDecision, activations, constants, biases, nbits) -> tuple:
@@ -379,8 +383,12 @@ def build_plan(
         )
 
     nodes = list(selection.nodes)
+    hessians = {name: h for name, h in table.hessians.items() if name in selection.hessian_inputs}
+    if len(hessians) < len(selection.hessian_inputs):
+        notes.append(f"weights.rounding gptq: no input statistics for {len(selection.hessian_inputs) - len(hessians)}"
+                     " node(s) (a calibration table carries none: give calibration data); rounded to nearest")
     constants, biases, nbits = quantize_constants(model.graph.node, nodes, index, activations, recipe,
-                                                  host_reduce_range, notes)
+                                                  host_reduce_range, hessians, notes)
     nodes = [replace(d, tensors=_node_tensors(node, d, activations, constants, biases, nbits))
              for node, d in zip(model.graph.node, nodes)]
     qdq_domain = _check_opset(model, activations, constants, notes)

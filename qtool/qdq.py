@@ -58,7 +58,8 @@ def apply_plan(model: ModelProto, plan: QuantPlan) -> ModelProto:
     for name, const in plan.constants.items():
         array = numpy_helper.to_array(index.initializers[name])
         qtype = QTYPES[const.qtype]
-        q = quantize(array, const.scale, const.zero_point, qtype, const.axis, const.block_size)
+        q = const.codes if const.codes is not None else \
+            quantize(array, const.scale, const.zero_point, qtype, const.axis, const.block_size)
         q_name = add_initializer(f"{name}_quantized", q)
         blocked = const.block_size is not None
         scale = add_initializer(f"{name}_scale", _param(const.scale, np.float32, blocked))

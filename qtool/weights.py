@@ -1,7 +1,8 @@
 """Weight quantization: the scales, zero points and codes of constant weights and of MatMulNBits.
 
 `build_plan` decides which weights are quantized and with which WeightSpec;
-this module turns each float weight into integers: ranges, the int32-bias fit.
+this module turns each float weight into integers: ranges, the int32-bias fit,
+then the codes (round to nearest, or GPTQ where calibration measured the inputs).
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ import numpy as np
 from onnx import numpy_helper
 
 from qtool.model import GraphIndex
-from qtool.numerics import QTYPES, channel_ranges, mse_block_ranges, quantize, scale_zero_point
+from qtool.numerics import (
+    QTYPES, broadcast_param, channel_ranges, gptq_round, mse_block_ranges, quant_bounds, quantize,
+    scale_zero_point,
+)
 from qtool.recipe import Recipe, WeightSpec
 from qtool.rules import RULES, OpRule
 
@@ -31,6 +35,7 @@ class ConstantQuant:
     block_size: int | None = None  # per_block: scale has the weight's rank, blocked along `axis`
     reduce_range: bool = False
     symmetric: bool = True
+    codes: np.ndarray | None = None  # the integers to store (gptq rounding); None: round to nearest
 
 
 @dataclass(frozen=True)
@@ -108,9 +113,14 @@ def nbits_quant(node, weight: str, array: np.ndarray, bits: int, block_size: int
 
 
 def quantize_constants(graph_nodes, decisions, index: GraphIndex, activations: dict, recipe: Recipe,
-                       reduce_range: bool, notes: list[str]):
+                       reduce_range: bool, hessians: dict[str, np.ndarray], notes: list[str]):
     """(constants, biases, nbits) for the quantized nodes: weights and initializer operands as
-    integers, biases as int32 where the node's input and weight are quantized."""
+    integers, biases as int32 where the node's input and weight are quantized.
+
+    Scales are final (the bias fit may raise them) before any weight is rounded; weights
+    whose first quantized reader has a Hessian (by node name) get GPTQ codes.
+    """
+    readers: dict[str, object] = {}  # weight -> the node that set its quantization
     constants: dict[str, ConstantQuant] = {}
     biases: dict[tuple[str, str], BiasQuant] = {}
     nbits: dict[str, NBitsQuant] = {}
@@ -140,6 +150,7 @@ def quantize_constants(graph_nodes, decisions, index: GraphIndex, activations: d
             eight_bit = QTYPES[w_spec.dtype].bits == 8 and QTYPES[act_spec.dtype].bits == 8
             if name not in constants and finite(name, array, notes):
                 constants[name] = weight_quant(node, rule, name, array, w_spec, reduce_range and eight_bit)
+                readers[name] = node
         for i in decision.activation_inputs:
             name = node.input[i]
             if name in index.initializers and name not in constants:
@@ -165,7 +176,50 @@ def quantize_constants(graph_nodes, decisions, index: GraphIndex, activations: d
                 constants[weight] = fit_bias_in_int32(constants[weight], bias_values,
                                                        activations[node.input[0]].scale, notes)
                 biases[(node.name, bias)] = BiasQuant(bias, node.name, node.input[0], weight)
+    for name, node in readers.items():
+        if node.name in hessians:
+            array = numpy_helper.to_array(index.initializers[name])
+            constants[name] = gptq_weight(node, array, constants[name], hessians[node.name])
     return constants, biases, nbits
+
+
+# Per-channel scales gptq tries, as multiples of the min/max scale: never smaller, so nothing
+# is clipped and the int32 bias still fits. A slightly coarser grid often lands the rounded
+# weights nearer the ideal output (measured on digits_cnn: +4 dB A16W8 output SQNR).
+SCALE_FACTORS = tuple(np.linspace(1.0, 1.2, 11))
+
+
+def gptq_weight(node, array: np.ndarray, const: ConstantQuant, hessian: np.ndarray) -> ConstantQuant:
+    """`const` with GPTQ codes, and per channel the scale (of SCALE_FACTORS) whose codes
+    give the least output error tr(E H Eᵀ). The weight is laid out as [groups, outputs, d]
+    to meet H [groups, d, d]; per_tensor and per_block scales are kept as they are."""
+    qtype = QTYPES[const.qtype]
+    qmin, qmax = quant_bounds(qtype, const.symmetric, const.reduce_range)
+    if node.op_type == "Conv":
+        groups = hessian.shape[0]
+        to_rows = lambda a: a.reshape(groups, a.shape[0] // groups, -1)  # noqa: E731
+        back = lambda q: q.reshape(array.shape)  # noqa: E731
+    elif node.op_type == "Gemm" and _gemm_trans_b(node):  # [N, K]
+        to_rows, back = (lambda a: a[None]), (lambda q: q[0])
+    else:  # MatMul, Gemm: [K, N]
+        to_rows, back = (lambda a: a.T[None]), (lambda q: q[0].T)
+    factors = SCALE_FACTORS if const.axis is not None and not const.block_size else (1.0,)
+    # Every candidate scale is a copy of the rows, all rounded in one batched pass: [factors, groups, rows, d].
+    scales = [(const.scale.astype(np.float64) * f).astype(np.float32) for f in factors]
+    broadcast = lambda p: to_rows(np.broadcast_to(  # noqa: E731
+        broadcast_param(p, array.shape, const.axis, const.block_size), array.shape)).astype(np.float64)
+    w = to_rows(array.astype(np.float64))
+    scale = np.stack([broadcast(s) for s in scales])
+    zero_point = broadcast(const.zero_point)
+    codes = gptq_round(np.broadcast_to(w, scale.shape), scale, np.broadcast_to(zero_point, scale.shape),
+                       qmin, qmax, hessian[None])
+    error = (codes - zero_point) * scale - w
+    cost = np.sum((error @ hessian) * error, axis=-1).reshape(len(factors), -1)  # tr(E H Eᵀ) per channel
+    best = np.argmin(cost, axis=0)  # the first (smallest) factor on ties
+    channels = np.arange(cost.shape[1])
+    chosen = codes.reshape(len(factors), cost.shape[1], -1)[best, channels].reshape(w.shape)
+    return replace(const, codes=back(chosen).astype(qtype.numpy),
+                   scale=np.stack(scales)[best, channels] if len(factors) > 1 else const.scale)
 
 
 def finite(name: str, array: np.ndarray, notes: list[str]) -> bool:

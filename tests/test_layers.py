@@ -11,7 +11,7 @@ LAYERS = [
     {"errors", "numerics", "metrics", "rules", "executor", "terminal"},
     {"recipe", "model", "artifacts"},
     {"images", "runner", "prepare", "weights"},
-    {"data", "observers", "bench"},
+    {"data", "observers", "bench", "hessians"},
     {"calibrate", "compare", "starter"},
     {"plan", "layers"},
     {"qdq", "inspection", "report"},
