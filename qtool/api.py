@@ -248,7 +248,7 @@ def quantize(
         warnings += _table_warnings(loaded, recipe)
     else:
         table = calibrate_tensors(model, selection.calibration_tensors, calib_data, recipe.calibration,
-                                  QTYPES[act.dtype], act.symmetric, tick("calibrate"))
+                                  QTYPES[act.dtype], act.symmetric, tick("calibrate"), selection.hessian_inputs)
     saturating = int8_kernels_may_saturate()
     plan = build_plan(model, recipe, selection, table, saturating)
     quantized = apply_plan(model, plan)

@@ -21,6 +21,7 @@ from onnx import ModelProto
 
 from qtool.data import DataFolder
 from qtool.errors import CalibrationError, DataError
+from qtool.hessians import HessianObserver, Im2Col
 from qtool.numerics import QType
 from qtool.observers import make_observer
 from qtool.recipe import CalibrationSpec
@@ -54,6 +55,8 @@ class CalibrationTable:
     samples: int
     # Where a table read from a file came from: its path, model sha256, data listing, recipe.
     provenance: dict = field(default_factory=dict)
+    # E[x xᵀ] of weight inputs, by node, for gptq rounding: [groups, d, d]; never written to the file.
+    hessians: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def calibrate(
@@ -64,14 +67,21 @@ def calibrate(
     qtype: QType,
     symmetric: bool,
     progress: Progress | None = None,
+    hessian_inputs: dict[str, tuple[str, Im2Col]] | None = None,
 ) -> CalibrationTable:
     """Observe every named tensor over the data folder; return one range each.
 
     `spec.overrides` choose another method (or percentile) per tensor: the first match wins.
+    `hessian_inputs` (node -> its weight's input and geometry) adds E[x xᵀ] per node, in the same pass.
     """
     total = min(len(data.files), spec.samples) if spec.samples else len(data.files)
     specs = {name: spec.for_tensor(name) for name in tensors}
     observers = {name: make_observer(specs[name], qtype, symmetric, expected_samples=total) for name in tensors}
+    moments = {node: (tensor, HessianObserver(geometry)) for node, (tensor, geometry) in (hessian_inputs or {}).items()}
+    watchers: dict[str, list] = {name: [observers[name]] for name in tensors}
+    for tensor, observer in moments.values():
+        watchers.setdefault(tensor, []).append(observer)
+    tensors = list(watchers)
     session = make_session(with_outputs(model, tensors), optimize=False)
     runs = _runs(data, spec.batch_size)
     first = next(runs, None)
@@ -79,7 +89,8 @@ def calibrate(
         raise DataError(f"{data.folder}: no samples to calibrate with")
     outputs = _run(session, first, data)  # one sample, every tensor: their bytes per sample
     for name in tensors:
-        observers[name].update(outputs[name])
+        for watcher in watchers[name]:
+            watcher.update(outputs[name])
     sizes = {name: float(outputs[name].nbytes) for name in tensors}
     del outputs
     groups = _groups(tensors, sizes, MEMORY_BUDGET)
@@ -97,7 +108,8 @@ def calibrate(
         for files, feeds in _split(runs, step if passes == 1 else 1):
             outputs = _run(session, (files, feeds), data)
             for name in group:
-                observers[name].update(outputs[name])
+                for watcher in watchers[name]:
+                    watcher.update(outputs[name])
             done += _count(feeds)
             del outputs, feeds  # nothing of this run survives into the next
             if progress:  # with several passes: sample-passes, so the ETA holds
@@ -107,7 +119,8 @@ def calibrate(
     for name, observer in observers.items():
         result = observer.result()
         ranges[name] = TensorRange(float(result.lo), float(result.hi), specs[name].method, observer.summary())
-    return CalibrationTable(ranges, done)
+    hessians = {node: h for node, (_, observer) in moments.items() if (h := observer.result()) is not None}
+    return CalibrationTable(ranges, done, hessians=hessians)
 
 
 Run = tuple[tuple[str, ...], dict[str, np.ndarray]]  # (files, feeds) of one ONNX Runtime run

@@ -101,7 +101,7 @@ def is_sane_scale(scale: np.ndarray) -> bool:
     return bool(np.all(np.isfinite(scale)) and np.all(scale > 1e-30) and np.all(scale < 1e10))
 
 
-def _broadcast(param: np.ndarray, shape: tuple, axis: int | None, block_size: int | None = None) -> np.ndarray:
+def broadcast_param(param: np.ndarray, shape: tuple, axis: int | None, block_size: int | None = None) -> np.ndarray:
     """Per-tensor, per-axis (1-D) or blocked (same rank as the tensor) parameters, made broadcastable."""
     param = np.asarray(param)
     if axis is None or param.ndim == 0:
@@ -126,8 +126,8 @@ def quantize(
     With `block_size`, `scale` and `zero_point` have the tensor's rank and
     ceil(n / block_size) entries along `axis` (opset-21 blocked quantization).
     """
-    s = _broadcast(scale, x.shape, axis, block_size).astype(np.float32)
-    zp = _broadcast(zero_point, x.shape, axis, block_size).astype(np.float64)
+    s = broadcast_param(scale, x.shape, axis, block_size).astype(np.float32)
+    zp = broadcast_param(zero_point, x.shape, axis, block_size).astype(np.float64)
     q = np.rint(x.astype(np.float32) / s).astype(np.float64) + zp
     return np.clip(q, qtype.qmin, qtype.qmax).astype(qtype.numpy)
 
@@ -137,8 +137,8 @@ def dequantize(
     block_size: int | None = None,
 ) -> np.ndarray:
     """ONNX DequantizeLinear: (q - zero_point) * scale, in float32."""
-    s = _broadcast(scale, q.shape, axis, block_size).astype(np.float32)
-    zp = _broadcast(zero_point, q.shape, axis, block_size).astype(np.int64)
+    s = broadcast_param(scale, q.shape, axis, block_size).astype(np.float32)
+    zp = broadcast_param(zero_point, q.shape, axis, block_size).astype(np.int64)
     return ((q.astype(np.int64) - zp).astype(np.float32) * s).astype(np.float32)
 
 
@@ -198,3 +198,40 @@ def _block_sums(x: np.ndarray, axis: int, block_size: int) -> np.ndarray:
     pad = np.zeros((blocks * block_size - n,) + moved.shape[1:], moved.dtype)
     summed = np.concatenate([moved, pad]).reshape((blocks, block_size) + moved.shape[1:]).sum(axis=1)
     return np.moveaxis(summed, 0, axis)
+
+
+def gptq_round(
+    w: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, qmin: int, qmax: int, hessian: np.ndarray,
+    damp: float = 0.01, block: int = 128,
+) -> np.ndarray:
+    """Integer codes of `w` [..., rows, d] that minimise the output error on inputs with E[x xᵀ] = `hessian`.
+
+    GPTQ (Frantar et al., 2022): columns are rounded one at a time, each one's error
+    pushed onto the columns not yet rounded through the upper Cholesky factor of H⁻¹,
+    so that correlated inputs cancel it. `scale` and `zero_point` have w's shape (any
+    granularity, broadcast); `hessian` is [..., d, d] (leading dims: groups, batched),
+    damped by `damp` x its mean diagonal. Inputs never seen (zero diagonal) keep
+    round-to-nearest and push no error.
+    """
+    w = w.astype(np.float64).copy()
+    scale, zero_point = scale.astype(np.float64), zero_point.astype(np.float64)
+    h = hessian.astype(np.float64).copy()
+    d = w.shape[-1]
+    diagonal = np.diagonal(h, axis1=-2, axis2=-1)
+    live = (diagonal > 0).astype(np.float64)
+    h *= live[..., :, None] * live[..., None, :]
+    mean = np.maximum(np.diagonal(h, axis1=-2, axis2=-1).mean(axis=-1), 1e-12)
+    h += np.eye(d) * ((1.0 - live) + damp * mean[..., None])[..., None, :]
+    upper = np.swapaxes(np.linalg.cholesky(np.linalg.inv(h)), -1, -2)  # H⁻¹ = Uᵀ U
+    codes = np.empty(w.shape, np.float64)
+    for start in range(0, d, block):
+        stop = min(start + block, d)
+        errors = np.empty(w.shape[:-1] + (stop - start,))
+        for i in range(start, stop):
+            q = np.clip(np.rint(w[..., i] / scale[..., i]) + zero_point[..., i], qmin, qmax)
+            codes[..., i] = q
+            error = (w[..., i] - (q - zero_point[..., i]) * scale[..., i]) / upper[..., i, i, None]
+            errors[..., i - start] = error
+            w[..., i + 1:stop] -= error[..., None] * upper[..., None, i, i + 1:stop]
+        w[..., stop:] -= errors @ upper[..., start:stop, stop:]
+    return codes

@@ -10,18 +10,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 
-import numpy as np
-from onnx import ModelProto, TensorProto, numpy_helper
+from onnx import ModelProto, TensorProto
 
 from qtool.calibrate import CalibrationTable
 from qtool.errors import ModelError
+from qtool.hessians import Im2Col, hessian_inputs
 from qtool.model import DEFAULT_DOMAINS, GraphIndex, opset_version
-from qtool.numerics import (
-    BLOCKED_MIN_OPSET, QTYPES, channel_ranges, is_sane_scale, mse_block_ranges, quantize,
-    scale_zero_point,
-)
+from qtool.numerics import BLOCKED_MIN_OPSET, QTYPES, is_sane_scale, scale_zero_point
 from qtool.recipe import ActivationSpec, MatchSpec, OverrideSpec, QuantizationSpec, Recipe, WeightSpec
 from qtool.rules import FLOAT_OUTPUT_KERNELS, RULES, OpRule, activation_inputs
+from qtool.weights import BiasQuant, ConstantQuant, NBitsQuant, quantize_constants, weights_reduce_range
 
 
 @dataclass(frozen=True)
@@ -32,44 +30,6 @@ class ActivationQuant:
     range_of: str  # tensor whose calibrated range sets the scale (itself, or a shared source)
     scale: float = 0.0
     zero_point: int = 0
-
-
-@dataclass(frozen=True)
-class ConstantQuant:
-    """A float initializer stored as integers plus one DequantizeLinear."""
-
-    tensor: str
-    qtype: str
-    axis: int | None
-    scale: np.ndarray
-    zero_point: np.ndarray
-    role: str  # "weight" or "constant" (an initializer operand of Add, Mul, ...)
-    block_size: int | None = None  # per_block: scale has the weight's rank, blocked along `axis`
-    reduce_range: bool = False
-    symmetric: bool = True
-
-
-@dataclass(frozen=True)
-class NBitsQuant:
-    """A MatMul with a constant [K, N] weight, rewritten as com.microsoft MatMulNBits."""
-
-    node: str
-    weight: str
-    bits: int
-    block_size: int
-    k: int
-    n: int
-    scale: np.ndarray  # [N, blocks] float32
-    zero_point: np.ndarray | None  # [N, blocks] uint8 in [0, 2**bits); None: symmetric (2**(bits-1))
-    quantized: np.ndarray  # [N, blocks * block_size] uint8 in [0, 2**bits), K padded with zero points
-
-
-@dataclass(frozen=True)
-class BiasQuant:
-    tensor: str
-    node: str
-    activation: str
-    weight: str
 
 
 @dataclass(frozen=True)
@@ -92,6 +52,8 @@ class Selection:
     nodes: list[NodeDecision]
     activations: dict[str, ActivationQuant]
     notes: list[str] = field(default_factory=list)
+    # gptq rounding: node -> (the weight's input tensor, how the weight meets it), for calibration
+    hessian_inputs: dict[str, tuple[str, Im2Col]] = field(default_factory=dict)
 
     @property
     def calibration_tensors(self) -> list[str]:
@@ -330,7 +292,7 @@ def select_tensors(model: ModelProto, recipe: Recipe) -> Selection:
         source = range_source(tensor)
         spec = wanted.get(source, spec)
         activations[tensor] = ActivationQuant(tensor, spec.dtype, spec.symmetric, source)
-    return Selection(decisions, activations, notes)
+    return Selection(decisions, activations, notes, hessian_inputs(graph.node, decisions, index.initializers, notes))
 
 
 def required_opset(recipe: Recipe) -> tuple[int, str] | None:
@@ -357,57 +319,6 @@ def required_opset(recipe: Recipe) -> tuple[int, str] | None:
     return BLOCKED_MIN_OPSET, f"{why} need opset {BLOCKED_MIN_OPSET}"
 
 
-def weights_reduce_range(recipe: Recipe, saturating_host: bool) -> bool:
-    setting = recipe.quantization.weights.reduce_range
-    return saturating_host if setting == "auto" else bool(setting)
-
-
-def _gemm_trans_b(node) -> bool:
-    return bool(next((a.i for a in node.attribute if a.name == "transB"), 0))
-
-
-def _weight_axes(node, rule: OpRule, weight: np.ndarray) -> tuple[int, int]:
-    """(output-channel axis, reduction axis) of a weight; Gemm's depend on transB."""
-    if rule.weight_axis == "gemm":
-        return (0, 1) if _gemm_trans_b(node) else (1, 0)
-    return int(rule.weight_axis) % weight.ndim, int(rule.reduction_axis) % weight.ndim
-
-
-def _weight_quant(node, rule: OpRule, name: str, array: np.ndarray, spec: WeightSpec,
-                  reduce_range: bool) -> ConstantQuant:
-    channel_axis, reduction_axis = _weight_axes(node, rule, array)
-    block_size = None
-    if spec.granularity == "per_block":
-        axis, block_size = reduction_axis, spec.block_size
-        lo, hi = mse_block_ranges(array, axis, block_size, QTYPES[spec.dtype], spec.symmetric)
-    else:
-        axis = channel_axis if spec.granularity == "per_channel" else None
-        lo, hi = channel_ranges(array, axis)
-    scale, zero_point = scale_zero_point(lo, hi, QTYPES[spec.dtype], spec.symmetric, reduce_range)
-    return ConstantQuant(name, spec.dtype, axis, scale, zero_point, "weight", block_size, reduce_range,
-                         spec.symmetric)
-
-
-def nbits_quant(node, weight: str, array: np.ndarray, bits: int, block_size: int, symmetric: bool) -> NBitsQuant:
-    """Block-wise unsigned `bits`-bit codes of a [K, N] weight, laid out as MatMulNBits wants ([N, K])."""
-    k, n = array.shape
-    blocks = -(-k // block_size)
-    qtype = QTYPES["int4" if symmetric else "uint4"]
-    lo, hi = mse_block_ranges(array, 0, block_size, qtype, symmetric)  # [blocks, N]
-    scale, zero_point = scale_zero_point(lo, hi, qtype, symmetric)
-    codes = quantize(array, scale, zero_point, qtype, axis=0, block_size=block_size).astype(np.int64)
-    offset = 2 ** (bits - 1) if symmetric else 0
-    zp = np.asarray(zero_point, np.int64) + offset  # [blocks, N], unsigned
-    codes = codes + offset
-    padded = np.concatenate([codes, np.repeat(zp[-1:], blocks * block_size - k, axis=0)])  # pad = value 0
-    return NBitsQuant(
-        node.name, weight, bits, block_size, k, n,
-        np.ascontiguousarray(scale.T.astype(np.float32)),
-        None if symmetric else np.ascontiguousarray(zp.T.astype(np.uint8)),
-        np.ascontiguousarray(padded.T.astype(np.uint8)),
-    )
-
-
 def _describe_activation(quant: ActivationQuant) -> str:
     return f"{quant.qtype} {'symmetric' if quant.symmetric else 'asymmetric'} per_tensor"
 
@@ -420,7 +331,8 @@ def _describe_constant(const: ConstantQuant) -> str:
     else:
         granularity = f"per_channel (axis {const.axis})"
     return (f"{const.qtype} {'symmetric' if const.symmetric else 'asymmetric'} {granularity}"
-            + (", 7-bit (reduce_range)" if const.reduce_range else ""))
+            + (", 7-bit (reduce_range)" if const.reduce_range else "")
+            + (", gptq rounding" if const.codes is not None else ""))
 
 
 def _node_tensors(node, decision: NodeDecision, activations, constants, biases, nbits) -> tuple:
@@ -470,91 +382,17 @@ def build_plan(
             name, quant.qtype, quant.symmetric, quant.range_of, float(scale), int(zero_point)
         )
 
-    constants: dict[str, ConstantQuant] = {}
-    biases: dict[tuple[str, str], BiasQuant] = {}
-    nbits: dict[str, NBitsQuant] = {}
-    weight_only = recipe.quantization.weight_only
     nodes = list(selection.nodes)
-    for node, decision in zip(model.graph.node, nodes):
-        if not decision.quantized:
-            continue
-        if decision.weight_only:
-            name = node.input[1]
-            array = numpy_helper.to_array(index.initializers[name])
-            if not _finite(name, array, notes):
-                continue
-            if decision.weight_only == "matmulnbits":
-                nbits[node.name] = nbits_quant(node, name, array, weight_only.bits, weight_only.block_size,
-                                               weight_only.symmetric)
-            elif name not in constants:
-                spec = WeightSpec(dtype="int4" if weight_only.symmetric else "uint4", symmetric=weight_only.symmetric,
-                                  granularity="per_block", block_size=weight_only.block_size)
-                constants[name] = _weight_quant(node, RULES["MatMul"], name, array, spec, False)
-            continue
-        rule = RULES[node.op_type]
-        act_spec, w_spec = decision.activations, decision.weights
-        if decision.weight_input is not None:
-            name = node.input[decision.weight_input]
-            array = numpy_helper.to_array(index.initializers[name])
-            # The saturating u8 x s8 kernels exist only for 8-bit weights read with 8-bit activations.
-            eight_bit = QTYPES[w_spec.dtype].bits == 8 and QTYPES[act_spec.dtype].bits == 8
-            if name not in constants and _finite(name, array, notes):
-                constants[name] = _weight_quant(node, rule, name, array, w_spec, host_reduce_range and eight_bit)
-        for i in decision.activation_inputs:
-            name = node.input[i]
-            if name in index.initializers and name not in constants:
-                array = numpy_helper.to_array(index.initializers[name])
-                if not _finite(name, array, notes):
-                    continue
-                lo, hi = channel_ranges(array, None)
-                qtype = QTYPES[act_spec.dtype]
-                scale, zero_point = scale_zero_point(lo, hi, qtype, act_spec.symmetric)
-                constants[name] = ConstantQuant(name, act_spec.dtype, None, scale, zero_point, "constant",
-                                                symmetric=act_spec.symmetric)
-        if decision.bias_input is not None and node.input[decision.weight_input] in constants:
-            bias = node.input[decision.bias_input]
-            weight = node.input[decision.weight_input]
-            bias_values = numpy_helper.to_array(index.initializers[bias])
-            if not _finite(bias, bias_values, notes):
-                continue
-            bias_shape = tuple(index.initializers[bias].dims)
-            channels = constants[weight].scale.size
-            # Every rule's weight axis is its output-channel axis, which the bias follows.
-            if node.input[0] in activations and len(bias_shape) == 1 and channels in (1, bias_shape[0]) \
-                    and constants[weight].block_size is None:
-                constants[weight] = _fit_bias_in_int32(constants[weight], bias_values,
-                                                       activations[node.input[0]].scale, notes)
-                biases[(node.name, bias)] = BiasQuant(bias, node.name, node.input[0], weight)
+    hessians = {name: h for name, h in table.hessians.items() if name in selection.hessian_inputs}
+    if len(hessians) < len(selection.hessian_inputs):
+        notes.append(f"weights.rounding gptq: no input statistics for {len(selection.hessian_inputs) - len(hessians)}"
+                     " node(s) (a calibration table carries none: give calibration data); rounded to nearest")
+    constants, biases, nbits = quantize_constants(model.graph.node, nodes, index, activations, recipe,
+                                                  host_reduce_range, hessians, notes)
     nodes = [replace(d, tensors=_node_tensors(node, d, activations, constants, biases, nbits))
              for node, d in zip(model.graph.node, nodes)]
     qdq_domain = _check_opset(model, activations, constants, notes)
     return QuantPlan(nodes, activations, constants, biases, host_reduce_range, notes, nbits, qdq_domain)
-
-
-def _finite(name: str, array: np.ndarray, notes: list[str]) -> bool:
-    """Constants holding NaN or inf (masks, broken exports) stay float: no scale can carry them."""
-    if np.all(np.isfinite(array)):
-        return True
-    notes.append(f"{name}: holds NaN or infinite values, kept float")
-    return False
-
-
-def _fit_bias_in_int32(weight: ConstantQuant, bias: np.ndarray, input_scale: float, notes: list[str]) -> ConstantQuant:
-    """Raise weight scales whose int32 bias (scale = input x weight scale) would saturate.
-
-    A near-dead channel (weights ~1e-26) gets a near-zero scale; its bias divided by
-    that overflows int32 and the channel's bias silently becomes -2^31 x scale.
-    """
-    if not weight.symmetric:
-        return weight  # raising the scale would move an asymmetric zero point too
-    scale = weight.scale.astype(np.float64)
-    limit = np.abs(bias.astype(np.float64)) / (input_scale * float(2**31 - 1) * 0.5)
-    limit = limit.reshape(scale.shape) if limit.size == scale.size else np.full(scale.shape, limit.max())
-    if np.all(scale >= limit):
-        return weight
-    raised = np.maximum(scale, limit)
-    notes.append(f"{weight.tensor}: {int(np.sum(raised > scale))} channel scale(s) raised so the int32 bias fits")
-    return replace(weight, scale=raised.astype(np.float32))
 
 
 def _check_opset(model: ModelProto, activations: dict, constants: dict, notes: list[str]) -> str:

@@ -16,7 +16,8 @@ from onnx import ModelProto, helper, numpy_helper, version_converter
 
 from qtool.model import PROTOBUF_LIMIT, GraphIndex, opset_version, proto_size, save_model
 from qtool.numerics import QTYPES, quantize
-from qtool.plan import NBitsQuant, QuantPlan
+from qtool.plan import QuantPlan
+from qtool.weights import NBitsQuant
 from qtool.prepare import remove_unused_initializers
 
 MS_DOMAIN = "com.microsoft"
@@ -57,7 +58,8 @@ def apply_plan(model: ModelProto, plan: QuantPlan) -> ModelProto:
     for name, const in plan.constants.items():
         array = numpy_helper.to_array(index.initializers[name])
         qtype = QTYPES[const.qtype]
-        q = quantize(array, const.scale, const.zero_point, qtype, const.axis, const.block_size)
+        q = const.codes if const.codes is not None else \
+            quantize(array, const.scale, const.zero_point, qtype, const.axis, const.block_size)
         q_name = add_initializer(f"{name}_quantized", q)
         blocked = const.block_size is not None
         scale = add_initializer(f"{name}_scale", _param(const.scale, np.float32, blocked))

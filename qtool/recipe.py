@@ -87,6 +87,7 @@ class CalibrationSpec(_Strict):
 ActivationDtype = Literal["uint8", "int8", "uint16", "int16"]
 WeightDtype = Literal["int8", "uint8", "int4", "uint4", "int16"]
 Granularity = Literal["per_channel", "per_tensor", "per_block"]
+Rounding = Literal["nearest", "gptq"]
 BlockSize = Annotated[int, Field(ge=2, le=4096)]
 
 
@@ -115,6 +116,14 @@ class WeightSpec(_Strict):
         "VNNI cannot saturate; `auto` decides from the host CPU. Applies only to 8-bit "
         "weights read together with 8-bit activations.",
     )
+    rounding: Rounding = Field(
+        "nearest",
+        description="How weights become integers: `nearest`, or `gptq`: column by column, each "
+        "rounding error pushed onto the inputs not yet rounded, and each channel's scale widened "
+        "by up to 20 % where that moves the layer's output on the calibration data least (Conv, "
+        "Gemm, 2-D MatMul weights; needs calibration data, not a table). Pays where weights limit "
+        "accuracy, e.g. with 16-bit activations (configs/a16w8.yaml); costs calibration time.",
+    )
 
 
 class ActivationPatch(_Strict):
@@ -131,6 +140,7 @@ class WeightPatch(_Strict):
     symmetric: bool | None = Field(None, description="Zero point fixed at 0 or the middle of the type.")
     granularity: Granularity | None = Field(None, description="per_channel, per_tensor or per_block.")
     block_size: BlockSize | None = Field(None, description="Elements per scale with per_block.")
+    rounding: Rounding | None = Field(None, description="nearest or gptq.")
 
 
 class MatchSpec(_Strict):

@@ -10,8 +10,8 @@ from conftest import ROOT
 LAYERS = [
     {"errors", "numerics", "metrics", "rules", "executor", "terminal"},
     {"recipe", "model", "artifacts"},
-    {"images", "runner", "prepare"},
-    {"data", "observers", "bench"},
+    {"images", "runner", "prepare", "weights"},
+    {"data", "observers", "bench", "hessians"},
     {"calibrate", "compare", "conventions"},
     {"plan", "layers", "starter"},
     {"qdq", "inspection", "report"},
