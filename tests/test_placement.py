@@ -157,3 +157,25 @@ def test_non_finite_constants_stay_float(tmp_path):
     assert "mask: holds NaN or infinite values, kept float" in notes
     assert consumers_of_dq(result.model, "Conv") == {"conv": [True, False, False]}
     assert {init.name for init in result.model.graph.initializer} >= {"w", "mask"}
+
+
+def test_wide_types_keep_a_bias_that_int32_cannot_hold_out_of_ort_bias_quantization(tmp_path):
+    """ORT quantizes a float Conv/Gemm bias to int32 at input x weight scale without a range check;
+    with 16-bit activations and weights that scale is ~1e-10 and the bias would cast to -2^31."""
+    model = make_model(
+        [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv"),
+         helper.make_node("Flatten", ["c"], ["f"], name="flatten"),
+         helper.make_node("Gemm", ["f", "w2", "b2"], ["y"], name="gemm", transB=1)],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
+        {"w": (0.01 * RNG.normal(size=(4, 3, 3, 3))).astype(np.float32), "b": np.array([5, -3, 2, 4], np.float32),
+         "w2": (0.01 * RNG.normal(size=(5, 144))).astype(np.float32), "b2": np.full(5, 6, np.float32)},
+    )
+    result = quantize_tiny(tmp_path, model, "quantization:\n  activations: {dtype: uint16}\n"
+                                            "  weights: {dtype: int16, granularity: per_channel}\n")
+    adds = {node.name: node.input for node in result.model.graph.node if node.op_type == "Add"}
+    assert set(adds) == {"conv_bias_add", "gemm_bias_add"}
+    assert all(len(node.input) == 2 for node in result.model.graph.node if node.op_type in ("Conv", "Gemm"))
+    kernels = result.report["validation"]["outputs"]["y"]["sqnr_db"]
+    simulated = result.report["simulated"]["outputs"]["y"]["sqnr_db"]
+    assert kernels > 60 and abs(kernels - simulated) < 1, (kernels, simulated)
