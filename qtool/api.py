@@ -266,7 +266,7 @@ def quantize(
     gates = check_gates(comparison, recipe.validation.gates,
                         _extra_figures(model_file_bytes(model_path), proto_size(quantized), latency))
     ops = optimized_op_histogram(quantized)
-    warnings += _kernel_warnings(comparison, simulated, any(op in INTEGER_OP_TYPES for op in ops))
+    warnings += _kernel_warnings(comparison, simulated, _kernel_gap_cause(quantized, ops))
 
     report = reporting.build_quantize_report(
         model_path=model_path, model_sha256=file_sha256(model_path), recipe=recipe,
@@ -452,11 +452,20 @@ def check_gates_are_measurable(recipe: Recipe, labels: dict | None) -> None:
         )
 
 
-def _kernel_warnings(kernels: Comparison, simulated: Comparison, integer_kernels: bool) -> list[str]:
+def _kernel_gap_cause(quantized: ModelProto, optimized_ops: dict[str, int]) -> str:
+    """What most likely makes ONNX Runtime's optimized run worse than the Q/DQ simulation."""
+    written = sum(node.op_type == "MatMulNBits" for node in quantized.graph.node)
+    if optimized_ops.get("MatMulNBits", 0) > written:
+        return ("ONNX Runtime fused DequantizeLinear -> MatMul into MatMulNBits, which by default computes with "
+                "8-bit activations; the session option session.qdq_matmulnbits_accuracy_level=1 keeps them float")
+    if any(op in INTEGER_OP_TYPES for op in optimized_ops):
+        return "int8 kernels may saturate on this CPU (try quantization.weights.reduce_range: true)"
+    return ("ONNX Runtime's graph optimizations changed the result (no integer kernels ran): "
+            "a qtool or ONNX Runtime bug, please report it")
+
+
+def _kernel_warnings(kernels: Comparison, simulated: Comparison, cause: str) -> list[str]:
     """Flag ONNX Runtime's optimized run losing accuracy the Q/DQ simulation does not."""
-    cause = ("int8 kernels may saturate on this CPU (try quantization.weights.reduce_range: true)"
-             if integer_kernels else "ONNX Runtime's graph optimizations changed the result (no integer "
-             "kernels ran): a qtool or ONNX Runtime bug, please report it")
     return [f"output {name}: ONNX Runtime gives SQNR {figures['sqnr_db']:.1f} dB against "
             f"{simulated.outputs[name]['sqnr_db']:.1f} dB simulated; {cause}"
             for name, figures in kernels.outputs.items()
