@@ -37,7 +37,7 @@ MODELS = {
 
 
 def recipe_for(model: str, method: str, samples: int | None = None):
-    from qtool.recipe import load_recipe
+    from qtool.recipe_file import load_recipe
 
     base = load_recipe(MODELS[model]["recipe"])
     calibration = base.calibration.model_copy(update={"method": method, "percentile": PERCENTILE,

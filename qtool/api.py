@@ -31,7 +31,8 @@ from qtool.numerics import QTYPES
 from qtool.plan import build_plan, required_opset, select_tensors
 from qtool.prepare import prepare_model
 from qtool.qdq import apply_plan, ensure_opset
-from qtool.recipe import Recipe, load_recipe, parse_recipe, recipe_json_schema
+from qtool.recipe import Recipe, recipe_json_schema
+from qtool.recipe_file import load_recipe, parse_recipe
 from qtool.runner import INTEGER_OP_TYPES, check_runnable, int8_kernels_may_saturate, optimized_op_histogram
 
 # progress(stage, done, total): the CLI renders it; nothing below the CLI prints.

@@ -24,7 +24,8 @@ from qtool.bench import BenchResult
 from qtool.errors import RecipeError, UsageError
 from qtool.executor import make_executor
 from qtool.model import file_sha256, save_model
-from qtool.recipe import Recipe, load_recipe, parse_recipe
+from qtool.recipe import Recipe
+from qtool.recipe_file import load_recipe, parse_recipe
 from qtool.search_report import search_report_writers
 from qtool.sensitivity import (A16, LATENCY_THREADS, SEARCH_GATES, TrialContext, TrialResult, TrialSpec,
                                build_trial_model, cache_key, promotion_overrides, run_trial, trial_latency)

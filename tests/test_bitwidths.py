@@ -15,7 +15,8 @@ from qtool.numerics import QTYPES, dequantize
 from qtool.plan import build_plan, resolve_settings, select_tensors
 from qtool.weights import nbits_quant
 from qtool.qdq import apply_plan
-from qtool.recipe import Recipe, load_recipe
+from qtool.recipe import Recipe
+from qtool.recipe_file import load_recipe
 from qtool.runner import make_session, run
 
 RNG = np.random.default_rng(5)

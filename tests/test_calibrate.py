@@ -19,7 +19,8 @@ from qtool.data import DataFolder, model_inputs
 from qtool.errors import RecipeError
 from qtool.numerics import QTYPES
 from qtool.observers import OBSERVERS
-from qtool.recipe import CalibrationSpec, load_recipe
+from qtool.recipe import CalibrationSpec
+from qtool.recipe_file import load_recipe
 
 TENSORS = ["x", "mm", "act"]
 

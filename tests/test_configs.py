@@ -15,7 +15,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import ROOT, SAMPLE, save_npy_folder
 from qtool import api
-from qtool.recipe import Recipe, load_recipe
+from qtool.recipe import Recipe
+from qtool.recipe_file import load_recipe
 from qtool.runner import make_session, run
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

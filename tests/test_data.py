@@ -13,7 +13,8 @@ from PIL import Image
 
 from qtool.data import DataFolder, InputSpec, read_labels
 from qtool.errors import DataError, RecipeError
-from qtool.recipe import ImageSpec, load_recipe, parse_recipe
+from qtool.recipe import ImageSpec
+from qtool.recipe_file import load_recipe, parse_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"

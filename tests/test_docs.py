@@ -18,7 +18,7 @@ import pytest
 from conftest import ROOT, SAMPLE
 from qtool import recipe as recipe_module
 from qtool.cli import main
-from qtool.recipe import parse_recipe
+from qtool.recipe_file import parse_recipe
 
 QTOOL = Path(sys.executable).parent / "qtool"
 

@@ -14,7 +14,8 @@ from PIL import Image
 from conftest import ROOT, SAMPLE, make_model, shared_model
 from qtool import api
 from qtool.cli import main
-from qtool.recipe import load_recipe, recipe_json_schema
+from qtool.recipe import recipe_json_schema
+from qtool.recipe_file import load_recipe
 
 
 def init(*args: str):

@@ -10,7 +10,7 @@ from conftest import ROOT
 LAYERS = [
     {"errors", "numerics", "metrics", "rules", "executor", "terminal"},
     {"recipe", "model", "artifacts"},
-    {"images", "runner", "prepare", "weights"},
+    {"images", "runner", "prepare", "weights", "recipe_file"},
     {"data", "observers", "bench", "hessians"},
     {"calibrate", "compare", "conventions"},
     {"plan", "layers", "starter"},

@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import make_model, save_npy_folder
 from qtool import api
-from qtool.recipe import load_recipe
+from qtool.recipe_file import load_recipe
 from qtool.runner import optimized_op_histogram
 
 RNG = np.random.default_rng(0)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from qtool.errors import RecipeError
-from qtool.recipe import Recipe, load_recipe, recipe_json_schema
+from qtool.recipe import Recipe, recipe_json_schema
+from qtool.recipe_file import load_recipe
 
 
 def write(tmp_path, text: str):

@@ -365,7 +365,7 @@ def test_hostile_names_are_escaped_in_report_md(tmp_path):
 
 def test_yaml_alias_bombs_and_self_references_are_refused(tmp_path):
     from qtool.errors import RecipeError
-    from qtool.recipe import load_recipe
+    from qtool.recipe_file import load_recipe
 
     laughs = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
     laughs += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
@@ -387,7 +387,7 @@ def test_yaml_alias_bombs_and_self_references_are_refused(tmp_path):
 
 def test_invalid_exclude_regex_is_a_recipe_error(tmp_path):
     from qtool.errors import RecipeError
-    from qtool.recipe import load_recipe
+    from qtool.recipe_file import load_recipe
 
     path = tmp_path / "recipe.yaml"
     path.write_text("quantization:\n  exclude:\n    nodes:\n    - (\n")

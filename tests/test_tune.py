@@ -20,7 +20,7 @@ from onnx import TensorProto, helper
 
 from conftest import ROOT, make_model, save_npy_folder, shared_model
 from qtool import tuning
-from qtool.recipe import load_recipe
+from qtool.recipe_file import load_recipe
 from qtool.search_report import frontier_chart, latency_chart
 from qtool.tune import parse_duration
 
