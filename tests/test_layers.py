@@ -20,6 +20,8 @@ LAYERS = [
     {"api"},
     {"trials"},
     {"tuning"},
+    {"cli_options"},
+    {"cli_quantize", "cli_recipe", "cli_search"},
     {"cli", "__init__"},
     {"__main__"},
 ]
