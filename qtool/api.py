@@ -19,12 +19,9 @@ from qtool import report as reporting
 from qtool import __version__
 from qtool.calibrate import CalibrationTable, check_table, load_table, save_table, table_document
 from qtool.calibrate import calibrate as calibrate_tensors
-from qtool.bench import bench_models
-from qtool.compare import GATES, Comparison, GateResult, check_gates, compare_models
+from qtool.compare import GATES, GateResult, check_gates, compare_models
 from qtool.data import DataFolder, model_inputs, read_labels
-from qtool.errors import ModelError, RecipeError, UsageError
-from qtool.html_report import render_html
-from qtool.layers import layer_errors, weight_errors
+from qtool.errors import ModelError, UsageError
 from qtool.model import (QUANTIZED_OP_TYPES, file_sha256, load_model, model_file_bytes, opset_version, proto_size,
                          read_header, save_model, upgrade_opset)
 from qtool.numerics import QTYPES
@@ -33,7 +30,10 @@ from qtool.prepare import prepare_model
 from qtool.qdq import apply_plan, ensure_opset
 from qtool.recipe import Recipe, recipe_json_schema
 from qtool.recipe_file import load_recipe, parse_recipe
+from qtool.report_files import report_writers, write_ci_files
 from qtool.runner import INTEGER_OP_TYPES, check_runnable, int8_kernels_may_saturate, optimized_op_histogram
+from qtool.validation import (check_gates_are_measurable, extra_figures, kernel_gap_cause, kernel_warnings,
+                              layers_and_latency, resolve_validation_data)
 
 # progress(stage, done, total): the CLI renders it; nothing below the CLI prints.
 Progress = Callable[[str, int, int | None], None]
@@ -260,14 +260,14 @@ def quantize(
                                 batch_size=recipe.calibration.batch_size, progress=tick("validate"))
     simulated = compare_models(model, quantized, eval_data, labels=eval_labels,
                                batch_size=recipe.calibration.batch_size, optimize_candidate=False)
-    layers, latency = _layers_and_latency(
+    layers, latency = layers_and_latency(
         model, quantized, eval_data, recipe.calibration.batch_size, per_layer,
         bench or "max_latency_ratio" in recipe.validation.gates, threads, tick,
         {decision.node: decision.reason for decision in plan.nodes})
     gates = check_gates(comparison, recipe.validation.gates,
-                        _extra_figures(model_file_bytes(model_path), proto_size(quantized), latency))
+                        extra_figures(model_file_bytes(model_path), proto_size(quantized), latency))
     ops = optimized_op_histogram(quantized)
-    warnings += _kernel_warnings(comparison, simulated, _kernel_gap_cause(quantized, ops))
+    warnings += kernel_warnings(comparison, simulated, kernel_gap_cause(quantized, ops))
 
     report = reporting.build_quantize_report(
         model_path=model_path, model_sha256=file_sha256(model_path), recipe=recipe,
@@ -282,7 +282,7 @@ def quantize(
     if output is not None:
         write_artifacts(output, overwrite, {
             "model.onnx": lambda path: save_model(quantized, path),
-            **_report_writers(report),
+            **report_writers(report),
         })
     write_ci_files(report, junit, step_summary)
     return QuantizeResult(quantized, report, gates)
@@ -353,10 +353,10 @@ def compare(
     batch_size = recipe.calibration.batch_size
     comparison = compare_models(reference, candidate, data, labels=truth, batch_size=batch_size,
                                 progress=tick("validate"))
-    layers, latency = _layers_and_latency(reference, candidate, data, batch_size, per_layer,
-                                          bench or "max_latency_ratio" in wanted, threads, tick)
+    layers, latency = layers_and_latency(reference, candidate, data, batch_size, per_layer,
+                                         bench or "max_latency_ratio" in wanted, threads, tick)
     reference_bytes, candidate_bytes = model_file_bytes(reference_path), model_file_bytes(candidate_path)
-    results = check_gates(comparison, wanted, _extra_figures(reference_bytes, candidate_bytes, latency))
+    results = check_gates(comparison, wanted, extra_figures(reference_bytes, candidate_bytes, latency))
     report = reporting.build_compare_report(
         reference_path=reference_path, candidate_path=candidate_path, recipe=recipe if recipe_given else None,
         data=data, labels_path=labels_path if labels_path.is_file() else None,
@@ -364,47 +364,9 @@ def compare(
         gates=results, layers=layers, latency=latency,
     )
     if output is not None:
-        write_artifacts(output, overwrite, _report_writers(report))
+        write_artifacts(output, overwrite, report_writers(report))
     write_ci_files(report, junit, step_summary)
     return CompareResult(report, results)
-
-
-def _layers_and_latency(reference: ModelProto, candidate: ModelProto, data: DataFolder, batch_size: int,
-                        per_layer: bool, bench: bool, threads: int | None, tick,
-                        reasons: dict[str, str] | None = None) -> tuple[dict | None, dict | None]:
-    layers = latency = None
-    if per_layer:
-        activations, unmatched = layer_errors(reference, candidate, data, batch_size=batch_size,
-                                              progress=tick("per-layer"))
-        layers = reporting.layers_section(activations, weight_errors(reference, candidate), unmatched, reasons)
-    if bench:
-        feeds = next(data.batches(1)).feeds
-        latency = reporting.latency_section(bench_models(reference, candidate, feeds, threads=threads))
-    return layers, latency
-
-
-def _extra_figures(reference_bytes: int, candidate_bytes: int, latency: dict | None) -> dict:
-    return {"size_ratio": reference_bytes / candidate_bytes if candidate_bytes else None,
-            "latency_ratio": latency["ratio"] if latency else None}
-
-
-def _report_writers(report: dict) -> dict[str, Callable[[Path], None]]:
-    return {
-        "report.json": lambda path: path.write_text(reporting.render_json(report), encoding="utf-8"),
-        "report.md": lambda path: path.write_text(reporting.render_markdown(report), encoding="utf-8"),
-        "report.html": lambda path: path.write_text(render_html(report), encoding="utf-8"),
-    }
-
-
-def write_ci_files(report: dict, junit: str | Path | None, step_summary: str | Path | None) -> None:
-    """The JUnit file (written whole, then renamed) and the Markdown appended to a CI step summary."""
-    if junit is not None:
-        junit = Path(junit)
-        junit.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(junit, reporting.render_junit(report))
-    if step_summary:
-        with open(step_summary, "a", encoding="utf-8") as handle:
-            handle.write(reporting.render_markdown(report) + "\n")
 
 
 def stage_progress(progress: Progress | None):
@@ -413,64 +375,6 @@ def stage_progress(progress: Progress | None):
             return None
         return lambda done, total: progress(stage, done, total)
     return for_stage
-
-
-def resolve_validation_data(
-    recipe: Recipe, calib_data: DataFolder | None, inputs, data_override: str | Path | None,
-    labels_override: str | Path | None,
-) -> tuple[DataFolder, dict | None, list[str]]:
-    spec = recipe.validation
-    warnings = []
-    folder_path = Path(data_override) if data_override else recipe.resolve_path(spec.data)
-    if folder_path is not None:
-        folder = DataFolder(folder_path, inputs, spec.samples, images=recipe.data.images if recipe.data else None)
-    elif calib_data is None:
-        raise UsageError("with --calibration no calibration data is read: give validation data with "
-                         "--validation-data or the recipe's validation.data")
-    else:
-        folder = DataFolder(calib_data.folder, inputs, spec.samples, images=recipe.data.images if recipe.data else None)
-        warnings.append("validation ran on the calibration data (no validation data given): "
-                        "figures are optimistic")
-    if labels_override:
-        labels_path = Path(labels_override)
-        if not labels_path.is_file():
-            raise UsageError(f"{labels_path}: no such labels file")
-    elif spec.labels:
-        labels_path = recipe.resolve_path(spec.labels)
-        if not labels_path.is_file():
-            raise RecipeError(f"{recipe.source}: validation.labels: no such file {labels_path}")
-    else:
-        labels_path = folder.folder / "labels.txt"
-    labels = read_labels(labels_path) if labels_path.is_file() else folder.class_labels
-    return folder, labels, warnings
-
-
-def check_gates_are_measurable(recipe: Recipe, labels: dict | None) -> None:
-    if "max_accuracy_drop" in recipe.validation.gates and not labels:
-        raise RecipeError(
-            f"{recipe.source}: validation.gates.max_accuracy_drop needs labels: set validation.labels "
-            "or put labels.txt in the validation data folder"
-        )
-
-
-def _kernel_gap_cause(quantized: ModelProto, optimized_ops: dict[str, int]) -> str:
-    """What most likely makes ONNX Runtime's optimized run worse than the Q/DQ simulation."""
-    written = sum(node.op_type == "MatMulNBits" for node in quantized.graph.node)
-    if optimized_ops.get("MatMulNBits", 0) > written:
-        return ("ONNX Runtime fused DequantizeLinear -> MatMul into MatMulNBits, which by default computes with "
-                "8-bit activations; the session option session.qdq_matmulnbits_accuracy_level=1 keeps them float")
-    if any(op in INTEGER_OP_TYPES for op in optimized_ops):
-        return "int8 kernels may saturate on this CPU (try quantization.weights.reduce_range: true)"
-    return ("ONNX Runtime's graph optimizations changed the result (no integer kernels ran): "
-            "a qtool or ONNX Runtime bug, please report it")
-
-
-def _kernel_warnings(kernels: Comparison, simulated: Comparison, cause: str) -> list[str]:
-    """Flag ONNX Runtime's optimized run losing accuracy the Q/DQ simulation does not."""
-    return [f"output {name}: ONNX Runtime gives SQNR {figures['sqnr_db']:.1f} dB against "
-            f"{simulated.outputs[name]['sqnr_db']:.1f} dB simulated; {cause}"
-            for name, figures in kernels.outputs.items()
-            if simulated.outputs[name]["sqnr_db"] - figures["sqnr_db"] > 3.0]
 
 
 def _float_metadata(model: ModelProto) -> dict[str, str]:

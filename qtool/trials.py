@@ -11,7 +11,7 @@ from pathlib import Path
 from onnx import ModelProto
 
 from qtool import report as reporting
-from qtool.api import check_gates_are_measurable, prepare, resolve_validation_data
+from qtool.api import prepare
 from qtool.calibrate import calibrate as calibrate_tensors
 from qtool.data import DataFolder, model_inputs
 from qtool.executor import Executor
@@ -24,6 +24,7 @@ from qtool.sensitivity import (FLOAT_MODEL, TrialContext, TrialResult, TrialSpec
                                promotion_overrides, rank_nodes, run_trial, with_overrides, worst,
                                write_eval_set)
 from qtool.tune import objective
+from qtool.validation import check_gates_are_measurable, resolve_validation_data
 
 
 @dataclass

@@ -1,0 +1,20 @@
+"""The option decorators and JSON output every command spells and means the same way."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+def output_options(command):
+    """`--quiet`, `--verbose` and `--json`, spelled and meant the same on every command."""
+    command = click.option("--json", "as_json", is_flag=True,
+                           help="Print the result as JSON on stdout, and nothing else there.")(command)
+    command = click.option("--verbose", "-v", is_flag=True, help="Print more detail.")(command)
+    command = click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")(command)
+    return command
+
+
+def echo_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=False))
