@@ -21,6 +21,9 @@ SUMMARY_PERCENTILES = (50.0, 99.0, 99.9, 99.99)
 MAX_KL_CANDIDATES = 512
 CHUNK = 1 << 15  # values binned at a time: the chunk's float and index copies fit in L2 cache
 KL_EPSILON = 1e-4  # Q's floor where P has mass: a threshold in a sparse tail costs, not forbids
+# Added to Q before its log: far below half an ulp of any non-zero Q (a count over at most
+# `bins` bins), so only empty groups change (log 0 -> -690, finite, times P = 0).
+TINY = 1e-300
 
 
 @dataclass(frozen=True)
@@ -169,8 +172,7 @@ class _Histogram:
             self.counts[min(-self.start, bins - 1)] += self.zeros
         else:
             self._grow(lo, hi)
-        counts = np.zeros(bins, dtype=np.intp)
-        top = hi / self.width - self.start > bins - 1.01  # may round onto the top edge: clamp
+        counts = np.zeros(bins + 1, dtype=np.intp)  # + 1: values rounded onto the top edge
         position = np.empty(min(values.size, CHUNK), dtype=values.dtype)
         index = np.empty(len(position), dtype=np.intp)
         for at in range(0, values.size, CHUNK):  # chunks stay in cache across the passes below
@@ -183,12 +185,12 @@ class _Histogram:
                 np.abs(chunk, out=pos)
                 chunk = pos
             np.divide(chunk, self.width, out=pos)  # float32 stays float32: half the memory traffic
-            pos -= self.start
-            if top:
-                np.minimum(pos, bins - 1, out=pos)
+            if self.start:  # a grid starting at 0 (|x|, ReLU outputs) needs no shift
+                pos -= self.start
             np.copyto(idx, pos, casting="unsafe")  # values lie inside the grid: truncation is floor
-            counts += np.bincount(idx, minlength=bins)
-        self.counts += counts
+            counts += np.bincount(idx, minlength=bins + 1)
+        counts[bins - 1] += counts[bins]  # the top edge belongs to the last bin
+        self.counts += counts[:bins]
 
     def _grow(self, lo: float, hi: float) -> None:
         """Fit [lo, hi] and the occupied bins: shift the grid, doubling the width only if needed."""
@@ -370,7 +372,8 @@ def _kl_threshold(hist: np.ndarray, levels: int) -> int:
     into `levels` groups and spreads each group's mass over its non-empty bins. Groups are
     i / levels bins wide, rounded (TensorRT gives the remainder to the last group, which makes
     the result depend on the bin width). Group sums come from cumulative sums, so all
-    candidates are scored in one pass of array arithmetic.
+    candidates are scored in one pass of array arithmetic, in place where it can be: the
+    (candidates x levels) arrays are what the search costs.
     """
     n = int(np.flatnonzero(hist)[-1]) + 1
     if n <= levels:
@@ -379,23 +382,31 @@ def _kl_threshold(hist: np.ndarray, levels: int) -> int:
     candidates = min(n - levels + 1, MAX_KL_CANDIDATES)
     keep = np.unique(np.linspace(levels, n, candidates).round().astype(np.intp))
     cum = np.concatenate([[0.0], np.cumsum(hist)])
-    nonzero_cum = np.concatenate([[0], np.cumsum(hist > 0)])
+    nonzero_cum = np.concatenate([[0.0], np.cumsum(hist > 0, dtype=np.float64)])
     plogp_cum = np.concatenate([[0.0], np.cumsum(_xlogx(hist))])
     total = cum[-1]
 
-    edges = (keep[:, None] * np.arange(levels + 1)) // levels  # group edges, one row per candidate
-    mass = np.diff(cum[edges], axis=1)
-    nonzero = np.diff(nonzero_cum[edges], axis=1)
+    edges = np.multiply.outer(keep, np.arange(levels + 1))  # group edges, one row per candidate
+    if levels & (levels - 1):
+        edges //= levels
+    else:  # a power of two, as for every integer type: the same floor without integer division
+        edges >>= levels.bit_length() - 1
+    mass = np.diff(cum.take(edges), axis=1)
+    nonzero = np.diff(nonzero_cum.take(edges), axis=1)
     outliers = total - cum[keep]
     last = hist[keep - 1]
     nonzero[:, -1] += (last == 0) & (outliers > 0)
-    p_mass = mass.copy()
-    p_mass[:, -1] += outliers
+    np.maximum(nonzero, 1.0, out=nonzero)
 
     with np.errstate(divide="ignore", invalid="ignore"):
-        q_floor = KL_EPSILON * cum[keep][:, None]  # TensorRT's smoothing where Q is empty
-        q_value = np.log(np.where(mass > 0, mass / np.maximum(nonzero, 1), q_floor))
-        plogq = np.where(p_mass > 0, p_mass * q_value, 0.0).sum(axis=1)
+        q_floor = KL_EPSILON * cum[keep]  # TensorRT's smoothing where Q is empty (last group only)
+        q_last = np.log(np.where(mass[:, -1] > 0, mass[:, -1] / nonzero[:, -1], q_floor))
+        q_value = np.divide(mass, nonzero, out=nonzero)
+        q_value += TINY  # empty groups: log stays finite, and P = 0 there zeroes the product
+        np.log(q_value, out=q_value)
+        q_value[:, -1] = q_last
+        mass[:, -1] += outliers  # mass becomes P
+        plogq = np.multiply(mass, q_value, out=mass).sum(axis=1)
         plogp = plogp_cum[keep - 1] + _xlogx(last + outliers)
         kl = (plogp - plogq) / total - np.log(total) + np.log(cum[keep])
     return int(keep[np.argmin(kl)])
