@@ -40,6 +40,20 @@ def save_npy_folder(folder: Path, arrays) -> Path:
     return folder
 
 
+def quantize_tiny(tmp_path: Path, model: onnx.ModelProto, recipe_text: str = "version: 1\n", samples: int = 16,
+                  seed: int = 0):
+    """Quantize `model` (input [N, 3, 8, 8]) with `recipe_text`, on `samples` seeded normal inputs."""
+    from qtool import api
+    from qtool.recipe_file import load_recipe
+
+    path = tmp_path / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    data = save_npy_folder(tmp_path / "data", np.random.default_rng(seed).normal(size=(samples, 1, 3, 8, 8)))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(recipe_text)
+    return api.quantize(path, data, load_recipe(recipe))
+
+
 def matmul_chain(width: int = 8, layers: int = 1, seed: int = 0) -> onnx.ModelProto:
     """x [N, width] → (MatMul → Relu) × layers, seeded weights."""
     rng = np.random.RandomState(seed)

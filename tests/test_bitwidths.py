@@ -8,7 +8,7 @@ import pytest
 import yaml
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import ROOT, SAMPLE, make_model, save_npy_folder, shared_model
+from conftest import ROOT, SAMPLE, make_model, quantize_tiny, shared_model
 from qtool import api
 from qtool.calibrate import CalibrationTable, TensorRange
 from qtool.numerics import QTYPES, dequantize
@@ -37,15 +37,6 @@ def conv_gemm():
         {"w": RNG.normal(size=(4, 3, 3, 3)).astype(np.float32), "b": RNG.normal(size=4).astype(np.float32),
          "fw": RNG.normal(size=(5, 256)).astype(np.float32), "fb": RNG.normal(size=5).astype(np.float32)},
     )
-
-
-def quantize_tiny(tmp_path, model, recipe_text):
-    path = tmp_path / "model.onnx"
-    path.write_bytes(model.SerializeToString())
-    data = save_npy_folder(tmp_path / "data", RNG.normal(size=(8, 1, 3, 8, 8)))
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(recipe_text)
-    return api.quantize(path, data, load_recipe(recipe))
 
 
 def fake_table(selection, lo=-4.0, hi=4.0) -> CalibrationTable:
@@ -112,7 +103,7 @@ quantization:
 
 
 def test_mixed_precision_end_to_end_reports_resolved_plan(tmp_path):
-    result = quantize_tiny(tmp_path, conv_gemm(), """
+    result = quantize_tiny(tmp_path, conv_gemm(), samples=8, recipe_text="""
 version: 1
 quantization:
   overrides:

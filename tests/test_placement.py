@@ -7,9 +7,7 @@ from collections import Counter
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import make_model, save_npy_folder
-from qtool import api
-from qtool.recipe_file import load_recipe
+from conftest import make_model, quantize_tiny
 from qtool.runner import optimized_op_histogram
 
 RNG = np.random.default_rng(0)
@@ -27,15 +25,6 @@ def conv_relu_pool_gemm():
         {"w": RNG.normal(size=(4, 3, 3, 3)).astype(np.float32), "b": RNG.normal(size=4).astype(np.float32),
          "fw": RNG.normal(size=(5, 64)).astype(np.float32), "fb": RNG.normal(size=5).astype(np.float32)},
     )
-
-
-def quantize_tiny(tmp_path, model, recipe_text="version: 1\n"):
-    path = tmp_path / "model.onnx"
-    path.write_bytes(model.SerializeToString())
-    data = save_npy_folder(tmp_path / "data", RNG.normal(size=(16, 1, 3, 8, 8)))
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(recipe_text)
-    return api.quantize(path, data, load_recipe(recipe))
 
 
 def consumers_of_dq(model, op_type):
