@@ -61,12 +61,18 @@ def quantize(model: Path, recipe_path: Path | None, data_dir: Path | None, calib
         click.echo(render_json(result.report), nl=False)
     elif not quiet:
         terminal.print_quantize_summary(terminal.make_console(), result.report, output_dir, verbose)
+    hint = _tune_hint(model, recipe_path, data_dir, validation_data, labels) if data_dir and not quiet else None
+    _exit_on_failed_gates(result, hint)
+
+
+def _exit_on_failed_gates(result, hint: str | None = None) -> None:
+    """One stderr line per failed gate, then `hint` (the next step), then exit 1; nothing when all pass."""
     for gate in result.gates:
         if not gate.passed:
             click.echo(gate.describe(), err=True)
     if not result.passed:
-        if not quiet and data_dir is not None:
-            click.echo(_tune_hint(model, recipe_path, data_dir, validation_data, labels), err=True)
+        if hint:
+            click.echo(hint, err=True)
         sys.exit(EXIT_GATE_FAILED)
 
 
@@ -198,8 +204,4 @@ def compare(reference: Path, candidate: Path, data_dir: Path, labels: Path | Non
         click.echo(render_json(result.report), nl=False)
     elif not quiet:
         terminal.print_compare_summary(terminal.make_console(), result.report, output_dir, verbose)
-    for gate in result.gates:
-        if not gate.passed:
-            click.echo(gate.describe(), err=True)
-    if not result.passed:
-        sys.exit(EXIT_GATE_FAILED)
+    _exit_on_failed_gates(result)
