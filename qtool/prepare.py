@@ -213,16 +213,10 @@ def fold_conv_add(model: ModelProto) -> int:
     index = GraphIndex(graph)
     removed: set[int] = set()
     for add in graph.node:
-        if add.op_type != "Add" or len(add.input) != 2:
+        found = _conv_and_channel_constant(index, add, "Add")
+        if found is None:
             continue
-        conv_out, constant = (add.input if add.input[1] in index.initializers else add.input[::-1])
-        conv = _sole_conv_producer(index, conv_out)
-        if constant not in index.initializers or conv is None:
-            continue
-        weight_dims = index.initializers[conv.input[1]].dims
-        addend = _per_channel(numpy_helper.to_array(index.initializers[constant]), weight_dims[0], len(weight_dims))
-        if addend is None:
-            continue
+        conv, addend = found
         _absorb_into_conv(index, conv, _conv_bias(index, conv) + addend, add, "add_bias")
         removed.add(id(add))
     _drop_nodes(model, removed)
@@ -240,15 +234,12 @@ def fold_conv_mul(model: ModelProto) -> int:
     index = GraphIndex(graph)
     removed: set[int] = set()
     for mul in graph.node:
-        if mul.op_type != "Mul" or len(mul.input) != 2:
+        found = _conv_and_channel_constant(index, mul, "Mul")
+        if found is None:
             continue
-        conv_out, constant = (mul.input if mul.input[1] in index.initializers else mul.input[::-1])
-        conv = _sole_conv_producer(index, conv_out)
-        if constant not in index.initializers or conv is None:
-            continue
+        conv, factor = found
         weight = numpy_helper.to_array(index.initializers[conv.input[1]])
-        factor = _per_channel(numpy_helper.to_array(index.initializers[constant]), weight.shape[0], weight.ndim)
-        if factor is None or weight.dtype != np.float32 or not np.all(np.isfinite(factor)):
+        if weight.dtype != np.float32 or not np.all(np.isfinite(factor)):
             continue
         scaled = (weight.astype(np.float64) * factor.reshape((-1,) + (1,) * (weight.ndim - 1))).astype(np.float32)
         weight_name = index.unique_name(f"{conv.name or conv.output[0]}.scaled_weight")
@@ -258,6 +249,19 @@ def fold_conv_mul(model: ModelProto) -> int:
         removed.add(id(mul))
     _drop_nodes(model, removed)
     return len(removed)
+
+
+def _conv_and_channel_constant(index: GraphIndex, node: onnx.NodeProto, op_type: str):
+    """(conv, [C] vector) when `node` is `op_type(Conv(x), c)` with c constant per output channel, else None."""
+    if node.op_type != op_type or len(node.input) != 2:
+        return None
+    conv_out, constant = (node.input if node.input[1] in index.initializers else node.input[::-1])
+    conv = _sole_conv_producer(index, conv_out)
+    if constant not in index.initializers or conv is None:
+        return None
+    weight_dims = index.initializers[conv.input[1]].dims
+    vector = _per_channel(numpy_helper.to_array(index.initializers[constant]), weight_dims[0], len(weight_dims))
+    return None if vector is None else (conv, vector)
 
 
 def _per_channel(addend: np.ndarray, channels: int, rank: int) -> np.ndarray | None:
