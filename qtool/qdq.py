@@ -112,8 +112,9 @@ def apply_plan(model: ModelProto, plan: QuantPlan) -> ModelProto:
             head.extend(pair)
 
     for at, (node, decision) in enumerate(zip(graph.node, plan.nodes)):
-        if decision.quantized and _bias_would_saturate(node, decision, plan, index):
-            after[at] = [_detach_bias(node, index, add_initializer)] + after.get(at, [])
+        bias = _bias_int32_cannot_hold(node, decision, plan, index) if decision.quantized else None
+        if bias is not None:
+            after[at] = [_detach_bias(node, bias, index, add_initializer)] + after.get(at, [])
         # Every reader of a quantized activation reads it through Q/DQ, as ORT's
         # fusions require; constants are dequantized only for the nodes that planned it.
         for i, name in enumerate(node.input):
@@ -151,8 +152,8 @@ def apply_plan(model: ModelProto, plan: QuantPlan) -> ModelProto:
     return quantized
 
 
-def _bias_would_saturate(node: onnx.NodeProto, decision, plan: QuantPlan, index: GraphIndex) -> bool:
-    """Whether ONNX Runtime's BiasQuantization pass would overflow this node's float bias.
+def _bias_int32_cannot_hold(node: onnx.NodeProto, decision, plan: QuantPlan, index: GraphIndex) -> np.ndarray | None:
+    """The node's effective float bias when ONNX Runtime's BiasQuantization pass would overflow it, else None.
 
     With default optimisations ORT rewrites the float bias of a Conv or Gemm whose input
     (per-tensor) and weight (per-tensor or per-channel) come from DequantizeLinear into
@@ -161,24 +162,21 @@ def _bias_would_saturate(node: onnx.NodeProto, decision, plan: QuantPlan, index:
     3.2 dB instead of 37.8 dB).
     """
     if node.op_type not in ("Conv", "Gemm") or decision.bias_input is not None or len(node.input) < 3:
-        return False
+        return None
     bias, weight = node.input[2], node.input[1]
     if (bias not in index.initializers or len(index.initializers[bias].dims) != 1
             or node.input[0] not in plan.activations or weight not in plan.constants
             or plan.constants[weight].block_size is not None):
-        return False
-    values = _gemm_beta(node) * numpy_helper.to_array(index.initializers[bias]).astype(np.float32)
+        return None
+    beta = next((a.f for a in node.attribute if a.name == "beta"), 1.0) if node.op_type == "Gemm" else 1.0
+    values = beta * numpy_helper.to_array(index.initializers[bias]).astype(np.float32)
     scale = np.float32(plan.activations[node.input[0]].scale) * plan.constants[weight].scale.astype(np.float32)
-    return bool(np.any(np.abs(values / scale) >= np.float32(INT32_SAFE_LIMIT)))
+    return values if np.any(np.abs(values / scale) >= np.float32(INT32_SAFE_LIMIT)) else None
 
 
-def _gemm_beta(node: onnx.NodeProto) -> float:
-    return next((a.f for a in node.attribute if a.name == "beta"), 1.0) if node.op_type == "Gemm" else 1.0
-
-
-def _detach_bias(node: onnx.NodeProto, index: GraphIndex, add_initializer) -> onnx.NodeProto:
-    """Take the bias out of `node` into a float Add after it (which ORT leaves alone); returns the Add."""
-    values = _gemm_beta(node) * numpy_helper.to_array(index.initializers[node.input[2]]).astype(np.float32)
+def _detach_bias(node: onnx.NodeProto, values: np.ndarray, index: GraphIndex, add_initializer) -> onnx.NodeProto:
+    """Take the bias (`values`, beta applied) out of `node` into a float Add after it, which ORT leaves
+    alone; returns the Add."""
     if node.op_type == "Conv":  # [C] -> [C, 1, ...]: one per output channel over the spatial dims
         spatial = len(index.initializers[node.input[1]].dims) - 2
         values = values.reshape((-1,) + (1,) * spatial)
