@@ -72,7 +72,8 @@ class QuantPlan:
     qdq_domain_16bit: str = ""  # "com.microsoft" where the model's opset predates 16-bit Q/DQ
 
 
-def _tensor_types(model: ModelProto) -> dict[str, int]:
+def tensor_types(model: ModelProto) -> dict[str, int]:
+    """Element type (TensorProto enum) of every initializer and typed value, by name."""
     graph = model.graph
     types = {init.name: init.data_type for init in graph.initializer}
     for value in list(graph.input) + list(graph.output) + list(graph.value_info):
@@ -237,7 +238,7 @@ def select_tensors(model: ModelProto, recipe: Recipe) -> Selection:
     """
     graph = model.graph
     index = GraphIndex(graph)
-    types = _tensor_types(model)
+    types = tensor_types(model)
     decisions = [_decide(node, RULES.get(node.op_type), recipe, index, types) for node in graph.node]
     by_output = {node.output[0]: (node, d) for node, d in zip(graph.node, decisions) if node.output}
     position = {id(node): i for i, node in enumerate(index.graph.node)}

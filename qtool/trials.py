@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from onnx import ModelProto
+from onnx import ModelProto, TensorProto
 
 from qtool import report as reporting
 from qtool.api import prepare
@@ -17,7 +17,7 @@ from qtool.data import DataFolder, model_inputs
 from qtool.executor import Executor
 from qtool.model import file_sha256, model_file_bytes, save_model
 from qtool.numerics import QTYPES
-from qtool.plan import select_tensors
+from qtool.plan import select_tensors, tensor_types
 from qtool.recipe import Recipe
 from qtool.runner import int8_kernels_may_saturate, make_session, run
 from qtool.sensitivity import (FLOAT_MODEL, TrialContext, TrialResult, TrialSpec, float_model_name,
@@ -55,7 +55,7 @@ def setup_trials(model_path: Path, data_dir: Path, recipe: Recipe, folder: Path,
     selection = select_tensors(model, recipe)
     quantized = [(node, d) for node, d in zip(model.graph.node, selection.nodes) if d.quantized]
     initializers = {init.name for init in model.graph.initializer}
-    float_tensors = {name for name, kind in _float_types(model).items()} - initializers
+    float_tensors = {name for name, kind in tensor_types(model).items() if kind == TensorProto.FLOAT} - initializers
     tensors = set(selection.calibration_tensors)
     for node, _ in quantized:  # alone, a node's output gets its own Q/DQ even where the full plan fuses it
         tensors |= {name for name in list(node.input) + list(node.output) if name in float_tensors}
@@ -79,15 +79,6 @@ def setup_trials(model_path: Path, data_dir: Path, recipe: Recipe, folder: Path,
     return TrialSetup(context, model, prepare_notes, calib_data, eval_data, warnings, named,
                        {node.name: node.op_type for node, _ in quantized}, len(quantized) - len(named),
                        time.perf_counter() - started)
-
-
-def _float_types(model: ModelProto) -> dict[str, int]:
-    graph = model.graph
-    types = {}
-    for value in list(graph.input) + list(graph.output) + list(graph.value_info):
-        if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type == 1:  # FLOAT
-            types[value.name] = 1
-    return types
 
 
 def run_specs(executor: Executor, context: TrialContext, specs: list[TrialSpec]):
