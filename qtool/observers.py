@@ -174,7 +174,9 @@ class _Histogram:
             self._grow(lo, hi)
         counts = np.zeros(bins + 1, dtype=np.intp)  # + 1: values rounded onto the top edge
         position = np.empty(min(values.size, CHUNK), dtype=values.dtype)
-        index = np.empty(len(position), dtype=np.intp)
+        # int32: numpy casts float32 -> int32 with SIMD, -> int64 one value at a time; bincount's own
+        # widening of int32 costs less (updates 2.2 -> 1.9 ns per value on ppocr_det's activations)
+        index = np.empty(len(position), dtype=np.int32)
         for at in range(0, values.size, CHUNK):  # chunks stay in cache across the passes below
             chunk = values[at : at + CHUNK]
             n = len(chunk)
