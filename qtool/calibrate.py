@@ -3,7 +3,8 @@
 Only the tensors the plan will quantize are exposed, and each run's outputs are
 dropped before the next, so memory does not grow with data. Nor does it grow with
 `batch_size`: one ONNX Runtime run exposes at most MEMORY_BUDGET bytes of tensors
-(see `calibrate`), whatever the recipe or the command line asks.
+(see `calibrate`), whatever the recipe or the command line asks. With
+`calibration.workers`, observers run in worker processes too (qtool/observer_pool.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -23,7 +25,7 @@ from qtool.data import DataFolder
 from qtool.errors import CalibrationError, DataError
 from qtool.hessians import HessianObserver, Im2Col
 from qtool.numerics import QType
-from qtool.observers import make_observer
+from qtool.observer_pool import ALIGN, ObserverPool, SharedOutputs, worker_count
 from qtool.recipe import CalibrationSpec
 from qtool.runner import make_session, run, with_outputs
 
@@ -37,7 +39,8 @@ TABLE_VERSION = 1
 # of the model. A batch is split into runs of as many samples as fit (at least one); where one
 # sample alone is over it, the tensors are split into groups, each exposed in its own pass over
 # the data (one session at a time). Measured on ppocr_det (320x320, 287 tensors, 142 MB per
-# sample): peak RSS 1.36 GB for runs of 8 samples, 0.29 GB for runs of one.
+# sample): peak RSS 1.36 GB for runs of 8 samples, 0.29 GB for runs of one. With worker processes
+# the outputs go straight into a shared file instead (no copy), and runs get half the budget.
 MEMORY_BUDGET = 256 * 2**20
 
 
@@ -76,51 +79,71 @@ def calibrate(
     """
     total = min(len(data.files), spec.samples) if spec.samples else len(data.files)
     specs = {name: spec.for_tensor(name) for name in tensors}
-    observers = {name: make_observer(specs[name], qtype, symmetric, expected_samples=total) for name in tensors}
     moments = {node: (tensor, HessianObserver(geometry)) for node, (tensor, geometry) in (hessian_inputs or {}).items()}
-    watchers: dict[str, list] = {name: [observers[name]] for name in tensors}
-    for tensor, observer in moments.values():
-        watchers.setdefault(tensor, []).append(observer)
-    tensors = list(watchers)
-    session = make_session(with_outputs(model, tensors), optimize=False)
+    exposed = list(dict.fromkeys([*tensors, *(tensor for tensor, _ in moments.values())]))
+    session = make_session(with_outputs(model, exposed), optimize=False)
     runs = _runs(data, spec.batch_size)
     first = next(runs, None)
     if first is None:
         raise DataError(f"{data.folder}: no samples to calibrate with")
-    outputs = _run(session, first, data)  # one sample, every tensor: their bytes per sample
-    for name in tensors:
-        for watcher in watchers[name]:
-            watcher.update(outputs[name])
-    sizes = {name: float(outputs[name].nbytes) for name in tensors}
-    del outputs
-    groups = _groups(tensors, sizes, MEMORY_BUDGET)
-    step = max(1, int(MEMORY_BUDGET // max(sum(sizes.values()), 1.0)))
+    outputs = _run(partial(run, session), first, data)  # one sample, every tensor: their bytes per sample
+    sizes = {name: float(outputs[name].nbytes) for name in exposed}
+    histograms = sum(sizes[name] for name in tensors if specs[name].method != "minmax")
+    workers = worker_count(spec.workers, histograms * total)
+    budget = MEMORY_BUDGET // 2 if workers else MEMORY_BUDGET
+    groups = _groups(exposed, sizes, budget)
     passes = len(groups)
-    if progress:
-        progress(1, max(total, 1) * passes)
-    for index, group in enumerate(groups):
-        if passes > 1:  # a pass per group, one session at a time
-            session = None
-            session = make_session(with_outputs(model, group), optimize=False)
-            runs = _runs(data, spec.batch_size)
-            next(runs)  # the first sample has been observed in every tensor
-        done = 1
-        for files, feeds in _split(runs, step if passes == 1 else 1):
-            outputs = _run(session, (files, feeds), data)
-            for name in group:
-                for watcher in watchers[name]:
-                    watcher.update(outputs[name])
-            done += _count(feeds)
-            del outputs, feeds  # nothing of this run survives into the next
-            if progress:  # with several passes: sample-passes, so the ETA holds
-                progress(index * max(total, done) + done, max(total, done) * passes)
+    per_run = max(1, int(budget // max(sum(sizes.values()), 1.0))) if passes == 1 else 1
+    capacity = max(sum(_aligned(sizes[name] * per_run) for name in group) for group in groups)
+    observed = {name: (specs[name], qtype, symmetric, total) for name in tensors}
+    pinned = {tensor: sizes[tensor] for tensor, _ in moments.values()}  # Hessians are summed here
+    shared = SharedOutputs(capacity) if workers else None
+    try:
+        with ObserverPool(observed, sizes, workers, pinned) as pool:
+            if shared:
+                outputs = shared.adopt(outputs, first[1])  # for the workers
+            _observe(pool, moments, outputs, shared)
+            del outputs
+            if progress:
+                progress(1, max(total, 1) * passes)
+            for index, group in enumerate(groups):
+                if passes > 1 or workers:  # a session per group, one at a time; or one that suits workers
+                    session = None
+                    session = make_session(with_outputs(model, group), optimize=False, pooled=bool(workers))
+                if index:
+                    runs = _runs(data, spec.batch_size)
+                    next(runs)  # the first sample has been observed in every tensor
+                if shared:
+                    shared.use(session)
+                execute = shared.run if shared else partial(run, session)
+                done = 1
+                for files, feeds in _split(runs, per_run):
+                    outputs = _run(execute, (files, feeds), data)
+                    _observe(pool, moments, outputs, shared)
+                    done += _count(feeds)
+                    del outputs, feeds  # nothing of this run survives into the next
+                    if progress:  # with several passes: sample-passes, so the ETA holds
+                        progress(index * max(total, done) + done, max(total, done) * passes)
+            found = pool.results()
+    finally:
+        if shared:
+            shared.close()
     del session
-    ranges = {}
-    for name, observer in observers.items():
-        result = observer.result()
-        ranges[name] = TensorRange(float(result.lo), float(result.hi), specs[name].method, observer.summary())
+    ranges = {name: TensorRange(float(found[name][0].lo), float(found[name][0].hi), specs[name].method, found[name][1])
+              for name in tensors}
     hessians = {node: h for node, (_, observer) in moments.items() if (h := observer.result()) is not None}
     return CalibrationTable(ranges, done, hessians=hessians)
+
+
+def _observe(pool: ObserverPool, moments: dict, outputs: dict[str, np.ndarray], shared: SharedOutputs | None) -> None:
+    pool.observe(outputs, shared)
+    for tensor, observer in moments.values():
+        if tensor in outputs:
+            observer.update(outputs[tensor])
+
+
+def _aligned(nbytes: float) -> int:
+    return -(-int(nbytes) // ALIGN) * ALIGN
 
 
 Run = tuple[tuple[str, ...], dict[str, np.ndarray]]  # (files, feeds) of one ONNX Runtime run
@@ -167,10 +190,10 @@ def _groups(tensors: list[str], sizes: dict[str, float], budget: float) -> list[
     return groups
 
 
-def _run(session, run_: Run, data: DataFolder) -> dict[str, np.ndarray]:
+def _run(execute: Callable[[dict], dict[str, np.ndarray]], run_: Run, data: DataFolder) -> dict[str, np.ndarray]:
     files, feeds = run_
     try:
-        return run(session, feeds)
+        return execute(feeds)
     except Exception as exc:  # ORT reports bad feeds as assorted exception types
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"{data.folder / files[0]}: ONNX Runtime refused this input: {message}") from None

@@ -26,7 +26,10 @@ INTEGER_OP_TYPES = {
 }
 
 
-def session_options(optimize: bool = True, threads: int | None = None) -> ort.SessionOptions:
+def session_options(optimize: bool = True, threads: int | None = None, pooled: bool = False) -> ort.SessionOptions:
+    """`pooled`: the session shares the cores with worker processes and writes its outputs into
+    buffers of the caller's (IO binding): no memory arena (it would keep the largest run's tensors
+    for good) and no threads spinning between runs (they would take the cores the workers need)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
@@ -36,6 +39,9 @@ def session_options(optimize: bool = True, threads: int | None = None) -> ort.Se
     if threads:
         options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    if pooled:
+        options.enable_cpu_mem_arena = False
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
@@ -62,9 +68,10 @@ def make_session(
     optimize: bool = True,
     threads: int | None = None,
     optimized_model_path: Path | None = None,
+    pooled: bool = False,
 ) -> ort.InferenceSession:
     """An ORT CPU session over an in-memory model (through a temp file past 2 GB)."""
-    options = session_options(optimize, threads)
+    options = session_options(optimize, threads, pooled)
     if optimized_model_path is not None:
         options.optimized_model_filepath = str(optimized_model_path)
     if proto_size(model) < PROTOBUF_LIMIT:

@@ -89,7 +89,7 @@ def test_bad_recipe_exits_2_and_writes_nothing(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"Error: {recipe}:3: calibration.metod: unknown key; allowed here: batch_size, bins, method, "
-        "moving_average, overrides, percentile, samples"
+        "moving_average, overrides, percentile, samples, workers"
     ]
     assert not output.exists()
     assert list(tmp_path.iterdir()) == [recipe]  # no temporary folder left either

@@ -12,6 +12,7 @@ LAYERS = [
     {"recipe", "model", "artifacts"},
     {"images", "runner", "prepare", "weights", "recipe_file"},
     {"data", "observers", "bench", "hessians"},
+    {"observer_pool"},
     {"calibrate", "compare", "conventions"},
     {"plan", "layers", "starter"},
     {"qdq", "inspection", "report"},
