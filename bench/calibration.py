@@ -1,20 +1,24 @@
 """Benchmark: qtool's calibration against onnxruntime.quantization's calibrator, same model, same data.
 
 For minmax, percentile and entropy on the sample digits CNN and on ppocr_det (320x320 images),
-each case runs in its own child process; wall time and peak RSS are measured from outside
-(os.wait4's rusage of that one child). The ranges each side finds become a qtool calibration
+each case runs in its own child process. Wall time is measured from outside; peak RSS is the
+child's own (getrusage, which it reports as it ends) plus that of the calibration worker processes
+it starts (VmHWM, read from /proc while they run), added whole: the file they share with the
+child is counted in each, so the sum errs high. The ranges each side finds become a qtool calibration
 table (ORT's TensorsData converted), and the same `qtool quantize --calibration` turns each
 into a model, so only the ranges differ; the table reports the validation figure (top-1
 accuracy for digits, cosine to the float output for ppocr_det). Last, memory flatness: qtool
 entropy on ppocr_det with 8 and with 64 samples (the images repeated).
 
     python bench/calibration.py            # or: make bench-calibration
+    python bench/calibration.py --models ppocr_det --workers auto   # qtool with calibration.workers: auto
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -36,28 +40,58 @@ MODELS = {
 }
 
 
-def recipe_for(model: str, method: str, samples: int | None = None):
+def recipe_for(model: str, method: str, samples: int | None = None, workers: int | str = 0):
     from qtool.recipe_file import load_recipe
 
     base = load_recipe(MODELS[model]["recipe"])
     calibration = base.calibration.model_copy(update={"method": method, "percentile": PERCENTILE,
-                                                       "batch_size": BATCH, "samples": samples})
+                                                       "batch_size": BATCH, "samples": samples, "workers": workers})
     return base.model_copy(update={"calibration": calibration})
 
 
 # --- one case, in a child process -------------------------------------------------------------
 
 
-def run_case(case: str, model: str, data: Path, out: Path, samples: int | None) -> None:
+def run_case(case: str, model: str, data: Path, out: Path, samples: int | None, workers: int | str) -> None:
     side, method = case.split("-", 1)
     spec = MODELS[model]
-    recipe = recipe_for(model, method, samples)
+    recipe = recipe_for(model, method, samples, workers)
     if side == "qtool":
         import qtool
 
         qtool.calibrate(spec["model"], data, recipe, out, overwrite=True)
-        return
-    ort_table(spec["model"], data, recipe, method, out)
+    else:
+        ort_table(spec["model"], data, recipe, method, out)
+    # Its own peak: wait4's would be the largest of it and the workers it started.
+    own_peak_file(out).write_text(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+
+
+def own_peak_file(out: Path) -> Path:
+    return out.with_name(out.name + ".rss")
+
+
+def descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*/children"):
+            try:
+                children = [int(p) for p in task.read_text().split()]
+            except OSError:
+                continue
+            found += children
+            todo += children
+    return found
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    """VmHWM: the peak RSS of the process since it started (its exec), not inherited."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
 
 
 def ort_table(model_path: Path, data: Path, recipe, method: str, out: Path) -> None:
@@ -104,19 +138,29 @@ def ort_table(model_path: Path, data: Path, recipe, method: str, out: Path) -> N
 # --- the orchestrator ---------------------------------------------------------------------------
 
 
-def measure(case: str, model: str, data: Path, out: Path, samples: int | None = None) -> dict:
-    """Run one case in a child; its wall time and peak RSS come from outside (wait4)."""
+def measure(case: str, model: str, data: Path, out: Path, samples: int | None = None, workers: str = "0") -> dict:
+    """Run one case in a child; its wall time comes from outside, its workers' peak RSS from /proc
+    (their ru_maxrss would start at the child's RSS when it started them)."""
     args = [sys.executable, __file__, "--case", case, "--model", model, "--data", str(data), "--out", str(out)]
     if samples:
         args += ["--samples", str(samples)]
+    args += ["--workers", workers]
     start = time.perf_counter()
     child = subprocess.Popen(args, cwd=ROOT)
-    _, status, usage = os.wait4(child.pid, 0)
+    workers: dict[int, float] = {}
+    while True:
+        done, status, _ = os.wait4(child.pid, os.WNOHANG)
+        if done:
+            break
+        for pid in descendants(child.pid):
+            workers[pid] = peak_rss_mb(pid) or workers.get(pid, 0.0)
+        time.sleep(0.02)
     wall = time.perf_counter() - start
     child.returncode = os.waitstatus_to_exitcode(status)
     if child.returncode != 0:
         raise SystemExit(f"case {case} on {model} failed (exit {child.returncode})")
-    return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024}
+    own = float(own_peak_file(out).read_text())
+    return {"wall_s": wall, "peak_rss_mb": own + sum(workers.values()), "workers_rss_mb": sum(workers.values())}
 
 
 def figure(model: str, table: Path, workdir: Path) -> float:
@@ -156,12 +200,14 @@ def main() -> None:
     parser.add_argument("--samples", type=int)
     parser.add_argument("--figure", type=Path, help="internal: print the validation figure of a table and exit")
     parser.add_argument("--models", default="digits,ppocr_det", help="comma-separated (default: both)")
+    parser.add_argument("--workers", default="0", help="qtool's calibration.workers: a number or auto (default 0)")
     args = parser.parse_args()
     if args.figure:
         print(compute_figure(args.model, args.figure))
         return
     if args.case:
-        run_case(args.case, args.model, args.data, args.out, args.samples)
+        run_case(args.case, args.model, args.data, args.out, args.samples,
+                 args.workers if args.workers == "auto" else int(args.workers))
         return
 
     rows = []
@@ -176,7 +222,7 @@ def main() -> None:
                 result = {}
                 for side in ("qtool", "ort"):
                     table = work / f"{model}-{side}-{method}.json"
-                    result[side] = measure(f"{side}-{method}", model, spec["calib"], table)
+                    result[side] = measure(f"{side}-{method}", model, spec["calib"], table, workers=args.workers)
                     result[side]["figure"] = figure(model, table, work)
                     print(f"{model:9} {side:5} {method:10} {result[side]['wall_s']:7.1f} s "
                           f"{result[side]['peak_rss_mb']:8.0f} MB  {spec['figure']} {result[side]['figure']:.4f}",
@@ -186,8 +232,8 @@ def main() -> None:
         det = MODELS["ppocr_det"]
         if "ppocr_det" in args.models and det["model"].is_file():
             many = repeated_images(det["calib"], 64, work / "det64")
-            few = measure("qtool-entropy", "ppocr_det", many, work / "flat8.json", samples=8)
-            lots = measure("qtool-entropy", "ppocr_det", many, work / "flat64.json", samples=64)
+            few = measure("qtool-entropy", "ppocr_det", many, work / "flat8.json", samples=8, workers=args.workers)
+            lots = measure("qtool-entropy", "ppocr_det", many, work / "flat64.json", samples=64, workers=args.workers)
             flat = (few, lots)
 
     print()
