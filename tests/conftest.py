@@ -65,3 +65,18 @@ def matmul_chain(width: int = 8, layers: int = 1, seed: int = 0) -> onnx.ModelPr
         previous = f"r{i}"
     return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
                       [helper.make_tensor_value_info(previous, TensorProto.FLOAT, ["N", width])], weights)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """x [N, 16, 64] → MatMul → Add → Relu; 32 samples with heavy tails, as .npy files (calibration tests)."""
+    rng = np.random.default_rng(0)
+    model = make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["mm"]), helper.make_node("Add", ["mm", "b"], ["act"]),
+         helper.make_node("Relu", ["act"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16, 64])],
+        {"w": rng.normal(size=(64, 64)).astype(np.float32) / 8, "b": rng.normal(size=64).astype(np.float32)},
+    )
+    folder = save_npy_folder(tmp_path_factory.mktemp("tiny") / "data", rng.standard_t(3, size=(32, 16, 64)))
+    return model, folder

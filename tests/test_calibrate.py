@@ -5,14 +5,12 @@ from __future__ import annotations
 import importlib
 import json
 
-import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from onnx import TensorProto, helper
 
 import qtool
-from conftest import ROOT, SAMPLE, make_model, save_npy_folder
+from conftest import ROOT, SAMPLE
 from qtool.calibrate import calibrate as collect
 from qtool.cli import main
 from qtool.data import DataFolder, model_inputs
@@ -23,21 +21,6 @@ from qtool.recipe import CalibrationSpec
 from qtool.recipe_file import load_recipe
 
 TENSORS = ["x", "mm", "act"]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """x [N, 16, 64] → MatMul → Add → Relu; 32 samples with heavy tails, as .npy files."""
-    rng = np.random.default_rng(0)
-    model = make_model(
-        [helper.make_node("MatMul", ["x", "w"], ["mm"]), helper.make_node("Add", ["mm", "b"], ["act"]),
-         helper.make_node("Relu", ["act"], ["y"])],
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16, 64])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16, 64])],
-        {"w": rng.normal(size=(64, 64)).astype(np.float32) / 8, "b": rng.normal(size=64).astype(np.float32)},
-    )
-    folder = save_npy_folder(tmp_path_factory.mktemp("tiny") / "data", rng.standard_t(3, size=(32, 16, 64)))
-    return model, folder
 
 
 def ranges(model, folder, spec: CalibrationSpec) -> dict:

@@ -23,21 +23,6 @@ SAMPLE_BYTES = 16 * 64 * 4 * len(TENSORS)
 calibrate_module = importlib.import_module("qtool.calibrate")  # `qtool.calibrate` is also the api function
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """x [N, 16, 64] → MatMul → Add → Relu; 32 samples."""
-    rng = np.random.default_rng(3)
-    model = make_model(
-        [helper.make_node("MatMul", ["x", "w"], ["mm"]), helper.make_node("Add", ["mm", "b"], ["act"]),
-         helper.make_node("Relu", ["act"], ["y"])],
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16, 64])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16, 64])],
-        {"w": rng.normal(size=(64, 64)).astype(np.float32) / 8, "b": rng.normal(size=64).astype(np.float32)},
-    )
-    folder = save_npy_folder(tmp_path_factory.mktemp("pool") / "data", rng.standard_t(3, size=(32, 16, 64)))
-    return model, folder
-
-
 def calibrate(model, folder, spec, monkeypatch, workers: int, budget: int):
     """With `workers` worker processes and runs of at most `budget` bytes (workers halve the module's)."""
     monkeypatch.setattr(calibrate_module, "MEMORY_BUDGET", budget * 2 if workers else budget)
