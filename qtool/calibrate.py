@@ -25,7 +25,7 @@ from qtool.data import DataFolder
 from qtool.errors import CalibrationError, DataError
 from qtool.hessians import HessianObserver, Im2Col
 from qtool.numerics import QType
-from qtool.observer_pool import ALIGN, ObserverPool, SharedOutputs, worker_count
+from qtool.observer_pool import ObserverPool, SharedOutputs, aligned, worker_count
 from qtool.recipe import CalibrationSpec
 from qtool.runner import make_session, run, with_outputs
 
@@ -94,7 +94,7 @@ def calibrate(
     groups = _groups(exposed, sizes, budget)
     passes = len(groups)
     per_run = max(1, int(budget // max(sum(sizes.values()), 1.0))) if passes == 1 else 1
-    capacity = max(sum(_aligned(sizes[name] * per_run) for name in group) for group in groups)
+    capacity = max(sum(aligned(sizes[name] * per_run) for name in group) for group in groups)
     observed = {name: (specs[name], qtype, symmetric, total) for name in tensors}
     pinned = {tensor: sizes[tensor] for tensor, _ in moments.values()}  # Hessians are summed here
     shared = SharedOutputs(capacity) if workers else None
@@ -140,10 +140,6 @@ def _observe(pool: ObserverPool, moments: dict, outputs: dict[str, np.ndarray], 
     for tensor, observer in moments.values():
         if tensor in outputs:
             observer.update(outputs[tensor])
-
-
-def _aligned(nbytes: float) -> int:
-    return -(-int(nbytes) // ALIGN) * ALIGN
 
 
 Run = tuple[tuple[str, ...], dict[str, np.ndarray]]  # (files, feeds) of one ONNX Runtime run

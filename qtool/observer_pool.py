@@ -45,6 +45,11 @@ WORKER_COMMAND = (
 WORKER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}
 
 
+def aligned(nbytes: float) -> int:
+    """Bytes a tensor of `nbytes` takes in the shared file: rounded up to the next cache line."""
+    return -(-int(nbytes) // ALIGN) * ALIGN
+
+
 def worker_count(setting: int | str, histogram_bytes: float) -> int:
     """Worker processes to start: as many as the recipe asks; for `auto`, one per core beside this
     one's, none for small work."""
@@ -101,7 +106,7 @@ class SharedOutputs:
         layout, offset = {}, 0
         for name, value in outputs.items():
             layout[name] = (offset, value.shape, value.dtype)
-            offset += -(-value.nbytes // ALIGN) * ALIGN
+            offset += aligned(value.nbytes)
         self._reserve(offset)
         views = self.views(layout)
         for name, value in outputs.items():
@@ -146,7 +151,7 @@ class SharedOutputs:
         for name, (_, shape, dtype) in layout.items():
             shape = (shape[0] * n, *shape[1:]) if shape[:1] == (1,) else shape
             predicted[name] = (offset, shape, dtype)
-            offset += -(-math.prod(shape) * dtype.itemsize // ALIGN) * ALIGN
+            offset += aligned(math.prod(shape) * dtype.itemsize)
         self._reserve(offset)
         return predicted
 
