@@ -41,7 +41,7 @@ MODELS = {
 
 
 def recipe_for(model: str, method: str, samples: int | None = None, workers: int | str = 0):
-    from qtool.recipe_file import load_recipe
+    from qtool.recipe.load import load_recipe
 
     base = load_recipe(MODELS[model]["recipe"])
     calibration = base.calibration.model_copy(update={"method": method, "percentile": PERCENTILE,
@@ -100,8 +100,8 @@ def ort_table(model_path: Path, data: Path, recipe, method: str, out: Path) -> N
     from onnxruntime.quantization.calibrate import CalibrationDataReader, CalibrationMethod, create_calibrator
 
     from qtool import __version__, api
-    from qtool.calibrate import CalibrationTable, TensorRange, save_table, table_document
-    from qtool.data import DataFolder, model_inputs
+    from qtool.calibration.calibrate import CalibrationTable, TensorRange, save_table, table_document
+    from qtool.io.data import DataFolder, model_inputs
 
     model, _ = api.prepare(model_path)
     folder = DataFolder(data, model_inputs(model), recipe.calibration.samples, images=recipe.data.images)

@@ -1,5 +1,5 @@
 """`python -m qtool` runs the CLI."""
 
-from qtool.cli import main
+from qtool.cli.main import main
 
 main()

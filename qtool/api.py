@@ -1,7 +1,7 @@
 """The single-model use cases as plain functions: quantize, calibrate, compare, inspect, init.
 
 The CLI calls these; so can any Python program (`import qtool`). The search
-use cases built on them (sensitivity, tune) live in `qtool.tuning`.
+use cases built on them (sensitivity, tune) live in `qtool.search.api`.
 """
 
 from __future__ import annotations
@@ -13,27 +13,28 @@ from typing import Callable
 
 from onnx import ModelProto
 
-from qtool import inspection, starter
-from qtool.artifacts import check_output_path, write_artifacts, write_text_atomic
-from qtool import report as reporting
 from qtool import __version__
-from qtool.calibrate import CalibrationTable, check_table, load_table, save_table, table_document
-from qtool.calibrate import calibrate as calibrate_tensors
-from qtool.compare import GATES, GateResult, check_gates, compare_models
-from qtool.data import DataFolder, model_inputs, read_labels
+from qtool.authoring import inspection
+from qtool.authoring import starter
+from qtool.calibration.calibrate import CalibrationTable, check_table, load_table, save_table, table_document
+from qtool.calibration.calibrate import calibrate as calibrate_tensors
 from qtool.errors import ModelError, UsageError
-from qtool.model import (QUANTIZED_OP_TYPES, file_sha256, load_model, model_file_bytes, opset_version, proto_size,
-                         read_header, save_model, upgrade_opset)
+from qtool.evaluation.compare import GATES, GateResult, check_gates, compare_models
+from qtool.evaluation.validation import (check_gates_are_measurable, extra_figures, kernel_gap_cause, kernel_warnings,
+                                         layers_and_latency, resolve_validation_data)
+from qtool.io.artifacts import check_output_path, write_artifacts, write_text_atomic
+from qtool.io.data import DataFolder, model_inputs, read_labels
+from qtool.io.model import (QUANTIZED_OP_TYPES, file_sha256, load_model, model_file_bytes, opset_version, proto_size,
+                            read_header, save_model, upgrade_opset)
 from qtool.numerics import QTYPES
-from qtool.plan import build_plan, required_opset, select_tensors
-from qtool.prepare import prepare_model
-from qtool.qdq import apply_plan, ensure_opset
-from qtool.recipe import Recipe, recipe_json_schema
-from qtool.recipe_file import load_recipe, parse_recipe
-from qtool.report_files import report_writers, write_ci_files
-from qtool.runner import INTEGER_OP_TYPES, check_runnable, int8_kernels_may_saturate, optimized_op_histogram
-from qtool.validation import (check_gates_are_measurable, extra_figures, kernel_gap_cause, kernel_warnings,
-                              layers_and_latency, resolve_validation_data)
+from qtool.quantization.plan import build_plan, required_opset, select_tensors
+from qtool.quantization.prepare import prepare_model
+from qtool.quantization.qdq import apply_plan, ensure_opset
+from qtool.recipe.load import load_recipe, parse_recipe
+from qtool.recipe.schema import Recipe, recipe_json_schema
+from qtool.reporting import document as reporting
+from qtool.reporting.files import report_writers, write_ci_files
+from qtool.runtime.session import INTEGER_OP_TYPES, check_runnable, int8_kernels_may_saturate, optimized_op_histogram
 
 # progress(stage, done, total): the CLI renders it; nothing below the CLI prints.
 Progress = Callable[[str, int, int | None], None]

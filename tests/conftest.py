@@ -44,7 +44,7 @@ def quantize_tiny(tmp_path: Path, model: onnx.ModelProto, recipe_text: str = "ve
                   seed: int = 0):
     """Quantize `model` (input [N, 3, 8, 8]) with `recipe_text`, on `samples` seeded normal inputs."""
     from qtool import api
-    from qtool.recipe_file import load_recipe
+    from qtool.recipe.load import load_recipe
 
     path = tmp_path / "model.onnx"
     path.write_bytes(model.SerializeToString())

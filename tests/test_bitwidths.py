@@ -10,14 +10,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import ROOT, SAMPLE, make_model, quantize_tiny, shared_model
 from qtool import api
-from qtool.calibrate import CalibrationTable, TensorRange
+from qtool.calibration.calibrate import CalibrationTable, TensorRange
 from qtool.numerics import QTYPES, dequantize
-from qtool.plan import build_plan, resolve_settings, select_tensors
-from qtool.weights import nbits_quant
-from qtool.qdq import apply_plan
-from qtool.recipe import Recipe
-from qtool.recipe_file import load_recipe
-from qtool.runner import make_session, run
+from qtool.quantization.plan import build_plan, resolve_settings, select_tensors
+from qtool.quantization.qdq import apply_plan
+from qtool.quantization.weights import nbits_quant
+from qtool.recipe.load import load_recipe
+from qtool.recipe.schema import Recipe
+from qtool.runtime.session import make_session, run
 
 RNG = np.random.default_rng(5)
 

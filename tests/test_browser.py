@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import SAMPLE
 from qtool import api
-from qtool.recipe import Recipe
+from qtool.recipe.schema import Recipe
 
 
 def chromium() -> str:

@@ -11,14 +11,14 @@ from click.testing import CliRunner
 
 import qtool
 from conftest import ROOT, SAMPLE
-from qtool.calibrate import calibrate as collect
-from qtool.cli import main
-from qtool.data import DataFolder, model_inputs
+from qtool.calibration.calibrate import calibrate as collect
+from qtool.calibration.observers import OBSERVERS
+from qtool.cli.main import main
 from qtool.errors import RecipeError
+from qtool.io.data import DataFolder, model_inputs
 from qtool.numerics import QTYPES
-from qtool.observers import OBSERVERS
-from qtool.recipe import CalibrationSpec
-from qtool.recipe_file import load_recipe
+from qtool.recipe.load import load_recipe
+from qtool.recipe.schema import CalibrationSpec
 
 TENSORS = ["x", "mm", "act"]
 
@@ -55,7 +55,7 @@ def test_streaming_equals_one_batch(tiny, method):
 @pytest.mark.parametrize("budget, runs", [(10**9, 3), (16 * 64 * 4 * 3 * 4, 1 + 8), (10_000, 1 + 2 * 31)])
 def test_runs_stay_under_the_memory_budget(tiny, monkeypatch, budget, runs):
     """Whatever the batch size: runs of as many samples as fit, or one pass per tensor group."""
-    module = importlib.import_module("qtool.calibrate")  # `qtool.calibrate` is also the api function
+    module = importlib.import_module("qtool.calibration.calibrate")  # `qtool.calibrate` is also the api function
     model, folder = tiny
     spec = CalibrationSpec(method="percentile", batch_size=16, percentile=99.9)
     expected = ranges(model, folder, spec)

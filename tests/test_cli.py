@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from conftest import ROOT, SAMPLE
 from qtool import __version__
-from qtool.cli import main
+from qtool.cli.main import main
 
 
 def qtool(*args: str) -> subprocess.CompletedProcess:

@@ -16,9 +16,9 @@ from onnx import TensorProto, helper
 
 from conftest import ROOT, SAMPLE, make_model, save_npy_folder
 from qtool import api
-from qtool.cli import main
-from qtool.layers import match_activations, weight_errors
-from qtool.recipe import Recipe
+from qtool.cli.main import main
+from qtool.evaluation.per_layer import match_activations, weight_errors
+from qtool.recipe.schema import Recipe
 
 
 class Ran:

@@ -15,9 +15,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import ROOT, SAMPLE, save_npy_folder
 from qtool import api
-from qtool.recipe import Recipe
-from qtool.recipe_file import load_recipe
-from qtool.runner import make_session, run
+from qtool.recipe.load import load_recipe
+from qtool.recipe.schema import Recipe
+from qtool.runtime.session import make_session, run
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 HIDDEN, FFN, SEQ = 256, 1024, 16

@@ -11,10 +11,10 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from qtool.data import DataFolder, InputSpec, read_labels
 from qtool.errors import DataError, RecipeError
-from qtool.recipe import ImageSpec
-from qtool.recipe_file import load_recipe, parse_recipe
+from qtool.io.data import DataFolder, InputSpec, read_labels
+from qtool.recipe.load import load_recipe, parse_recipe
+from qtool.recipe.schema import ImageSpec
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"

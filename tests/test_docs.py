@@ -16,9 +16,9 @@ import click
 import pytest
 
 from conftest import ROOT, SAMPLE
-from qtool import recipe as recipe_module
-from qtool.cli import main
-from qtool.recipe_file import parse_recipe
+from qtool.cli.main import main
+from qtool.recipe import schema as recipe_module
+from qtool.recipe.load import parse_recipe
 
 QTOOL = Path(sys.executable).parent / "qtool"
 

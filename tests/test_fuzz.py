@@ -26,7 +26,7 @@ from pydantic import BaseModel
 from conftest import make_model, save_npy_folder
 from qtool import api
 from qtool.errors import EXIT_BAD_INPUT, QtoolError
-from qtool.recipe import Recipe
+from qtool.recipe.schema import Recipe
 
 FUZZ_EXAMPLES = int(os.environ.get("QTOOL_FUZZ_EXAMPLES", "0"))
 settings.register_profile(

@@ -13,9 +13,9 @@ from PIL import Image
 
 from conftest import ROOT, SAMPLE, make_model, shared_model
 from qtool import api
-from qtool.cli import main
-from qtool.recipe import recipe_json_schema
-from qtool.recipe_file import load_recipe
+from qtool.cli.main import main
+from qtool.recipe.load import load_recipe
+from qtool.recipe.schema import recipe_json_schema
 
 
 def init(*args: str):

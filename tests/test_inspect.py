@@ -12,7 +12,7 @@ from onnx import TensorProto, helper
 
 from conftest import SAMPLE, make_model, shared_model
 from qtool import api
-from qtool.cli import main
+from qtool.cli.main import main
 
 
 def inspect_json(*args: str) -> dict:

@@ -10,17 +10,17 @@ import pytest
 from onnx import TensorProto, helper
 
 from conftest import make_model, save_npy_folder
-from qtool.data import DataFolder, model_inputs
+from qtool.calibration.observers import OBSERVERS
+from qtool.calibration.worker_pool import MAX_WORKERS, PARALLEL_MIN_BYTES, ObserverPool, SharedOutputs, worker_count
 from qtool.errors import CalibrationError, DataError
+from qtool.io.data import DataFolder, model_inputs
 from qtool.numerics import QTYPES
-from qtool.observer_pool import MAX_WORKERS, PARALLEL_MIN_BYTES, ObserverPool, SharedOutputs, worker_count
-from qtool.observers import OBSERVERS
-from qtool.recipe import CalibrationSpec
-from qtool.runner import make_session, run, with_outputs
+from qtool.recipe.schema import CalibrationSpec
+from qtool.runtime.session import make_session, run, with_outputs
 
 TENSORS = ["x", "mm", "act"]
 SAMPLE_BYTES = 16 * 64 * 4 * len(TENSORS)
-calibrate_module = importlib.import_module("qtool.calibrate")  # `qtool.calibrate` is also the api function
+calibrate_module = importlib.import_module("qtool.calibration.calibrate")  # `qtool.calibrate` is also the api function
 
 
 def calibrate(model, folder, spec, monkeypatch, workers: int, budget: int):

@@ -7,16 +7,9 @@ import json
 import numpy as np
 import pytest
 
+from qtool.calibration.observers import OBSERVERS, MinMaxObserver, Range, _Histogram, _kl_threshold, make_observer
 from qtool.numerics import QTYPES, dequantize, quantize, scale_zero_point
-from qtool.observers import (
-    OBSERVERS,
-    MinMaxObserver,
-    Range,
-    _Histogram,
-    _kl_threshold,
-    make_observer,
-)
-from qtool.recipe import CalibrationSpec
+from qtool.recipe.schema import CalibrationSpec
 
 METHODS = ["minmax", "percentile", "entropy", "mse"]
 MODES = [("int8", True), ("uint8", False)]  # (activation type, symmetric)

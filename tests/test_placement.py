@@ -8,7 +8,7 @@ import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import make_model, quantize_tiny
-from qtool.runner import optimized_op_histogram
+from qtool.runtime.session import optimized_op_histogram
 
 RNG = np.random.default_rng(0)
 

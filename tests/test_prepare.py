@@ -7,9 +7,9 @@ import onnx
 from onnx import TensorProto, helper
 
 from conftest import SAMPLE, make_model
-from qtool.model import load_model
-from qtool.prepare import constants_to_initializers, fold_batchnorm, prepare_model
-from qtool.runner import make_session, run
+from qtool.io.model import load_model
+from qtool.quantization.prepare import constants_to_initializers, fold_batchnorm, prepare_model
+from qtool.runtime.session import make_session, run
 
 
 def outputs(model, feeds):

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import ROOT, shared_model
 from qtool import api
-from qtool.recipe_file import load_recipe
+from qtool.recipe.load import load_recipe
 
 
 def quantize_shared(name: str):

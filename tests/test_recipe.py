@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from qtool.errors import RecipeError
-from qtool.recipe import Recipe, recipe_json_schema
-from qtool.recipe_file import load_recipe
+from qtool.recipe.load import load_recipe
+from qtool.recipe.schema import Recipe, recipe_json_schema
 
 
 def write(tmp_path, text: str):

@@ -14,9 +14,9 @@ from onnx import TensorProto, helper
 
 from conftest import ROOT, SAMPLE, make_model, save_npy_folder
 from qtool import api
-from qtool.html_report import render_html
-from qtool.recipe import Recipe
-from qtool.report import render_junit, render_markdown
+from qtool.recipe.schema import Recipe
+from qtool.reporting.document import render_junit, render_markdown
+from qtool.reporting.html import render_html
 
 SCHEMA = json.loads((ROOT / "docs" / "report.schema.json").read_text())
 HOSTILE = "<script>alert(1)</script>"

@@ -9,10 +9,10 @@ from onnx import TensorProto, helper
 
 from conftest import make_model, save_npy_folder
 from qtool import api
-from qtool.hessians import HessianObserver, im2col_of
+from qtool.calibration.hessians import HessianObserver, im2col_of
 from qtool.numerics import QTYPES, gptq_round, quant_bounds
-from qtool.recipe import Recipe
-from qtool.runner import make_session, run
+from qtool.recipe.schema import Recipe
+from qtool.runtime.session import make_session, run
 
 RNG = np.random.default_rng(11)
 

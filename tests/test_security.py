@@ -19,12 +19,13 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import ROOT, SAMPLE, make_model, matmul_chain, save_npy_folder
-from qtool import api, artifacts
-from qtool.cli import main
-from qtool.data import DataFolder, InputSpec, fit_to_input, model_inputs
+from qtool import api
+from qtool.cli.main import main
 from qtool.errors import DataError, ModelError, UsageError
-from qtool.model import load_model
-from qtool.report import md_escape
+from qtool.io import artifacts
+from qtool.io.data import DataFolder, InputSpec, fit_to_input, model_inputs
+from qtool.io.model import load_model
+from qtool.reporting.document import md_escape
 
 
 def qtool(*args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -365,7 +366,7 @@ def test_hostile_names_are_escaped_in_report_md(tmp_path):
 
 def test_yaml_alias_bombs_and_self_references_are_refused(tmp_path):
     from qtool.errors import RecipeError
-    from qtool.recipe_file import load_recipe
+    from qtool.recipe.load import load_recipe
 
     laughs = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
     laughs += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
@@ -387,7 +388,7 @@ def test_yaml_alias_bombs_and_self_references_are_refused(tmp_path):
 
 def test_invalid_exclude_regex_is_a_recipe_error(tmp_path):
     from qtool.errors import RecipeError
-    from qtool.recipe_file import load_recipe
+    from qtool.recipe.load import load_recipe
 
     path = tmp_path / "recipe.yaml"
     path.write_text("quantization:\n  exclude:\n    nodes:\n    - (\n")

@@ -8,8 +8,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import save_npy_folder
 from qtool import api
-from qtool.recipe import Recipe
-from qtool.runner import make_session, run
+from qtool.recipe.schema import Recipe
+from qtool.runtime.session import make_session, run
 
 RNG = np.random.default_rng(11)
 

@@ -19,10 +19,10 @@ import pytest
 from onnx import TensorProto, helper
 
 from conftest import ROOT, make_model, save_npy_folder, shared_model
-from qtool import tuning
-from qtool.recipe_file import load_recipe
-from qtool.search_report import frontier_chart, latency_chart
-from qtool.tune import parse_duration
+from qtool.recipe.load import load_recipe
+from qtool.reporting.search import frontier_chart, latency_chart
+from qtool.search import api as search_api
+from qtool.search.promote import parse_duration
 
 QTOOL = Path(sys.executable).parent / "qtool"
 HOSTILE = "/layer3/MatMul"
@@ -79,7 +79,7 @@ def hostile(tmp_path_factory):
 
 def test_sensitivity_ranks_the_hostile_layer_first_and_is_cached(hostile, tmp_path):
     args = (hostile / "model.onnx", hostile / "calib", hostile / "recipe.yaml", tmp_path / "sens")
-    first = tuning.sensitivity(*args, validation_data=hostile / "eval")
+    first = search_api.sensitivity(*args, validation_data=hostile / "eval")
     assert not first.cache_hit
     rows = first.rows
     assert rows[0]["node"] == HOSTILE
@@ -87,11 +87,11 @@ def test_sensitivity_ranks_the_hostile_layer_first_and_is_cached(hostile, tmp_pa
     assert {row["node"] for row in rows} == {f"/layer{i}/MatMul" for i in range(6)}
     cache = json.loads((tmp_path / "sens" / "sensitivity.cache.json").read_text())
     assert cache["rows"][0]["node"] == HOSTILE
-    again = tuning.sensitivity(*args, validation_data=hostile / "eval", overwrite=True)
+    again = search_api.sensitivity(*args, validation_data=hostile / "eval", overwrite=True)
     assert again.cache_hit and [r["node"] for r in again.rows] == [r["node"] for r in rows]
     assert "sensitivity" in (tmp_path / "sens" / "report.md").read_text()
     assert validated(tmp_path / "sens" / "report.json")["sensitivity"]["cache"]["hit"]
-    other = tuning.sensitivity(*args[:3], tmp_path / "float-mode", validation_data=hostile / "eval", mode="only_float")
+    other = search_api.sensitivity(*args[:3], tmp_path / "float-mode", validation_data=hostile / "eval", mode="only_float")
     assert other.rows[0]["node"] == HOSTILE and not other.cache_hit
     assert "sqnr_gain_db" in validated(tmp_path / "float-mode" / "report.json")["sensitivity"]["rows"][0]
 
@@ -117,7 +117,7 @@ def test_tune_promotes_the_hostile_layer_and_nothing_else(hostile, tmp_path):
 
 
 def test_tune_without_timing(hostile, tmp_path):
-    result = tuning.tune(hostile / "model.onnx", hostile / "calib", hostile / "recipe.yaml", tmp_path / "t",
+    result = search_api.tune(hostile / "model.onnx", hostile / "calib", hostile / "recipe.yaml", tmp_path / "t",
                          validation_data=hostile / "eval", max_trials=4, latency_runs=0)
     report = validated(tmp_path / "t" / "report.json")
     assert result.passed and report["latency"]["status"] == "off"

@@ -1,0 +1,231 @@
+"""A starter recipe for one model and data folder: every section written out and commented.
+
+Only what the model and the files can tell is filled in (inputs, image size,
+layout, and the preprocessing of a model family the file identifies, see
+authoring/conventions.py); the rest (channel order, mean/std) comes from the caller or a
+neutral default, and the text says which values the user must check.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+from onnx import ModelProto
+
+from qtool.authoring.conventions import Convention, find_convention
+from qtool.io.data import DATA_SUFFIXES, InputSpec, model_inputs
+from qtool.io.images import IMAGE_SUFFIXES, image_dimensions
+
+SIZE_MULTIPLE = 32  # the coarsest stride of common CNN backbones (ResNet, MobileNet, DB heads)
+SIZE_SAMPLE_LIMIT = 256  # image headers read to choose a size for dynamic H and W
+SCHEMA_FILE = "qtool-recipe.schema.json"
+
+
+@dataclass(frozen=True)
+class ImageChoices:
+    """Preprocessing the caller knows and qtool cannot read from the files; None: not given."""
+
+    channels: str | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    scale: float | None = None
+    size: tuple[int, int] | None = None
+
+
+# What an image recipe holds when neither the caller nor a known model family says otherwise.
+NEUTRAL_IMAGE = ImageChoices(channels="RGB", mean=(0.0,), std=(1.0,), scale=255)
+
+
+def _family_defaults(convention: Convention | None) -> ImageChoices:
+    if convention is None:
+        return NEUTRAL_IMAGE
+    return ImageChoices(convention.channels, convention.mean, convention.std, convention.scale, convention.size)
+
+
+@dataclass(frozen=True)
+class DataKind:
+    kind: str  # "images", "arrays" or "none"
+    images: tuple[Path, ...] = ()
+    files: int = 0
+
+
+def data_kind(folder: Path | None) -> DataKind:
+    """What a data folder holds (its own files, else its class sub-folders' files)."""
+    if folder is None or not folder.is_dir():
+        return DataKind("none")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
+    if not files:
+        files = sorted(p for sub in sorted(folder.iterdir()) if sub.is_dir() and not sub.name.startswith(".")
+                       for p in sub.iterdir() if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    if images:
+        return DataKind("images", tuple(images), len(files))
+    return DataKind("arrays" if files else "none", (), len(files))
+
+
+def _layout(spec: InputSpec) -> str:
+    shape = spec.shape
+    if len(shape) == 4 and shape[1] not in (1, 3) and shape[3] in (1, 3):
+        return "NHWC"
+    return "NCHW"
+
+
+def _static_hw(spec: InputSpec, layout: str) -> tuple[int, int] | None:
+    if len(spec.shape) != 4:
+        return None
+    height, width = spec.shape[2:4] if layout == "NCHW" else spec.shape[1:3]
+    if isinstance(height, int) and isinstance(width, int) and height > 0 and width > 0:
+        return height, width
+    return None
+
+
+def _round(side: int) -> int:
+    return max(SIZE_MULTIPLE, round(side / SIZE_MULTIPLE) * SIZE_MULTIPLE)
+
+
+def size_from_images(images: tuple[Path, ...]) -> tuple[tuple[int, int], str]:
+    """A fixed [H, W] for a model with dynamic H and W, and how it was chosen.
+
+    One size throughout: that size. Mixed sizes (and orientations): a square
+    of the median shorter side, so that most images are shrunk, not blown up.
+    Either way rounded to a multiple of SIZE_MULTIPLE.
+    """
+    sizes = [image_dimensions(path) for path in images[:SIZE_SAMPLE_LIMIT]]
+    if len(set(sizes)) == 1:
+        height, width = sizes[0]
+        return (_round(height), _round(width)), f"every image is {height}x{width}"
+    side = sorted(min(size) for size in sizes)[len(sizes) // 2]
+    return (_round(side), _round(side)), f"square of the median shorter side ({side}) of {len(sizes)} images"
+
+
+def _floats(values) -> str:
+    return "[" + ", ".join(f"{v:g}" for v in values) + "]"
+
+
+def _rel(path: Path, base: Path) -> str:
+    return Path(os.path.relpath(path.resolve(), base.resolve())).as_posix()
+
+
+def starter_recipe(
+    model: ModelProto,
+    model_path: Path,
+    recipe_path: Path,
+    data_dir: Path | None = None,
+    validation_dir: Path | None = None,
+    schema_ref: str = SCHEMA_FILE,
+    image: ImageChoices = ImageChoices(),
+) -> str:
+    """The recipe text: YAML that `load_recipe` accepts as it is."""
+    inputs = model_inputs(model)
+    base = recipe_path.parent
+    data = data_kind(data_dir)
+    command = (f"qtool quantize {_rel(model_path, base)} --recipe {recipe_path.name} "
+               f"--data {_rel(data_dir, base) if data_dir else 'CALIB_DIR'} --output out/")
+    lines = [
+        f"# yaml-language-server: $schema={schema_ref}",
+        f"# qtool recipe for {model_path.name}, written by `qtool init`. Every key is optional;",
+        "# values are qtool's defaults unless a comment says where they came from.",
+        "# Lines marked CHECK hold defaults qtool could not read from the model or the data.",
+        "# Field reference: docs/recipe.md, or `qtool schema` for the JSON Schema.",
+        "#",
+        "# Model inputs (from the model file):",
+        *(f"#   {spec.describe()}" for spec in inputs),
+        "#",
+        "# Run it from this file's folder:",
+        f"#   {command}",
+        "version: 1",
+        "",
+        "calibration:",
+        "  method: minmax          # minmax | percentile | entropy | mse",
+        "  # percentile: 99.99     # with method: percentile",
+        "  batch_size: 8           # samples per ONNX Runtime run",
+        "  # samples: 256          # use at most this many calibration files (default: all)",
+        "",
+    ]
+    lines += _data_section(inputs, data, image, find_convention(model))
+    gates = ["min_cosine: 0.99"]
+    labelled = validation_dir is not None and (validation_dir / "labels.txt").is_file()
+    if labelled:
+        gates.append("max_accuracy_drop: 0.01")
+    lines += [
+        "quantization:",
+        "  activations: {dtype: uint8, symmetric: false}",
+        "  weights: {dtype: int8, symmetric: true, granularity: per_channel, reduce_range: auto}",
+        "  # Nodes to keep float; `qtool inspect MODEL --recipe THIS_FILE` lists every node and its fate.",
+        "  exclude:",
+        "    nodes: []             # node-name regexes, e.g. [\"/head/.*\"]",
+        "    op_types: []          # e.g. [Softmax]",
+        "",
+        "validation:",
+    ]
+    if validation_dir is not None:
+        lines.append(f"  data: {_rel(validation_dir, base)}   # relative to this file")
+    else:
+        lines += ["  # Held-out data, relative to this file (default: the calibration data, and the",
+                  "  # report warns that its figures are optimistic):",
+                  "  # data: path/to/eval"]
+    lines += [
+        "  # labels: labels.txt    # `file label` per line; gives top-1 accuracy of both models",
+        "  # A failed gate makes `qtool quantize` exit 1 (artifacts written, the report says which).",
+        "  # min_cosine compares float and quantized outputs; tune it to what your task tolerates.",
+        f"  gates: {{{', '.join(gates)}}}",
+    ]
+    if not labelled:
+        lines.append("  # with labels: max_accuracy_drop: 0.01 (top-1 may drop at most 1 point)")
+    return "\n".join(lines) + "\n"
+
+
+def _data_section(inputs: list[InputSpec], data: DataKind, image: ImageChoices,
+                  convention: Convention | None) -> list[str]:
+    if data.kind != "images":
+        what = {"arrays": f"holds {data.files} array files (.npy/.npz): fed as they are",
+                "none": "was not given or holds no data files"}[data.kind]
+        return [
+            f"# The data folder {what}; image folders need a",
+            "# data.images section saying how pixels become the input, e.g.:",
+            "# data:",
+            "#   images: {size: [224, 224], layout: NCHW, channels: RGB, scale: 255, mean: [0], std: [1]}",
+            "",
+        ]
+    spec = inputs[0]
+    layout = _layout(spec)
+    static = _static_hw(spec, layout)
+    lines = ["data:", "  images:"]
+    if convention is not None:
+        note = (f"The model shows the producer and input/output shapes of a {convention.family}, so values "
+                f"not given as options follow {convention.source}.")
+        lines += ["    # " + line for line in textwrap.wrap(note, 92)]
+    if image.size is not None:
+        lines.append(f"    size: [{image.size[0]}, {image.size[1]}]      # [H, W], as given")
+    elif static is not None:
+        lines.append(f"    size: [{static[0]}, {static[1]}]      # [H, W] from the model's static input dims")
+    elif convention is not None and convention.size is not None:
+        lines.append(f"    size: [{convention.size[0]}, {convention.size[1]}]      # [H, W] of the {convention.family}")
+    else:
+        size, how = size_from_images(data.images)
+        note = (f"CHECK: the model's height and width are dynamic; this size comes from the data ({how}), "
+                f"rounded to multiples of {SIZE_MULTIPLE}. Use the size your application feeds "
+                "(`qtool init --size HxW`).")
+        lines += ["    # " + line for line in textwrap.wrap(note, 92)] + [f"    size: [{size[0]}, {size[1]}]"]
+    lines += [
+        "    resize: null          # null: resize exactly to size (aspect not kept); N: shorter side to N",
+        "    crop: none            # none | center (cut size out of the resized image)",
+        f"    layout: {layout}          # from the model's input shape",
+    ]
+    known = _family_defaults(convention)
+    channels = image.channels or known.channels
+    if image.channels is None and convention is None:
+        lines.append("    # CHECK: RGB is a default; use the channel order your model was trained on.")
+    lines.append(f"    channels: {channels}         # RGB | BGR")
+    scale = image.scale if image.scale is not None else known.scale
+    lines.append(f"    scale: {scale:g}            # pixels (0-255) are divided by this first")
+    if (image.mean is None or image.std is None) and convention is None:
+        lines.append("    # CHECK: mean/std below are neutral defaults (x/scale only): use your training's")
+        lines.append("    # normalisation, per channel in the order of `channels`.")
+    lines.append(f"    mean: {_floats(image.mean or known.mean)}")
+    lines.append(f"    std: {_floats(image.std or known.std)}")
+    lines += ["    dtype: float32", ""]
+    return lines

@@ -1,0 +1,5 @@
+"""Calibration: streaming observers (min/max, histograms and their range searches, Hessians for GPTQ)
+fed by the calibration loop, optionally in worker processes, giving a calibration table.
+
+May import: qtool.errors, qtool.numerics, qtool.recipe, qtool.io, qtool.runtime.
+"""

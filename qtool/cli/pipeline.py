@@ -1,0 +1,208 @@
+"""The pipeline commands, calibrate, quantize and compare: each parses, calls one api function,
+renders, and exits 1 when a gate fails."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+from qtool import api
+from qtool.cli import terminal
+from qtool.cli.options import echo_json, output_options
+from qtool.errors import EXIT_GATE_FAILED
+from qtool.reporting.document import render_json
+
+
+@click.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), help="Recipe YAML (default: built-in int8).")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path),
+              help="Calibration data folder (not with --calibration).")
+@click.option("--calibration", "calibration", type=click.Path(path_type=Path),
+              help="Calibration table from `qtool calibrate` to take ranges from instead of --data; "
+                   "validation data then comes from --validation-data or the recipe.")
+@click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path),
+              help="Folder to write model.onnx, report.json and report.md into.")
+@click.option("--validation-data", type=click.Path(path_type=Path),
+              help="Evaluation data folder (overrides the recipe's validation.data).")
+@click.option("--labels", type=click.Path(path_type=Path),
+              help="labels.txt for the evaluation data (overrides validation.labels).")
+@click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
+@click.option("--per-layer", is_flag=True, help="Per-layer and per-weight error in the report.")
+@click.option("--bench", is_flag=True, help="Measure float vs quantized latency (interleaved, ORT CPU).")
+@click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime intra-op threads for --bench.")
+@click.option("--junit", type=click.Path(path_type=Path), help="Write a JUnit XML file: one test case per gate.")
+@output_options
+def quantize(model: Path, recipe_path: Path | None, data_dir: Path | None, calibration: Path | None,
+             output_dir: Path, validation_data: Path | None, labels: Path | None, overwrite: bool,
+             per_layer: bool, bench: bool, threads: int | None, junit: Path | None,
+             quiet: bool, verbose: bool, as_json: bool) -> None:
+    """Quantize MODEL to int8 QDQ, validate it against the float model, write a report.
+
+    Exit codes: 0 done and every gate passed; 1 a gate failed (artifacts
+    written); 2 bad input (nothing written); 3 internal error.
+
+    \b
+    Example:
+      qtool quantize model.onnx --recipe configs/int8.yaml --data calib/ \\
+          --validation-data eval/ --output out/int8
+      qtool quantize model.onnx --calibration table.json \\
+          --validation-data eval/ --output out/int8
+    """
+    with terminal.StageProgress(terminal.make_console(stderr=True), quiet or as_json) as progress:
+        result = api.quantize(model, data_dir, recipe_path, output_dir, validation_data=validation_data,
+                              labels=labels, calibration=calibration, overwrite=overwrite, per_layer=per_layer,
+                              bench=bench, threads=threads, junit=junit,
+                              step_summary=os.environ.get("GITHUB_STEP_SUMMARY") or None, progress=progress)
+    if as_json:
+        click.echo(render_json(result.report), nl=False)
+    elif not quiet:
+        terminal.print_quantize_summary(terminal.make_console(), result.report, output_dir, verbose)
+    hint = _tune_hint(model, recipe_path, data_dir, validation_data, labels) if data_dir and not quiet else None
+    _exit_on_failed_gates(result, hint)
+
+
+def _exit_on_failed_gates(result, hint: str | None = None) -> None:
+    """One stderr line per failed gate, then `hint` (the next step), then exit 1; nothing when all pass."""
+    for gate in result.gates:
+        if not gate.passed:
+            click.echo(gate.describe(), err=True)
+    if not result.passed:
+        if hint:
+            click.echo(hint, err=True)
+        sys.exit(EXIT_GATE_FAILED)
+
+
+def _tune_hint(model: Path, recipe_path: Path | None, data_dir: Path, validation_data: Path | None,
+               labels: Path | None) -> str:
+    """The next command after a failed gate: tune finds the nodes to give more bits until the gates pass."""
+    words = ["qtool", "tune", str(model)]
+    if recipe_path is not None:
+        words += ["--recipe", str(recipe_path)]
+    words += ["--data", str(data_dir)]
+    for option, value in (("--validation-data", validation_data), ("--labels", labels)):
+        if value is not None:
+            words += [option, str(value)]
+    words += ["--output", "tuned/"]
+    return "next: `" + " ".join(shlex.quote(word) for word in words) + "` promotes the nodes that cost the most"
+
+
+@click.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path), help="Calibration data folder.")
+@click.option("--recipe", "recipe_path", type=click.Path(path_type=Path),
+              help="Recipe YAML: its calibration section and which tensors it quantizes (default: built-in int8).")
+@click.option("--output", "output_path", required=True, type=click.Path(path_type=Path),
+              help="Calibration table file to write (JSON).")
+@click.option("--overwrite", is_flag=True, help="Replace the table file if it exists.")
+@output_options
+def calibrate(model: Path, data_dir: Path, recipe_path: Path | None, output_path: Path, overwrite: bool,
+              quiet: bool, verbose: bool, as_json: bool) -> None:
+    """Measure a range for every tensor the recipe would quantize; write a calibration table.
+
+    The table (JSON, versioned) holds per tensor its range, method and the
+    observer's summary (percentiles, clipped fraction, range drift over the
+    last 10 % of samples), with the model's sha256, the data listing's hash
+    and the resolved recipe. `qtool quantize --calibration TABLE.json` then
+    quantizes without reading calibration data. Exit 2 on bad input.
+
+    \b
+    Example:
+      qtool calibrate model.onnx --data calib/ --recipe configs/int8.yaml --output table.json
+      qtool quantize model.onnx --calibration table.json --recipe configs/int8.yaml \\
+          --validation-data eval/ --output out/int8
+    """
+    with terminal.StageProgress(terminal.make_console(stderr=True), quiet or as_json) as progress:
+        result = api.calibrate(model, data_dir, recipe_path, output_path, overwrite=overwrite, progress=progress)
+    if as_json:
+        echo_json(result.document)
+        return
+    if quiet:
+        return
+    tensors = result.document["tensors"]
+    if verbose:
+        for name, entry in tensors.items():
+            click.echo(f"{name}: [{entry['lo']:.6g}, {entry['hi']:.6g}] ({entry['method']})")
+    drifts = [(entry["summary"].get("range_drift"), name) for name, entry in tensors.items()
+              if isinstance(entry["summary"].get("range_drift"), (int, float))]
+    line = f"wrote {output_path}: {len(tensors)} tensors, {result.table.samples} samples"
+    if drifts:
+        drift, name = max(drifts)
+        line += f"; largest range drift over the last 10 % of samples: {drift:.1%} ({name})"
+    click.echo(line)
+
+def _parse_gates(ctx, param, values: tuple[str, ...]) -> dict[str, float]:
+    from qtool.evaluation.compare import GATES
+
+    gates = {}
+    for text in values:
+        name, sep, value = text.partition("=")
+        if name not in GATES:
+            raise click.BadParameter(f"unknown gate {name!r}; allowed: {', '.join(GATES)}")
+        try:
+            gates[name] = float(value) if sep else float("nan")
+        except ValueError:
+            gates[name] = float("nan")
+        if gates[name] != gates[name]:
+            raise click.BadParameter(f"{text!r}: expected NAME=NUMBER, e.g. min_cosine=0.99")
+    return gates
+
+
+def analysis_options(command):
+    """compare's `--per-layer`, `--bench`, `--threads` and `--junit` (quantize words its own help)."""
+    command = click.option("--junit", type=click.Path(path_type=Path),
+                           help="Write a JUnit XML file: one test case per gate.")(command)
+    command = click.option("--threads", type=click.IntRange(min=1),
+                           help="ONNX Runtime intra-op threads for --bench (default: ORT's choice).")(command)
+    command = click.option("--bench", is_flag=True,
+                           help="Measure latency: interleaved A/B runs on ONNX Runtime CPU.")(command)
+    command = click.option("--per-layer", is_flag=True,
+                           help="Per-layer and per-weight error, matched through the Q/DQ pairs.")(command)
+    return command
+
+
+@click.command()
+@click.argument("reference", type=click.Path(path_type=Path))
+@click.argument("candidate", type=click.Path(path_type=Path))
+@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path),
+              help="Evaluation data folder run through both models.")
+@click.option("--labels", type=click.Path(path_type=Path),
+              help="labels.txt (`file label` per line; default: labels.txt in the data folder).")
+@click.option("--recipe", "recipe_path", type=click.Path(path_type=Path),
+              help="Recipe whose validation.gates, data and batch settings apply.")
+@click.option("--gate", "gates", multiple=True, callback=_parse_gates, metavar="NAME=VALUE",
+              help="A quality gate (repeatable; overrides the recipe's). Names: min_cosine, min_sqnr_db, "
+                   "max_accuracy_drop, min_top1_agreement, max_latency_ratio, min_size_ratio.")
+@analysis_options
+@click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path),
+              help="Folder to write report.json, report.md and report.html into.")
+@click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
+@output_options
+def compare(reference: Path, candidate: Path, data_dir: Path, labels: Path | None, recipe_path: Path | None,
+            gates: dict, per_layer: bool, bench: bool, threads: int | None, junit: Path | None, output_dir: Path,
+            overwrite: bool, quiet: bool, verbose: bool, as_json: bool) -> None:
+    """Compare CANDIDATE (e.g. quantized) with REFERENCE (e.g. float) on the same inputs; write a report.
+
+    Per output: cosine, SQNR, MSE, max/mean abs error, top-1/top-5 agreement,
+    accuracy of both with labels. Exit codes: 0 every gate passed; 1 a gate
+    failed (report written, one line per failed gate on stderr); 2 bad input.
+
+    \b
+    Example:
+      qtool compare model.onnx out/int8/model.onnx --data eval/ --per-layer --bench \\
+          --gate min_cosine=0.99 --gate max_latency_ratio=1.2 --junit gates.xml --output out/compare
+    """
+    with terminal.StageProgress(terminal.make_console(stderr=True), quiet or as_json) as progress:
+        result = api.compare(reference, candidate, data_dir, output_dir, labels=labels, recipe=recipe_path,
+                             gates=gates, per_layer=per_layer, bench=bench, threads=threads, junit=junit,
+                             step_summary=os.environ.get("GITHUB_STEP_SUMMARY") or None, overwrite=overwrite,
+                             progress=progress)
+    if as_json:
+        click.echo(render_json(result.report), nl=False)
+    elif not quiet:
+        terminal.print_compare_summary(terminal.make_console(), result.report, output_dir, verbose)
+    _exit_on_failed_gates(result)

@@ -1,0 +1,147 @@
+"""The search commands, sensitivity and tune: each runs many trials through one `qtool.search.api` call."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from qtool.cli import terminal
+from qtool.cli.options import output_options
+from qtool.errors import EXIT_GATE_FAILED, EXIT_INTERRUPTED
+from qtool.reporting.document import render_json
+from qtool.search import api as search_api
+
+
+def _duration(ctx, param, value: str | None) -> float | None:
+    if value is None:
+        return None
+    from qtool.search.promote import parse_duration
+
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@click.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), help="Recipe YAML (default: built-in int8).")
+@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path), help="Calibration data folder.")
+@click.option("--validation-data", type=click.Path(path_type=Path),
+              help="Evaluation data folder (overrides the recipe's validation.data).")
+@click.option("--labels", type=click.Path(path_type=Path), help="labels.txt for the evaluation data.")
+@click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path),
+              help="Folder to write report.json/md/html and sensitivity.cache.json into.")
+@click.option("--mode", type=click.Choice(["only_quantized", "only_float"]), default="only_quantized",
+              show_default=True, help="Quantize each node alone, or keep each node alone float.")
+@click.option("--samples", type=click.IntRange(min=1), help="Measure each node on the first N evaluation samples.")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Trials run in this many processes (one ONNX Runtime thread each when above 1).")
+@click.option("--cache", type=click.Path(path_type=Path),
+              help="Cache file (default: OUTPUT/sensitivity.cache.json, read before the folder is replaced).")
+@click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
+@output_options
+def sensitivity(model: Path, recipe_path: Path | None, data_dir: Path, validation_data: Path | None,
+                labels: Path | None, output_dir: Path, mode: str, samples: int | None, jobs: int,
+                cache: Path | None, overwrite: bool, quiet: bool, verbose: bool, as_json: bool) -> None:
+    """Rank the nodes the recipe quantizes by the output error each one causes.
+
+    One calibration, then one cheap trial per node (quantized alone, or kept
+    float alone), ranked by output SQNR. The ranking is cached under the
+    model's sha256, the recipe and the data listings: a re-run with the same
+    inputs (and --overwrite, or --cache FILE) reads it instead of measuring.
+
+    \b
+    Example:
+      qtool sensitivity model.onnx --recipe configs/int8.yaml --data calib/ \\
+          --validation-data eval/ --jobs 2 --output out/sensitivity
+    """
+    with terminal.StageProgress(terminal.make_console(stderr=True), quiet or as_json) as progress:
+        result = search_api.sensitivity(model, data_dir, recipe_path, output_dir, validation_data=validation_data,
+                                    labels=labels, mode=mode, samples=samples, jobs=jobs, cache=cache,
+                                    overwrite=overwrite, progress=progress)
+    if as_json:
+        click.echo(render_json(result.report), nl=False)
+        return
+    if quiet:
+        return
+    terminal.print_sensitivity(terminal.make_console(), result.rows, output_dir, result.cache_hit, verbose)
+
+
+@click.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--recipe", "recipe_path", required=True, type=click.Path(path_type=Path),
+              help="Recipe YAML: the starting point; its validation.gates are the target.")
+@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path), help="Calibration data folder.")
+@click.option("--validation-data", type=click.Path(path_type=Path),
+              help="Evaluation data folder (overrides the recipe's validation.data).")
+@click.option("--labels", type=click.Path(path_type=Path), help="labels.txt for the evaluation data.")
+@click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path),
+              help="Folder for model.onnx, recipe.tuned.yaml, report.json/md/html, sensitivity.cache.json.")
+@click.option("--max-trials", type=click.IntRange(min=1), default=24, show_default=True,
+              help="Search trials at most (the sensitivity pass is not counted).")
+@click.option("--time-budget", callback=_duration, metavar="DURATION",
+              help="Stop starting trials after this long, e.g. 90s, 30m, 1h (sensitivity included).")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Trials run in this many processes (one ONNX Runtime thread each when above 1).")
+@click.option("--sensitivity-samples", type=click.IntRange(min=1),
+              help="Rank nodes on the first N evaluation samples (default: all).")
+@click.option("--latency-runs", type=click.IntRange(min=0), default=search_api.LATENCY_RUNS, show_default=True,
+              help="After the search, time every trial against the float model, one at a time on one "
+                   "thread: up to N interleaved runs each (0: do not time).")
+@click.option("--cache", type=click.Path(path_type=Path),
+              help="Sensitivity cache file (default: OUTPUT/sensitivity.cache.json).")
+@click.option("--overwrite", is_flag=True, help="Reuse an existing output folder (its results are replaced).")
+@output_options
+def tune(model: Path, recipe_path: Path, data_dir: Path, validation_data: Path | None, labels: Path | None,
+         output_dir: Path, max_trials: int, time_budget: float | None, jobs: int, sensitivity_samples: int | None,
+         latency_runs: int, cache: Path | None, overwrite: bool, quiet: bool, verbose: bool, as_json: bool) -> None:
+    """Find per-node precision (16-bit activations, then float) that meets the recipe's gates.
+
+    Target: the recipe's validation.gates (max_accuracy_drop with labels,
+    min_cosine, min_sqnr_db, min_top1_agreement, min_size_ratio). The most
+    sensitive nodes are promoted a step, a few at a time, then bisected back
+    to the fewest promotions. After every better trial the model and
+    recipe.tuned.yaml (the input recipe plus exact-name overrides; re-run it
+    with `qtool quantize`) are written; Ctrl-C keeps them and exits 130.
+    Exit codes: 0 gates met; 1 best found does not meet them; 2 bad input.
+
+    \b
+    Example:
+      qtool tune model.onnx --recipe recipe.yaml --data calib/ --validation-data eval/ \\
+          --max-trials 20 --time-budget 30m --jobs 2 --output out/tuned
+    """
+    err = terminal.make_console(stderr=True)
+
+    def event(line: str) -> None:
+        if verbose and not as_json:
+            err.print(line, highlight=False, markup=False)
+
+    with terminal.StageProgress(err, quiet or as_json) as progress:
+        result = search_api.tune(model, data_dir, recipe_path, output_dir, validation_data=validation_data, labels=labels,
+                             max_trials=max_trials, time_budget=time_budget, jobs=jobs,
+                             sensitivity_samples=sensitivity_samples, latency_runs=latency_runs, cache=cache,
+                             overwrite=overwrite, progress=progress, on_event=event)
+    report = result.report
+    if as_json:
+        click.echo(render_json(report), nl=False)
+    elif not quiet:
+        chosen = report["chosen"]
+        ratio = next((row["latency_ratio"] for row in report["trials"] if row["chosen"]), None)
+        click.echo(f"{report['search']['trials_run']} trials, {report['search']['wall_s']:.1f} s; "
+                   f"{report['search']['stop_reason']}")
+        click.echo(f"chosen: {chosen['trial']} ({len(chosen['promotions'])} promotion(s)"
+                   + (f", latency {ratio:.2f}× float" if ratio is not None else "") + ") → "
+                   f"{output_dir}/model.onnx, {output_dir}/{search_api.TUNED_RECIPE}")
+    if result.interrupted:
+        click.echo(f"Interrupted: best so far kept in {output_dir} (model.onnx, {search_api.TUNED_RECIPE}, report.*).",
+                   err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    if not result.passed:
+        for gate in report["chosen"]["gates"]:
+            if not gate["passed"]:
+                click.echo(f"gate {gate['name']}: not met by the best trial (value {gate['value']}, "
+                           f"threshold {gate['threshold']:g})", err=True)
+        sys.exit(EXIT_GATE_FAILED)

@@ -1,0 +1,179 @@
+"""Float vs quantized over the same feeds: streamed per-output metrics, accuracy, gates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+from onnx import ModelProto
+
+from qtool.evaluation.metrics import is_classifier_output, top1
+from qtool.io.data import DataFolder
+from qtool.runtime.session import make_session, run
+
+GATES = {
+    # name: (figure it reads, True when larger is better)
+    "min_cosine": ("cosine", True),
+    "min_sqnr_db": ("sqnr_db", True),
+    "min_top1_agreement": ("top1_agreement", True),
+    "max_accuracy_drop": ("accuracy_drop", False),
+    "max_latency_ratio": ("latency_ratio", False),  # candidate median / reference median
+    "min_size_ratio": ("size_ratio", True),  # reference bytes / candidate bytes
+}
+
+# Per-sample SQNR histogram bins (dB); values outside land in the end bins.
+SQNR_EDGES = tuple(float(edge) for edge in range(0, 84, 4))
+
+
+class OutputStats:
+    """Running sums that give cosine, SQNR and errors without keeping outputs."""
+
+    def __init__(self, classifier: bool = True):
+        self.dot = self.ref_sq = self.cand_sq = self.noise = self.abs_sum = 0.0
+        self.max_abs = 0.0
+        self.count = 0
+        self.samples = 0
+        self.agree = self.agree5 = 0
+        self.classes = 0
+        self.classifier = classifier  # False: skip top-k agreement (layers, weights)
+        self.sqnr_counts = np.zeros(len(SQNR_EDGES) - 1, dtype=np.int64)
+
+    def update(self, ref: np.ndarray, cand: np.ndarray) -> None:
+        a, b = ref.astype(np.float64), cand.astype(np.float64)
+        diff = a - b
+        self.dot += float(np.sum(a * b))
+        self.ref_sq += float(np.sum(a * a))
+        self.cand_sq += float(np.sum(b * b))
+        self.noise += float(np.sum(diff * diff))
+        self.abs_sum += float(np.sum(np.abs(diff)))
+        self.max_abs = max(self.max_abs, float(np.max(np.abs(diff), initial=0.0)))
+        self.count += diff.size
+        if a.ndim >= 1 and a.shape[0]:
+            per_signal = np.sum(a.reshape(a.shape[0], -1) ** 2, axis=1)
+            per_noise = np.sum(diff.reshape(a.shape[0], -1) ** 2, axis=1)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                per_sqnr = 10.0 * np.log10(per_signal / per_noise)
+            per_sqnr = np.nan_to_num(per_sqnr, nan=SQNR_EDGES[-1], posinf=SQNR_EDGES[-1], neginf=SQNR_EDGES[0])
+            clipped = np.clip(per_sqnr, SQNR_EDGES[0], SQNR_EDGES[-1] - 1e-9)
+            self.sqnr_counts += np.histogram(clipped, bins=SQNR_EDGES)[0]
+        self.classifier = self.classifier and is_classifier_output(ref)
+        if self.classifier:
+            self.classes = ref.shape[1]
+            ref_top1 = top1(ref)
+            self.agree += int(np.sum(ref_top1 == top1(cand)))
+            if self.classes > 5:
+                top5 = np.argsort(-b.reshape(b.shape[0], -1), axis=1)[:, :5]
+                self.agree5 += int(np.sum(np.any(top5 == ref_top1[:, None], axis=1)))
+            self.samples += ref.shape[0]
+
+    def figures(self, histogram: bool = True) -> dict:
+        norms = np.sqrt(self.ref_sq * self.cand_sq)
+        figures = {
+            "cosine": float(self.dot / norms) if norms > 0 else float(self.noise == 0),
+            "sqnr_db": _sqnr(self.ref_sq, self.noise),
+            "mse": self.noise / self.count if self.count else 0.0,
+            "max_abs_error": self.max_abs,
+            "mean_abs_error": self.abs_sum / self.count if self.count else 0.0,
+        }
+        if self.classifier and self.samples:
+            figures["top1_agreement"] = self.agree / self.samples
+            if self.classes > 5:
+                # the reference's top-1 class is among the candidate's top 5
+                figures["top5_agreement"] = self.agree5 / self.samples
+        if histogram:
+            figures["sample_sqnr_histogram"] = {"edges_db": list(SQNR_EDGES),
+                                                "counts": [int(c) for c in self.sqnr_counts]}
+        return figures
+
+
+def _sqnr(signal: float, noise: float) -> float:
+    if noise == 0:
+        return float("inf")
+    if signal == 0:
+        return float("-inf")
+    return float(10.0 * np.log10(signal / noise))
+
+
+@dataclass(frozen=True)
+class Comparison:
+    samples: int
+    outputs: dict[str, dict]  # output name -> figures
+    accuracy: dict[str, float] = field(default_factory=dict)  # "reference"/"candidate" -> top-1
+    labelled: int = 0
+
+    def figure(self, name: str) -> float | None:
+        """The worst value of a figure over all outputs (what a gate checks)."""
+        if name == "accuracy_drop":
+            if not self.accuracy:
+                return None
+            return self.accuracy["reference"] - self.accuracy["candidate"]
+        values = [figures[name] for figures in self.outputs.values() if name in figures]
+        return min(values) if values else None
+
+
+@dataclass(frozen=True)
+class GateResult:
+    name: str
+    threshold: float
+    value: float | None
+    passed: bool
+
+    def describe(self) -> str:
+        shown = "n/a" if self.value is None else f"{self.value:.6g}"
+        verdict = "passed" if self.passed else "FAILED"
+        return f"gate {self.name}: {verdict} (value {shown}, threshold {self.threshold:g})"
+
+
+def compare_models(
+    reference: ModelProto,
+    candidate: ModelProto,
+    data: DataFolder,
+    *,
+    labels: dict[str, int] | None = None,
+    batch_size: int = 8,
+    optimize_candidate: bool = True,
+    progress: Callable[[int, int | None], None] | None = None,
+) -> Comparison:
+    """Run both models on every sample; stream per-output figures and accuracy."""
+    ref_session = make_session(reference)
+    cand_session = make_session(candidate, optimize=optimize_candidate)
+    stats: dict[str, OutputStats] = {}
+    correct = {"reference": 0, "candidate": 0}
+    labelled = samples = 0
+    total = min(len(data.files), data.limit) if data.limit else len(data.files)
+    for batch in data.batches(batch_size):
+        ref_out = run(ref_session, batch.feeds)
+        cand_out = run(cand_session, batch.feeds)
+        for name, ref in ref_out.items():
+            stats.setdefault(name, OutputStats()).update(ref, cand_out[name])
+        samples += len(batch.files)
+        if labels:
+            first = next(iter(ref_out))
+            if is_classifier_output(ref_out[first]):
+                known = [i for i, f in enumerate(batch.files) if f in labels]
+                truth = np.array([labels[batch.files[i]] for i in known])
+                if known:
+                    correct["reference"] += int(np.sum(top1(ref_out[first])[known] == truth))
+                    correct["candidate"] += int(np.sum(top1(cand_out[first])[known] == truth))
+                    labelled += len(known)
+        if progress:
+            progress(samples, max(total, samples))
+    accuracy = {key: value / labelled for key, value in correct.items()} if labelled else {}
+    return Comparison(samples, {name: s.figures() for name, s in stats.items()}, accuracy, labelled)
+
+
+def check_gates(comparison: Comparison, gates: dict[str, float],
+                extra: dict[str, float | None] | None = None) -> list[GateResult]:
+    """Each gate's verdict; `extra` holds figures measured elsewhere (latency_ratio, size_ratio)."""
+    extra = extra or {}
+    results = []
+    for name, threshold in gates.items():
+        figure, larger_is_better = GATES[name]
+        value = extra.get(figure) if figure in extra else comparison.figure(figure)
+        if value is None:
+            passed = False
+        else:
+            passed = value >= threshold if larger_is_better else value <= threshold
+        results.append(GateResult(name, threshold, value, passed))
+    return results

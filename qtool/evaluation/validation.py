@@ -1,0 +1,93 @@
+"""The validate stage around `compare_models`: which data and labels a run is checked on, the figures
+its gates read beside the metrics, and what a gap between ONNX Runtime's kernels and the simulation means."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from onnx import ModelProto
+
+from qtool.errors import RecipeError, UsageError
+from qtool.evaluation.compare import Comparison
+from qtool.evaluation.latency import bench_models, latency_section
+from qtool.evaluation.per_layer import layer_errors, layers_section, weight_errors
+from qtool.io.data import DataFolder, read_labels
+from qtool.recipe.schema import Recipe
+from qtool.runtime.session import INTEGER_OP_TYPES
+
+
+def resolve_validation_data(
+    recipe: Recipe, calib_data: DataFolder | None, inputs, data_override: str | Path | None,
+    labels_override: str | Path | None,
+) -> tuple[DataFolder, dict | None, list[str]]:
+    spec = recipe.validation
+    warnings = []
+    folder_path = Path(data_override) if data_override else recipe.resolve_path(spec.data)
+    if folder_path is not None:
+        folder = DataFolder(folder_path, inputs, spec.samples, images=recipe.data.images if recipe.data else None)
+    elif calib_data is None:
+        raise UsageError("with --calibration no calibration data is read: give validation data with "
+                         "--validation-data or the recipe's validation.data")
+    else:
+        folder = DataFolder(calib_data.folder, inputs, spec.samples, images=recipe.data.images if recipe.data else None)
+        warnings.append("validation ran on the calibration data (no validation data given): "
+                        "figures are optimistic")
+    if labels_override:
+        labels_path = Path(labels_override)
+        if not labels_path.is_file():
+            raise UsageError(f"{labels_path}: no such labels file")
+    elif spec.labels:
+        labels_path = recipe.resolve_path(spec.labels)
+        if not labels_path.is_file():
+            raise RecipeError(f"{recipe.source}: validation.labels: no such file {labels_path}")
+    else:
+        labels_path = folder.folder / "labels.txt"
+    labels = read_labels(labels_path) if labels_path.is_file() else folder.class_labels
+    return folder, labels, warnings
+
+
+def check_gates_are_measurable(recipe: Recipe, labels: dict | None) -> None:
+    if "max_accuracy_drop" in recipe.validation.gates and not labels:
+        raise RecipeError(
+            f"{recipe.source}: validation.gates.max_accuracy_drop needs labels: set validation.labels "
+            "or put labels.txt in the validation data folder"
+        )
+
+
+def layers_and_latency(reference: ModelProto, candidate: ModelProto, data: DataFolder, batch_size: int,
+                       per_layer: bool, bench: bool, threads: int | None, tick,
+                       reasons: dict[str, str] | None = None) -> tuple[dict | None, dict | None]:
+    layers = latency = None
+    if per_layer:
+        activations, unmatched = layer_errors(reference, candidate, data, batch_size=batch_size,
+                                              progress=tick("per-layer"))
+        layers = layers_section(activations, weight_errors(reference, candidate), unmatched, reasons)
+    if bench:
+        feeds = next(data.batches(1)).feeds
+        latency = latency_section(bench_models(reference, candidate, feeds, threads=threads))
+    return layers, latency
+
+
+def extra_figures(reference_bytes: int, candidate_bytes: int, latency: dict | None) -> dict:
+    return {"size_ratio": reference_bytes / candidate_bytes if candidate_bytes else None,
+            "latency_ratio": latency["ratio"] if latency else None}
+
+
+def kernel_gap_cause(quantized: ModelProto, optimized_ops: dict[str, int]) -> str:
+    """What most likely makes ONNX Runtime's optimized run worse than the Q/DQ simulation."""
+    written = sum(node.op_type == "MatMulNBits" for node in quantized.graph.node)
+    if optimized_ops.get("MatMulNBits", 0) > written:
+        return ("ONNX Runtime fused DequantizeLinear -> MatMul into MatMulNBits, which by default computes with "
+                "8-bit activations; the session option session.qdq_matmulnbits_accuracy_level=1 keeps them float")
+    if any(op in INTEGER_OP_TYPES for op in optimized_ops):
+        return "int8 kernels may saturate on this CPU (try quantization.weights.reduce_range: true)"
+    return ("ONNX Runtime's graph optimizations changed the result (no integer kernels ran): "
+            "a qtool or ONNX Runtime bug, please report it")
+
+
+def kernel_warnings(kernels: Comparison, simulated: Comparison, cause: str) -> list[str]:
+    """Flag ONNX Runtime's optimized run losing accuracy the Q/DQ simulation does not."""
+    return [f"output {name}: ONNX Runtime gives SQNR {figures['sqnr_db']:.1f} dB against "
+            f"{simulated.outputs[name]['sqnr_db']:.1f} dB simulated; {cause}"
+            for name, figures in kernels.outputs.items()
+            if simulated.outputs[name]["sqnr_db"] - figures["sqnr_db"] > 3.0]

@@ -1,0 +1,269 @@
+"""Carry out a QuantPlan: the only code that inserts QuantizeLinear/DequantizeLinear.
+
+Weights and constants are stored as integers behind one DequantizeLinear;
+each planned activation gets one Q/DQ pair right after its producer, and only
+the consumers the plan quantizes read the dequantized value.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import ModelProto, helper, numpy_helper, version_converter
+
+from qtool.io.model import PROTOBUF_LIMIT, GraphIndex, opset_version, proto_size, save_model
+from qtool.numerics import QTYPES, quantize
+from qtool.quantization.plan import QuantPlan
+from qtool.quantization.prepare import remove_unused_initializers
+from qtool.quantization.weights import NBitsQuant
+
+MS_DOMAIN = "com.microsoft"
+INT32_SAFE_LIMIT = 2**31 - 256  # |bias / scale| from here on may cast past int32 after float32 rounding
+
+
+class PlanViolation(RuntimeError):
+    """The quantized graph does not satisfy the plan: a bug, not a user error."""
+
+
+def apply_plan(model: ModelProto, plan: QuantPlan) -> ModelProto:
+    """Return a new model with the plan's Q/DQ nodes; the input is not modified."""
+    quantized = ModelProto()
+    quantized.CopyFrom(model)
+    graph = quantized.graph
+    if [node.name for node in graph.node] != [decision.node for decision in plan.nodes]:
+        raise PlanViolation("the plan was built for a different graph")
+    index = GraphIndex(graph)
+    head: list[onnx.NodeProto] = []  # DQ of constants and Q/DQ of graph inputs
+    dequantized: dict[str, str] = {}  # float tensor -> the name quantized consumers read
+
+    def add_initializer(name: str, array: np.ndarray) -> str:
+        unique = index.unique_name(name)
+        graph.initializer.append(numpy_helper.from_array(array, unique))
+        return unique
+
+    def domain(qtype: str) -> str:
+        return plan.qdq_domain_16bit if QTYPES[qtype].bits == 16 else ""
+
+    def dq_node(source: str, scale: str, zero_point: str | None, output: str, axis: int | None,
+                block_size: int | None = None, qtype: str = "int32") -> onnx.NodeProto:
+        kwargs = {"axis": axis} if axis is not None else {}
+        if block_size:
+            kwargs["block_size"] = block_size
+        inputs = [source, scale] + ([zero_point] if zero_point else [])
+        return helper.make_node("DequantizeLinear", inputs, [output], domain=domain(qtype),
+                                name=index.unique_name(f"{output}_DequantizeLinear"), **kwargs)
+
+    for name, const in plan.constants.items():
+        array = numpy_helper.to_array(index.initializers[name])
+        qtype = QTYPES[const.qtype]
+        q = const.codes if const.codes is not None else \
+            quantize(array, const.scale, const.zero_point, qtype, const.axis, const.block_size)
+        q_name = add_initializer(f"{name}_quantized", q)
+        blocked = const.block_size is not None
+        scale = add_initializer(f"{name}_scale", _param(const.scale, np.float32, blocked))
+        zero_point = add_initializer(f"{name}_zero_point", _param(const.zero_point, qtype.numpy, blocked))
+        dequantized[name] = index.unique_name(f"{name}_dequantized")
+        head.append(dq_node(q_name, scale, zero_point, dequantized[name], const.axis, const.block_size, const.qtype))
+
+    bias_outputs: dict[tuple[str, str], str] = {}
+    for key, bias in plan.biases.items():
+        array = numpy_helper.to_array(index.initializers[bias.tensor]).astype(np.float64)
+        scale = (plan.activations[bias.activation].scale * plan.constants[bias.weight].scale.astype(np.float64))
+        scale = np.broadcast_to(scale, array.shape) if scale.size == 1 and array.size > 1 else scale
+        q = np.clip(np.rint(array / scale), -(2**31), 2**31 - 1).astype(np.int32)
+        axis = 0 if scale.size > 1 else None
+        q_name = add_initializer(f"{bias.tensor}_quantized", q)
+        scale_name = add_initializer(f"{bias.tensor}_scale", _param(scale.astype(np.float32), np.float32))
+        bias_outputs[key] = index.unique_name(f"{bias.tensor}_dequantized")
+        head.append(dq_node(q_name, scale_name, None, bias_outputs[key], axis))  # int32 zero point: 0
+
+    position = {out: i for i, node in enumerate(graph.node) for out in node.output}
+    after: dict[int, list[onnx.NodeProto]] = {}  # producer position -> its Q/DQ pairs
+    renames: list[tuple[str, str]] = []
+    shared_params: dict[tuple, tuple[str, str]] = {}  # tensors that share a range share initializers
+    for name, act in plan.activations.items():
+        key = (act.range_of, act.qtype, act.scale, act.zero_point)
+        if key not in shared_params:
+            shared_params[key] = (
+                add_initializer(f"{act.range_of}_scale", np.array(act.scale, np.float32)),
+                add_initializer(f"{act.range_of}_zero_point", np.array(act.zero_point, QTYPES[act.qtype].numpy)),
+            )
+        scale, zero_point = shared_params[key]
+        source = name
+        if name in index.graph_outputs:
+            # The graph output keeps its name and becomes the dequantized value.
+            source = index.unique_name(f"{name}_float")
+            renames.append((name, source))
+            dequantized[name] = name
+        else:
+            dequantized[name] = index.unique_name(f"{name}_dequantized")
+        q_out = index.unique_name(f"{name}_quantized")
+        pair = [
+            helper.make_node("QuantizeLinear", [source, scale, zero_point], [q_out], domain=domain(act.qtype),
+                             name=index.unique_name(f"{name}_QuantizeLinear")),
+            dq_node(q_out, scale, zero_point, dequantized[name], None, qtype=act.qtype),
+        ]
+        if name in position:
+            after.setdefault(position[name], []).extend(pair)
+        else:
+            head.extend(pair)
+
+    for at, (node, decision) in enumerate(zip(graph.node, plan.nodes)):
+        bias = _bias_int32_cannot_hold(node, decision, plan, index) if decision.quantized else None
+        if bias is not None:
+            after[at] = [_detach_bias(node, bias, index, add_initializer)] + after.get(at, [])
+        # Every reader of a quantized activation reads it through Q/DQ, as ORT's
+        # fusions require; constants are dequantized only for the nodes that planned it.
+        for i, name in enumerate(node.input):
+            if name in plan.activations:
+                node.input[i] = dequantized[name]
+        if not decision.quantized:
+            continue
+        if node.name in plan.nbits:
+            _to_matmul_nbits(node, plan.nbits[node.name], add_initializer)
+            continue
+        reads = list(decision.activation_inputs)
+        if decision.weight_input is not None:
+            reads.append(decision.weight_input)
+        for i in reads:
+            if node.input[i] in plan.constants:
+                node.input[i] = dequantized[node.input[i]]
+        key = (node.name, node.input[decision.bias_input]) if decision.bias_input is not None else None
+        if key in bias_outputs:
+            node.input[decision.bias_input] = bias_outputs[key]
+    for old, new in renames:
+        _rename_producer(graph, old, new)
+
+    ordered = list(head)
+    for i, node in enumerate(graph.node):
+        ordered.append(node)
+        ordered.extend(after.get(i, []))
+    del graph.node[:]
+    graph.node.extend(ordered)
+    graph.ClearField("value_info")  # inferred shapes of the float graph; stale after renames
+    if any(node.domain == MS_DOMAIN for node in graph.node) and \
+            not any(entry.domain == MS_DOMAIN for entry in quantized.opset_import):
+        quantized.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    remove_unused_initializers(quantized)
+    check_postconditions(quantized, plan)
+    return quantized
+
+
+def _bias_int32_cannot_hold(node: onnx.NodeProto, decision, plan: QuantPlan, index: GraphIndex) -> np.ndarray | None:
+    """The node's effective float bias when ONNX Runtime's BiasQuantization pass would overflow it, else None.
+
+    With default optimisations ORT rewrites the float bias of a Conv or Gemm whose input
+    (per-tensor) and weight (per-tensor or per-channel) come from DequantizeLinear into
+    int32 at scale input x weight scale, without a range check. With 16-bit activations
+    and weights that scale is ~1e-9, and a bias of 2 casts to -2^31 (ppocr_cls A16W16:
+    3.2 dB instead of 37.8 dB).
+    """
+    if node.op_type not in ("Conv", "Gemm") or decision.bias_input is not None or len(node.input) < 3:
+        return None
+    bias, weight = node.input[2], node.input[1]
+    if (bias not in index.initializers or len(index.initializers[bias].dims) != 1
+            or node.input[0] not in plan.activations or weight not in plan.constants
+            or plan.constants[weight].block_size is not None):
+        return None
+    beta = next((a.f for a in node.attribute if a.name == "beta"), 1.0) if node.op_type == "Gemm" else 1.0
+    values = beta * numpy_helper.to_array(index.initializers[bias]).astype(np.float32)
+    scale = np.float32(plan.activations[node.input[0]].scale) * plan.constants[weight].scale.astype(np.float32)
+    return values if np.any(np.abs(values / scale) >= np.float32(INT32_SAFE_LIMIT)) else None
+
+
+def _detach_bias(node: onnx.NodeProto, values: np.ndarray, index: GraphIndex, add_initializer) -> onnx.NodeProto:
+    """Take the bias (`values`, beta applied) out of `node` into a float Add after it, which ORT leaves
+    alone; returns the Add."""
+    if node.op_type == "Conv":  # [C] -> [C, 1, ...]: one per output channel over the spatial dims
+        spatial = len(index.initializers[node.input[1]].dims) - 2
+        values = values.reshape((-1,) + (1,) * spatial)
+    bias = add_initializer(f"{node.input[2]}_detached", values.astype(np.float32))
+    output = node.output[0]
+    node.output[0] = index.unique_name(f"{output}_before_bias")
+    del node.input[2]
+    return helper.make_node("Add", [node.output[0], bias], [output], name=index.unique_name(f"{node.name}_bias_add"))
+
+
+def _param(values: np.ndarray, dtype, blocked: bool = False) -> np.ndarray:
+    """Scalar, 1-D per-axis, or (blocked) the weight's rank, as DequantizeLinear wants."""
+    values = np.asarray(values, dtype=dtype)
+    if blocked:
+        return values
+    return values.reshape(()) if values.size == 1 else values.reshape(-1)
+
+
+def _to_matmul_nbits(node: onnx.NodeProto, quant: NBitsQuant, add_initializer) -> None:
+    """Rewrite MatMul(A, W) in place as com.microsoft MatMulNBits(A, B, scales[, zero_points]).
+
+    B is [N, blocks, block_size * bits / 8] uint8, two 4-bit codes a byte, the
+    first in the low nibble; zero points are packed the same way per column.
+    """
+    n, blocks = quant.scale.shape
+    codes = quant.quantized.reshape(n, blocks, quant.block_size)
+    packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+    inputs = [node.input[0], add_initializer(f"{quant.weight}_nbits", packed),
+              add_initializer(f"{quant.weight}_nbits_scale", quant.scale.reshape(-1))]
+    if quant.zero_point is not None:
+        zp = quant.zero_point
+        if blocks % 2:
+            zp = np.concatenate([zp, np.zeros((n, 1), np.uint8)], axis=1)
+        inputs.append(add_initializer(f"{quant.weight}_nbits_zero_point",
+                                      (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8).reshape(-1)))
+    output = list(node.output)
+    name = node.name
+    node.Clear()
+    node.CopyFrom(helper.make_node("MatMulNBits", inputs, output, name=name, domain=MS_DOMAIN,
+                                   K=quant.k, N=quant.n, bits=quant.bits, block_size=quant.block_size))
+
+
+def ensure_opset(model: ModelProto, need: tuple[int, str] | None) -> tuple[ModelProto, str | None]:
+    """Upgrade the model to the opset the recipe's types need; say what was done.
+
+    A failed upgrade is not an error here: `build_plan` then writes 16-bit Q/DQ
+    as com.microsoft ops, and refuses 4-bit or blocked ones.
+    """
+    current = opset_version(model)
+    if need is None or current >= need[0]:
+        return model, None
+    target, reason = need
+    try:
+        upgraded = version_converter.convert_version(model, target)
+        onnx.checker.check_model(upgraded)
+    except Exception as exc:  # the converter raises bare RuntimeErrors per op
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return model, f"opset {current} kept: upgrade to {target} ({reason}) failed: {first}"
+    return upgraded, f"opset upgraded from {current} to {target}: {reason}"
+
+
+def _rename_producer(graph: onnx.GraphProto, old: str, new: str) -> None:
+    """The node that wrote graph output `old` now writes `new`, which Q/DQ turns back into `old`."""
+    for node in graph.node:
+        for i, name in enumerate(node.output):
+            if name == old:
+                node.output[i] = new
+
+
+def check_postconditions(model: ModelProto, plan: QuantPlan) -> None:
+    """One QuantizeLinear per planned activation, one MatMulNBits per planned one, and a
+    model onnx.checker accepts."""
+    nbits = [node.name for node in model.graph.node if node.op_type == "MatMulNBits"]
+    if sorted(nbits) != sorted(plan.nbits):
+        raise PlanViolation(f"expected {len(plan.nbits)} MatMulNBits nodes, found {len(nbits)}")
+    quantized_inputs = [node.input[0] for node in model.graph.node if node.op_type == "QuantizeLinear"]
+    if len(quantized_inputs) != len(plan.activations) or len(set(quantized_inputs)) != len(quantized_inputs):
+        raise PlanViolation(
+            f"expected one QuantizeLinear per planned activation ({len(plan.activations)}), "
+            f"found {len(quantized_inputs)}"
+        )
+    try:
+        if proto_size(model) < PROTOBUF_LIMIT:
+            onnx.checker.check_model(model)
+        else:  # past protobuf's 2 GB the checker reads a file, weights in external data
+            with tempfile.TemporaryDirectory(prefix="qtool-check-") as folder:
+                save_model(model, Path(folder) / "model.onnx")
+                onnx.checker.check_model(str(Path(folder) / "model.onnx"))
+    except onnx.checker.ValidationError as exc:
+        raise PlanViolation(f"quantized model fails onnx.checker: {str(exc).splitlines()[0]}") from None

@@ -1,0 +1,129 @@
+"""Recipe files: YAML text becomes a validated Recipe, or one error naming the file, line and key.
+
+YAML is parsed safely (no tags, no alias bombs, no duplicate keys) before the
+typed models in qtool.recipe.schema check values and say what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from qtool.errors import RecipeError
+from qtool.recipe.schema import Recipe
+
+
+def load_recipe(path: str | Path | None) -> Recipe:
+    """Read and validate a recipe file; `None` gives the default recipe."""
+    if path is None:
+        return Recipe()
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"{path}: cannot read recipe: {exc}") from None
+    return parse_recipe(text, path)
+
+
+def parse_recipe(text: str, path: Path) -> Recipe:
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        document = yaml.load(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(f"{path}{where}: not valid YAML: {problem}") from None
+    except RecursionError:
+        raise RecipeError(f"{path}: YAML nested too deeply; a recipe is a few levels deep") from None
+    if document is None:
+        document = {}
+    if not isinstance(document, dict):
+        raise RecipeError(f"{path}:1: a recipe is a mapping of sections, e.g. `version: 1`")
+    _check_expansion(root, path)
+    lines = _key_lines(root, (), {}, path)
+    try:
+        return Recipe.model_validate({**document, "source": path.resolve()})
+    except ValidationError as exc:
+        raise RecipeError(_describe(exc.errors()[0], path, lines)) from None
+
+
+MAX_YAML_NODES = 100_000
+
+
+def _check_expansion(root: yaml.Node | None, path: Path) -> None:
+    """Refuse aliases that refer to themselves or expand past MAX_YAML_NODES (a "billion laughs")."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in open_nodes:
+            raise RecipeError(f"{path}:{node.start_mark.line + 1}: a YAML alias refers to itself")
+        open_nodes.add(id(node))
+        children = ([item for pair in node.value for item in pair] if isinstance(node, yaml.MappingNode)
+                    else node.value if isinstance(node, yaml.SequenceNode) else [])
+        total = 1 + sum(size(child) for child in children)
+        if total > MAX_YAML_NODES:
+            raise RecipeError(f"{path}:{node.start_mark.line + 1}: YAML aliases expand this document past "
+                              f"{MAX_YAML_NODES:,} values; a recipe is small")
+        open_nodes.discard(id(node))
+        sizes[id(node)] = total
+        return total
+
+    if root is not None:
+        size(root)
+
+
+def _key_lines(node: yaml.Node | None, prefix: tuple, out: dict, path: Path) -> dict:
+    """Map each key path to its 1-based line; reject duplicate keys on the way."""
+    if isinstance(node, yaml.MappingNode):
+        seen = set()
+        for key_node, value_node in node.value:
+            key = key_node.value
+            if key in seen:
+                where = ".".join(map(str, prefix + (key,)))
+                raise RecipeError(
+                    f"{path}:{key_node.start_mark.line + 1}: {where}: duplicate key"
+                )
+            seen.add(key)
+            out[prefix + (key,)] = key_node.start_mark.line + 1
+            _key_lines(value_node, prefix + (key,), out, path)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            out[prefix + (index,)] = item.start_mark.line + 1
+            _key_lines(item, prefix + (index,), out, path)
+    return out
+
+
+def _describe(error: dict, path: Path, lines: dict) -> str:
+    loc = tuple(error["loc"])
+    line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), 1)
+    key = ".".join(map(str, loc)) or "(top level)"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        allowed = ", ".join(sorted(_allowed_keys(loc[:-1])))
+        return f"{path}:{line}: {key}: unknown key; allowed here: {allowed}"
+    if kind == "missing":
+        return f"{path}:{line}: {key}: required key is missing"
+    given = error.get("input")
+    return f"{path}:{line}: {key}: {given!r} is not allowed: {error['msg'][0].lower()}{error['msg'][1:]}"
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: Any = Recipe
+    for part in loc:
+        if isinstance(part, int):  # an item of a list section: its keys are the item model's
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = field.annotation
+        # `Spec | None`: the section's own keys are the allowed ones.
+        model = next((arg for arg in getattr(model, "__args__", ()) if hasattr(arg, "model_fields")), model)
+    fields = getattr(model, "model_fields", {})
+    return [name for name in fields if name != "source"]

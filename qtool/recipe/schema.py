@@ -1,0 +1,388 @@
+"""The recipe: the typed sections that say how to quantize, their defaults and what each allows.
+
+Reading a recipe file (and naming the line of an error) is qtool.recipe.load's job.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+
+RECIPE_VERSION = 1
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors; records are immutable once loaded."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Method = Literal["minmax", "percentile", "entropy", "mse"]
+
+
+class CalibrationOverride(_Strict):
+    """A calibration method for the tensors whose names match a regex (the first match wins)."""
+
+    tensor: str = Field(
+        description="Regex matched against the whole tensor name (re.fullmatch), e.g. `/head/.*`."
+    )
+    method: Method | None = Field(None, description="Method for these tensors (default: calibration.method).")
+    percentile: Annotated[float, Field(gt=50.0, le=100.0)] | None = Field(
+        None, description="Percentile for these tensors (default: calibration.percentile)."
+    )
+
+    @field_validator("tensor")
+    @classmethod
+    def _regex(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression ({exc})") from None
+        return value
+
+
+class CalibrationSpec(_Strict):
+    method: Method = Field(
+        "minmax", description="How an observed distribution becomes a range."
+    )
+    percentile: Annotated[float, Field(gt=50.0, le=100.0)] = Field(
+        99.99, description="`percentile` method: the range is ±(this percentile of |x|), cut to the observed min and max."
+    )
+    moving_average: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
+        0.0,
+        description="minmax only: weight of the past in an exponential moving "
+        "average of per-batch min/max (0 = plain running min/max).",
+    )
+    bins: Annotated[int, Field(ge=128, le=65536)] = Field(
+        2048, description="Histogram bins for percentile, entropy and mse."
+    )
+    samples: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="Use at most this many samples (default: all files)."
+    )
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = Field(
+        8, description="Samples per ONNX Runtime run."
+    )
+    workers: int | Literal["auto"] = Field(
+        0,
+        description="Worker processes that share the histogram observers' work (numpy's counting holds "
+        "the GIL: threads cannot). `auto`: one per core beside qtool's own, when percentile, entropy or mse "
+        "have 1 GiB or more to read. Each worker costs ~60 MB and maps the run's tensors; runs are halved.",
+    )
+    overrides: list[CalibrationOverride] = Field(
+        default_factory=list,
+        description="Per-tensor method/percentile, e.g. `[{tensor: \"/head/.*\", method: minmax}]`; "
+        "the first entry whose regex matches a tensor name applies to it.",
+    )
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, value: Any) -> Any:
+        if value == "auto" or (type(value) is int and 0 <= value <= 64):
+            return value
+        raise ValueError("expected a number of worker processes, 0 to 64, or auto")
+
+    def for_tensor(self, name: str) -> "CalibrationSpec":
+        """This spec with the first matching override applied (itself when none matches)."""
+        for override in self.overrides:
+            if re.fullmatch(override.tensor, name):
+                changes = {key: value for key in ("method", "percentile")
+                           if (value := getattr(override, key)) is not None}
+                return self.model_copy(update={**changes, "overrides": []})
+        return self
+
+
+ActivationDtype = Literal["uint8", "int8", "uint16", "int16"]
+WeightDtype = Literal["int8", "uint8", "int4", "uint4", "int16"]
+Granularity = Literal["per_channel", "per_tensor", "per_block"]
+Rounding = Literal["nearest", "gptq"]
+BlockSize = Annotated[int, Field(ge=2, le=4096)]
+
+
+class ActivationSpec(_Strict):
+    dtype: ActivationDtype = Field(
+        "uint8", description="Activation integer type; 16-bit types need opset 21 (qtool upgrades "
+        "the model, or falls back to ONNX Runtime's com.microsoft Q/DQ, and says which)."
+    )
+    symmetric: bool = Field(False, description="Zero point fixed at the middle of the type.")
+
+
+class WeightSpec(_Strict):
+    dtype: WeightDtype = Field(
+        "int8", description="Weight integer type; int4/uint4/int16 need opset 21 (upgraded automatically)."
+    )
+    symmetric: bool = Field(True, description="Zero point fixed at 0 (signed types) or the middle (unsigned).")
+    granularity: Granularity = Field(
+        "per_channel",
+        description="One scale per output channel, one per tensor, or one per `block_size` "
+        "run along the reduction axis (per_block: opset-21 blocked Q/DQ).",
+    )
+    block_size: BlockSize = Field(32, description="Elements per scale with granularity per_block.")
+    reduce_range: Literal["auto", True, False] = Field(
+        "auto",
+        description="Store weights in 7 bits so that uint8 x int8 kernels without "
+        "VNNI cannot saturate; `auto` decides from the host CPU. Applies only to 8-bit "
+        "weights read together with 8-bit activations.",
+    )
+    rounding: Rounding = Field(
+        "nearest",
+        description="How weights become integers: `nearest`, or `gptq`: column by column, each "
+        "rounding error pushed onto the inputs not yet rounded, and each channel's scale widened "
+        "by up to 20 % where that moves the layer's output on the calibration data least (Conv, "
+        "Gemm, 2-D MatMul weights; needs calibration data, not a table). Pays where weights limit "
+        "accuracy, e.g. with 16-bit activations (configs/a16w8.yaml); costs calibration time.",
+    )
+
+
+class ActivationPatch(_Strict):
+    """An override's activation settings: keys left out keep the value from the defaults."""
+
+    dtype: ActivationDtype | None = Field(None, description="Activation integer type.")
+    symmetric: bool | None = Field(None, description="Zero point fixed at the middle of the type.")
+
+
+class WeightPatch(_Strict):
+    """An override's weight settings: keys left out keep the value from the defaults."""
+
+    dtype: WeightDtype | None = Field(None, description="Weight integer type.")
+    symmetric: bool | None = Field(None, description="Zero point fixed at 0 or the middle of the type.")
+    granularity: Granularity | None = Field(None, description="per_channel, per_tensor or per_block.")
+    block_size: BlockSize | None = Field(None, description="Elements per scale with per_block.")
+    rounding: Rounding | None = Field(None, description="nearest or gptq.")
+
+
+class MatchSpec(_Strict):
+    """Which nodes an override applies to; every key given must match."""
+
+    name: str | None = Field(None, description="Regex the whole node name must match.")
+    op_type: str | None = Field(None, description="ONNX op type, e.g. MatMul.")
+    tensor: str | None = Field(
+        None, description="Regex the whole name of one of the node's inputs or outputs must match."
+    )
+
+    @field_validator("name", "tensor")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from None
+        return value
+
+    @property
+    def names_nodes(self) -> bool:
+        """Name and tensor matches single out nodes; they rank above op-type matches."""
+        return self.name is not None or self.tensor is not None
+
+
+class OverrideSpec(_Strict):
+    match: MatchSpec = Field(description="Which nodes this override applies to.")
+    activations: ActivationPatch | None = Field(None, description="Activation settings for these nodes.")
+    weights: WeightPatch | None = Field(None, description="Weight settings for these nodes.")
+    float: bool | None = Field(None, description="true keeps these nodes float.")
+
+    @field_validator("match")
+    @classmethod
+    def _not_empty(cls, value: MatchSpec) -> MatchSpec:
+        if value.name is None and value.op_type is None and value.tensor is None:
+            raise ValueError("give at least one of name, op_type, tensor")
+        return value
+
+
+class WeightOnlySpec(_Strict):
+    """Weights stored in few bits, activations left float: the LLM-style MatMul recipe."""
+
+    op_types: list[Literal["MatMul"]] = Field(
+        ["MatMul"], description="Op types whose constant 2-D weight is quantized weight-only."
+    )
+    format: Literal["matmulnbits", "qdq"] = Field(
+        "matmulnbits",
+        description="`matmulnbits`: ONNX Runtime's com.microsoft MatMulNBits (fast on CPU); "
+        "`qdq`: blocked DequantizeLinear -> MatMul at opset 21 (portable).",
+    )
+    bits: Literal[4] = Field(4, description="Bits per weight.")
+    block_size: Annotated[int, Field(ge=16, le=2048)] = Field(
+        32, description="Weights per scale along K; a power of two (MatMulNBits needs one)."
+    )
+    symmetric: bool = Field(True, description="false stores a zero point per block as well.")
+
+    @field_validator("block_size")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        if value & (value - 1):
+            raise ValueError("expected a power of two (16, 32, 64, 128, ...)")
+        return value
+
+
+class ExcludeSpec(_Strict):
+    nodes: list[str] = Field(default_factory=list, description="Node-name regexes kept float.")
+    op_types: list[str] = Field(default_factory=list, description="Op types kept float.")
+
+    @field_validator("nodes")
+    @classmethod
+    def _regexes(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a valid regular expression: {exc}") from None
+        return value
+
+
+class QuantizationSpec(_Strict):
+    activations: ActivationSpec = ActivationSpec()
+    weights: WeightSpec = WeightSpec()
+    exclude: ExcludeSpec = ExcludeSpec()
+    overrides: list[OverrideSpec] = Field(
+        default_factory=list,
+        description="Per-node settings. Precedence: exclude > name/tensor overrides > op_type "
+        "overrides > the defaults above; within a rank the earlier override wins, key by key.",
+    )
+    static: bool = Field(
+        True,
+        description="Quantize activations and weights with Q/DQ by the rule table; false leaves "
+        "every node float except those `weight_only` covers.",
+    )
+    weight_only: WeightOnlySpec | None = Field(
+        None, description="Weight-only low-bit quantization of MatMuls with constant weights."
+    )
+
+
+Gate = Literal["min_cosine", "min_sqnr_db", "max_accuracy_drop", "min_top1_agreement",
+               "max_latency_ratio", "min_size_ratio"]
+
+
+class ValidationSpec(_Strict):
+    data: str | None = Field(
+        None,
+        description="Evaluation data folder, relative to the recipe file "
+        "(default: the calibration data, with a warning that figures are optimistic).",
+    )
+    labels: str | None = Field(
+        None,
+        description="labels.txt (`file label` per line), relative to the recipe "
+        "file (default: labels.txt inside the evaluation folder, if present).",
+    )
+    samples: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="Evaluate at most this many samples."
+    )
+    gates: dict[Gate, float] = Field(
+        default_factory=dict, description="Quality gates; a failed gate makes the exit code 1."
+    )
+
+
+Side = Annotated[int, Field(ge=1, le=65536)]
+
+
+def _is_side(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65536
+
+
+def _is_hw(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) == 2 and all(map(_is_side, value))
+
+
+class ImageSpec(_Strict):
+    """How an image file becomes a model input: decode → RGB → resize → crop → normalize → layout."""
+
+    size: tuple[Side, Side] | None = Field(
+        None,
+        description="Final [H, W] after resize and crop (default: the model input's static "
+        "height and width; needed when the model's are dynamic).",
+    )
+    resize: Side | tuple[Side, Side] | None = Field(
+        None,
+        description="Bilinear resize before the crop: an integer resizes the shorter side to it, "
+        "keeping the aspect ratio; [H, W] resizes exactly; null (default) resizes exactly to `size`.",
+    )
+    crop: Literal["center", "none"] = Field(
+        "center",
+        description="`center` cuts the central `size` region out of the resized image; `none` "
+        "keeps the resized image as it is.",
+    )
+    layout: Literal["NCHW", "NHWC"] = Field("NCHW", description="Axis order of the model input.")
+    channels: Literal["RGB", "BGR"] = Field("RGB", description="Channel order of the model input.")
+    scale: Annotated[float, Field(gt=0.0)] = Field(
+        255.0, description="Pixel values (0-255) are divided by this first."
+    )
+    mean: list[float] = Field(
+        [0.0],
+        description="Subtracted after scaling: 3 values (in the order of `channels`) or 1 for all.",
+    )
+    std: list[Annotated[float, Field(gt=0.0)]] = Field(
+        [1.0],
+        description="Divides after the mean: 3 values (in the order of `channels`) or 1 for all.",
+    )
+    dtype: Literal["float32", "float16", "uint8"] = Field(
+        "float32", description="Element type of the tensor; uint8 keeps the pixels as they are."
+    )
+
+    @field_validator("size", mode="before")
+    @classmethod
+    def _size_shape(cls, value: Any) -> Any:
+        if value is None or _is_hw(value):
+            return value
+        raise ValueError("expected [H, W], two integers from 1 to 65536, or null")
+
+    @field_validator("resize", mode="before")
+    @classmethod
+    def _resize_shape(cls, value: Any) -> Any:
+        if value is None or _is_side(value) or _is_hw(value):
+            return value
+        raise ValueError("expected an integer from 1 to 65536 (the shorter side), [H, W] or null")
+
+    @field_validator("mean", "std")
+    @classmethod
+    def _per_channel(cls, value: list[float]) -> list[float]:
+        if len(value) not in (1, 3):
+            raise ValueError(f"expected 1 or 3 values, got {len(value)}")
+        return value
+
+    @field_validator("dtype")
+    @classmethod
+    def _uint8_is_raw(cls, value: str, info: ValidationInfo) -> str:
+        data = info.data
+        raw = data.get("scale") == 1 and set(data.get("mean", [])) == {0} and set(data.get("std", [])) == {1}
+        if value == "uint8" and not raw:
+            raise ValueError("uint8 keeps pixel values as they are: set scale: 1, mean: [0], std: [1]")
+        return value
+
+
+class DataSpec(_Strict):
+    images: ImageSpec | None = Field(
+        None,
+        description="Preprocessing for image files (.png .jpg .jpeg .bmp) in data folders of "
+        "single-input models; needed when a data folder holds images.",
+    )
+
+
+class Recipe(_Strict):
+    version: Literal[1] = Field(RECIPE_VERSION, description="Recipe format version.")
+    calibration: CalibrationSpec = CalibrationSpec()
+    data: DataSpec = Field(DataSpec(), description="How files in a data folder become model inputs.")
+    quantization: QuantizationSpec = QuantizationSpec()
+    validation: ValidationSpec = ValidationSpec()
+    source: Path | None = Field(None, exclude=True, description="File the recipe came from.")
+
+    def resolve_path(self, value: str | None) -> Path | None:
+        """Paths in a recipe are relative to the recipe file, not the working dir."""
+        if value is None:
+            return None
+        base = self.source.parent if self.source else Path.cwd()
+        return (base / value).resolve()
+
+    def as_dict(self) -> dict[str, Any]:
+        """The recipe as resolved (defaults filled in), for reports."""
+        return self.model_dump(mode="json", exclude={"source"})
+
+
+def recipe_json_schema() -> dict[str, Any]:
+    schema = Recipe.model_json_schema()
+    schema["properties"].pop("source", None)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "qtool recipe"
+    return schema

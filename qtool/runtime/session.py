@@ -1,0 +1,132 @@
+"""ONNX Runtime sessions built one way for every stage: calibration, validation, checks."""
+
+from __future__ import annotations
+
+import platform
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import ModelProto, TensorProto, external_data_helper, helper
+
+from qtool.errors import ModelError, reason
+from qtool.io.model import PROTOBUF_LIMIT, proto_size
+
+# Ops ONNX Runtime runs with integer arithmetic once it has fused Q/DQ groups.
+INTEGER_OP_TYPES = {
+    "QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearMul",
+    "QLinearConcat", "QLinearGlobalAveragePool", "QLinearAveragePool",
+    "QLinearSigmoid", "QLinearSoftmax", "QLinearLeakyRelu", "QLinearConvTranspose",
+    "QLinearReduceMean", "QLinearWhere", "MatMulInteger", "ConvInteger",
+    "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulNBits",
+}
+
+
+def session_options(optimize: bool = True, threads: int | None = None, pooled: bool = False) -> ort.SessionOptions:
+    """`pooled`: the session shares the cores with worker processes and writes its outputs into
+    buffers of the caller's (IO binding): no memory arena (it would keep the largest run's tensors
+    for good) and no threads spinning between runs (they would take the cores the workers need)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    options.log_severity_level = 3  # errors only: warnings go nowhere near the terminal
+    if threads:
+        options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    if pooled:
+        options.enable_cpu_mem_arena = False
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def with_outputs(model: ModelProto, names: Iterable[str]) -> ModelProto:
+    """A copy of the model that also returns the given intermediate tensors."""
+    exposed = ModelProto()
+    exposed.CopyFrom(model)
+    present = {value.name for value in exposed.graph.output}
+    types = {value.name: value for value in exposed.graph.value_info}
+    for name in names:
+        if name in present:
+            continue
+        if name in types:
+            exposed.graph.output.append(types[name])
+        else:
+            exposed.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+        present.add(name)
+    return exposed
+
+
+def make_session(
+    model: ModelProto,
+    *,
+    optimize: bool = True,
+    threads: int | None = None,
+    optimized_model_path: Path | None = None,
+    pooled: bool = False,
+) -> ort.InferenceSession:
+    """An ORT CPU session over an in-memory model (through a temp file past 2 GB)."""
+    options = session_options(optimize, threads, pooled)
+    if optimized_model_path is not None:
+        options.optimized_model_filepath = str(optimized_model_path)
+    if proto_size(model) < PROTOBUF_LIMIT:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    with tempfile.TemporaryDirectory(prefix="qtool-session-") as folder:
+        path = Path(folder) / "model.onnx"
+        onnx.save_model(model, str(path), save_as_external_data=True, location="model.data")
+        try:
+            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        finally:
+            # onnx.save_model moved the weights out of `model`: put them back before the file goes.
+            external_data_helper.load_external_data_for_model(model, folder)
+
+
+def check_runnable(model: ModelProto, path: Path) -> None:
+    """The user's float model must load in ONNX Runtime: if not, say so now as a ModelError.
+
+    onnx.checker accepts some models ORT refuses (unknown ops, type mismatches);
+    without this they would fail deep in calibration. Skipped past 2 GB, where
+    a session costs a full temporary copy: calibration's own session reports those.
+    """
+    if proto_size(model) >= PROTOBUF_LIMIT:
+        return
+    try:
+        make_session(model, optimize=False)
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types, and decode errors
+        raise ModelError(f"{path}: ONNX Runtime cannot load this model: {reason(exc)}") from None
+
+
+def run(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    names = [output.name for output in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds)))
+
+
+def optimized_op_histogram(model: ModelProto) -> Counter:
+    """Op types in the graph ONNX Runtime actually runs (after its optimizer)."""
+    with tempfile.TemporaryDirectory(prefix="qtool-opt-") as folder:
+        path = Path(folder) / "optimized.onnx"
+        make_session(model, optimized_model_path=path)
+        optimized = onnx.load(str(path), load_external_data=False)
+    return Counter(node.op_type for node in optimized.graph.node)
+
+
+def int8_kernels_may_saturate() -> bool:
+    """True on x86 CPUs without VNNI, where ORT's u8×s8 kernels add pairs in int16.
+
+    Full-range int8 weights then overflow (a digits CNN fell from 98.5 % to
+    47.5 % top-1); 7-bit weights cannot. Other architectures are not affected.
+    """
+    if platform.machine().lower() not in {"x86_64", "amd64", "i386", "i686"}:
+        return False
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True  # unknown x86 CPU: the safe assumption
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines()
+                  if line.startswith("flags")), [])
+    return not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags)

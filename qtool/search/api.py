@@ -1,0 +1,336 @@
+"""The search use cases: sensitivity analysis and accuracy-driven mixed precision (`qtool tune`).
+
+One calibration and one float run set up every trial (search/setup.py); trials run
+through an executor (the scale-out seam) and the best model so far is always on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from qtool.api import Progress, quantize, stage_progress
+from qtool.errors import RecipeError, UsageError
+from qtool.evaluation.latency import BenchResult
+from qtool.io.artifacts import check_output_path, replace_file, write_artifacts, write_text_atomic
+from qtool.io.model import file_sha256, save_model
+from qtool.recipe.load import load_recipe, parse_recipe
+from qtool.recipe.schema import Recipe
+from qtool.reporting import document as reporting
+from qtool.reporting.search import search_report_writers
+from qtool.search.executor import make_executor
+from qtool.search.promote import Search, objective, objective_name, pareto_frontier
+from qtool.search.setup import (TrialSetup, cache_document, measure_sensitivity, read_cache, run_specs, search_inputs,
+                                setup_trials, trial_row)
+from qtool.search.trial import (A16, LATENCY_THREADS, SEARCH_GATES, TrialContext, TrialResult, TrialSpec,
+                                build_trial_model, cache_key, promotion_overrides, run_trial, trial_latency)
+
+SENSITIVITY_CACHE = "sensitivity.cache.json"
+SENSITIVITY_MODES = ("only_quantized", "only_float")
+LATENCY_RUNS = 100  # interleaved rounds per timed trial (bench_models stops earlier after 4 s)
+
+
+@dataclass(frozen=True)
+class SensitivityResult:
+    report: dict
+    rows: list[dict]
+    cache_hit: bool
+
+
+def sensitivity(
+    model_path: str | Path,
+    data_dir: str | Path,
+    recipe: Recipe | str | Path | None = None,
+    output_dir: str | Path | None = None,
+    *,
+    validation_data: str | Path | None = None,
+    labels: str | Path | None = None,
+    mode: str = "only_quantized",
+    samples: int | None = None,
+    jobs: int = 1,
+    cache: str | Path | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> SensitivityResult:
+    """Rank the nodes `recipe` quantizes by the output error each one causes.
+
+    mode "only_quantized": each node quantized alone, every other node float;
+    "only_float": each node kept float alone. One calibration serves every trial; `samples`
+    limits each trial to the first N evaluation samples (faster, coarser).
+    The ranking is cached as JSON (`cache`, default OUTPUT_DIR/sensitivity.cache.json)
+    under a key of the model's sha256, the recipe and the data listings: a re-run
+    with the same inputs reads it instead of measuring again.
+    """
+    if mode not in SENSITIVITY_MODES:
+        raise UsageError(f"unknown sensitivity mode {mode!r}; allowed: {', '.join(SENSITIVITY_MODES)}")
+    model_path, data_dir = Path(model_path), Path(data_dir)
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    output = Path(output_dir) if output_dir is not None else None
+    if output is not None:
+        check_output_path(output, model_path, overwrite, (data_dir, validation_data, labels, recipe.source))
+    cache_path = Path(cache) if cache is not None else (output / SENSITIVITY_CACHE if output is not None else None)
+    tick = stage_progress(progress)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="qtool-trials-") as folder, make_executor(jobs) as executor:
+        setup = setup_trials(model_path, data_dir, recipe, Path(folder), validation_data, labels,
+                              1 if jobs > 1 else None, tick)
+        key = cache_key(file_sha256(model_path), recipe,
+                        [setup.calib_data.listing_hash(), setup.eval_data.listing_hash()], f"{mode}:{samples}")
+        cached = read_cache(cache_path, key) if cache_path is not None else None
+        baseline = run_trial((setup.context, TrialSpec("recipe as given", "baseline", samples=samples)))
+        if cached is not None:
+            rows, complete = cached["rows"], True
+        else:
+            rows, complete = measure_sensitivity(setup, executor, mode, None, tick, baseline, samples)
+    cache_text = cache_document(key, mode, model_path, rows)
+    report = {
+        "schema_version": reporting.REPORT_SCHEMA_VERSION, "command": "sensitivity", "passed": True,
+        "versions": reporting.versions(), "inputs": search_inputs(model_path, recipe, setup),
+        "prepare": setup.prepare_notes, "warnings": setup.warnings,
+        "sensitivity": {
+            "mode": mode, "rows": rows, "complete": complete,
+            "cache": {"path": str(cache_path) if cache_path else None, "key": key, "hit": cached is not None},
+            "unnamed_nodes": setup.unnamed,
+            "calibration_s": setup.calibration_s, "wall_s": time.perf_counter() - started,
+        },
+        "baseline": trial_row(baseline, "sqnr_db", setup.context.float_bytes),
+    }
+    if output is not None:
+        writers = {**search_report_writers(report)}
+        if cache_path is not None and cache_path.parent.resolve() == output.resolve():
+            writers[cache_path.name] = lambda path: path.write_text(cache_text, encoding="utf-8")
+        write_artifacts(output, overwrite, writers)
+    if cache_path is not None and cache_path.parent.resolve() != (output.resolve() if output else None):
+        write_text_atomic(cache_path, cache_text)
+    return SensitivityResult(report, rows, cached is not None)
+
+
+TUNED_RECIPE = "recipe.tuned.yaml"
+TUNE_ARTIFACTS = ("model.onnx", TUNED_RECIPE, "report.json", "report.md", "report.html")
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    report: dict
+    passed: bool  # the chosen trial meets every gate
+    interrupted: bool
+    output: Path
+
+
+def tuned_recipe_text(recipe: Recipe, overrides: list[dict], output: Path) -> str:
+    """The input recipe's own document plus `overrides` first in quantization.overrides, its
+    relative paths rewritten for the new folder; checked to load before it is returned."""
+    document = {}
+    if recipe.source is not None:
+        document = yaml.safe_load(recipe.source.read_text(encoding="utf-8")) or {}
+    document.setdefault("version", 1)
+    quantization = document.setdefault("quantization", {}) or {}
+    document["quantization"] = quantization
+    quantization["overrides"] = overrides + list(quantization.get("overrides") or [])
+    validation = document.get("validation") or {}
+    for key in ("data", "labels"):
+        if validation.get(key):
+            validation[key] = os.path.relpath(recipe.resolve_path(validation[key]), output.resolve())
+    header = (f"# Written by `qtool tune` from {recipe.source or 'the built-in default recipe'}.\n"
+              f"# The first {len(overrides)} entries of quantization.overrides were added by the search\n"
+              "# (exact node names); the rest is the input recipe. Re-run it with `qtool quantize`.\n")
+    text = header + yaml.safe_dump(document, sort_keys=False, allow_unicode=True, width=100)
+    parse_recipe(text, output / TUNED_RECIPE)
+    return text
+
+
+def tune(
+    model_path: str | Path,
+    data_dir: str | Path,
+    recipe: Recipe | str | Path | None,
+    output_dir: str | Path,
+    *,
+    validation_data: str | Path | None = None,
+    labels: str | Path | None = None,
+    max_trials: int = 24,
+    time_budget: float | None = None,
+    jobs: int = 1,
+    sensitivity_samples: int | None = None,
+    latency_runs: int = LATENCY_RUNS,
+    cache: str | Path | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    on_event: Callable[[str], None] | None = None,
+) -> TuneResult:
+    """Search per-node precision (16-bit activations, then float) until the recipe's gates pass.
+
+    The best trial so far (model.onnx, recipe.tuned.yaml, report.*) is written into
+    `output_dir` after every trial that improves it, each file replaced atomically, so
+    an interrupted run (Ctrl-C) leaves a usable result; `interrupted` says so. At the
+    end the tuned recipe is re-run through `quantize` and its model written. The ranking
+    (on the first `sensitivity_samples` evaluation samples) is cached as in `sensitivity`.
+    After the search, every trial is timed against the float model one after another in this
+    process, `latency_runs` interleaved
+    rounds each (0: not timed): trials running side by side in `jobs` processes would time
+    each other's contention.
+    """
+    model_path, data_dir = Path(model_path), Path(data_dir)
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    gates = {name: value for name, value in recipe.validation.gates.items() if name in SEARCH_GATES}
+    if not gates:
+        raise RecipeError(f"{recipe.source or 'recipe'}: validation.gates: tune needs a target: one of "
+                          f"{', '.join(SEARCH_GATES)}")
+    output = Path(output_dir)
+    check_output_path(output, model_path, overwrite, (data_dir, validation_data, labels, recipe.source))
+    started = time.monotonic()
+    deadline = started + time_budget if time_budget else None
+    cache_path = Path(cache) if cache is not None else output / SENSITIVITY_CACHE
+    cached_document = read_cache(cache_path)
+    output.mkdir(parents=True, exist_ok=True)
+    for name in TUNE_ARTIFACTS:  # an earlier run's results must not pass for this one's
+        (output / name).unlink(missing_ok=True)
+    tick = stage_progress(progress)
+    say = on_event or (lambda line: None)
+    figure = objective_name(gates)
+    steps = ("a16", "float") if recipe.quantization.activations.dtype in A16 else ("float",)
+    interrupted = False
+    state: dict = {"best": None, "writes": 0}
+    latencies: dict[tuple, BenchResult] = {}  # trial promotions -> timing
+    report: dict = {}
+    with tempfile.TemporaryDirectory(prefix="qtool-trials-") as folder, make_executor(jobs) as executor:
+        setup = setup_trials(model_path, data_dir, recipe, Path(folder), validation_data, labels,
+                              1 if jobs > 1 else None, tick)
+        context = replace(setup.context, gates=gates)
+        key = cache_key(file_sha256(model_path), recipe,
+                        [setup.calib_data.listing_hash(), setup.eval_data.listing_hash()],
+                        f"only_quantized:{sensitivity_samples}")
+        trials_progress = tick("tune")
+        search = Search([], steps, lambda specs: run_specs(executor, context, specs), figure, max_trials,
+                        deadline, max(1, jobs))
+        sens: dict = {"rows": [], "complete": False, "cache_hit": False}
+
+        def build_report(final: bool, stop: str) -> dict:
+            return _tune_report(model_path, recipe, setup, search, sens, figure, gates, stop, final,
+                                interrupted, max_trials, time_budget, jobs, time.monotonic() - started,
+                                latencies, latency_runs)
+
+        def write_best(result: TrialResult) -> None:
+            quantized, _, _ = build_trial_model(context, result.spec)
+            overrides = promotion_overrides(result.spec.promotions, recipe.quantization.activations.dtype)
+            text = tuned_recipe_text(recipe, overrides, output)
+            replace_file(output / "model.onnx", lambda path: save_model(quantized, path))
+            replace_file(output / TUNED_RECIPE, lambda path: path.write_text(text, encoding="utf-8"))
+            state["best"], state["writes"] = result, state["writes"] + 1
+            for name, write in search_report_writers(build_report(False, "running")).items():
+                replace_file(output / name, write)
+            say(f"best so far: {result.spec.key} ({_describe_trial(result, figure)}) → {output}")
+
+        def on_trial(result: TrialResult) -> None:
+            if trials_progress:
+                trials_progress(len(search.order), max_trials)
+
+        search.on_trial, search.on_improvement = on_trial, write_best
+        try:
+            baseline = search.run_batch([TrialSpec("recipe as given", "baseline")])[()]
+            if not baseline.passed:
+                cached = cached_document if cached_document and cached_document.get("key") == key else None
+                if cached is not None:
+                    rows, complete = cached["rows"], True
+                else:
+                    rows, complete = measure_sensitivity(setup, executor, "only_quantized", deadline, tick, baseline,
+                                                  sensitivity_samples)
+                    if complete:
+                        write_text_atomic(cache_path, cache_document(key, "only_quantized", model_path, rows))
+                sens.update(rows=rows, complete=complete, cache_hit=cached is not None)
+                search.ranking = [row["node"] for row in rows]
+                search.run()
+            else:
+                search.stop_reason = "the recipe as given passes the gates: nothing to promote"
+            if latency_runs:
+                _time_trials(context, search.order, latency_runs, latencies, tick("latency"))
+        except KeyboardInterrupt:
+            interrupted = True
+            search.stop_reason = "interrupted (Ctrl-C)"
+            executor.close()
+        best = state["best"]
+        reproduced = None
+        if not interrupted and best is not None:
+            tuned = load_recipe(output / TUNED_RECIPE)
+            again = quantize(model_path, data_dir, tuned, validation_data=validation_data, labels=labels)
+            digest = hashlib.sha256(again.model.SerializeToString()).hexdigest()
+            reproduced = digest == best.model_sha256
+            replace_file(output / "model.onnx", lambda path: save_model(again.model, path))
+        report = build_report(True, search.stop_reason)
+        report["chosen"]["reproduced_by_quantize"] = reproduced
+        for name, write in search_report_writers(report).items():
+            replace_file(output / name, write)
+    return TuneResult(report, bool(best and best.passed), interrupted, output)
+
+
+def _time_trials(context: TrialContext, trials: list[TrialResult], runs: int, latencies: dict, progress) -> None:
+    for done, result in enumerate(trials, 1):
+        latencies[result.spec.promotions] = trial_latency(context, result.spec, runs)
+        if progress:
+            progress(done, len(trials))
+
+
+def _latency_section(runs: int, final: bool, interrupted: bool) -> dict:
+    status = "off" if not runs else "pending" if not final else "interrupted" if interrupted else "measured"
+    return {"status": status, "runs": runs, "threads": LATENCY_THREADS, "batch_size": 1,
+            "provider": "CPUExecutionProvider",
+            "method": ("Timed after the search, one trial at a time in the tuning process (no trial running "
+                       "beside it): every trial against the prepared float model on the first evaluation sample, in interleaved A/B rounds (order "
+                       f"alternating) after warm-up, up to {runs} rounds or 4 s per trial, {LATENCY_THREADS} "
+                       "ONNX Runtime intra-op thread, CPUExecutionProvider; ratio = quantized median / float "
+                       "median (below 1: faster).")}
+
+
+def _describe_trial(result: TrialResult, figure: str) -> str:
+    value = objective(result, figure)
+    shown = f"{value:.2%}" if figure == "accuracy" and math.isfinite(value) else f"{value:.4g}"
+    return (f"{len(result.spec.promotions)} promotion(s), {figure} {shown}, {result.size_bytes:,} B, "
+            f"gates {'pass' if result.passed else 'fail'}")
+
+
+def _tune_report(model_path: Path, recipe: Recipe, setup: TrialSetup, search: Search, sens: dict, figure: str,
+                 gates: dict, stop: str, final: bool, interrupted: bool, max_trials: int,
+                 time_budget: float | None, jobs: int, wall_s: float, latencies: dict[tuple, BenchResult],
+                 latency_runs: int) -> dict:
+    float_bytes = setup.context.float_bytes
+    trials = [trial_row(result, figure, float_bytes) for result in search.order]
+    frontier = {result.spec.key for result in pareto_frontier(search.order, figure)}
+    best = search.best
+    for result, row in zip(search.order, trials):
+        row["frontier"] = row["trial"] in frontier
+        row["chosen"] = best is not None and row["trial"] == best.spec.key
+        timing = latencies.get(result.spec.promotions)
+        row["latency_ratio"] = timing.ratio if timing else None
+        row["latency_ms"] = ({"float": timing.reference.median_ms, "quantized": timing.candidate.median_ms,
+                              "runs": timing.candidate.runs} if timing else None)
+    reference = next((r.accuracy.get("reference") for r in search.order if r.accuracy), None)
+    return {
+        "schema_version": reporting.REPORT_SCHEMA_VERSION, "command": "tune",
+        "passed": bool(best and best.passed), "final": final, "interrupted": interrupted,
+        "versions": reporting.versions(), "inputs": search_inputs(model_path, recipe, setup),
+        "prepare": setup.prepare_notes, "warnings": setup.warnings,
+        "target": {"gates": gates, "objective": figure, "float_accuracy": reference,
+                   "float_bytes": float_bytes},
+        "search": {"max_trials": max_trials, "time_budget_s": time_budget, "jobs": jobs,
+                   "trials_run": len(search.order), "stop_reason": stop, "wall_s": wall_s,
+                   "calibration_s": setup.calibration_s, "steps": list(search.steps)},
+        "latency": _latency_section(latency_runs, final, interrupted),
+        "sensitivity": {"mode": "only_quantized", "rows": sens["rows"], "complete": sens["complete"],
+                        "cache_hit": sens["cache_hit"], "unnamed_nodes": setup.unnamed},
+        "trials": trials,
+        "chosen": {
+            "trial": best.spec.key if best else None,
+            "promotions": [{"node": n, "step": s} for n, s in best.spec.promotions] if best else [],
+            "passed": bool(best and best.passed),
+            "gates": [{"name": g.name, "threshold": g.threshold, "value": g.value, "passed": g.passed}
+                      for g in (best.gates if best else ())],
+            "model_sha256": best.model_sha256 if best else None,
+        },
+    }

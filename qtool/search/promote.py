@@ -1,0 +1,196 @@
+"""The search: promote the most sensitive nodes a precision step, a few at a time, until the gates pass.
+
+Steps above the recipe are 16-bit activations, then float. For each step the
+number of promoted nodes (taken in sensitivity order) grows 1, 2, 4, ... until
+the gates pass; then it is bisected back, and each promoted node is tried
+demoted again (least sensitive first), so the result has few promotions. Trials
+go out `jobs` at a time through `evaluate`; the search never sees processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+from qtool.search.trial import TrialResult, TrialSpec
+
+Evaluate = Callable[[list[TrialSpec]], Iterator[TrialResult]]
+
+# gate -> (figure the search maximizes, as read from a TrialResult)
+OBJECTIVES = {"max_accuracy_drop": "accuracy", "min_top1_agreement": "top1_agreement",
+              "min_sqnr_db": "sqnr_db", "min_cosine": "cosine"}
+
+
+def objective_name(gates: dict[str, float]) -> str:
+    return next((OBJECTIVES[gate] for gate in OBJECTIVES if gate in gates), "sqnr_db")
+
+
+def objective(result: TrialResult, name: str) -> float:
+    """Larger is better; -inf when the figure is missing."""
+    if name == "accuracy":
+        value = result.accuracy.get("candidate")
+    else:
+        value = result.figure(name)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return -math.inf
+    return float(value)
+
+
+def preference(result: TrialResult, name: str) -> tuple:
+    """Sort key, best first: passing with the fewest promotions and the smallest model; else the best figure."""
+    figure = objective(result, name)
+    promotions = len(result.spec.promotions)
+    if result.passed:
+        return (0, promotions, result.size_bytes, -figure)
+    return (1, -figure, promotions, result.size_bytes)
+
+
+def promotion_spec(nodes: Iterable[str], step: str, label: str) -> TrialSpec:
+    promotions = tuple((node, step) for node in nodes)
+    digest = hashlib.sha256(repr(promotions).encode()).hexdigest()[:8]
+    return TrialSpec(f"{label} [{digest}]" if promotions else "recipe as given", "search" if promotions else "baseline",
+                     promotions)
+
+
+class BudgetSpent(Exception):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class Search:
+    """One search's trials and its best so far; `on_improvement` fires whenever the best changes."""
+
+    ranking: list[str]
+    steps: tuple[str, ...]
+    evaluate: Evaluate
+    objective: str
+    max_trials: int
+    deadline: float | None = None  # time.monotonic() value
+    jobs: int = 1
+    on_trial: Callable[[TrialResult], None] | None = None
+    on_improvement: Callable[[TrialResult], None] | None = None
+    results: dict[tuple, TrialResult] = field(default_factory=dict)
+    order: list[TrialResult] = field(default_factory=list)
+    best: TrialResult | None = None
+    stop_reason: str = ""
+
+    def run_batch(self, specs: list[TrialSpec]) -> dict[tuple, TrialResult]:
+        """Run the specs not run yet (up to the trials left); raise BudgetSpent when nothing may run."""
+        fresh, seen = [], set()
+        for spec in specs:
+            if spec.promotions not in self.results and spec.promotions not in seen:
+                fresh.append(spec)
+                seen.add(spec.promotions)
+        left = self.max_trials - len(self.order)
+        if fresh and left <= 0:
+            raise BudgetSpent(f"--max-trials {self.max_trials} reached")
+        if fresh and self.deadline is not None and time.monotonic() >= self.deadline:
+            raise BudgetSpent("time budget spent")
+        for result in self.evaluate(fresh[:left]) if fresh else ():
+            self.results[result.spec.promotions] = result
+            self.order.append(result)
+            if self.on_trial:
+                self.on_trial(result)
+            if self.best is None or preference(result, self.objective) < preference(self.best, self.objective):
+                self.best = result
+                if self.on_improvement:
+                    self.on_improvement(result)
+        if len(fresh) > left:
+            raise BudgetSpent(f"--max-trials {self.max_trials} reached")
+        return {spec.promotions: self.results[spec.promotions] for spec in specs if spec.promotions in self.results}
+
+    def passes(self, nodes: list[str], step: str, label: str) -> bool:
+        spec = promotion_spec(nodes, step, label)
+        return self.run_batch([spec])[spec.promotions].passed
+
+    def run(self) -> TrialResult | None:
+        try:
+            self._search()
+        except BudgetSpent as spent:
+            self.stop_reason = spent.reason
+        return self.best
+
+    def _search(self) -> None:
+        if self.passes([], "", "recipe as given"):
+            self.stop_reason = "the recipe as given passes the gates: nothing to promote"
+            return
+        count = len(self.ranking)
+        for step in self.steps:
+            known_fail, known_pass = 0, None
+            sizes = sorted({min(count, 2**i) for i in range(0, max(1, math.ceil(math.log2(max(count, 1)))) + 1)})
+            position = 0
+            while known_pass is None and position < len(sizes):
+                batch = sizes[position: position + self.jobs]
+                position += len(batch)
+                specs = [promotion_spec(self.ranking[:k], step, f"{step} top {k}") for k in batch]
+                outcome = self.run_batch(specs)
+                for k, spec in zip(batch, specs):
+                    if spec.promotions in outcome and outcome[spec.promotions].passed:
+                        known_pass = k
+                        break
+                    known_fail = k
+            if known_pass is None:
+                continue
+            while known_pass - known_fail > 1:  # bisect back, `jobs` probes at a time
+                gap = known_pass - known_fail
+                probes = sorted({known_fail + max(1, round(gap * (i + 1) / (self.jobs + 1)))
+                                 for i in range(self.jobs)} - {known_pass})
+                specs = [promotion_spec(self.ranking[:k], step, f"{step} top {k}") for k in probes]
+                outcome = self.run_batch(specs)
+                for k, spec in zip(probes, specs):
+                    if outcome[spec.promotions].passed:
+                        known_pass = k
+                        break
+                    known_fail = k
+            self._prune(list(self.ranking[:known_pass]), step)
+            self.stop_reason = f"gates pass with {len(self.best.spec.promotions)} promotion(s) to {step}"
+            return
+        self.stop_reason = "no promotion tried passes the gates"
+
+    def _prune(self, promoted: list[str], step: str) -> None:
+        """Demote promoted nodes again, least sensitive first, while the gates still pass."""
+        untried = list(reversed(promoted))
+        while untried and len(promoted) > 1:
+            batch, untried = untried[: self.jobs], untried[self.jobs:]
+            specs = [promotion_spec([n for n in promoted if n != drop], step,
+                                    f"{step} top {len(promoted)} without 1") for drop in batch]
+            outcome = self.run_batch(specs)
+            for drop, spec in zip(batch, specs):
+                if outcome[spec.promotions].passed:
+                    promoted = [n for n in promoted if n != drop]
+                    break
+
+
+def pareto_frontier(results: list[TrialResult], name: str) -> list[TrialResult]:
+    """Trials no other trial beats on both size (smaller) and the objective (larger)."""
+    frontier = []
+    for result in results:
+        size, figure = result.size_bytes, objective(result, name)
+        dominated = any(
+            other.size_bytes <= size and objective(other, name) >= figure
+            and (other.size_bytes < size or objective(other, name) > figure)
+            for other in results
+        )
+        if not dominated:
+            frontier.append(result)
+    return sorted(frontier, key=lambda r: r.size_bytes)
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '30m', '1.5h' or plain seconds -> seconds."""
+    text = text.strip().lower()
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    scale = units.get(text[-1:], None)
+    number = text[:-1] if scale else text
+    try:
+        value = float(number) * (scale or 1.0)
+    except ValueError:
+        raise ValueError(f"expected a duration like 90s, 30m or 1h, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"expected a positive duration, got {text!r}")
+    return value

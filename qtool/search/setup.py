@@ -1,0 +1,155 @@
+"""What sensitivity and tune share: one calibration and one float run that every trial reads, the
+ranking pass, its cache, and the report rows of a trial."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from onnx import ModelProto, TensorProto
+
+from qtool.api import prepare
+from qtool.calibration.calibrate import calibrate as calibrate_tensors
+from qtool.evaluation.validation import check_gates_are_measurable, resolve_validation_data
+from qtool.io.data import DataFolder, model_inputs
+from qtool.io.model import file_sha256, model_file_bytes, save_model
+from qtool.numerics import QTYPES
+from qtool.quantization.plan import select_tensors, tensor_types
+from qtool.recipe.schema import Recipe
+from qtool.reporting import document as reporting
+from qtool.runtime.session import int8_kernels_may_saturate, make_session, run
+from qtool.search.executor import Executor
+from qtool.search.promote import objective
+from qtool.search.trial import (FLOAT_MODEL, TrialContext, TrialResult, TrialSpec, float_model_name,
+                                promotion_overrides, rank_nodes, run_trial, with_overrides, worst, write_eval_set)
+
+
+@dataclass
+class TrialSetup:
+    context: TrialContext
+    model: ModelProto  # the prepared float model
+    prepare_notes: list[str]
+    calib_data: DataFolder
+    eval_data: DataFolder
+    warnings: list[str]
+    quantizable: list[str]  # nodes the recipe quantizes, graph order
+    op_types: dict[str, str]
+    unnamed: int  # quantized nodes without a name: no recipe can single them out
+    calibration_s: float
+
+
+def setup_trials(model_path: Path, data_dir: Path, recipe: Recipe, folder: Path, validation_data, labels,
+                  threads: int | None, tick) -> TrialSetup:
+    """Prepare, calibrate once (every tensor a trial may quantize), run the float model over the
+    evaluation data, and leave what trials read in `folder`."""
+    started = time.perf_counter()
+    model, prepare_notes = prepare(model_path, recipe)
+    inputs = model_inputs(model)
+    images = recipe.data.images if recipe.data else None
+    calib_data = DataFolder(data_dir, inputs, recipe.calibration.samples, images=images)
+    eval_data, eval_labels, warnings = resolve_validation_data(recipe, calib_data, inputs, validation_data, labels)
+    check_gates_are_measurable(recipe, eval_labels)
+    selection = select_tensors(model, recipe)
+    quantized = [(node, d) for node, d in zip(model.graph.node, selection.nodes) if d.quantized]
+    initializers = {init.name for init in model.graph.initializer}
+    float_tensors = {name for name, kind in tensor_types(model).items() if kind == TensorProto.FLOAT} - initializers
+    tensors = set(selection.calibration_tensors)
+    for node, _ in quantized:  # alone, a node's output gets its own Q/DQ even where the full plan fuses it
+        tensors |= {name for name in list(node.input) + list(node.output) if name in float_tensors}
+    act = recipe.quantization.activations
+    table = calibrate_tensors(model, sorted(tensors), calib_data, recipe.calibration, QTYPES[act.dtype],
+                              act.symmetric, tick("calibrate"))
+    save_model(model, folder / FLOAT_MODEL)
+    named = [node.name for node, _ in quantized if node.name]
+    a16 = with_overrides(recipe, promotion_overrides([(named[0], "a16")], act.dtype)) if named else recipe
+    if float_model_name(a16) != FLOAT_MODEL:
+        save_model(prepare(model_path, a16)[0], folder / float_model_name(a16))
+    session = make_session(model, threads=threads)
+    batches = []
+    for batch in eval_data.batches(recipe.calibration.batch_size):
+        reference = run(session, batch.feeds)
+        truth = [eval_labels.get(name, -1) if eval_labels else -1 for name in batch.files]
+        batches.append((batch.feeds, reference, truth))
+    write_eval_set(folder, batches)
+    context = TrialContext(str(folder), recipe, table, int8_kernels_may_saturate(), dict(recipe.validation.gates),
+                           model_file_bytes(model_path), threads)
+    return TrialSetup(context, model, prepare_notes, calib_data, eval_data, warnings, named,
+                       {node.name: node.op_type for node, _ in quantized}, len(quantized) - len(named),
+                       time.perf_counter() - started)
+
+
+def run_specs(executor: Executor, context: TrialContext, specs: list[TrialSpec]):
+    for _, result in executor.map_unordered(run_trial, [(context, spec) for spec in specs]):
+        yield result
+
+
+def read_cache(path: Path, key: str | None = None) -> dict | None:
+    """The cache document at `path` (None when unreadable, or when `key` is given and differs)."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(document, dict) or (key is not None and document.get("key") != key):
+        return None
+    return document
+
+
+def cache_document(key: str, mode: str, model_path: Path, rows: list[dict]) -> str:
+    """The sensitivity cache file's text: the ranking under the key of everything it depends on."""
+    return json.dumps(json_ready({"format": "qtool-sensitivity", "version": 1, "key": key, "mode": mode,
+                                  "model_sha256": file_sha256(model_path), "rows": rows}), indent=2) + "\n"
+
+
+def measure_sensitivity(setup: TrialSetup, executor: Executor, mode: str, deadline: float | None, tick,
+                 baseline: TrialResult, samples: int | None) -> tuple[list[dict], bool]:
+    """The ranking rows, and whether every node was measured (a time budget can cut it short)."""
+    if mode == "only_quantized":
+        specs = [TrialSpec(f"only {node}", "sensitivity", only=node, samples=samples) for node in setup.quantizable]
+    else:
+        specs = [TrialSpec(f"float {node}", "sensitivity", keep_float=node, samples=samples)
+                 for node in setup.quantizable]
+    progress = tick("sensitivity")
+    results = []
+    for result in run_specs(executor, setup.context, specs):
+        results.append(result)
+        if progress:
+            progress(len(results), len(specs))
+        if deadline is not None and time.monotonic() >= deadline and len(results) < len(specs):
+            break
+    rows = rank_nodes(results, setup.op_types, mode, baseline)
+    measured = {row["node"] for row in rows}
+    rows += [{"node": node, "op_type": setup.op_types[node], "rank": None, "note": "not measured (time budget)"}
+             for node in setup.quantizable if node not in measured]
+    return rows, len(results) == len(specs)
+
+
+def trial_row(result: TrialResult, objective_figure: str, float_bytes: int) -> dict:
+    row = {
+        "trial": result.spec.key, "kind": result.spec.kind,
+        "promotions": [{"node": node, "step": step} for node, step in result.spec.promotions],
+        "size_bytes": result.size_bytes, "size_ratio": float_bytes / result.size_bytes if result.size_bytes else None,
+        "objective": objective(result, objective_figure), "sqnr_db": worst(result, "sqnr_db"),
+        "cosine": worst(result, "cosine"), "quantized_nodes": result.quantized_nodes,
+        "passed": result.passed, "seconds": result.seconds, "model_sha256": result.model_sha256,
+    }
+    if result.accuracy:
+        row["accuracy"] = result.accuracy["candidate"]
+        row["accuracy_drop"] = result.accuracy["reference"] - result.accuracy["candidate"]
+    return row
+
+
+def search_inputs(model_path: Path, recipe: Recipe, setup: TrialSetup) -> dict:
+    return {
+        "model": {"path": str(model_path), "sha256": file_sha256(model_path)},
+        "recipe": {"path": str(recipe.source) if recipe.source else None, "resolved": recipe.as_dict()},
+        "calibration_data": {"path": str(setup.calib_data.folder), "listing_sha256": setup.calib_data.listing_hash()},
+        "validation_data": {"path": str(setup.eval_data.folder), "listing_sha256": setup.eval_data.listing_hash()},
+    }
+
+
+def json_ready(value):
+    return json.loads(reporting.render_json(value))
+
+

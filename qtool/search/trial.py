@@ -1,0 +1,313 @@
+"""Trials: a recipe plus per-node promotions, quantized from one shared calibration table and scored.
+
+Every trial (sensitivity probe or search step) is a `TrialSpec` run by `run_trial`
+in any process: it reads the prepared float models and the evaluation set (feeds,
+float outputs, labels) from a work folder once per process, builds the recipe's
+plan from the shared `CalibrationTable` (no recalibration), and measures the
+quantized model against the float outputs. `rank_nodes` turns one-node trials
+into the sensitivity ranking; `trial_latency` times a trial's model against the
+float one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from onnx import ModelProto
+
+from qtool.calibration.calibrate import CalibrationTable
+from qtool.evaluation.compare import Comparison, OutputStats, check_gates
+from qtool.evaluation.latency import BenchResult, bench_models
+from qtool.evaluation.metrics import is_classifier_output, top1
+from qtool.io.model import load_model, proto_size
+from qtool.quantization.plan import build_plan, required_opset, select_tensors
+from qtool.quantization.qdq import apply_plan
+from qtool.recipe.schema import Recipe
+from qtool.runtime.session import make_session, run
+
+A16 = {"uint8": "uint16", "int8": "int16"}  # the 16-bit step up from each 8-bit activation type
+STEPS = ("a16", "float")  # precision steps above the recipe's own, in order
+FLOAT_MODEL = "float.onnx"
+EVAL_SET = "eval.npz"
+EVAL_INDEX = "eval.json"
+LATENCY_THREADS = 1  # one intra-op thread: a trial's ratio should not depend on what else the cores run
+SEARCH_GATES = ("min_cosine", "min_sqnr_db", "max_accuracy_drop", "min_top1_agreement", "min_size_ratio")
+
+
+def exact_name(node: str) -> str:
+    """The override regex that matches exactly one node name."""
+    return f"^{re.escape(node)}$"
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """What one trial changes from the recipe.
+
+    `promotions`: (node, step) pairs, step "a16" (16-bit activations) or "float".
+    `only`: quantize this node alone (everything else float); `keep_float`: this node alone float.
+    """
+
+    key: str
+    kind: str  # "baseline", "sensitivity" or "search"
+    promotions: tuple[tuple[str, str], ...] = ()
+    only: str | None = None
+    keep_float: str | None = None
+    samples: int | None = None  # measure on the first N evaluation samples only (None: all)
+
+
+def promotion_overrides(promotions, activation_dtype: str) -> list[dict]:
+    """Recipe `quantization.overrides` entries for promotions: exact-name matches, one per node."""
+    entries = []
+    for node, step in promotions:
+        if step == "float":
+            entries.append({"match": {"name": exact_name(node)}, "float": True})
+        else:
+            entries.append({"match": {"name": exact_name(node)},
+                            "activations": {"dtype": A16.get(activation_dtype, activation_dtype)}})
+    return entries
+
+
+def trial_overrides(spec: TrialSpec, recipe: Recipe) -> list[dict]:
+    if spec.only is not None:
+        # Name matches rank first and the earlier wins: this node stays quantized, every other goes float.
+        return [{"match": {"name": exact_name(spec.only)}, "float": False}, {"match": {"name": ".*"}, "float": True}]
+    if spec.keep_float is not None:
+        return [{"match": {"name": exact_name(spec.keep_float)}, "float": True}]
+    return promotion_overrides(spec.promotions, recipe.quantization.activations.dtype)
+
+
+def with_overrides(recipe: Recipe, overrides: list[dict]) -> Recipe:
+    """The recipe with `overrides` placed before its own (so they win within their rank)."""
+    if not overrides:
+        return recipe
+    document = recipe.as_dict()
+    document["quantization"]["overrides"] = overrides + document["quantization"]["overrides"]
+    return Recipe.model_validate({**document, "source": recipe.source})
+
+
+def trial_recipe(recipe: Recipe, spec: TrialSpec) -> Recipe:
+    return with_overrides(recipe, trial_overrides(spec, recipe))
+
+
+def float_model_name(recipe: Recipe) -> str:
+    """Which prepared float model a recipe runs on: its opset follows the types it uses."""
+    need = required_opset(recipe)
+    return FLOAT_MODEL if need is None else f"float-opset{need[0]}.onnx"
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """Everything a trial needs besides its spec; small and picklable (the models stay on disk)."""
+
+    folder: str  # work folder: float model(s), eval.npz, eval.json
+    recipe: Recipe
+    table: CalibrationTable
+    saturating_host: bool
+    gates: dict[str, float]
+    float_bytes: int
+    threads: int | None = None  # ORT intra-op threads per trial (1 when trials run in parallel)
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    spec: TrialSpec
+    outputs: dict[str, dict]  # output name -> cosine, sqnr_db, ...
+    accuracy: dict[str, float]  # "reference"/"candidate" -> top-1, with labels
+    labelled: int
+    samples: int
+    size_bytes: int
+    quantized_nodes: int
+    seconds: float
+    notes: tuple[str, ...] = ()
+    gates: tuple = ()  # GateResult per search gate, filled by `run_trial`
+    model_sha256: str = ""
+
+    @property
+    def comparison(self) -> Comparison:
+        return Comparison(self.samples, self.outputs, self.accuracy, self.labelled)
+
+    @property
+    def passed(self) -> bool:
+        return all(gate.passed for gate in self.gates)
+
+    def figure(self, name: str) -> float | None:
+        return self.comparison.figure(name)
+
+
+@dataclass
+class _State:
+    models: dict[str, ModelProto] = field(default_factory=dict)
+    batches: list[dict] = field(default_factory=list)  # {"feeds", "reference", "labels"}
+
+
+_STATES: dict[str, _State] = {}  # per process: work folder -> loaded state
+
+
+def write_eval_set(folder: Path, batches: list[tuple[dict, dict, list[int]]]) -> None:
+    """Feeds, float outputs and labels (-1: none) per batch, as one .npz (no pickle) plus an index."""
+    arrays, index = {}, []
+    for b, (feeds, reference, labels) in enumerate(batches):
+        entry = {"feeds": list(feeds), "reference": list(reference)}
+        for kind, values in (("feeds", feeds), ("reference", reference)):
+            for i, value in enumerate(values.values()):
+                arrays[f"{kind}_{b}_{i}"] = value
+        arrays[f"labels_{b}"] = np.asarray(labels, dtype=np.int64)
+        index.append(entry)
+    np.savez(folder / EVAL_SET, **arrays)
+    (folder / EVAL_INDEX).write_text(json.dumps(index), encoding="utf-8")
+
+
+def _state(context: TrialContext) -> _State:
+    state = _STATES.get(context.folder)
+    if state is None:
+        folder = Path(context.folder)
+        state = _State()
+        index = json.loads((folder / EVAL_INDEX).read_text(encoding="utf-8"))
+        with np.load(folder / EVAL_SET, allow_pickle=False) as arrays:
+            for b, entry in enumerate(index):
+                state.batches.append({
+                    kind: {name: arrays[f"{kind}_{b}_{i}"] for i, name in enumerate(entry[kind])}
+                    for kind in ("feeds", "reference")
+                } | {"labels": arrays[f"labels_{b}"]})
+        _STATES.clear()  # one work folder at a time per process
+        _STATES[context.folder] = state
+    return state
+
+
+def _float_model(context: TrialContext, recipe: Recipe) -> ModelProto:
+    state = _state(context)
+    name = float_model_name(recipe)
+    if name not in state.models:
+        state.models[name] = load_model(Path(context.folder) / name)
+    return state.models[name]
+
+
+def build_trial_model(context: TrialContext, spec: TrialSpec) -> tuple[ModelProto, int, list[str]]:
+    """The quantized model of one trial from the shared table (what `qtool quantize` builds from
+    the same recipe), the number of nodes quantized, and notes."""
+    recipe = trial_recipe(context.recipe, spec)
+    model = _float_model(context, recipe)
+    selection = select_tensors(model, recipe)
+    missing = [name for name in selection.calibration_tensors if name not in context.table.ranges]
+    notes = [f"{len(missing)} tensor(s) without a calibrated range in the shared table, kept float"] if missing else []
+    plan = build_plan(model, recipe, selection, context.table, context.saturating_host)
+    quantized = apply_plan(model, plan)
+    for entry in model.metadata_props:  # as `qtool quantize` does: the float model's metadata carries over
+        kept = next((item for item in quantized.metadata_props if item.key == entry.key), None)
+        if kept is None:
+            quantized.metadata_props.add(key=entry.key, value=entry.value)
+        else:
+            kept.value = entry.value
+    return quantized, sum(1 for d in plan.nodes if d.quantized), notes
+
+
+def run_trial(task: tuple[TrialContext, TrialSpec]) -> TrialResult:
+    """Build one trial's model and measure it against the float outputs (module-level: runs in workers)."""
+    context, spec = task
+    started = time.perf_counter()
+    quantized, quantized_nodes, notes = build_trial_model(context, spec)
+    session = make_session(quantized, threads=context.threads)
+    stats: dict[str, OutputStats] = {}
+    correct = {"reference": 0, "candidate": 0}
+    labelled = samples = 0
+    for batch in _state(context).batches:
+        if spec.samples is not None:
+            if samples >= spec.samples:
+                break
+            batch = _head(batch, spec.samples - samples)
+        outputs = run(session, batch["feeds"])
+        for name, reference in batch["reference"].items():
+            stats.setdefault(name, OutputStats()).update(reference, outputs[name])
+        samples += next(iter(batch["feeds"].values())).shape[0]
+        known = batch["labels"] >= 0
+        first = next(iter(batch["reference"]))
+        if known.any() and is_classifier_output(batch["reference"][first]):
+            truth = batch["labels"][known]
+            correct["reference"] += int(np.sum(top1(batch["reference"][first])[known] == truth))
+            correct["candidate"] += int(np.sum(top1(outputs[first])[known] == truth))
+            labelled += int(known.sum())
+    figures = {name: s.figures(histogram=False) for name, s in stats.items()}
+    accuracy = {key: value / labelled for key, value in correct.items()} if labelled else {}
+    size = proto_size(quantized)
+    gates = {name: value for name, value in context.gates.items() if name in SEARCH_GATES}
+    verdicts = check_gates(Comparison(samples, figures, accuracy, labelled), gates,
+                           {"size_ratio": context.float_bytes / size if size else None})
+    digest = hashlib.sha256(quantized.SerializeToString()).hexdigest()
+    return TrialResult(spec, figures, accuracy, labelled, samples, size, quantized_nodes,
+                       time.perf_counter() - started, tuple(notes), tuple(verdicts), digest)
+
+
+def trial_latency(context: TrialContext, spec: TrialSpec, rounds: int) -> BenchResult:
+    """One trial's model against the recipe's prepared float model on the first evaluation sample,
+    interleaved (`bench_models`, one ORT thread); meant for the parent with no trial running beside it."""
+    quantized, _, _ = build_trial_model(context, spec)
+    feeds = _head(_state(context).batches[0], 1)["feeds"]
+    return bench_models(_float_model(context, context.recipe), quantized, feeds, threads=LATENCY_THREADS,
+                        rounds=rounds)
+
+
+def _head(batch: dict, count: int) -> dict:
+    """The first `count` samples of a batch."""
+    return {"feeds": {k: v[:count] for k, v in batch["feeds"].items()},
+            "reference": {k: v[:count] for k, v in batch["reference"].items()}, "labels": batch["labels"][:count]}
+
+
+# --- sensitivity ranking ------------------------------------------------------------------------
+
+
+def worst(result: TrialResult, name: str) -> float:
+    value = result.figure(name)
+    return float("nan") if value is None else float(value)
+
+
+def rank_nodes(results: list[TrialResult], op_types: dict[str, str], mode: str,
+               baseline: TrialResult | None = None) -> list[dict]:
+    """Rows, most sensitive first.
+
+    mode "only_quantized": the error with the node quantized alone (lowest SQNR first);
+    mode "only_float": the SQNR gained over the full recipe by keeping the node float
+    (largest gain first).
+    """
+    rows = []
+    for result in results:
+        node = result.spec.only if mode == "only_quantized" else result.spec.keep_float
+        sqnr = worst(result, "sqnr_db")
+        row = {"node": node, "op_type": op_types.get(node, ""), "sqnr_db": sqnr,
+               "cosine": worst(result, "cosine"), "size_bytes": result.size_bytes}
+        drop = result.figure("accuracy_drop")
+        if drop is not None:
+            row["accuracy_drop"] = drop
+        if mode == "only_float" and baseline is not None:
+            row["sqnr_gain_db"] = sqnr - worst(baseline, "sqnr_db")
+        rows.append(row)
+
+    def severity(row: dict) -> tuple:
+        if mode == "only_float":
+            gain = row.get("sqnr_gain_db", 0.0)
+            return (-(gain if math.isfinite(gain) else 1e9), row["node"])
+        sqnr = row["sqnr_db"]
+        return (sqnr if not math.isnan(sqnr) else math.inf, -row.get("accuracy_drop", 0.0), row["node"])
+
+    rows.sort(key=severity)
+    for rank, row in enumerate(rows, 1):
+        row["rank"] = rank
+    return rows
+
+
+def cache_key(model_sha256: str, recipe: Recipe, listings: list[str], mode: str) -> str:
+    """What a cached ranking depends on: model bytes, the recipe's calibration, data and quantization
+    sections and validation.samples (not its gates), the data listings, and the mode."""
+    resolved = recipe.as_dict()
+    relevant = {key: resolved[key] for key in ("calibration", "data", "quantization")}
+    relevant["validation.samples"] = resolved["validation"]["samples"]
+    digest = hashlib.sha256()
+    for part in (model_sha256, json.dumps(relevant, sort_keys=True), *listings, mode):
+        digest.update(part.encode() + b"\0")
+    return digest.hexdigest()
