@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from qtool.calibration.observers import OBSERVERS, MinMaxObserver, Range, _Histogram, _kl_threshold, make_observer
+from qtool.calibration.histogram import Histogram, kl_threshold
+from qtool.calibration.observers import OBSERVERS, MinMaxObserver, Range, make_observer
 from qtool.numerics import QTYPES, dequantize, quantize, scale_zero_point
 from qtool.recipe.schema import CalibrationSpec
 
@@ -54,7 +55,7 @@ def test_rebinned_histogram_equals_histogram_of_all_values_on_final_grid():
     # each batch reaches further (first right, then left): the grid shifts and doubles
     batches = [rng.uniform(-0.1, 0.2, 500), rng.uniform(0, 3, 500), rng.uniform(-7, 1, 500)]
     batches += [rng.normal(0, 1, 500), rng.uniform(-40, 90, 500), np.zeros(100)]
-    hist = _Histogram(256)
+    hist = Histogram(256)
     for batch in batches:
         hist.add(batch, float(batch.min()), float(batch.max()))
     everything = np.concatenate(batches)
@@ -194,7 +195,7 @@ def test_vectorized_kl_search_matches_a_direct_implementation():
         hist = np.floor(rng.exponential(1.0, 90) * np.exp(-np.arange(90) / rng.uniform(5, 30)) * 40)
         hist[rng.integers(60, 90)] += 1  # a lone outlier, often beyond an empty stretch
         levels = int(rng.choice([4, 8, 16]))
-        assert _kl_threshold(hist, levels) == kl_threshold_reference(hist, levels), trial
+        assert kl_threshold(hist, levels) == kl_threshold_reference(hist, levels), trial
 
 
 def raw_squared_error(x, lo, hi, qtype, symmetric):
