@@ -73,7 +73,10 @@ def apply_plan(model: ModelProto, plan: QuantPlan) -> ModelProto:
         array = numpy_helper.to_array(index.initializers[bias.tensor]).astype(np.float64)
         scale = (plan.activations[bias.activation].scale * plan.constants[bias.weight].scale.astype(np.float64))
         scale = np.broadcast_to(scale, array.shape) if scale.size == 1 and array.size > 1 else scale
-        q = np.clip(np.rint(array / scale), -(2**31), 2**31 - 1).astype(np.int32)
+        q = np.rint(array / scale)
+        if np.any(np.abs(q) > 2**31 - 1):  # fit_bias_in_int32 raised the weight scales so that it fits
+            raise PlanViolation(f"{bias.tensor}: int32 bias would clip at scale {float(np.min(scale)):g}")
+        q = q.astype(np.int32)
         axis = 0 if scale.size > 1 else None
         q_name = add_initializer(f"{bias.tensor}_quantized", q)
         scale_name = add_initializer(f"{bias.tensor}_scale", _param(scale.astype(np.float32), np.float32))

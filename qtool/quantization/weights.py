@@ -232,10 +232,10 @@ def fit_bias_in_int32(weight: ConstantQuant, bias: np.ndarray, input_scale: floa
     """Raise weight scales whose int32 bias (scale = input x weight scale) would saturate.
 
     A near-dead channel (weights ~1e-26) gets a near-zero scale; its bias divided by
-    that overflows int32 and the channel's bias silently becomes -2^31 x scale.
+    that overflows int32 and the channel's bias silently becomes -2^31 x scale. Every
+    weight mode goes through here: an asymmetric channel whose scale is raised gets the
+    zero point that keeps its lowest represented value, so its range stays covered.
     """
-    if not weight.symmetric:
-        return weight  # raising the scale would move an asymmetric zero point too
     scale = weight.scale.astype(np.float64)
     limit = np.abs(bias.astype(np.float64)) / (input_scale * float(2**31 - 1) * 0.5)
     limit = limit.reshape(scale.shape) if limit.size == scale.size else np.full(scale.shape, limit.max())
@@ -243,4 +243,10 @@ def fit_bias_in_int32(weight: ConstantQuant, bias: np.ndarray, input_scale: floa
         return weight
     raised = np.maximum(scale, limit)
     notes.append(f"{weight.tensor}: {int(np.sum(raised > scale))} channel scale(s) raised so the int32 bias fits")
-    return replace(weight, scale=raised.astype(np.float32))
+    zero_point = weight.zero_point
+    if not weight.symmetric:
+        qtype = QTYPES[weight.qtype]
+        qmin, qmax = quant_bounds(qtype, False, weight.reduce_range)
+        lowest = (qmin - weight.zero_point.astype(np.float64)) * scale  # <= 0: the range's low end
+        zero_point = np.clip(np.rint(qmin - lowest / raised), qmin, qmax).astype(qtype.numpy)
+    return replace(weight, scale=raised.astype(np.float32), zero_point=zero_point)
