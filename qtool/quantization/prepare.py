@@ -16,6 +16,26 @@ from onnx import ModelProto, numpy_helper
 from qtool.io.model import GraphIndex, PROTOBUF_LIMIT, opset_version, proto_size
 
 
+def initializer_inputs_to_constants(model: ModelProto) -> int:
+    """Drop graph inputs that have an initializer: they are defaults, not data.
+
+    IR < 4 requires every initializer to be a graph input, and exporters with
+    keep_initializers_as_inputs list them too. Left in, a folded BatchNorm's
+    removed initializer turns its input into a required feed; so the IR version
+    is raised to 4, where initializers stand on their own.
+    """
+    graph = model.graph
+    initializers = {init.name for init in graph.initializer}
+    kept = [value for value in graph.input if value.name not in initializers]
+    dropped = len(graph.input) - len(kept)
+    if dropped:
+        del graph.input[:]
+        graph.input.extend(kept)
+    if model.ir_version < 4:
+        model.ir_version = 4
+    return dropped
+
+
 def constants_to_initializers(model: ModelProto) -> int:
     """Turn `Constant` nodes holding a tensor into initializers."""
     graph = model.graph
@@ -306,6 +326,9 @@ def div_by_constant_to_mul(model: ModelProto) -> int:
 def prepare_model(model: ModelProto) -> tuple[ModelProto, list[str]]:
     """Run every preparation pass; returns the model and what was done."""
     notes = []
+    defaults = initializer_inputs_to_constants(model)
+    if defaults:
+        notes.append(f"{defaults} graph inputs with an initializer treated as constants (defaults, not data)")
     named = name_nodes(model)
     if named:
         notes.append(f"{named} unnamed nodes given names")
