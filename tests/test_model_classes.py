@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import ROOT, save_npy_folder, shared_model
+from conftest import ROOT, make_model, save_npy_folder, shared_model
 from qtool import api
 from qtool.recipe.load import load_recipe
 
@@ -75,3 +75,65 @@ def test_centerface_weights_listed_as_inputs_quantize():
     assert result.report["plan"]["quantized_by_op"]["Conv"] == 60
     assert result.report["kernels"]["integer_ops"]["QLinearConv"] >= 55
     assert all(output["cosine"] > 0.85 for output in result.report["validation"]["outputs"].values())
+
+
+# --- MatMul with a constant weight that is not 2-D, producing a graph output -------------------
+
+# x shape (after the batch), weight shape, y shape: per-head [H, K, N], batched [1, H, K, N], vector [K]
+MATMUL_WEIGHTS = {"3-D": ((2, 4, 8), (2, 8, 5), (2, 4, 5)), "4-D": ((2, 4, 8), (1, 2, 8, 5), (2, 4, 5)),
+                  "1-D": ((8,), (8,), ())}
+
+
+def matmul_head(rank: str) -> onnx.ModelProto:
+    x_shape, w_shape, y_shape = MATMUL_WEIGHTS[rank]
+    return make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="head")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", *x_shape])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", *y_shape])],
+        {"w": RNG.normal(size=w_shape).astype(np.float32)},
+    )
+
+
+def quantize_model(tmp_path, model, recipe, samples):
+    path = tmp_path / "model.onnx"
+    onnx.save(model, path)
+    data = save_npy_folder(tmp_path / "data", samples)
+    return api.quantize(path, data, load_recipe(recipe))
+
+
+@pytest.mark.parametrize("rank", MATMUL_WEIGHTS)
+def test_matmul_weight_that_is_not_2d_is_quantized_per_tensor(tmp_path, rank):
+    """ORT's MatMulIntegerToFloat refuses per-channel scales on such a weight (exit 3 before)."""
+    model = matmul_head(rank)
+    x_shape = MATMUL_WEIGHTS[rank][0]
+    result = quantize_model(tmp_path, model, INT8, RNG.normal(size=(8, 1, *x_shape)))
+    weight_dq = next(node for node in result.model.graph.node
+                     if node.op_type == "DequantizeLinear" and node.output[0].startswith("w"))
+    assert not any(attr.name == "axis" for attr in weight_dq.attribute)  # per_tensor
+    assert any(f"w: MatMul weight is {rank}, quantized per_tensor" in note for note in result.report["plan"]["notes"])
+    assert result.report["kernels"]["integer_ops"] == {"MatMulIntegerToFloat": 1}
+    x = RNG.normal(size=(3, *x_shape)).astype(np.float32)
+    expected, got = run_both(model, result.model, {"x": x})
+    assert cosine(expected, got) > 0.999
+
+
+def test_matmul_2d_weight_keeps_per_channel_on_its_output_axis(tmp_path):
+    model = make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="head")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 5])],
+        {"w": RNG.normal(size=(8, 5)).astype(np.float32)},
+    )
+    result = quantize_model(tmp_path, model, INT8, RNG.normal(size=(8, 1, 8)))
+    weight_dq = next(node for node in result.model.graph.node
+                     if node.op_type == "DequantizeLinear" and node.output[0].startswith("w"))
+    assert [attr.i for attr in weight_dq.attribute if attr.name == "axis"] == [1]
+
+
+@pytest.mark.parametrize("rank", ["3-D", "1-D"])
+def test_weight_only_names_a_weight_that_is_not_2d(tmp_path, rank):
+    model = matmul_head(rank)
+    result = quantize_model(tmp_path, model, ROOT / "configs" / "w4-matmul.yaml",
+                            RNG.normal(size=(8, 1, *MATMUL_WEIGHTS[rank][0])))
+    (node,) = result.report["plan"]["nodes"]
+    assert node["reason"] == f"weight_only matmulnbits: weight is not 2-D ({rank})"

@@ -171,14 +171,17 @@ def subgraph_reads(node) -> set[str]:
 
 
 def _weight_only_decision(node, recipe: Recipe, index: GraphIndex, types: dict) -> NodeDecision | None:
+    """None for a node weight_only does not take and static quantization still may."""
     spec = recipe.quantization.weight_only
     if spec is None or node.op_type not in spec.op_types or len(node.input) < 2:
         return None
     weight = node.input[1]
-    if weight not in index.initializers or types.get(weight) != TensorProto.FLOAT:
-        return None
-    if len(index.initializers[weight].dims) != 2:
-        return None
+    why = ("weight is not a constant" if weight not in index.initializers
+           else "weight is not float32" if types.get(weight) != TensorProto.FLOAT
+           else f"weight is not 2-D ({len(index.initializers[weight].dims)}-D)"
+           if len(index.initializers[weight].dims) != 2 else None)
+    if why is not None:
+        return None if recipe.quantization.static else _float_decision(node, f"weight_only {spec.format}: {why}")
     return NodeDecision(node.name, node.op_type, True, f"weight_only {spec.format} (quantization.weight_only)",
                         (), 1, None, weight_only=spec.format)
 

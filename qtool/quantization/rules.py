@@ -26,6 +26,9 @@ class OpRule:
     # The weight axis summed over (input channels, K): where per_block blocks run.
     reduction_axis: int | Literal["gemm"] | None = None
     bias: int | None = None
+    # Weight ranks whose `weight_axis` is an output-channel axis ONNX Runtime's integer kernels
+    # take per-channel scales on; other ranks are quantized per_tensor (None: every rank).
+    channel_ranks: tuple[int, ...] | None = None
     output: OutputMode = "own"
     # Relu/Clip: the producer's output is left unquantized and this op's output
     # range stands for both, so ORT removes the activation inside the int kernel.
@@ -38,7 +41,9 @@ RULES: dict[str, OpRule] = {
     "Conv": OpRule(weight=1, weight_axis=0, reduction_axis=1, bias=2),
     "ConvTranspose": OpRule(weight=1, weight_axis=1, reduction_axis=0, bias=2),
     "Gemm": OpRule(weight=1, weight_axis="gemm", reduction_axis="gemm", bias=2),
-    "MatMul": OpRule(weight=1, weight_axis=-1, reduction_axis=-2),
+    # A 1-D weight [K] has no output axis; a batched [..., K, N] one fails in MatMulIntegerToFloat
+    # ("b zero point is not valid") and never fuses into QLinearMatMul per channel.
+    "MatMul": OpRule(weight=1, weight_axis=-1, reduction_axis=-2, channel_ranks=(2,)),
     "Add": OpRule(activations=ALL),
     "Mul": OpRule(activations=ALL),
     "Relu": OpRule(activations=(), fuses_into_producer=True),

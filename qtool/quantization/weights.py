@@ -68,11 +68,15 @@ def _gemm_trans_b(node) -> bool:
     return bool(next((a.i for a in node.attribute if a.name == "transB"), 0))
 
 
-def weight_axes(node, rule: OpRule, weight: np.ndarray) -> tuple[int, int]:
-    """(output-channel axis, reduction axis) of a weight; Gemm's depend on transB."""
+def weight_axes(node, rule: OpRule, weight: np.ndarray) -> tuple[int | None, int]:
+    """(output-channel axis, reduction axis) of a weight; Gemm's depend on transB. The channel
+    axis is None for a rank the rule gives no per-channel axis (per_tensor then)."""
     if rule.weight_axis == "gemm":
         return (0, 1) if _gemm_trans_b(node) else (1, 0)
-    return int(rule.weight_axis) % weight.ndim, int(rule.reduction_axis) % weight.ndim
+    channel = int(rule.weight_axis) % weight.ndim
+    if rule.channel_ranks is not None and weight.ndim not in rule.channel_ranks:
+        channel = None
+    return channel, int(rule.reduction_axis) % weight.ndim
 
 
 def weight_quant(node, rule: OpRule, name: str, array: np.ndarray, spec: WeightSpec,
@@ -149,6 +153,10 @@ def quantize_constants(graph_nodes, decisions, index: GraphIndex, activations: d
             if name not in constants and finite(name, array, notes):
                 constants[name] = weight_quant(node, rule, name, array, w_spec, reduce_range and eight_bit)
                 readers[name] = node
+                if w_spec.granularity == "per_channel" and constants[name].axis is None:
+                    notes.append(f"{name}: {node.op_type} weight is {array.ndim}-D, quantized per_tensor "
+                                 f"(ONNX Runtime's integer kernels take per-channel scales only for "
+                                 f"{' or '.join(f'{r}-D' for r in rule.channel_ranks)} weights)")
         for i in decision.activation_inputs:
             name = node.input[i]
             if name in index.initializers and name not in constants:

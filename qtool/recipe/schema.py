@@ -117,7 +117,8 @@ class WeightSpec(_Strict):
     symmetric: bool = Field(True, description="Zero point fixed at 0 (signed types) or the middle (unsigned).")
     granularity: Granularity = Field(
         "per_channel",
-        description="One scale per output channel, one per tensor, or one per `block_size` "
+        description="One scale per output channel (a MatMul weight that is not 2-D has none: per tensor), one "
+        "per tensor, or one per `block_size` "
         "run along the reduction axis (per_block: opset-21 blocked Q/DQ).",
     )
     block_size: BlockSize = Field(32, description="Elements per scale with granularity per_block.")
