@@ -54,12 +54,13 @@ class QuantizeResult:
 def prepare(model_path: Path, recipe: Recipe | None = None) -> tuple[ModelProto, list[str]]:
     """load → opset upgrade → graph clean-up → the opset the recipe's types need; returns
     the model and what was done."""
-    model = load_model(model_path)
+    repairs: list[str] = []
+    model = load_model(model_path, repairs=repairs)
     check_runnable(model, model_path)
     model, upgrade_note = upgrade_opset(model, model_path)
     model, notes = prepare_model(model)
     model, opset_note = ensure_opset(model, required_opset(recipe)) if recipe else (model, None)
-    return model, [note for note in [upgrade_note, *notes, opset_note] if note]
+    return model, [note for note in [*repairs, upgrade_note, *notes, opset_note] if note]
 
 
 def inspect(model_path: str | Path, recipe: Recipe | str | Path | None = None) -> inspection.Inspection:

@@ -137,3 +137,30 @@ def test_weight_only_names_a_weight_that_is_not_2d(tmp_path, rank):
                             RNG.normal(size=(8, 1, *MATMUL_WEIGHTS[rank][0])))
     (node,) = result.report["plan"]["nodes"]
     assert node["reason"] == f"weight_only matmulnbits: weight is not 2-D ({rank})"
+
+
+# --- models ONNX Runtime runs but onnx.checker refuses ----------------------------------------
+
+@pytest.mark.parametrize("missing", ["shape", "type"])
+def test_graph_output_without_shape_or_type_is_repaired_and_quantized(tmp_path, missing):
+    output = helper.make_tensor_value_info("y", TensorProto.FLOAT, None) if missing == "shape" \
+        else onnx.ValueInfoProto(name="y")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["c"], ["y"], name="relu")], "unchecked",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])], [output],
+        [numpy_helper.from_array(RNG.normal(size=(4, 3, 3, 3)).astype(np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    with pytest.raises(onnx.checker.ValidationError, match=f"Field '{missing}'"):
+        onnx.checker.check_model(model)
+    result = quantize_model(tmp_path, model, INT8, RNG.normal(size=(8, 1, 3, 8, 8)))
+    assert f"graph output 'y' had no {missing}: set from shape inference (onnx.checker requires it; " \
+           "ONNX Runtime does not)" in result.report["prepare"]
+    assert result.report["plan"]["quantized_by_op"] == {"Conv": 1, "Relu": 1}
+    (y,) = result.model.graph.output
+    assert [d.dim_param or d.dim_value for d in y.type.tensor_type.shape.dim] == ["N", 4, 8, 8]
+    onnx.checker.check_model(result.model)
+    x = RNG.normal(size=(2, 3, 8, 8)).astype(np.float32)
+    expected, got = run_both(model, result.model, {"x": x})
+    assert cosine(expected, got) > 0.999

@@ -58,8 +58,13 @@ def read_header(path: Path) -> ModelProto:
     return model
 
 
-def load_model(path: str | Path, *, allow_quantized: bool = False) -> ModelProto:
-    """Load a float model, with external data, refusing unsafe ones and (unless allowed) quantized ones."""
+def load_model(path: str | Path, *, allow_quantized: bool = False, repairs: list[str] | None = None) -> ModelProto:
+    """Load a float model, with external data, refusing unsafe ones and (unless allowed) quantized ones.
+
+    Graph inputs and outputs declared without a type or shape (which ONNX Runtime runs but
+    onnx.checker refuses) get them from shape inference, on this copy; `repairs` collects
+    what was filled in.
+    """
     path = Path(path)
     model = read_header(path)
     check_external_data(model, path)
@@ -68,6 +73,9 @@ def load_model(path: str | Path, *, allow_quantized: bool = False) -> ModelProto
     except (OSError, ValueError) as exc:
         raise ModelError(f"{path}: cannot read external data: {exc}") from None
     check_text(model, path)
+    filled = repair_graph_types(model)
+    if repairs is not None:
+        repairs.extend(filled)
     check_model(model, path)
     if not allow_quantized:
         refuse_quantized(model, path)
@@ -141,6 +149,38 @@ def check_model(model: ModelProto, path: Path) -> None:
             onnx.checker.check_model(str(path))
     except Exception as exc:  # ValidationError, and decode errors from strings that are not UTF-8
         raise ModelError(f"{path}: not a valid ONNX model: {reason(exc)}") from None
+
+
+def repair_graph_types(model: ModelProto) -> list[str]:
+    """Fill in, from shape inference, the type or shape a graph input or output lacks; say what was filled.
+
+    onnx.checker requires both on the graph's interface, exporters sometimes leave
+    them out, and ONNX Runtime does not need them. Past protobuf's 2 GB nothing is
+    repaired (the checker reads those models from their file).
+    """
+    values = list(model.graph.input) + list(model.graph.output)
+    lacking = [v for v in values if not (v.type.HasField("tensor_type") and v.type.tensor_type.elem_type
+                                         and v.type.tensor_type.HasField("shape"))
+               and v.type.WhichOneof("value") in (None, "tensor_type")]
+    if not lacking or proto_size(model) >= PROTOBUF_LIMIT:
+        return []
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # inference is an aid: the checker then names what is missing
+        return []
+    known = {v.name: v.type for v in list(inferred.graph.input) + list(inferred.graph.output)
+             + list(inferred.graph.value_info)}
+    inputs = {v.name for v in model.graph.input}
+    filled = []
+    for value in lacking:
+        found = known.get(value.name)
+        if found is None or not found.tensor_type.elem_type or not found.tensor_type.HasField("shape"):
+            continue
+        missing = "shape" if value.type.tensor_type.elem_type else "type"
+        value.type.CopyFrom(found)
+        filled.append(f"graph {'input' if value.name in inputs else 'output'} {value.name!r} had no {missing}: "
+                      "set from shape inference (onnx.checker requires it; ONNX Runtime does not)")
+    return filled
 
 
 def refuse_quantized(model: ModelProto, path: Path) -> None:
