@@ -30,6 +30,7 @@ from qtool.numerics import QTYPES
 from qtool.quantization.plan import build_plan, required_opset, select_tensors
 from qtool.quantization.prepare import prepare_model
 from qtool.quantization.qdq import apply_plan, ensure_opset
+from qtool.quantization.widen import widen_to_float32
 from qtool.recipe.load import load_recipe, parse_recipe
 from qtool.recipe.schema import Recipe, recipe_json_schema
 from qtool.reporting import document as reporting
@@ -56,11 +57,12 @@ def prepare(model_path: Path, recipe: Recipe | None = None) -> tuple[ModelProto,
     the model and what was done."""
     repairs: list[str] = []
     model = load_model(model_path, repairs=repairs)
+    widened = widen_to_float32(model)  # first: ONNX Runtime's CPU kernels barely know bfloat16
     check_runnable(model, model_path)
     model, upgrade_note = upgrade_opset(model, model_path)
     model, notes = prepare_model(model)
     model, opset_note = ensure_opset(model, required_opset(recipe)) if recipe else (model, None)
-    return model, [note for note in [*repairs, upgrade_note, *notes, opset_note] if note]
+    return model, [note for note in [*repairs, widened, upgrade_note, *notes, opset_note] if note]
 
 
 def inspect(model_path: str | Path, recipe: Recipe | str | Path | None = None) -> inspection.Inspection:
