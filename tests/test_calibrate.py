@@ -186,6 +186,7 @@ def test_table_without_a_needed_range_is_refused(sample, tmp_path):
      '"tensors": {"t": {"lo": 1, "hi": 0}}}', "tensors.t: lo 1 is above hi 0"),
     ('{"format": "qtool-calibration", "version": 1, "model": {"sha256": "0"}, '
      '"tensors": {"t": {"lo": "inf", "hi": 0}}}', "tensors.t.lo: expected a finite number"),
+    ('{"format": "qtool-calibration", "extra": ' + "[" * 100_000 + "]" * 100_000 + "}", "JSON nested too deeply"),
 ])
 def test_malformed_table_is_refused(tmp_path, content, message):
     table = tmp_path / "table.json"

@@ -225,6 +225,60 @@ def test_external_data_escaping_the_model_folder_is_refused(tmp_path, kind):
     assert not (tmp_path / "out").exists()
 
 
+def test_external_data_location_with_a_nul_byte_is_refused(tmp_path):
+    """Path calls raise ValueError on a NUL: it was exit 3 (quantize) and a crash in inspect."""
+    location = "weights.bin\0../../etc/passwd"
+    path = external_model(tmp_path / "m", location)
+    (tmp_path / "m" / "weights.bin").write_bytes(b"\0" * 256)
+    result = CliRunner().invoke(main, quantize_args(path, SAMPLE / "calib", tmp_path / "out"))
+    assert result.exit_code == 2
+    assert result.stderr == (f"Error: {path}: external data location {location!r} holds a NUL byte; "
+                             "only plain relative file names are allowed\n")
+    assert not (tmp_path / "out").exists()
+    facts = api.inspect(path)
+    assert [p.action for p in facts.problems] == ["refuse"] and "holds a NUL byte" in facts.problems[0].message
+
+
+def gather_model() -> onnx.ModelProto:
+    """ids int64 [N, 4] → Gather from a [10, 8] table → MatMul → Relu: ids must lie in [-10, 9]."""
+    rng = np.random.default_rng(0)
+    return make_model(
+        [helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+         helper.make_node("MatMul", ["e", "w"], ["m"], name="mm"), helper.make_node("Relu", ["m"], ["y"], name="relu")],
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8])],
+        {"table": rng.normal(size=(10, 8)).astype(np.float32), "w": rng.normal(size=(8, 8)).astype(np.float32)},
+    )
+
+
+@pytest.mark.parametrize("where", ["validation", "calibration", "compare"])
+def test_input_onnx_runtime_rejects_at_run_time_names_the_file(tmp_path, where):
+    """A Gather index out of range in the 6th of 8 files (one batch): exit 2 naming that file and ORT's
+    reason; validation and compare were exit 3 with a raw InvalidArgument."""
+    model = tmp_path / "model.onnx"
+    onnx.save(gather_model(), model)
+    rng = np.random.default_rng(1)
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    for folder in (good, bad):
+        folder.mkdir()
+        for i in range(8):
+            np.save(folder / f"{i:04d}.npy", rng.integers(0, 10, size=(1, 4)) + (40 if folder == bad and i == 5 else 0))
+    if where == "compare":
+        api.quantize(model, good, output_dir=tmp_path / "q")
+        args = ["compare", str(model), str(tmp_path / "q" / "model.onnx"), "--data", str(bad),
+                "--output", str(tmp_path / "out")]
+    else:
+        args = quantize_args(model, bad if where == "calibration" else good, tmp_path / "out",
+                             *(["--validation-data", str(bad)] if where == "validation" else []))
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    which = "the float model" if where == "calibration" else "the reference model"
+    (error,) = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+    assert error.startswith(f"Error: {bad / '0005.npy'}: ONNX Runtime failed to run {which} on this input: ")
+    assert "indices element out of data bounds, idx=4" in error
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_external_data_file(tmp_path):
     path = external_model(tmp_path / "m", "weights.bin")
     with pytest.raises(ModelError, match=r"external data file 'weights.bin' is missing"):

@@ -182,6 +182,9 @@ def external_files(model: ModelProto, path: Path) -> list[ExternalFile]:
     folder = path.parent.resolve()
     files = []
     for location in external_data_files(model):
+        if "\0" in location:  # refused by load_problems; no size to show
+            files.append(ExternalFile(location, None))
+            continue
         target = (folder / location).resolve()
         inside = target.is_relative_to(folder)
         files.append(ExternalFile(location, target.stat().st_size if inside and target.is_file() else None))

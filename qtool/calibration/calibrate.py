@@ -27,7 +27,7 @@ from qtool.errors import CalibrationError, DataError
 from qtool.io.data import DataFolder
 from qtool.numerics import QType
 from qtool.recipe.schema import CalibrationSpec
-from qtool.runtime.session import make_session, run, with_outputs
+from qtool.runtime.session import input_error, make_session, run, with_outputs
 
 Progress = Callable[[int, int | None], None]
 
@@ -191,8 +191,7 @@ def _run(execute: Callable[[dict], dict[str, np.ndarray]], run_: Run, data: Data
     try:
         return execute(feeds)
     except Exception as exc:  # ORT reports bad feeds as assorted exception types
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"{data.folder / files[0]}: ONNX Runtime refused this input: {message}") from None
+        raise input_error(exc, data, files, execute, "the float model") from None
 
 
 def _json_safe(value):
@@ -254,6 +253,8 @@ def load_table(path: str | Path) -> CalibrationTable:
         raise CalibrationError(f"{path}: cannot read calibration table: {exc.strerror or exc}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CalibrationError(f"{path}: not a calibration table (not valid JSON: {exc})") from None
+    except RecursionError:  # json nests by recursion: thousands of [ or { exhaust Python's stack
+        raise CalibrationError(f"{path}: not a calibration table (JSON nested too deeply)") from None
     if not isinstance(document, dict) or document.get("format") != TABLE_FORMAT:
         raise CalibrationError(f"{path}: not a calibration table (expected \"format\": \"{TABLE_FORMAT}\"); "
                                "write one with `qtool calibrate`")

@@ -10,7 +10,7 @@ from onnx import ModelProto
 
 from qtool.evaluation.metrics import is_classifier_output, top1
 from qtool.io.data import DataFolder
-from qtool.runtime.session import make_session, run
+from qtool.runtime.session import make_session, run_batch
 
 GATES = {
     # name: (figure it reads, True when larger is better)
@@ -143,8 +143,8 @@ def compare_models(
     labelled = samples = 0
     total = min(len(data.files), data.limit) if data.limit else len(data.files)
     for batch in data.batches(batch_size):
-        ref_out = run(ref_session, batch.feeds)
-        cand_out = run(cand_session, batch.feeds)
+        ref_out = run_batch(ref_session, batch.feeds, batch.files, data, "the reference model")
+        cand_out = run_batch(cand_session, batch.feeds, batch.files, data, "the candidate model")
         for name, ref in ref_out.items():
             stats.setdefault(name, OutputStats()).update(ref, cand_out[name])
         samples += len(batch.files)

@@ -106,6 +106,9 @@ def check_external_data(model: ModelProto, path: Path) -> None:
     """Every external-data file must resolve inside the model's folder."""
     folder = path.parent.resolve()
     for location in external_data_files(model):
+        if "\0" in location:  # no file name holds one; the OS calls would raise ValueError
+            raise ModelError(f"{path}: external data location {location!r} holds a NUL byte; "
+                             "only plain relative file names are allowed")
         target = (folder / location).resolve()
         if os.path.isabs(location) or ".." in Path(location).parts or not target.is_relative_to(folder):
             raise ModelError(

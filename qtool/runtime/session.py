@@ -6,14 +6,15 @@ import platform
 import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import ModelProto, TensorProto, external_data_helper, helper
 
-from qtool.errors import ModelError, reason
+from qtool.errors import DataError, ModelError, one_line, reason
+from qtool.io.data import DataFolder
 from qtool.io.model import PROTOBUF_LIMIT, proto_size
 
 # Ops ONNX Runtime runs with integer arithmetic once it has fused Q/DQ groups.
@@ -104,6 +105,35 @@ def check_runnable(model: ModelProto, path: Path) -> None:
 def run(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     names = [output.name for output in session.get_outputs()]
     return dict(zip(names, session.run(names, feeds)))
+
+
+def run_batch(session: ort.InferenceSession, feeds: dict[str, np.ndarray], files: Sequence[str], data: DataFolder,
+              model: str) -> dict[str, np.ndarray]:
+    """`run` on a batch of `data`'s files: ONNX Runtime failing on them is an input error (exit 2)."""
+    try:
+        return run(session, feeds)
+    except Exception as exc:  # ORT raises InvalidArgument, Fail, RuntimeException, ... per kernel
+        raise input_error(exc, data, files, lambda one: run(session, one), model) from None
+
+
+def input_error(exc: Exception, data: DataFolder, files: Sequence[str],
+                run_one: Callable[[dict[str, np.ndarray]], object], model: str) -> DataError:
+    """A DataError naming the first of `files` ONNX Runtime fails on by itself (each is rerun alone;
+    if none fails alone, the batch's first file) and ORT's reason, e.g. a Gather index out of range."""
+    wanted, culprit = set(files), None
+    for name, feeds in data.samples():
+        if name in wanted:
+            try:
+                run_one(feeds)
+            except Exception:  # the same failure, now pinned to one file
+                culprit = name
+                break
+            wanted.discard(name)
+            if not wanted:
+                break
+    where = data.folder / culprit if culprit else \
+        f"{data.folder / files[0]} (and the {len(set(files)) - 1} other files of its batch: alone each one runs)"
+    return DataError(f"{where}: ONNX Runtime failed to run {model} on this input: {one_line(str(exc)) or type(exc).__name__}")
 
 
 def optimized_op_histogram(model: ModelProto) -> Counter:
