@@ -35,7 +35,7 @@ def session_options(optimize: bool = True, threads: int | None = None, pooled: b
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
-    options.log_severity_level = 3  # errors only: warnings go nowhere near the terminal
+    options.log_severity_level = 4  # fatal only: ORT's errors come back as exceptions, said once by qtool
     if threads:
         options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
