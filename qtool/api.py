@@ -24,6 +24,7 @@ from qtool.evaluation.validation import (check_gates_are_measurable, extra_figur
                                          layers_and_latency, resolve_validation_data)
 from qtool.io.artifacts import check_output_path, write_artifacts, write_text_atomic
 from qtool.io.data import DataFolder, model_inputs, read_labels
+from qtool.io.feeds import open_data
 from qtool.io.model import (QUANTIZED_OP_TYPES, file_sha256, load_model, model_file_bytes, opset_version, proto_size,
                             read_header, save_model, upgrade_opset)
 from qtool.numerics import QTYPES
@@ -159,14 +160,14 @@ def calibrate(
     The table (JSON, `format: qtool-calibration`) is what `quantize(..., calibration=...)` reads
     instead of calibration data. It is written atomically; an existing file needs `overwrite`.
     """
-    model_path, data_dir = Path(model_path), Path(data_dir)
+    model_path = Path(model_path)
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     output = Path(output) if output is not None else None
     if output is not None:
         _check_table_output(output, model_path, overwrite)
     model, _ = prepare(model_path, recipe)
-    data = DataFolder(data_dir, model_inputs(model), recipe.calibration.samples,
-                      images=recipe.data.images if recipe.data else None)
+    data = open_data(data_dir, _inputs(model, model_path), recipe.calibration.samples,
+                     images=recipe.data.images if recipe.data else None)
     selection = select_tensors(model, recipe)
     act = recipe.quantization.activations
     table = calibrate_tensors(model, selection.calibration_tensors, data, recipe.calibration,
@@ -234,14 +235,14 @@ def quantize(
     output = Path(output_dir) if output_dir is not None else None
     if output is not None:
         check_output_path(output, model_path, overwrite,
-                          (data_dir, validation_data, labels, recipe.source, calibration))
+                          (_path_or_none(data_dir), validation_data, labels, recipe.source, calibration))
     tick = stage_progress(progress)
     loaded = load_table(calibration) if calibration is not None else None
 
     model, prepare_notes = prepare(model_path, recipe)
-    inputs = model_inputs(model)
-    calib_data = None if data_dir is None else DataFolder(
-        Path(data_dir), inputs, recipe.calibration.samples, images=recipe.data.images if recipe.data else None)
+    inputs = _inputs(model, model_path)
+    calib_data = None if data_dir is None else open_data(
+        data_dir, inputs, recipe.calibration.samples, images=recipe.data.images if recipe.data else None)
     eval_data, eval_labels, warnings = resolve_validation_data(recipe, calib_data, inputs, validation_data, labels)
     check_gates_are_measurable(recipe, eval_labels)
 
@@ -371,6 +372,19 @@ def compare(
         write_artifacts(output, overwrite, report_writers(report))
     write_ci_files(report, junit, step_summary)
     return CompareResult(report, results)
+
+
+def _inputs(model: ModelProto, model_path: Path):
+    """The model's inputs; a model without any has nothing for data to feed."""
+    inputs = model_inputs(model)
+    if not inputs:
+        raise ModelError(f"{model_path}: the model has no inputs (every value is computed inside it): "
+                         "there is nothing for calibration data to feed")
+    return inputs
+
+
+def _path_or_none(data) -> Path | None:
+    return Path(data) if isinstance(data, (str, Path)) else None
 
 
 def stage_progress(progress: Progress | None):

@@ -190,7 +190,7 @@ def test_decompression_bomb_limit_and_warning_are_errors(tmp_path, monkeypatch, 
 def test_npy_object_array_is_refused(tmp_path):
     np.save(tmp_path / "evil.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
     data = DataFolder(tmp_path, [InputSpec("x", F32, (None, 2))])
-    with pytest.raises(DataError, match=r"evil\.npy: not a readable \.npy file"):
+    with pytest.raises(DataError, match=r"evil\.npy: holds Python objects \(dtype object\), which qtool never loads"):
         list(data.samples())
 
 

@@ -39,7 +39,9 @@ def test_facts_of_a_tiny_model(tmp_path):
     path = tmp_path / "tiny.onnx"
     onnx.save(tiny_model(), str(path))
     facts = inspect_json(str(path))
-    assert facts["inputs"] == [{"name": "x", "dtype": "float32", "shape": ["batch", 3, 8, 8]}]
+    assert facts["inputs"] == [{"name": "x", "dtype": "float32", "shape": ["batch", 3, 8, 8],
+                                "batch_axis": {"axis": 0, "fixed": False,
+                                               "reason": "its first symbolic dimension ('batch')"}}]
     assert facts["outputs"][1] == {"name": "s", "dtype": "int64", "shape": [4]}
     assert (facts["opset"], facts["ir_version"]) == (13, 8)
     assert facts["family"] is None

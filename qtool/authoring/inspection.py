@@ -7,7 +7,7 @@ never raised: inspecting a model that cannot be quantized still answers.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +17,7 @@ from onnx import ModelProto, TensorProto, helper
 
 from qtool.authoring.conventions import find_convention
 from qtool.errors import ModelError
+from qtool.io.batching import BatchAxis, InputSpec, batch_axes
 from qtool.io.model import MIN_OPSET, check_external_data, external_data_files, opset_version, refuse_quantized
 from qtool.quantization.plan import NodeDecision
 
@@ -28,12 +29,18 @@ class TensorFacts:
     name: str
     dtype: str
     shape: tuple[int | str | None, ...] | None  # None: rank unknown
+    batch: BatchAxis | None = None  # inputs only: the axis samples are stacked along, and why
 
     def describe(self) -> str:
         if self.shape is None:
-            return f"{self.name}: {self.dtype} [rank unknown]"
-        dims = ", ".join("?" if dim is None else str(dim) for dim in self.shape)
-        return f"{self.name}: {self.dtype} [{dims}]"
+            text = f"{self.name}: {self.dtype} [rank unknown]"
+        else:
+            dims = ", ".join("?" if dim is None else str(dim) for dim in self.shape)
+            text = f"{self.name}: {self.dtype} [{dims}]"
+        if self.batch is not None:
+            where = "no batch axis" if self.batch.axis is None else f"batch axis {self.batch.axis}"
+            text += f"; {where} ({self.batch.reason})"
+        return text
 
 
 @dataclass(frozen=True)
@@ -129,8 +136,16 @@ class Inspection:
 
 
 def _tensor_dict(tensor: TensorFacts) -> dict[str, Any]:
-    return {"name": tensor.name, "dtype": tensor.dtype,
-            "shape": None if tensor.shape is None else list(tensor.shape)}
+    facts = {"name": tensor.name, "dtype": tensor.dtype,
+             "shape": None if tensor.shape is None else list(tensor.shape)}
+    if tensor.batch is not None:
+        facts["batch_axis"] = tensor.batch.as_dict()
+    return facts
+
+
+def _with_batch_axes(inputs: list[TensorFacts]) -> list[TensorFacts]:
+    axes = batch_axes([InputSpec(t.name, None, t.shape) for t in inputs])
+    return [replace(t, batch=axes[t.name]) for t in inputs]
 
 
 def load_problems(model: ModelProto, path: Path) -> list[Problem]:
@@ -209,7 +224,7 @@ def describe_model(model: ModelProto, path: Path, problems: list[Problem], *, pr
         opset_imports={entry.domain or "ai.onnx": entry.version for entry in model.opset_import},
         producer=" ".join(filter(None, (model.producer_name, model.producer_version))),
         family=_family(model),
-        inputs=[tensor_facts(v) for v in graph.input if v.name not in initializers],
+        inputs=_with_batch_axes([tensor_facts(v) for v in graph.input if v.name not in initializers]),
         outputs=[tensor_facts(v) for v in graph.output],
         op_types=dict(sorted(Counter(node.op_type for node in graph.node).items())),
         nodes=len(graph.node),

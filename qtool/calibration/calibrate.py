@@ -21,13 +21,15 @@ from typing import Callable, Iterator
 import numpy as np
 from onnx import ModelProto
 
+from qtool.calibration.batchable import batchable_copy
 from qtool.calibration.hessians import HessianObserver, Im2Col
 from qtool.calibration.worker_pool import ObserverPool, SharedOutputs, aligned, worker_count
-from qtool.errors import CalibrationError, DataError
-from qtool.io.data import DataFolder
+from qtool.errors import CalibrationError, DataError, ModelError, one_line
+from qtool.io.batching import per_run_limit
+from qtool.io.samples import Batch, DataSource
 from qtool.numerics import QType
 from qtool.recipe.schema import CalibrationSpec
-from qtool.runtime.session import input_error, make_session, run, with_outputs
+from qtool.runtime.session import make_session, run, with_outputs
 
 Progress = Callable[[int, int | None], None]
 
@@ -60,24 +62,30 @@ class CalibrationTable:
     provenance: dict = field(default_factory=dict)
     # E[x xᵀ] of weight inputs, by node, for gptq rounding: [groups, d, d]; never written to the file.
     hessians: dict[str, np.ndarray] = field(default_factory=dict)
+    # How samples were stacked into runs: per input its batch axis and why; notes on fallbacks.
+    batching: dict = field(default_factory=dict)
 
 
 def calibrate(
     model: ModelProto,
     tensors: list[str],
-    data: DataFolder,
+    data: DataSource,
     spec: CalibrationSpec,
     qtype: QType,
     symmetric: bool,
     progress: Progress | None = None,
     hessian_inputs: dict[str, tuple[str, Im2Col]] | None = None,
 ) -> CalibrationTable:
-    """Observe every named tensor over the data folder; return one range each.
+    """Observe every named tensor over the data; return one range each.
 
     `spec.overrides` choose another method (or percentile) per tensor: the first match wins.
     `hessian_inputs` (node -> its weight's input and geometry) adds E[x xᵀ] per node, in the same pass.
+    Runs hold up to `spec.batch_size` samples stacked along each input's batch axis; a model that
+    fixes its batch at 1 runs on a checked symbolic-batch copy, else one sample per run.
     """
-    total = min(len(data.files), spec.samples) if spec.samples else len(data.files)
+    model, data, note = batchable_copy(model, data)
+    notes = [note] if note else []
+    total = data.total  # None: not known before it is read (a generator)
     specs = {name: spec.for_tensor(name) for name in tensors}
     moments = {node: (tensor, HessianObserver(geometry)) for node, (tensor, geometry) in (hessian_inputs or {}).items()}
     exposed = list(dict.fromkeys([*tensors, *(tensor for tensor, _ in moments.values())]))
@@ -86,10 +94,10 @@ def calibrate(
     first = next(runs, None)
     if first is None:
         raise DataError(f"{data.folder}: no samples to calibrate with")
-    outputs = _run(partial(run, session), first, data)  # one sample, every tensor: their bytes per sample
+    (outputs, _), = _run(partial(run, session), first, data, notes)  # one sample, every tensor: bytes per sample
     sizes = {name: float(outputs[name].nbytes) for name in exposed}
     histograms = sum(sizes[name] for name in tensors if specs[name].method != "minmax")
-    workers = worker_count(spec.workers, histograms * total)
+    workers = worker_count(spec.workers, histograms * (total or spec.samples or 1))
     budget = MEMORY_BUDGET // 2 if workers else MEMORY_BUDGET
     groups = _groups(exposed, sizes, budget)
     passes = len(groups)
@@ -101,11 +109,11 @@ def calibrate(
     try:
         with ObserverPool(observed, sizes, workers, pinned) as pool:
             if shared:
-                outputs = shared.adopt(outputs, first[1])  # for the workers
+                outputs = shared.adopt(outputs, first.feeds)  # for the workers
             _observe(pool, moments, outputs, shared)
             del outputs
             if progress:
-                progress(1, max(total, 1) * passes)
+                progress(1, max(total or 0, 1) * passes)
             for index, group in enumerate(groups):
                 if passes > 1 or workers:  # a session per group, one at a time; or one that suits workers
                     session = None
@@ -117,13 +125,14 @@ def calibrate(
                     shared.use(session)
                 execute = shared.run if shared else partial(run, session)
                 done = 1
-                for files, feeds in _split(runs, per_run):
-                    outputs = _run(execute, (files, feeds), data)
-                    _observe(pool, moments, outputs, shared)
-                    done += _count(feeds)
-                    del outputs, feeds  # nothing of this run survives into the next
+                for batch in _split(runs, per_run):
+                    for outputs, count in _run(execute, batch, data, notes):
+                        _observe(pool, moments, outputs, shared)
+                        done += count
+                        del outputs  # nothing of this run survives into the next
+                    del batch
                     if progress:  # with several passes: sample-passes, so the ETA holds
-                        progress(index * max(total, done) + done, max(total, done) * passes)
+                        progress(index * max(total or 0, done) + done, max(total or 0, done) * passes)
             found = pool.results()
     finally:
         if shared:
@@ -132,7 +141,9 @@ def calibrate(
     ranges = {name: TensorRange(float(found[name][0].lo), float(found[name][0].hi), specs[name].method, found[name][1])
               for name in tensors}
     hessians = {node: h for node, (_, observer) in moments.items() if (h := observer.result()) is not None}
-    return CalibrationTable(ranges, done, hessians=hessians)
+    most = min(per_run, spec.batch_size, per_run_limit(data.axes) or spec.batch_size)
+    batching = {"inputs": data.batching(), "samples_per_run": most, "notes": notes}
+    return CalibrationTable(ranges, done, hessians=hessians, batching=batching)
 
 
 def _observe(pool: ObserverPool, moments: dict, outputs: dict[str, np.ndarray], shared: SharedOutputs | None) -> None:
@@ -142,34 +153,25 @@ def _observe(pool: ObserverPool, moments: dict, outputs: dict[str, np.ndarray], 
             observer.update(outputs[tensor])
 
 
-Run = tuple[tuple[str, ...], dict[str, np.ndarray]]  # (files, feeds) of one ONNX Runtime run
-
-
-def _count(feeds: dict[str, np.ndarray]) -> int:
-    return int(next(iter(feeds.values())).shape[0])
-
-
-def _runs(data: DataFolder, batch_size: int) -> Iterator[Run]:
-    """The data folder's batches, the first sample on its own (it measures the tensors' size)."""
+def _runs(data: DataSource, batch_size: int) -> Iterator[Batch]:
+    """The data's batches, the first sample on its own (it measures the tensors' size)."""
     batches = data.batches(batch_size)
     for batch in batches:
-        yield from _split(iter([(batch.files, batch.feeds)]), 1, first_only=True)
+        yield from _split(iter([batch]), 1, first_only=True)
         break
-    for batch in batches:
-        yield batch.files, batch.feeds
+    yield from batches
 
 
-def _split(runs: Iterator[Run], step: int, first_only: bool = False) -> Iterator[Run]:
+def _split(runs: Iterator[Batch], step: int, first_only: bool = False) -> Iterator[Batch]:
     """Runs of at most `step` samples (the feeds are views, not copies); `first_only`: the first
     sample alone, then the rest unsplit."""
-    for files, feeds in runs:
-        count = _count(feeds)
-        if count <= step:
-            yield files, feeds
+    for batch in runs:
+        if batch.count <= step:
+            yield batch
             continue
-        starts = [0, 1, count] if first_only else [*range(0, count, step), count]
+        starts = [0, 1, batch.count] if first_only else [*range(0, batch.count, step), batch.count]
         for a, b in zip(starts[:-1], starts[1:]):
-            yield files[a:b], {key: value[a:b] for key, value in feeds.items()}
+            yield batch.part(a, b)
 
 
 def _groups(tensors: list[str], sizes: dict[str, float], budget: float) -> list[list[str]]:
@@ -186,12 +188,36 @@ def _groups(tensors: list[str], sizes: dict[str, float], budget: float) -> list[
     return groups
 
 
-def _run(execute: Callable[[dict], dict[str, np.ndarray]], run_: Run, data: DataFolder) -> dict[str, np.ndarray]:
-    files, feeds = run_
+# What ONNX Runtime says when it refuses feeds before running any node: the data's fault.
+FEED_ERRORS = ("invalid dimensions for input", "invalid rank for input", "unexpected input data type",
+               "missing input", "invalid input name", "invalid feed input name")
+
+
+def _run(execute: Callable[[dict], dict[str, np.ndarray]], batch: Batch, data: DataSource,
+         notes: list[str]) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+    """(outputs, samples) of one run; where ORT refuses a run of several samples, one run per sample
+    (batch_size is "up to N per run", never a reason to fail), noted once."""
     try:
-        return execute(feeds)
+        outputs = execute(batch.feeds)
     except Exception as exc:  # ORT reports bad feeds as assorted exception types
-        raise input_error(exc, data, files, execute, "the float model") from None
+        if batch.count == 1:
+            _raise_run_error(exc, data.where(batch.files[0]))
+        note = (f"ONNX Runtime refused runs of {batch.count} samples stacked along the batch axes "
+                f"({one_line(str(exc)) or type(exc).__name__}): some ran one sample per run")
+        if note.split(" samples", 1)[0] not in " ".join(notes):
+            notes.append(note)
+        for index in range(batch.count):
+            yield from _run(execute, batch.part(index, index + 1), data, notes)
+        return
+    yield outputs, batch.count
+
+
+def _raise_run_error(exc: Exception, where: str) -> None:
+    message = one_line(str(exc)) or type(exc).__name__
+    if any(marker in message.lower() for marker in FEED_ERRORS):
+        raise DataError(f"{where}: ONNX Runtime refused this input: {message}") from None
+    raise ModelError(f"ONNX Runtime failed running the model (on {where}, whose arrays fit the model's "
+                     f"declared inputs): {message}") from None
 
 
 def _json_safe(value):
@@ -205,7 +231,7 @@ def _json_safe(value):
     return value
 
 
-def table_document(table: CalibrationTable, *, model_path: Path, model_sha256: str, data: DataFolder,
+def table_document(table: CalibrationTable, *, model_path: Path, model_sha256: str, data: DataSource,
                    recipe: dict, qtool_version: str) -> dict:
     """The calibration table file's content: ranges plus what they were measured on."""
     return _json_safe({
@@ -216,6 +242,7 @@ def table_document(table: CalibrationTable, *, model_path: Path, model_sha256: s
         "data": {"path": str(data.folder), "listing_sha256": data.listing_hash()},
         "recipe": recipe,
         "samples": table.samples,
+        "batching": table.batching,
         "tensors": {
             name: {"lo": r.lo, "hi": r.hi, "method": r.method, "summary": r.summary}
             for name, r in sorted(table.ranges.items())
@@ -276,7 +303,9 @@ def load_table(path: str | Path) -> CalibrationTable:
         ranges[name] = TensorRange(lo, hi, str(entry.get("method", "")), summary)
     samples = document.get("samples")
     provenance = {key: document.get(key) for key in ("model", "data", "recipe", "qtool_version")}
-    return CalibrationTable(ranges, samples if isinstance(samples, int) else 0, {"file": str(path), **provenance})
+    batching = document.get("batching") if isinstance(document.get("batching"), dict) else {}
+    return CalibrationTable(ranges, samples if isinstance(samples, int) else 0, {"file": str(path), **provenance},
+                            batching=batching)
 
 
 def check_table(table: CalibrationTable, model_sha256: str, needed: list[str]) -> None:

@@ -13,7 +13,8 @@ import click
 from qtool import api
 from qtool.cli import terminal
 from qtool.cli.options import echo_json, output_options
-from qtool.errors import EXIT_GATE_FAILED
+from qtool.errors import EXIT_GATE_FAILED, UsageError
+from qtool.io.feeds import load_loader
 from qtool.reporting.document import render_json
 
 
@@ -21,7 +22,9 @@ from qtool.reporting.document import render_json
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), help="Recipe YAML (default: built-in int8).")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path),
-              help="Calibration data folder (not with --calibration).")
+              help="Calibration data: a folder, or one .npy/.npz file of stacked samples (not with --calibration).")
+@click.option("--data-loader", "data_loader", metavar="FILE.py:FUNCTION",
+              help="Calibration data from a Python function returning feed dicts (runs that file's code).")
 @click.option("--calibration", "calibration", type=click.Path(path_type=Path),
               help="Calibration table from `qtool calibrate` to take ranges from instead of --data; "
                    "validation data then comes from --validation-data or the recipe.")
@@ -37,8 +40,8 @@ from qtool.reporting.document import render_json
 @click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime intra-op threads for --bench.")
 @click.option("--junit", type=click.Path(path_type=Path), help="Write a JUnit XML file: one test case per gate.")
 @output_options
-def quantize(model: Path, recipe_path: Path | None, data_dir: Path | None, calibration: Path | None,
-             output_dir: Path, validation_data: Path | None, labels: Path | None, overwrite: bool,
+def quantize(model: Path, recipe_path: Path | None, data_dir: Path | None, data_loader: str | None,
+             calibration: Path | None, output_dir: Path, validation_data: Path | None, labels: Path | None, overwrite: bool,
              per_layer: bool, bench: bool, threads: int | None, junit: Path | None,
              quiet: bool, verbose: bool, as_json: bool) -> None:
     """Quantize MODEL to int8 QDQ, validate it against the float model, write a report.
@@ -54,7 +57,8 @@ def quantize(model: Path, recipe_path: Path | None, data_dir: Path | None, calib
           --validation-data eval/ --output out/int8
     """
     with terminal.StageProgress(terminal.make_console(stderr=True), quiet or as_json) as progress:
-        result = api.quantize(model, data_dir, recipe_path, output_dir, validation_data=validation_data,
+        result = api.quantize(model, _data(data_dir, data_loader), recipe_path, output_dir,
+                              validation_data=validation_data,
                               labels=labels, calibration=calibration, overwrite=overwrite, per_layer=per_layer,
                               bench=bench, threads=threads, junit=junit,
                               step_summary=os.environ.get("GITHUB_STEP_SUMMARY") or None, progress=progress)
@@ -64,6 +68,13 @@ def quantize(model: Path, recipe_path: Path | None, data_dir: Path | None, calib
         terminal.print_quantize_summary(terminal.make_console(), result.report, output_dir, verbose)
     hint = _tune_hint(model, recipe_path, data_dir, validation_data, labels) if data_dir and not quiet else None
     _exit_on_failed_gates(result, hint)
+
+
+def _data(data_dir: Path | None, data_loader: str | None):
+    """--data, or the function --data-loader names (its file is imported: user code runs)."""
+    if data_dir is not None and data_loader is not None:
+        raise UsageError("give --data or --data-loader, not both")
+    return load_loader(data_loader) if data_loader is not None else data_dir
 
 
 def _exit_on_failed_gates(result, hint: str | None = None) -> None:
@@ -93,15 +104,18 @@ def _tune_hint(model: Path, recipe_path: Path | None, data_dir: Path, validation
 
 @click.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path), help="Calibration data folder.")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path),
+              help="Calibration data: a folder, or one .npy/.npz file of stacked samples.")
+@click.option("--data-loader", "data_loader", metavar="FILE.py:FUNCTION",
+              help="Calibration data from a Python function returning feed dicts (runs that file's code).")
 @click.option("--recipe", "recipe_path", type=click.Path(path_type=Path),
               help="Recipe YAML: its calibration section and which tensors it quantizes (default: built-in int8).")
 @click.option("--output", "output_path", required=True, type=click.Path(path_type=Path),
               help="Calibration table file to write (JSON).")
 @click.option("--overwrite", is_flag=True, help="Replace the table file if it exists.")
 @output_options
-def calibrate(model: Path, data_dir: Path, recipe_path: Path | None, output_path: Path, overwrite: bool,
-              quiet: bool, verbose: bool, as_json: bool) -> None:
+def calibrate(model: Path, data_dir: Path | None, data_loader: str | None, recipe_path: Path | None,
+              output_path: Path, overwrite: bool, quiet: bool, verbose: bool, as_json: bool) -> None:
     """Measure a range for every tensor the recipe would quantize; write a calibration table.
 
     The table (JSON, versioned) holds per tensor its range, method and the
@@ -117,7 +131,10 @@ def calibrate(model: Path, data_dir: Path, recipe_path: Path | None, output_path
           --validation-data eval/ --output out/int8
     """
     with terminal.StageProgress(terminal.make_console(stderr=True), quiet or as_json) as progress:
-        result = api.calibrate(model, data_dir, recipe_path, output_path, overwrite=overwrite, progress=progress)
+        data = _data(data_dir, data_loader)
+        if data is None:
+            raise UsageError("calibration data is needed: --data DIR|FILE or --data-loader FILE.py:FUNCTION")
+        result = api.calibrate(model, data, recipe_path, output_path, overwrite=overwrite, progress=progress)
     if as_json:
         echo_json(result.document)
         return

@@ -141,7 +141,7 @@ def compare_models(
     stats: dict[str, OutputStats] = {}
     correct = {"reference": 0, "candidate": 0}
     labelled = samples = 0
-    total = min(len(data.files), data.limit) if data.limit else len(data.files)
+    total = data.total or 0
     for batch in data.batches(batch_size):
         ref_out = run_batch(ref_session, batch.feeds, batch.files, data, "the reference model")
         cand_out = run_batch(cand_session, batch.feeds, batch.files, data, "the candidate model")

@@ -88,7 +88,7 @@ def layer_errors(
     ref_session = make_session(with_outputs(reference, [m.float_tensor for m in matches]))
     cand_session = make_session(with_outputs(candidate, [m.quantized_tensor for m in matches]))
     stats = {m.float_tensor: OutputStats(classifier=False) for m in matches}
-    total = min(len(data.files), data.limit) if data.limit else len(data.files)
+    total = data.total or 0
     samples = 0
     for batch in data.batches(batch_size):
         ref_out, cand_out = run(ref_session, batch.feeds), run(cand_session, batch.feeds)

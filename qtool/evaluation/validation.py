@@ -29,7 +29,7 @@ def resolve_validation_data(
         raise UsageError("with --calibration no calibration data is read: give validation data with "
                          "--validation-data or the recipe's validation.data")
     else:
-        folder = DataFolder(calib_data.folder, inputs, spec.samples, images=recipe.data.images if recipe.data else None)
+        folder = calib_data.reopen(spec.samples)
         warnings.append("validation ran on the calibration data (no validation data given): "
                         "figures are optimistic")
     if labels_override:
@@ -41,7 +41,7 @@ def resolve_validation_data(
         if not labels_path.is_file():
             raise RecipeError(f"{recipe.source}: validation.labels: no such file {labels_path}")
     else:
-        labels_path = folder.folder / "labels.txt"
+        labels_path = Path(folder.folder) / "labels.txt"
     labels = read_labels(labels_path) if labels_path.is_file() else folder.class_labels
     return folder, labels, warnings
 

@@ -1,189 +1,139 @@
-"""Data folders become batches of model feeds, read in sorted order, never with pickle.
+"""Data files and folders become samples fitted to the model's inputs, read in sorted order, never with pickle.
 
-A `.npy` file holds one sample (or a batch along axis 0) of a single-input
-model; a `.npz` file holds one sample of each input, keyed by input name; an
-image (.png .jpg .jpeg .bmp) is one sample of a single-input model,
-preprocessed as the recipe's `data.images` says (qtool.io.images). One folder
-holds one kind: images or arrays, never both.
-
-A folder with no data files of its own but sub-folders of them is a
-class-folder layout (`DIR/<label>/*.png`): samples are named `<label>/<file>`
-and labelled by their folder: its name when every folder name is an integer,
-else its index among the sorted folder names.
+`--data` may name one file or a folder. A file: a `.npy` (a single-input model) or `.npz` (keyed
+by input name) holding one sample or many stacked along each input's batch axis. A folder holds
+one kind:
+- such files, or images (.png .jpg .jpeg .bmp) of a single-input model, preprocessed as the
+  recipe's `data.images` says (qtool.io.images);
+- ONNX test-data folders `test_data_set_*/input_N.pb` (TensorProto files), one sample each;
+- one folder per sample holding `<input_name>.npy` for every input;
+- class folders `DIR/<label>/*`: samples named `<label>/<file>` and labelled by their folder: its
+  name when every folder name is an integer, else its index among the sorted folder names.
+Samples are grouped into runs along each input's batch axis (qtool.io.batching).
 """
 
 from __future__ import annotations
 
 import hashlib
-import zipfile
-import zlib
-from dataclasses import dataclass
+import re
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
-from onnx import ModelProto, helper
 
 from qtool.errors import DataError
+from qtool.io.arrays import npz_shapes, read_npy, read_npz, read_pb, reason
+from qtool.io.batching import InputSpec
+from qtool.io.samples import Batch, DataSource, fit_to_input, model_inputs
 from qtool.io.images import IMAGE_SUFFIXES, image_size_for, preprocess_image
 from qtool.recipe.schema import ImageSpec
 
+__all__ = ["Batch", "DataFolder", "DataSource", "InputSpec", "fit_to_input", "model_inputs", "read_labels"]
+
 LABEL_FILES = ("labels.txt",)
-# What numpy and zipfile raise on a damaged or hostile file: bad headers, short data,
-# encrypted or oddly compressed members (RuntimeError, NotImplementedError, zlib.error),
-# and shapes declared too large to allocate (MemoryError).
-UNREADABLE = (ValueError, OSError, EOFError, RuntimeError, NotImplementedError, zlib.error, MemoryError)
+ARRAY_SUFFIXES = (".npy", ".npz")
+DATA_SUFFIXES = tuple(sorted((*ARRAY_SUFFIXES, *IMAGE_SUFFIXES)))
+TEST_DATA_SET = re.compile(r"test_data_set_\d+")
+PB_INPUT = re.compile(r"input_(\d+)\.pb")
 
 
-@dataclass(frozen=True)
-class InputSpec:
-    """What the model declares for one input; dims are ints, names or None."""
-
-    name: str
-    dtype: np.dtype
-    shape: tuple
-
-    def describe(self) -> str:
-        dims = ", ".join("?" if d is None else str(d) for d in self.shape)
-        return f"{self.name}: {self.dtype} [{dims}]"
-
-
-@dataclass(frozen=True)
-class Batch:
-    files: tuple[str, ...]  # one entry per sample
-    feeds: dict[str, np.ndarray]
-
-
-def model_inputs(model: ModelProto) -> list[InputSpec]:
-    initializers = {init.name for init in model.graph.initializer}
-    specs = []
-    for value in model.graph.input:
-        if value.name in initializers:
-            continue
-        tensor = value.type.tensor_type
-        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type))
-        dims = tuple(
-            d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-            for d in tensor.shape.dim
-        )
-        specs.append(InputSpec(value.name, dtype, dims))
-    return specs
-
-
-def _read_npy(path: Path, inputs: list[InputSpec]) -> dict[str, np.ndarray]:
-    if len(inputs) != 1:
-        names = ", ".join(spec.name for spec in inputs)
-        raise DataError(f"{path}: a .npy file feeds a single-input model; this model has "
-                        f"inputs {names}: use .npz files keyed by input name")
-    return {inputs[0].name: _safe_load(path)}
-
-
-def _read_npz(path: Path, inputs: list[InputSpec]) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {key: _checked_array(archive[key], path) for key in archive.files}
-    except DataError:
-        raise
-    except (*UNREADABLE, zipfile.BadZipFile, KeyError) as exc:
-        raise DataError(f"{path}: not a readable .npz file ({_reason(exc)})") from None
-    expected = {spec.name for spec in inputs}
-    if set(arrays) != expected:
-        raise DataError(f"{path}: keys {sorted(arrays)} do not match the model inputs {sorted(expected)}")
-    return arrays
-
-
-def _safe_load(path: Path) -> np.ndarray:
-    try:
-        array = np.load(path, allow_pickle=False)
-    except UNREADABLE as exc:
-        raise DataError(f"{path}: not a readable .npy file ({_reason(exc)})") from None
-    if not isinstance(array, np.ndarray):
-        raise DataError(f"{path}: expected one array in a .npy file")
-    return _checked_array(array, path)
-
-
-def _checked_array(array: np.ndarray, path: Path) -> np.ndarray:
-    if not isinstance(array, np.ndarray):  # an .npz member not named *.npy comes back as raw bytes
-        raise DataError(f"{path}: holds a member that is not a .npy array; allowed: arrays keyed by input name")
-    if array.dtype.kind not in "biuf":
-        raise DataError(f"{path}: arrays of dtype {array.dtype} are not allowed; use numbers")
-    return array
-
-
-def _reason(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
-Reader = Callable[[Path, list], dict]
-READERS: dict[str, Reader] = {".npy": _read_npy, ".npz": _read_npz}
-
-
-def fit_to_input(array: np.ndarray, spec: InputSpec, path: Path) -> np.ndarray:
-    """Add a missing batch axis and check rank, static dims and dtype against the model."""
-    if array.ndim == len(spec.shape) - 1:
-        array = array[np.newaxis]
-    if array.ndim != len(spec.shape):
-        raise DataError(f"{path}: array of shape {list(array.shape)} does not fit input {spec.describe()}")
-    for got, want in zip(array.shape[1:], spec.shape[1:]):
-        if isinstance(want, int) and want > 0 and got != want:
-            raise DataError(f"{path}: array of shape {list(array.shape)} does not fit input {spec.describe()}")
-    if array.dtype != spec.dtype:
-        if array.dtype.kind == "f" and spec.dtype.kind == "f" or array.dtype.kind in "biu" and spec.dtype.kind in "iu":
-            array = array.astype(spec.dtype)
-        else:
-            raise DataError(f"{path}: dtype {array.dtype} does not fit input {spec.describe()}")
-    return array
-
-
-DATA_SUFFIXES = tuple(sorted((*READERS, *IMAGE_SUFFIXES)))
+def file_digest(path: Path) -> bytes:
+    """sha256 of a file, read in chunks: memory does not grow with its size."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.digest()
 
 
 def _data_files(folder: Path) -> list[Path]:
     return sorted(path for path in folder.iterdir() if path.suffix.lower() in DATA_SUFFIXES and path.is_file())
 
 
-def _class_folders(folder: Path) -> tuple[list[Path], dict[str, int]]:
-    """`DIR/<label>/*`: the files of every non-hidden sub-folder, and each sample's label."""
-    subdirs = sorted((path for path in folder.iterdir() if path.is_dir() and not path.name.startswith(".")),
-                     key=lambda path: path.name)
-    subdirs = [path for path in subdirs if _data_files(path)]
-    numeric = all(path.name.isascii() and path.name.isdigit() for path in subdirs)
-    files, labels = [], {}
-    for index, subdir in enumerate(subdirs):
-        for path in _data_files(subdir):
-            files.append(path)
-            labels[f"{subdir.name}/{path.name}"] = int(subdir.name) if numeric else index
-    return files, labels
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted((path for path in folder.iterdir() if path.is_dir() and not path.name.startswith(".")),
+                  key=lambda path: path.name)
 
 
-class DataFolder:
-    """The data files of one folder (or of its class sub-folders), in sorted order, read lazily batch by batch."""
+class DataFolder(DataSource):
+    """The samples of one data file or folder (see the module's docstring), read lazily."""
 
     def __init__(self, folder: str | Path, inputs: list[InputSpec], limit: int | None = None,
                  *, images: ImageSpec | None = None):
+        super().__init__(inputs, limit)
         self.folder = Path(folder)
-        if not self.folder.is_dir():
-            raise DataError(f"{self.folder}: no such data folder")
-        self.inputs = inputs
-        self.limit = limit
-        self.files = _data_files(self.folder)
-        # Labels taken from class sub-folders; None for a flat folder (labels.txt is read elsewhere).
-        self.class_labels: dict[str, int] | None = None
-        if not self.files:
-            self.files, self.class_labels = _class_folders(self.folder)
-        if not self.files:
-            raise DataError(f"{self.folder}: no data files (nor class sub-folders of them); "
-                            f"allowed: {', '.join(DATA_SUFFIXES)}")
         self.images = images
         self.image_size: tuple[int, int] | None = None
-        if any(path.suffix.lower() in IMAGE_SUFFIXES for path in self.files):
+        # (sample name, files): a file, an ONNX test-data folder's input_N.pb or a folder's <input>.npy
+        self.entries: list[tuple[str, tuple[Path, ...]]] = []
+        if self.folder.is_file():
+            if self.folder.suffix.lower() not in ARRAY_SUFFIXES:
+                raise DataError(f"{self.folder}: a data file must be .npy or .npz "
+                                f"(or give a folder of samples); allowed: {', '.join(ARRAY_SUFFIXES)}")
+            self.entries = [("", (self.folder,))]
+            self.kind = "file"
+        elif not self.folder.is_dir():
+            raise DataError(f"{self.folder}: no such data folder or file")
+        else:
+            self._scan()
+        self.total = self._total()
+
+    def _scan(self) -> None:
+        files = _data_files(self.folder)
+        self.kind = "files"
+        if files:
+            self.entries = [(path.name, (path,)) for path in files]
+        else:
+            subdirs = _subfolders(self.folder)
+            self.entries = self._test_data_sets(subdirs) or self._sample_folders(subdirs) or self._classes(subdirs)
+        if not self.entries:
+            raise DataError(f"{self.folder}: no data files (nor test_data_set_*/input_N.pb, per-sample folders "
+                            f"of <input>.npy or class sub-folders); allowed: {', '.join(DATA_SUFFIXES)}")
+        if any(paths[0].suffix.lower() in IMAGE_SUFFIXES for _, paths in self.entries):
             self._check_images()
 
+    def _test_data_sets(self, subdirs: list[Path]) -> list:
+        sets = [path for path in subdirs if TEST_DATA_SET.fullmatch(path.name)]
+        if not sets:
+            return []
+        self.kind = "onnx test data"
+        entries = []
+        for subdir in sorted(sets, key=lambda path: int(path.name.rsplit("_", 1)[1])):
+            pbs = sorted((p for p in subdir.iterdir() if PB_INPUT.fullmatch(p.name)),
+                         key=lambda p: int(PB_INPUT.fullmatch(p.name).group(1)))
+            if pbs:
+                entries.append((subdir.name, tuple(pbs)))
+        return entries
+
+    def _sample_folders(self, subdirs: list[Path]) -> list:
+        names = {f"{spec.name}.npy" for spec in self.inputs}
+        entries = []
+        for subdir in subdirs:
+            found = {path.name for path in _data_files(subdir)}
+            if not found or not found <= names:
+                return []
+            entries.append((subdir.name, tuple(subdir / name for name in sorted(found))))
+        if entries:
+            self.kind = "sample folders"
+        return entries
+
+    def _classes(self, subdirs: list[Path]) -> list:
+        subdirs = [path for path in subdirs if _data_files(path)]
+        numeric = all(path.name.isascii() and path.name.isdigit() for path in subdirs)
+        entries, self.class_labels = [], {}
+        for index, subdir in enumerate(subdirs):
+            for path in _data_files(subdir):
+                name = f"{subdir.name}/{path.name}"
+                entries.append((name, (path,)))
+                self.class_labels[name] = int(subdir.name) if numeric else index
+        if not entries:
+            self.class_labels = None
+        self.kind = "class folders"
+        return entries
+
     def _check_images(self) -> None:
-        arrays = [path for path in self.files if path.suffix.lower() not in IMAGE_SUFFIXES]
+        arrays = [name for name, paths in self.entries if paths[0].suffix.lower() not in IMAGE_SUFFIXES]
         if arrays:
-            raise DataError(f"{self.folder}: mixes image files and array files ({self.name(arrays[0])}); "
+            raise DataError(f"{self.folder}: mixes image files and array files ({arrays[0]}); "
                             "keep one kind per folder")
         if self.images is None:
             raise DataError(f"{self.folder}: holds images; the recipe needs a data.images section "
@@ -193,69 +143,92 @@ class DataFolder:
             raise DataError(f"{self.folder}: image files feed a single-input model; this model has "
                             f"inputs {names}: use .npz files keyed by input name")
         spec = self.inputs[0]
-        if len(spec.shape) != 4:
+        if spec.shape is None or len(spec.shape) != 4:
             raise DataError(f"{self.folder}: image files feed a 4-D input ({self.images.layout}); "
                             f"the model has {spec.describe()}")
         self.image_size = image_size_for(self.images, spec.shape)
 
+    def _total(self) -> int | None:
+        if self.kind == "file":
+            shapes = npz_shapes(self.folder) if self.folder.suffix.lower() == ".npz" else {
+                spec.name: read_npy(self.folder).shape for spec in self.inputs[:1]}
+            counts = {self._stacked(spec, shapes[spec.name]) for spec in self.inputs if spec.name in shapes}
+            count = counts.pop() if len(counts) == 1 else None
+            return min(count, self.limit) if count and self.limit else count or self.limit
+        return min(len(self.entries), self.limit) if self.limit else len(self.entries)
+
+    def _stacked(self, spec: InputSpec, shape: tuple) -> int:
+        """How many samples an array of this shape holds for this input."""
+        axis = self.axes[spec.name].axis
+        if spec.shape is None:
+            return 1
+        if axis is not None:
+            return shape[axis] if len(shape) == len(spec.shape) else 1
+        return shape[0] if len(shape) == len(spec.shape) + 1 else 1
+
+    @property
+    def files(self) -> list[str]:
+        """Sample names (file names; per-sample folders' names)."""
+        return [name or self.folder.name for name, _ in self.entries]
+
     def name(self, path: Path) -> str:
-        """A sample's name: its file name, or `<label>/<file>` in a class-folder layout."""
+        """A file's name relative to the folder (`<label>/<file>` in a class-folder layout)."""
         return path.relative_to(self.folder).as_posix()
 
-    def _read(self, path: Path) -> dict[str, np.ndarray]:
-        if path.suffix.lower() in IMAGE_SUFFIXES:
-            return {self.inputs[0].name: preprocess_image(path, self.images, self.image_size)}
-        return READERS[path.suffix.lower()](path, self.inputs)
+    def where(self, name: str) -> str:
+        return str(self.folder / name) if name else str(self.folder)
+
+    def _raw(self):
+        for name, paths in self.entries:
+            where = str(paths[0]) if len(paths) == 1 else str(paths[0].parent)
+            yield name or self.folder.name, where, self._read(paths)
+
+    def _read(self, paths: tuple[Path, ...]) -> dict[str, np.ndarray]:
+        first = paths[0]
+        suffix = first.suffix.lower()
+        if suffix in IMAGE_SUFFIXES:
+            return {self.inputs[0].name: preprocess_image(first, self.images, self.image_size)}
+        if suffix == ".pb":
+            return self._read_pbs(paths)
+        if len(paths) > 1 or self.kind == "sample folders":
+            return {path.stem: read_npy(path) for path in paths}
+        if suffix == ".npz":
+            arrays = read_npz(first)
+            expected = {spec.name for spec in self.inputs}
+            if set(arrays) != expected:
+                raise DataError(f"{first}: keys {sorted(arrays)} do not match the model inputs {sorted(expected)}")
+            return arrays
+        if len(self.inputs) != 1:
+            names = ", ".join(spec.name for spec in self.inputs)
+            raise DataError(f"{first}: a .npy file feeds a single-input model; this model has "
+                            f"inputs {names}: use .npz files keyed by input name, or one folder per "
+                            "sample holding <input_name>.npy")
+        return {self.inputs[0].name: read_npy(first)}
+
+    def _read_pbs(self, paths: tuple[Path, ...]) -> dict[str, np.ndarray]:
+        tensors = [read_pb(path) for path in paths]
+        names = {spec.name for spec in self.inputs}
+        if all(name in names for name, _ in tensors):
+            return {name: array for name, array in tensors}
+        arrays = {}
+        for path, (_, array) in zip(paths, tensors):
+            index = int(PB_INPUT.fullmatch(path.name).group(1))
+            if index >= len(self.inputs):
+                raise DataError(f"{path}: the model has {len(self.inputs)} input(s); input_N.pb counts from 0")
+            arrays[self.inputs[index].name] = array
+        return arrays
 
     def listing_hash(self) -> str:
-        """sha256 over names and contents: which data a report's figures came from."""
+        """sha256 over names and contents (streamed): which data a report's figures came from."""
         digest = hashlib.sha256()
-        for path in self.files:
-            digest.update(self.name(path).encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+        for name, paths in self.entries:
+            for path in paths:
+                label = self.name(path) if path != self.folder else path.name
+                digest.update(label.encode() + b"\0" + file_digest(path))
         return digest.hexdigest()
 
-    def samples(self) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
-        """One (file name, feeds with a batch axis) per file, fitted to the model."""
-        seen = 0
-        for path in self.files:
-            if self.limit is not None and seen >= self.limit:
-                return
-            raw = self._read(path)
-            feeds = {spec.name: fit_to_input(raw[spec.name], spec, path) for spec in self.inputs}
-            counts = {array.shape[0] for array in feeds.values()}
-            if len(counts) != 1:
-                raise DataError(f"{path}: inputs disagree on the batch size: {sorted(counts)}")
-            count = counts.pop()
-            if self.limit is not None:
-                count = min(count, self.limit - seen)
-                feeds = {name: array[:count] for name, array in feeds.items()}
-            seen += count
-            yield self.name(path), feeds
-
-    def batches(self, batch_size: int) -> Iterator[Batch]:
-        """Samples grouped up to `batch_size`; a shape change starts a new batch."""
-        pending: list[tuple[str, dict]] = []
-
-        def flush() -> Batch:
-            files = tuple(name for name, feeds in pending
-                          for _ in range(next(iter(feeds.values())).shape[0]))
-            feeds = {spec.name: np.concatenate([f[spec.name] for _, f in pending]) for spec in self.inputs}
-            pending.clear()
-            return Batch(files, feeds)
-
-        count = 0
-        for name, feeds in self.samples():
-            shapes = {key: value.shape[1:] for key, value in feeds.items()}
-            if pending and shapes != {k: v.shape[1:] for k, v in pending[0][1].items()}:
-                yield flush()
-                count = 0
-            pending.append((name, feeds))
-            count += next(iter(feeds.values())).shape[0]
-            if count >= batch_size:
-                yield flush()
-                count = 0
-        if pending:
-            yield flush()
+    def reopen(self, limit: int | None) -> "DataFolder":
+        return DataFolder(self.folder, self.inputs, limit, images=self.images)
 
 
 def read_labels(path: Path) -> dict[str, int]:
@@ -264,7 +237,7 @@ def read_labels(path: Path) -> dict[str, int]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read labels: {_reason(exc)}") from None
+        raise DataError(f"{path}: cannot read labels: {reason(exc)}") from None
     for number, line in enumerate(lines, 1):
         text = line.split("#", 1)[0].strip()
         if not text:

@@ -42,13 +42,22 @@ def image_size_for(spec: ImageSpec, shape: tuple) -> tuple[int, int] | None:
     return None
 
 
+# Pillow's 16-bit grey modes: converting them to RGB clips every value above 255 (99.6 % of a
+# typical 16-bit image's pixels). They are scaled by their real range instead: 0..65535 to 0..255.
+SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+
+
 def decode_image(path: Path) -> Image.Image:
-    """Decode fully into an RGB image; malformed, truncated or too-large files are a DataError."""
+    """Decode fully into an RGB image, or a float image (mode F, 0..255) for a 16-bit grey one;
+    malformed, truncated or too-large files are a DataError."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path, formats=IMAGE_FORMATS) as image:
                 image.load()
+                if image.mode in SIXTEEN_BIT_MODES:
+                    pixels = np.asarray(image).astype(np.float32) * np.float32(255 / 65535)
+                    return Image.fromarray(pixels, mode="F")
                 return image.convert("RGB")
     except _DECODE_ERRORS as exc:
         raise DataError(f"{path}: not a readable image ({_reason(exc)})") from None
@@ -72,6 +81,10 @@ def preprocess_image(path: Path, spec: ImageSpec, size: tuple[int, int] | None) 
     if spec.crop == "center":
         image = _center_crop(image, size, path)
     pixels = np.asarray(image)  # H, W, C in RGB
+    if image.mode == "F":  # 16-bit grey, scaled to 0..255: grey in every channel, as RGB would have it
+        pixels = np.repeat(pixels[..., None], 3, axis=-1)
+        if spec.dtype == "uint8":
+            pixels = np.rint(pixels).astype(np.uint8)
     if spec.channels == "BGR":
         pixels = pixels[..., ::-1]
     if spec.dtype == "uint8":  # the recipe guarantees scale 1, mean 0, std 1

@@ -131,6 +131,8 @@ def _calibration_data(calib_data: DataFolder | None, table: CalibrationTable) ->
 
 def _calibration_section(recipe: Recipe, table: CalibrationTable) -> dict:
     section = {"method": recipe.calibration.method, "samples": table.samples, "tensors": len(table.ranges)}
+    if table.batching:  # per input its batch axis and why; how many samples a run held
+        section["batching"] = table.batching
     if table.provenance.get("file"):  # ranges read from `--calibration TABLE.json`
         made_with = ((table.provenance.get("recipe") or {}).get("resolved") or {}).get("calibration") or {}
         section.update(method=made_with.get("method", section["method"]), table=table.provenance["file"])

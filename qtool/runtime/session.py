@@ -14,7 +14,7 @@ import onnxruntime as ort
 from onnx import ModelProto, TensorProto, external_data_helper, helper
 
 from qtool.errors import DataError, ModelError, one_line, reason
-from qtool.io.data import DataFolder
+from qtool.io.samples import DataSource
 from qtool.io.model import PROTOBUF_LIMIT, proto_size
 
 # Ops ONNX Runtime runs with integer arithmetic once it has fused Q/DQ groups.
@@ -36,7 +36,7 @@ def session_options(optimize: bool = True, threads: int | None = None, pooled: b
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
-    options.log_severity_level = 3  # errors only: warnings go nowhere near the terminal
+    options.log_severity_level = 4  # fatal only: ORT's errors come back as exceptions, said once by qtool
     if threads:
         options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -107,7 +107,7 @@ def run(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str
     return dict(zip(names, session.run(names, feeds)))
 
 
-def run_batch(session: ort.InferenceSession, feeds: dict[str, np.ndarray], files: Sequence[str], data: DataFolder,
+def run_batch(session: ort.InferenceSession, feeds: dict[str, np.ndarray], files: Sequence[str], data: DataSource,
               model: str) -> dict[str, np.ndarray]:
     """`run` on a batch of `data`'s files: ONNX Runtime failing on them is an input error (exit 2)."""
     try:
@@ -116,7 +116,7 @@ def run_batch(session: ort.InferenceSession, feeds: dict[str, np.ndarray], files
         raise input_error(exc, data, files, lambda one: run(session, one), model) from None
 
 
-def input_error(exc: Exception, data: DataFolder, files: Sequence[str],
+def input_error(exc: Exception, data: DataSource, files: Sequence[str],
                 run_one: Callable[[dict[str, np.ndarray]], object], model: str) -> DataError:
     """A DataError naming the first of `files` ONNX Runtime fails on by itself (each is rerun alone;
     if none fails alone, the batch's first file) and ORT's reason, e.g. a Gather index out of range."""
@@ -131,8 +131,8 @@ def input_error(exc: Exception, data: DataFolder, files: Sequence[str],
             wanted.discard(name)
             if not wanted:
                 break
-    where = data.folder / culprit if culprit else \
-        f"{data.folder / files[0]} (and the {len(set(files)) - 1} other files of its batch: alone each one runs)"
+    where = data.where(culprit) if culprit else \
+        f"{data.where(files[0])} (and the {len(set(files)) - 1} other files of its batch: alone each one runs)"
     return DataError(f"{where}: ONNX Runtime failed to run {model} on this input: {one_line(str(exc)) or type(exc).__name__}")
 
 

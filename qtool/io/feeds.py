@@ -1,0 +1,177 @@
+"""Feeds from Python: an iterable of `{input_name: array}` dicts, an object with ONNX Runtime's
+`CalibrationDataReader` interface (`get_next()` until None), or a function returning either
+(`--data-loader file.py:function`, which runs that file's code).
+
+A list (or any iterable that can be iterated again) and a function are read afresh each pass; a
+one-shot iterator or reader is kept in memory as it is read (up to the sample limit), since
+calibration and validation may read the data more than once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+from qtool.errors import DataError, UsageError
+from qtool.io.batching import InputSpec
+from qtool.io.data import DataFolder
+from qtool.io.samples import DataSource
+from qtool.recipe.schema import ImageSpec
+
+
+@dataclass(frozen=True)
+class Loader:
+    """A user's function that returns feeds, loaded from `path` (`--data-loader path:function`)."""
+
+    path: Path
+    function: Callable[[], Any]
+    name: str
+
+    def __call__(self):
+        return self.function()
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.name}"
+
+
+def load_loader(spec: str) -> Loader:
+    """Import `path/to/file.py:function` (this runs the file's code) and return that function."""
+    path_text, _, name = str(spec).rpartition(":")
+    path = Path(path_text)
+    if not path_text or not name.isidentifier():
+        raise UsageError(f"--data-loader {spec}: expected path/to/file.py:function")
+    if not path.is_file() or path.suffix != ".py":
+        raise UsageError(f"--data-loader {spec}: {path} is not a Python file (.py)")
+    module_name = f"qtool_data_loader_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]}"
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as exc:  # the user's code: any exception is theirs to see, on one line
+        sys.modules.pop(module_name, None)
+        raise UsageError(f"--data-loader {spec}: importing {path} raised {type(exc).__name__}: {exc}") from None
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise UsageError(f"--data-loader {spec}: {path} has no function {name}")
+    return Loader(path, function, name)
+
+
+def open_data(data, inputs: list[InputSpec], limit: int | None, *, images: ImageSpec | None = None) -> DataSource:
+    """A data source for what `--data` or the Python API was given: a path, an iterable of feed dicts,
+    a CalibrationDataReader or a function returning one of those."""
+    if isinstance(data, DataSource):
+        return data.reopen(limit) if data.inputs == inputs else data.with_inputs(inputs).reopen(limit)
+    if isinstance(data, (str, Path)):
+        return DataFolder(data, inputs, limit, images=images)
+    if callable(data) or hasattr(data, "get_next") or isinstance(data, Iterable):
+        return FeedSource(data, inputs, limit)
+    raise UsageError(f"data: expected a folder, a .npy/.npz file, an iterable of {{input name: array}} dicts "
+                     f"or an object with get_next(); got {type(data).__name__}")
+
+
+class _Replay:
+    """A one-shot stream of feed dicts, remembered as read so that it can be read again."""
+
+    def __init__(self, stream: Iterator):
+        self.stream: Iterator | None = stream
+        self.seen: list = []
+
+    def __iter__(self):
+        index = 0
+        while True:
+            if index < len(self.seen):
+                yield self.seen[index]
+            elif self.stream is None:
+                return
+            else:
+                item = next(self.stream, None)
+                if item is None:
+                    self.stream = None
+                    return
+                self.seen.append(item)
+                yield item
+            index += 1
+
+
+def _length(data) -> int | None:
+    """len(data) where it has one (ORT's CalibrationDataReader raises NotImplementedError)."""
+    if callable(data) or not hasattr(data, "__len__"):
+        return None
+    try:
+        return len(data)
+    except (NotImplementedError, TypeError):
+        return None
+
+
+def _reader_items(reader) -> Iterator:
+    while (item := reader.get_next()) is not None:
+        yield item
+
+
+class FeedSource(DataSource):
+    """Feed dicts handed over from Python; samples are named `sample N`."""
+
+    def __init__(self, data, inputs: list[InputSpec], limit: int | None = None, *, _replay: _Replay | None = None):
+        super().__init__(inputs, limit)
+        self.data = data
+        self.folder = str(data) if isinstance(data, Loader) else f"<{type(data).__name__} from Python>"
+        self._replay = _replay
+        if _replay is None and not callable(data) and (hasattr(data, "get_next") or iter(data) is data):
+            self._replay = _Replay(_reader_items(data) if hasattr(data, "get_next") else iter(data))
+        size = _length(data)
+        self.total = min(size, limit) if size is not None and limit else size
+
+    def where(self, name: str) -> str:
+        return f"{self.folder} {name}"
+
+    def _items(self) -> Iterator:
+        if self._replay is not None:
+            return iter(self._replay)
+        source = self.data() if callable(self.data) else self.data
+        if hasattr(source, "get_next"):
+            return _reader_items(source)
+        if not isinstance(source, Iterable) or isinstance(source, (dict, str, bytes)):
+            raise DataError(f"{self.folder}: returned {type(source).__name__}; expected an iterable of "
+                            "{input name: array} dicts or an object with get_next()")
+        return iter(source)
+
+    def _raw(self):
+        items = self._items()
+        index = 0
+        while True:
+            try:
+                item = next(items, None)
+            except Exception as exc:  # the user's code raised while producing a sample
+                raise DataError(f"{self.folder}: producing sample {index} raised {type(exc).__name__}: {exc}") from None
+            if item is None:
+                return
+            name = f"sample {index}"
+            if not isinstance(item, dict):
+                raise DataError(f"{self.where(name)}: is a {type(item).__name__}; expected a dict "
+                                "{input name: array}")
+            extra = sorted(set(item) - {spec.name for spec in self.inputs})
+            if extra:
+                raise DataError(f"{self.where(name)}: keys {extra} are not model inputs "
+                                f"({', '.join(spec.name for spec in self.inputs)})")
+            yield name, self.where(name), item
+            index += 1
+
+    def listing_hash(self) -> str:
+        """sha256 over the samples read (input names, dtypes, shapes and bytes)."""
+        digest = hashlib.sha256()
+        for _, feeds in self.samples():
+            for name in sorted(feeds):
+                array = np.ascontiguousarray(feeds[name])
+                digest.update(f"{name}\0{array.dtype.str}\0{array.shape}\0".encode())
+                digest.update(array.tobytes())
+        return digest.hexdigest()
+
+    def reopen(self, limit: int | None) -> "FeedSource":
+        return FeedSource(self.data, self.inputs, limit, _replay=self._replay)
