@@ -94,7 +94,8 @@ def calibrate(
     first = next(runs, None)
     if first is None:
         raise DataError(f"{data.folder}: no samples to calibrate with")
-    (outputs, _), = _run(partial(run, session), first, data, notes)  # one sample, every tensor: bytes per sample
+    # one sample, every tensor: bytes per sample
+    (outputs, _), = _run(partial(run, session), first, data, notes, proven=False)
     sizes = {name: float(outputs[name].nbytes) for name in exposed}
     histograms = sum(sizes[name] for name in tensors if specs[name].method != "minmax")
     workers = worker_count(spec.workers, histograms * (total or spec.samples or 1))
@@ -194,28 +195,33 @@ FEED_ERRORS = ("invalid dimensions for input", "invalid rank for input", "unexpe
 
 
 def _run(execute: Callable[[dict], dict[str, np.ndarray]], batch: Batch, data: DataSource,
-         notes: list[str]) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+         notes: list[str], proven: bool = True) -> Iterator[tuple[dict[str, np.ndarray], int]]:
     """(outputs, samples) of one run; where ORT refuses a run of several samples, one run per sample
-    (batch_size is "up to N per run", never a reason to fail), noted once."""
+    (batch_size is "up to N per run", never a reason to fail), noted once. `proven`: the model has
+    already run on another sample, so a failure on this one is this sample's."""
     try:
         outputs = execute(batch.feeds)
     except Exception as exc:  # ORT reports bad feeds as assorted exception types
         if batch.count == 1:
-            _raise_run_error(exc, data.where(batch.files[0]))
+            _raise_run_error(exc, data.where(batch.files[0]), proven)
         note = (f"ONNX Runtime refused runs of {batch.count} samples stacked along the batch axes "
                 f"({one_line(str(exc)) or type(exc).__name__}): some ran one sample per run")
         if note.split(" samples", 1)[0] not in " ".join(notes):
             notes.append(note)
         for index in range(batch.count):
-            yield from _run(execute, batch.part(index, index + 1), data, notes)
+            yield from _run(execute, batch.part(index, index + 1), data, notes, proven)
         return
     yield outputs, batch.count
 
 
-def _raise_run_error(exc: Exception, where: str) -> None:
+def _raise_run_error(exc: Exception, where: str, proven: bool) -> None:
+    """Feeds ORT refuses, or a failure inside the model on one sample after others ran (e.g. a Gather
+    index out of range), are the data's fault; a failure on the first sample is the model's."""
     message = one_line(str(exc)) or type(exc).__name__
     if any(marker in message.lower() for marker in FEED_ERRORS):
         raise DataError(f"{where}: ONNX Runtime refused this input: {message}") from None
+    if proven:
+        raise DataError(f"{where}: ONNX Runtime failed to run the float model on this input: {message}") from None
     raise ModelError(f"ONNX Runtime failed running the model (on {where}, whose arrays fit the model's "
                      f"declared inputs): {message}") from None
 
