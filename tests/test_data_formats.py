@@ -13,6 +13,7 @@ from onnxruntime.quantization import CalibrationDataReader
 
 from conftest import ROOT, matmul_chain, save_npy_folder
 from qtool import api
+from qtool.io.data import DataFolder, InputSpec
 
 SAMPLES = np.random.default_rng(7).standard_t(3, size=(10, 8)).astype(np.float32)
 RECIPE = "version: 1\ncalibration: {method: percentile, percentile: 99.9, batch_size: 4}\n"
@@ -93,6 +94,15 @@ def _without_drift(tensors: dict) -> dict:
     return {name: {**entry, "summary": {key: value for key, value in entry["summary"].items()
                                         if not key.startswith("range_drift")}}
             for name, entry in tensors.items()}
+
+
+def test_a_stacked_file_is_named_as_it_is_in_messages(tmp_path):
+    """Five samples in one file: each named by the file, which messages name as it is."""
+    np.save(tmp_path / "calib.npy", np.ones((5, 3), np.float32))
+    data = DataFolder(tmp_path / "calib.npy", [InputSpec("x", np.dtype(np.float32), ("N", 3))])
+    assert data.total == 5 and data.files == ["calib.npy"]
+    assert data.where(data.files[0]) == str(tmp_path / "calib.npy")
+    assert [batch.files for batch in data.batches(4)] == [("calib.npy",) * 4, ("calib.npy",)]
 
 
 def test_data_loader_gives_the_same_table(reference, tmp_path):

@@ -176,7 +176,7 @@ class DataFolder(DataSource):
         return path.relative_to(self.folder).as_posix()
 
     def where(self, name: str) -> str:
-        return str(self.folder / name) if name else str(self.folder)
+        return str(self.folder / name) if name and self.kind != "file" else str(self.folder)
 
     def _raw(self):
         for name, paths in self.entries:

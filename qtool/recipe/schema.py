@@ -61,10 +61,11 @@ class CalibrationSpec(_Strict):
         2048, description="Histogram bins for percentile, entropy and mse."
     )
     samples: Annotated[int, Field(ge=1)] | None = Field(
-        None, description="Use at most this many samples (default: all files)."
+        None, description="Use at most this many samples (default: all); only these are read from the files."
     )
     batch_size: Annotated[int, Field(ge=1, le=4096)] = Field(
-        8, description="Samples per ONNX Runtime run."
+        8, description="Up to this many samples per ONNX Runtime run, stacked along each input's batch axis "
+        "(read from the model); fewer where the model fixes its batch at 1 or inputs differ, never a reason to fail."
     )
     workers: int | Literal["auto"] = Field(
         0,
