@@ -6,12 +6,18 @@ calibration folder, then runs `qtool quantize` on it in a child process and
 prints wall time, the child's peak RSS, and the sizes in and out. Not part of
 the tests: it needs ~3 GB of disk and several GB of memory.
 
-    python bench/large_model.py [--width 8192] [--layers 9] [--samples 8] [--keep DIR]
+    python bench/large_model.py [--width 8192] [--layers 9] [--samples 8] [--keep DIR] [--limit-mb N]
+
+`--limit-mb` lowers qtool's protobuf limit in the child, so that a smaller model
+(e.g. --width 4096 --layers 6, 0.40 GB, with --limit-mb 16) takes every large-model
+path on a machine without the memory for the real one. It also prints the plan:
+a model quantized like its small twin has every MatMul and Relu quantized.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -22,6 +28,20 @@ from pathlib import Path
 
 import numpy as np
 from onnx import TensorProto, helper
+
+
+# The child: `python -m qtool ...` with every qtool module's PROTOBUF_LIMIT set to argv[1] MB (0: unchanged).
+CHILD = """
+import sys
+import qtool.api
+import qtool.cli.main
+limit = int(sys.argv[1]) << 20
+for name, module in list(sys.modules.items()):
+    if limit and name.startswith("qtool") and hasattr(module, "PROTOBUF_LIMIT"):
+        module.PROTOBUF_LIMIT = limit
+sys.argv = ["qtool", *sys.argv[2:]]
+qtool.cli.main.main()
+"""
 
 
 def write_model(folder: Path, width: int, layers: int) -> Path:
@@ -61,6 +81,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=9)
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--keep", type=Path, help="Work in this folder and keep it (default: a temp folder).")
+    parser.add_argument("--limit-mb", type=int, help="qtool's protobuf limit in MB (default: protobuf's 2 GB).")
     args = parser.parse_args()
 
     folder = args.keep or Path(tempfile.mkdtemp(prefix="qtool-large-"))
@@ -79,8 +100,8 @@ def main() -> None:
 
         output = folder / "out"
         started = time.perf_counter()
-        child = subprocess.Popen([sys.executable, "-m", "qtool", "quantize", str(model), "--data", str(data),
-                                  "--output", str(output), "--overwrite", "-q"])
+        command = ["quantize", str(model), "--data", str(data), "--output", str(output), "--overwrite", "-q"]
+        child = subprocess.Popen([sys.executable, "-c", CHILD, str(args.limit_mb or 0), *command])
         _, status, usage = os.wait4(child.pid, 0)
         seconds = time.perf_counter() - started
         code = os.waitstatus_to_exitcode(status)
@@ -88,6 +109,9 @@ def main() -> None:
         if code in (0, 1):
             out_files = {p.name: p.stat().st_size for p in output.iterdir()}
             print("output:", ", ".join(f"{name} {size / 1e6:.1f} MB" for name, size in sorted(out_files.items())))
+            plan = json.loads((output / "report.json").read_text())["plan"]
+            print(f"plan: {plan['nodes_quantized']} of {2 * args.layers} nodes quantized, "
+                  f"{plan['activations']} activations, float: {plan['float_by_reason'] or 'none'}")
         sys.exit(code)
     finally:
         if args.keep is None:

@@ -341,7 +341,10 @@ def compare(
     reference = load_model(reference_path, allow_quantized=True)
     if not any(node.op_type in QUANTIZED_OP_TYPES for node in reference.graph.node):
         reference, _ = prepare(reference_path)
+    else:
+        check_runnable(reference, reference_path)
     candidate = load_model(candidate_path, allow_quantized=True)
+    check_runnable(candidate, candidate_path)
     inputs = model_inputs(reference)
     candidate_inputs = {spec.name for spec in model_inputs(candidate)}
     if candidate_inputs != {spec.name for spec in inputs}:

@@ -17,14 +17,38 @@ from onnx import TensorProto
 
 from conftest import matmul_chain, save_npy_folder
 from qtool import api
+from qtool.quantization import prepare
+
+
+def lower_limit(monkeypatch) -> None:
+    for name, module in list(sys.modules.items()):
+        if name.startswith("qtool") and hasattr(module, "PROTOBUF_LIMIT"):
+            monkeypatch.setattr(module, "PROTOBUF_LIMIT", 16 << 10)
 
 
 @pytest.fixture
 def small_limit(monkeypatch):
     """Every qtool module that compares against PROTOBUF_LIMIT sees 16 KiB instead of 2 GiB."""
-    for name, module in list(sys.modules.items()):
-        if name.startswith("qtool") and hasattr(module, "PROTOBUF_LIMIT"):
-            monkeypatch.setattr(module, "PROTOBUF_LIMIT", 16 << 10)
+    lower_limit(monkeypatch)
+
+
+def test_large_model_is_quantized_exactly_like_its_small_twin(tmp_path, monkeypatch):
+    """Shape inference was skipped past the limit: intermediates had no type, every Relu stayed
+    float ("no float inputs to quantize") and 2 of 4 activations went unquantized."""
+    float_model = matmul_chain(64, 3)
+    onnx.save_model(float_model, str(tmp_path / "twin.onnx"))
+    (tmp_path / "large").mkdir()
+    onnx.save_model(float_model, str(tmp_path / "large" / "model.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
+    data = save_npy_folder(tmp_path / "data", [np.random.RandomState(1).randn(1, 64) for _ in range(8)])
+    twin = api.quantize(tmp_path / "twin.onnx", data)
+    lower_limit(monkeypatch)
+    monkeypatch.setattr(prepare, "SKELETON_BYTES", 1 << 10)  # shape inference sees weights by type and dims only
+    large = api.quantize(tmp_path / "large" / "model.onnx", data)
+    assert twin.report["plan"]["nodes_quantized"] == large.report["plan"]["nodes_quantized"] == 6
+    assert twin.report["plan"]["nodes"] == large.report["plan"]["nodes"]
+    assert twin.model.graph.node == large.model.graph.node
+    assert {t.name: t for t in twin.model.graph.initializer} == {t.name: t for t in large.model.graph.initializer}
 
 
 def test_external_data_model_through_the_large_model_path(tmp_path, small_limit):

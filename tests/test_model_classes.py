@@ -16,6 +16,13 @@ RNG = np.random.default_rng(0)
 INT8 = ROOT / "configs" / "int8.yaml"
 
 
+@pytest.fixture(autouse=True)
+def seeded():
+    """Each test draws the same weights and data whatever ran before it."""
+    global RNG
+    RNG = np.random.default_rng(0)
+
+
 def run_both(float_model: onnx.ModelProto, quantized: onnx.ModelProto, feeds: dict) -> tuple:
     expected = ort.InferenceSession(float_model.SerializeToString()).run(None, feeds)[0]
     got = ort.InferenceSession(quantized.SerializeToString()).run(None, feeds)[0]

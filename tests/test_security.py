@@ -279,6 +279,22 @@ def test_input_onnx_runtime_rejects_at_run_time_names_the_file(tmp_path, where):
     assert not (tmp_path / "out").exists()
 
 
+def test_compare_with_a_model_onnx_runtime_cannot_load_exits_2(tmp_path):
+    """A candidate with an op ORT does not know was exit 3 (ORT's Fail from the session)."""
+    reference, candidate = tmp_path / "reference.onnx", tmp_path / "candidate.onnx"
+    onnx.save(matmul_chain(), reference)
+    broken = matmul_chain()
+    broken.graph.node[1].domain = "custom.x"
+    broken.opset_import.append(helper.make_opsetid("custom.x", 1))
+    onnx.save(broken, candidate)
+    data = save_npy_folder(tmp_path / "data", np.random.default_rng(0).normal(size=(4, 1, 8)))
+    result = CliRunner().invoke(main, ["compare", str(reference), str(candidate), "--data", str(data),
+                                       "--output", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"Error: {candidate}: ONNX Runtime cannot load this model: ")
+    assert "custom.x:Relu(-1) is not a registered function/op" in result.stderr
+
+
 def test_missing_external_data_file(tmp_path):
     path = external_model(tmp_path / "m", "weights.bin")
     with pytest.raises(ModelError, match=r"external data file 'weights.bin' is missing"):

@@ -158,13 +158,54 @@ def _subgraph_inputs(graph: onnx.GraphProto) -> set[str]:
 
 
 def infer_shapes(model: ModelProto) -> ModelProto:
-    """ONNX shape inference, best effort: a model it cannot fully type still works."""
-    if proto_size(model) > PROTOBUF_LIMIT:
-        return model
+    """ONNX shape inference, best effort: a model it cannot fully type still works.
+
+    Past protobuf's 2 GB the model cannot be serialized for onnx: inference runs on
+    a skeleton whose large initializers keep their type and dims but no data (as
+    onnx's path-based inference sees external data), and the types found are
+    copied back, so a large model is planned exactly like its small twin.
+    """
+    large = proto_size(model) > PROTOBUF_LIMIT
     try:
-        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(_skeleton(model) if large else model, data_prop=True)
     except Exception:  # inference is an aid; ONNX Runtime gives the real verdict
         return model
+    if not large:
+        return inferred
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.graph.value_info)
+    return model
+
+
+SKELETON_BYTES = 1 << 20  # initializers from here on stand in by type and dims alone
+
+
+def _skeleton(model: ModelProto) -> ModelProto:
+    """A copy of the model whose large initializers hold no data (marked external instead)."""
+    skeleton = ModelProto()
+    _copy_fields(model, skeleton, skip="graph")
+    _copy_fields(model.graph, skeleton.graph, skip="initializer")
+    for tensor in model.graph.initializer:
+        if tensor.ByteSize() < SKELETON_BYTES:
+            skeleton.graph.initializer.append(tensor)
+            continue
+        stub = skeleton.graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+        stub.data_location = onnx.TensorProto.EXTERNAL
+        stub.external_data.add(key="location", value="skeleton.data")
+    return skeleton
+
+
+def _copy_fields(source, target, skip: str) -> None:
+    """Copy every set field of a protobuf message but `skip`."""
+    for field, value in source.ListFields():
+        if field.name == skip:
+            continue
+        if field.is_repeated:
+            getattr(target, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
 
 
 def name_nodes(model: ModelProto) -> int:
