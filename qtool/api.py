@@ -251,6 +251,7 @@ def quantize(
     else:
         table = calibrate_tensors(model, selection.calibration_tensors, calib_data, recipe.calibration,
                                   QTYPES[act.dtype], act.symmetric, tick("calibrate"), selection.hessian_inputs)
+        warnings += table.notes
     saturating = int8_kernels_may_saturate()
     plan = build_plan(model, recipe, selection, table, saturating)
     quantized = apply_plan(model, plan)

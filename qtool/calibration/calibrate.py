@@ -22,7 +22,7 @@ import numpy as np
 from onnx import ModelProto
 
 from qtool.calibration.hessians import HessianObserver, Im2Col
-from qtool.calibration.worker_pool import ObserverPool, SharedOutputs, aligned, worker_count
+from qtool.calibration.worker_pool import ObserverPool, SharedMemoryFull, SharedOutputs, aligned, worker_count
 from qtool.errors import CalibrationError, DataError
 from qtool.io.data import DataFolder
 from qtool.numerics import QType
@@ -60,6 +60,7 @@ class CalibrationTable:
     provenance: dict = field(default_factory=dict)
     # E[x xᵀ] of weight inputs, by node, for gptq rounding: [groups, d, d]; never written to the file.
     hessians: dict[str, np.ndarray] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # how the calibration ran, where it differs from the recipe
 
 
 def calibrate(
@@ -97,9 +98,14 @@ def calibrate(
     capacity = max(sum(aligned(sizes[name] * per_run) for name in group) for group in groups)
     observed = {name: (specs[name], qtype, symmetric, total) for name in tensors}
     pinned = {tensor: sizes[tensor] for tensor, _ in moments.values()}  # Hessians are summed here
-    shared = SharedOutputs(capacity) if workers else None
+    shared, notes = None, []
+    if workers:
+        try:
+            shared = SharedOutputs(capacity)
+        except SharedMemoryFull as exc:
+            workers, notes = 0, [f"calibration observers ran in this process only: {exc}"]
     try:
-        with ObserverPool(observed, sizes, workers, pinned) as pool:
+        with ObserverPool(observed, sizes, workers, pinned, shared) as pool:
             if shared:
                 outputs = shared.adopt(outputs, first[1])  # for the workers
             _observe(pool, moments, outputs, shared)
@@ -132,7 +138,7 @@ def calibrate(
     ranges = {name: TensorRange(float(found[name][0].lo), float(found[name][0].hi), specs[name].method, found[name][1])
               for name in tensors}
     hessians = {node: h for node, (_, observer) in moments.items() if (h := observer.result()) is not None}
-    return CalibrationTable(ranges, done, hessians=hessians)
+    return CalibrationTable(ranges, done, hessians=hessians, notes=notes)
 
 
 def _observe(pool: ObserverPool, moments: dict, outputs: dict[str, np.ndarray], shared: SharedOutputs | None) -> None:
