@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -24,6 +22,7 @@ from onnx import ModelProto
 from qtool.calibration.hessians import HessianObserver, Im2Col
 from qtool.calibration.worker_pool import ObserverPool, SharedMemoryFull, SharedOutputs, aligned, worker_count
 from qtool.errors import CalibrationError, DataError
+from qtool.io.artifacts import guarded, write_text_atomic
 from qtool.io.data import DataFolder
 from qtool.numerics import QType
 from qtool.recipe.schema import CalibrationSpec
@@ -233,16 +232,9 @@ def table_document(table: CalibrationTable, *, model_path: Path, model_sha256: s
 def save_table(document: dict, path: Path) -> None:
     """Write atomically: a temporary file beside `path`, renamed over it when complete."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".qtool-tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            json.dump(document, out, indent=2, allow_nan=False)
-            out.write("\n")
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
+    with guarded(path.parent, "create the folder"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(document, indent=2, allow_nan=False) + "\n")
 
 
 def _number(value, where: str, path: Path) -> float:

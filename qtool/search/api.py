@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,10 +16,11 @@ from typing import Callable
 
 import yaml
 
-from qtool.api import Progress, quantize, stage_progress
-from qtool.errors import RecipeError, UsageError
+from qtool.api import Progress, quantize, recipe_inputs, stage_progress
+from qtool.errors import RecipeError, SideFileError, UsageError, WriteError
 from qtool.evaluation.latency import BenchResult
-from qtool.io.artifacts import check_output_path, replace_file, write_artifacts, write_text_atomic
+from qtool.io.artifacts import replace_file, temporary_folder, write_artifacts, write_text_atomic
+from qtool.io.targets import check_output_file, check_output_path
 from qtool.io.model import file_sha256, save_model
 from qtool.recipe.load import load_recipe, parse_recipe
 from qtool.recipe.schema import Recipe
@@ -74,13 +74,16 @@ def sensitivity(
     model_path, data_dir = Path(model_path), Path(data_dir)
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     output = Path(output_dir) if output_dir is not None else None
+    inputs = (data_dir, validation_data, labels, *recipe_inputs(recipe))
     if output is not None:
-        check_output_path(output, model_path, overwrite, (data_dir, validation_data, labels, recipe.source))
+        check_output_path(output, model_path, overwrite, inputs)
     cache_path = Path(cache) if cache is not None else (output / SENSITIVITY_CACHE if output is not None else None)
+    if cache is not None:
+        check_output_file(cache_path, model_path, inputs, what="--cache file")
     tick = stage_progress(progress)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="qtool-trials-") as folder, make_executor(jobs) as executor:
-        setup = setup_trials(model_path, data_dir, recipe, Path(folder), validation_data, labels,
+    with temporary_folder("qtool-trials-") as folder, make_executor(jobs) as executor:
+        setup = setup_trials(model_path, data_dir, recipe, folder, validation_data, labels,
                               1 if jobs > 1 else None, tick)
         key = cache_key(file_sha256(model_path), recipe,
                         [setup.calib_data.listing_hash(), setup.eval_data.listing_hash()], f"{mode}:{samples}")
@@ -109,7 +112,12 @@ def sensitivity(
             writers[cache_path.name] = lambda path: path.write_text(cache_text, encoding="utf-8")
         write_artifacts(output, overwrite, writers)
     if cache_path is not None and cache_path.parent.resolve() != (output.resolve() if output else None):
-        write_text_atomic(cache_path, cache_text)
+        try:
+            write_text_atomic(cache_path, cache_text)
+        except WriteError as exc:
+            if output is None:
+                raise
+            raise SideFileError(f"{exc} (the artifacts in {output} are complete)") from None
     return SensitivityResult(report, rows, cached is not None)
 
 
@@ -184,10 +192,12 @@ def tune(
         raise RecipeError(f"{recipe.source or 'recipe'}: validation.gates: tune needs a target: one of "
                           f"{', '.join(SEARCH_GATES)}")
     output = Path(output_dir)
-    check_output_path(output, model_path, overwrite, (data_dir, validation_data, labels, recipe.source))
+    inputs = (data_dir, validation_data, labels, *recipe_inputs(recipe))
+    check_output_path(output, model_path, overwrite, inputs)
     started = time.monotonic()
     deadline = started + time_budget if time_budget else None
     cache_path = Path(cache) if cache is not None else output / SENSITIVITY_CACHE
+    check_output_file(cache_path, model_path, inputs, what="--cache file")
     cached_document = read_cache(cache_path)
     output.mkdir(parents=True, exist_ok=True)
     for name in TUNE_ARTIFACTS:  # an earlier run's results must not pass for this one's
@@ -200,8 +210,8 @@ def tune(
     state: dict = {"best": None, "writes": 0}
     latencies: dict[tuple, BenchResult] = {}  # trial promotions -> timing
     report: dict = {}
-    with tempfile.TemporaryDirectory(prefix="qtool-trials-") as folder, make_executor(jobs) as executor:
-        setup = setup_trials(model_path, data_dir, recipe, Path(folder), validation_data, labels,
+    with temporary_folder("qtool-trials-") as folder, make_executor(jobs) as executor:
+        setup = setup_trials(model_path, data_dir, recipe, folder, validation_data, labels,
                               1 if jobs > 1 else None, tick)
         context = replace(setup.context, gates=gates)
         key = cache_key(file_sha256(model_path), recipe,
