@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import stat
 import subprocess
 import signal
@@ -330,3 +331,11 @@ def test_a_fifo_as_model_says_what_it_is_without_blocking(small, tmp_path):
     result = run("quantize", fifo, "--data", small / "data", "--output", tmp_path / "out")
     assert result.exit_code == 2 and "is not a regular file (a FIFO" in result.stderr
 
+
+
+def test_every_test_named_in_docs_reliability_exists():
+    text = (ROOT / "docs" / "reliability.md").read_text(encoding="utf-8")
+    named = re.findall(r"`(test_\w+\.py)::(test_\w+)`", text)
+    assert len(named) >= 40
+    for file, name in named:
+        assert re.search(rf"^def {name}\(", (ROOT / "tests" / file).read_text(encoding="utf-8"), re.M), (file, name)

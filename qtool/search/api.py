@@ -17,9 +17,9 @@ from typing import Callable
 import yaml
 
 from qtool.api import Progress, quantize, recipe_inputs, stage_progress
-from qtool.errors import RecipeError, SideFileError, UsageError, WriteError
+from qtool.errors import RecipeError, SideFileError, Terminated, UsageError, WorkerError, WriteError
 from qtool.evaluation.latency import BenchResult
-from qtool.io.artifacts import replace_file, temporary_folder, write_artifacts, write_text_atomic
+from qtool.io.artifacts import guarded, replace_file, temporary_folder, write_artifacts, write_text_atomic
 from qtool.io.targets import check_output_file, check_output_path
 from qtool.io.model import file_sha256, save_model
 from qtool.recipe.load import load_recipe, parse_recipe
@@ -122,7 +122,6 @@ def sensitivity(
 
 
 TUNED_RECIPE = "recipe.tuned.yaml"
-TUNE_ARTIFACTS = ("model.onnx", TUNED_RECIPE, "report.json", "report.md", "report.html")
 
 
 @dataclass(frozen=True)
@@ -131,6 +130,8 @@ class TuneResult:
     passed: bool  # the chosen trial meets every gate
     interrupted: bool
     output: Path
+    terminated: bool = False  # SIGTERM rather than Ctrl-C (exit 143, not 130)
+    written: bool = True  # False: stopped before a first best; an earlier run's results were left as they were
 
 
 def tuned_recipe_text(recipe: Recipe, overrides: list[dict], output: Path) -> str:
@@ -199,14 +200,12 @@ def tune(
     cache_path = Path(cache) if cache is not None else output / SENSITIVITY_CACHE
     check_output_file(cache_path, model_path, inputs, what="--cache file")
     cached_document = read_cache(cache_path)
-    output.mkdir(parents=True, exist_ok=True)
-    for name in TUNE_ARTIFACTS:  # an earlier run's results must not pass for this one's
-        (output / name).unlink(missing_ok=True)
     tick = stage_progress(progress)
     say = on_event or (lambda line: None)
     figure = objective_name(gates)
     steps = ("a16", "float") if recipe.quantization.activations.dtype in A16 else ("float",)
-    interrupted = False
+    interrupted = terminated = False
+    died: WorkerError | None = None
     state: dict = {"best": None, "writes": 0}
     latencies: dict[tuple, BenchResult] = {}  # trial promotions -> timing
     report: dict = {}
@@ -231,6 +230,9 @@ def tune(
             quantized, _, _ = build_trial_model(context, result.spec)
             overrides = promotion_overrides(result.spec.promotions, recipe.quantization.activations.dtype)
             text = tuned_recipe_text(recipe, overrides, output)
+            if not state["writes"]:  # the folder, and an earlier run's results, are touched from here on
+                with guarded(output, "create the output folder"):
+                    output.mkdir(parents=True, exist_ok=True)
             replace_file(output / "model.onnx", lambda path: save_model(quantized, path))
             replace_file(output / TUNED_RECIPE, lambda path: path.write_text(text, encoding="utf-8"))
             state["best"], state["writes"] = result, state["writes"] + 1
@@ -261,13 +263,20 @@ def tune(
                 search.stop_reason = "the recipe as given passes the gates: nothing to promote"
             if latency_runs:
                 _time_trials(context, search.order, latency_runs, latencies, tick("latency"))
-        except KeyboardInterrupt:
-            interrupted = True
-            search.stop_reason = "interrupted (Ctrl-C)"
+        except KeyboardInterrupt as exc:
+            interrupted, terminated = True, isinstance(exc, Terminated)
+            search.stop_reason = "terminated (SIGTERM)" if terminated else "interrupted (Ctrl-C)"
+            executor.close()
+        except WorkerError as exc:
+            died, search.stop_reason = exc, f"stopped: {exc}"
             executor.close()
         best = state["best"]
         reproduced = None
-        if not interrupted and best is not None:
+        if not state["writes"]:  # nothing of this run on disk: leave the folder as it was
+            if died is not None:
+                raise died
+            return TuneResult(build_report(True, search.stop_reason), False, interrupted, output, terminated, False)
+        if not interrupted and died is None and best is not None:
             tuned = load_recipe(output / TUNED_RECIPE)
             again = quantize(model_path, data_dir, tuned, validation_data=validation_data, labels=labels)
             digest = hashlib.sha256(again.model.SerializeToString()).hexdigest()
@@ -277,7 +286,9 @@ def tune(
         report["chosen"]["reproduced_by_quantize"] = reproduced
         for name, write in search_report_writers(report).items():
             replace_file(output / name, write)
-    return TuneResult(report, bool(best and best.passed), interrupted, output)
+    if died is not None:
+        raise WorkerError(f"{died}; the best trial so far is kept in {output}")
+    return TuneResult(report, bool(best and best.passed), interrupted, output, terminated)
 
 
 def _time_trials(context: TrialContext, trials: list[TrialResult], runs: int, latencies: dict, progress) -> None:
