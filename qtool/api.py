@@ -22,9 +22,11 @@ from qtool.errors import ModelError, UsageError
 from qtool.evaluation.compare import GATES, GateResult, check_gates, compare_models
 from qtool.evaluation.validation import (check_gates_are_measurable, extra_figures, kernel_gap_cause, kernel_warnings,
                                          layers_and_latency, resolve_validation_data)
-from qtool.io.artifacts import check_output_path, write_artifacts, write_text_atomic
+from qtool.io.artifacts import guarded, write_artifacts, write_text_atomic
 from qtool.io.data import DataFolder, model_inputs, read_labels
 from qtool.io.feeds import open_data
+from qtool.io.fingerprint import as_loaded, fingerprint
+from qtool.io.targets import check_output_file, check_output_path
 from qtool.io.model import (QUANTIZED_OP_TYPES, file_sha256, load_model, model_file_bytes, opset_version, proto_size,
                             read_header, save_model, upgrade_opset)
 from qtool.numerics import QTYPES
@@ -35,7 +37,7 @@ from qtool.quantization.widen import widen_to_float32
 from qtool.recipe.load import load_recipe, parse_recipe
 from qtool.recipe.schema import Recipe, recipe_json_schema
 from qtool.reporting import document as reporting
-from qtool.reporting.files import report_writers, write_ci_files
+from qtool.reporting.files import check_ci_files, report_writers, write_ci_files
 from qtool.runtime.session import INTEGER_OP_TYPES, check_runnable, int8_kernels_may_saturate, optimized_op_histogram
 
 # progress(stage, done, total): the CLI renders it; nothing below the CLI prints.
@@ -116,16 +118,18 @@ def init_recipe(
     for folder in (data, evaluation):
         if folder is not None and not folder.is_dir():
             raise UsageError(f"{folder}: no such data folder")
-    if output.exists() and not overwrite:
-        raise UsageError(f"{output}: exists; pass --overwrite to replace it")
+    check_output_file(output, model_path, (data, evaluation), what="recipe file", overwrite=overwrite)
     schema_path = output.parent / starter.SCHEMA_FILE if schema is None else None
+    if schema_path is not None:
+        check_output_file(schema_path, model_path, (data, evaluation), what="schema file")
     if schema_path is not None and schema_path.exists() and not overwrite and not _is_qtool_schema(schema_path):
         raise UsageError(f"{schema_path}: exists and is not a qtool recipe schema; pass --overwrite to replace it")
     model = load_model(model_path)
     text = starter.starter_recipe(model, model_path, output, data, evaluation,
                                   schema or starter.SCHEMA_FILE, image)
     parse_recipe(text, output)  # what we write must load as it is; a RecipeError here names the key
-    output.parent.mkdir(parents=True, exist_ok=True)
+    with guarded(output.parent, "create the folder"):
+        output.parent.mkdir(parents=True, exist_ok=True)
     if schema_path is not None:
         write_text_atomic(schema_path, json.dumps(recipe_json_schema(), indent=2) + "\n")
     write_text_atomic(output, text)
@@ -164,7 +168,8 @@ def calibrate(
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     output = Path(output) if output is not None else None
     if output is not None:
-        _check_table_output(output, model_path, overwrite)
+        check_output_file(output, model_path, (_path_or_none(data_dir), *recipe_inputs(recipe)), what="calibration table",
+                          overwrite=overwrite)
     model, _ = prepare(model_path, recipe)
     data = open_data(data_dir, _inputs(model, model_path), recipe.calibration.samples,
                      images=recipe.data.images if recipe.data else None)
@@ -182,13 +187,9 @@ def calibrate(
     return CalibrateResult(table, document, output)
 
 
-def _check_table_output(output: Path, model_path: Path, overwrite: bool) -> None:
-    if output.resolve() == model_path.resolve():
-        raise UsageError(f"{output}: would overwrite the input model; choose another output file")
-    if output.is_dir():
-        raise UsageError(f"{output}: is a folder; give the calibration table's file name (e.g. table.json)")
-    if output.exists() and not overwrite:
-        raise UsageError(f"{output}: file exists; pass --overwrite to replace it")
+def recipe_inputs(recipe: Recipe) -> tuple[Path | None, ...]:
+    """The files a recipe reads: itself, its validation data and labels (none may be written over)."""
+    return recipe.source, recipe.resolve_path(recipe.validation.data), recipe.resolve_path(recipe.validation.labels)
 
 
 def _table_warnings(table: CalibrationTable, recipe: Recipe) -> list[str]:
@@ -233,13 +234,16 @@ def quantize(
     model_path = Path(model_path)
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     output = Path(output_dir) if output_dir is not None else None
+    read_paths = (_path_or_none(data_dir), validation_data, labels, calibration, *recipe_inputs(recipe))
     if output is not None:
-        check_output_path(output, model_path, overwrite,
-                          (_path_or_none(data_dir), validation_data, labels, recipe.source, calibration))
+        check_output_path(output, model_path, overwrite, read_paths)
+    check_ci_files(junit, step_summary, model_path, read_paths)
     tick = stage_progress(progress)
     loaded = load_table(calibration) if calibration is not None else None
 
+    read = fingerprint(model_path)  # the report names the model loaded, whatever happens to the file later
     model, prepare_notes = prepare(model_path, recipe)
+    read = as_loaded(model_path, read)
     inputs = _inputs(model, model_path)
     calib_data = None if data_dir is None else open_data(
         data_dir, inputs, recipe.calibration.samples, images=recipe.data.images if recipe.data else None)
@@ -249,12 +253,13 @@ def quantize(
     selection = select_tensors(model, recipe)
     act = recipe.quantization.activations
     if loaded is not None:
-        check_table(loaded, file_sha256(model_path), selection.calibration_tensors)
+        check_table(loaded, read.sha256, selection.calibration_tensors)
         table = loaded
         warnings += _table_warnings(loaded, recipe)
     else:
         table = calibrate_tensors(model, selection.calibration_tensors, calib_data, recipe.calibration,
                                   QTYPES[act.dtype], act.symmetric, tick("calibrate"), selection.hessian_inputs)
+        warnings += table.notes
     saturating = int8_kernels_may_saturate()
     plan = build_plan(model, recipe, selection, table, saturating)
     quantized = apply_plan(model, plan)
@@ -270,15 +275,15 @@ def quantize(
         bench or "max_latency_ratio" in recipe.validation.gates, threads, tick,
         {decision.node: decision.reason for decision in plan.nodes})
     gates = check_gates(comparison, recipe.validation.gates,
-                        extra_figures(model_file_bytes(model_path), proto_size(quantized), latency))
+                        extra_figures(read.bytes, proto_size(quantized), latency))
     ops = optimized_op_histogram(quantized)
     warnings += kernel_warnings(comparison, simulated, kernel_gap_cause(quantized, ops))
 
     report = reporting.build_quantize_report(
-        model_path=model_path, model_sha256=file_sha256(model_path), recipe=recipe,
+        model_path=model_path, model_sha256=read.sha256, recipe=recipe,
         calib_data=calib_data, eval_data=eval_data, prepare_notes=prepare_notes,
         table=table, plan=plan, saturating_host=saturating,
-        float_bytes=model_file_bytes(model_path), quantized_bytes=proto_size(quantized),
+        float_bytes=read.bytes, quantized_bytes=proto_size(quantized),
         integer_ops={op: n for op, n in sorted(ops.items()) if op in INTEGER_OP_TYPES},
         optimized_ops=dict(sorted(ops.items())),
         comparison=comparison, simulated=simulated, gates=gates, warnings=warnings,
@@ -289,7 +294,7 @@ def quantize(
             "model.onnx": lambda path: save_model(quantized, path),
             **report_writers(report),
         })
-    write_ci_files(report, junit, step_summary)
+    write_ci_files(report, junit, step_summary, output)
     return QuantizeResult(quantized, report, gates)
 
 
@@ -334,8 +339,10 @@ def compare(
     if unknown:
         raise UsageError(f"unknown gate {', '.join(unknown)}; allowed: {', '.join(GATES)}")
     output = Path(output_dir) if output_dir is not None else None
+    read_paths = (candidate_path, data_dir, labels, *recipe_inputs(recipe))
     if output is not None:
-        check_output_path(output, reference_path, overwrite, (candidate_path, data_dir, labels, recipe.source))
+        check_output_path(output, reference_path, overwrite, read_paths)
+    check_ci_files(junit, step_summary, reference_path, read_paths)
     tick = stage_progress(progress)
 
     reference = load_model(reference_path, allow_quantized=True)
@@ -373,7 +380,7 @@ def compare(
     )
     if output is not None:
         write_artifacts(output, overwrite, report_writers(report))
-    write_ci_files(report, junit, step_summary)
+    write_ci_files(report, junit, step_summary, output)
     return CompareResult(report, results)
 
 

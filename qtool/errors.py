@@ -10,6 +10,8 @@ EXIT_OK = 0
 EXIT_GATE_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 3
+EXIT_SIDE_FILE = 4  # the artifacts were written, a side file (JUnit, step summary, cache) was not
+EXIT_BROKEN_PIPE = 141  # stdout closed by the reader (`qtool ... | head`): 128 + SIGPIPE, quietly
 EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C): 128 + 2
 EXIT_TERMINATED = 143  # SIGTERM: 128 + 15
 
@@ -38,6 +40,24 @@ class DataError(QtoolError):
 
 class CalibrationError(QtoolError):
     """A calibration table that is malformed or does not match the model."""
+
+
+class WriteError(QtoolError):
+    """A file or folder that cannot be written: read-only, disk full, no permission, a busy mount."""
+
+
+class SideFileError(QtoolError):
+    """The artifacts are complete, but a file written beside them (JUnit, step summary, cache) is not."""
+
+    exit_code = EXIT_SIDE_FILE
+
+
+class WorkerError(QtoolError):
+    """A worker process died (killed, or out of memory) before it was done."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every `finally` cleans up on the way out."""
 
 
 def one_line(text: str) -> str:

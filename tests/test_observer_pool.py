@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import importlib
 import os
+import subprocess
 
 import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
 from conftest import make_model, save_npy_folder
+from qtool.calibration import worker_pool
 from qtool.calibration.observers import OBSERVERS
 from qtool.calibration.worker_pool import MAX_WORKERS, PARALLEL_MIN_BYTES, ObserverPool, SharedOutputs, worker_count
 from qtool.errors import CalibrationError, DataError
@@ -49,17 +51,21 @@ def test_a_failed_calibration_leaves_no_shared_file(tiny, tmp_path, monkeypatch)
     rng = np.random.default_rng(4)
     folder = save_npy_folder(tmp_path / "data", rng.normal(size=(6, 16, 64)))
     np.save(folder / "0004.npy", rng.normal(size=(16, 63)).astype(np.float32))  # does not fit x
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    monkeypatch.setattr(worker_pool, "SHARED_FOLDER", str(shm))
     made = []
     real = SharedOutputs.__init__
 
     def recording(self, capacity):
         real(self, capacity)
-        made.append(self.path)
+        made.append(self)
+        assert list(shm.iterdir()) == []  # unlinked as soon as made: a SIGKILL cannot leak it
 
     monkeypatch.setattr(SharedOutputs, "__init__", recording)
     with pytest.raises(DataError, match="0004.npy"):
         calibrate(model, folder, CalibrationSpec(method="entropy", batch_size=1), monkeypatch, 1, 10**6)
-    assert made and not any(path.exists() for path in made)
+    assert made and all(shared.fd == -1 for shared in made)
 
 
 def test_shared_outputs_learn_the_shapes_a_prediction_got_wrong():
@@ -93,7 +99,7 @@ def test_shared_outputs_learn_the_shapes_a_prediction_got_wrong():
         assert len(plain_runs) == 2
     finally:
         shared.close()
-    assert not shared.path.exists()
+    assert shared.fd == -1 and shared.map is None
 
 
 def test_tensors_another_observer_watches_here_stay_in_this_process():
@@ -115,3 +121,36 @@ def test_a_worker_that_dies_is_an_error_not_a_hang():
         pool.workers[0].kill()  # as the kernel's OOM killer would
         with pytest.raises(CalibrationError, match="worker process exited"):
             pool.results()
+
+
+def test_a_killed_calibration_worker_is_named_not_a_broken_pipe():
+    specs = {name: (CalibrationSpec(method="minmax"), QTYPES["uint8"], False, None) for name in ("x", "y")}
+    with pytest.raises(CalibrationError, match="a calibration worker process exited \\(code -9\\)"):
+        with ObserverPool(specs, {"x": 1.0, "y": 1.0}, workers=1) as pool:
+            pool.workers[0].kill()
+            pool.workers[0].wait()
+            pool.results()
+
+
+def test_a_small_dev_shm_falls_back_to_one_process_with_a_note(tiny, tmp_path, monkeypatch):
+    model, folder = tiny
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root; this test runs as an ordinary user here")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(shm)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        monkeypatch.setattr(worker_pool, "SHARED_FOLDER", str(shm))
+        data = DataFolder(folder, model_inputs(model))
+        spec = CalibrationSpec(method="percentile", percentile=99.9, batch_size=8)
+        alone = calibrate_module.calibrate(model, ["mm", "act"], data, spec, QTYPES["uint8"], False)
+        pooled = calibrate_module.calibrate(model, ["mm", "act"], data, spec.model_copy(update={"workers": 2}),
+                                            QTYPES["uint8"], False)
+        assert list(shm.iterdir()) == []
+    finally:
+        subprocess.run(["umount", "-l", str(shm)], check=False)
+    assert pooled.ranges == alone.ranges
+    assert len(pooled.notes) == 1 and "ran in this process only" in pooled.notes[0]
+    assert "No space left on device" in pooled.notes[0] and not alone.notes

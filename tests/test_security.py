@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 from conftest import ROOT, SAMPLE, make_model, matmul_chain, save_npy_folder
 from qtool import api
 from qtool.cli.main import main
-from qtool.errors import DataError, ModelError, UsageError
+from qtool.errors import DataError, ModelError, WriteError
 from qtool.io import artifacts
 from qtool.io.data import DataFolder, InputSpec, fit_to_input, model_inputs
 from qtool.io.model import load_model
@@ -99,7 +99,7 @@ def test_failed_write_leaves_nothing(tmp_path, failure):
 
     output = tmp_path / "out"
     writers = {"model.onnx": lambda path: path.write_bytes(b"x" * 1000), "report.json": second_fails}
-    with pytest.raises((type(failure), UsageError)):
+    with pytest.raises((type(failure), WriteError)):
         artifacts.write_artifacts(output, False, writers)
     assert list(tmp_path.iterdir()) == []
 

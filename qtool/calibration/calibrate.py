@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -23,8 +21,9 @@ from onnx import ModelProto
 
 from qtool.calibration.batchable import batchable_copy
 from qtool.calibration.hessians import HessianObserver, Im2Col
-from qtool.calibration.worker_pool import ObserverPool, SharedOutputs, aligned, worker_count
+from qtool.calibration.worker_pool import ObserverPool, SharedMemoryFull, SharedOutputs, aligned, worker_count
 from qtool.errors import CalibrationError, DataError, ModelError, one_line
+from qtool.io.artifacts import guarded, write_text_atomic
 from qtool.io.batching import per_run_limit
 from qtool.io.samples import Batch, DataSource
 from qtool.numerics import QType
@@ -64,6 +63,7 @@ class CalibrationTable:
     hessians: dict[str, np.ndarray] = field(default_factory=dict)
     # How samples were stacked into runs: per input its batch axis and why; notes on fallbacks.
     batching: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # how the calibration ran, where it differs from the recipe
 
 
 def calibrate(
@@ -106,9 +106,14 @@ def calibrate(
     capacity = max(sum(aligned(sizes[name] * per_run) for name in group) for group in groups)
     observed = {name: (specs[name], qtype, symmetric, total) for name in tensors}
     pinned = {tensor: sizes[tensor] for tensor, _ in moments.values()}  # Hessians are summed here
-    shared = SharedOutputs(capacity) if workers else None
+    shared, pool_notes = None, []
+    if workers:
+        try:
+            shared = SharedOutputs(capacity)
+        except SharedMemoryFull as exc:
+            workers, pool_notes = 0, [f"calibration observers ran in this process only: {exc}"]
     try:
-        with ObserverPool(observed, sizes, workers, pinned) as pool:
+        with ObserverPool(observed, sizes, workers, pinned, shared) as pool:
             if shared:
                 outputs = shared.adopt(outputs, first.feeds)  # for the workers
             _observe(pool, moments, outputs, shared)
@@ -144,7 +149,7 @@ def calibrate(
     hessians = {node: h for node, (_, observer) in moments.items() if (h := observer.result()) is not None}
     most = min(per_run, spec.batch_size, per_run_limit(data.axes) or spec.batch_size)
     batching = {"inputs": data.batching(), "samples_per_run": most, "notes": notes}
-    return CalibrationTable(ranges, done, hessians=hessians, batching=batching)
+    return CalibrationTable(ranges, done, hessians=hessians, batching=batching, notes=pool_notes)
 
 
 def _observe(pool: ObserverPool, moments: dict, outputs: dict[str, np.ndarray], shared: SharedOutputs | None) -> None:
@@ -259,16 +264,9 @@ def table_document(table: CalibrationTable, *, model_path: Path, model_sha256: s
 def save_table(document: dict, path: Path) -> None:
     """Write atomically: a temporary file beside `path`, renamed over it when complete."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".qtool-tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            json.dump(document, out, indent=2, allow_nan=False)
-            out.write("\n")
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
+    with guarded(path.parent, "create the folder"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(document, indent=2, allow_nan=False) + "\n")
 
 
 def _number(value, where: str, path: Path) -> float:

@@ -4,7 +4,9 @@ numpy's histogram counting (np.bincount) holds the GIL, so threads cannot share 
 work; processes can. ONNX Runtime writes each run's exposed tensors into one shared-memory file
 (IO binding), each worker observes the tensors assigned to it straight from there, and this
 process observes its own share meanwhile. Only names, offsets and shapes travel to a worker (JSON
-lines on its stdin); only ranges and summaries come back.
+lines on its stdin); only ranges and summaries come back. The file is unlinked as soon as it is
+created (workers inherit its descriptor), so a killed run leaves nothing in /dev/shm, and its
+space is reserved up front: a /dev/shm too small for it is an error here, not a SIGBUS later.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from qtool.recipe.schema import CalibrationSpec
 PARALLEL_MIN_BYTES = 1 << 30
 MAX_WORKERS = 7
 ALIGN = 64  # every tensor starts on a cache line
+SHARED_FOLDER = "/dev/shm"  # memory-backed on Linux; else the temporary folder
 # A worker needs only the observers: a stand-in `qtool` package skips qtool/__init__, which
 # would load every stage of the pipeline (~0.5 s) in each worker.
 WORKER_COMMAND = (
@@ -61,6 +64,10 @@ def worker_count(setting: int | str, histogram_bytes: float) -> int:
     return max(0, min(cores - 1, MAX_WORKERS))
 
 
+class SharedMemoryFull(CalibrationError):
+    """The shared file's space cannot be reserved (a small /dev/shm: Docker's default is 64 MiB)."""
+
+
 class SharedOutputs:
     """Run outputs in a shared-memory file that ONNX Runtime writes itself.
 
@@ -75,13 +82,21 @@ class SharedOutputs:
         self.names: list[str] = []
         self.layouts: dict[tuple, dict[str, tuple[int, tuple[int, ...], np.dtype]]] = {}
         self.reference: tuple[dict, dict] | None = None  # (feed shapes, layout) of a one-sample run
-        folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        handle, path = tempfile.mkstemp(prefix="qtool-calibration-", dir=folder)
-        os.close(handle)
-        self.path = Path(path)
+        folder = SHARED_FOLDER if os.path.isdir(SHARED_FOLDER) else None
+        try:
+            self.fd, path = tempfile.mkstemp(prefix="qtool-calibration-", dir=folder)
+        except OSError as exc:
+            raise SharedMemoryFull(f"{folder or tempfile.gettempdir()}: cannot create the shared file: "
+                                   f"{exc.strerror or exc}") from None
+        self.folder = Path(path).parent
+        os.unlink(path)  # the name goes now: only descriptors (ours, the workers') keep the file
         self.map: mmap.mmap | None = None
         self.size = 0
-        self._reserve(capacity)
+        try:
+            self._reserve(capacity)
+        except BaseException:
+            self.close()
+            raise
 
     def use(self, session) -> None:
         """Run this session from now on; what was learned of another session's outputs holds
@@ -124,18 +139,17 @@ class SharedOutputs:
         return view.ctypes.data - self._address()
 
     def close(self) -> None:
-        """Unmap and delete the file. Views still alive (an error on its way up may hold some)
-        keep the mapping until they go; the file's name goes now."""
+        """Unmap and close the file (it has no name). Views still alive (an error on its way up
+        may hold some) keep the mapping until they go."""
         if self.map is not None:
             try:
                 self.map.close()
             except BufferError:
                 pass
             self.map = None
-        try:
-            self.path.unlink(missing_ok=True)
-        except OSError:  # Windows cannot delete a mapped file: the temp folder's cleanup will
-            pass
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     def _predict(self, feeds: dict[str, np.ndarray]) -> dict | None:
         if self.reference is None:
@@ -176,10 +190,18 @@ class SharedOutputs:
             return
         if self.map is not None:
             self.map.close()
-        self.size = max(size, ALIGN)
-        with open(self.path, "r+b") as handle:
-            handle.truncate(self.size)
-            self.map = mmap.mmap(handle.fileno(), self.size)
+            self.map = None
+        size = max(size, ALIGN)
+        try:
+            os.ftruncate(self.fd, size)
+            if hasattr(os, "posix_fallocate"):  # a sparse file would die of SIGBUS when the space runs out
+                os.posix_fallocate(self.fd, 0, size)
+        except OSError as exc:
+            raise SharedMemoryFull(f"{self.folder}: cannot reserve {size / 2**20:.0f} MiB for calibration "
+                                   f"outputs: {exc.strerror or exc}; give it more space (docker run "
+                                   "--shm-size) or set calibration.workers: 0") from None
+        self.size = size
+        self.map = mmap.mmap(self.fd, self.size)
 
     def _address(self) -> int:
         return np.frombuffer(self.map, np.uint8, count=1).ctypes.data
@@ -200,7 +222,7 @@ class ObserverPool:
     """
 
     def __init__(self, specs: dict[str, ObserverSpec], sizes: dict[str, float], workers: int,
-                 pinned: dict[str, float] | None = None):
+                 pinned: dict[str, float] | None = None, shared: SharedOutputs | None = None):
         lanes = [dict(pinned or {})] + [{} for _ in range(workers)]
         for name in sorted(set(specs) - set(lanes[0]), key=lambda name: (-sizes.get(name, 0.0), name)):
             min(lanes, key=lambda lane: sum(lane.values()))[name] = sizes.get(name, 0.0)
@@ -209,7 +231,7 @@ class ObserverPool:
         self.workers: list[subprocess.Popen] = []
         try:
             for names in self.remote:
-                self.workers.append(_start_worker())
+                self.workers.append(_start_worker(shared.fd if shared is not None else None))
                 self._send(self.workers[-1], {"observe": {name: _encode(specs[name]) for name in names}})
         except BaseException:
             self.close()
@@ -221,7 +243,7 @@ class ObserverPool:
             tensors = [[name, shared.offset_of(outputs[name]), list(outputs[name].shape), outputs[name].dtype.str]
                        for name in names if name in outputs]
             if tensors:
-                self._send(worker, {"run": {"file": str(shared.path), "size": shared.size, "tensors": tensors}})
+                self._send(worker, {"run": {"fd": shared.fd, "size": shared.size, "tensors": tensors}})
         for name, observer in self.local.items():
             if name in outputs:
                 observer.update(outputs[name])
@@ -245,7 +267,10 @@ class ObserverPool:
                 worker.kill()
             worker.wait()
             for stream in (worker.stdin, worker.stdout):
-                stream.close()
+                try:
+                    stream.close()
+                except OSError:  # unsent bytes to a dead worker: its death is reported already
+                    pass
         self.workers = []
 
     def __enter__(self) -> ObserverPool:
@@ -259,7 +284,7 @@ class ObserverPool:
         try:
             worker.stdin.write(json.dumps(message).encode() + b"\n")
             worker.stdin.flush()
-        except BrokenPipeError:
+        except OSError:  # BrokenPipeError: the worker is gone
             raise _worker_died(worker) from None
 
     @staticmethod
@@ -273,10 +298,11 @@ class ObserverPool:
         return reply
 
 
-def _start_worker() -> subprocess.Popen:
+def _start_worker(shared_fd: int | None) -> subprocess.Popen:
     package = Path(__file__).resolve().parents[1]  # the qtool folder
     command = [sys.executable, "-c", WORKER_COMMAND.format(path=str(package), module=__name__)]
-    return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={**os.environ, **WORKER_MALLOC})
+    return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={**os.environ, **WORKER_MALLOC},
+                            pass_fds=() if shared_fd is None else (shared_fd,))
 
 
 def _worker_died(worker: subprocess.Popen) -> CalibrationError:
@@ -304,12 +330,11 @@ def serve() -> None:
                     observers[name] = make_observer(CalibrationSpec.model_validate(spec["spec"]),
                                                     QTYPES[spec["qtype"]], spec["symmetric"], spec["expected"])
             elif "run" in message:
-                key = (message["run"]["file"], message["run"]["size"])  # the file grows under the same name
+                key = (message["run"]["fd"], message["run"]["size"])  # the file grows: map it again
                 if key not in files:
                     for old in files.values():
                         old.close()
-                    with open(key[0], "rb") as handle:
-                        files = {key: mmap.mmap(handle.fileno(), key[1], access=mmap.ACCESS_READ)}
+                    files = {key: mmap.mmap(key[0], key[1], access=mmap.ACCESS_READ)}
                 for name, offset, shape, dtype in message["run"]["tensors"]:
                     observers[name].update(np.ndarray(shape, np.dtype(dtype), buffer=files[key], offset=offset))
                 reply.write(b'{"ok": true}\n')

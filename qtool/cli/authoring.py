@@ -11,6 +11,7 @@ from qtool import api
 from qtool.authoring import starter
 from qtool.cli import terminal
 from qtool.cli.options import echo_json, output_options
+from qtool.io.artifacts import write_text_atomic
 from qtool.recipe.schema import recipe_json_schema
 
 
@@ -55,7 +56,7 @@ def schema(output_path: Path | None, quiet: bool, verbose: bool, as_json: bool) 
     if output_path is None:
         click.echo(text, nl=False)
         return
-    output_path.write_text(text, encoding="utf-8")
+    write_text_atomic(output_path, text)
     if verbose:
         click.echo(f"wrote {output_path}", err=True)
 

@@ -9,7 +9,7 @@ import click
 
 from qtool.cli import terminal
 from qtool.cli.options import output_options
-from qtool.errors import EXIT_GATE_FAILED, EXIT_INTERRUPTED
+from qtool.errors import EXIT_GATE_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED
 from qtool.reporting.document import render_json
 from qtool.search import api as search_api
 
@@ -105,7 +105,7 @@ def tune(model: Path, recipe_path: Path, data_dir: Path, validation_data: Path |
     sensitive nodes are promoted a step, a few at a time, then bisected back
     to the fewest promotions. After every better trial the model and
     recipe.tuned.yaml (the input recipe plus exact-name overrides; re-run it
-    with `qtool quantize`) are written; Ctrl-C keeps them and exits 130.
+    with `qtool quantize`) are written; Ctrl-C keeps them and exits 130 (SIGTERM: 143).
     Exit codes: 0 gates met; 1 best found does not meet them; 2 bad input.
 
     \b
@@ -127,7 +127,7 @@ def tune(model: Path, recipe_path: Path, data_dir: Path, validation_data: Path |
     report = result.report
     if as_json:
         click.echo(render_json(report), nl=False)
-    elif not quiet:
+    elif not quiet and result.written:
         chosen = report["chosen"]
         ratio = next((row["latency_ratio"] for row in report["trials"] if row["chosen"]), None)
         click.echo(f"{report['search']['trials_run']} trials, {report['search']['wall_s']:.1f} s; "
@@ -136,9 +136,10 @@ def tune(model: Path, recipe_path: Path, data_dir: Path, validation_data: Path |
                    + (f", latency {ratio:.2f}× float" if ratio is not None else "") + ") → "
                    f"{output_dir}/model.onnx, {output_dir}/{search_api.TUNED_RECIPE}")
     if result.interrupted:
-        click.echo(f"Interrupted: best so far kept in {output_dir} (model.onnx, {search_api.TUNED_RECIPE}, report.*).",
-                   err=True)
-        sys.exit(EXIT_INTERRUPTED)
+        what = "Terminated" if result.terminated else "Interrupted"
+        click.echo(f"{what}: best so far kept in {output_dir} (model.onnx, {search_api.TUNED_RECIPE}, report.*)."
+                   if result.written else f"{what} before a first result: nothing was written.", err=True)
+        sys.exit(EXIT_TERMINATED if result.terminated else EXIT_INTERRUPTED)
     if not result.passed:
         for gate in report["chosen"]["gates"]:
             if not gate["passed"]:

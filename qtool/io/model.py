@@ -52,10 +52,19 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_header(path: Path) -> ModelProto:
-    """The model's graph without external data; only an unreadable file is an error."""
+def check_model_file(path: Path) -> None:
+    """A regular file: a folder or a FIFO (which would block the read forever) is named as such."""
+    if path.is_dir():
+        raise ModelError(f"{path}: is a folder, not a model file; give the .onnx file inside it")
+    if path.exists() and not path.is_file():
+        raise ModelError(f"{path}: is not a regular file (a FIFO, socket or device); give an .onnx file")
     if not path.is_file():
         raise ModelError(f"{path}: no such model file")
+
+
+def read_header(path: Path) -> ModelProto:
+    """The model's graph without external data; only an unreadable file is an error."""
+    check_model_file(path)
     if path.stat().st_size == 0:
         raise ModelError(f"{path}: file is empty; expected an ONNX model (.onnx)")
     try:

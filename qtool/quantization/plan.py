@@ -7,7 +7,6 @@ plain data that the report shows and `qdq.apply_plan` carries out.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field, replace
 
 from onnx import ModelProto, TensorProto
@@ -19,6 +18,7 @@ from qtool.io.model import DEFAULT_DOMAINS, GraphIndex, opset_version
 from qtool.numerics import BLOCKED_MIN_OPSET, QTYPES, is_sane_scale, scale_zero_point
 from qtool.quantization.rules import FLOAT_OUTPUT_KERNELS, RULES, OpRule, activation_inputs
 from qtool.quantization.weights import BiasQuant, ConstantQuant, NBitsQuant, quantize_constants, weights_reduce_range
+from qtool.recipe import patterns
 from qtool.recipe.schema import ActivationSpec, MatchSpec, OverrideSpec, QuantizationSpec, Recipe, WeightSpec
 
 
@@ -101,10 +101,10 @@ def _describe_match(index: int, override: OverrideSpec) -> str:
 def _matches(match: MatchSpec, node) -> bool:
     if match.op_type is not None and node.op_type != match.op_type:
         return False
-    if match.name is not None and not re.fullmatch(match.name, node.name):
+    if match.name is not None and not patterns.fullmatch(match.name, node.name):
         return False
     if match.tensor is not None and not any(
-        name and re.fullmatch(match.tensor, name) for name in list(node.input) + list(node.output)
+        name and patterns.fullmatch(match.tensor, name) for name in list(node.input) + list(node.output)
     ):
         return False
     return True
@@ -192,7 +192,7 @@ def _decide(node, rule: OpRule | None, recipe: Recipe, index: GraphIndex, types:
     if node.op_type in exclude.op_types:
         return _float_decision(node, "excluded: quantization.exclude.op_types")
     for pattern in exclude.nodes:
-        if re.fullmatch(pattern, node.name):
+        if patterns.fullmatch(pattern, node.name):
             return _float_decision(node, f"excluded: quantization.exclude.nodes {pattern!r}")
     if node.domain not in DEFAULT_DOMAINS:
         return _float_decision(node, "op type not in the rule table")

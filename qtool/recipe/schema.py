@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from qtool.recipe import patterns
+
 
 RECIPE_VERSION = 1
 
@@ -89,7 +91,7 @@ class CalibrationSpec(_Strict):
     def for_tensor(self, name: str) -> "CalibrationSpec":
         """This spec with the first matching override applied (itself when none matches)."""
         for override in self.overrides:
-            if re.fullmatch(override.tensor, name):
+            if patterns.fullmatch(override.tensor, name):
                 changes = {key: value for key in ("method", "percentile")
                            if (value := getattr(override, key)) is not None}
                 return self.model_copy(update={**changes, "overrides": []})

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from qtool.io.artifacts import write_text_atomic
+from qtool.errors import SideFileError, WriteError
+from qtool.io.artifacts import append_text, write_text_atomic
+from qtool.io.targets import check_output_file
 from qtool.reporting import document as reporting
 from qtool.reporting.html import render_html
 
@@ -18,12 +20,32 @@ def report_writers(report: dict) -> dict[str, Callable[[Path], None]]:
     }
 
 
-def write_ci_files(report: dict, junit: str | Path | None, step_summary: str | Path | None) -> None:
-    """The JUnit file (written whole, then renamed) and the Markdown appended to a CI step summary."""
+def check_ci_files(junit: str | Path | None, step_summary: str | Path | None, model_path: Path,
+                   protected=()) -> None:
+    """Before the run: neither the JUnit file nor the step summary may be (or hold) an input."""
     if junit is not None:
-        junit = Path(junit)
-        junit.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(junit, reporting.render_junit(report))
+        check_output_file(Path(junit), model_path, protected, what="--junit file")
     if step_summary:
-        with open(step_summary, "a", encoding="utf-8") as handle:
-            handle.write(reporting.render_markdown(report) + "\n")
+        check_output_file(Path(step_summary), model_path, protected, what="GITHUB_STEP_SUMMARY file")
+
+
+def write_ci_files(report: dict, junit: str | Path | None, step_summary: str | Path | None,
+                   artifacts: Path | None = None) -> None:
+    """The JUnit file (written whole, then renamed) and the Markdown appended to a CI step summary.
+
+    When `artifacts` (the output folder) is already complete, a failure here is a SideFileError
+    (exit 4) that says so; otherwise a WriteError (exit 2).
+    """
+    try:
+        if junit is not None:
+            junit = Path(junit)
+            if not junit.parent.is_dir():
+                junit.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(junit, reporting.render_junit(report))
+        if step_summary:
+            append_text(Path(step_summary), reporting.render_markdown(report) + "\n")
+    except (WriteError, OSError) as exc:
+        message = str(exc) if isinstance(exc, WriteError) else f"{junit}: cannot write: {exc.strerror or exc}"
+        if artifacts is not None:
+            raise SideFileError(f"{message} (the artifacts in {artifacts} are complete)") from None
+        raise WriteError(message) from None

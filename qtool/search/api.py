@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,10 +16,11 @@ from typing import Callable
 
 import yaml
 
-from qtool.api import Progress, quantize, stage_progress
-from qtool.errors import RecipeError, UsageError
+from qtool.api import Progress, quantize, recipe_inputs, stage_progress
+from qtool.errors import RecipeError, SideFileError, Terminated, UsageError, WorkerError, WriteError
 from qtool.evaluation.latency import BenchResult
-from qtool.io.artifacts import check_output_path, replace_file, write_artifacts, write_text_atomic
+from qtool.io.artifacts import guarded, replace_file, temporary_folder, write_artifacts, write_text_atomic
+from qtool.io.targets import check_output_file, check_output_path
 from qtool.io.model import file_sha256, save_model
 from qtool.recipe.load import load_recipe, parse_recipe
 from qtool.recipe.schema import Recipe
@@ -74,13 +74,16 @@ def sensitivity(
     model_path, data_dir = Path(model_path), Path(data_dir)
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     output = Path(output_dir) if output_dir is not None else None
+    inputs = (data_dir, validation_data, labels, *recipe_inputs(recipe))
     if output is not None:
-        check_output_path(output, model_path, overwrite, (data_dir, validation_data, labels, recipe.source))
+        check_output_path(output, model_path, overwrite, inputs)
     cache_path = Path(cache) if cache is not None else (output / SENSITIVITY_CACHE if output is not None else None)
+    if cache is not None:
+        check_output_file(cache_path, model_path, inputs, what="--cache file")
     tick = stage_progress(progress)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="qtool-trials-") as folder, make_executor(jobs) as executor:
-        setup = setup_trials(model_path, data_dir, recipe, Path(folder), validation_data, labels,
+    with temporary_folder("qtool-trials-") as folder, make_executor(jobs) as executor:
+        setup = setup_trials(model_path, data_dir, recipe, folder, validation_data, labels,
                               1 if jobs > 1 else None, tick)
         key = cache_key(file_sha256(model_path), recipe,
                         [setup.calib_data.listing_hash(), setup.eval_data.listing_hash()], f"{mode}:{samples}")
@@ -109,12 +112,16 @@ def sensitivity(
             writers[cache_path.name] = lambda path: path.write_text(cache_text, encoding="utf-8")
         write_artifacts(output, overwrite, writers)
     if cache_path is not None and cache_path.parent.resolve() != (output.resolve() if output else None):
-        write_text_atomic(cache_path, cache_text)
+        try:
+            write_text_atomic(cache_path, cache_text)
+        except WriteError as exc:
+            if output is None:
+                raise
+            raise SideFileError(f"{exc} (the artifacts in {output} are complete)") from None
     return SensitivityResult(report, rows, cached is not None)
 
 
 TUNED_RECIPE = "recipe.tuned.yaml"
-TUNE_ARTIFACTS = ("model.onnx", TUNED_RECIPE, "report.json", "report.md", "report.html")
 
 
 @dataclass(frozen=True)
@@ -123,6 +130,8 @@ class TuneResult:
     passed: bool  # the chosen trial meets every gate
     interrupted: bool
     output: Path
+    terminated: bool = False  # SIGTERM rather than Ctrl-C (exit 143, not 130)
+    written: bool = True  # False: stopped before a first best; an earlier run's results were left as they were
 
 
 def tuned_recipe_text(recipe: Recipe, overrides: list[dict], output: Path) -> str:
@@ -184,24 +193,24 @@ def tune(
         raise RecipeError(f"{recipe.source or 'recipe'}: validation.gates: tune needs a target: one of "
                           f"{', '.join(SEARCH_GATES)}")
     output = Path(output_dir)
-    check_output_path(output, model_path, overwrite, (data_dir, validation_data, labels, recipe.source))
+    inputs = (data_dir, validation_data, labels, *recipe_inputs(recipe))
+    check_output_path(output, model_path, overwrite, inputs)
     started = time.monotonic()
     deadline = started + time_budget if time_budget else None
     cache_path = Path(cache) if cache is not None else output / SENSITIVITY_CACHE
+    check_output_file(cache_path, model_path, inputs, what="--cache file")
     cached_document = read_cache(cache_path)
-    output.mkdir(parents=True, exist_ok=True)
-    for name in TUNE_ARTIFACTS:  # an earlier run's results must not pass for this one's
-        (output / name).unlink(missing_ok=True)
     tick = stage_progress(progress)
     say = on_event or (lambda line: None)
     figure = objective_name(gates)
     steps = ("a16", "float") if recipe.quantization.activations.dtype in A16 else ("float",)
-    interrupted = False
+    interrupted = terminated = False
+    died: WorkerError | None = None
     state: dict = {"best": None, "writes": 0}
     latencies: dict[tuple, BenchResult] = {}  # trial promotions -> timing
     report: dict = {}
-    with tempfile.TemporaryDirectory(prefix="qtool-trials-") as folder, make_executor(jobs) as executor:
-        setup = setup_trials(model_path, data_dir, recipe, Path(folder), validation_data, labels,
+    with temporary_folder("qtool-trials-") as folder, make_executor(jobs) as executor:
+        setup = setup_trials(model_path, data_dir, recipe, folder, validation_data, labels,
                               1 if jobs > 1 else None, tick)
         context = replace(setup.context, gates=gates)
         key = cache_key(file_sha256(model_path), recipe,
@@ -221,6 +230,9 @@ def tune(
             quantized, _, _ = build_trial_model(context, result.spec)
             overrides = promotion_overrides(result.spec.promotions, recipe.quantization.activations.dtype)
             text = tuned_recipe_text(recipe, overrides, output)
+            if not state["writes"]:  # the folder, and an earlier run's results, are touched from here on
+                with guarded(output, "create the output folder"):
+                    output.mkdir(parents=True, exist_ok=True)
             replace_file(output / "model.onnx", lambda path: save_model(quantized, path))
             replace_file(output / TUNED_RECIPE, lambda path: path.write_text(text, encoding="utf-8"))
             state["best"], state["writes"] = result, state["writes"] + 1
@@ -251,13 +263,20 @@ def tune(
                 search.stop_reason = "the recipe as given passes the gates: nothing to promote"
             if latency_runs:
                 _time_trials(context, search.order, latency_runs, latencies, tick("latency"))
-        except KeyboardInterrupt:
-            interrupted = True
-            search.stop_reason = "interrupted (Ctrl-C)"
+        except KeyboardInterrupt as exc:
+            interrupted, terminated = True, isinstance(exc, Terminated)
+            search.stop_reason = "terminated (SIGTERM)" if terminated else "interrupted (Ctrl-C)"
+            executor.close()
+        except WorkerError as exc:
+            died, search.stop_reason = exc, f"stopped: {exc}"
             executor.close()
         best = state["best"]
         reproduced = None
-        if not interrupted and best is not None:
+        if not state["writes"]:  # nothing of this run on disk: leave the folder as it was
+            if died is not None:
+                raise died
+            return TuneResult(build_report(True, search.stop_reason), False, interrupted, output, terminated, False)
+        if not interrupted and died is None and best is not None:
             tuned = load_recipe(output / TUNED_RECIPE)
             again = quantize(model_path, data_dir, tuned, validation_data=validation_data, labels=labels)
             digest = hashlib.sha256(again.model.SerializeToString()).hexdigest()
@@ -267,7 +286,9 @@ def tune(
         report["chosen"]["reproduced_by_quantize"] = reproduced
         for name, write in search_report_writers(report).items():
             replace_file(output / name, write)
-    return TuneResult(report, bool(best and best.passed), interrupted, output)
+    if died is not None:
+        raise WorkerError(f"{died}; the best trial so far is kept in {output}")
+    return TuneResult(report, bool(best and best.passed), interrupted, output, terminated)
 
 
 def _time_trials(context: TrialContext, trials: list[TrialResult], runs: int, latencies: dict, progress) -> None:

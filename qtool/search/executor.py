@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Iterable, Iterator, Protocol, TypeVar
+
+from qtool.errors import WorkerError
 
 Task = TypeVar("Task")
 Result = TypeVar("Result")
@@ -48,39 +53,54 @@ class InlineExecutor:
         self.close()
 
 
-def _call(item):
-    fn, task = item
-    return task, fn(task)
-
-
 def _quiet_worker() -> None:
-    """Workers leave Ctrl-C to the parent, which closes the pool; one ORT thread each unless told."""
-    import signal
-
+    """Workers leave Ctrl-C to the parent, which closes the pool; one ORT thread each unless told
+    (set before a trial imports ONNX Runtime)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 class LocalProcessExecutor:
-    """A pool of `jobs` worker processes (forkserver where available, else spawn: no forked ORT state)."""
+    """A pool of `jobs` worker processes (forkserver where available, else spawn: no forked ORT state).
+
+    A worker that dies (the OOM killer's SIGKILL) breaks the pool: `map_unordered` then raises a
+    WorkerError at once, where a `multiprocessing.Pool` would wait forever for the lost task.
+    """
 
     def __init__(self, jobs: int):
         self.jobs = max(1, int(jobs))
         methods = multiprocessing.get_all_start_methods()
         context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-        env_threads = os.environ.get("OMP_NUM_THREADS")
-        os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the workers
-        try:
-            self._pool = context.Pool(self.jobs, initializer=_quiet_worker)
-        finally:
-            if env_threads is None:
-                os.environ.pop("OMP_NUM_THREADS", None)
+        self._pool = ProcessPoolExecutor(self.jobs, mp_context=context, initializer=_quiet_worker)
 
     def map_unordered(self, fn, tasks):
-        yield from self._pool.imap_unordered(_call, [(fn, task) for task in tasks])
+        futures: dict = {}
+        try:
+            futures.update((self._pool.submit(fn, task), task) for task in tasks)
+            for future in as_completed(futures):
+                yield futures[future], future.result()
+        except BrokenProcessPool:
+            raise WorkerError(f"a trial worker process died before it was done ({self._deaths()}); "
+                              "out of memory? try fewer --jobs") from None
+        finally:
+            for future in futures:
+                future.cancel()
+
+    def _deaths(self) -> str:
+        codes = sorted({process.exitcode for process in list((self._pool._processes or {}).values())
+                        if process.exitcode is not None})
+        named = [f"signal {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals()
+                 else f"exit code {code}" for code in codes]
+        return ", ".join(named) or "killed"
 
     def close(self) -> None:
-        self._pool.terminate()
-        self._pool.join()
+        processes = list((self._pool._processes or {}).values())
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:  # a trial still running is not waited for
+            if process.is_alive():
+                process.kill()
+        for process in processes:
+            process.join()
 
     def __enter__(self):
         return self
