@@ -253,7 +253,7 @@ class QuantizationSpec(_Strict):
 
 
 Gate = Literal["min_cosine", "min_sqnr_db", "max_accuracy_drop", "min_top1_agreement",
-               "max_latency_ratio", "min_size_ratio"]
+               "max_latency_ratio", "min_size_ratio", "min_slice_sqnr_db"]
 
 
 class ValidationSpec(_Strict):
@@ -271,7 +271,9 @@ class ValidationSpec(_Strict):
         None, description="Evaluate at most this many samples."
     )
     gates: dict[Gate, float] = Field(
-        default_factory=dict, description="Quality gates; a failed gate makes the exit code 1."
+        default_factory=dict, description="Quality gates; a failed gate makes the exit code 1. "
+        "`min_slice_sqnr_db` checks the worst slice of each output along its feature axis (an output "
+        "without one counts as one slice)."
     )
 
 
