@@ -31,7 +31,7 @@ from qtool.quantization.plan import build_plan, required_opset, select_tensors
 from qtool.quantization.prepare import prepare_model
 from qtool.quantization.qdq import apply_plan, ensure_opset
 from qtool.recipe.load import load_recipe, parse_recipe
-from qtool.recipe.schema import Recipe, recipe_json_schema
+from qtool.recipe.schema import Recipe, gate_problem, recipe_json_schema
 from qtool.reporting import document as reporting
 from qtool.reporting.files import report_writers, write_ci_files
 from qtool.runtime.session import INTEGER_OP_TYPES, check_runnable, int8_kernels_may_saturate, optimized_op_histogram
@@ -329,6 +329,9 @@ def compare(
     unknown = sorted(set(wanted) - set(GATES))
     if unknown:
         raise UsageError(f"unknown gate {', '.join(unknown)}; allowed: {', '.join(GATES)}")
+    for name, threshold in (gates or {}).items():
+        if gate_problem(name, threshold):
+            raise UsageError(f"gate {name}={threshold}: {gate_problem(name, threshold)}")
     output = Path(output_dir) if output_dir is not None else None
     if output is not None:
         check_output_path(output, reference_path, overwrite, (candidate_path, data_dir, labels, recipe.source))

@@ -137,6 +137,7 @@ def calibrate(model: Path, data_dir: Path, recipe_path: Path | None, output_path
 
 def _parse_gates(ctx, param, values: tuple[str, ...]) -> dict[str, float]:
     from qtool.evaluation.compare import GATES
+    from qtool.recipe.schema import gate_problem
 
     gates = {}
     for text in values:
@@ -149,6 +150,8 @@ def _parse_gates(ctx, param, values: tuple[str, ...]) -> dict[str, float]:
             gates[name] = float("nan")
         if gates[name] != gates[name]:
             raise click.BadParameter(f"{text!r}: expected NAME=NUMBER, e.g. min_cosine=0.99")
+        if gate_problem(name, gates[name]):
+            raise click.BadParameter(f"{text!r}: {gate_problem(name, gates[name])}")
     return gates
 
 
