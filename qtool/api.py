@@ -27,6 +27,7 @@ from qtool.io.data import DataFolder, model_inputs, read_labels
 from qtool.io.model import (QUANTIZED_OP_TYPES, file_sha256, load_model, model_file_bytes, opset_version, proto_size,
                             read_header, save_model, upgrade_opset)
 from qtool.numerics import QTYPES
+from qtool.quantization.coverage import check_coverage
 from qtool.quantization.plan import build_plan, required_opset, select_tensors
 from qtool.quantization.prepare import prepare_model
 from qtool.quantization.qdq import apply_plan, ensure_opset
@@ -253,6 +254,8 @@ def quantize(
                                   QTYPES[act.dtype], act.symmetric, tick("calibrate"), selection.hessian_inputs)
     saturating = int8_kernels_may_saturate()
     plan = build_plan(model, recipe, selection, table, saturating)
+    check_coverage(plan, sum(d.quantized for d in selection.nodes), model=model_path, recipe=recipe.source,
+                   ranges_from=Path(calibration or data_dir), table=calibration is not None)
     quantized = apply_plan(model, plan)
     for key, value in _float_metadata(model).items():
         _set_metadata(quantized, key, value)

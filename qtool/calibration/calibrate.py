@@ -84,8 +84,9 @@ def calibrate(
     session = make_session(with_outputs(model, exposed), optimize=False)
     runs = _runs(data, spec.batch_size)
     first = next(runs, None)
-    if first is None:
-        raise DataError(f"{data.folder}: no samples to calibrate with")
+    if first is None or not _count(first[1]):
+        raise DataError(f"{data.folder}: no samples to calibrate with"
+                        + (" (its files hold arrays of length 0 along the batch axis)" if first else ""))
     outputs = _run(partial(run, session), first, data)  # one sample, every tensor: their bytes per sample
     sizes = {name: float(outputs[name].nbytes) for name in exposed}
     histograms = sum(sizes[name] for name in tensors if specs[name].method != "minmax")

@@ -8,6 +8,7 @@ from typing import Callable
 import numpy as np
 from onnx import ModelProto
 
+from qtool.errors import DataError
 from qtool.evaluation.metrics import is_classifier_output, top1
 from qtool.io.data import DataFolder
 from qtool.runtime.session import make_session, run
@@ -191,6 +192,8 @@ def compare_models(
     labelled = samples = 0
     total = min(len(data.files), data.limit) if data.limit else len(data.files)
     for batch in data.batches(batch_size):
+        if not batch.files:  # files that hold 0 samples
+            continue
         ref_out = run(ref_session, batch.feeds)
         cand_out = run(cand_session, batch.feeds)
         for name, ref in ref_out.items():
@@ -207,6 +210,9 @@ def compare_models(
                     labelled += len(known)
         if progress:
             progress(samples, max(total, samples))
+    if not samples:  # figures over nothing would read as a perfect match
+        raise DataError(f"{data.folder}: no samples to validate with (its files hold arrays of length 0 "
+                        "along the batch axis)")
     accuracy = {key: value / labelled for key, value in correct.items()} if labelled else {}
     return Comparison(samples, {name: s.figures() for name, s in stats.items()}, accuracy, labelled)
 

@@ -17,6 +17,7 @@ from qtool.calibration.hessians import Im2Col, hessian_inputs
 from qtool.errors import ModelError
 from qtool.io.model import DEFAULT_DOMAINS, GraphIndex, opset_version
 from qtool.numerics import BLOCKED_MIN_OPSET, QTYPES, is_sane_scale, scale_zero_point
+from qtool.quantization.coverage import drop_rangeless
 from qtool.quantization.joins import joins_to_split
 from qtool.quantization.rules import FLOAT_OUTPUT_KERNELS, RULES, OpRule, activation_inputs
 from qtool.quantization.weights import BiasQuant, ConstantQuant, NBitsQuant, quantize_constants, weights_reduce_range
@@ -391,7 +392,7 @@ def build_plan(
             name, quant.qtype, quant.symmetric, quant.range_of, float(scale), int(zero_point)
         )
 
-    nodes = list(selection.nodes)
+    nodes = drop_rangeless(model.graph, list(selection.nodes), selection.activations, activations)
     hessians = {name: h for name, h in table.hessians.items() if name in selection.hessian_inputs}
     if len(hessians) < len(selection.hessian_inputs):
         notes.append(f"weights.rounding gptq: no input statistics for {len(selection.hessian_inputs) - len(hessians)}"
