@@ -136,3 +136,20 @@ def test_worst_slice_is_streamed_over_batches_and_feeds_the_gate():
     assert gate == GateResult("min_slice_sqnr_db", 6.5, comparison.figure("slice_sqnr_db"), False)
     only_score = Comparison(8, {"score": no_axis.figures()})
     assert abs(only_score.figure("slice_sqnr_db") - 20.0) < 1e-9
+
+
+def test_an_all_zero_input_does_not_split_a_concat(tmp_path):
+    """Zero is exact under any scale: a Concat with a zero-filled input stays quantized."""
+    rng = np.random.default_rng(4)
+    model = make_model(
+        [helper.make_node("Conv", ["x", "wa"], ["a"], name="conv_a"),
+         helper.make_node("Mul", ["x", "zero"], ["z"], name="mask"),
+         helper.make_node("Concat", ["a", "z"], ["y"], name="join", axis=1)],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, ANCHORS])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 12, ANCHORS])],
+        {"wa": rng.normal(size=(4, 8, 1)).astype(np.float32), "zero": np.zeros((1, 1, 1), np.float32)})
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    result = api.quantize(path, save_npy_folder(tmp_path / "calib", rng.normal(size=(8, 1, 8, ANCHORS))))
+    join = next(node for node in result.report["plan"]["nodes"] if node["node"] == "join")
+    assert join["quantized"], join["reason"]

@@ -54,12 +54,14 @@ def joins_to_split(graph, decisions: list[NodeDecision], range_of: dict[str, str
         qtype, symmetric = QTYPES[decision.activations.dtype], decision.activations.symmetric
         joined = float(scale_zero_point(min(lo for lo, _ in ranges), max(hi for _, hi in ranges), qtype, symmetric)[0])
         widths = [max(hi, 0.0) - min(lo, 0.0) for lo, hi in ranges]
-        narrow = int(np.argmin(widths))
+        if sum(width > 0 for width in widths) < 2:
+            continue  # an all-zero input is exact under any scale
+        narrow = min((i for i, width in enumerate(widths) if width > 0), key=widths.__getitem__)
         steps = widths[narrow] / joined
         if steps >= MIN_JOINED_STEPS:
             continue
         wide = int(np.argmax(widths))
-        why = (f"kept float: its inputs' ranges differ {widths[wide] / max(widths[narrow], 1e-30):.3g}x "
+        why = (f"kept float: its inputs' ranges differ {widths[wide] / widths[narrow]:.3g}x "
                f"({names[wide]} spans {widths[wide]:.4g}, {names[narrow]} {widths[narrow]:.4g}); one "
                f"{qtype.name} scale would leave {names[narrow]} {steps:.3g} steps (fewer than {MIN_JOINED_STEPS}), "
                "so each input keeps its own scale")
