@@ -254,8 +254,9 @@ def quantize(
                                   QTYPES[act.dtype], act.symmetric, tick("calibrate"), selection.hessian_inputs)
     saturating = int8_kernels_may_saturate()
     plan = build_plan(model, recipe, selection, table, saturating)
-    check_coverage(plan, sum(d.quantized for d in selection.nodes), model=model_path, recipe=recipe.source,
-                   ranges_from=Path(calibration or data_dir), table=calibration is not None)
+    warnings += check_coverage(plan, sum(d.quantized for d in selection.nodes), model=model_path,
+                               recipe=recipe.source, ranges_from=Path(calibration or data_dir),
+                               table=calibration is not None)
     quantized = apply_plan(model, plan)
     for key, value in _float_metadata(model).items():
         _set_metadata(quantized, key, value)

@@ -45,7 +45,7 @@ def test_w4_matmul_on_a_gemm_only_model_exits_2_saying_nothing_is_quantized(gemm
     result = run("quantize", str(model), "--recipe", str(ROOT / "configs" / "w4-matmul.yaml"), "--data", str(data),
                  "--output", str(tmp_path / "out"))
     assert result.exit_code == 2
-    assert "nothing to quantize" in result.stderr and "none of its 3 nodes" in result.stderr
+    assert "nothing to quantize: none of its 3 nodes under recipe" in result.stderr
     assert "Gemm×2, Relu×1: quantization.static is false" in result.stderr
     assert not (tmp_path / "out").exists()
 
@@ -106,6 +106,8 @@ def test_a_node_whose_every_range_is_degenerate_counts_as_float(tmp_path):
     assert not nodes["gate"]["quantized"] and nodes["gate"]["reason"].startswith("float: no usable range for z")
     assert nodes["conv"]["quantized"] and nodes["add"]["quantized"]
     assert result.report["plan"]["nodes_quantized"] == sum(node["quantized"] for node in nodes.values()) == 3
+    assert any(w.startswith("1 of the 4 nodes the recipe quantizes kept float: no usable range")
+               for w in result.report["warnings"])
     assert not any(node.op_type == "QuantizeLinear" and node.input[0] in ("z", "half") for node in result.model.graph.node)
 
 
@@ -113,3 +115,20 @@ def test_an_unquantizable_model_is_refused_by_the_api_too(gemm):
     model, data = gemm
     with pytest.raises(ModelError, match="nothing to quantize"):
         api.quantize(model, data, ROOT / "configs" / "w4-matmul.yaml")
+
+
+def test_a_model_whose_only_node_is_a_split_concat_is_refused_as_nothing_to_quantize(tmp_path):
+    model = make_model([helper.make_node("Concat", ["a", "b"], ["y"], name="join", axis=1)],
+                       [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 4]),
+                        helper.make_tensor_value_info("b", TensorProto.FLOAT, ["N", 4])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])])
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        np.savez(data / f"{i}.npz", a=(rng.random((1, 4)) * 650).astype(np.float32),
+                 b=rng.random((1, 4)).astype(np.float32))
+    with pytest.raises(ModelError, match=r"nothing to quantize: none of its 1 nodes .*Concat×1: kept float"):
+        api.quantize(path, data)

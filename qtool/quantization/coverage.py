@@ -39,23 +39,27 @@ def drop_rangeless(graph, nodes: list[NodeDecision], selected: dict, planned: di
 
 
 def check_coverage(plan: QuantPlan, asked: int, *, model: Path, recipe: Path | None, ranges_from: Path,
-                   table: bool) -> None:
+                   table: bool) -> list[str]:
     """Refuse a plan that cannot stand for what the recipe asked (`asked`: the nodes it quantizes):
     nothing to quantize (the recipe and the model's fault), or no usable range for most of it (the
-    calibration data's or table's, `ranges_from`)."""
+    calibration data's or table's, `ranges_from`). Returns the warning for a smaller loss."""
     quantized = sum(d.quantized for d in plan.nodes)
     rangeless = sum(d.reason.startswith(NO_RANGE) for d in plan.nodes)
-    if not asked:
+    if not asked or not (quantized or rangeless):
         reasons: dict[str, Counter] = {}
         for d in plan.nodes:
             reasons.setdefault(d.reason, Counter())[d.op_type] += 1
         shown = "; ".join(f"{', '.join(f'{op}×{n}' for op, n in ops.most_common())}: {reason}"
                           for reason, ops in sorted(reasons.items(), key=lambda item: -sum(item[1].values()))[:3])
-        raise ModelError(f"{model}: nothing to quantize: recipe {recipe or '(built-in default)'} quantizes none of "
-                         f"its {len(plan.nodes)} nodes ({shown}); nothing written")
+        raise ModelError(f"{model}: nothing to quantize: none of its {len(plan.nodes)} nodes under recipe "
+                         f"{recipe or '(built-in default)'} ({shown}); nothing written")
     if not quantized or rangeless > MAX_RANGELESS_SHARE * asked:
         degenerate = [note for note in plan.notes if "kept float" in note and "range" in note]
         error = CalibrationError if table else DataError
         raise error(f"{ranges_from}: no usable range for {rangeless} of the {asked} nodes the recipe quantizes "
                     f"({quantized} left quantized), e.g. {'; '.join(degenerate[:2])}: every value the same, or a "
                     "scale that is zero, tiny or not finite; nothing written")
+    if rangeless:
+        return [f"{rangeless} of the {asked} nodes the recipe quantizes kept float: no usable range from "
+                f"{ranges_from} (the plan's notes name each tensor)"]
+    return []
