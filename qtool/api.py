@@ -30,12 +30,13 @@ from qtool.io.targets import check_output_file, check_output_path
 from qtool.io.model import (QUANTIZED_OP_TYPES, file_sha256, load_model, model_file_bytes, opset_version, proto_size,
                             read_header, save_model, upgrade_opset)
 from qtool.numerics import QTYPES
+from qtool.quantization.coverage import check_coverage
 from qtool.quantization.plan import build_plan, required_opset, select_tensors
 from qtool.quantization.prepare import prepare_model
 from qtool.quantization.qdq import apply_plan, ensure_opset
 from qtool.quantization.widen import widen_to_float32
 from qtool.recipe.load import load_recipe, parse_recipe
-from qtool.recipe.schema import Recipe, recipe_json_schema
+from qtool.recipe.schema import Recipe, gate_problem, recipe_json_schema
 from qtool.reporting import document as reporting
 from qtool.reporting.files import check_ci_files, report_writers, write_ci_files
 from qtool.runtime.session import INTEGER_OP_TYPES, check_runnable, int8_kernels_may_saturate, optimized_op_histogram
@@ -262,6 +263,9 @@ def quantize(
         warnings += table.notes
     saturating = int8_kernels_may_saturate()
     plan = build_plan(model, recipe, selection, table, saturating)
+    warnings += check_coverage(plan, sum(d.quantized for d in selection.nodes), model=model_path,
+                               recipe=recipe.source, ranges_from=Path(calibration or data_dir),
+                               table=calibration is not None)
     quantized = apply_plan(model, plan)
     for key, value in _float_metadata(model).items():
         _set_metadata(quantized, key, value)
@@ -338,6 +342,9 @@ def compare(
     unknown = sorted(set(wanted) - set(GATES))
     if unknown:
         raise UsageError(f"unknown gate {', '.join(unknown)}; allowed: {', '.join(GATES)}")
+    for name, threshold in (gates or {}).items():
+        if gate_problem(name, threshold):
+            raise UsageError(f"gate {name}={threshold}: {gate_problem(name, threshold)}")
     output = Path(output_dir) if output_dir is not None else None
     read_paths = (candidate_path, data_dir, labels, *recipe_inputs(recipe))
     if output is not None:

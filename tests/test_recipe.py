@@ -33,7 +33,7 @@ def test_shipped_int8_recipe_loads():
     from conftest import ROOT
 
     recipe = load_recipe(ROOT / "configs" / "int8.yaml")
-    assert recipe.validation.gates == {"min_cosine": 0.98}
+    assert recipe.validation.gates == {"min_cosine": 0.98, "min_slice_sqnr_db": 10.0}
 
 
 def test_unknown_key_names_file_line_key_and_allowed(tmp_path):
@@ -79,3 +79,58 @@ def test_paths_resolve_relative_to_recipe(tmp_path):
 def test_json_schema_lists_sections():
     schema = recipe_json_schema()
     assert set(schema["properties"]) == set(Recipe.model_fields) - {"source"}
+
+
+@pytest.mark.parametrize("text, key", [
+    ("calibration:\n  samples: yes\n", ":2: calibration.samples: True"),
+    ("calibration:\n  batch_size: on\n", ":2: calibration.batch_size: True"),
+    ("version: true\n", ":1: version: True"),
+    ("quantization:\n  weights: {block_size: no}\n", ":2: quantization.weights.block_size: False"),
+    ("validation:\n  gates:\n    min_cosine: 0.9\n    min_sqnr_db: yes\n", ":4: validation.gates.min_sqnr_db: True"),
+    ("data:\n  images: {mean: [0.5, yes, 0.5]}\n", ":2: data.images.mean: [0.5, True, 0.5]"),
+])
+def test_booleans_are_not_numbers(tmp_path, text, key):
+    message = error_of(tmp_path, text)
+    assert key + " is not allowed: expected a number, not a boolean" in message
+
+
+def test_booleans_stay_booleans_where_the_schema_says_so(tmp_path):
+    recipe = load_recipe(write(tmp_path, "quantization:\n  weights: {symmetric: no, reduce_range: yes}\n"
+                                         "  overrides:\n    - {match: {op_type: Conv}, float: yes}\n"))
+    assert recipe.quantization.weights.symmetric is False and recipe.quantization.weights.reduce_range is True
+    assert recipe.quantization.overrides[0].float is True
+
+
+@pytest.mark.parametrize("gate, value, allowed", [
+    ("min_cosine", ".nan", "finite number"),
+    ("min_cosine", "5", "5 is outside what min_cosine measures: expected a cosine from -1 to 1"),
+    ("min_sqnr_db", ".inf", "finite number"),
+    ("min_slice_sqnr_db", "-.inf", "finite number"),
+    ("min_top1_agreement", "1.5", "expected a fraction from 0 to 1"),
+    ("max_accuracy_drop", "-2", "expected a fraction from -1 to 1"),
+    ("max_latency_ratio", "0", "expected a ratio above 0"),
+    ("min_size_ratio", "-1", "expected a ratio above 0"),
+])
+def test_gate_thresholds_in_their_range(tmp_path, gate, value, allowed):
+    message = error_of(tmp_path, f"validation:\n  samples: 8\n  gates:\n    {gate}: {value}\n")
+    assert f":4: validation.gates.{gate}:" in message and allowed in message
+
+
+def test_gates_at_the_ends_of_their_ranges_load(tmp_path):
+    recipe = load_recipe(write(tmp_path, "validation:\n  gates: {min_cosine: 1, min_top1_agreement: 0, "
+                                         "max_accuracy_drop: 0, min_slice_sqnr_db: -10, max_latency_ratio: 1.5}\n"))
+    assert recipe.validation.gates["min_cosine"] == 1.0 and recipe.validation.gates["min_slice_sqnr_db"] == -10.0
+
+
+def test_compare_gates_from_the_command_line_and_the_api_have_the_same_ranges(tmp_path):
+    from click.testing import CliRunner
+
+    from qtool import api
+    from qtool.cli.main import main
+    from qtool.errors import UsageError
+
+    result = CliRunner().invoke(main, ["compare", "a.onnx", "b.onnx", "--data", str(tmp_path), "--output",
+                                       str(tmp_path / "out"), "--gate", "min_cosine=5"])
+    assert result.exit_code == 2 and "'min_cosine=5': 5 is outside what min_cosine measures" in result.stderr
+    with pytest.raises(UsageError, match="gate min_top1_agreement=-0.5: -0.5 is outside"):
+        api.compare("a.onnx", "b.onnx", tmp_path, gates={"min_top1_agreement": -0.5})

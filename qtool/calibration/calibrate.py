@@ -92,7 +92,7 @@ def calibrate(
     session = make_session(with_outputs(model, exposed), optimize=False)
     runs = _runs(data, spec.batch_size)
     first = next(runs, None)
-    if first is None:
+    if first is None:  # no files, or files that hold 0 samples
         raise DataError(f"{data.folder}: no samples to calibrate with")
     # one sample, every tensor: bytes per sample
     (outputs, _), = _run(partial(run, session), first, data, notes, proven=False)

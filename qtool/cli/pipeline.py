@@ -154,6 +154,7 @@ def calibrate(model: Path, data_dir: Path | None, data_loader: str | None, recip
 
 def _parse_gates(ctx, param, values: tuple[str, ...]) -> dict[str, float]:
     from qtool.evaluation.compare import GATES
+    from qtool.recipe.schema import gate_problem
 
     gates = {}
     for text in values:
@@ -166,6 +167,8 @@ def _parse_gates(ctx, param, values: tuple[str, ...]) -> dict[str, float]:
             gates[name] = float("nan")
         if gates[name] != gates[name]:
             raise click.BadParameter(f"{text!r}: expected NAME=NUMBER, e.g. min_cosine=0.99")
+        if gate_problem(name, gates[name]):
+            raise click.BadParameter(f"{text!r}: {gate_problem(name, gates[name])}")
     return gates
 
 
@@ -193,7 +196,7 @@ def analysis_options(command):
               help="Recipe whose validation.gates, data and batch settings apply.")
 @click.option("--gate", "gates", multiple=True, callback=_parse_gates, metavar="NAME=VALUE",
               help="A quality gate (repeatable; overrides the recipe's). Names: min_cosine, min_sqnr_db, "
-                   "max_accuracy_drop, min_top1_agreement, max_latency_ratio, min_size_ratio.")
+                   "min_slice_sqnr_db, max_accuracy_drop, min_top1_agreement, max_latency_ratio, min_size_ratio.")
 @analysis_options
 @click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path),
               help="Folder to write report.json, report.md and report.html into.")

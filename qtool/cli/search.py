@@ -101,7 +101,7 @@ def tune(model: Path, recipe_path: Path, data_dir: Path, validation_data: Path |
     """Find per-node precision (16-bit activations, then float) that meets the recipe's gates.
 
     Target: the recipe's validation.gates (max_accuracy_drop with labels,
-    min_cosine, min_sqnr_db, min_top1_agreement, min_size_ratio). The most
+    min_cosine, min_sqnr_db, min_slice_sqnr_db, min_top1_agreement, min_size_ratio). The most
     sensitive nodes are promoted a step, a few at a time, then bisected back
     to the fewest promotions. After every better trial the model and
     recipe.tuned.yaml (the input recipe plus exact-name overrides; re-run it

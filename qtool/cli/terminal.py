@@ -74,7 +74,10 @@ def print_quantize_summary(console: Console, report: dict, output_dir: Path, ver
     table.add_row("integer ops", ", ".join(f"{op}×{n}" for op, n in report["kernels"]["integer_ops"].items())
                   or "none")
     for name, figures in report["validation"]["outputs"].items():
-        table.add_row(f"{name}: cosine / SQNR", f"{figures['cosine']:.5f} / {figures['sqnr_db']:.2f} dB")
+        worst = figures.get("worst_slice")
+        table.add_row(f"{name}: cosine / SQNR" + (" / worst slice" if worst else ""),
+                      f"{figures['cosine']:.5f} / {figures['sqnr_db']:.2f} dB"
+                      + (f" / {worst['sqnr_db']:.2f} dB (axis {worst['axis']} #{worst['index']})" if worst else ""))
     accuracy = report["validation"].get("accuracy")
     if accuracy:
         table.add_row("top-1 float → quantized", f"{accuracy['float']:.2%} → {accuracy['quantized']:.2%}")

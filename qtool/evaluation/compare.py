@@ -8,6 +8,7 @@ from typing import Callable
 import numpy as np
 from onnx import ModelProto
 
+from qtool.errors import DataError
 from qtool.evaluation.metrics import is_classifier_output, top1
 from qtool.io.data import DataFolder
 from qtool.runtime.session import make_session, run_batch
@@ -16,6 +17,7 @@ GATES = {
     # name: (figure it reads, True when larger is better)
     "min_cosine": ("cosine", True),
     "min_sqnr_db": ("sqnr_db", True),
+    "min_slice_sqnr_db": ("slice_sqnr_db", True),  # worst slice along each output's feature axis
     "min_top1_agreement": ("top1_agreement", True),
     "max_accuracy_drop": ("accuracy_drop", False),
     "max_latency_ratio": ("latency_ratio", False),  # candidate median / reference median
@@ -26,10 +28,23 @@ GATES = {
 SQNR_EDGES = tuple(float(edge) for edge in range(0, 84, 4))
 
 
+def feature_axis(shape: tuple[int, ...]) -> int | None:
+    """The axis an output's features (channels, classes, box fields) run along, None if it has none.
+
+    Axis 1 ([N, C], NCHW, [N, C, L]); for rank 3 the shorter of axes 1 and 2, since an output lists
+    fewer features than positions (YOLOv8's [N, 84, anchors], YOLOv5's [N, anchors, 85], [N, T, classes]).
+    None below rank 2 or when that axis has size 1.
+    """
+    if len(shape) < 2:
+        return None
+    axis = 2 if len(shape) == 3 and shape[2] < shape[1] else 1
+    return axis if shape[axis] > 1 else None
+
+
 class OutputStats:
     """Running sums that give cosine, SQNR and errors without keeping outputs."""
 
-    def __init__(self, classifier: bool = True):
+    def __init__(self, classifier: bool = True, slices: bool = True):
         self.dot = self.ref_sq = self.cand_sq = self.noise = self.abs_sum = 0.0
         self.max_abs = 0.0
         self.count = 0
@@ -38,6 +53,10 @@ class OutputStats:
         self.classes = 0
         self.classifier = classifier  # False: skip top-k agreement (layers, weights)
         self.sqnr_counts = np.zeros(len(SQNR_EDGES) - 1, dtype=np.int64)
+        # Signal and noise per slice along the feature axis (slices=False: not measured, as for layers).
+        self.slices: bool = slices
+        self.slice_axis: int | None = None
+        self.slice_signal = self.slice_noise = np.zeros(0)
 
     def update(self, ref: np.ndarray, cand: np.ndarray) -> None:
         a, b = ref.astype(np.float64), cand.astype(np.float64)
@@ -48,6 +67,8 @@ class OutputStats:
         self.noise += float(np.sum(diff * diff))
         self.abs_sum += float(np.sum(np.abs(diff)))
         self.max_abs = max(self.max_abs, float(np.max(np.abs(diff), initial=0.0)))
+        if self.slices:
+            self._update_slices(a, diff, first=not self.count)
         self.count += diff.size
         if a.ndim >= 1 and a.shape[0]:
             per_signal = np.sum(a.reshape(a.shape[0], -1) ** 2, axis=1)
@@ -67,6 +88,28 @@ class OutputStats:
                 self.agree5 += int(np.sum(np.any(top5 == ref_top1[:, None], axis=1)))
             self.samples += ref.shape[0]
 
+    def _update_slices(self, a: np.ndarray, diff: np.ndarray, first: bool) -> None:
+        if first:  # the first batch fixes the axis
+            self.slice_axis = feature_axis(a.shape)
+            if self.slice_axis is not None:
+                self.slice_signal = self.slice_noise = np.zeros(a.shape[self.slice_axis])
+        axis = self.slice_axis
+        if axis is None:
+            return
+        if a.ndim <= axis or a.shape[axis] != self.slice_signal.size:  # the feature axis changed size
+            self.slice_axis = None
+            return
+        self.slice_signal = self.slice_signal + np.moveaxis(a * a, axis, 0).reshape(a.shape[axis], -1).sum(axis=1)
+        self.slice_noise = self.slice_noise + np.moveaxis(diff * diff, axis, 0).reshape(a.shape[axis], -1).sum(axis=1)
+
+    def worst_slice(self) -> dict | None:
+        """The slice along the feature axis with the lowest SQNR (a collapsed part of the output)."""
+        if self.slice_axis is None or not self.slice_signal.size:
+            return None
+        sqnr = [_sqnr(float(s), float(n)) for s, n in zip(self.slice_signal, self.slice_noise)]
+        index = int(np.argmin(sqnr))
+        return {"axis": self.slice_axis, "index": index, "sqnr_db": sqnr[index], "slices": len(sqnr)}
+
     def figures(self, histogram: bool = True) -> dict:
         norms = np.sqrt(self.ref_sq * self.cand_sq)
         figures = {
@@ -81,6 +124,8 @@ class OutputStats:
             if self.classes > 5:
                 # the reference's top-1 class is among the candidate's top 5
                 figures["top5_agreement"] = self.agree5 / self.samples
+        if self.slices:
+            figures["worst_slice"] = self.worst_slice()
         if histogram:
             figures["sample_sqnr_histogram"] = {"edges_db": list(SQNR_EDGES),
                                                 "counts": [int(c) for c in self.sqnr_counts]}
@@ -108,6 +153,10 @@ class Comparison:
             if not self.accuracy:
                 return None
             return self.accuracy["reference"] - self.accuracy["candidate"]
+        if name == "slice_sqnr_db":  # an output without a feature axis is its own one slice
+            values = [(f["worst_slice"] or {"sqnr_db": f["sqnr_db"]})["sqnr_db"]
+                      for f in self.outputs.values() if "worst_slice" in f]
+            return min(values) if values else None
         values = [figures[name] for figures in self.outputs.values() if name in figures]
         return min(values) if values else None
 
@@ -143,6 +192,8 @@ def compare_models(
     labelled = samples = 0
     total = data.total or 0
     for batch in data.batches(batch_size):
+        if not batch.files:  # files that hold 0 samples
+            continue
         ref_out = run_batch(ref_session, batch.feeds, batch.files, data, "the reference model")
         cand_out = run_batch(cand_session, batch.feeds, batch.files, data, "the candidate model")
         for name, ref in ref_out.items():
@@ -159,6 +210,9 @@ def compare_models(
                     labelled += len(known)
         if progress:
             progress(samples, max(total, samples))
+    if not samples:  # figures over nothing would read as a perfect match
+        raise DataError(f"{data.folder}: no samples to validate with (its files hold arrays of length 0 "
+                        "along the batch axis)")
     accuracy = {key: value / labelled for key, value in correct.items()} if labelled else {}
     return Comparison(samples, {name: s.figures() for name, s in stats.items()}, accuracy, labelled)
 

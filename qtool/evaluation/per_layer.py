@@ -87,7 +87,7 @@ def layer_errors(
         return [], unmatched
     ref_session = make_session(with_outputs(reference, [m.float_tensor for m in matches]))
     cand_session = make_session(with_outputs(candidate, [m.quantized_tensor for m in matches]))
-    stats = {m.float_tensor: OutputStats(classifier=False) for m in matches}
+    stats = {m.float_tensor: OutputStats(classifier=False, slices=False) for m in matches}
     total = data.total or 0
     samples = 0
     for batch in data.batches(batch_size):
@@ -145,7 +145,7 @@ def weight_errors(reference: ModelProto, candidate: ModelProto) -> list[dict]:
                     continue  # a layout this check does not know (blocked scales)
                 if restored.shape != expected.shape:
                     continue
-                stats = OutputStats(classifier=False)
+                stats = OutputStats(classifier=False, slices=False)
                 stats.update(expected.reshape(1, -1), restored.reshape(1, -1))
                 figures = stats.figures(histogram=False)
                 rows[float_name] = {

@@ -16,6 +16,8 @@ from qtool.calibration.hessians import Im2Col, hessian_inputs
 from qtool.errors import ModelError
 from qtool.io.model import DEFAULT_DOMAINS, GraphIndex, opset_version
 from qtool.numerics import BLOCKED_MIN_OPSET, QTYPES, is_sane_scale, scale_zero_point
+from qtool.quantization.coverage import drop_rangeless
+from qtool.quantization.joins import joins_to_split
 from qtool.quantization.rules import FLOAT_OUTPUT_KERNELS, RULES, OpRule, activation_inputs
 from qtool.quantization.weights import BiasQuant, ConstantQuant, NBitsQuant, quantize_constants, weights_reduce_range
 from qtool.recipe import patterns
@@ -232,17 +234,20 @@ def _decide(node, rule: OpRule | None, recipe: Recipe, index: GraphIndex, types:
                         inputs, weight, bias, settings.activations, settings.weights)
 
 
-def select_tensors(model: ModelProto, recipe: Recipe) -> Selection:
+def select_tensors(model: ModelProto, recipe: Recipe, keep_float: dict[str, str] | None = None) -> Selection:
     """Per-node decisions and the activation tensors that need a calibrated range.
 
     An activation read by several nodes takes the settings of its first
     quantized reader (else of its producer); a data-movement output takes its
-    source's, so ONNX Runtime can keep the data integer through it.
+    source's, so ONNX Runtime can keep the data integer through it. `keep_float`
+    (node -> why) keeps nodes float that calibrated ranges ruled out.
     """
     graph = model.graph
     index = GraphIndex(graph)
     types = tensor_types(model)
-    decisions = [_decide(node, RULES.get(node.op_type), recipe, index, types) for node in graph.node]
+    keep_float = keep_float or {}
+    decisions = [_float_decision(node, keep_float[node.name]) if node.name in keep_float
+                 else _decide(node, RULES.get(node.op_type), recipe, index, types) for node in graph.node]
     by_output = {node.output[0]: (node, d) for node, d in zip(graph.node, decisions) if node.output}
     position = {id(node): i for i, node in enumerate(index.graph.node)}
     implicit: dict[str, list[str]] = {}  # outer tensor -> nodes whose subgraphs read it
@@ -368,8 +373,12 @@ def build_plan(
     model: ModelProto, recipe: Recipe, selection: Selection, table: CalibrationTable, saturating_host: bool
 ) -> QuantPlan:
     """Scales and zero points for every selected tensor; degenerate ones stay float."""
+    split = joins_to_split(model.graph, selection.nodes,
+                           {name: quant.range_of for name, quant in selection.activations.items()}, table)
+    if split:  # needs no range the first selection did not
+        selection = select_tensors(model, recipe, split)
     index = GraphIndex(model.graph)
-    notes: list[str] = list(selection.notes)
+    notes: list[str] = list(selection.notes) + [f"{node}: {why}" for node, why in split.items()]
     host_reduce_range = weights_reduce_range(recipe, saturating_host)
 
     activations: dict[str, ActivationQuant] = {}
@@ -386,7 +395,7 @@ def build_plan(
             name, quant.qtype, quant.symmetric, quant.range_of, float(scale), int(zero_point)
         )
 
-    nodes = list(selection.nodes)
+    nodes = drop_rangeless(model.graph, list(selection.nodes), selection.activations, activations)
     hessians = {name: h for name, h in table.hessians.items() if name in selection.hessian_inputs}
     if len(hessians) < len(selection.hessian_inputs):
         notes.append(f"weights.rounding gptq: no input statistics for {len(selection.hessian_inputs) - len(hessians)}"

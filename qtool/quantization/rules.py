@@ -33,6 +33,9 @@ class OpRule:
     # Relu/Clip: the producer's output is left unquantized and this op's output
     # range stands for both, so ORT removes the activation inside the int kernel.
     fuses_into_producer: bool = False
+    # Concat: the output holds the inputs side by side under one scale; inputs whose ranges are
+    # too far apart for that keep the node float (quantization/joins.py).
+    joins_inputs: bool = False
 
 
 _MOVE = OpRule(output="shared")
@@ -51,7 +54,7 @@ RULES: dict[str, OpRule] = {
     "MaxPool": _MOVE,
     "AveragePool": OpRule(),
     "GlobalAveragePool": OpRule(),
-    "Concat": OpRule(activations=ALL),
+    "Concat": OpRule(activations=ALL, joins_inputs=True),
     "Resize": _MOVE,
     "Reshape": _MOVE,
     "Transpose": _MOVE,

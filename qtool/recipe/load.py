@@ -102,6 +102,10 @@ def _key_lines(node: yaml.Node | None, prefix: tuple, out: dict, path: Path) -> 
 
 def _describe(error: dict, path: Path, lines: dict) -> str:
     loc = tuple(error["loc"])
+    given = error.get("input")
+    key_within = (error.get("ctx") or {}).get("key")  # a validator of a mapping names the entry at fault
+    if key_within is not None and isinstance(given, dict):
+        loc, given = loc + (key_within,), given.get(key_within)
     line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), 1)
     key = ".".join(map(str, loc)) or "(top level)"
     kind = error["type"]
@@ -110,7 +114,6 @@ def _describe(error: dict, path: Path, lines: dict) -> str:
         return f"{path}:{line}: {key}: unknown key; allowed here: {allowed}"
     if kind == "missing":
         return f"{path}:{line}: {key}: required key is missing"
-    given = error.get("input")
     return f"{path}:{line}: {key}: {given!r} is not allowed: {error['msg'][0].lower()}{error['msg'][1:]}"
 
 

@@ -10,6 +10,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
+
+from qtool.recipe.values import boolean_as_number, gate_problem, holds_bool
 
 from qtool.recipe import patterns
 
@@ -18,9 +21,21 @@ RECIPE_VERSION = 1
 
 
 class _Strict(BaseModel):
-    """Unknown keys are errors; records are immutable once loaded."""
+    """Unknown keys are errors; records are immutable once loaded; numbers are finite and never booleans."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_as_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """YAML reads yes/no/on/off/true/false as booleans, which pydantic would take as 1 and 0."""
+        annotation = cls.model_fields[info.field_name].annotation if info.field_name else None
+        if boolean_as_number(value, annotation):
+            key = next((k for k, v in value.items() if holds_bool(v)), None) if isinstance(value, dict) else None
+            raise PydanticCustomError(
+                "bool_number", "expected a number, not a boolean (YAML reads yes/no/on/off/true/false as booleans)",
+                {"key": key} if key is not None else None)
+        return value
 
 
 Method = Literal["minmax", "percentile", "entropy", "mse"]
@@ -257,8 +272,7 @@ class QuantizationSpec(_Strict):
 
 
 Gate = Literal["min_cosine", "min_sqnr_db", "max_accuracy_drop", "min_top1_agreement",
-               "max_latency_ratio", "min_size_ratio"]
-
+               "max_latency_ratio", "min_size_ratio", "min_slice_sqnr_db"]
 
 class ValidationSpec(_Strict):
     data: str | None = Field(
@@ -275,8 +289,20 @@ class ValidationSpec(_Strict):
         None, description="Evaluate at most this many samples."
     )
     gates: dict[Gate, float] = Field(
-        default_factory=dict, description="Quality gates; a failed gate makes the exit code 1."
+        default_factory=dict, description="Quality gates; a failed gate makes the exit code 1. "
+        "`min_slice_sqnr_db` checks the worst slice of each output along its feature axis (an output "
+        "without one counts as one slice). Each threshold lies within what its figure can take: cosines "
+        "-1..1, min_top1_agreement 0..1, max_accuracy_drop -1..1, ratios above 0, dB finite."
     )
+
+    @field_validator("gates")
+    @classmethod
+    def _thresholds(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, threshold in value.items():
+            problem = gate_problem(name, threshold)
+            if problem:
+                raise PydanticCustomError("gate_threshold", "{problem}", {"key": name, "problem": problem})
+        return value
 
 
 Side = Annotated[int, Field(ge=1, le=65536)]

@@ -216,6 +216,14 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _fmt_slice(figures: dict) -> str:
+    """`12.3 (axis 1, index 4 of 84)`; n/a without a feature axis."""
+    worst = figures.get("worst_slice")
+    if not worst:
+        return "n/a"
+    return f"{_fmt(worst['sqnr_db'])} (axis {worst['axis']}, index {worst['index']} of {worst['slices']})"
+
+
 def _model_names(report: dict) -> tuple[str, str]:
     inputs = report["inputs"]
     if report["command"] == "compare":
@@ -254,12 +262,13 @@ def render_markdown(report: dict) -> str:
                   f"{'pass' if g['passed'] else '**FAIL**'} |" for g in report["gates"]]
         lines.append("")
     lines += [f"## Outputs ({val['samples']} samples)", "",
-              "| output | cosine | SQNR dB | MSE | max abs err | mean abs err | top-1 agreement | top-5 agreement |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| output | cosine | SQNR dB | worst slice dB | MSE | max abs err | mean abs err | top-1 agreement "
+              "| top-5 agreement |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for name, f in val["outputs"].items():
-        lines.append(f"| {md_escape(name)} | {_fmt(f['cosine'])} | {_fmt(f['sqnr_db'])} | {_fmt(f['mse'])} | "
-                     f"{_fmt(f['max_abs_error'])} | {_fmt(f['mean_abs_error'])} | {_fmt(f.get('top1_agreement'))} | "
-                     f"{_fmt(f.get('top5_agreement'))} |")
+        lines.append(f"| {md_escape(name)} | {_fmt(f['cosine'])} | {_fmt(f['sqnr_db'])} | {_fmt_slice(f)} | "
+                     f"{_fmt(f['mse'])} | {_fmt(f['max_abs_error'])} | {_fmt(f['mean_abs_error'])} | "
+                     f"{_fmt(f.get('top1_agreement'))} | {_fmt(f.get('top5_agreement'))} |")
     if "accuracy" in val:
         acc = val["accuracy"]
         first, second = ("reference", "candidate") if report["command"] == "compare" else ("float", "quantized")

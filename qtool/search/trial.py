@@ -38,7 +38,8 @@ FLOAT_MODEL = "float.onnx"
 EVAL_SET = "eval.npz"
 EVAL_INDEX = "eval.json"
 LATENCY_THREADS = 1  # one intra-op thread: a trial's ratio should not depend on what else the cores run
-SEARCH_GATES = ("min_cosine", "min_sqnr_db", "max_accuracy_drop", "min_top1_agreement", "min_size_ratio")
+SEARCH_GATES = ("min_cosine", "min_sqnr_db", "max_accuracy_drop", "min_top1_agreement", "min_size_ratio",
+                "min_slice_sqnr_db")
 
 
 def exact_name(node: str) -> str:
