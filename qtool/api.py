@@ -27,9 +27,10 @@ from qtool.io.data import DataFolder, model_inputs, read_labels
 from qtool.io.model import (QUANTIZED_OP_TYPES, file_sha256, load_model, model_file_bytes, opset_version, proto_size,
                             read_header, save_model, upgrade_opset)
 from qtool.numerics import QTYPES
-from qtool.quantization.plan import build_plan, required_opset, select_tensors
+from qtool.quantization.placement import plan_and_apply
+from qtool.quantization.plan import required_opset, select_tensors
 from qtool.quantization.prepare import prepare_model
-from qtool.quantization.qdq import apply_plan, ensure_opset
+from qtool.quantization.qdq import ensure_opset
 from qtool.recipe.load import load_recipe, parse_recipe
 from qtool.recipe.schema import Recipe, recipe_json_schema
 from qtool.reporting import document as reporting
@@ -252,8 +253,8 @@ def quantize(
         table = calibrate_tensors(model, selection.calibration_tensors, calib_data, recipe.calibration,
                                   QTYPES[act.dtype], act.symmetric, tick("calibrate"), selection.hessian_inputs)
     saturating = int8_kernels_may_saturate()
-    plan = build_plan(model, recipe, selection, table, saturating)
-    quantized = apply_plan(model, plan)
+    placed = plan_and_apply(model, recipe, selection, table, saturating)
+    plan, quantized = placed.plan, placed.model
     for key, value in _float_metadata(model).items():
         _set_metadata(quantized, key, value)
 

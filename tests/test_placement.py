@@ -11,6 +11,7 @@ from conftest import make_model, quantize_tiny
 from qtool.runtime.session import optimized_op_histogram
 
 RNG = np.random.default_rng(0)
+ALL = "version: 1\nquantization: {placement: all}\n"  # every planned Q/DQ, fused by ORT or not
 
 
 def conv_relu_pool_gemm():
@@ -106,7 +107,7 @@ def test_degenerate_tensor_stays_float_with_a_note(tmp_path):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
         {"zero": np.zeros((1,), np.float32), "w": RNG.normal(size=(2, 3, 1, 1)).astype(np.float32)},
     )
-    result = quantize_tiny(tmp_path, model)
+    result = quantize_tiny(tmp_path, model, ALL)
     assert any("z: degenerate range" in note for note in result.report["plan"]["notes"])
     assert all(np.isfinite(v) for o in result.report["validation"]["outputs"].values() for v in [o["cosine"]])
 
@@ -140,7 +141,7 @@ def test_non_finite_constants_stay_float(tmp_path):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
         {"w": weight, "b": np.zeros(4, np.float32), "mask": np.array([1, np.inf, 1, 1], np.float32).reshape(1, 4, 1, 1)},
     )
-    result = quantize_tiny(tmp_path, model)
+    result = quantize_tiny(tmp_path, model, ALL)
     notes = result.report["plan"]["notes"]
     assert "w: holds NaN or infinite values, kept float" in notes
     assert "mask: holds NaN or infinite values, kept float" in notes
@@ -168,3 +169,37 @@ def test_wide_types_keep_a_bias_that_int32_cannot_hold_out_of_ort_bias_quantizat
     kernels = result.report["validation"]["outputs"]["y"]["sqnr_db"]
     simulated = result.report["simulated"]["outputs"]["y"]["sqnr_db"]
     assert kernels > 60 and abs(kernels - simulated) < 1, (kernels, simulated)
+
+
+def conv_hardsigmoid_conv():
+    """x → Conv → Erf → HardSigmoid → Conv: ORT has no integer HardSigmoid kernel (nor Erf)."""
+    return make_model(
+        [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+         helper.make_node("Erf", ["c1"], ["e"], name="erf"),
+         helper.make_node("HardSigmoid", ["e"], ["h"], name="hsig"),
+         helper.make_node("Conv", ["h", "w2", "b2"], ["y"], name="conv2", pads=[1, 1, 1, 1])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        {"w1": RNG.normal(size=(4, 3, 3, 3)).astype(np.float32), "b1": RNG.normal(size=4).astype(np.float32),
+         "w2": RNG.normal(size=(4, 4, 3, 3)).astype(np.float32), "b2": RNG.normal(size=4).astype(np.float32)},
+    )
+
+
+def test_fused_placement_keeps_unfused_op_float(tmp_path):
+    (tmp_path / "all").mkdir()
+    everywhere = quantize_tiny(tmp_path / "all", conv_hardsigmoid_conv(), ALL).model
+    assert consumers_of_dq(everywhere, "HardSigmoid") == {"hsig": [True]}
+    (tmp_path / "fused").mkdir()
+    result = quantize_tiny(tmp_path / "fused", conv_hardsigmoid_conv())  # placement: fused is the default
+    # HardSigmoid has no integer kernel: it reads Erf's float output, no Q/DQ in front of it ...
+    assert consumers_of_dq(result.model, "HardSigmoid") == {"hsig": [False]}
+    # ... while both Convs still read dequantized input, weight and bias, and ORT fuses both.
+    assert consumers_of_dq(result.model, "Conv") == {"conv1": [True, True, True], "conv2": [True, True, True]}
+    assert optimized_op_histogram(result.model)["QLinearConv"] == 2
+    quantized_tensors = {node.input[0] for node in result.model.graph.node if node.op_type == "QuantizeLinear"}
+    assert "e" not in quantized_tensors and "e" in {n.input[0] for n in everywhere.graph.node
+                                                    if n.op_type == "QuantizeLinear"}
+    decisions = {n["node"]: n for n in result.report["plan"]["nodes"]}
+    assert not decisions["hsig"]["quantized"] and "no integer kernel" in decisions["hsig"]["reason"]
+    assert any(note.startswith("placement fused: 1 node(s)") for note in result.report["plan"]["notes"])
+

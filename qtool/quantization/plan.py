@@ -229,17 +229,20 @@ def _decide(node, rule: OpRule | None, recipe: Recipe, index: GraphIndex, types:
                         inputs, weight, bias, settings.activations, settings.weights)
 
 
-def select_tensors(model: ModelProto, recipe: Recipe) -> Selection:
+def select_tensors(model: ModelProto, recipe: Recipe, keep_float: dict[str, str] | None = None) -> Selection:
     """Per-node decisions and the activation tensors that need a calibrated range.
 
     An activation read by several nodes takes the settings of its first
     quantized reader (else of its producer); a data-movement output takes its
-    source's, so ONNX Runtime can keep the data integer through it.
+    source's, so ONNX Runtime can keep the data integer through it. `keep_float`
+    (node -> reason, from the placement pass) keeps those nodes float.
     """
     graph = model.graph
     index = GraphIndex(graph)
     types = tensor_types(model)
-    decisions = [_decide(node, RULES.get(node.op_type), recipe, index, types) for node in graph.node]
+    keep_float = keep_float or {}
+    decisions = [_float_decision(node, keep_float[node.name]) if node.name in keep_float
+                 else _decide(node, RULES.get(node.op_type), recipe, index, types) for node in graph.node]
     by_output = {node.output[0]: (node, d) for node, d in zip(graph.node, decisions) if node.output}
     position = {id(node): i for i, node in enumerate(index.graph.node)}
     implicit: dict[str, list[str]] = {}  # outer tensor -> nodes whose subgraphs read it
