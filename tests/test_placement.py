@@ -8,6 +8,7 @@ import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import make_model, quantize_tiny
+from qtool.quantization.placement import fusion_graph
 from qtool.runtime.session import optimized_op_histogram
 
 RNG = np.random.default_rng(0)
@@ -202,4 +203,53 @@ def test_fused_placement_keeps_unfused_op_float(tmp_path):
     decisions = {n["node"]: n for n in result.report["plan"]["nodes"]}
     assert not decisions["hsig"]["quantized"] and "no integer kernel" in decisions["hsig"]["reason"]
     assert any(note.startswith("placement fused: 1 node(s)") for note in result.report["plan"]["notes"])
+
+
+def test_leaky_relu_runs_as_an_integer_kernel(tmp_path):
+    model = make_model(
+        [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv"),
+         helper.make_node("LeakyRelu", ["c"], ["l"], name="leaky", alpha=0.1),
+         helper.make_node("Conv", ["l", "w2", "b2"], ["y"], name="conv2")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        {"w": RNG.normal(size=(4, 3, 1, 1)).astype(np.float32), "b": RNG.normal(size=4).astype(np.float32),
+         "w2": RNG.normal(size=(4, 4, 1, 1)).astype(np.float32), "b2": RNG.normal(size=4).astype(np.float32)},
+    )
+    result = quantize_tiny(tmp_path, model)
+    assert consumers_of_dq(result.model, "LeakyRelu") == {"leaky": [True]}
+    ops = optimized_op_histogram(result.model)
+    assert ops["QLinearLeakyRelu"] == 1 and ops["LeakyRelu"] == 0
+    assert result.report["validation"]["outputs"]["y"]["sqnr_db"] > 25
+
+
+def conv_move_conv(move):
+    """x → Conv → `move` (a data-movement node reading c, writing m) → Conv."""
+    return make_model(
+        [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv"), move,
+         helper.make_node("Conv", ["m", "w2", "b2"], ["y"], name="conv2")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 4])],
+        {"w": RNG.normal(size=(4, 3, 1, 1)).astype(np.float32), "b": RNG.normal(size=4).astype(np.float32),
+         "w2": RNG.normal(size=(4, 4, 1, 1)).astype(np.float32), "b2": RNG.normal(size=4).astype(np.float32),
+         "starts": np.array([0], np.int64), "ends": np.array([4], np.int64), "axes": np.array([3], np.int64)},
+    )
+
+
+def assert_moves_integers(tmp_path, op_type, move):
+    """The data-movement node reads and writes the Conv output's scale, and ORT runs it on uint8 between
+    two QLinearConv (no DequantizeLinear left in front of it)."""
+    result = quantize_tiny(tmp_path, conv_move_conv(move))
+    assert consumers_of_dq(result.model, op_type)[move.name][0] is True
+    q_scale = {node.input[0]: node.input[1] for node in result.model.graph.node if node.op_type == "QuantizeLinear"}
+    assert q_scale["m"] == q_scale["c"]
+    graph = fusion_graph(result.model)
+    producer = {out: node.op_type for node in graph.node for out in node.output}
+    [moved] = [node for node in graph.node if node.op_type == op_type]
+    assert producer[moved.input[0]] == "QLinearConv"
+    assert [node.op_type for node in graph.node].count("QLinearConv") == 2
+
+
+def test_slice_moves_integers(tmp_path):
+    assert_moves_integers(tmp_path, "Slice", helper.make_node("Slice", ["c", "starts", "ends", "axes"], ["m"],
+                                                              name="slice"))
 
