@@ -21,7 +21,7 @@ from qtool.calibration.calibrate import calibrate as calibrate_tensors
 from qtool.errors import ModelError, UsageError
 from qtool.evaluation.compare import GATES, GateResult, check_gates, compare_models
 from qtool.evaluation.validation import (check_gates_are_measurable, extra_figures, kernel_gap_cause, kernel_warnings,
-                                         layers_and_latency, resolve_validation_data)
+                                         layers_and_latency, resolve_validation_data, slower_than_float)
 from qtool.io.artifacts import check_output_path, write_artifacts, write_text_atomic
 from qtool.io.data import DataFolder, model_inputs, read_labels
 from qtool.io.model import (QUANTIZED_OP_TYPES, file_sha256, load_model, model_file_bytes, opset_version, proto_size,
@@ -39,6 +39,7 @@ from qtool.runtime.session import INTEGER_OP_TYPES, check_runnable, int8_kernels
 
 # progress(stage, done, total): the CLI renders it; nothing below the CLI prints.
 Progress = Callable[[str, int, int | None], None]
+QUANTIZE_BENCH_THREADS = 1  # quantize times on one intra-op thread unless told otherwise: the per-core ratio
 
 
 @dataclass(frozen=True)
@@ -218,6 +219,8 @@ def quantize(
     """Calibrate, quantize and validate one model; write artifacts if `output_dir` is given.
 
     `validation_data` and `labels` override the recipe's `validation.data`/`labels`.
+    `bench` (or a `max_latency_ratio` gate) times float and quantized interleaved on `threads`
+    ONNX Runtime threads (default 1); a quantized model slower than float adds a warning.
     With `calibration` (a table written by `calibrate`) no calibration data is read:
     `data_dir` must then be None, and validation data must come from `validation_data`
     or the recipe.
@@ -264,8 +267,9 @@ def quantize(
                                batch_size=recipe.calibration.batch_size, optimize_candidate=False)
     layers, latency = layers_and_latency(
         model, quantized, eval_data, recipe.calibration.batch_size, per_layer,
-        bench or "max_latency_ratio" in recipe.validation.gates, threads, tick,
+        bench or "max_latency_ratio" in recipe.validation.gates, threads or QUANTIZE_BENCH_THREADS, tick,
         {decision.node: decision.reason for decision in plan.nodes})
+    warnings += slower_than_float(latency)
     gates = check_gates(comparison, recipe.validation.gates,
                         extra_figures(model_file_bytes(model_path), proto_size(quantized), latency))
     ops = optimized_op_histogram(quantized)
