@@ -253,3 +253,25 @@ def test_slice_moves_integers(tmp_path):
     assert_moves_integers(tmp_path, "Slice", helper.make_node("Slice", ["c", "starts", "ends", "axes"], ["m"],
                                                               name="slice"))
 
+
+
+def test_fused_placement_keeps_an_integer_island_float(tmp_path):
+    """Erf, Erf -> Add -> Erf: ORT would run QLinearAdd between Quantize and Dequantize of float values."""
+    model = make_model(
+        [helper.make_node("Erf", ["x"], ["e1"], name="erf1"),
+         helper.make_node("Erf", ["e1"], ["e2"], name="erf2"),
+         helper.make_node("Add", ["e1", "e2"], ["s"], name="add"),
+         helper.make_node("Erf", ["s"], ["y"], name="erf3")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 8, 8])],
+    )
+    (tmp_path / "all").mkdir()
+    everywhere = quantize_tiny(tmp_path / "all", model, ALL)
+    assert consumers_of_dq(everywhere.model, "Add") == {"add": [True, True]}
+    assert optimized_op_histogram(everywhere.model)["QLinearAdd"] == 1
+    (tmp_path / "fused").mkdir()
+    result = quantize_tiny(tmp_path / "fused", model)
+    assert consumers_of_dq(result.model, "Add") == {"add": [False, False]}
+    assert not any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in result.model.graph.node)
+    decisions = {n["node"]: n for n in result.report["plan"]["nodes"]}
+    assert "conversions cost more than the integer Add saves" in decisions["add"]["reason"]

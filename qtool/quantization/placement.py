@@ -27,6 +27,8 @@ from qtool.runtime.session import session_options
 
 MAX_ROUNDS = 8  # each round keeps at least one more node float; real models settle in 2-3
 NOT_FUSED = "placement fused: ONNX Runtime runs it as float {op} between Q/DQ (no integer kernel)"
+ISLAND = ("placement fused: {kernel} would read only values quantized from float and write only values "
+          "dequantized back: the conversions cost more than the integer {op} saves")
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,8 @@ def fusion_graph(model: ModelProto) -> onnx.GraphProto:
 
 
 def unfused_nodes(quantized: ModelProto, plan: QuantPlan) -> dict[str, str]:
-    """Planned compute nodes ORT leaves as float ops reading a DequantizeLinear output -> reason.
+    """Planned compute nodes ORT leaves as float ops reading a DequantizeLinear output, and weightless
+    ones it fuses into an integer kernel with float on every side (an island) -> reason.
 
     Data-movement ops (shared scale) are left alone: their outputs take their input's range, which
     is what lets ORT drop their Q/DQ; Relu/Clip are folded into their producer's range; nodes with
@@ -58,6 +61,10 @@ def unfused_nodes(quantized: ModelProto, plan: QuantPlan) -> dict[str, str]:
     """
     graph = fusion_graph(quantized)
     producer = {out: node.op_type for node in graph.node for out in node.output}
+    readers: dict[str, list[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node.op_type)
     after = {node.name: node for node in graph.node}
     unfused = {}
     for decision in plan.nodes:
@@ -66,11 +73,23 @@ def unfused_nodes(quantized: ModelProto, plan: QuantPlan) -> dict[str, str]:
                 or rule.fuses_into_producer or not _has_int8_kernel_types(decision)):
             continue
         node = after.get(decision.node)
-        if node is None or node.op_type != decision.op_type:
-            continue  # fused into an integer kernel (or folded away)
-        if any(producer.get(name) == "DequantizeLinear" for name in node.input):
-            unfused[decision.node] = NOT_FUSED.format(op=decision.op_type)
+        if node is None:
+            continue  # folded away
+        if node.op_type == decision.op_type:
+            if any(producer.get(name) == "DequantizeLinear" for name in node.input):
+                unfused[decision.node] = NOT_FUSED.format(op=decision.op_type)
+        elif decision.weight_input is None and _island(node, producer, readers):
+            unfused[decision.node] = ISLAND.format(op=decision.op_type, kernel=node.op_type)
     return unfused
+
+
+def _island(node: onnx.NodeProto, producer: dict[str, str], readers: dict[str, list[str]]) -> bool:
+    """An integer kernel fed only by standalone QuantizeLinear (from float) and read only by
+    DequantizeLinear (back to float): the conversions cost more than a weightless op saves."""
+    inputs = [name for name in node.input if name in producer]  # scales and zero points are initializers
+    outputs = [name for name in node.output if name]
+    return bool(inputs) and all(producer[name] == "QuantizeLinear" for name in inputs) and all(
+        readers.get(name) and all(op == "DequantizeLinear" for op in readers[name]) for name in outputs)
 
 
 def _has_int8_kernel_types(decision: NodeDecision) -> bool:
