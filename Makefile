@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SAMPLE := sample_models/digits_cnn
 
-.PHONY: install demo test fuzz browser docs bench-calibration clean
+.PHONY: install demo test fuzz browser docs bench-calibration bench-latency clean
 
 install: $(VENV)/.installed
 
@@ -44,6 +44,10 @@ docs: install
 # qtool vs onnxruntime.quantization calibration: time, peak RSS, accuracy (a few minutes)
 bench-calibration: install
 	$(BIN)/python bench/calibration.py
+
+# float vs qtool int8 vs onnxruntime.quantization int8 latency, one thread, interleaved, every model (minutes)
+bench-latency: install
+	$(BIN)/python bench/latency.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -21,7 +21,7 @@ from qtool.calibration.calibrate import calibrate as calibrate_tensors
 from qtool.errors import ModelError, UsageError
 from qtool.evaluation.compare import GATES, GateResult, check_gates, compare_models
 from qtool.evaluation.validation import (check_gates_are_measurable, extra_figures, kernel_gap_cause, kernel_warnings,
-                                         layers_and_latency, resolve_validation_data)
+                                         layers_and_latency, resolve_validation_data, slower_than_float)
 from qtool.io.artifacts import guarded, write_artifacts, write_text_atomic
 from qtool.io.data import DataFolder, model_inputs, read_labels
 from qtool.io.feeds import open_data
@@ -31,9 +31,10 @@ from qtool.io.model import (QUANTIZED_OP_TYPES, file_sha256, load_model, model_f
                             read_header, save_model, upgrade_opset)
 from qtool.numerics import QTYPES
 from qtool.quantization.coverage import check_coverage
-from qtool.quantization.plan import build_plan, required_opset, select_tensors
+from qtool.quantization.placement import plan_and_apply
+from qtool.quantization.plan import required_opset, select_tensors
 from qtool.quantization.prepare import prepare_model
-from qtool.quantization.qdq import apply_plan, ensure_opset
+from qtool.quantization.qdq import ensure_opset
 from qtool.quantization.widen import widen_to_float32
 from qtool.recipe.load import load_recipe, parse_recipe
 from qtool.recipe.schema import Recipe, gate_problem, recipe_json_schema
@@ -43,6 +44,7 @@ from qtool.runtime.session import INTEGER_OP_TYPES, check_runnable, int8_kernels
 
 # progress(stage, done, total): the CLI renders it; nothing below the CLI prints.
 Progress = Callable[[str, int, int | None], None]
+QUANTIZE_BENCH_THREADS = 1  # quantize times on one intra-op thread unless told otherwise: the per-core ratio
 
 
 @dataclass(frozen=True)
@@ -223,6 +225,8 @@ def quantize(
     """Calibrate, quantize and validate one model; write artifacts if `output_dir` is given.
 
     `validation_data` and `labels` override the recipe's `validation.data`/`labels`.
+    `bench` (or a `max_latency_ratio` gate) times float and quantized interleaved on `threads`
+    ONNX Runtime threads (default 1); a quantized model slower than float adds a warning.
     With `calibration` (a table written by `calibrate`) no calibration data is read:
     `data_dir` must then be None, and validation data must come from `validation_data`
     or the recipe.
@@ -262,11 +266,11 @@ def quantize(
                                   QTYPES[act.dtype], act.symmetric, tick("calibrate"), selection.hessian_inputs)
         warnings += table.notes
     saturating = int8_kernels_may_saturate()
-    plan = build_plan(model, recipe, selection, table, saturating)
+    placed = plan_and_apply(model, recipe, selection, table, saturating)
+    plan, quantized = placed.plan, placed.model
     warnings += check_coverage(plan, sum(d.quantized for d in selection.nodes), model=model_path,
-                               recipe=recipe.source, ranges_from=Path(calibration or data_dir),
+                               recipe=recipe.source, ranges_from=Path(calibration) if calibration else calib_data.folder,
                                table=calibration is not None)
-    quantized = apply_plan(model, plan)
     for key, value in _float_metadata(model).items():
         _set_metadata(quantized, key, value)
 
@@ -276,8 +280,9 @@ def quantize(
                                batch_size=recipe.calibration.batch_size, optimize_candidate=False)
     layers, latency = layers_and_latency(
         model, quantized, eval_data, recipe.calibration.batch_size, per_layer,
-        bench or "max_latency_ratio" in recipe.validation.gates, threads, tick,
+        bench or "max_latency_ratio" in recipe.validation.gates, threads or QUANTIZE_BENCH_THREADS, tick,
         {decision.node: decision.reason for decision in plan.nodes})
+    warnings += slower_than_float(latency)
     gates = check_gates(comparison, recipe.validation.gates,
                         extra_figures(read.bytes, proto_size(quantized), latency))
     ops = optimized_op_histogram(quantized)

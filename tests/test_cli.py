@@ -148,3 +148,27 @@ def test_json_flag_prints_only_json_on_stdout(tmp_path, command):
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)
     assert document["command" if command == "quantize" else "format"] in ("quantize", "qtool-calibration")
+
+
+def test_quantize_times_by_default_and_no_bench_skips(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("version: 1\nvalidation: {gates: {min_cosine: 0.9}}\n")  # no latency gate
+    reports = {}
+    for name, extra in (("timed", ()), ("untimed", ("--no-bench",))):
+        args = quantize_args(tmp_path / name, "-q")
+        args[args.index("--recipe") + 1] = str(recipe)
+        result = qtool(*args, *extra)
+        assert result.returncode == 0, result.stderr
+        reports[name] = json.loads((tmp_path / name / "report.json").read_text())
+    latency = reports["timed"]["latency"]
+    assert latency["threads"] == 1 and latency["candidate"]["runs"] >= 10 and latency["ratio"] > 0
+    assert "latency" not in reports["untimed"]
+
+
+def test_slower_than_float_is_a_warning():
+    from qtool.evaluation.validation import slower_than_float
+
+    timing = {"reference": {"median_ms": 1.0}, "candidate": {"median_ms": 1.6, "runs": 40}}
+    [warning] = slower_than_float({**timing, "ratio": 1.6})
+    assert "slower than float: latency ratio 1.60 (1.6 ms vs 1 ms float, median of 40" in warning
+    assert slower_than_float({**timing, "ratio": 0.6}) == [] and slower_than_float(None) == []

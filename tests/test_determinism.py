@@ -19,8 +19,9 @@ def stable(value):
     if isinstance(value, dict):
         return {key: stable(item) for key, item in value.items()
                 if not any(word in key.lower() for word in VOLATILE)}
-    if isinstance(value, list):
-        return [stable(item) for item in value]
+    if isinstance(value, list):  # a timing gate's verdict is as volatile as the timing
+        return [stable(item) for item in value
+                if not (isinstance(item, dict) and any(word in str(item.get("name", "")) for word in VOLATILE))]
     return value
 
 

@@ -8,9 +8,11 @@ import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import make_model, quantize_tiny
+from qtool.quantization.placement import fusion_graph
 from qtool.runtime.session import optimized_op_histogram
 
 RNG = np.random.default_rng(0)
+ALL = "version: 1\nquantization: {placement: all}\n"  # every planned Q/DQ, fused by ORT or not
 
 
 def conv_relu_pool_gemm():
@@ -106,7 +108,7 @@ def test_degenerate_tensor_stays_float_with_a_note(tmp_path):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
         {"zero": np.zeros((1,), np.float32), "w": RNG.normal(size=(2, 3, 1, 1)).astype(np.float32)},
     )
-    result = quantize_tiny(tmp_path, model)
+    result = quantize_tiny(tmp_path, model, ALL)
     assert any("z: degenerate range" in note for note in result.report["plan"]["notes"])
     assert all(np.isfinite(v) for o in result.report["validation"]["outputs"].values() for v in [o["cosine"]])
 
@@ -140,7 +142,7 @@ def test_non_finite_constants_stay_float(tmp_path):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
         {"w": weight, "b": np.zeros(4, np.float32), "mask": np.array([1, np.inf, 1, 1], np.float32).reshape(1, 4, 1, 1)},
     )
-    result = quantize_tiny(tmp_path, model)
+    result = quantize_tiny(tmp_path, model, ALL)
     notes = result.report["plan"]["notes"]
     assert "w: holds NaN or infinite values, kept float" in notes
     assert "mask: holds NaN or infinite values, kept float" in notes
@@ -168,3 +170,108 @@ def test_wide_types_keep_a_bias_that_int32_cannot_hold_out_of_ort_bias_quantizat
     kernels = result.report["validation"]["outputs"]["y"]["sqnr_db"]
     simulated = result.report["simulated"]["outputs"]["y"]["sqnr_db"]
     assert kernels > 60 and abs(kernels - simulated) < 1, (kernels, simulated)
+
+
+def conv_hardsigmoid_conv():
+    """x → Conv → Erf → HardSigmoid → Conv: ORT has no integer HardSigmoid kernel (nor Erf)."""
+    return make_model(
+        [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+         helper.make_node("Erf", ["c1"], ["e"], name="erf"),
+         helper.make_node("HardSigmoid", ["e"], ["h"], name="hsig"),
+         helper.make_node("Conv", ["h", "w2", "b2"], ["y"], name="conv2", pads=[1, 1, 1, 1])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        {"w1": RNG.normal(size=(4, 3, 3, 3)).astype(np.float32), "b1": RNG.normal(size=4).astype(np.float32),
+         "w2": RNG.normal(size=(4, 4, 3, 3)).astype(np.float32), "b2": RNG.normal(size=4).astype(np.float32)},
+    )
+
+
+def test_fused_placement_keeps_unfused_op_float(tmp_path):
+    (tmp_path / "all").mkdir()
+    everywhere = quantize_tiny(tmp_path / "all", conv_hardsigmoid_conv(), ALL).model
+    assert consumers_of_dq(everywhere, "HardSigmoid") == {"hsig": [True]}
+    (tmp_path / "fused").mkdir()
+    result = quantize_tiny(tmp_path / "fused", conv_hardsigmoid_conv())  # placement: fused is the default
+    # HardSigmoid has no integer kernel: it reads Erf's float output, no Q/DQ in front of it ...
+    assert consumers_of_dq(result.model, "HardSigmoid") == {"hsig": [False]}
+    # ... while both Convs still read dequantized input, weight and bias, and ORT fuses both.
+    assert consumers_of_dq(result.model, "Conv") == {"conv1": [True, True, True], "conv2": [True, True, True]}
+    assert optimized_op_histogram(result.model)["QLinearConv"] == 2
+    quantized_tensors = {node.input[0] for node in result.model.graph.node if node.op_type == "QuantizeLinear"}
+    assert "e" not in quantized_tensors and "e" in {n.input[0] for n in everywhere.graph.node
+                                                    if n.op_type == "QuantizeLinear"}
+    decisions = {n["node"]: n for n in result.report["plan"]["nodes"]}
+    assert not decisions["hsig"]["quantized"] and "no integer kernel" in decisions["hsig"]["reason"]
+    assert any(note.startswith("placement fused: 1 node(s)") for note in result.report["plan"]["notes"])
+
+
+def test_leaky_relu_runs_as_an_integer_kernel(tmp_path):
+    model = make_model(
+        [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv"),
+         helper.make_node("LeakyRelu", ["c"], ["l"], name="leaky", alpha=0.1),
+         helper.make_node("Conv", ["l", "w2", "b2"], ["y"], name="conv2")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        {"w": RNG.normal(size=(4, 3, 1, 1)).astype(np.float32), "b": RNG.normal(size=4).astype(np.float32),
+         "w2": RNG.normal(size=(4, 4, 1, 1)).astype(np.float32), "b2": RNG.normal(size=4).astype(np.float32)},
+    )
+    result = quantize_tiny(tmp_path, model)
+    assert consumers_of_dq(result.model, "LeakyRelu") == {"leaky": [True]}
+    ops = optimized_op_histogram(result.model)
+    assert ops["QLinearLeakyRelu"] == 1 and ops["LeakyRelu"] == 0
+    assert result.report["validation"]["outputs"]["y"]["sqnr_db"] > 25
+
+
+def conv_move_conv(move):
+    """x → Conv → `move` (a data-movement node reading c, writing m) → Conv."""
+    return make_model(
+        [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv"), move,
+         helper.make_node("Conv", ["m", "w2", "b2"], ["y"], name="conv2")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 4])],
+        {"w": RNG.normal(size=(4, 3, 1, 1)).astype(np.float32), "b": RNG.normal(size=4).astype(np.float32),
+         "w2": RNG.normal(size=(4, 4, 1, 1)).astype(np.float32), "b2": RNG.normal(size=4).astype(np.float32),
+         "starts": np.array([0], np.int64), "ends": np.array([4], np.int64), "axes": np.array([3], np.int64)},
+    )
+
+
+def assert_moves_integers(tmp_path, op_type, move):
+    """The data-movement node reads and writes the Conv output's scale, and ORT runs it on uint8 between
+    two QLinearConv (no DequantizeLinear left in front of it)."""
+    result = quantize_tiny(tmp_path, conv_move_conv(move))
+    assert consumers_of_dq(result.model, op_type)[move.name][0] is True
+    q_scale = {node.input[0]: node.input[1] for node in result.model.graph.node if node.op_type == "QuantizeLinear"}
+    assert q_scale["m"] == q_scale["c"]
+    graph = fusion_graph(result.model)
+    producer = {out: node.op_type for node in graph.node for out in node.output}
+    [moved] = [node for node in graph.node if node.op_type == op_type]
+    assert producer[moved.input[0]] == "QLinearConv"
+    assert [node.op_type for node in graph.node].count("QLinearConv") == 2
+
+
+def test_slice_moves_integers(tmp_path):
+    assert_moves_integers(tmp_path, "Slice", helper.make_node("Slice", ["c", "starts", "ends", "axes"], ["m"],
+                                                              name="slice"))
+
+
+
+def test_fused_placement_keeps_an_integer_island_float(tmp_path):
+    """Erf, Erf -> Add -> Erf: ORT would run QLinearAdd between Quantize and Dequantize of float values."""
+    model = make_model(
+        [helper.make_node("Erf", ["x"], ["e1"], name="erf1"),
+         helper.make_node("Erf", ["e1"], ["e2"], name="erf2"),
+         helper.make_node("Add", ["e1", "e2"], ["s"], name="add"),
+         helper.make_node("Erf", ["s"], ["y"], name="erf3")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 8, 8])],
+    )
+    (tmp_path / "all").mkdir()
+    everywhere = quantize_tiny(tmp_path / "all", model, ALL)
+    assert consumers_of_dq(everywhere.model, "Add") == {"add": [True, True]}
+    assert optimized_op_histogram(everywhere.model)["QLinearAdd"] == 1
+    (tmp_path / "fused").mkdir()
+    result = quantize_tiny(tmp_path / "fused", model)
+    assert consumers_of_dq(result.model, "Add") == {"add": [False, False]}
+    assert not any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in result.model.graph.node)
+    decisions = {n["node"]: n for n in result.report["plan"]["nodes"]}
+    assert "conversions cost more than the integer Add saves" in decisions["add"]["reason"]

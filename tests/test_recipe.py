@@ -33,7 +33,7 @@ def test_shipped_int8_recipe_loads():
     from conftest import ROOT
 
     recipe = load_recipe(ROOT / "configs" / "int8.yaml")
-    assert recipe.validation.gates == {"min_cosine": 0.98, "min_slice_sqnr_db": 10.0}
+    assert recipe.validation.gates == {"min_cosine": 0.98, "min_slice_sqnr_db": 10.0, "max_latency_ratio": 1.0}
 
 
 def test_unknown_key_names_file_line_key_and_allowed(tmp_path):

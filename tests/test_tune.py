@@ -103,7 +103,8 @@ def test_tune_promotes_the_hostile_layer_and_nothing_else(hostile, tmp_path):
                              "--output", str(out), "--max-trials", "10"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     report = validated(out / "report.json")
-    assert report["chosen"]["promotions"] == [{"node": HOSTILE, "step": "a16"}]
+    # Only the hostile layer is promoted; whether to float or a16 is the faster of the two on this machine.
+    assert [p["node"] for p in report["chosen"]["promotions"]] == [HOSTILE]
     assert_timed(report)
     assert "latency ratio" in (out / "report.md").read_text() and "× float" in result.stdout
     assert report["chosen"]["reproduced_by_quantize"] is True
@@ -136,7 +137,8 @@ def test_tune_needs_a_target(hostile, tmp_path):
 def ppocr_recipe(tmp_path: Path) -> Path:
     text = (ROOT / "configs" / "ppocr_cls.yaml").read_text()
     recipe = tmp_path / "ppocr.yaml"
-    recipe.write_text(text.replace("gates: {min_cosine: 0.85, min_slice_sqnr_db: 6}", "gates: {max_accuracy_drop: 0.01}"))
+    recipe.write_text(text.replace("gates: {min_cosine: 0.85, min_slice_sqnr_db: 6, max_latency_ratio: 1.0}",
+                                   "gates: {max_accuracy_drop: 0.01}"))
     return recipe
 
 
@@ -206,3 +208,52 @@ def test_parse_duration():
     assert parse_duration("45") == 45
     with pytest.raises(ValueError):
         parse_duration("soon")
+
+
+def fake_search(time_trial):
+    """A search over nodes a, b where any promotion of a passes; float costs bytes, a16 costs time."""
+    from qtool.evaluation.compare import GateResult
+    from qtool.search.promote import Search
+    from qtool.search.trial import TrialResult
+
+    def evaluate(specs):
+        for spec in specs:
+            nodes = {node for node, _ in spec.promotions}
+            passed = "a" in nodes
+            size = 1000 + sum(100 if step == "float" else 10 for _, step in spec.promotions)
+            yield TrialResult(spec, {"y": {"cosine": 0.99 if passed else 0.5}}, {}, 0, 8, size, 2, 0.0,
+                              gates=(GateResult("min_cosine", 0.9, 0.99 if passed else 0.5, passed),))
+
+    return Search(["a", "b"], ("float", "a16"), evaluate, "cosine", 20, time_trial=time_trial)
+
+
+def test_tune_objective_is_latency_then_size():
+    """Timed, the fastest passing trial wins (float here); untimed, or within LATENCY_TIE, the smallest (a16)."""
+    from qtool.search.promote import LATENCY_TIE
+
+    ratios = {"float": 0.8, "a16": 1.3}
+    timed = fake_search(lambda result: ratios[result.spec.promotions[0][1]] if result.spec.promotions else 1.0)
+    assert timed.run().spec.promotions == (("a", "float"),)
+    assert timed.latency[(("a", "a16"),)] == 1.3  # the same node tried at the other step, and timed
+    assert fake_search(None).run().spec.promotions == (("a", "a16"),)
+    close = fake_search(lambda result: 0.99 + (LATENCY_TIE / 30 if result.spec.promotions[0][1] == "a16" else 0.0))
+    assert close.run().spec.promotions == (("a", "a16"),)
+
+
+def test_tune_exits_1_when_no_trial_meets_the_latency_gate(hostile, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("version: 1\nvalidation:\n  gates: {min_sqnr_db: 12, max_latency_ratio: 0.01}\n")
+    out = tmp_path / "tuned"
+    result = subprocess.run([str(QTOOL), "tune", str(hostile / "model.onnx"), "--recipe", str(recipe),
+                             "--data", str(hostile / "calib"), "--validation-data", str(hostile / "eval"),
+                             "--output", str(out), "--max-trials", "10", "--latency-runs", "20"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert "gate max_latency_ratio: not met by the best trial" in result.stderr
+    report = validated(out / "report.json")
+    gates = {gate["name"]: gate for gate in report["chosen"]["gates"]}
+    assert gates["min_sqnr_db"]["passed"] and not gates["max_latency_ratio"]["passed"]
+    assert gates["max_latency_ratio"]["value"] > 0.01 and not report["passed"]
+    assert "the fastest of them is written" in report["search"]["stop_reason"]
+    assert [p["node"] for p in report["chosen"]["promotions"]] == [HOSTILE]  # the compromise is on disk
+    onnx.checker.check_model(onnx.load(out / "model.onnx"))

@@ -36,8 +36,11 @@ from qtool.reporting.document import render_json
               help="labels.txt for the evaluation data (overrides validation.labels).")
 @click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--per-layer", is_flag=True, help="Per-layer and per-weight error in the report.")
-@click.option("--bench", is_flag=True, help="Measure float vs quantized latency (interleaved, ORT CPU).")
-@click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime intra-op threads for --bench.")
+@click.option("--bench/--no-bench", default=True, show_default=True,
+              help="Measure float vs quantized latency (interleaved, ORT CPU, a few seconds at most); "
+                   "a max_latency_ratio gate measures it even with --no-bench.")
+@click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime intra-op threads for the latency bench "
+                                                           "(default 1).")
 @click.option("--junit", type=click.Path(path_type=Path), help="Write a JUnit XML file: one test case per gate.")
 @output_options
 def quantize(model: Path, recipe_path: Path | None, data_dir: Path | None, data_loader: str | None,
@@ -66,6 +69,10 @@ def quantize(model: Path, recipe_path: Path | None, data_dir: Path | None, data_
         click.echo(render_json(result.report), nl=False)
     elif not quiet:
         terminal.print_quantize_summary(terminal.make_console(), result.report, output_dir, verbose)
+    latency = result.report.get("latency")
+    if latency and latency["ratio"] > 1.0 and not quiet:
+        click.echo(f"warning: the quantized model is slower than float (latency ratio {latency['ratio']:.2f})",
+                   err=True)
     hint = _tune_hint(model, recipe_path, data_dir, validation_data, labels) if data_dir and not quiet else None
     _exit_on_failed_gates(result, hint)
 

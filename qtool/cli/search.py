@@ -89,8 +89,9 @@ def sensitivity(model: Path, recipe_path: Path | None, data_dir: Path, validatio
 @click.option("--sensitivity-samples", type=click.IntRange(min=1),
               help="Rank nodes on the first N evaluation samples (default: all).")
 @click.option("--latency-runs", type=click.IntRange(min=0), default=search_api.LATENCY_RUNS, show_default=True,
-              help="After the search, time every trial against the float model, one at a time on one "
-                   "thread: up to N interleaved runs each (0: do not time).")
+              help="Time trials against the float model, one at a time on one thread: those that pass "
+                   "as their batch ends (the fastest is chosen), the rest after the search; up to N "
+                   "interleaved runs each (0: do not time; the smallest passing trial is chosen).")
 @click.option("--cache", type=click.Path(path_type=Path),
               help="Sensitivity cache file (default: OUTPUT/sensitivity.cache.json).")
 @click.option("--overwrite", is_flag=True, help="Reuse an existing output folder (its results are replaced).")
@@ -98,12 +99,14 @@ def sensitivity(model: Path, recipe_path: Path | None, data_dir: Path, validatio
 def tune(model: Path, recipe_path: Path, data_dir: Path, validation_data: Path | None, labels: Path | None,
          output_dir: Path, max_trials: int, time_budget: float | None, jobs: int, sensitivity_samples: int | None,
          latency_runs: int, cache: Path | None, overwrite: bool, quiet: bool, verbose: bool, as_json: bool) -> None:
-    """Find per-node precision (16-bit activations, then float) that meets the recipe's gates.
+    """Find per-node precision (float, or 16-bit activations) that meets the recipe's gates, fastest first.
 
     Target: the recipe's validation.gates (max_accuracy_drop with labels,
     min_cosine, min_sqnr_db, min_slice_sqnr_db, min_top1_agreement, min_size_ratio). The most
     sensitive nodes are promoted a step, a few at a time, then bisected back
-    to the fewest promotions. After every better trial the model and
+    to the fewest promotions and tried at the other step; of the trials that
+    pass, the fastest is chosen (then the smallest). A max_latency_ratio gate
+    the chosen trial misses exits 1 with it written. After every better trial the model and
     recipe.tuned.yaml (the input recipe plus exact-name overrides; re-run it
     with `qtool quantize`) are written; Ctrl-C keeps them and exits 130 (SIGTERM: 143).
     Exit codes: 0 gates met; 1 best found does not meet them; 2 bad input.

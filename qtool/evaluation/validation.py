@@ -68,6 +68,15 @@ def layers_and_latency(reference: ModelProto, candidate: ModelProto, data: DataF
     return layers, latency
 
 
+def slower_than_float(latency: dict | None) -> list[str]:
+    """A warning when the quantized model's median latency is above the float model's."""
+    if latency is None or latency["ratio"] <= 1.0:
+        return []
+    return [f"the quantized model is slower than float: latency ratio {latency['ratio']:.2f} "
+            f"({latency['candidate']['median_ms']:.3g} ms vs {latency['reference']['median_ms']:.3g} ms float, "
+            f"median of {latency['candidate']['runs']} interleaved runs)"]
+
+
 def extra_figures(reference_bytes: int, candidate_bytes: int, latency: dict | None) -> dict:
     return {"size_ratio": reference_bytes / candidate_bytes if candidate_bytes else None,
             "latency_ratio": latency["ratio"] if latency else None}

@@ -38,7 +38,7 @@ def drop_rangeless(graph, nodes: list[NodeDecision], selected: dict, planned: di
     return result
 
 
-def check_coverage(plan: QuantPlan, asked: int, *, model: Path, recipe: Path | None, ranges_from: Path,
+def check_coverage(plan: QuantPlan, asked: int, *, model: Path, recipe: Path | None, ranges_from: Path | str,
                    table: bool) -> list[str]:
     """Refuse a plan that cannot stand for what the recipe asked (`asked`: the nodes it quantizes):
     nothing to quantize (the recipe and the model's fault), or no usable range for most of it (the

@@ -240,7 +240,7 @@ def select_tensors(model: ModelProto, recipe: Recipe, keep_float: dict[str, str]
     An activation read by several nodes takes the settings of its first
     quantized reader (else of its producer); a data-movement output takes its
     source's, so ONNX Runtime can keep the data integer through it. `keep_float`
-    (node -> why) keeps nodes float that calibrated ranges ruled out.
+    (node -> why) keeps those nodes float: calibrated ranges ruled them out, or the placement pass did.
     """
     graph = model.graph
     index = GraphIndex(graph)

@@ -61,7 +61,9 @@ RULES: dict[str, OpRule] = {
     "Flatten": _MOVE,
     "Squeeze": _MOVE,
     "Unsqueeze": _MOVE,
+    "Slice": _MOVE,  # starts/ends/axes/steps are int64: only input 0 is an activation
     "Sigmoid": OpRule(),
+    "LeakyRelu": OpRule(),  # QLinearLeakyRelu
     "HardSigmoid": OpRule(),
     "Softmax": OpRule(),
 }

@@ -269,6 +269,12 @@ class QuantizationSpec(_Strict):
     weight_only: WeightOnlySpec | None = Field(
         None, description="Weight-only low-bit quantization of MatMuls with constant weights."
     )
+    placement: Literal["fused", "all"] = Field(
+        "fused",
+        description="`fused`: after planning, nodes ONNX Runtime would still run as float ops between "
+        "Q/DQ pairs (no integer kernel) are kept float, until no such node is left; `all`: every node "
+        "the rules and overrides quantize keeps its Q/DQ.",
+    )
 
 
 Gate = Literal["min_cosine", "min_sqnr_db", "max_accuracy_drop", "min_top1_agreement",

@@ -203,7 +203,8 @@ def tune(
     tick = stage_progress(progress)
     say = on_event or (lambda line: None)
     figure = objective_name(gates)
-    steps = ("a16", "float") if recipe.quantization.activations.dtype in A16 else ("float",)
+    steps = ("float", "a16") if recipe.quantization.activations.dtype in A16 else ("float",)
+    latency_limit = recipe.validation.gates.get("max_latency_ratio")
     interrupted = terminated = False
     died: WorkerError | None = None
     state: dict = {"best": None, "writes": 0}
@@ -244,7 +245,12 @@ def tune(
             if trials_progress:
                 trials_progress(len(search.order), max_trials)
 
+        def time_trial(result: TrialResult) -> float:
+            latencies[result.spec.promotions] = trial_latency(context, result.spec, latency_runs)
+            return latencies[result.spec.promotions].ratio
+
         search.on_trial, search.on_improvement = on_trial, write_best
+        search.time_trial = time_trial if latency_runs else None
         try:
             baseline = search.run_batch([TrialSpec("recipe as given", "baseline")])[()]
             if not baseline.passed:
@@ -284,16 +290,35 @@ def tune(
             replace_file(output / "model.onnx", lambda path: save_model(again.model, path))
         report = build_report(True, search.stop_reason)
         report["chosen"]["reproduced_by_quantize"] = reproduced
+        latency_gate = _latency_gate(latency_limit, latencies.get(best.spec.promotions) if best else None)
+        if latency_gate is not None:
+            report["chosen"]["gates"].append(latency_gate)
+            if not latency_gate["passed"]:
+                report["passed"] = report["chosen"]["passed"] = False
+                report["search"]["stop_reason"] += (
+                    f"; no trial that passes the accuracy gates meets max_latency_ratio {latency_limit:g}: "
+                    "the fastest of them is written")
         for name, write in search_report_writers(report).items():
             replace_file(output / name, write)
     if died is not None:
         raise WorkerError(f"{died}; the best trial so far is kept in {output}")
-    return TuneResult(report, bool(best and best.passed), interrupted, output, terminated)
+    return TuneResult(report, bool(report["chosen"]["passed"]), interrupted, output, terminated)
+
+
+def _latency_gate(limit: float | None, timing: BenchResult | None) -> dict | None:
+    """max_latency_ratio on the chosen trial: not a search gate (the search minimises latency), a verdict."""
+    if limit is None:
+        return None
+    value = timing.ratio if timing is not None else None
+    return {"name": "max_latency_ratio", "threshold": limit, "value": value,
+            "passed": value is not None and value <= limit}
 
 
 def _time_trials(context: TrialContext, trials: list[TrialResult], runs: int, latencies: dict, progress) -> None:
+    """Time the trials the search did not (those that failed the gates), for the report."""
     for done, result in enumerate(trials, 1):
-        latencies[result.spec.promotions] = trial_latency(context, result.spec, runs)
+        if result.spec.promotions not in latencies:
+            latencies[result.spec.promotions] = trial_latency(context, result.spec, runs)
         if progress:
             progress(done, len(trials))
 
@@ -302,8 +327,9 @@ def _latency_section(runs: int, final: bool, interrupted: bool) -> dict:
     status = "off" if not runs else "pending" if not final else "interrupted" if interrupted else "measured"
     return {"status": status, "runs": runs, "threads": LATENCY_THREADS, "batch_size": 1,
             "provider": "CPUExecutionProvider",
-            "method": ("Timed after the search, one trial at a time in the tuning process (no trial running "
-                       "beside it): every trial against the prepared float model on the first evaluation sample, in interleaved A/B rounds (order "
+            "method": ("Trials that pass the gates are timed as their batch of trials ends (the search "
+                       "picks the fastest of them), the others after the search; one trial at a time in the "
+                       "tuning process (no trial running beside it): every trial against the prepared float model on the first evaluation sample, in interleaved A/B rounds (order "
                        f"alternating) after warm-up, up to {runs} rounds or 4 s per trial, {LATENCY_THREADS} "
                        "ONNX Runtime intra-op thread, CPUExecutionProvider; ratio = quantized median / float "
                        "median (below 1: faster).")}

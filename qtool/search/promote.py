@@ -1,10 +1,12 @@
 """The search: promote the most sensitive nodes a precision step, a few at a time, until the gates pass.
 
-Steps above the recipe are 16-bit activations, then float. For each step the
+Steps above the recipe are float, then 16-bit activations. For each step the
 number of promoted nodes (taken in sensitivity order) grows 1, 2, 4, ... until
-the gates pass; then it is bisected back, and each promoted node is tried
-demoted again (least sensitive first), so the result has few promotions. Trials
-go out `jobs` at a time through `evaluate`; the search never sees processes.
+the gates pass; then it is bisected back, each promoted node is tried demoted
+again (least sensitive first), and the nodes left are tried at the other steps.
+Among the trials that pass, the fastest wins (each timed as its batch ends),
+then the smallest. Trials go out `jobs` at a time through `evaluate`; the search
+never sees processes.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Callable, Iterable, Iterator
 from qtool.search.trial import TrialResult, TrialSpec
 
 Evaluate = Callable[[list[TrialSpec]], Iterator[TrialResult]]
+LATENCY_TIE = 0.03  # latency ratios closer than this are a tie: one noisy timing should not beat a smaller model
 
 # gate -> (figure the search maximizes, as read from a TrialResult)
 OBJECTIVES = {"max_accuracy_drop": "accuracy", "min_top1_agreement": "top1_agreement",
@@ -39,12 +42,14 @@ def objective(result: TrialResult, name: str) -> float:
     return float(value)
 
 
-def preference(result: TrialResult, name: str) -> tuple:
-    """Sort key, best first: passing with the fewest promotions and the smallest model; else the best figure."""
+def preference(result: TrialResult, name: str, latency_ratio: float | None = None) -> tuple:
+    """Sort key, best first: passing, the fastest (ratios within LATENCY_TIE of each other tie;
+    untimed trials all tie), then the smallest model, the fewest promotions; else the best figure."""
     figure = objective(result, name)
     promotions = len(result.spec.promotions)
     if result.passed:
-        return (0, promotions, result.size_bytes, -figure)
+        speed = math.inf if latency_ratio is None else round(latency_ratio / LATENCY_TIE)
+        return (0, speed, result.size_bytes, promotions, -figure)
     return (1, -figure, promotions, result.size_bytes)
 
 
@@ -74,6 +79,9 @@ class Search:
     jobs: int = 1
     on_trial: Callable[[TrialResult], None] | None = None
     on_improvement: Callable[[TrialResult], None] | None = None
+    # latency ratio (quantized / float) of a trial that passes the gates, timed when its batch is done
+    time_trial: Callable[[TrialResult], float] | None = None
+    latency: dict[tuple, float] = field(default_factory=dict)
     results: dict[tuple, TrialResult] = field(default_factory=dict)
     order: list[TrialResult] = field(default_factory=list)
     best: TrialResult | None = None
@@ -91,18 +99,26 @@ class Search:
             raise BudgetSpent(f"--max-trials {self.max_trials} reached")
         if fresh and self.deadline is not None and time.monotonic() >= self.deadline:
             raise BudgetSpent("time budget spent")
+        batch = []
         for result in self.evaluate(fresh[:left]) if fresh else ():
             self.results[result.spec.promotions] = result
             self.order.append(result)
+            batch.append(result)
             if self.on_trial:
                 self.on_trial(result)
-            if self.best is None or preference(result, self.objective) < preference(self.best, self.objective):
+        for result in batch:  # timed once the batch is done: no trial of ours runs beside the timing
+            if result.passed and self.time_trial is not None:
+                self.latency[result.spec.promotions] = self.time_trial(result)
+            if self.best is None or self._preference(result) < self._preference(self.best):
                 self.best = result
                 if self.on_improvement:
                     self.on_improvement(result)
         if len(fresh) > left:
             raise BudgetSpent(f"--max-trials {self.max_trials} reached")
         return {spec.promotions: self.results[spec.promotions] for spec in specs if spec.promotions in self.results}
+
+    def _preference(self, result: TrialResult) -> tuple:
+        return preference(result, self.objective, self.latency.get(result.spec.promotions))
 
     def passes(self, nodes: list[str], step: str, label: str) -> bool:
         spec = promotion_spec(nodes, step, label)
@@ -147,13 +163,17 @@ class Search:
                         known_pass = k
                         break
                     known_fail = k
-            self._prune(list(self.ranking[:known_pass]), step)
-            self.stop_reason = f"gates pass with {len(self.best.spec.promotions)} promotion(s) to {step}"
+            promoted = self._prune(list(self.ranking[:known_pass]), step)
+            # The same nodes at the other steps: the cheapest precision that fixes them wins (preference).
+            others = [other for other in self.steps if other != step]
+            self.run_batch([promotion_spec(promoted, other, f"{other} same {len(promoted)}") for other in others])
+            steps = sorted({s for _, s in self.best.spec.promotions})
+            self.stop_reason = f"gates pass with {len(self.best.spec.promotions)} promotion(s) to {', '.join(steps)}"
             return
         self.stop_reason = "no promotion tried passes the gates"
 
-    def _prune(self, promoted: list[str], step: str) -> None:
-        """Demote promoted nodes again, least sensitive first, while the gates still pass."""
+    def _prune(self, promoted: list[str], step: str) -> list[str]:
+        """Demote promoted nodes again, least sensitive first, while the gates still pass; the nodes left."""
         untried = list(reversed(promoted))
         while untried and len(promoted) > 1:
             batch, untried = untried[: self.jobs], untried[self.jobs:]
@@ -164,6 +184,7 @@ class Search:
                 if outcome[spec.promotions].passed:
                     promoted = [n for n in promoted if n != drop]
                     break
+        return promoted
 
 
 def pareto_frontier(results: list[TrialResult], name: str) -> list[TrialResult]:

@@ -27,8 +27,8 @@ from qtool.evaluation.compare import Comparison, OutputStats, check_gates
 from qtool.evaluation.latency import BenchResult, bench_models
 from qtool.evaluation.metrics import is_classifier_output, top1
 from qtool.io.model import load_model, proto_size
-from qtool.quantization.plan import build_plan, required_opset, select_tensors
-from qtool.quantization.qdq import apply_plan
+from qtool.quantization.placement import plan_and_apply
+from qtool.quantization.plan import required_opset, select_tensors
 from qtool.recipe.schema import Recipe
 from qtool.runtime.session import make_session, run
 
@@ -198,8 +198,8 @@ def build_trial_model(context: TrialContext, spec: TrialSpec) -> tuple[ModelProt
     selection = select_tensors(model, recipe)
     missing = [name for name in selection.calibration_tensors if name not in context.table.ranges]
     notes = [f"{len(missing)} tensor(s) without a calibrated range in the shared table, kept float"] if missing else []
-    plan = build_plan(model, recipe, selection, context.table, context.saturating_host)
-    quantized = apply_plan(model, plan)
+    placed = plan_and_apply(model, recipe, selection, context.table, context.saturating_host)
+    plan, quantized = placed.plan, placed.model
     for entry in model.metadata_props:  # as `qtool quantize` does: the float model's metadata carries over
         kept = next((item for item in quantized.metadata_props if item.key == entry.key), None)
         if kept is None:

@@ -1,0 +1,141 @@
+"""Fused placement: keep float the nodes whose Q/DQ pairs buy no integer kernel in ONNX Runtime.
+
+A planned node that ORT's optimizer leaves as its float op type, still reading
+a DequantizeLinear, runs float compute between conversions: the Q/DQ pairs
+around it cost time and add rounding. `place` asks ORT which nodes those are,
+keeps them float and plans again, until none is left.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import onnx
+import onnxruntime as ort
+from onnx import ModelProto
+
+from qtool.calibration.calibrate import CalibrationTable
+from qtool.numerics import QTYPES
+from qtool.quantization.plan import NodeDecision, QuantPlan, Selection, build_plan, select_tensors
+from qtool.quantization.qdq import apply_plan
+from qtool.quantization.rules import RULES
+from qtool.recipe.schema import Recipe
+from qtool.runtime.session import session_options
+
+MAX_ROUNDS = 8  # each round keeps at least one more node float; real models settle in 2-3
+NOT_FUSED = "placement fused: ONNX Runtime runs it as float {op} between Q/DQ (no integer kernel)"
+ISLAND = ("placement fused: {kernel} would read only values quantized from float and write only values "
+          "dequantized back: the conversions cost more than the integer {op} saves")
+
+
+@dataclass(frozen=True)
+class Placement:
+    plan: QuantPlan
+    model: ModelProto  # the quantized model of `plan`
+    kept_float: dict[str, str]  # node -> why the placement pass kept it float
+    rounds: int
+
+
+def fusion_graph(model: ModelProto) -> onnx.GraphProto:
+    """The graph after ORT's fusions up to QDQ -> QLinear* (extended level: no layout passes, so
+    nodes keep their names)."""
+    options = session_options(optimize=True, threads=1)
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    with tempfile.TemporaryDirectory(prefix="qtool-placement-") as folder:
+        path = Path(folder) / "fused.onnx"
+        options.optimized_model_filepath = str(path)
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return onnx.load(str(path), load_external_data=False).graph
+
+
+def unfused_nodes(quantized: ModelProto, plan: QuantPlan) -> dict[str, str]:
+    """Planned compute nodes ORT leaves as float ops reading a DequantizeLinear output, and weightless
+    ones it fuses into an integer kernel with float on every side (an island) -> reason.
+
+    Data-movement ops (shared scale) are left alone: their outputs take their input's range, which
+    is what lets ORT drop their Q/DQ; Relu/Clip are folded into their producer's range; nodes with
+    16-bit or 4-bit types never get an integer kernel and stay as the recipe asks.
+    """
+    graph = fusion_graph(quantized)
+    producer = {out: node.op_type for node in graph.node for out in node.output}
+    readers: dict[str, list[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node.op_type)
+    after = {node.name: node for node in graph.node}
+    unfused = {}
+    for decision in plan.nodes:
+        rule = RULES.get(decision.op_type)
+        if (not decision.quantized or decision.weight_only or rule is None or rule.output != "own"
+                or rule.fuses_into_producer or not _has_int8_kernel_types(decision)):
+            continue
+        node = after.get(decision.node)
+        if node is None:
+            continue  # folded away
+        if node.op_type == decision.op_type:
+            if any(producer.get(name) == "DequantizeLinear" for name in node.input):
+                unfused[decision.node] = NOT_FUSED.format(op=decision.op_type)
+        elif decision.weight_input is None and _island(node, producer, readers):
+            unfused[decision.node] = ISLAND.format(op=decision.op_type, kernel=node.op_type)
+    return unfused
+
+
+def _island(node: onnx.NodeProto, producer: dict[str, str], readers: dict[str, list[str]]) -> bool:
+    """An integer kernel fed only by standalone QuantizeLinear (from float) and read only by
+    DequantizeLinear (back to float): the conversions cost more than a weightless op saves."""
+    inputs = [name for name in node.input if name in producer]  # scales and zero points are initializers
+    outputs = [name for name in node.output if name]
+    return bool(inputs) and all(producer[name] == "QuantizeLinear" for name in inputs) and all(
+        readers.get(name) and all(op == "DequantizeLinear" for op in readers[name]) for name in outputs)
+
+
+def _has_int8_kernel_types(decision: NodeDecision) -> bool:
+    """8-bit activations and 8-bit per-tensor/per-channel weights: the only types ORT has integer
+    kernels for. Wider or blocked types are a recipe's choice of simulated precision: left as planned."""
+    if decision.activations is None or QTYPES[decision.activations.dtype].bits > 8:
+        return False
+    weights = decision.weights
+    return decision.weight_input is None or weights is None or (
+        QTYPES[weights.dtype].bits == 8 and weights.granularity != "per_block")
+
+
+def place(build: Callable[[dict[str, str]], tuple[QuantPlan, ModelProto]]) -> Placement:
+    """Plan, ask ORT what it fuses, keep the unfused nodes float, plan again; until stable.
+
+    `build(keep_float)` returns the plan and quantized model with those nodes kept float.
+    """
+    kept: dict[str, str] = {}
+    plan, model = build(kept)
+    for rounds in range(1, MAX_ROUNDS + 1):
+        more = {node: why for node, why in unfused_nodes(model, plan).items() if node not in kept}
+        if not more:
+            return Placement(plan, model, kept, rounds)
+        kept.update(more)
+        plan, model = build(kept)
+    return Placement(plan, model, kept, MAX_ROUNDS)
+
+
+def plan_and_apply(model: ModelProto, recipe: Recipe, selection: Selection, table: CalibrationTable,
+                   saturating_host: bool) -> Placement:
+    """The recipe's plan applied to `model`, with `quantization.placement` carried out.
+
+    `selection` is the recipe's own (what was calibrated); nodes the pass keeps float only
+    need fewer ranges, never new ones.
+    """
+    def build(keep_float: dict[str, str]) -> tuple[QuantPlan, ModelProto]:
+        chosen = select_tensors(model, recipe, keep_float) if keep_float else selection
+        plan = build_plan(model, recipe, chosen, table, saturating_host)
+        return plan, apply_plan(model, plan)
+
+    if recipe.quantization.placement == "all":
+        plan, quantized = build({})
+        return Placement(plan, quantized, {}, 0)
+    placed = place(build)
+    if placed.kept_float:
+        note = (f"placement fused: {len(placed.kept_float)} node(s) kept float that ONNX Runtime would run as "
+                f"float ops between Q/DQ ({placed.rounds} round(s))")
+        placed = replace(placed, plan=replace(placed.plan, notes=[*placed.plan.notes, note]))
+    return placed
