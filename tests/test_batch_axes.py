@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from conftest import ROOT, make_model
+from conftest import ROOT, make_model, untimed_recipe
 from qtool.io.batching import BatchAxis, InputSpec, batch_axes
 
 F32 = np.dtype(np.float32)
@@ -71,7 +71,7 @@ def test_fixed_batch_cnn_quantizes_with_the_shipped_recipe(tmp_path, reshape):
     calib.mkdir()
     for i in range(12):
         np.save(calib / f"{i:03d}.npy", rng.normal(size=(1, 3, 32, 32)).astype(np.float32))
-    result = qtool("quantize", str(tmp_path / "model.onnx"), "--recipe", str(ROOT / "configs" / "int8.yaml"),
+    result = qtool("quantize", str(tmp_path / "model.onnx"), "--recipe", str(untimed_recipe(tmp_path)),
                    "--data", str(calib), "--output", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -124,7 +124,7 @@ def test_state_scalar_and_flag_inputs_quantize_with_the_shipped_recipe(tmp_path)
                   "sr": np.array(16000, np.int64), "flag": np.array(i < 6)}
         np.savez(calib / f"{i:03d}.npz", **sample)
         samples.append(sample)
-    result = qtool("quantize", str(tmp_path / "model.onnx"), "--recipe", str(ROOT / "configs" / "int8.yaml"),
+    result = qtool("quantize", str(tmp_path / "model.onnx"), "--recipe", str(untimed_recipe(tmp_path)),
                    "--data", str(calib), "--output", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "out" / "report.json").read_text())

@@ -14,6 +14,7 @@ from conftest import ROOT, make_model, save_npy_folder
 from qtool import api
 from qtool.cli.main import main
 from qtool.errors import CalibrationError, DataError, ModelError
+from qtool.recipe.load import load_recipe
 
 
 def gemm_only(seed: int = 0):
@@ -101,7 +102,9 @@ def test_a_node_whose_every_range_is_degenerate_counts_as_float(tmp_path):
     path = tmp_path / "m.onnx"
     path.write_bytes(model.SerializeToString())
     data = save_npy_folder(tmp_path / "data", rng.normal(size=(8, 1, 4, 8, 8)))
-    result = api.quantize(path, data)
+    # placement all: under fused, the Add beside the float Sigmoid stays float for speed, not for its range
+    (tmp_path / "recipe.yaml").write_text("version: 1\nquantization: {placement: all}\n")
+    result = api.quantize(path, data, load_recipe(tmp_path / "recipe.yaml"))
     nodes = {node["node"]: node for node in result.report["plan"]["nodes"]}
     assert not nodes["gate"]["quantized"] and nodes["gate"]["reason"].startswith("float: no usable range for z")
     assert nodes["conv"]["quantized"] and nodes["add"]["quantized"]

@@ -8,13 +8,12 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import ROOT, make_model, save_npy_folder, shared_model
+from conftest import ROOT, make_model, save_npy_folder, shared_model, untimed_recipe
 from qtool import api
 from qtool.errors import ModelError
 from qtool.recipe.load import load_recipe
 
 RNG = np.random.default_rng(0)
-INT8 = ROOT / "configs" / "int8.yaml"
 
 
 @pytest.fixture(autouse=True)
@@ -63,7 +62,7 @@ def test_initializers_listed_as_inputs_are_defaults(tmp_path, ir_version, opset,
     path = tmp_path / "model.onnx"
     onnx.save(model, path)
     data = save_npy_folder(tmp_path / "data", RNG.normal(size=(8, 1, 3, 8, 8)))
-    result = api.quantize(path, data, load_recipe(INT8))
+    result = api.quantize(path, data, load_recipe(untimed_recipe(tmp_path)))
     assert [value.name for value in result.model.graph.input] == ["x"]
     assert result.model.ir_version >= 4
     assert result.report["plan"]["quantized_by_op"]["Conv"] == 1
@@ -74,10 +73,10 @@ def test_initializers_listed_as_inputs_are_defaults(tmp_path, ir_version, opset,
     assert result.passed
 
 
-def test_centerface_weights_listed_as_inputs_quantize():
+def test_centerface_weights_listed_as_inputs_quantize(tmp_path):
     """IR 4, opset 9, all 194 initializers also graph inputs, BatchNorm to fold: quantized, not refused."""
     folder = shared_model("centerface")
-    result = api.quantize(folder / "model.onnx", folder / "calib", load_recipe(INT8))
+    result = api.quantize(folder / "model.onnx", folder / "calib", load_recipe(untimed_recipe(tmp_path)))
     assert any("194 graph inputs with an initializer" in note for note in result.report["prepare"])
     assert [value.name for value in result.model.graph.input] == ["input.1"]
     assert result.report["plan"]["quantized_by_op"]["Conv"] == 60
@@ -114,7 +113,7 @@ def test_matmul_weight_that_is_not_2d_is_quantized_per_tensor(tmp_path, rank):
     """ORT's MatMulIntegerToFloat refuses per-channel scales on such a weight (exit 3 before)."""
     model = matmul_head(rank)
     x_shape = MATMUL_WEIGHTS[rank][0]
-    result = quantize_model(tmp_path, model, INT8, RNG.normal(size=(8, 1, *x_shape)))
+    result = quantize_model(tmp_path, model, untimed_recipe(tmp_path), RNG.normal(size=(8, 1, *x_shape)))
     weight_dq = next(node for node in result.model.graph.node
                      if node.op_type == "DequantizeLinear" and node.output[0].startswith("w"))
     assert not any(attr.name == "axis" for attr in weight_dq.attribute)  # per_tensor
@@ -132,7 +131,7 @@ def test_matmul_2d_weight_keeps_per_channel_on_its_output_axis(tmp_path):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 5])],
         {"w": RNG.normal(size=(8, 5)).astype(np.float32)},
     )
-    result = quantize_model(tmp_path, model, INT8, RNG.normal(size=(8, 1, 8)))
+    result = quantize_model(tmp_path, model, untimed_recipe(tmp_path), RNG.normal(size=(8, 1, 8)))
     weight_dq = next(node for node in result.model.graph.node
                      if node.op_type == "DequantizeLinear" and node.output[0].startswith("w"))
     assert [attr.i for attr in weight_dq.attribute if attr.name == "axis"] == [1]
@@ -163,7 +162,7 @@ def test_graph_output_without_shape_or_type_is_repaired_and_quantized(tmp_path, 
     model.ir_version = 8
     with pytest.raises(onnx.checker.ValidationError, match=f"Field '{missing}'"):
         onnx.checker.check_model(model)
-    result = quantize_model(tmp_path, model, INT8, RNG.normal(size=(8, 1, 3, 8, 8)))
+    result = quantize_model(tmp_path, model, untimed_recipe(tmp_path), RNG.normal(size=(8, 1, 3, 8, 8)))
     assert f"graph output 'y' had no {missing}: set from shape inference (onnx.checker requires it; " \
            "ONNX Runtime does not)" in result.report["prepare"]
     assert result.report["plan"]["quantized_by_op"] == {"Conv": 1, "Relu": 1}
@@ -213,7 +212,7 @@ def test_half_precision_cnn_is_really_quantized(tmp_path, elem, interface):
     """Before: "0 of 7 nodes quantized, no float inputs to quantize", exit 0, the model untouched."""
     model = half_cnn(elem, interface)
     samples = np.random.default_rng(4).normal(size=(16, 1, 3, 16, 16))
-    result = quantize_model(tmp_path, model, INT8, samples)
+    result = quantize_model(tmp_path, model, untimed_recipe(tmp_path), samples)
     kind = "float16" if elem == TensorProto.FLOAT16 else "bfloat16"
     assert any(note.startswith(f"{kind} model computed in a float32 working copy") for note in result.report["prepare"])
     assert result.report["plan"]["quantized_by_op"]["Conv"] == 2
