@@ -27,12 +27,15 @@ from qtool.io.data import DataFolder, model_inputs, read_labels
 from qtool.io.model import (QUANTIZED_OP_TYPES, file_sha256, load_model, model_file_bytes, opset_version, proto_size,
                             read_header, save_model, upgrade_opset)
 from qtool.numerics import QTYPES
+from qtool.quantization.algorithms.bias_correction import BiasShift, requantize
+from qtool.quantization.algorithms.equalization import EqualizedPair, equalize
 from qtool.quantization.plan import build_plan, required_opset, select_tensors
 from qtool.quantization.prepare import prepare_model
 from qtool.quantization.qdq import apply_plan, ensure_opset
 from qtool.recipe.load import load_recipe, parse_recipe
 from qtool.recipe.schema import Recipe, recipe_json_schema
 from qtool.reporting import document as reporting
+from qtool.reporting.algorithms import algorithms_section
 from qtool.reporting.files import report_writers, write_ci_files
 from qtool.runtime.session import INTEGER_OP_TYPES, check_runnable, int8_kernels_may_saturate, optimized_op_histogram
 
@@ -52,14 +55,23 @@ class QuantizeResult:
 
 
 def prepare(model_path: Path, recipe: Recipe | None = None) -> tuple[ModelProto, list[str]]:
-    """load → opset upgrade → graph clean-up → the opset the recipe's types need; returns
-    the model and what was done."""
+    """load → opset upgrade → graph clean-up → the opset the recipe's types need → the recipe's
+    equalization; returns the model and what was done."""
+    model, notes, _ = _prepare(model_path, recipe)
+    return model, notes
+
+
+def _prepare(model_path: Path, recipe: Recipe | None) -> tuple[ModelProto, list[str], list[EqualizedPair]]:
     model = load_model(model_path)
     check_runnable(model, model_path)
     model, upgrade_note = upgrade_opset(model, model_path)
     model, notes = prepare_model(model)
     model, opset_note = ensure_opset(model, required_opset(recipe)) if recipe else (model, None)
-    return model, [note for note in [upgrade_note, *notes, opset_note] if note]
+    pairs: list[EqualizedPair] = []
+    if recipe and recipe.quantization.algorithms.equalization:
+        model, pairs = equalize(model)
+    equalized = f"equalization: {len(pairs)} Conv pairs rescaled" if pairs else None
+    return model, [note for note in [upgrade_note, *notes, opset_note, equalized] if note], pairs
 
 
 def inspect(model_path: str | Path, recipe: Recipe | str | Path | None = None) -> inspection.Inspection:
@@ -235,7 +247,7 @@ def quantize(
     tick = stage_progress(progress)
     loaded = load_table(calibration) if calibration is not None else None
 
-    model, prepare_notes = prepare(model_path, recipe)
+    model, prepare_notes, equalized = _prepare(model_path, recipe)
     inputs = model_inputs(model)
     calib_data = None if data_dir is None else DataFolder(
         Path(data_dir), inputs, recipe.calibration.samples, images=recipe.data.images if recipe.data else None)
@@ -254,6 +266,12 @@ def quantize(
     saturating = int8_kernels_may_saturate()
     plan = build_plan(model, recipe, selection, table, saturating)
     quantized = apply_plan(model, plan)
+    corrected: list[BiasShift] | None = None
+    if recipe.quantization.algorithms.bias_correction and calib_data is None:
+        warnings.append("quantization.algorithms.bias_correction needs calibration data (--data), "
+                        "not a calibration table: skipped")
+    elif recipe.quantization.algorithms.bias_correction:
+        _, plan, quantized, corrected = requantize(model, quantized, plan, recipe, table, saturating, calib_data)
     for key, value in _float_metadata(model).items():
         _set_metadata(quantized, key, value)
 
@@ -278,7 +296,7 @@ def quantize(
         integer_ops={op: n for op, n in sorted(ops.items()) if op in INTEGER_OP_TYPES},
         optimized_ops=dict(sorted(ops.items())),
         comparison=comparison, simulated=simulated, gates=gates, warnings=warnings,
-        layers=layers, latency=latency,
+        layers=layers, latency=latency, algorithms=algorithms_section(recipe, equalized, corrected),
     )
     if output is not None:
         write_artifacts(output, overwrite, {

@@ -233,6 +233,23 @@ class ExcludeSpec(_Strict):
         return value
 
 
+class AlgorithmsSpec(_Strict):
+    """Post-training algorithms around the plan; each a switch, each reported per layer."""
+
+    equalization: bool = Field(
+        False,
+        description="Cross-layer equalization (Nagel et al. 2019): rescale each Conv -> (Relu | nothing) -> "
+        "Conv pair, depthwise -> pointwise included, so both weights' per-channel ranges match; the float "
+        "function is unchanged. Runs on the prepared float model, before calibration.",
+    )
+    bias_correction: bool = Field(
+        False,
+        description="Empirical bias correction (Nagel et al. 2019): per output channel of each quantized "
+        "Conv, ConvTranspose and Gemm, remove the mean output shift its weight rounding causes on the "
+        "calibration data, measured on the layer's quantized input. Needs calibration data, not a table.",
+    )
+
+
 class QuantizationSpec(_Strict):
     activations: ActivationSpec = ActivationSpec()
     weights: WeightSpec = WeightSpec()
@@ -249,6 +266,9 @@ class QuantizationSpec(_Strict):
     )
     weight_only: WeightOnlySpec | None = Field(
         None, description="Weight-only low-bit quantization of MatMuls with constant weights."
+    )
+    algorithms: AlgorithmsSpec = Field(
+        AlgorithmsSpec(), description="Post-training algorithms: equalization, bias_correction."
     )
 
 

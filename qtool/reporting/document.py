@@ -143,6 +143,7 @@ def build_quantize_report(
     saturating_host: bool, float_bytes: int, quantized_bytes: int, integer_ops: dict,
     optimized_ops: dict, comparison: Comparison, simulated: Comparison,
     gates: list[GateResult], warnings: list[str], layers: dict | None = None, latency: dict | None = None,
+    algorithms: dict | None = None,
 ) -> dict:
     report = {
         "schema_version": REPORT_SCHEMA_VERSION,
@@ -175,6 +176,8 @@ def build_quantize_report(
         report["layers"] = layers
     if latency is not None:
         report["latency"] = latency
+    if algorithms is not None:
+        report["algorithms"] = algorithms
     return report
 
 
