@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SAMPLE := sample_models/digits_cnn
 
-.PHONY: install demo test fuzz browser docs bench-calibration clean
+.PHONY: install demo test fuzz browser docs bench-calibration bench-accuracy clean
 
 install: $(VENV)/.installed
 
@@ -44,6 +44,11 @@ docs: install
 # qtool vs onnxruntime.quantization calibration: time, peak RSS, accuracy (a few minutes)
 bench-calibration: install
 	$(BIN)/python bench/calibration.py
+
+# qtool's default vs each post-training algorithm alone vs onnxruntime.quantization: output SQNR and
+# the task metric per shared model (~20 min on 2 shared cores; --models to pick, --json to keep the rows)
+bench-accuracy: install
+	$(BIN)/python bench/accuracy.py --json out/bench-accuracy.json
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -29,6 +29,7 @@ from qtool.io.model import (QUANTIZED_OP_TYPES, file_sha256, load_model, model_f
 from qtool.numerics import QTYPES
 from qtool.quantization.algorithms.bias_correction import BiasShift, requantize
 from qtool.quantization.algorithms.equalization import EqualizedPair, equalize
+from qtool.quantization.algorithms.smoothing import smooth
 from qtool.quantization.plan import build_plan, required_opset, select_tensors
 from qtool.quantization.prepare import prepare_model
 from qtool.quantization.qdq import apply_plan, ensure_opset
@@ -254,6 +255,12 @@ def quantize(
     eval_data, eval_labels, warnings = resolve_validation_data(recipe, calib_data, inputs, validation_data, labels)
     check_gates_are_measurable(recipe, eval_labels)
 
+    smoothed = None
+    if recipe.quantization.algorithms.smoothing and calib_data is None:
+        warnings.append("quantization.algorithms.smoothing needs calibration data (--data), "
+                        "not a calibration table: skipped")
+    elif recipe.quantization.algorithms.smoothing:
+        model, smoothed = smooth(model, calib_data, recipe.calibration.batch_size)
     selection = select_tensors(model, recipe)
     act = recipe.quantization.activations
     if loaded is not None:
@@ -296,7 +303,7 @@ def quantize(
         integer_ops={op: n for op, n in sorted(ops.items()) if op in INTEGER_OP_TYPES},
         optimized_ops=dict(sorted(ops.items())),
         comparison=comparison, simulated=simulated, gates=gates, warnings=warnings,
-        layers=layers, latency=latency, algorithms=algorithms_section(recipe, equalized, corrected),
+        layers=layers, latency=latency, algorithms=algorithms_section(recipe, equalized, smoothed, corrected),
     )
     if output is not None:
         write_artifacts(output, overwrite, {

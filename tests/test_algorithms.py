@@ -191,3 +191,69 @@ def test_recipe_switches_are_booleans(tmp_path, key):
     path.write_text(f"version: 1\nquantization:\n  algorithms:\n    {key}: maybe\n")
     with pytest.raises(RecipeError, match=f"algorithms.{key}"):
         load_recipe(path)
+
+
+def smoothing_model(k: int = 16, n: int = 8, residual: bool = True):
+    """x [N, 4, k] → LayerNorm → two MatMuls (q, v) → Add; the LayerNorm's scale puts outliers in two
+    channels (×40), the SmoothQuant case. With `residual`, a second LayerNorm feeds a MatMul and a
+    residual Add: scaling its output would change the Add, so it must be left alone."""
+    rng = np.random.default_rng(7)
+    gamma = np.ones(k, np.float32)
+    gamma[[3, 11]] = 40.0
+    weights = {"gamma": gamma, "beta": rng.normal(size=k).astype(np.float32),
+               "wq": rng.normal(size=(k, n)).astype(np.float32), "wv": rng.normal(size=(k, n)).astype(np.float32)}
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["ln"], name="ln", axis=-1),
+        helper.make_node("MatMul", ["ln", "wq"], ["q"], name="q"),
+        helper.make_node("MatMul", ["ln", "wv"], ["v"], name="v"),
+        helper.make_node("Add", ["q", "v"], ["h" if residual else "y"], name="sum"),
+    ]
+    if residual:
+        weights.update(g2=rng.normal(size=n).astype(np.float32), w2=rng.normal(size=(n, n)).astype(np.float32))
+        nodes += [helper.make_node("LayerNormalization", ["h", "g2"], ["ln2"], name="ln2", axis=-1),
+                  helper.make_node("MatMul", ["ln2", "w2"], ["m2"], name="m2"),
+                  helper.make_node("Add", ["m2", "ln2"], ["y"], name="residual")]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, k])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, n])], weights, opset=17)
+
+
+def test_smoothing_keeps_the_float_function_and_levels_the_outlier_channels(tmp_path):
+    from qtool.io.data import DataFolder, model_inputs
+    from qtool.quantization.algorithms.smoothing import find_groups, smooth
+
+    model = smoothing_model()
+    assert [([n.name for n in norms], [r.name for r in readers]) for norms, readers in find_groups(model)] == \
+        [(["ln"], ["q", "v"])]
+    x = np.random.default_rng(8).normal(size=(6, 1, 4, 16)).astype(np.float32)
+    data = DataFolder(save_npy_folder(tmp_path / "data", x), model_inputs(model))
+    feeds = {"x": x[:, 0]}
+    before = _outputs(model, feeds)
+    original = {i.name: numpy_helper.to_array(i) for i in smoothing_model().graph.initializer}
+    model, [group] = smooth(model, data, batch_size=4)
+    after = _outputs(model, feeds)
+    assert np.max(np.abs(after["y"] - before["y"])) <= 1e-5 * np.max(np.abs(before["y"]))
+    # s_j = sqrt(max|x_j| / max over both weights of |W_j,:|), x the LayerNorm's output on the data it saw.
+    centred = x[:, 0] - x[:, 0].mean(axis=-1, keepdims=True)
+    ln = centred / np.sqrt(np.mean(centred ** 2, axis=-1, keepdims=True) + 1e-5) * original["gamma"] + original["beta"]
+    rows = np.maximum(np.abs(original["wq"]).max(axis=1), np.abs(original["wv"]).max(axis=1))
+    expected = np.sqrt(np.abs(ln).reshape(-1, 16).max(axis=0) / rows)
+    np.testing.assert_allclose([group.scale_min, group.scale_max], [expected.min(), expected.max()], rtol=1e-4)
+    assert group.outlier_ratio_before > 20 and group.outlier_ratio_after < group.outlier_ratio_before / 4
+    # The residual LayerNorm's scale is as it was.
+    params = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    np.testing.assert_array_equal(params["g2"], original["g2"])
+
+
+def test_smoothing_through_quantize_is_reported_and_helps(tmp_path):
+    model = smoothing_model(residual=False)
+    path = tmp_path / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    data = save_npy_folder(tmp_path / "data", np.random.default_rng(9).normal(size=(16, 1, 4, 16)))
+    figures = {}
+    for on in (False, True):
+        recipe = Recipe.model_validate({"quantization": {"algorithms": {"smoothing": on}}})
+        result = api.quantize(path, data, recipe)
+        figures[on] = result.report["validation"]["outputs"]["y"]["sqnr_db"]
+        groups = result.report["algorithms"]["smoothing"]["groups"]
+        assert [(g["norms"], g["readers"]) for g in groups] == ([(["ln"], ["q", "v"])] if on else [])
+    assert figures[True] > figures[False] + 3

@@ -242,6 +242,13 @@ class AlgorithmsSpec(_Strict):
         "Conv pair, depthwise -> pointwise included, so both weights' per-channel ranges match; the float "
         "function is unchanged. Runs on the prepared float model, before calibration.",
     )
+    smoothing: bool = Field(
+        False,
+        description="Activation-to-weight smoothing (Xiao et al. 2023, SmoothQuant, alpha 0.5): where a "
+        "LayerNormalization feeds only MatMul/Gemm layers with constant weights, divide its output's "
+        "channels by s and multiply the weights' rows by s, s_j = sqrt(max|x_j| / max|W_j,:|) on the "
+        "calibration data; the float function is unchanged. Needs calibration data, not a table.",
+    )
     bias_correction: bool = Field(
         False,
         description="Empirical bias correction (Nagel et al. 2019): per output channel of each quantized "
@@ -268,7 +275,7 @@ class QuantizationSpec(_Strict):
         None, description="Weight-only low-bit quantization of MatMuls with constant weights."
     )
     algorithms: AlgorithmsSpec = Field(
-        AlgorithmsSpec(), description="Post-training algorithms: equalization, bias_correction."
+        AlgorithmsSpec(), description="Post-training algorithms: equalization, smoothing, bias_correction."
     )
 
 
