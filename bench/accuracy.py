@@ -96,6 +96,7 @@ def ort_model(prepared_path: Path, spec: dict, method: str, out: Path):
         quantize_static
 
     from qtool.io.data import DataFolder, model_inputs
+    from qtool.quantization.algorithms.streaming import feeds
     from qtool.runtime.session import int8_kernels_may_saturate
 
     recipe = recipe_for(spec, {})
@@ -105,11 +106,11 @@ def ort_model(prepared_path: Path, spec: dict, method: str, out: Path):
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.batches = data.batches(recipe.calibration.batch_size)
+            self.batches = feeds(model, data, recipe.calibration.batch_size)  # cut to a fixed batch dim
 
         def get_next(self):
             batch = next(self.batches, None)
-            return None if batch is None else batch.feeds
+            return None if batch is None else batch[1]
 
     quantize_static(str(prepared_path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
@@ -143,7 +144,8 @@ def sqnr(reference: list[dict], candidate: list[dict]) -> dict[str, float]:
     figures = {}
     for name in reference[0]:
         signal = sum(float(np.sum(np.square(r[name].astype(np.float64)))) for r in reference)
-        noise = sum(float(np.sum(np.square(r[name].astype(np.float64) - c[name]))) for r, c in zip(reference, candidate))
+        noise = sum(float(np.sum(np.square(r[name].astype(np.float64) - c[name])))
+                    for r, c in zip(reference, candidate))
         figures[name] = 10 * math.log10(signal / noise) if noise > 0 else math.inf
     return figures
 

@@ -28,7 +28,7 @@ def _uneven(shape, axis):
 
 
 def cle_model():
-    """x → Conv → Relu → depthwise Conv → Relu → pointwise Conv → Conv (no activation) → Clip → Conv → y.
+    """x → Conv → Relu → depthwise Conv → Relu → pointwise → Conv (no activation) → Clip → Conv → y.
 
     Three pairs CLE may rescale (Relu, Relu, nothing between); the Clip (ReLU6) pair it must not:
     Clip(x / s, 0, 6) is not Clip(x, 0, 6) / s."""
@@ -257,3 +257,24 @@ def test_smoothing_through_quantize_is_reported_and_helps(tmp_path):
         groups = result.report["algorithms"]["smoothing"]["groups"]
         assert [(g["norms"], g["readers"]) for g in groups] == ([(["ln"], ["q", "v"])] if on else [])
     assert figures[True] > figures[False] + 3
+
+
+def test_measuring_passes_run_in_batches_the_model_accepts(tmp_path):
+    """u2netp fixes its batch dimension at 1: the algorithms' passes cut the recipe's batches to it."""
+    from qtool.io.data import DataFolder, model_inputs
+    from qtool.quantization.algorithms.streaming import feeds
+
+    fixed = make_model([helper.make_node("Relu", ["x"], ["y"])],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    x = RNG.normal(size=(5, 1, 4))
+    data = DataFolder(save_npy_folder(tmp_path / "data", x), model_inputs(fixed))
+    runs = list(feeds(fixed, data, batch_size=8))
+    assert [count for count, _ in runs] == [1] * 5
+    np.testing.assert_array_equal(np.concatenate([f["x"] for _, f in runs]), x[:, 0].astype(np.float32))
+    for dim in ("N", -1):  # ppocr_cls declares its batch dimension as -1: not a fixed size
+        free = make_model([helper.make_node("Relu", ["x"], ["y"])],
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [dim, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [dim, 4])])
+        data = DataFolder(save_npy_folder(tmp_path / f"free{dim}", x), model_inputs(free))
+        assert [count for count, _ in feeds(free, data, batch_size=4)] == [4, 1]

@@ -17,6 +17,7 @@ from onnx import ModelProto, helper, numpy_helper
 
 from qtool.io.data import DataFolder
 from qtool.io.model import GraphIndex, opset_version
+from qtool.quantization.algorithms.streaming import feeds
 from qtool.quantization.plan import build_plan, select_tensors
 from qtool.quantization.prepare import remove_unused_initializers
 from qtool.quantization.qdq import apply_plan
@@ -71,8 +72,8 @@ def _measuring_model(float_model: ModelProto, quantized: ModelProto, targets) ->
         nodes = [
             helper.make_node("Sub", [q_node.input[decision.weight_input], float_name], [error],
                              name=index.unique_name(f"{error}_Sub")),
-            helper.make_node(node.op_type, [q_node.input[0], error], [branch], name=index.unique_name(f"{branch}_{node.op_type}"),
-                             **attributes),
+            helper.make_node(node.op_type, [q_node.input[0], error], [branch],
+                             name=index.unique_name(f"{branch}_{node.op_type}"), **attributes),
         ]
         if new_axes:
             axes_name = index.unique_name(f"{mean}.axes")
@@ -99,9 +100,8 @@ def measure_shifts(float_model: ModelProto, quantized: ModelProto, plan, data: D
     names = [node.name for node, _ in targets]
     sums: dict[str, np.ndarray] = {}
     seen = 0
-    for batch in data.batches(batch_size):
-        count = int(next(iter(batch.feeds.values())).shape[0])
-        results = run(session, batch.feeds)
+    for count, batch in feeds(quantized, data, batch_size):
+        results = run(session, batch)
         for name, output in zip(names, outputs):
             value = results[output].astype(np.float64) * count
             sums[name] = sums[name] + value if name in sums else value
