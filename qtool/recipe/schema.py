@@ -237,10 +237,11 @@ class AlgorithmsSpec(_Strict):
     """Post-training algorithms around the plan; each a switch, each reported per layer."""
 
     equalization: bool = Field(
-        False,
+        True,
         description="Cross-layer equalization (Nagel et al. 2019): rescale each Conv -> (Relu | nothing) -> "
         "Conv pair, depthwise -> pointwise included, so both weights' per-channel ranges match; the float "
-        "function is unchanged. Runs on the prepared float model, before calibration.",
+        "function is unchanged. Runs on the prepared float model, before calibration. On by default: "
+        "measured +3.1 dB output SQNR on ppocr_cls, +2.3 on centerface, +0.4 on ppocr_det (bench/accuracy.py).",
     )
     smoothing: bool = Field(
         False,
@@ -253,7 +254,8 @@ class AlgorithmsSpec(_Strict):
         False,
         description="Empirical bias correction (Nagel et al. 2019): per output channel of each quantized "
         "Conv, ConvTranspose and Gemm, remove the mean output shift its weight rounding causes on the "
-        "calibration data, measured on the layer's quantized input. Needs calibration data, not a table.",
+        "calibration data, measured on the layer's quantized input. Needs calibration data, not a table. "
+        "Off by default: measured +0.2 dB on digits_cnn and ppocr_det, -0.8 on centerface.",
     )
 
 
