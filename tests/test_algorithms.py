@@ -176,6 +176,10 @@ def test_algorithms_are_reported_deterministic_and_need_data(tmp_path):
     assert {layer["node"] for layer in section["bias_correction"]["layers"]} == \
         {"conv0", "depthwise", "pointwise", "linear", "head"}
     assert first.report["prepare"][-1] == "equalization: 3 Conv pairs rescaled"
+    markdown = (tmp_path / "a" / "report.md").read_text()
+    assert "| equalization | 3 Conv pairs rescaled; widest channel-range spread" in markdown
+    assert "| bias_correction | 5 biases corrected; largest shift " in markdown
+    assert "| smoothing |" not in markdown  # off: no row
     table = api.calibrate(path, data, recipe, tmp_path / "table.json")
     from_table = api.quantize(path, None, recipe, calibration=table.output, validation_data=data)
     assert from_table.report["algorithms"]["bias_correction"] == {"enabled": False, "layers": []}
