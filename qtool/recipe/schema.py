@@ -255,7 +255,9 @@ class AlgorithmsSpec(_Strict):
         description="Empirical bias correction (Nagel et al. 2019): per output channel of each quantized "
         "Conv, ConvTranspose and Gemm, remove the mean output shift its weight rounding causes on the "
         "calibration data, measured on the layer's quantized input. Needs calibration data, not a table. "
-        "Off by default: measured +0.2 dB on digits_cnn and ppocr_det, -0.8 on centerface.",
+        "Measured output SQNR: u2netp +17.4 dB (8.1 -> 25.5, mask IoU 63.1 -> 69.1, float 69.0), digits_cnn "
+        "and ppocr_det +0.2, ppocr_cls -0.1, centerface -0.8. Off by default while `qtool tune`'s trials and "
+        "`quantize --calibration` cannot apply it (they have no calibration data to measure with).",
     )
 
 
