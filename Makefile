@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SAMPLE := sample_models/digits_cnn
 
-.PHONY: install demo test fuzz browser docs bench-calibration bench-latency clean
+.PHONY: install demo test fuzz browser docs bench-calibration bench-latency bench-accuracy clean
 
 install: $(VENV)/.installed
 
@@ -48,6 +48,11 @@ bench-calibration: install
 # float vs qtool int8 vs onnxruntime.quantization int8 latency, one thread, interleaved, every model (minutes)
 bench-latency: install
 	$(BIN)/python bench/latency.py
+
+# qtool's default vs each post-training algorithm alone vs onnxruntime.quantization: output SQNR and
+# the task metric per shared model (~20 min on 2 shared cores; --models to pick, --json to keep the rows)
+bench-accuracy: install
+	$(BIN)/python bench/accuracy.py --json out/bench-accuracy.json
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -30,6 +30,9 @@ from qtool.io.targets import check_output_file, check_output_path
 from qtool.io.model import (QUANTIZED_OP_TYPES, file_sha256, load_model, model_file_bytes, opset_version, proto_size,
                             read_header, save_model, upgrade_opset)
 from qtool.numerics import QTYPES
+from qtool.quantization.algorithms.bias_correction import BiasShift, requantize
+from qtool.quantization.algorithms.equalization import EqualizedPair, equalize
+from qtool.quantization.algorithms.smoothing import smooth
 from qtool.quantization.coverage import check_coverage
 from qtool.quantization.placement import plan_and_apply
 from qtool.quantization.plan import required_opset, select_tensors
@@ -39,6 +42,7 @@ from qtool.quantization.widen import widen_to_float32
 from qtool.recipe.load import load_recipe, parse_recipe
 from qtool.recipe.schema import Recipe, gate_problem, recipe_json_schema
 from qtool.reporting import document as reporting
+from qtool.reporting.algorithms import algorithms_section
 from qtool.reporting.files import check_ci_files, report_writers, write_ci_files
 from qtool.runtime.session import INTEGER_OP_TYPES, check_runnable, int8_kernels_may_saturate, optimized_op_histogram
 
@@ -59,8 +63,13 @@ class QuantizeResult:
 
 
 def prepare(model_path: Path, recipe: Recipe | None = None) -> tuple[ModelProto, list[str]]:
-    """load → opset upgrade → graph clean-up → the opset the recipe's types need; returns
-    the model and what was done."""
+    """load → opset upgrade → graph clean-up → the opset the recipe's types need → the recipe's
+    equalization; returns the model and what was done."""
+    model, notes, _ = _prepare(model_path, recipe)
+    return model, notes
+
+
+def _prepare(model_path: Path, recipe: Recipe | None) -> tuple[ModelProto, list[str], list[EqualizedPair]]:
     repairs: list[str] = []
     model = load_model(model_path, repairs=repairs)
     widened = widen_to_float32(model)  # first: ONNX Runtime's CPU kernels barely know bfloat16
@@ -68,7 +77,11 @@ def prepare(model_path: Path, recipe: Recipe | None = None) -> tuple[ModelProto,
     model, upgrade_note = upgrade_opset(model, model_path)
     model, notes = prepare_model(model)
     model, opset_note = ensure_opset(model, required_opset(recipe)) if recipe else (model, None)
-    return model, [note for note in [*repairs, widened, upgrade_note, *notes, opset_note] if note]
+    pairs: list[EqualizedPair] = []
+    if recipe and recipe.quantization.algorithms.equalization:
+        model, pairs = equalize(model)
+    equalized = f"equalization: {len(pairs)} Conv pairs rescaled" if pairs else None
+    return model, [note for note in [*repairs, widened, upgrade_note, *notes, opset_note, equalized] if note], pairs
 
 
 def inspect(model_path: str | Path, recipe: Recipe | str | Path | None = None) -> inspection.Inspection:
@@ -247,7 +260,7 @@ def quantize(
     loaded = load_table(calibration) if calibration is not None else None
 
     read = fingerprint(model_path)  # the report names the model loaded, whatever happens to the file later
-    model, prepare_notes = prepare(model_path, recipe)
+    model, prepare_notes, equalized = _prepare(model_path, recipe)
     read = as_loaded(model_path, read)
     inputs = _inputs(model, model_path)
     calib_data = None if data_dir is None else open_data(
@@ -255,6 +268,12 @@ def quantize(
     eval_data, eval_labels, warnings = resolve_validation_data(recipe, calib_data, inputs, validation_data, labels)
     check_gates_are_measurable(recipe, eval_labels)
 
+    smoothed = None
+    if recipe.quantization.algorithms.smoothing and calib_data is None:
+        warnings.append("quantization.algorithms.smoothing needs calibration data (--data), "
+                        "not a calibration table: skipped")
+    elif recipe.quantization.algorithms.smoothing:
+        model, smoothed = smooth(model, calib_data, recipe.calibration.batch_size)
     selection = select_tensors(model, recipe)
     act = recipe.quantization.activations
     if loaded is not None:
@@ -268,9 +287,19 @@ def quantize(
     saturating = int8_kernels_may_saturate()
     placed = plan_and_apply(model, recipe, selection, table, saturating)
     plan, quantized = placed.plan, placed.model
+    ranges_from = Path(calibration) if calibration else calib_data.folder
     warnings += check_coverage(plan, sum(d.quantized for d in selection.nodes), model=model_path,
-                               recipe=recipe.source, ranges_from=Path(calibration) if calibration else calib_data.folder,
-                               table=calibration is not None)
+                               recipe=recipe.source, ranges_from=ranges_from, table=calibration is not None)
+    corrected: list[BiasShift] | None = None
+    if recipe.quantization.algorithms.bias_correction and calib_data is None:
+        warnings.append("quantization.algorithms.bias_correction needs calibration data (--data), "
+                        "not a calibration table: skipped")
+    elif recipe.quantization.algorithms.bias_correction:
+        def replan(corrected_model: ModelProto):
+            again = plan_and_apply(corrected_model, recipe, select_tensors(corrected_model, recipe), table, saturating)
+            return again.plan, again.model
+        _, plan, quantized, corrected = requantize(model, quantized, plan, calib_data,
+                                                   recipe.calibration.batch_size, replan)
     for key, value in _float_metadata(model).items():
         _set_metadata(quantized, key, value)
 
@@ -296,7 +325,7 @@ def quantize(
         integer_ops={op: n for op, n in sorted(ops.items()) if op in INTEGER_OP_TYPES},
         optimized_ops=dict(sorted(ops.items())),
         comparison=comparison, simulated=simulated, gates=gates, warnings=warnings,
-        layers=layers, latency=latency,
+        layers=layers, latency=latency, algorithms=algorithms_section(recipe, equalized, smoothed, corrected),
     )
     if output is not None:
         write_artifacts(output, overwrite, {

@@ -25,6 +25,7 @@ from qtool.io.data import DataFolder
 from qtool.io.model import file_sha256
 from qtool.quantization.plan import QuantPlan
 from qtool.recipe.schema import Recipe
+from qtool.reporting.algorithms import algorithms_markdown
 
 REPORT_SCHEMA_VERSION = 1
 
@@ -145,6 +146,7 @@ def build_quantize_report(
     saturating_host: bool, float_bytes: int, quantized_bytes: int, integer_ops: dict,
     optimized_ops: dict, comparison: Comparison, simulated: Comparison,
     gates: list[GateResult], warnings: list[str], layers: dict | None = None, latency: dict | None = None,
+    algorithms: dict | None = None,
 ) -> dict:
     report = {
         "schema_version": REPORT_SCHEMA_VERSION,
@@ -177,6 +179,8 @@ def build_quantize_report(
         report["layers"] = layers
     if latency is not None:
         report["latency"] = latency
+    if algorithms is not None:
+        report["algorithms"] = algorithms
     return report
 
 
@@ -311,6 +315,8 @@ def render_markdown(report: dict) -> str:
                   f"Weights stored in {'7' if report['host']['weights_reduce_range'] else '8'} bits "
                   f"(reduce_range: {report['host']['reduce_range_setting']}; int8 kernels may saturate on this "
                   f"host: {'yes' if report['host']['int8_kernels_may_saturate'] else 'no'})."]
+    if "algorithms" in report:
+        lines += algorithms_markdown(report["algorithms"], md_escape)
     notes = report.get("prepare", []) + report.get("plan", {}).get("notes", [])
     if notes or report["warnings"]:
         lines += ["", "## Notes", ""]

