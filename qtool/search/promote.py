@@ -44,12 +44,15 @@ def objective(result: TrialResult, name: str) -> float:
 
 def preference(result: TrialResult, name: str, latency_ratio: float | None = None) -> tuple:
     """Sort key, best first: passing, the fastest (ratios within LATENCY_TIE of each other tie;
-    untimed trials all tie), then the smallest model, the fewest promotions; else the best figure."""
+    untimed trials all tie), then the smallest model, the fewest promotions; else the best figure.
+    A trial that quantizes nothing comes last: it is the float model, no compromise to hand back."""
     figure = objective(result, name)
     promotions = len(result.spec.promotions)
     if result.passed:
         speed = math.inf if latency_ratio is None else round(latency_ratio / LATENCY_TIE)
         return (0, speed, result.size_bytes, promotions, -figure)
+    if not result.quantized_nodes:
+        return (2, -figure, promotions, result.size_bytes)
     return (1, -figure, promotions, result.size_bytes)
 
 
