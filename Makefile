@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(BIN)/qtool quantize $(SAMPLE)/model.onnx --recipe configs/int8.yaml \
+	$(BIN)/qtool quantize $(SAMPLE)/model.onnx --recipe int8 \
 		--data $(SAMPLE)/calib --validation-data $(SAMPLE)/eval --output out/demo --overwrite
 	@echo "Report: out/demo/report.md"
 

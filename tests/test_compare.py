@@ -172,12 +172,12 @@ def test_layers_match_through_qdq_including_renamed_graph_outputs(tmp_path):
 
 @pytest.fixture(scope="module")
 def ppocr_cls(tmp_path_factory):
-    """ppocr_cls (opset 11, Constant-node weights) quantized from its image folder with configs/ppocr_cls.yaml."""
+    """ppocr_cls (opset 11, Constant-node weights) quantized from its image folder with the ppocr_cls preset."""
     from conftest import shared_model
 
     folder = shared_model("ppocr_cls")
     root = tmp_path_factory.mktemp("ppocr_cls_compare")
-    recipe = ROOT / "configs" / "ppocr_cls.yaml"
+    recipe = ROOT / "qtool" / "recipe" / "presets" / "ppocr_cls.yaml"
     api.quantize(folder / "model.onnx", folder / "calib", recipe, root / "int8", validation_data=folder / "eval")
     return folder / "model.onnx", root / "int8" / "model.onnx", folder / "eval", recipe, root
 

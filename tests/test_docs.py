@@ -109,13 +109,12 @@ def is_placeholder(command: str) -> bool:
 @pytest.fixture(scope="module")
 def user_folder(tmp_path_factory):
     """A folder laid out as the README's examples assume: the sample model as model.onnx, calib/, eval/,
-    plus sample_models/ and configs/ as in a clone."""
+    plus sample_models/ as in a clone."""
     folder = tmp_path_factory.mktemp("user")
     shutil.copy(SAMPLE / "model.onnx", folder / "model.onnx")
     for name in ("calib", "eval"):
         (folder / name).symlink_to(SAMPLE / name)
     (folder / "sample_models").symlink_to(ROOT / "sample_models")
-    (folder / "configs").symlink_to(ROOT / "configs")
     return folder
 
 

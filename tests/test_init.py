@@ -104,7 +104,7 @@ def test_ppocr_det_recipe_matches_manifest_and_quantize_runs_it(tmp_path):
     assert (images.channels, images.scale, images.layout, images.size, images.resize, images.crop) == \
         ("BGR", 255, "NCHW", (320, 320), None, "none")
     assert (images.mean, images.std) == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
-    assert images == load_recipe(ROOT / "configs" / "ppocr_det.yaml").data.images
+    assert images == load_recipe(ROOT / "qtool" / "recipe" / "presets" / "ppocr_det.yaml").data.images
     text = recipe.read_text()
     assert "PaddleOCR text detector" in text
     assert text.count("# CHECK:") == 1  # only the size: the model's H and W are dynamic

@@ -19,7 +19,7 @@ from qtool.reporting.document import render_json
 
 @click.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), help="Recipe YAML (default: built-in int8).")
+@click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), help="Recipe YAML, or a preset by name (`qtool recipes`; default: int8).")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path),
               help="Calibration data folder (not with --calibration).")
 @click.option("--calibration", "calibration", type=click.Path(path_type=Path),
@@ -48,7 +48,7 @@ def quantize(model: Path, recipe_path: Path | None, data_dir: Path | None, calib
 
     \b
     Example:
-      qtool quantize model.onnx --recipe configs/int8.yaml --data calib/ \\
+      qtool quantize model.onnx --recipe int8 --data calib/ \\
           --validation-data eval/ --output out/int8
       qtool quantize model.onnx --calibration table.json \\
           --validation-data eval/ --output out/int8
@@ -95,7 +95,7 @@ def _tune_hint(model: Path, recipe_path: Path | None, data_dir: Path, validation
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path), help="Calibration data folder.")
 @click.option("--recipe", "recipe_path", type=click.Path(path_type=Path),
-              help="Recipe YAML: its calibration section and which tensors it quantizes (default: built-in int8).")
+              help="Recipe YAML: its calibration section and which tensors it quantizes (a file or a preset name; default: int8).")
 @click.option("--output", "output_path", required=True, type=click.Path(path_type=Path),
               help="Calibration table file to write (JSON).")
 @click.option("--overwrite", is_flag=True, help="Replace the table file if it exists.")
@@ -112,8 +112,8 @@ def calibrate(model: Path, data_dir: Path, recipe_path: Path | None, output_path
 
     \b
     Example:
-      qtool calibrate model.onnx --data calib/ --recipe configs/int8.yaml --output table.json
-      qtool quantize model.onnx --calibration table.json --recipe configs/int8.yaml \\
+      qtool calibrate model.onnx --data calib/ --recipe int8 --output table.json
+      qtool quantize model.onnx --calibration table.json --recipe int8 \\
           --validation-data eval/ --output out/int8
     """
     with terminal.StageProgress(terminal.make_console(stderr=True), quiet or as_json) as progress:
