@@ -12,9 +12,10 @@ import click
 
 from qtool import api
 from qtool.cli import terminal
-from qtool.cli.options import echo_json, output_options
+from qtool.cli.options import echo_json, output_options, provider_option
 from qtool.errors import EXIT_GATE_FAILED
 from qtool.reporting.document import render_json
+from qtool.runtime.session import parse_providers, use_providers
 
 
 @click.command()
@@ -33,13 +34,14 @@ from qtool.reporting.document import render_json
               help="labels.txt for the evaluation data (overrides validation.labels).")
 @click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--per-layer", is_flag=True, help="Per-layer and per-weight error in the report.")
-@click.option("--bench", is_flag=True, help="Measure float vs quantized latency (interleaved, ORT CPU).")
+@click.option("--bench", is_flag=True, help="Measure float vs quantized latency (interleaved, on --provider's providers).")
 @click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime intra-op threads for --bench.")
 @click.option("--junit", type=click.Path(path_type=Path), help="Write a JUnit XML file: one test case per gate.")
+@provider_option
 @output_options
 def quantize(model: Path, recipe_path: Path | None, data_dir: Path | None, calibration: Path | None,
              output_dir: Path, validation_data: Path | None, labels: Path | None, overwrite: bool,
-             per_layer: bool, bench: bool, threads: int | None, junit: Path | None,
+             per_layer: bool, bench: bool, threads: int | None, junit: Path | None, provider: str | None,
              quiet: bool, verbose: bool, as_json: bool) -> None:
     """Quantize MODEL to int8 QDQ, validate it against the float model, write a report.
 
@@ -53,7 +55,8 @@ def quantize(model: Path, recipe_path: Path | None, data_dir: Path | None, calib
       qtool quantize model.onnx --calibration table.json \\
           --validation-data eval/ --output out/int8
     """
-    with terminal.StageProgress(terminal.make_console(stderr=True), quiet or as_json) as progress:
+    with use_providers(parse_providers(provider) if provider else None), \
+            terminal.StageProgress(terminal.make_console(stderr=True), quiet or as_json) as progress:
         result = api.quantize(model, data_dir, recipe_path, output_dir, validation_data=validation_data,
                               labels=labels, calibration=calibration, overwrite=overwrite, per_layer=per_layer,
                               bench=bench, threads=threads, junit=junit,
@@ -99,9 +102,10 @@ def _tune_hint(model: Path, recipe_path: Path | None, data_dir: Path, validation
 @click.option("--output", "output_path", required=True, type=click.Path(path_type=Path),
               help="Calibration table file to write (JSON).")
 @click.option("--overwrite", is_flag=True, help="Replace the table file if it exists.")
+@provider_option
 @output_options
 def calibrate(model: Path, data_dir: Path, recipe_path: Path | None, output_path: Path, overwrite: bool,
-              quiet: bool, verbose: bool, as_json: bool) -> None:
+              provider: str | None, quiet: bool, verbose: bool, as_json: bool) -> None:
     """Measure a range for every tensor the recipe would quantize; write a calibration table.
 
     The table (JSON, versioned) holds per tensor its range, method and the
@@ -116,7 +120,8 @@ def calibrate(model: Path, data_dir: Path, recipe_path: Path | None, output_path
       qtool quantize model.onnx --calibration table.json --recipe int8 \\
           --validation-data eval/ --output out/int8
     """
-    with terminal.StageProgress(terminal.make_console(stderr=True), quiet or as_json) as progress:
+    with use_providers(parse_providers(provider) if provider else None), \
+            terminal.StageProgress(terminal.make_console(stderr=True), quiet or as_json) as progress:
         result = api.calibrate(model, data_dir, recipe_path, output_path, overwrite=overwrite, progress=progress)
     if as_json:
         echo_json(result.document)
@@ -181,10 +186,11 @@ def analysis_options(command):
 @click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path),
               help="Folder to write report.json, report.md and report.html into.")
 @click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
+@provider_option
 @output_options
 def compare(reference: Path, candidate: Path, data_dir: Path, labels: Path | None, recipe_path: Path | None,
             gates: dict, per_layer: bool, bench: bool, threads: int | None, junit: Path | None, output_dir: Path,
-            overwrite: bool, quiet: bool, verbose: bool, as_json: bool) -> None:
+            overwrite: bool, provider: str | None, quiet: bool, verbose: bool, as_json: bool) -> None:
     """Compare CANDIDATE (e.g. quantized) with REFERENCE (e.g. float) on the same inputs; write a report.
 
     Per output: cosine, SQNR, MSE, max/mean abs error, top-1/top-5 agreement,
@@ -196,7 +202,8 @@ def compare(reference: Path, candidate: Path, data_dir: Path, labels: Path | Non
       qtool compare model.onnx out/int8/model.onnx --data eval/ --per-layer --bench \\
           --gate min_cosine=0.99 --gate max_latency_ratio=1.2 --junit gates.xml --output out/compare
     """
-    with terminal.StageProgress(terminal.make_console(stderr=True), quiet or as_json) as progress:
+    with use_providers(parse_providers(provider) if provider else None), \
+            terminal.StageProgress(terminal.make_console(stderr=True), quiet or as_json) as progress:
         result = api.compare(reference, candidate, data_dir, output_dir, labels=labels, recipe=recipe_path,
                              gates=gates, per_layer=per_layer, bench=bench, threads=threads, junit=junit,
                              step_summary=os.environ.get("GITHUB_STEP_SUMMARY") or None, overwrite=overwrite,

@@ -25,6 +25,7 @@ from qtool.io.data import DataFolder
 from qtool.io.model import file_sha256
 from qtool.quantization.plan import QuantPlan
 from qtool.recipe.schema import Recipe
+from qtool.runtime.session import current_providers
 
 REPORT_SCHEMA_VERSION = 1
 
@@ -37,6 +38,11 @@ def versions() -> dict[str, str]:
         "numpy": numpy.__version__,
         "python": platform.python_version(),
     }
+
+
+def execution_providers() -> list[dict]:
+    """The ONNX Runtime providers every session of this run was given, in order of preference."""
+    return [{"name": name, "options": dict(options)} for name, options in current_providers()]
 
 
 def _recipe_provenance(recipe: Recipe) -> dict:
@@ -80,6 +86,7 @@ def build_compare_report(
         "command": "compare",
         "passed": all(gate.passed for gate in gates),
         "versions": versions(),
+        "execution_providers": execution_providers(),
         "inputs": {
             "reference": {"path": str(reference_path), "sha256": file_sha256(reference_path)},
             "candidate": {"path": str(candidate_path), "sha256": file_sha256(candidate_path)},
@@ -149,6 +156,7 @@ def build_quantize_report(
         "command": "quantize",
         "passed": all(gate.passed for gate in gates),
         "versions": versions(),
+        "execution_providers": execution_providers(),
         "inputs": {
             "model": {"path": str(model_path), "sha256": model_sha256},
             "recipe": _recipe_provenance(recipe),
