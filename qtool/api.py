@@ -16,7 +16,8 @@ from onnx import ModelProto
 from qtool import __version__
 from qtool.authoring import inspection
 from qtool.authoring import starter
-from qtool.calibration.calibrate import CalibrationTable, check_table, load_table, save_table, table_document
+from qtool.calibration import interchange
+from qtool.calibration.calibrate import CalibrationTable, check_table, save_table, table_document
 from qtool.calibration.calibrate import calibrate as calibrate_tensors
 from qtool.errors import ModelError, UsageError
 from qtool.evaluation.compare import GATES, GateResult, check_gates, compare_models
@@ -150,16 +151,23 @@ def calibrate(
     *,
     overwrite: bool = False,
     progress: Progress | None = None,
+    format: str = "qtool",
 ) -> CalibrateResult:
     """load → prepare → calibrate the tensors `recipe` would quantize; write the table to `output`.
 
     The table (JSON, `format: qtool-calibration`) is what `quantize(..., calibration=...)` reads
     instead of calibration data. It is written atomically; an existing file needs `overwrite`.
+    `format`: `trt-cache` writes TensorRT's calibration cache instead, `ort-table` a folder with
+    ONNX Runtime's TensorRT-EP table (calibration.json, .flatbuffers, .cache).
     """
     model_path, data_dir = Path(model_path), Path(data_dir)
+    if format not in interchange.FORMATS:
+        raise UsageError(f"calibration format {format!r}: allowed: {', '.join(interchange.FORMATS)}")
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     output = Path(output) if output is not None else None
-    if output is not None:
+    if output is not None and format == "ort-table":
+        check_output_path(output, model_path, overwrite, (data_dir, recipe.source))
+    elif output is not None:
         _check_table_output(output, model_path, overwrite)
     model, _ = prepare(model_path, recipe)
     data = DataFolder(data_dir, model_inputs(model), recipe.calibration.samples,
@@ -173,8 +181,10 @@ def calibrate(
         recipe={"path": str(recipe.source) if recipe.source else None, "resolved": recipe.as_dict()},
         qtool_version=__version__,
     )
-    if output is not None:
+    if output is not None and format == "qtool":
         save_table(document, output)
+    elif output is not None:
+        interchange.save_foreign(table, format, output, overwrite)
     return CalibrateResult(table, document, output)
 
 
@@ -189,6 +199,10 @@ def _check_table_output(output: Path, model_path: Path, overwrite: bool) -> None
 
 def _table_warnings(table: CalibrationTable, recipe: Recipe) -> list[str]:
     """Entropy and mse ranges depend on the activation type: say so if the table's differs."""
+    if table.provenance.get("format") in ("trt-cache", "ort-table"):
+        return [f"calibration ranges imported from {table.provenance['format']} {table.provenance['file']}: "
+                "not checked against this model file"
+                + (", symmetric [-amax, amax]" if table.provenance["format"] == "trt-cache" else "")]
     made_with = ((table.provenance.get("recipe") or {}).get("resolved") or {}).get("quantization", {})
     then, now = made_with.get("activations"), recipe.as_dict()["quantization"]["activations"]
     if then is not None and then != now:
@@ -233,7 +247,7 @@ def quantize(
         check_output_path(output, model_path, overwrite,
                           (data_dir, validation_data, labels, recipe.source, calibration))
     tick = stage_progress(progress)
-    loaded = load_table(calibration) if calibration is not None else None
+    loaded = interchange.load_any_table(calibration) if calibration is not None else None
 
     model, prepare_notes = prepare(model_path, recipe)
     inputs = model_inputs(model)

@@ -24,7 +24,8 @@ from qtool.runtime.session import parse_providers, use_providers
 @click.option("--data", "data_dir", type=click.Path(path_type=Path),
               help="Calibration data folder (not with --calibration).")
 @click.option("--calibration", "calibration", type=click.Path(path_type=Path),
-              help="Calibration table from `qtool calibrate` to take ranges from instead of --data; "
+              help="Calibration table to take ranges from instead of --data: qtool's (`qtool calibrate`), a "
+                   "TensorRT calibration cache, or ONNX Runtime's TensorRT-EP table (a file or its folder); "
                    "validation data then comes from --validation-data or the recipe.")
 @click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path),
               help="Folder to write model.onnx, report.json and report.md into.")
@@ -102,10 +103,14 @@ def _tune_hint(model: Path, recipe_path: Path | None, data_dir: Path, validation
 @click.option("--output", "output_path", required=True, type=click.Path(path_type=Path),
               help="Calibration table file to write (JSON).")
 @click.option("--overwrite", is_flag=True, help="Replace the table file if it exists.")
+@click.option("--format", "table_format", type=click.Choice(["qtool", "trt-cache", "ort-table"]), default="qtool",
+              show_default=True,
+              help="qtool: the JSON table; trt-cache: TensorRT's calibration cache (text, scale = amax/127); "
+                   "ort-table: a folder with ONNX Runtime's TensorRT-EP table (calibration.json/.flatbuffers/.cache).")
 @provider_option
 @output_options
 def calibrate(model: Path, data_dir: Path, recipe_path: Path | None, output_path: Path, overwrite: bool,
-              provider: str | None, quiet: bool, verbose: bool, as_json: bool) -> None:
+              table_format: str, provider: str | None, quiet: bool, verbose: bool, as_json: bool) -> None:
     """Measure a range for every tensor the recipe would quantize; write a calibration table.
 
     The table (JSON, versioned) holds per tensor its range, method and the
@@ -122,7 +127,8 @@ def calibrate(model: Path, data_dir: Path, recipe_path: Path | None, output_path
     """
     with use_providers(parse_providers(provider) if provider else None), \
             terminal.StageProgress(terminal.make_console(stderr=True), quiet or as_json) as progress:
-        result = api.calibrate(model, data_dir, recipe_path, output_path, overwrite=overwrite, progress=progress)
+        result = api.calibrate(model, data_dir, recipe_path, output_path, overwrite=overwrite, progress=progress,
+                               format=table_format)
     if as_json:
         echo_json(result.document)
         return
@@ -134,7 +140,8 @@ def calibrate(model: Path, data_dir: Path, recipe_path: Path | None, output_path
             click.echo(f"{name}: [{entry['lo']:.6g}, {entry['hi']:.6g}] ({entry['method']})")
     drifts = [(entry["summary"].get("range_drift"), name) for name, entry in tensors.items()
               if isinstance(entry["summary"].get("range_drift"), (int, float))]
-    line = f"wrote {output_path}: {len(tensors)} tensors, {result.table.samples} samples"
+    written = f"{output_path} ({table_format})" if table_format != "qtool" else f"{output_path}"
+    line = f"wrote {written}: {len(tensors)} tensors, {result.table.samples} samples"
     if drifts:
         drift, name = max(drifts)
         line += f"; largest range drift over the last 10 % of samples: {drift:.1%} ({name})"
