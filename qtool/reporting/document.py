@@ -202,11 +202,13 @@ def render_json(report: dict) -> str:
 
 
 def md_escape(text: str) -> str:
-    """Make a model-supplied string inert in Markdown (and in HTML inside Markdown)."""
+    """Make a model-supplied string inert in Markdown (and in HTML inside Markdown), escaping only what
+    Markdown reads inline: `(per-channel)` stays as written; `[x](y)` cannot become a link."""
     text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    for char in "\\`*_{}[]()#+-!|~":
+    for char in "\\`*_[]|~":
         text = text.replace(char, "\\" + char)
-    return text
+    text = text.replace("\\](", "\\]\\(")
+    return "\\" + text if text[:1] in ("#", "+", "-", "!") else text  # no heading or list at a line's start
 
 
 def _fmt_gate(value) -> str:
