@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SAMPLE := sample_models/digits_cnn
 
-.PHONY: install demo test fuzz browser docs bench-calibration bench-latency bench-accuracy clean
+.PHONY: install demo test floors fuzz browser docs bench-calibration bench-latency bench-accuracy clean
 
 install: $(VENV)/.installed
 
@@ -15,12 +15,17 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(BIN)/qtool quantize $(SAMPLE)/model.onnx --recipe configs/int8.yaml \
+	$(BIN)/qtool quantize $(SAMPLE)/model.onnx --recipe int8 \
 		--data $(SAMPLE)/calib --validation-data $(SAMPLE)/eval --output out/demo --overwrite
 	@echo "Report: out/demo/report.md"
 
-test: install browser
+test: install browser floors
 	$(BIN)/python -m pytest -q
+
+# The built sdist and wheel (LICENSE, presets, no tests), installed in a clean venv with every dependency at its
+# declared floor, run the demo and a few CLI tests (a few minutes; needs the package index or pip's cache).
+floors: install
+	$(BIN)/python tools/check_floors.py
 
 # Property-based fuzzing, long: 3500 fresh cases per test (10,500 in all) (recipes, mutated ONNX, mutated .npz);
 # `make test` runs the same tests with 40 fixed cases each. QTOOL_FUZZ_EXAMPLES=N to change.

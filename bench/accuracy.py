@@ -31,12 +31,12 @@ SHARED = ROOT.parent / "shared" / "models"
 sys.path.insert(0, str(ROOT))
 
 MODELS = {
-    "digits_cnn": {"folder": ROOT / "sample_models/digits_cnn", "recipe": ROOT / "configs/int8.yaml",
+    "digits_cnn": {"folder": ROOT / "sample_models/digits_cnn", "recipe": ROOT / "qtool/recipe/presets/int8.yaml",
                    "metric": "top1"},
-    "ppocr_cls": {"folder": SHARED / "ppocr_cls", "recipe": ROOT / "configs/ppocr_cls.yaml", "metric": "top1"},
-    "ppocr_det": {"folder": SHARED / "ppocr_det", "recipe": ROOT / "configs/ppocr_det.yaml", "metric": None},
-    "centerface": {"folder": SHARED / "centerface", "recipe": ROOT / "configs/int8.yaml", "metric": "faces"},
-    "u2netp": {"folder": SHARED / "u2netp", "recipe": ROOT / "configs/int8.yaml", "metric": "mask_iou"},
+    "ppocr_cls": {"folder": SHARED / "ppocr_cls", "recipe": ROOT / "qtool/recipe/presets/ppocr_cls.yaml", "metric": "top1"},
+    "ppocr_det": {"folder": SHARED / "ppocr_det", "recipe": ROOT / "qtool/recipe/presets/ppocr_det.yaml", "metric": None},
+    "centerface": {"folder": SHARED / "centerface", "recipe": ROOT / "qtool/recipe/presets/int8.yaml", "metric": "faces"},
+    "u2netp": {"folder": SHARED / "u2netp", "recipe": ROOT / "qtool/recipe/presets/int8.yaml", "metric": "mask_iou"},
 }
 ALGORITHMS = ("equalization", "smoothing", "bias_correction")
 CALIBRATION_SAMPLES = 16

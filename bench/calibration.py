@@ -36,7 +36,7 @@ MODELS = {
     "digits": {"model": ROOT / "sample_models/digits_cnn/model.onnx", "calib": ROOT / "sample_models/digits_cnn/calib",
                "eval": ROOT / "sample_models/digits_cnn/eval", "recipe": None, "figure": "accuracy"},
     "ppocr_det": {"model": SHARED / "ppocr_det/model.onnx", "calib": SHARED / "ppocr_det/calib",
-                  "eval": SHARED / "ppocr_det/eval", "recipe": ROOT / "configs/ppocr_det.yaml", "figure": "cosine"},
+                  "eval": SHARED / "ppocr_det/eval", "recipe": ROOT / "qtool/recipe/presets/ppocr_det.yaml", "figure": "cosine"},
 }
 
 

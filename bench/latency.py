@@ -1,6 +1,6 @@
 """Benchmark: latency of float, qtool int8 and onnxruntime.quantization int8, same model and data.
 
-For every model in ../shared/models and sample_models/: qtool quantizes it with configs/<name>.yaml
+For every model in ../shared/models and sample_models/: qtool quantizes it with the preset <name> (qtool/recipe/presets/)
 when there is one (else the built-in default recipe), onnxruntime.quantization's quantize_static
 (QDQ, uint8 activations, int8 weights, per-channel, minmax) quantizes the same prepared float model
 (opset >= 13, so per-channel is valid) on the same calibration samples. "float" is that prepared
@@ -44,7 +44,7 @@ def recipe_for(name: str):
     from qtool.recipe.load import load_recipe
     from qtool.recipe.schema import Recipe
 
-    path = ROOT / "configs" / f"{name}.yaml"
+    path = ROOT / "qtool" / "recipe" / "presets" / f"{name}.yaml"
     recipe = load_recipe(path) if path.is_file() else Recipe()
     calibration = recipe.calibration.model_copy(update={"samples": CALIB_SAMPLES})
     validation = recipe.validation.model_copy(update={"gates": {}, "samples": 8})

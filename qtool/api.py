@@ -16,7 +16,8 @@ from onnx import ModelProto
 from qtool import __version__
 from qtool.authoring import inspection
 from qtool.authoring import starter
-from qtool.calibration.calibrate import CalibrationTable, check_table, load_table, save_table, table_document
+from qtool.calibration import interchange
+from qtool.calibration.calibrate import CalibrationTable, check_table, save_table, table_document
 from qtool.calibration.calibrate import calibrate as calibrate_tensors
 from qtool.errors import ModelError, UsageError
 from qtool.evaluation.compare import GATES, GateResult, check_gates, compare_models
@@ -174,18 +175,25 @@ def calibrate(
     *,
     overwrite: bool = False,
     progress: Progress | None = None,
+    format: str = "qtool",
 ) -> CalibrateResult:
     """load → prepare → calibrate the tensors `recipe` would quantize; write the table to `output`.
 
     The table (JSON, `format: qtool-calibration`) is what `quantize(..., calibration=...)` reads
     instead of calibration data. It is written atomically; an existing file needs `overwrite`.
+    `format`: `trt-cache` writes TensorRT's calibration cache instead, `ort-table` a folder with
+    ONNX Runtime's TensorRT-EP table (calibration.json, .flatbuffers, .cache).
     """
     model_path = Path(model_path)
+    if format not in interchange.FORMATS:
+        raise UsageError(f"calibration format {format!r}: allowed: {', '.join(interchange.FORMATS)}")
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     output = Path(output) if output is not None else None
-    if output is not None:
-        check_output_file(output, model_path, (_path_or_none(data_dir), *recipe_inputs(recipe)), what="calibration table",
-                          overwrite=overwrite)
+    read_paths = (_path_or_none(data_dir), *recipe_inputs(recipe))
+    if output is not None and format == "ort-table":
+        check_output_path(output, model_path, overwrite, read_paths)
+    elif output is not None:
+        check_output_file(output, model_path, read_paths, what="calibration table", overwrite=overwrite)
     model, _ = prepare(model_path, recipe)
     data = open_data(data_dir, _inputs(model, model_path), recipe.calibration.samples,
                      images=recipe.data.images if recipe.data else None)
@@ -198,8 +206,10 @@ def calibrate(
         recipe={"path": str(recipe.source) if recipe.source else None, "resolved": recipe.as_dict()},
         qtool_version=__version__,
     )
-    if output is not None:
+    if output is not None and format == "qtool":
         save_table(document, output)
+    elif output is not None:
+        interchange.save_foreign(table, format, output, overwrite)
     return CalibrateResult(table, document, output)
 
 
@@ -210,6 +220,10 @@ def recipe_inputs(recipe: Recipe) -> tuple[Path | None, ...]:
 
 def _table_warnings(table: CalibrationTable, recipe: Recipe) -> list[str]:
     """Entropy and mse ranges depend on the activation type: say so if the table's differs."""
+    if table.provenance.get("format") in ("trt-cache", "ort-table"):
+        return [f"calibration ranges imported from {table.provenance['format']} {table.provenance['file']}: "
+                "not checked against this model file"
+                + (", symmetric [-amax, amax]" if table.provenance["format"] == "trt-cache" else "")]
     made_with = ((table.provenance.get("recipe") or {}).get("resolved") or {}).get("quantization", {})
     then, now = made_with.get("activations"), recipe.as_dict()["quantization"]["activations"]
     if then is not None and then != now:
@@ -257,7 +271,7 @@ def quantize(
         check_output_path(output, model_path, overwrite, read_paths)
     check_ci_files(junit, step_summary, model_path, read_paths)
     tick = stage_progress(progress)
-    loaded = load_table(calibration) if calibration is not None else None
+    loaded = interchange.load_any_table(calibration) if calibration is not None else None
 
     read = fingerprint(model_path)  # the report names the model loaded, whatever happens to the file later
     model, prepare_notes, equalized = _prepare(model_path, recipe)

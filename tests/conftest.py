@@ -42,7 +42,7 @@ def untimed_recipe(folder: Path, preset: str = "int8") -> Path:
     """
     import yaml
 
-    recipe = yaml.safe_load((ROOT / "configs" / f"{preset}.yaml").read_text())
+    recipe = yaml.safe_load((ROOT / "qtool" / "recipe" / "presets" / f"{preset}.yaml").read_text())
     recipe["validation"]["gates"].pop("max_latency_ratio", None)
     path = folder / f"{preset}-untimed.yaml"
     path.write_text(yaml.safe_dump(recipe))

@@ -34,7 +34,8 @@ def test_every_public_name_is_importable_and_typed():
 def test_package_ships_py_typed():
     assert (ROOT / "qtool" / "py.typed").is_file()
     pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
-    assert re.search(r'\[tool\.setuptools\.package-data\]\s*\nqtool = \["py\.typed"\]', pyproject)
+    shipped = re.search(r'\[tool\.setuptools\.package-data\]\s*\nqtool = \[([^\]]*)\]', pyproject)
+    assert shipped and '"py.typed"' in shipped[1] and '"recipe/presets/*.yaml"' in shipped[1]
 
 
 def test_library_inspect_matches_the_cli_view():

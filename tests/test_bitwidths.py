@@ -199,8 +199,8 @@ def test_matmul_nbits_matches_blocked_dequantize(symmetric, k):
 # --- A16W8 against A8W8 on real models --------------------------------------------------------
 
 def _pair(model_path, base: Recipe, calib, evaluation, samples, rounding):
-    """The same recipe, weight rounding included, with 8-bit and with 16-bit activations (configs/a16w8.yaml's)."""
-    a16 = load_recipe(ROOT / "configs" / "a16w8.yaml").quantization.activations
+    """The same recipe, weight rounding included, with 8-bit and with 16-bit activations (the a16w8 preset's)."""
+    a16 = load_recipe(ROOT / "qtool" / "recipe" / "presets" / "a16w8.yaml").quantization.activations
     base = base.model_copy(update={
         "calibration": base.calibration.model_copy(update={"samples": samples}),
         "validation": base.validation.model_copy(update={"samples": samples}),
@@ -214,14 +214,14 @@ def _pair(model_path, base: Recipe, calib, evaluation, samples, rounding):
 
 @pytest.fixture(scope="module")
 def sample_pair():
-    base = load_recipe(ROOT / "configs" / "int8.yaml")
+    base = load_recipe(ROOT / "qtool" / "recipe" / "presets" / "int8.yaml")
     return _pair(SAMPLE / "model.onnx", base, SAMPLE / "calib", SAMPLE / "eval", 128, "gptq")
 
 
 @pytest.fixture(scope="module")
 def ppocr_det_pair():
     folder = shared_model("ppocr_det")
-    base = load_recipe(ROOT / "configs" / "ppocr_det.yaml")
+    base = load_recipe(ROOT / "qtool" / "recipe" / "presets" / "ppocr_det.yaml")
     return _pair(folder / "model.onnx", base, folder / "calib", folder / "eval", 8, "nearest")
 
 

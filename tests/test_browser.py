@@ -55,3 +55,35 @@ def test_charts_are_drawn(report_html, tmp_path):
     assert dom.count("<svg") >= 5  # output SQNR, error distribution, activations, weights, size, latency
     assert dom.count("<rect") >= 20
     assert "Activation SQNR" in dom and "Median latency" in dom
+
+
+@pytest.fixture(scope="module")
+def failed_report(tmp_path_factory):
+    root = tmp_path_factory.mktemp("top")
+    recipe = root / "strict.yaml"
+    recipe.write_text("base: int8\nvalidation:\n  gates: {min_cosine: 0.999999}\n")
+    result = api.quantize(SAMPLE / "model.onnx", SAMPLE / "calib", recipe, root / "q",
+                          validation_data=SAMPLE / "eval", bench=True, per_layer=True)
+    assert not result.passed
+    return root / "q" / "report.html", result.report
+
+
+def test_the_report_answers_first(failed_report, tmp_path):
+    """Above the first section: verdict, size x, latency x, accuracy and the next step, as a browser draws them."""
+    page, report = failed_report
+    dom = headless(tmp_path, "--dump-dom", page.as_uri()).stdout
+    top = dom[:dom.index("<h2>Gates</h2>")]
+    size, latency, acc = report["size"], report["latency"], report["validation"]["accuracy"]
+    assert "FAILED" in top and "0 of 1 gates passed" in top
+    assert f"{size['ratio']:.4g}× smaller" in top and "KB →" in top
+    assert f"{latency['ratio']:.4g}× latency" in top
+    assert f"{acc['float']:.1%} → {acc['quantized']:.1%}" in top
+    assert "<b>Next:</b>" in top and "qtool tune " in top and "strict.yaml --data " in top
+    assert "<h2>Kernels</h2>" in dom and "QLinearConv ×3" in dom  # every section report.md has
+    assert "<details>" in dom  # long per-layer tables collapsed
+    shot = tmp_path / "top.png"
+    headless(tmp_path, f"--screenshot={shot}", "--window-size=1280,400", page.as_uri())
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    red = (pixels[:, :, 0] > 170) & (pixels[:, :, 1] < 70) & (pixels[:, :, 2] < 70)  # the FAILED badge (#c62828)
+    white = np.all(pixels > 250, axis=2)  # the tiles' cards
+    assert red.sum() > 300 and white.mean() > 0.1

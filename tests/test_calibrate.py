@@ -216,5 +216,5 @@ def test_calibrate_help_has_an_example():
 
 
 def test_shipped_recipes_still_load():
-    for path in sorted((ROOT / "configs").glob("*.yaml")):
+    for path in sorted((ROOT / "qtool" / "recipe" / "presets").glob("*.yaml")):
         assert load_recipe(path).calibration.overrides == []

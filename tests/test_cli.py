@@ -20,7 +20,7 @@ def qtool(*args: str) -> subprocess.CompletedProcess:
 
 
 def quantize_args(output, *extra):
-    return ["quantize", str(SAMPLE / "model.onnx"), "--recipe", str(ROOT / "configs" / "int8.yaml"),
+    return ["quantize", str(SAMPLE / "model.onnx"), "--recipe", str(ROOT / "qtool" / "recipe" / "presets" / "int8.yaml"),
             "--data", str(SAMPLE / "calib"), "--validation-data", str(SAMPLE / "eval"),
             "--output", str(output), *extra]
 

@@ -172,13 +172,13 @@ def test_layers_match_through_qdq_including_renamed_graph_outputs(tmp_path):
 
 @pytest.fixture(scope="module")
 def ppocr_cls(tmp_path_factory):
-    """ppocr_cls (opset 11, Constant-node weights) quantized from its image folder with configs/ppocr_cls.yaml."""
+    """ppocr_cls (opset 11, Constant-node weights) quantized from its image folder with the ppocr_cls preset."""
     from conftest import shared_model
 
     folder = shared_model("ppocr_cls")
     root = tmp_path_factory.mktemp("ppocr_cls_compare")
     recipe = root / "ppocr_cls.yaml"  # the shipped recipe without its timing gate: this test checks accuracy
-    recipe.write_text((ROOT / "configs" / "ppocr_cls.yaml").read_text().replace(", max_latency_ratio: 1.0", ""))
+    recipe.write_text((ROOT / "qtool" / "recipe" / "presets" / "ppocr_cls.yaml").read_text().replace(", max_latency_ratio: 1.0", ""))
     api.quantize(folder / "model.onnx", folder / "calib", recipe, root / "int8", validation_data=folder / "eval")
     return folder / "model.onnx", root / "int8" / "model.onnx", folder / "eval", recipe, root
 

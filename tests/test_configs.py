@@ -1,4 +1,4 @@
-"""Every ready recipe in configs/ on the sample CNN and on a small transformer encoder built here.
+"""Every preset (qtool/recipe/presets/) on the sample CNN and on a small transformer encoder built here.
 
 Each must give a model that passes onnx.checker (full check) and runs in ONNX
 Runtime (w4-matmul finds nothing to quantize in the sample CNN: refused); w4-matmul
@@ -21,7 +21,7 @@ from qtool.recipe.load import load_recipe
 from qtool.recipe.schema import Recipe
 from qtool.runtime.session import make_session, run
 
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+CONFIGS = sorted((ROOT / "qtool" / "recipe" / "presets").glob("*.yaml"))
 HIDDEN, FFN, SEQ = 256, 1024, 16
 
 
@@ -145,7 +145,7 @@ def test_config_on_encoder(config, encoder):
 @pytest.mark.parametrize("fmt", ["matmulnbits", "qdq"])
 def test_w4_matmul_encoder_is_six_times_smaller_and_close(fmt, encoder):
     path, data = encoder
-    recipe = load_recipe(ROOT / "configs" / "w4-matmul.yaml")
+    recipe = load_recipe(ROOT / "qtool" / "recipe" / "presets" / "w4-matmul.yaml")
     spec = recipe.quantization.weight_only.model_copy(update={"format": fmt})
     recipe = recipe.model_copy(update={"quantization": recipe.quantization.model_copy(update={"weight_only": spec})})
     result = api.quantize(path, data, quick(recipe, 8))

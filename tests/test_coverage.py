@@ -43,7 +43,7 @@ def run(*args: str):
 
 def test_w4_matmul_on_a_gemm_only_model_exits_2_saying_nothing_is_quantized(gemm, tmp_path):
     model, data = gemm
-    result = run("quantize", str(model), "--recipe", str(ROOT / "configs" / "w4-matmul.yaml"), "--data", str(data),
+    result = run("quantize", str(model), "--recipe", str(ROOT / "qtool" / "recipe" / "presets" / "w4-matmul.yaml"), "--data", str(data),
                  "--output", str(tmp_path / "out"))
     assert result.exit_code == 2
     assert "nothing to quantize: none of its 3 nodes under recipe" in result.stderr
@@ -117,7 +117,7 @@ def test_a_node_whose_every_range_is_degenerate_counts_as_float(tmp_path):
 def test_an_unquantizable_model_is_refused_by_the_api_too(gemm):
     model, data = gemm
     with pytest.raises(ModelError, match="nothing to quantize"):
-        api.quantize(model, data, ROOT / "configs" / "w4-matmul.yaml")
+        api.quantize(model, data, ROOT / "qtool" / "recipe" / "presets" / "w4-matmul.yaml")
 
 
 def test_a_model_whose_only_node_is_a_split_concat_is_refused_as_nothing_to_quantize(tmp_path):

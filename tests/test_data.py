@@ -309,7 +309,7 @@ def _model_input(session: ort.InferenceSession) -> InputSpec:
 @needs_shared
 def test_ppocr_cls_float_accuracy_through_the_config():
     folder = SHARED_MODELS / "ppocr_cls"
-    recipe = load_recipe(REPO / "configs" / "ppocr_cls.yaml")
+    recipe = load_recipe(REPO / "qtool" / "recipe" / "presets" / "ppocr_cls.yaml")
     session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     data = DataFolder(folder / "eval", [_model_input(session)], images=recipe.data.images)
     labels = read_labels(folder / "eval" / "labels.txt")
@@ -326,7 +326,7 @@ def test_ppocr_cls_float_accuracy_through_the_config():
 @needs_shared
 def test_ppocr_det_config_gives_320_by_320_bgr_inputs():
     folder = SHARED_MODELS / "ppocr_det"
-    recipe = load_recipe(REPO / "configs" / "ppocr_det.yaml")
+    recipe = load_recipe(REPO / "qtool" / "recipe" / "presets" / "ppocr_det.yaml")
     session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     data = DataFolder(folder / "calib", [_model_input(session)], images=recipe.data.images)
     name, feeds = next(data.samples())

@@ -29,7 +29,7 @@ def run_quantize(output, hash_seed: str) -> None:
     env = {**os.environ, "PYTHONHASHSEED": hash_seed}  # set/dict-order bugs show up across seeds
     result = subprocess.run(
         [sys.executable, "-m", "qtool", "quantize", str(SAMPLE / "model.onnx"), "--recipe",
-         str(ROOT / "configs" / "int8.yaml"), "--data", str(SAMPLE / "calib"), "--validation-data",
+         str(ROOT / "qtool" / "recipe" / "presets" / "int8.yaml"), "--data", str(SAMPLE / "calib"), "--validation-data",
          str(SAMPLE / "eval"), "--output", str(output), "-q"],
         capture_output=True, text=True, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stderr

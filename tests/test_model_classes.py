@@ -143,7 +143,7 @@ def test_weight_only_names_a_weight_that_is_not_2d(tmp_path, rank):
     model = matmul_head(rank)
     with pytest.raises(ModelError, match=rf"nothing to quantize: .*\(MatMul×1: weight_only matmulnbits: "
                                          rf"weight is not 2-D \({rank}\)\)"):
-        quantize_model(tmp_path, model, ROOT / "configs" / "w4-matmul.yaml",
+        quantize_model(tmp_path, model, ROOT / "qtool" / "recipe" / "presets" / "w4-matmul.yaml",
                        RNG.normal(size=(8, 1, *MATMUL_WEIGHTS[rank][0])))
 
 

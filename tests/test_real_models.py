@@ -1,6 +1,6 @@
 """Third-party models from ../shared/models: opset < 13, Constant-node weights, BN, HardSigmoid.
 
-They are quantized straight from their image folders with the recipes in configs/.
+They are quantized straight from their image folders with the presets in qtool/recipe/presets/.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from qtool.recipe.load import load_recipe
 
 def quantize_shared(name: str):
     folder = shared_model(name)
-    recipe = load_recipe(ROOT / "configs" / f"{name}.yaml")
+    recipe = load_recipe(ROOT / "qtool" / "recipe" / "presets" / f"{name}.yaml")
     return api.quantize(folder / "model.onnx", folder / "calib", recipe, validation_data=folder / "eval")
 
 

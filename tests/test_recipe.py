@@ -32,7 +32,7 @@ def test_defaults_are_int8_per_channel():
 def test_shipped_int8_recipe_loads():
     from conftest import ROOT
 
-    recipe = load_recipe(ROOT / "configs" / "int8.yaml")
+    recipe = load_recipe(ROOT / "qtool" / "recipe" / "presets" / "int8.yaml")
     assert recipe.validation.gates == {"min_cosine": 0.98, "min_slice_sqnr_db": 10.0, "max_latency_ratio": 1.0}
 
 
@@ -78,7 +78,7 @@ def test_paths_resolve_relative_to_recipe(tmp_path):
 
 def test_json_schema_lists_sections():
     schema = recipe_json_schema()
-    assert set(schema["properties"]) == set(Recipe.model_fields) - {"source"}
+    assert set(schema["properties"]) == set(Recipe.model_fields) - {"source"} | {"base"}
 
 
 @pytest.mark.parametrize("text, key", [

@@ -70,7 +70,7 @@ def test_hostile_names_are_escaped_in_markdown_and_junit(hostile):
     root, result, compared = hostile
     for folder in ("quantize", "compare"):
         text = (root / folder / "report.md").read_text()
-        assert "<script" not in text and "&lt;script&gt;alert\\(1\\)&lt;/script&gt;" in text
+        assert "<script" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text
     junit = (root / "junit.xml").read_text()
     cases = ET.fromstring(junit).findall(".//testcase")
     assert [(c.get("name"), c.find("failure") is not None) for c in cases] == [("min_cosine", False),

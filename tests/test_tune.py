@@ -135,7 +135,7 @@ def test_tune_needs_a_target(hostile, tmp_path):
 
 
 def ppocr_recipe(tmp_path: Path) -> Path:
-    text = (ROOT / "configs" / "ppocr_cls.yaml").read_text()
+    text = (ROOT / "qtool" / "recipe" / "presets" / "ppocr_cls.yaml").read_text()
     recipe = tmp_path / "ppocr.yaml"
     recipe.write_text(text.replace("gates: {min_cosine: 0.85, min_slice_sqnr_db: 6, max_latency_ratio: 1.0}",
                                    "gates: {max_accuracy_drop: 0.01}"))

@@ -316,7 +316,8 @@ def check_table(table: CalibrationTable, model_sha256: str, needed: list[str]) -
     """Refuse a table measured on another model file, or one without a range the plan needs."""
     source = table.provenance.get("file", "calibration table")
     recorded = (table.provenance.get("model") or {}).get("sha256")
-    if recorded != model_sha256:
+    imported = table.provenance.get("format", TABLE_FORMAT) != TABLE_FORMAT  # other tools' files name no model
+    if recorded != model_sha256 and not imported:
         raise CalibrationError(
             f"{source}: calibration table was made for another model (sha256 {str(recorded)[:12]}…, "
             f"this model {model_sha256[:12]}…); run `qtool calibrate` on this model"

@@ -12,13 +12,14 @@ from qtool.authoring import starter
 from qtool.cli import terminal
 from qtool.cli.options import echo_json, output_options
 from qtool.io.artifacts import write_text_atomic
+from qtool.recipe.builtin import PRESETS, preset_names, preset_summary
 from qtool.recipe.schema import recipe_json_schema
 
 
 @click.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--recipe", "recipe_path", type=click.Path(path_type=Path),
-              help="Recipe whose rules decide what would be quantized (default: built-in int8).")
+              help="Recipe whose rules decide what would be quantized (a file or a preset name; default: int8).")
 @output_options
 def inspect(model: Path, recipe_path: Path | None, quiet: bool, verbose: bool, as_json: bool) -> None:
     """Show what MODEL is and what qtool would do to it.
@@ -30,13 +31,40 @@ def inspect(model: Path, recipe_path: Path | None, quiet: bool, verbose: bool, a
 
     \b
     Example:
-      qtool inspect model.onnx --recipe configs/int8.yaml
+      qtool inspect model.onnx --recipe int8
     """
     facts = api.inspect(model, recipe_path)
     if as_json:
         echo_json(facts.as_dict())
     elif not quiet:
         terminal.print_inspection(terminal.make_console(), facts, verbose)
+
+
+@click.command()
+@output_options
+def recipes(quiet: bool, verbose: bool, as_json: bool) -> None:
+    """List the built-in presets, one line each.
+
+    A preset's name works wherever a recipe file does (`--recipe int8`), and a
+    recipe can start from one (`base: int8`, then only the keys it changes).
+    --verbose adds the folder they are read from.
+
+    \b
+    Example:
+      qtool recipes
+    """
+    names = preset_names()
+    if as_json:
+        echo_json([{"name": name, "summary": preset_summary(name), "path": str(PRESETS / f"{name}.yaml")}
+                   for name in names])
+        return
+    if quiet:
+        return
+    width = max(map(len, names))
+    for name in names:
+        click.echo(f"{name:<{width}}  {preset_summary(name)}")
+    if verbose:
+        click.echo(f"(from {PRESETS})")
 
 
 @click.command()

@@ -91,12 +91,12 @@ def main(ctx: click.Context, debug: bool) -> None:
 
     \b
     Example:
-      qtool quantize model.onnx --recipe configs/int8.yaml --data calib/ --output out/
+      qtool quantize model.onnx --recipe int8 --data calib/ --output out/
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
 
 
 for command in (pipeline.quantize, pipeline.calibrate, authoring.inspect, authoring.schema,
-                pipeline.compare, authoring.init, search.sensitivity, search.tune):
+                pipeline.compare, authoring.init, authoring.recipes, search.sensitivity, search.tune):
     main.add_command(command)

@@ -16,5 +16,14 @@ def output_options(command):
     return command
 
 
+def provider_option(command):
+    """`--provider`: ONNX Runtime execution providers for every session of the command."""
+    return click.option(
+        "--provider", "provider", metavar="NAME[:K=V;..][,NAME..]",
+        help="ONNX Runtime execution providers, in order of preference, with options where needed "
+             "(e.g. TensorRT:trt_fp16_enable=1,CUDA,CPU; short names add ExecutionProvider) for calibration, "
+             "validation, per-layer and --bench; recorded in the report. Default: CPU.")(command)
+
+
 def echo_json(data) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=False))

@@ -12,21 +12,23 @@ import click
 
 from qtool import api
 from qtool.cli import terminal
-from qtool.cli.options import echo_json, output_options
+from qtool.cli.options import echo_json, output_options, provider_option
 from qtool.errors import EXIT_GATE_FAILED, UsageError
 from qtool.io.feeds import load_loader
 from qtool.reporting.document import render_json
+from qtool.runtime.session import parse_providers, use_providers
 
 
 @click.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), help="Recipe YAML (default: built-in int8).")
+@click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), help="Recipe YAML, or a preset by name (`qtool recipes`; default: int8).")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path),
               help="Calibration data: a folder, or one .npy/.npz file of stacked samples (not with --calibration).")
 @click.option("--data-loader", "data_loader", metavar="FILE.py:FUNCTION",
               help="Calibration data from a Python function returning feed dicts (runs that file's code).")
 @click.option("--calibration", "calibration", type=click.Path(path_type=Path),
-              help="Calibration table from `qtool calibrate` to take ranges from instead of --data; "
+              help="Calibration table to take ranges from instead of --data: qtool's (`qtool calibrate`), a "
+                   "TensorRT calibration cache, or ONNX Runtime's TensorRT-EP table (a file or its folder); "
                    "validation data then comes from --validation-data or the recipe.")
 @click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path),
               help="Folder to write model.onnx, report.json and report.md into.")
@@ -42,10 +44,11 @@ from qtool.reporting.document import render_json
 @click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime intra-op threads for the latency bench "
                                                            "(default 1).")
 @click.option("--junit", type=click.Path(path_type=Path), help="Write a JUnit XML file: one test case per gate.")
+@provider_option
 @output_options
 def quantize(model: Path, recipe_path: Path | None, data_dir: Path | None, data_loader: str | None,
              calibration: Path | None, output_dir: Path, validation_data: Path | None, labels: Path | None, overwrite: bool,
-             per_layer: bool, bench: bool, threads: int | None, junit: Path | None,
+             per_layer: bool, bench: bool, threads: int | None, junit: Path | None, provider: str | None,
              quiet: bool, verbose: bool, as_json: bool) -> None:
     """Quantize MODEL to int8 QDQ, validate it against the float model, write a report.
 
@@ -54,12 +57,13 @@ def quantize(model: Path, recipe_path: Path | None, data_dir: Path | None, data_
 
     \b
     Example:
-      qtool quantize model.onnx --recipe configs/int8.yaml --data calib/ \\
+      qtool quantize model.onnx --recipe int8 --data calib/ \\
           --validation-data eval/ --output out/int8
       qtool quantize model.onnx --calibration table.json \\
           --validation-data eval/ --output out/int8
     """
-    with terminal.StageProgress(terminal.make_console(stderr=True), quiet or as_json) as progress:
+    with use_providers(parse_providers(provider) if provider else None), \
+            terminal.StageProgress(terminal.make_console(stderr=True), quiet or as_json) as progress:
         result = api.quantize(model, _data(data_dir, data_loader), recipe_path, output_dir,
                               validation_data=validation_data,
                               labels=labels, calibration=calibration, overwrite=overwrite, per_layer=per_layer,
@@ -116,13 +120,19 @@ def _tune_hint(model: Path, recipe_path: Path | None, data_dir: Path, validation
 @click.option("--data-loader", "data_loader", metavar="FILE.py:FUNCTION",
               help="Calibration data from a Python function returning feed dicts (runs that file's code).")
 @click.option("--recipe", "recipe_path", type=click.Path(path_type=Path),
-              help="Recipe YAML: its calibration section and which tensors it quantizes (default: built-in int8).")
+              help="Recipe YAML: its calibration section and which tensors it quantizes (a file or a preset name; default: int8).")
 @click.option("--output", "output_path", required=True, type=click.Path(path_type=Path),
               help="Calibration table file to write (JSON).")
 @click.option("--overwrite", is_flag=True, help="Replace the table file if it exists.")
+@click.option("--format", "table_format", type=click.Choice(["qtool", "trt-cache", "ort-table"]), default="qtool",
+              show_default=True,
+              help="qtool: the JSON table; trt-cache: TensorRT's calibration cache (text, scale = amax/127); "
+                   "ort-table: a folder with ONNX Runtime's TensorRT-EP table (calibration.json/.flatbuffers/.cache).")
+@provider_option
 @output_options
 def calibrate(model: Path, data_dir: Path | None, data_loader: str | None, recipe_path: Path | None,
-              output_path: Path, overwrite: bool, quiet: bool, verbose: bool, as_json: bool) -> None:
+              output_path: Path, overwrite: bool, table_format: str, provider: str | None, quiet: bool, verbose: bool,
+              as_json: bool) -> None:
     """Measure a range for every tensor the recipe would quantize; write a calibration table.
 
     The table (JSON, versioned) holds per tensor its range, method and the
@@ -133,15 +143,17 @@ def calibrate(model: Path, data_dir: Path | None, data_loader: str | None, recip
 
     \b
     Example:
-      qtool calibrate model.onnx --data calib/ --recipe configs/int8.yaml --output table.json
-      qtool quantize model.onnx --calibration table.json --recipe configs/int8.yaml \\
+      qtool calibrate model.onnx --data calib/ --recipe int8 --output table.json
+      qtool quantize model.onnx --calibration table.json --recipe int8 \\
           --validation-data eval/ --output out/int8
     """
-    with terminal.StageProgress(terminal.make_console(stderr=True), quiet or as_json) as progress:
+    with use_providers(parse_providers(provider) if provider else None), \
+            terminal.StageProgress(terminal.make_console(stderr=True), quiet or as_json) as progress:
         data = _data(data_dir, data_loader)
         if data is None:
             raise UsageError("calibration data is needed: --data DIR|FILE or --data-loader FILE.py:FUNCTION")
-        result = api.calibrate(model, data, recipe_path, output_path, overwrite=overwrite, progress=progress)
+        result = api.calibrate(model, data, recipe_path, output_path, overwrite=overwrite, progress=progress,
+                               format=table_format)
     if as_json:
         echo_json(result.document)
         return
@@ -153,7 +165,8 @@ def calibrate(model: Path, data_dir: Path | None, data_loader: str | None, recip
             click.echo(f"{name}: [{entry['lo']:.6g}, {entry['hi']:.6g}] ({entry['method']})")
     drifts = [(entry["summary"].get("range_drift"), name) for name, entry in tensors.items()
               if isinstance(entry["summary"].get("range_drift"), (int, float))]
-    line = f"wrote {output_path}: {len(tensors)} tensors, {result.table.samples} samples"
+    written = f"{output_path} ({table_format})" if table_format != "qtool" else f"{output_path}"
+    line = f"wrote {written}: {len(tensors)} tensors, {result.table.samples} samples"
     if drifts:
         drift, name = max(drifts)
         line += f"; largest range drift over the last 10 % of samples: {drift:.1%} ({name})"
@@ -208,10 +221,11 @@ def analysis_options(command):
 @click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path),
               help="Folder to write report.json, report.md and report.html into.")
 @click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
+@provider_option
 @output_options
 def compare(reference: Path, candidate: Path, data_dir: Path, labels: Path | None, recipe_path: Path | None,
             gates: dict, per_layer: bool, bench: bool, threads: int | None, junit: Path | None, output_dir: Path,
-            overwrite: bool, quiet: bool, verbose: bool, as_json: bool) -> None:
+            overwrite: bool, provider: str | None, quiet: bool, verbose: bool, as_json: bool) -> None:
     """Compare CANDIDATE (e.g. quantized) with REFERENCE (e.g. float) on the same inputs; write a report.
 
     Per output: cosine, SQNR, MSE, max/mean abs error, top-1/top-5 agreement,
@@ -223,7 +237,8 @@ def compare(reference: Path, candidate: Path, data_dir: Path, labels: Path | Non
       qtool compare model.onnx out/int8/model.onnx --data eval/ --per-layer --bench \\
           --gate min_cosine=0.99 --gate max_latency_ratio=1.2 --junit gates.xml --output out/compare
     """
-    with terminal.StageProgress(terminal.make_console(stderr=True), quiet or as_json) as progress:
+    with use_providers(parse_providers(provider) if provider else None), \
+            terminal.StageProgress(terminal.make_console(stderr=True), quiet or as_json) as progress:
         result = api.compare(reference, candidate, data_dir, output_dir, labels=labels, recipe=recipe_path,
                              gates=gates, per_layer=per_layer, bench=bench, threads=threads, junit=junit,
                              step_summary=os.environ.get("GITHUB_STEP_SUMMARY") or None, overwrite=overwrite,

@@ -27,7 +27,7 @@ def _duration(ctx, param, value: str | None) -> float | None:
 
 @click.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), help="Recipe YAML (default: built-in int8).")
+@click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), help="Recipe YAML, or a preset by name (`qtool recipes`; default: int8).")
 @click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path), help="Calibration data folder.")
 @click.option("--validation-data", type=click.Path(path_type=Path),
               help="Evaluation data folder (overrides the recipe's validation.data).")
@@ -55,7 +55,7 @@ def sensitivity(model: Path, recipe_path: Path | None, data_dir: Path, validatio
 
     \b
     Example:
-      qtool sensitivity model.onnx --recipe configs/int8.yaml --data calib/ \\
+      qtool sensitivity model.onnx --recipe int8 --data calib/ \\
           --validation-data eval/ --jobs 2 --output out/sensitivity
     """
     with terminal.StageProgress(terminal.make_console(stderr=True), quiet or as_json) as progress:

@@ -21,6 +21,10 @@ def make_console(stderr: bool = False) -> Console:
     return Console(stderr=stderr, color_system=None if os.environ.get("NO_COLOR") else "auto")
 
 
+# What each stage counts; any other stage counts samples.
+STAGE_UNITS = {"sensitivity": "nodes", "tune": "trials", "latency": "trials"}
+
+
 class StageProgress:
     """A rich progress bar on a terminal; a plain line every few seconds otherwise (CI logs)."""
 
@@ -51,16 +55,17 @@ class StageProgress:
             if stage not in self.tasks:
                 self.tasks[stage] = self.bar.add_task(stage, total=total, rate="")
             task = self.bar.tasks[self.tasks[stage]]
-            rate = f"{done / task.elapsed:.1f} samples/s" if task.elapsed else ""
+            rate = f"{done / task.elapsed:.1f} {STAGE_UNITS.get(stage, 'samples')}/s" if task.elapsed else ""
             self.bar.update(self.tasks[stage], completed=done, total=total, rate=rate)
             return
         now = time.monotonic()
         start = self.started.setdefault(stage, now)
         if done == total or now - self.last_line >= 5.0:
             self.last_line = now
-            # The first report comes after one batch: the rate counts from there (samples/s is approximate).
-            rate = f", {done / (now - start):.1f} samples/s" if now > start else ""
-            self.console.print(f"{stage}: {done}/{total if total else '?'} samples{rate}", highlight=False)
+            # The first report comes after one batch: the rate counts from there (the rate is approximate).
+            unit = STAGE_UNITS.get(stage, "samples")
+            rate = f", {done / (now - start):.1f} {unit}/s" if now > start else ""
+            self.console.print(f"{stage}: {done}/{total if total else '?'} {unit}{rate}", highlight=False)
 
 
 def print_quantize_summary(console: Console, report: dict, output_dir: Path, verbose: bool) -> None:
@@ -81,7 +86,7 @@ def print_quantize_summary(console: Console, report: dict, output_dir: Path, ver
     accuracy = report["validation"].get("accuracy")
     if accuracy:
         table.add_row("top-1 float → quantized", f"{accuracy['float']:.2%} → {accuracy['quantized']:.2%}")
-    _add_gate_rows(table, report["gates"], ".4g")
+    _add_gate_rows(table, report["gates"])
     console.print(table)
     _print_warnings(console, report["warnings"])
     if verbose:
@@ -157,7 +162,7 @@ def print_compare_summary(console: Console, report: dict, output_dir: Path, verb
     if layers:
         for row in layers["activations"][: 10 if verbose else 3]:
             table.add_row(f"worst layer {escape(row['tensor'])} ({escape(row['op_type'])})", f"{row['sqnr_db']:.2f} dB")
-    _add_gate_rows(table, report["gates"], ".6g")
+    _add_gate_rows(table, report["gates"])
     console.print(table)
     _print_warnings(console, report["warnings"])
 
@@ -173,10 +178,19 @@ def print_sensitivity(console: Console, rows: list[dict], output_dir: Path, cach
     console.print(table)
 
 
-def _add_gate_rows(table: Table, gates: list[dict], value_format: str) -> None:
+def gate_value_text(value: float, threshold: float) -> str:
+    """Five significant digits, more where needed to show the margin: never `0.99 FAIL` against 0.99."""
+    for digits in range(5, 13):
+        text = f"{value:#.{digits}g}"
+        if value == threshold or abs(float(text) - value) < abs(value - threshold) / 2:
+            return text
+    return repr(value)
+
+
+def _add_gate_rows(table: Table, gates: list[dict]) -> None:
     for gate in gates:
         verdict = "[green]pass[/]" if gate["passed"] else "[red]FAIL[/]"
-        value = "n/a" if gate["value"] is None else format(gate["value"], value_format)
+        value = "n/a" if gate["value"] is None else gate_value_text(gate["value"], gate["threshold"])
         table.add_row(f"gate {gate['name']} ({gate['threshold']:g})", f"{value} {verdict}")
 
 

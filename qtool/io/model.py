@@ -148,13 +148,21 @@ def check_text(message, path: Path, where: str = "model") -> None:
     except UnicodeDecodeError:
         raise ModelError(f"{path}: {where} holds text that is not valid UTF-8") from None
     for field, value in fields:
+        repeated = _is_repeated(field)
         if field.type == FieldDescriptor.TYPE_STRING:
-            for text in (value if field.is_repeated else [value]):
+            for text in (value if repeated else [value]):
                 if not isinstance(text, str):
                     raise ModelError(f"{path}: {where}.{field.name} holds text that is not valid UTF-8")
         elif field.type == FieldDescriptor.TYPE_MESSAGE:
-            for index, item in enumerate(value if field.is_repeated else [value]):
-                check_text(item, path, f"{where}.{field.name}" + (f"[{index}]" if field.is_repeated else ""))
+            for index, item in enumerate(value if repeated else [value]):
+                check_text(item, path, f"{where}.{field.name}" + (f"[{index}]" if repeated else ""))
+
+
+def _is_repeated(field: FieldDescriptor) -> bool:
+    """`is_repeated` from protobuf 5.29/6.30 on; `label` (deprecated there) before."""
+    if hasattr(field, "is_repeated"):
+        return field.is_repeated
+    return field.label == FieldDescriptor.LABEL_REPEATED
 
 
 def check_model(model: ModelProto, path: Path) -> None:

@@ -13,22 +13,74 @@ import yaml
 from pydantic import ValidationError
 
 from qtool.errors import RecipeError
+from qtool.recipe.builtin import preset_names, preset_path, resolve_recipe_path
 from qtool.recipe.schema import Recipe
+
+MAX_BASE_DEPTH = 8
 
 
 def load_recipe(path: str | Path | None) -> Recipe:
-    """Read and validate a recipe file; `None` gives the default recipe."""
+    """Read and validate a recipe file, or a preset by name (`int8`); `None` gives the default recipe."""
     if path is None:
         return Recipe()
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError(f"{path}: cannot read recipe: {exc}") from None
-    return parse_recipe(text, path)
+    path = resolve_recipe_path(path)
+    return parse_recipe(_read(path), path)
 
 
 def parse_recipe(text: str, path: Path) -> Recipe:
+    document, lines = _document(text, path)
+    document = _with_base(document, path, lines, [path.resolve()])
+    try:
+        return Recipe.model_validate({**document, "source": path.resolve()})
+    except ValidationError as exc:
+        raise RecipeError(_describe(exc.errors()[0], path, lines)) from None
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if len(path.parts) == 1 and not path.suffix:
+            raise RecipeError(f"{path}: no such recipe file, nor a preset ({', '.join(preset_names())})") from None
+        raise RecipeError(f"{path}: cannot read recipe: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"{path}: cannot read recipe: {exc}") from None
+
+
+def _with_base(document: dict, path: Path, lines: dict, chain: list[Path]) -> dict:
+    """`base: NAME` (a preset) or `base: FILE` (relative to this recipe): that recipe, with this one's keys over it."""
+    if "base" not in document:
+        return document
+    document = dict(document)
+    base = document.pop("base")
+    where = f"{path}:{lines.get(('base',), 1)}: base"
+    if not isinstance(base, str) or not base.strip():
+        raise RecipeError(f"{where}: {base!r} is not allowed: a preset name ({', '.join(preset_names())}) "
+                          "or a recipe file")
+    local = path.parent / base
+    target = local if local.is_file() else preset_path(base)
+    if target is None:
+        raise RecipeError(f"{where}: {base!r} is neither a preset ({', '.join(preset_names())}) nor a file "
+                          f"beside {path.name}")
+    if target.resolve() in chain or len(chain) >= MAX_BASE_DEPTH:
+        raise RecipeError(f"{where}: {base!r} leads back to a recipe already in the chain "
+                          f"({' -> '.join(p.name for p in chain)})")
+    parent, parent_lines = _document(_read(target), target)
+    parent = _with_base(parent, target, parent_lines, [*chain, target.resolve()])
+    return _merged(parent, document)
+
+
+def _merged(base: dict, over: dict) -> dict:
+    """Mappings merged key by key, recursively; any other value of `over` replaces the base's."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = (_merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict)
+                    else value)
+    return out
+
+
+def _document(text: str, path: Path) -> tuple[dict, dict]:
+    """The YAML mapping and each key path's line, after the safety checks."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         document = yaml.load(text, Loader=yaml.SafeLoader)
@@ -44,11 +96,7 @@ def parse_recipe(text: str, path: Path) -> Recipe:
     if not isinstance(document, dict):
         raise RecipeError(f"{path}:1: a recipe is a mapping of sections, e.g. `version: 1`")
     _check_expansion(root, path)
-    lines = _key_lines(root, (), {}, path)
-    try:
-        return Recipe.model_validate({**document, "source": path.resolve()})
-    except ValidationError as exc:
-        raise RecipeError(_describe(exc.errors()[0], path, lines)) from None
+    return document, _key_lines(root, (), {}, path)
 
 
 MAX_YAML_NODES = 100_000

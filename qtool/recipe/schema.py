@@ -152,7 +152,7 @@ class WeightSpec(_Strict):
         "rounding error pushed onto the inputs not yet rounded, and each channel's scale widened "
         "by up to 20 % where that moves the layer's output on the calibration data least (Conv, "
         "Gemm, 2-D MatMul weights; needs calibration data, not a table). Pays where weights limit "
-        "accuracy, e.g. with 16-bit activations (configs/a16w8.yaml); costs calibration time.",
+        "accuracy, e.g. with 16-bit activations (the a16w8 preset); costs calibration time.",
     )
 
 
@@ -450,6 +450,10 @@ class Recipe(_Strict):
 def recipe_json_schema() -> dict[str, Any]:
     schema = Recipe.model_json_schema()
     schema["properties"].pop("source", None)
+    # `base` is read by qtool.recipe.load before validation; listed here so editors and docs know it.
+    schema["properties"] = {"base": {"type": "string", "description": (
+        "Start from this recipe: a preset name (`qtool recipes` lists them) or a file relative to this "
+        "one; the keys given here replace the base's, section by section.")}, **schema["properties"]}
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "qtool recipe"
     return schema

@@ -26,6 +26,7 @@ from qtool.io.model import file_sha256
 from qtool.quantization.plan import QuantPlan
 from qtool.recipe.schema import Recipe
 from qtool.reporting.algorithms import algorithms_markdown
+from qtool.runtime.session import current_providers
 
 REPORT_SCHEMA_VERSION = 1
 
@@ -38,6 +39,11 @@ def versions() -> dict[str, str]:
         "numpy": numpy.__version__,
         "python": platform.python_version(),
     }
+
+
+def execution_providers() -> list[dict]:
+    """The ONNX Runtime providers every session of this run was given, in order of preference."""
+    return [{"name": name, "options": dict(options)} for name, options in current_providers()]
 
 
 def _recipe_provenance(recipe: Recipe) -> dict:
@@ -81,6 +87,7 @@ def build_compare_report(
         "command": "compare",
         "passed": all(gate.passed for gate in gates),
         "versions": versions(),
+        "execution_providers": execution_providers(),
         "inputs": {
             "reference": {"path": str(reference_path), "sha256": file_sha256(reference_path)},
             "candidate": {"path": str(candidate_path), "sha256": file_sha256(candidate_path)},
@@ -153,6 +160,7 @@ def build_quantize_report(
         "command": "quantize",
         "passed": all(gate.passed for gate in gates),
         "versions": versions(),
+        "execution_providers": execution_providers(),
         "inputs": {
             "model": {"path": str(model_path), "sha256": model_sha256},
             "recipe": _recipe_provenance(recipe),
@@ -200,11 +208,13 @@ def render_json(report: dict) -> str:
 
 
 def md_escape(text: str) -> str:
-    """Make a model-supplied string inert in Markdown (and in HTML inside Markdown)."""
+    """Make a model-supplied string inert in Markdown (and in HTML inside Markdown), escaping only what
+    Markdown reads inline: `(per-channel)` stays as written; `[x](y)` cannot become a link."""
     text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    for char in "\\`*_{}[]()#+-!|~":
+    for char in "\\`*_[]|~":
         text = text.replace(char, "\\" + char)
-    return text
+    text = text.replace("\\](", "\\]\\(")
+    return "\\" + text if text[:1] in ("#", "+", "-", "!") else text  # no heading or list at a line's start
 
 
 def _fmt_gate(value) -> str:

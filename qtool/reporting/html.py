@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import math
+import shlex
 
 from qtool.reporting.document import _fmt, _fmt_gate, headline
 
@@ -24,6 +25,11 @@ td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
 .mono{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:.85rem;word-break:break-all}
 .muted{color:#5b6475;font-size:.85rem}
 svg{display:block;max-width:100%;height:auto}
+.tiles{display:flex;flex-wrap:wrap;gap:10px;margin:12px 0}
+.tile{background:#fff;border:1px solid #dfe3ea;border-radius:8px;padding:10px 14px;min-width:150px;flex:1}
+.tile b{display:block;font-size:1.25rem} .tile span{color:#5b6475;font-size:.8rem}
+.next{background:#eef4ff;border:1px solid #c9d8f5;border-radius:8px;padding:10px 14px}
+details{margin:8px 0} summary{cursor:pointer;color:#2b4a8b}
 svg text{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif}
 """
 
@@ -43,12 +49,25 @@ def _finite(value, cap: float) -> float:
     return float(value)
 
 
+def _is_inf(value) -> bool:
+    return value == "inf" or (isinstance(value, float) and math.isinf(value) and value > 0)
+
+
 def _sqnr_color(db: float) -> str:
     return BAR_COLORS["good"] if db >= 30 else BAR_COLORS["ok"] if db >= 15 else BAR_COLORS["bad"]
 
 
 def _short(text: str, width: int = 48) -> str:
     return text if len(text) <= width else "…" + text[-(width - 1):]
+
+
+def human_bytes(count: float) -> str:
+    """1 decimal in the unit that keeps the number under 1000: 4.75e+06 B -> 4.8 MB."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(count) < 1000 or unit == "GB":
+            return f"{count:.0f} B" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} GB"
 
 
 def hbar_chart(rows: list[tuple[str, float, str, str]], *, unit: str, title: str, cap: float | None = None) -> str:
@@ -71,9 +90,10 @@ def hbar_chart(rows: list[tuple[str, float, str, str]], *, unit: str, title: str
         parts.append(f'<text x="{label_w + width + 4:.1f}" y="{y + 14}" font-size="11" fill="#333">{esc(shown)}</text>')
     axis_y = top + row_h * len(rows) + 4
     parts.append(f'<line x1="{label_w}" y1="{top}" x2="{label_w}" y2="{axis_y}" stroke="#888"/>')
-    parts.append(f'<text x="{label_w}" y="{axis_y + 14}" font-size="11" fill="#555">0 {esc(unit)}</text>')
+    parts.append(f'<text x="{label_w}" y="{axis_y + 14}" font-size="11" fill="#555">0</text>')
+    axis_end = human_bytes(scale_max) if unit == "B" else f"{scale_max:.3g} {unit}"
     parts.append(f'<text x="{label_w + bar_w}" y="{axis_y + 14}" font-size="11" fill="#555" text-anchor="end">'
-                 f'{scale_max:.3g} {esc(unit)}</text>')
+                 f'{esc(axis_end)}</text>')
     parts.append("</svg>")
     return "\n".join(parts)
 
@@ -152,7 +172,11 @@ def _layers(report: dict) -> str:
     acts, weights = layers["activations"], layers["weights"]
     parts = [f'<h2>Per layer</h2><p class="muted">{len(acts)} activations matched through Q/DQ pairs, '
              f'{layers["unmatched"]} unmatched; worst SQNR first. {esc(layers["note"])}.</p>']
-    cap = max([60.0] + [_finite(r["sqnr_db"], 60.0) for r in acts + weights])
+    exact = [r for r in weights if _is_inf(r["sqnr_db"])]  # constants stored exactly: nothing to chart
+    weights = [r for r in weights if not _is_inf(r["sqnr_db"])]
+    # the axis ends just past the largest finite value charted, so bars differ visibly
+    cap = 1.05 * max([1.0] + [_finite(r["sqnr_db"], 0.0) for r in acts[:MAX_BARS] + weights[:MAX_BARS]
+                              if not _is_inf(r["sqnr_db"])])
     if acts:
         parts.append(hbar_chart([(r["tensor"], r["sqnr_db"], _sqnr_color(_finite(r["sqnr_db"], cap)),
                                   f"{_fmt(r['sqnr_db'])} dB") for r in acts[:MAX_BARS]],
@@ -160,8 +184,9 @@ def _layers(report: dict) -> str:
         rows = [[f'<span class="mono">{esc(r["tensor"])}</span>', f'<span class="mono">{esc(r["node"])}</span>',
                  esc(r["op_type"]), esc(_fmt(r["sqnr_db"])), esc(_fmt(r["cosine"])), esc(_fmt(r["max_abs_error"])),
                  esc(r.get("rule") or "")] for r in acts]
-        parts.append('<div class="card">' + _table(["tensor", "node", "op", "SQNR dB", "cosine", "max abs err", "rule"],
-                                                   rows, {3, 4, 5}) + "</div>")
+        parts.append(f'<details><summary>All {len(rows)} activations</summary><div class="card">'
+                     + _table(["tensor", "node", "op", "SQNR dB", "cosine", "max abs err", "rule"], rows, {3, 4, 5})
+                     + "</div></details>")
     if weights:
         parts.append(hbar_chart([(r["tensor"], r["sqnr_db"], _sqnr_color(_finite(r["sqnr_db"], cap)),
                                   f"{_fmt(r['sqnr_db'])} dB") for r in weights[:MAX_BARS]],
@@ -169,16 +194,20 @@ def _layers(report: dict) -> str:
         rows = [[f'<span class="mono">{esc(r["tensor"])}</span>', f'<span class="mono">{esc(r["node"])}</span>',
                  esc(r["op_type"]), esc(r["dtype"]), "yes" if r["per_channel"] else "no", esc(_fmt(r["sqnr_db"])),
                  esc(_fmt(r["max_abs_error"]))] for r in weights]
-        parts.append('<div class="card">' + _table(["weight", "node", "op", "dtype", "per channel", "SQNR dB",
-                                                    "max abs err"], rows, {5, 6}) + "</div>")
+        parts.append(f'<details><summary>All {len(rows)} weights</summary><div class="card">'
+                     + _table(["weight", "node", "op", "dtype", "per channel", "SQNR dB", "max abs err"], rows, {5, 6})
+                     + "</div></details>")
+    if exact:
+        parts.append(f'<p class="muted">{len(exact)} weight(s) stored exactly (SQNR inf): '
+                     + ", ".join(f'<span class="mono">{esc(r["tensor"])}</span>' for r in exact) + "</p>")
     return "\n".join(parts)
 
 
 def _speed_and_size(report: dict) -> str:
     size = report["size"]
     parts = ["<h2>Size and latency</h2>",
-             hbar_chart([("reference", size["float_bytes"], BAR_COLORS["ref"], f"{size['float_bytes']:,} B"),
-                         ("candidate", size["quantized_bytes"], BAR_COLORS["cand"], f"{size['quantized_bytes']:,} B")],
+             hbar_chart([("reference", size["float_bytes"], BAR_COLORS["ref"], human_bytes(size["float_bytes"])),
+                         ("candidate", size["quantized_bytes"], BAR_COLORS["cand"], human_bytes(size["quantized_bytes"]))],
                         unit="B", title=f"File size (ratio {_fmt(size['ratio'])}× smaller)")]
     latency = report.get("latency")
     if latency:
@@ -192,6 +221,80 @@ def _speed_and_size(report: dict) -> str:
     else:
         parts.append('<p class="muted">Latency not measured (pass --bench).</p>')
     return "\n".join(parts)
+
+
+def _tile(value: str, label: str) -> str:
+    return f'<div class="tile"><b>{esc(value)}</b><span>{esc(label)}</span></div>'
+
+
+def _worst_slice(report: dict) -> tuple[str, dict] | None:
+    """The output slice with the lowest SQNR, where the report has per-slice figures."""
+    found = [(name, f["worst_slice"]) for name, f in report["validation"]["outputs"].items()
+             if isinstance(f.get("worst_slice"), dict) and f["worst_slice"].get("sqnr_db") is not None]
+    return min(found, key=lambda item: _finite(item[1]["sqnr_db"], 1e9)) if found else None
+
+
+def _accuracy_tile(report: dict) -> str:
+    val = report["validation"]
+    if "accuracy" in val:
+        acc = val["accuracy"]
+        return _tile(f"{acc['float']:.1%} → {acc['quantized']:.1%}",
+                     f"top-1 accuracy, drop {acc['drop'] * 100:.2f} points on {acc['labelled_samples']} samples")
+    if not val["outputs"]:
+        return _tile("n/a", "accuracy")
+    name, f = min(val["outputs"].items(), key=lambda item: _finite(item[1].get("cosine"), 1.0))
+    return _tile(f"cosine {_fmt_gate(f.get('cosine'))}", f"worst output {_short(name, 32)}, SQNR {_fmt(f.get('sqnr_db'))} dB")
+
+
+def next_step(report: dict) -> tuple[str, str | None]:
+    """What to do after reading this report: a sentence, and the command where there is one."""
+    inputs = report["inputs"]
+    if not report["passed"] and report["command"] == "quantize":
+        calib = (inputs.get("calibration_data") or {}).get("path") or "CALIB_DIR"
+        recipe = (inputs.get("recipe") or {}).get("path")
+        words = ["qtool", "tune", inputs["model"]["path"], *(["--recipe", recipe] if recipe else []), "--data", calib,
+                 "--validation-data", inputs["validation_data"]["path"], "--output", "out/tune"]
+        return ("A gate failed: find the layers that lose most and give them more bits:",
+                " ".join(shlex.quote(str(w)) for w in words))
+    if not report["passed"]:
+        return ("A gate failed: `--per-layer` shows which layers lose most." if "layers" not in report
+                else "A gate failed: the worst layers are under Per layer; `qtool tune` promotes them.", None)
+    if "latency" not in report:
+        return "Every gate passed. Measure the speed-up on your target with --bench (and --provider).", None
+    return "Every gate passed: the model is ready to deploy.", None
+
+
+def _summary(report: dict) -> str:
+    size, latency = report["size"], report.get("latency")
+    tiles = [_tile("passed" if report["passed"] else "FAILED",
+                   f"{sum(g['passed'] for g in report['gates'])} of {len(report['gates'])} gates passed"),
+             _tile(f"{_fmt(size['ratio'])}× smaller",
+                   f"{human_bytes(size['float_bytes'])} → {human_bytes(size['quantized_bytes'])}"),
+             _tile(f"{_fmt(latency['ratio'])}× latency" if latency else "not measured",
+                   f"median {latency['candidate']['median_ms']:.3g} vs {latency['reference']['median_ms']:.3g} ms"
+                   if latency else "latency (pass --bench)"),
+             _accuracy_tile(report)]
+    worst = _worst_slice(report)
+    if worst is not None:
+        name, sl = worst
+        tiles.append(_tile(f"{_fmt(sl['sqnr_db'])} dB",
+                           f"worst slice of {_short(name, 24)}: index {sl.get('index')} on axis {sl.get('axis')} "
+                           f"(of {sl.get('slices')})"))
+    text, command = next_step(report)
+    command_html = f' <code class="mono">{esc(command)}</code>' if command else ""
+    return f'<div class="tiles">{"".join(tiles)}</div><p class="next"><b>Next:</b> {esc(text)}{command_html}</p>'
+
+
+def _kernels(report: dict) -> str:
+    if "kernels" not in report:
+        return ""
+    ops = report["kernels"]["integer_ops"]
+    host = report.get("host", {})
+    listed = ", ".join(f"{esc(op)} ×{n}" for op, n in ops.items()) or "none"
+    return (f"<h2>Kernels</h2><p>Integer ops after ONNX Runtime's optimizer: {listed}.</p>"
+            f'<p class="muted">Weights stored in {"7" if host.get("weights_reduce_range") else "8"} bits '
+            f'(reduce_range: {esc(host.get("reduce_range_setting"))}; int8 kernels may saturate on this host: '
+            f'{"yes" if host.get("int8_kernels_may_saturate") else "no"}).</p>')
 
 
 def _provenance(report: dict) -> str:
@@ -219,12 +322,14 @@ def render_html(report: dict) -> str:
 <style>{CSS}</style></head>
 <body><main>
 <h1>qtool {esc(report['command'])} report <span class="badge {'pass' if passed else 'fail'}">{'passed' if passed else 'FAILED'}</span></h1>
-<p>{esc(headline(report))}</p>
+{_summary(report)}
+<p class="muted">{esc(headline(report))}</p>
 <h2>Gates</h2>{_gates(report)}
 <h2>Outputs ({report['validation']['samples']} samples)</h2>
 {_outputs(report)}
 {_layers(report)}
 {_speed_and_size(report)}
+{_kernels(report)}
 {notes_html}
 <h2>Provenance</h2>{_provenance(report)}
 </main></body></html>

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from qtool.reporting.document import _fmt, md_escape, render_json
-from qtool.reporting.html import CSS, _table, esc
+from qtool.reporting.html import CSS, MAX_BARS, _sqnr_color, _table, esc, hbar_chart, human_bytes
 
 MD_ROWS = 30
 
@@ -124,27 +124,46 @@ def _notes_md(report: dict) -> list[str]:
     return (["", "## Notes", ""] + [f"- {md_escape(n)}" for n in notes]) if notes else []
 
 
-def frontier_chart(trials: list[dict], objective: str) -> str:
+# the figure a search maximizes -> the gate that bounds it (search.promote.OBJECTIVES, read backwards)
+GATE_OF_OBJECTIVE = {"accuracy": "max_accuracy_drop", "top1_agreement": "min_top1_agreement",
+                     "sqnr_db": "min_sqnr_db", "cosine": "min_cosine"}
+
+
+def gate_level(target: dict) -> float | None:
+    """Where the target gate lies on the objective's axis (accuracy: float accuracy minus the allowed drop)."""
+    value = target["gates"].get(GATE_OF_OBJECTIVE.get(target["objective"], ""))
+    if value is None:
+        return None
+    if target["objective"] == "accuracy":
+        reference = target.get("float_accuracy")
+        return reference - value if isinstance(reference, (int, float)) else None
+    return float(value)
+
+
+def frontier_chart(trials: list[dict], objective: str, gate: float | None = None) -> str:
     """Size (x) against the objective (y), one dot per trial; the frontier joined; the chosen ringed."""
     return _trial_chart(trials, objective, "size_bytes", f"Trials: model size vs {objective}",
-                        "model size (bytes; smaller is better)", lambda x: f"{x:,.0f} B", join_frontier=True)
+                        "model size (smaller is better)", human_bytes, join_frontier=True, gate=gate)
 
 
-def latency_chart(trials: list[dict], objective: str) -> str:
+def latency_chart(trials: list[dict], objective: str, gate: float | None = None) -> str:
     """Latency ratio (x) against the objective (y) for the timed trials; float speed (1×) dashed; the chosen ringed."""
     return _trial_chart(trials, objective, "latency_ratio", f"Timed trials: latency ratio vs {objective}",
-                        "latency ratio, quantized / float (smaller is faster)", lambda x: f"{x:.2f}×", marker=1.0)
+                        "latency ratio, quantized / float (smaller is faster)", lambda x: f"{x:.2f}×", marker=1.0,
+                        gate=gate)
 
 
 def _trial_chart(trials: list[dict], objective: str, x_key: str, title: str, x_label: str,
-                 x_format: Callable[[float], str], join_frontier: bool = False, marker: float | None = None) -> str:
+                 x_format: Callable[[float], str], join_frontier: bool = False, marker: float | None = None,
+                 gate: float | None = None) -> str:
     points = [(row, _num(row.get(x_key)), _num(row.get("accuracy") if objective == "accuracy"
                                                 else row.get("objective"))) for row in trials]
     points = [(row, x, y) for row, x, y in points if x is not None and y is not None]
     if not points:
         return '<p class="muted">No trial has finite figures to plot.</p>'
     width, height, left, right, top, bottom = 640, 320, 70, 20, 30, 45
-    xs, ys = [x for _, x, _ in points] + ([marker] if marker is not None else []), [y for _, _, y in points]
+    xs = [x for _, x, _ in points] + ([marker] if marker is not None else [])
+    ys = [y for _, _, y in points] + ([gate] if gate is not None else [])
     x0, x1 = min(xs), max(xs)
     y0, y1 = min(ys), max(ys)
     x0, x1 = (x0 * 0.95, x1 * 1.05) if x1 > x0 else (x0 * 0.9, x1 * 1.1 + 1)
@@ -176,6 +195,12 @@ def _trial_chart(trials: list[dict], objective: str, x_key: str, title: str, x_l
                      f'y2="{height - bottom}" stroke="#888" stroke-dasharray="2 3"/>')
         parts.append(f'<text x="{px(marker) + 3:.1f}" y="{top + 10}" font-size="10" fill="#555">'
                      f'{esc(x_format(marker))} float</text>')
+    if gate is not None:  # the target: dots above it pass this gate
+        shown = f"{gate:.2%}" if objective == "accuracy" else f"{gate:.4g}"
+        parts.append(f'<line class="gate" x1="{left}" y1="{py(gate):.1f}" x2="{width - right}" y2="{py(gate):.1f}" '
+                     f'stroke="#c62828" stroke-dasharray="6 4"/>')
+        parts.append(f'<text x="{width - right}" y="{py(gate) - 4:.1f}" font-size="10" fill="#c62828" '
+                     f'text-anchor="end">gate {esc(shown)}</text>')
     frontier = sorted([(x, y) for row, x, y in points if row["frontier"]])
     if join_frontier and len(frontier) > 1:
         path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in frontier)
@@ -195,6 +220,18 @@ def _trial_chart(trials: list[dict], objective: str, x_key: str, title: str, x_l
     return "\n".join(parts)
 
 
+def sensitivity_chart(rows: list[dict], mode: str) -> str:
+    """The most sensitive nodes first, as the ranking orders them: SQNR bars on an axis scaled to them."""
+    shown = [r for r in rows if _num(r.get("sqnr_db")) is not None][:MAX_BARS]
+    if not shown:
+        return ""
+    cap = 1.05 * max(_num(r["sqnr_db"]) for r in shown)
+    return hbar_chart([(r["node"], _num(r["sqnr_db"]), _sqnr_color(_num(r["sqnr_db"])), f"{_fmt(r['sqnr_db'])} dB")
+                       for r in shown], unit="dB", title=f"Output SQNR with one node "
+                      f"{'quantized' if mode == 'only_quantized' else 'kept float'}: the {len(shown)} most sensitive",
+                      cap=max(cap, 1.0))
+
+
 def _ranking_html(rows: list[dict]) -> str:
     body = [[esc(_fmt(r.get("rank"))), f'<span class="mono">{esc(r["node"])}</span>', esc(r.get("op_type", "")),
              esc(_fmt(r.get("sqnr_db"))), esc(_fmt(r.get("sqnr_gain_db"))), esc(_fmt(r.get("cosine"))),
@@ -210,7 +247,9 @@ def render_html(report: dict) -> str:
         title = f"qtool sensitivity report — {model}"
         parts.append(f"<p>{esc(_mode_text(sens['mode']))}; {len(sens['rows'])} nodes, "
                      f"{'read from the cache' if sens['cache']['hit'] else 'measured'}.</p>")
-        parts.append('<div class="card">' + _ranking_html(sens["rows"]) + "</div>")
+        parts.append(sensitivity_chart(sens["rows"], sens["mode"]))
+        parts.append(f'<details><summary>All {len(sens["rows"])} nodes</summary><div class="card">'
+                     + _ranking_html(sens["rows"]) + "</div></details>")
     else:
         target, search, chosen = report["target"], report["search"], report["chosen"]
         title = f"qtool tune report — {model}"
@@ -222,15 +261,19 @@ def render_html(report: dict) -> str:
                      f"{'; interrupted, best so far' if report['interrupted'] else ''}.</p>")
         parts.append(f"<p>Chosen: <span class=\"mono\">{esc(chosen['trial'] or 'none')}</span> with "
                      f"{len(chosen['promotions'])} promotion(s).</p>")
-        if chosen["promotions"]:
-            parts.append(_table(["node", "step"], [[f'<span class="mono">{esc(p["node"])}</span>', esc(p["step"])]
-                                                   for p in chosen["promotions"]]))
-        parts.append("<h2>Size and accuracy frontier</h2>" + frontier_chart(report["trials"], target["objective"]))
+        gate = gate_level(target)
+        parts.append("<h2>Size and accuracy frontier</h2>"
+                     + frontier_chart(report["trials"], target["objective"], gate))
         parts.append('<p class="muted">Green: gates pass; red: fail; large dots on the frontier (dashed); '
-                     'ringed: chosen.</p>')
+                     'ringed: chosen; red dashes: the target gate.</p>')
         if any(_num(row.get("latency_ratio")) is not None for row in report["trials"]):
-            parts.append("<h2>Latency of the timed trials</h2>" + latency_chart(report["trials"], target["objective"]))
+            parts.append("<h2>Latency of the timed trials</h2>"
+                         + latency_chart(report["trials"], target["objective"], gate))
         parts.append(f'<p class="muted">{esc(_latency_note(report["latency"]))}</p>')
+        if chosen["promotions"]:  # after the charts: a long list must not push them off the first screen
+            parts.append(f'<details><summary>The chosen trial\'s {len(chosen["promotions"])} promotion(s)</summary>'
+                         + _table(["node", "step"], [[f'<span class="mono">{esc(p["node"])}</span>', esc(p["step"])]
+                                                     for p in chosen["promotions"]]) + "</details>")
         rows = [[esc(i) + (" ★" if r["chosen"] else "") + (" ◆" if r["frontier"] else ""),
                  f'<span class="mono">{esc(r["trial"])}</span>', esc(_promotions(r)), esc(f"{r['size_bytes']:,}"),
                  esc(_fmt(r["size_ratio"])), esc(_latency(r)), esc(_figure(r, target["objective"])),
@@ -239,8 +282,9 @@ def render_html(report: dict) -> str:
                                                   esc(target["objective"]), "SQNR dB", "gates"], rows,
                                                  {3, 4, 5, 6, 7}))
         if report["sensitivity"]["rows"]:
-            parts.append("<h2>Sensitivity</h2>" + '<div class="card">' + _ranking_html(report["sensitivity"]["rows"])
-                         + "</div>")
+            parts.append("<h2>Sensitivity</h2><details><summary>All "
+                         f'{len(report["sensitivity"]["rows"])} nodes</summary><div class="card">'
+                         + _ranking_html(report["sensitivity"]["rows"]) + "</div></details>")
     notes = [f"warning: {w}" for w in report.get("warnings", [])] + report.get("prepare", [])
     if notes:
         parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>")

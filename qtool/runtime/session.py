@@ -5,15 +5,17 @@ from __future__ import annotations
 import platform
 import tempfile
 from collections import Counter
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import ModelProto, TensorProto, external_data_helper, helper
 
-from qtool.errors import DataError, ModelError, one_line, reason
+from qtool.errors import DataError, ModelError, UsageError, one_line, reason
 from qtool.io.samples import DataSource
 from qtool.io.model import PROTOBUF_LIMIT, proto_size
 
@@ -25,6 +27,52 @@ INTEGER_OP_TYPES = {
     "QLinearReduceMean", "QLinearWhere", "MatMulInteger", "ConvInteger",
     "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulNBits",
 }
+
+
+CPU = "CPUExecutionProvider"
+# ONNX Runtime execution providers in order of preference, each with its options: what every session of
+# this run gets. CPU unless a caller chose others with use_providers().
+Provider = tuple[str, dict[str, str]]
+_PROVIDERS: ContextVar[tuple[Provider, ...]] = ContextVar("qtool_providers", default=((CPU, {}),))
+
+
+def parse_providers(text: str) -> tuple[Provider, ...]:
+    """`NAME[:key=value;key=value][,NAME...]` (ORT's names, `CUDA` short for `CUDAExecutionProvider`),
+    each one this onnxruntime build has; else a UsageError listing the ones it has."""
+    available = ort.get_available_providers()
+    providers = []
+    for item in (part.strip() for part in text.split(",")):
+        name, _, options_text = item.partition(":")
+        name = name.strip()
+        if name and not name.endswith("ExecutionProvider"):
+            name += "ExecutionProvider"
+        if name not in available:
+            raise UsageError(f"execution provider {name or item!r} is not in this onnxruntime build "
+                             f"({ort.__version__}); it has: {', '.join(available)}")
+        options = {}
+        for pair in filter(None, (p.strip() for p in options_text.split(";"))):
+            key, equals, value = pair.partition("=")
+            if not equals or not key.strip():
+                raise UsageError(f"execution provider {name}: option {pair!r} is not key=value "
+                                 "(several are separated by ';', e.g. CUDA:device_id=0;arena_extend_strategy=kSameAsRequested)")
+            options[key.strip()] = value.strip()
+        providers.append((name, options))
+    return tuple(providers)
+
+
+@contextmanager
+def use_providers(providers: Iterable[Provider] | None) -> Iterator[None]:
+    """Every session made inside the block uses `providers` (None: unchanged)."""
+    token = _PROVIDERS.set(tuple(providers)) if providers else None
+    try:
+        yield
+    finally:
+        if token is not None:
+            _PROVIDERS.reset(token)
+
+
+def current_providers() -> tuple[Provider, ...]:
+    return _PROVIDERS.get()
 
 
 def session_options(optimize: bool = True, threads: int | None = None, pooled: bool = False) -> ort.SessionOptions:
@@ -71,20 +119,32 @@ def make_session(
     optimized_model_path: Path | None = None,
     pooled: bool = False,
 ) -> ort.InferenceSession:
-    """An ORT CPU session over an in-memory model (through a temp file past 2 GB)."""
+    """An ORT session over an in-memory model (through a temp file past 2 GB), on the current providers."""
     options = session_options(optimize, threads, pooled)
     if optimized_model_path is not None:
         options.optimized_model_filepath = str(optimized_model_path)
+    providers = current_providers()
     if proto_size(model) < PROTOBUF_LIMIT:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return _checked(ort.InferenceSession(model.SerializeToString(), options, providers=list(providers)),
+                        providers)
     with tempfile.TemporaryDirectory(prefix="qtool-session-") as folder:
         path = Path(folder) / "model.onnx"
         onnx.save_model(model, str(path), save_as_external_data=True, location="model.data")
         try:
-            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            return _checked(ort.InferenceSession(str(path), options, providers=list(providers)), providers)
         finally:
             # onnx.save_model moved the weights out of `model`: put them back before the file goes.
             external_data_helper.load_external_data_for_model(model, folder)
+
+
+def _checked(session: ort.InferenceSession, providers: tuple[Provider, ...]) -> ort.InferenceSession:
+    """ORT falls back to CPU when a provider it has cannot start (a missing CUDA library): say so instead."""
+    started = session.get_providers()
+    missing = [name for name, _ in providers if name not in started]
+    if missing:
+        raise UsageError(f"execution provider {', '.join(missing)} did not start (onnxruntime ran "
+                         f"{', '.join(started)}); check its libraries and options")
+    return session
 
 
 def check_runnable(model: ModelProto, path: Path) -> None:
@@ -98,6 +158,8 @@ def check_runnable(model: ModelProto, path: Path) -> None:
         return
     try:
         make_session(model, optimize=False)
+    except UsageError:  # a provider that did not start: not the model's fault
+        raise
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types, and decode errors
         raise ModelError(f"{path}: ONNX Runtime cannot load this model: {reason(exc)}") from None
 

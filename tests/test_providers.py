@@ -1,0 +1,59 @@
+"""--provider: ONNX Runtime execution providers chosen by name, refused when this build lacks them, recorded."""
+
+from __future__ import annotations
+
+import json
+
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+
+from conftest import SAMPLE, matmul_chain
+from qtool.cli.main import main
+from qtool.errors import UsageError
+from qtool.runtime.session import make_session, parse_providers, use_providers
+
+
+def test_names_options_and_order():
+    assert parse_providers("CPU") == (("CPUExecutionProvider", {}),)
+    assert parse_providers("AzureExecutionProvider, CPU:arena_extend_strategy=kSameAsRequested;x = 1") == (
+        ("AzureExecutionProvider", {}), ("CPUExecutionProvider", {"arena_extend_strategy": "kSameAsRequested",
+                                                                 "x": "1"}))
+    with pytest.raises(UsageError, match="option 'device_id' is not key=value"):
+        parse_providers("CPU:device_id")
+
+
+def test_sessions_get_the_chosen_providers_inside_the_block_only():
+    model = matmul_chain()
+    assert make_session(model).get_providers() == ["CPUExecutionProvider"]
+    with use_providers(parse_providers("Azure,CPU")):
+        assert make_session(model).get_providers() == ["AzureExecutionProvider", "CPUExecutionProvider"]
+    assert make_session(model).get_providers() == ["CPUExecutionProvider"]
+
+
+@pytest.mark.parametrize("command", ["quantize", "calibrate", "compare"])
+def test_unavailable_provider_is_one_line_exit_2_listing_what_this_build_has(tmp_path, command):
+    missing = "NoSuchAcceleratorExecutionProvider"
+    model, data = str(SAMPLE / "model.onnx"), str(SAMPLE / "eval")
+    args = {"quantize": ["quantize", model, "--data", data, "--output", str(tmp_path / "out")],
+            "calibrate": ["calibrate", model, "--data", data, "--output", str(tmp_path / "table.json")],
+            "compare": ["compare", model, model, "--data", data, "--output", str(tmp_path / "out")]}[command]
+    result = CliRunner().invoke(main, [*args, "--provider", f"CPU,{missing}"])
+    assert result.exit_code == 2
+    assert result.output == (f"Error: execution provider '{missing}' is not in this onnxruntime build "
+                             f"({ort.__version__}); it has: {', '.join(ort.get_available_providers())}\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_provider_is_recorded_and_cpu_results_are_unchanged(tmp_path):
+    args = ["quantize", str(SAMPLE / "model.onnx"), "--data", str(SAMPLE / "calib"), "--validation-data",
+            str(SAMPLE / "eval"), "--quiet"]
+    default = CliRunner().invoke(main, [*args, "--output", str(tmp_path / "default")])
+    # Azure's provider claims no node here: every kernel still runs on CPU, so the figures must not move
+    chosen = CliRunner().invoke(main, [*args, "--output", str(tmp_path / "cpu"), "--provider", "Azure,CPU"])
+    assert default.exit_code == chosen.exit_code == 0, default.output + chosen.output
+    assert (tmp_path / "default" / "model.onnx").read_bytes() == (tmp_path / "cpu" / "model.onnx").read_bytes()
+    reports = [json.loads((tmp_path / name / "report.json").read_text()) for name in ("default", "cpu")]
+    assert reports[0]["validation"] == reports[1]["validation"]
+    assert reports[0]["execution_providers"] == [{"name": "CPUExecutionProvider", "options": {}}]
+    assert [p["name"] for p in reports[1]["execution_providers"]] == ["AzureExecutionProvider", "CPUExecutionProvider"]

@@ -1,0 +1,30 @@
+"""What the terminal shows: gate values with their margin visible, progress in the stage's own unit."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from rich.console import Console
+
+from qtool.cli.terminal import StageProgress, gate_value_text
+
+
+@pytest.mark.parametrize("value, threshold, shown", [
+    (0.9899999, 0.99, "0.9899999"),    # was "0.99 FAIL" against 0.99
+    (0.98996, 0.99, "0.98996"),
+    (0.999975, 0.98, "0.99997"),       # was "1 pass"
+    (42.95, 20.0, "42.950"),
+    (0.99, 0.99, "0.99000"),
+])
+def test_gate_values_show_the_margin(value, threshold, shown):
+    assert gate_value_text(value, threshold) == shown
+    assert (float(shown) < threshold) == (value < threshold)
+
+
+@pytest.mark.parametrize("stage, unit", [("calibrate", "samples"), ("tune", "trials"), ("sensitivity", "nodes")])
+def test_progress_lines_count_in_the_stage_unit(stage, unit):
+    out = io.StringIO()
+    with StageProgress(Console(file=out, force_terminal=False, width=120), quiet=False) as progress:
+        progress(stage, 4, 4)
+    assert out.getvalue().startswith(f"{stage}: 4/4 {unit}")
