@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qtool.calibration.calibrate import TABLE_FORMAT, CalibrationTable, TensorRange, load_table
+from qtool.calibration.calibrate import CalibrationTable, TensorRange, load_table
 from qtool.errors import CalibrationError
 from qtool.io.artifacts import write_artifacts, write_text_atomic
 
@@ -75,6 +75,8 @@ def load_any_table(path: str | Path) -> CalibrationTable:
             document = json.loads(text)
         except json.JSONDecodeError as exc:
             raise CalibrationError(f"{path}: not a calibration table (not valid JSON: {exc})") from None
+        except RecursionError:  # json nests by recursion: thousands of [ or { exhaust Python's stack
+            raise CalibrationError(f"{path}: not a calibration table (JSON nested too deeply)") from None
         if _is_ort_json(document):
             return _imported(_ort_json(document, path), path, "ort-table")
         return load_table(path)  # qtool's table, or says what it expected
