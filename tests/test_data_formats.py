@@ -134,3 +134,16 @@ def test_a_data_loader_that_is_not_a_function_is_named(reference, tmp_path):
     assert result.returncode == 2
     assert result.stderr == f"Error: --data-loader {tmp_path / 'loader.py'}:feeds: {tmp_path / 'loader.py'} has no function feeds\n"
     assert not (tmp_path / "table.json").exists()
+
+
+def test_a_data_loader_that_raises_is_the_data_s_error_naming_it(reference, tmp_path):
+    """The user's function raising on its call (before any sample) was exit 3, 'report it'."""
+    folder, _ = reference
+    (tmp_path / "loader.py").write_text("def feeds():\n    raise ValueError('no data here')\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "qtool", "calibrate", str(folder / "model.onnx"),
+         "--data-loader", f"{tmp_path / 'loader.py'}:feeds", "--output", str(tmp_path / "table.json")],
+        capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == f"Error: {tmp_path / 'loader.py'}:feeds: calling it raised ValueError: no data here\n"
+    assert not (tmp_path / "table.json").exists()

@@ -134,7 +134,10 @@ class FeedSource(DataSource):
     def _items(self) -> Iterator:
         if self._replay is not None:
             return iter(self._replay)
-        source = self.data() if callable(self.data) else self.data
+        try:
+            source = self.data() if callable(self.data) else self.data
+        except Exception as exc:  # the user's code raised before producing any sample: theirs to see
+            raise DataError(f"{self.folder}: calling it raised {type(exc).__name__}: {exc}") from None
         if hasattr(source, "get_next"):
             return _reader_items(source)
         if not isinstance(source, Iterable) or isinstance(source, (dict, str, bytes)):
