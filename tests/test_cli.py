@@ -79,6 +79,18 @@ def test_failed_gate_exits_1_with_artifacts(tmp_path):
     assert [(g["name"], g["passed"]) for g in gates] == [("min_cosine", False), ("min_top1_agreement", True)]
 
 
+def test_a_latency_only_failure_does_not_send_the_user_to_tune(tmp_path):
+    """tune promotes nodes for accuracy; it cannot make int8 kernels faster (an impossible 0.01 ratio here)."""
+    recipe = tmp_path / "fast.yaml"
+    recipe.write_text("version: 1\nvalidation:\n  gates: {min_cosine: 0.9, max_latency_ratio: 0.01}\n")
+    args = quantize_args(tmp_path / "out")
+    args[args.index("--recipe") + 1] = str(recipe)
+    result = qtool(*args)
+    assert result.returncode == 1
+    assert "gate max_latency_ratio: FAILED" in result.stderr and "gate min_cosine" not in result.stderr
+    assert "next: only the latency gate failed" in result.stderr and "qtool tune" not in result.stderr
+
+
 def test_bad_recipe_exits_2_and_writes_nothing(tmp_path):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text("version: 1\ncalibration:\n  metod: minmax\n")
