@@ -155,3 +155,15 @@ def test_starter_accuracy_gate_is_at_least_two_samples(tmp_path, labelled, drop)
     assert result.exit_code == 0, result.output
     assert load_recipe(recipe).validation.gates == {"min_cosine": 0.9, "max_accuracy_drop": drop}
     assert f"2 of the {labelled} labelled samples" in recipe.read_text()
+
+
+def test_schema_output_never_replaces_a_file_unasked(tmp_path):
+    """`qtool schema --output` replaced any existing file (a model, say) with exit 0."""
+    target = tmp_path / "model.onnx"
+    target.write_bytes(b"not a schema")
+    runner = CliRunner()
+    result = runner.invoke(main, ["schema", "--output", str(target)])
+    assert result.exit_code == 2 and f"{target}: file exists; pass --overwrite to replace it" in result.stderr
+    assert target.read_bytes() == b"not a schema"
+    assert runner.invoke(main, ["schema", "--output", str(target), "--overwrite"]).exit_code == 0
+    assert json.loads(target.read_text()) == recipe_json_schema()

@@ -11,6 +11,7 @@ from qtool import api
 from qtool.authoring import starter
 from qtool.cli import terminal
 from qtool.cli.options import echo_json, output_options
+from qtool.errors import UsageError
 from qtool.io.artifacts import write_text_atomic
 from qtool.recipe.builtin import PRESETS, preset_names, preset_summary
 from qtool.recipe.schema import recipe_json_schema
@@ -70,8 +71,9 @@ def recipes(quiet: bool, verbose: bool, as_json: bool) -> None:
 @click.command()
 @click.option("--output", "output_path", type=click.Path(path_type=Path),
               help="Write the schema to this file instead of stdout.")
+@click.option("--overwrite", is_flag=True, help="Replace the --output file if it exists.")
 @output_options
-def schema(output_path: Path | None, quiet: bool, verbose: bool, as_json: bool) -> None:
+def schema(output_path: Path | None, overwrite: bool, quiet: bool, verbose: bool, as_json: bool) -> None:
     """Print the recipe's JSON Schema (for editors and validators).
 
     The schema is JSON already: --json changes nothing here.
@@ -84,6 +86,8 @@ def schema(output_path: Path | None, quiet: bool, verbose: bool, as_json: bool) 
     if output_path is None:
         click.echo(text, nl=False)
         return
+    if output_path.exists() and not overwrite:
+        raise UsageError(f"{output_path}: file exists; pass --overwrite to replace it")
     write_text_atomic(output_path, text)
     if verbose:
         click.echo(f"wrote {output_path}", err=True)
