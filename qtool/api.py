@@ -28,8 +28,8 @@ from qtool.io.data import DataFolder, model_inputs, read_labels
 from qtool.io.feeds import open_data
 from qtool.io.fingerprint import as_loaded, fingerprint
 from qtool.io.targets import check_output_file, check_output_path
-from qtool.io.model import (QUANTIZED_OP_TYPES, file_sha256, load_model, model_file_bytes, opset_version, proto_size,
-                            read_header, save_model, upgrade_opset)
+from qtool.io.model import (QUANTIZED_OP_TYPES, copy_metadata, file_sha256, load_model, model_file_bytes, opset_version,
+                            proto_size, read_header, save_model, upgrade_opset)
 from qtool.numerics import QTYPES
 from qtool.quantization.algorithms.bias_correction import BiasShift, requantize
 from qtool.quantization.algorithms.equalization import EqualizedPair, equalize
@@ -314,8 +314,7 @@ def quantize(
             return again.plan, again.model
         _, plan, quantized, corrected = requantize(model, quantized, plan, calib_data,
                                                    recipe.calibration.batch_size, replan)
-    for key, value in _float_metadata(model).items():
-        _set_metadata(quantized, key, value)
+    copy_metadata(model, quantized)
 
     comparison = compare_models(model, quantized, eval_data, labels=eval_labels,
                                 batch_size=recipe.calibration.batch_size, progress=tick("validate"))
@@ -458,15 +457,3 @@ def stage_progress(progress: Progress | None):
             return None
         return lambda done, total: progress(stage, done, total)
     return for_stage
-
-
-def _float_metadata(model: ModelProto) -> dict[str, str]:
-    return {entry.key: entry.value for entry in model.metadata_props}
-
-
-def _set_metadata(model: ModelProto, key: str, value: str) -> None:
-    for entry in model.metadata_props:
-        if entry.key == key:
-            entry.value = value
-            return
-    model.metadata_props.add(key=key, value=value)

@@ -285,3 +285,14 @@ class GraphIndex:
             counter += 1
         self._taken.add(name)
         return name
+
+
+def copy_metadata(source: ModelProto, target: ModelProto) -> None:
+    """The float model's metadata_props carried onto its quantized model (applications read them,
+    e.g. OCR vocabularies), replacing a value the target already has under the same key."""
+    kept = {entry.key: entry for entry in target.metadata_props}
+    for entry in source.metadata_props:
+        if entry.key in kept:
+            kept[entry.key].value = entry.value
+        else:
+            kept[entry.key] = target.metadata_props.add(key=entry.key, value=entry.value)

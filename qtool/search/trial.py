@@ -26,7 +26,7 @@ from qtool.calibration.calibrate import CalibrationTable
 from qtool.evaluation.compare import Comparison, OutputStats, check_gates
 from qtool.evaluation.latency import BenchResult, bench_models
 from qtool.evaluation.metrics import is_classifier_output, top1
-from qtool.io.model import load_model, proto_size
+from qtool.io.model import copy_metadata, load_model, proto_size
 from qtool.quantization.placement import plan_and_apply
 from qtool.quantization.plan import required_opset, select_tensors
 from qtool.recipe.schema import Recipe
@@ -202,12 +202,7 @@ def build_trial_model(context: TrialContext, spec: TrialSpec) -> tuple[ModelProt
     notes = [f"{len(missing)} tensor(s) without a calibrated range in the shared table, kept float"] if missing else []
     placed = plan_and_apply(model, recipe, selection, context.table, context.saturating_host)
     plan, quantized = placed.plan, placed.model
-    for entry in model.metadata_props:  # as `qtool quantize` does: the float model's metadata carries over
-        kept = next((item for item in quantized.metadata_props if item.key == entry.key), None)
-        if kept is None:
-            quantized.metadata_props.add(key=entry.key, value=entry.value)
-        else:
-            kept.value = entry.value
+    copy_metadata(model, quantized)  # as `qtool quantize` does
     return quantized, sum(1 for d in plan.nodes if d.quantized), notes
 
 
