@@ -184,3 +184,13 @@ def test_slower_than_float_is_a_warning():
     [warning] = slower_than_float({**timing, "ratio": 1.6})
     assert "slower than float: latency ratio 1.60 (1.6 ms vs 1 ms float, median of 40" in warning
     assert slower_than_float({**timing, "ratio": 0.6}) == [] and slower_than_float(None) == []
+
+
+def test_labels_that_name_none_of_the_validation_files_exit_2(tmp_path):
+    """Another data set's labels were ignored: accuracy n/a, and a max_accuracy_drop gate failed as if measured."""
+    labels = tmp_path / "labels.txt"
+    labels.write_text("clip_001.wav 3\nclip_002.wav 7\n")
+    result = qtool(*quantize_args(tmp_path / "out"), "--labels", str(labels))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"Error: {labels}: names none of the ") and "validation files" in result.stderr
+    assert not (tmp_path / "out").exists()

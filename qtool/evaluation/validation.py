@@ -7,7 +7,7 @@ from pathlib import Path
 
 from onnx import ModelProto
 
-from qtool.errors import RecipeError, UsageError
+from qtool.errors import DataError, RecipeError, UsageError
 from qtool.evaluation.compare import Comparison
 from qtool.evaluation.latency import bench_models, latency_section
 from qtool.evaluation.per_layer import layer_errors, layers_section, weight_errors
@@ -42,7 +42,13 @@ def resolve_validation_data(
             raise RecipeError(f"{recipe.source}: validation.labels: no such file {labels_path}")
     else:
         labels_path = Path(folder.folder) / "labels.txt"
-    labels = read_labels(labels_path) if labels_path.is_file() else folder.class_labels
+    if not labels_path.is_file():
+        return folder, folder.class_labels, warnings
+    labels = read_labels(labels_path)
+    files = getattr(folder, "files", None)
+    if labels and files and not any(name in labels for name in files):  # a gate on no samples would read n/a
+        raise DataError(f"{labels_path}: names none of the {len(files)} validation files in {folder.folder} "
+                        f"(no line for {files[0]!r}, for one); expected `file label` lines for those files")
     return folder, labels, warnings
 
 
