@@ -325,8 +325,8 @@ def quantize(
         bench or "max_latency_ratio" in recipe.validation.gates, threads or QUANTIZE_BENCH_THREADS, tick,
         {decision.node: decision.reason for decision in plan.nodes})
     warnings += slower_than_float(latency)
-    gates = check_gates(comparison, recipe.validation.gates,
-                        extra_figures(read.bytes, proto_size(quantized), latency))
+    quantized_bytes = proto_size(quantized)  # serializes the model: once
+    gates = check_gates(comparison, recipe.validation.gates, extra_figures(read.bytes, quantized_bytes, latency))
     ops = optimized_op_histogram(quantized)
     warnings += kernel_warnings(comparison, simulated, kernel_gap_cause(quantized, ops))
 
@@ -334,7 +334,7 @@ def quantize(
         model_path=model_path, model_sha256=read.sha256, recipe=recipe,
         calib_data=calib_data, eval_data=eval_data, prepare_notes=prepare_notes,
         table=table, plan=plan, saturating_host=saturating,
-        float_bytes=read.bytes, quantized_bytes=proto_size(quantized),
+        float_bytes=read.bytes, quantized_bytes=quantized_bytes,
         integer_ops={op: n for op, n in sorted(ops.items()) if op in INTEGER_OP_TYPES},
         optimized_ops=dict(sorted(ops.items())),
         comparison=comparison, simulated=simulated, gates=gates, warnings=warnings,
