@@ -167,3 +167,25 @@ def test_schema_output_never_replaces_a_file_unasked(tmp_path):
     assert target.read_bytes() == b"not a schema"
     assert runner.invoke(main, ["schema", "--output", str(target), "--overwrite"]).exit_code == 0
     assert json.loads(target.read_text()) == recipe_json_schema()
+
+
+def test_schema_prints_the_shipped_report_schemas_that_real_reports_validate_against(tmp_path):
+    """The report schemas ship in the package (a wheel has no docs/): `qtool schema report` prints the
+    schema a real quantize report.json validates against; an unknown kind is exit 2 naming the choices."""
+    import jsonschema
+
+    runner = CliRunner()
+    printed = {}
+    for kind in ("report", "tune-report"):
+        result = runner.invoke(main, ["schema", kind])
+        assert result.exit_code == 0, result.output
+        printed[kind] = json.loads(result.stdout)
+        jsonschema.Draft202012Validator.check_schema(printed[kind])
+    assert printed["report"] != printed["tune-report"]
+    out = tmp_path / "out"
+    result = runner.invoke(main, ["quantize", str(SAMPLE / "model.onnx"), "--recipe", "int8", "--no-bench",
+                                  "--data", str(SAMPLE / "calib"), "--output", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    jsonschema.validate(json.loads((out / "report.json").read_text()), printed["report"])
+    result = runner.invoke(main, ["schema", "reports"])
+    assert result.exit_code == 2 and "'recipe', 'report', 'tune-report'" in result.stderr

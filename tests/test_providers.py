@@ -31,13 +31,15 @@ def test_sessions_get_the_chosen_providers_inside_the_block_only():
     assert make_session(model).get_providers() == ["CPUExecutionProvider"]
 
 
-@pytest.mark.parametrize("command", ["quantize", "calibrate", "compare"])
+@pytest.mark.parametrize("command", ["quantize", "calibrate", "compare", "sensitivity", "tune"])
 def test_unavailable_provider_is_one_line_exit_2_listing_what_this_build_has(tmp_path, command):
     missing = "NoSuchAcceleratorExecutionProvider"
     model, data = str(SAMPLE / "model.onnx"), str(SAMPLE / "eval")
     args = {"quantize": ["quantize", model, "--data", data, "--output", str(tmp_path / "out")],
             "calibrate": ["calibrate", model, "--data", data, "--output", str(tmp_path / "table.json")],
-            "compare": ["compare", model, model, "--data", data, "--output", str(tmp_path / "out")]}[command]
+            "compare": ["compare", model, model, "--data", data, "--output", str(tmp_path / "out")],
+            "sensitivity": ["sensitivity", model, "--data", data, "--output", str(tmp_path / "out")],
+            "tune": ["tune", model, "--recipe", "int8", "--data", data, "--output", str(tmp_path / "out")]}[command]
     result = CliRunner().invoke(main, [*args, "--provider", f"CPU,{missing}"])
     assert result.exit_code == 2
     assert result.output == (f"Error: execution provider '{missing}' is not in this onnxruntime build "
@@ -57,3 +59,20 @@ def test_provider_is_recorded_and_cpu_results_are_unchanged(tmp_path):
     assert reports[0]["validation"] == reports[1]["validation"]
     assert reports[0]["execution_providers"] == [{"name": "CPUExecutionProvider", "options": {}}]
     assert [p["name"] for p in reports[1]["execution_providers"]] == ["AzureExecutionProvider", "CPUExecutionProvider"]
+
+
+def test_search_trials_run_on_the_chosen_providers_and_rank_under_their_own_cache_key(tmp_path):
+    """Trials run in worker processes, which do not inherit the parent's providers: the trial context
+    carries them, the report records them, and a ranking measured on other providers is not reused."""
+    args = ["sensitivity", str(SAMPLE / "model.onnx"), "--data", str(SAMPLE / "calib"), "--validation-data",
+            str(SAMPLE / "eval"), "--samples", "4", "--jobs", "2", "--quiet"]
+    default = CliRunner().invoke(main, [*args, "--output", str(tmp_path / "default")])
+    chosen = CliRunner().invoke(main, [*args, "--output", str(tmp_path / "azure"), "--provider", "Azure,CPU",
+                                       "--cache", str(tmp_path / "default" / "sensitivity.cache.json")])
+    assert default.exit_code == chosen.exit_code == 0, default.output + chosen.output
+    reports = [json.loads((tmp_path / name / "report.json").read_text()) for name in ("default", "azure")]
+    assert [p["name"] for p in reports[1]["execution_providers"]] == ["AzureExecutionProvider", "CPUExecutionProvider"]
+    assert [r["sensitivity"]["cache"]["hit"] for r in reports] == [False, False]
+    # every kernel still runs on CPU: the same ranking
+    assert [row["node"] for row in reports[0]["sensitivity"]["rows"]] == \
+        [row["node"] for row in reports[1]["sensitivity"]["rows"]]

@@ -1,4 +1,4 @@
-"""Every report validates against docs/report.schema.json; model strings stay text in HTML, Markdown and JUnit."""
+"""Every report validates against the shipped report schema (qtool schema report); model strings stay text in HTML, Markdown and JUnit."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ from qtool import api
 from qtool.recipe.schema import Recipe
 from qtool.reporting.document import render_junit, render_markdown
 from qtool.reporting.html import render_html
+from qtool.reporting.schemas import report_schema
 
-SCHEMA = json.loads((ROOT / "docs" / "report.schema.json").read_text())
+SCHEMA = report_schema("report")
 HOSTILE = "<script>alert(1)</script>"
 
 

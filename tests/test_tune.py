@@ -1,6 +1,6 @@
 """qtool sensitivity and qtool tune: ranking, search, the tuned recipe, interrupts, the Pareto report.
 
-Every report.json these tests write is validated against docs/tune-report.schema.json.
+Every report.json these tests write is validated against the shipped tune-report schema (qtool schema tune-report).
 """
 
 from __future__ import annotations
@@ -20,13 +20,14 @@ from onnx import TensorProto, helper
 
 from conftest import ROOT, make_model, save_npy_folder, shared_model
 from qtool.recipe.load import load_recipe
+from qtool.reporting.schemas import report_schema
 from qtool.reporting.search import frontier_chart, latency_chart
 from qtool.search import api as search_api
 from qtool.search.promote import parse_duration
 
 QTOOL = Path(sys.executable).parent / "qtool"
 HOSTILE = "/layer3/MatMul"
-SCHEMA = json.loads((ROOT / "docs" / "tune-report.schema.json").read_text())
+SCHEMA = report_schema("tune-report")
 
 
 def validated(report_file: Path) -> dict:

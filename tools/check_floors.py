@@ -43,14 +43,17 @@ def requirements(wheel: Path) -> list[str]:
 
 
 def check_contents(wheel: Path, sdist: Path) -> None:
-    """LICENSE and the presets in both; the sdist leaves tests out (they need sample_models/ and shared models)."""
+    """LICENSE, the presets and the report schemas in both; the sdist leaves tests out (they need
+    sample_models/ and shared models)."""
     with zipfile.ZipFile(wheel) as archive:
         in_wheel = archive.namelist()
     with tarfile.open(sdist) as archive:
         in_sdist = [name.split("/", 1)[1] for name in archive.getnames() if "/" in name]
-    presets = sorted(f"qtool/recipe/presets/{p.name}" for p in (ROOT / "qtool" / "recipe" / "presets").glob("*.yaml"))
+    shipped = ["LICENSE"] + sorted(str(path.relative_to(ROOT)) for pattern in
+                                   ("qtool/recipe/presets/*.yaml", "qtool/reporting/schemas/*.json")
+                                   for path in ROOT.glob(pattern))
     problems = [f"{what} lacks {name}" for what, names, wanted in
-                (("wheel", in_wheel, presets + ["LICENSE"]), ("sdist", in_sdist, presets + ["LICENSE"]))
+                (("wheel", in_wheel, shipped), ("sdist", in_sdist, shipped))
                 for name in wanted if not any(n == name or n.endswith("/licenses/" + name) for n in names)]
     problems += [f"sdist holds {name}" for name in in_sdist if name.startswith("tests/")]
     if problems:

@@ -1,4 +1,4 @@
-"""The commands that help write a recipe: inspect a model, init a starter recipe, print the recipe's schema."""
+"""The commands that help write a recipe: inspect a model, init a starter recipe, print the recipe's or a report's schema."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from qtool.errors import UsageError
 from qtool.io.artifacts import write_text_atomic
 from qtool.recipe.builtin import PRESETS, preset_names, preset_summary
 from qtool.recipe.schema import recipe_json_schema
+from qtool.reporting.schemas import REPORT_SCHEMAS, report_schema
 
 
 @click.command()
@@ -69,20 +70,24 @@ def recipes(quiet: bool, verbose: bool, as_json: bool) -> None:
 
 
 @click.command()
+@click.argument("kind", type=click.Choice(["recipe", *REPORT_SCHEMAS]), default="recipe")
 @click.option("--output", "output_path", type=click.Path(path_type=Path),
               help="Write the schema to this file instead of stdout.")
 @click.option("--overwrite", is_flag=True, help="Replace the --output file if it exists.")
 @output_options
-def schema(output_path: Path | None, overwrite: bool, quiet: bool, verbose: bool, as_json: bool) -> None:
-    """Print the recipe's JSON Schema (for editors and validators).
+def schema(kind: str, output_path: Path | None, overwrite: bool, quiet: bool, verbose: bool, as_json: bool) -> None:
+    """Print a JSON Schema: the recipe's (default, for editors and validators), or a report.json's.
 
-    The schema is JSON already: --json changes nothing here.
+    KIND: recipe; report (what quantize and compare write); tune-report (what sensitivity and tune
+    write). The schema is JSON already: --json changes nothing here.
 
     \b
     Example:
       qtool schema --output qtool-recipe.schema.json
+      qtool schema report --output report.schema.json
     """
-    text = json.dumps(recipe_json_schema(), indent=2) + "\n"
+    document = recipe_json_schema() if kind == "recipe" else report_schema(kind)
+    text = json.dumps(document, indent=2) + "\n"
     if output_path is None:
         click.echo(text, nl=False)
         return

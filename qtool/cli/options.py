@@ -21,8 +21,9 @@ def provider_option(command):
     return click.option(
         "--provider", "provider", metavar="NAME[:K=V;..][,NAME..]",
         help="ONNX Runtime execution providers, in order of preference, with options where needed "
-             "(e.g. TensorRT:trt_fp16_enable=1,CUDA,CPU; short names add ExecutionProvider) for calibration, "
-             "validation, per-layer and --bench; recorded in the report. Default: CPU.")(command)
+             "(e.g. TensorRT:trt_fp16_enable=1,CUDA,CPU; short names add ExecutionProvider) for every "
+             "session of the command: calibration, validation, trials, per-layer and latency; recorded in "
+             "the report. Default: CPU.")(command)
 
 
 def echo_json(data) -> None:

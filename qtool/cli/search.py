@@ -8,9 +8,10 @@ from pathlib import Path
 import click
 
 from qtool.cli import terminal
-from qtool.cli.options import output_options
+from qtool.cli.options import output_options, provider_option
 from qtool.errors import EXIT_GATE_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED
 from qtool.reporting.document import render_json
+from qtool.runtime.session import parse_providers, use_providers
 from qtool.search import api as search_api
 
 
@@ -42,10 +43,12 @@ def _duration(ctx, param, value: str | None) -> float | None:
 @click.option("--cache", type=click.Path(path_type=Path),
               help="Cache file (default: OUTPUT/sensitivity.cache.json, read before the folder is replaced).")
 @click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
+@provider_option
 @output_options
 def sensitivity(model: Path, recipe_path: Path | None, data_dir: Path, validation_data: Path | None,
                 labels: Path | None, output_dir: Path, mode: str, samples: int | None, jobs: int,
-                cache: Path | None, overwrite: bool, quiet: bool, verbose: bool, as_json: bool) -> None:
+                cache: Path | None, overwrite: bool, provider: str | None, quiet: bool, verbose: bool,
+                as_json: bool) -> None:
     """Rank the nodes the recipe quantizes by the output error each one causes.
 
     One calibration, then one cheap trial per node (quantized alone, or kept
@@ -58,7 +61,8 @@ def sensitivity(model: Path, recipe_path: Path | None, data_dir: Path, validatio
       qtool sensitivity model.onnx --recipe int8 --data calib/ \\
           --validation-data eval/ --jobs 2 --output out/sensitivity
     """
-    with terminal.StageProgress(terminal.make_console(stderr=True), quiet or as_json) as progress:
+    with use_providers(parse_providers(provider) if provider else None), \
+            terminal.StageProgress(terminal.make_console(stderr=True), quiet or as_json) as progress:
         result = search_api.sensitivity(model, data_dir, recipe_path, output_dir, validation_data=validation_data,
                                     labels=labels, mode=mode, samples=samples, jobs=jobs, cache=cache,
                                     overwrite=overwrite, progress=progress)
@@ -95,10 +99,12 @@ def sensitivity(model: Path, recipe_path: Path | None, data_dir: Path, validatio
 @click.option("--cache", type=click.Path(path_type=Path),
               help="Sensitivity cache file (default: OUTPUT/sensitivity.cache.json).")
 @click.option("--overwrite", is_flag=True, help="Reuse an existing output folder (its results are replaced).")
+@provider_option
 @output_options
 def tune(model: Path, recipe_path: Path, data_dir: Path, validation_data: Path | None, labels: Path | None,
          output_dir: Path, max_trials: int, time_budget: float | None, jobs: int, sensitivity_samples: int | None,
-         latency_runs: int, cache: Path | None, overwrite: bool, quiet: bool, verbose: bool, as_json: bool) -> None:
+         latency_runs: int, cache: Path | None, overwrite: bool, provider: str | None, quiet: bool, verbose: bool,
+         as_json: bool) -> None:
     """Find per-node precision (float, or 16-bit activations) that meets the recipe's gates, fastest first.
 
     Target: the recipe's validation.gates (max_accuracy_drop with labels,
@@ -122,7 +128,8 @@ def tune(model: Path, recipe_path: Path, data_dir: Path, validation_data: Path |
         if verbose and not as_json:
             err.print(line, highlight=False, markup=False)
 
-    with terminal.StageProgress(err, quiet or as_json) as progress:
+    with use_providers(parse_providers(provider) if provider else None), \
+            terminal.StageProgress(err, quiet or as_json) as progress:
         result = search_api.tune(model, data_dir, recipe_path, output_dir, validation_data=validation_data, labels=labels,
                              max_trials=max_trials, time_budget=time_budget, jobs=jobs,
                              sensitivity_samples=sensitivity_samples, latency_runs=latency_runs, cache=cache,

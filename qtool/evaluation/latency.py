@@ -1,4 +1,4 @@
-"""Interleaved A/B latency of two models in one process on ONNX Runtime CPU.
+"""Interleaved A/B latency of two models in one process on ONNX Runtime (the run's execution providers).
 
 Rounds alternate the order (AB, BA, ...) so drift in clocks, caches and
 neighbours lands on both models alike; the ratio is the figure to trust.
@@ -33,6 +33,7 @@ class BenchResult:
     threads: int | None
     warmup: int
     batch_size: int
+    provider: str  # the execution provider the quantized model's session runs on first
 
     @property
     def ratio(self) -> float:
@@ -73,11 +74,11 @@ def bench_models(
         if i >= 9 and time.perf_counter() - start > max_seconds:
             break
     batch = next(iter(feeds.values())).shape[0] if feeds else 1
-    return BenchResult(_summary(times[0]), _summary(times[1]), threads, warmup, batch)
+    return BenchResult(_summary(times[0]), _summary(times[1]), threads, warmup, batch, sessions[1].get_providers()[0])
 
 
 def latency_section(bench: BenchResult) -> dict:
-    """The report's latency section (docs/report.schema.json): both models' figures and how they were taken."""
+    """The report's latency section (qtool/reporting/schemas/report.schema.json): both models' figures and how they were taken."""
     return {
         "reference": bench.reference.as_dict(),
         "candidate": bench.candidate.as_dict(),
@@ -85,6 +86,6 @@ def latency_section(bench: BenchResult) -> dict:
         "threads": bench.threads,
         "warmup": bench.warmup,
         "batch_size": bench.batch_size,
-        "provider": "CPUExecutionProvider",
+        "provider": bench.provider,
         "method": "interleaved A/B in one process, order alternating each round",
     }

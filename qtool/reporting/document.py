@@ -1,4 +1,4 @@
-"""The report: one plain dict (versioned, docs/report.schema.json), rendered as JSON, Markdown and JUnit.
+"""The report: one plain dict (versioned, qtool/reporting/schemas/report.schema.json), rendered as JSON, Markdown and JUnit.
 
 Every string that comes from a model is escaped before it reaches Markdown or XML.
 The HTML rendering lives in qtool.reporting.html.

@@ -24,6 +24,7 @@ from qtool.io.targets import check_output_file, check_output_path
 from qtool.io.model import file_sha256, save_model
 from qtool.recipe.load import load_recipe, parse_recipe
 from qtool.recipe.schema import Recipe
+from qtool.runtime.session import current_providers
 from qtool.reporting import document as reporting
 from qtool.reporting.search import search_report_writers
 from qtool.search.executor import make_executor
@@ -86,7 +87,8 @@ def sensitivity(
         setup = setup_trials(model_path, data_dir, recipe, folder, validation_data, labels,
                               1 if jobs > 1 else None, tick)
         key = cache_key(file_sha256(model_path), recipe,
-                        [setup.calib_data.listing_hash(), setup.eval_data.listing_hash()], f"{mode}:{samples}")
+                        [setup.calib_data.listing_hash(), setup.eval_data.listing_hash()], f"{mode}:{samples}",
+                        setup.context.providers)
         cached = read_cache(cache_path, key) if cache_path is not None else None
         baseline = run_trial((setup.context, TrialSpec("recipe as given", "baseline", samples=samples)))
         if cached is not None:
@@ -96,7 +98,8 @@ def sensitivity(
     cache_text = cache_document(key, mode, model_path, rows)
     report = {
         "schema_version": reporting.REPORT_SCHEMA_VERSION, "command": "sensitivity", "passed": True,
-        "versions": reporting.versions(), "inputs": search_inputs(model_path, recipe, setup),
+        "versions": reporting.versions(), "execution_providers": reporting.execution_providers(),
+        "inputs": search_inputs(model_path, recipe, setup),
         "prepare": setup.prepare_notes, "warnings": setup.warnings,
         "sensitivity": {
             "mode": mode, "rows": rows, "complete": complete,
@@ -216,7 +219,7 @@ def tune(
         context = replace(setup.context, gates=gates)
         key = cache_key(file_sha256(model_path), recipe,
                         [setup.calib_data.listing_hash(), setup.eval_data.listing_hash()],
-                        f"only_quantized:{sensitivity_samples}")
+                        f"only_quantized:{sensitivity_samples}", context.providers)
         trials_progress = tick("tune")
         search = Search([], steps, lambda specs: run_specs(executor, context, specs), figure, max_trials,
                         deadline, max(1, jobs))
@@ -326,12 +329,12 @@ def _time_trials(context: TrialContext, trials: list[TrialResult], runs: int, la
 def _latency_section(runs: int, final: bool, interrupted: bool) -> dict:
     status = "off" if not runs else "pending" if not final else "interrupted" if interrupted else "measured"
     return {"status": status, "runs": runs, "threads": LATENCY_THREADS, "batch_size": 1,
-            "provider": "CPUExecutionProvider",
+            "provider": current_providers()[0][0],
             "method": ("Trials that pass the gates are timed as their batch of trials ends (the search "
                        "picks the fastest of them), the others after the search; one trial at a time in the "
                        "tuning process (no trial running beside it): every trial against the prepared float model on the first evaluation sample, in interleaved A/B rounds (order "
                        f"alternating) after warm-up, up to {runs} rounds or 4 s per trial, {LATENCY_THREADS} "
-                       "ONNX Runtime intra-op thread, CPUExecutionProvider; ratio = quantized median / float "
+                       f"ONNX Runtime intra-op thread, {current_providers()[0][0]}; ratio = quantized median / float "
                        "median (below 1: faster).")}
 
 
@@ -361,7 +364,8 @@ def _tune_report(model_path: Path, recipe: Recipe, setup: TrialSetup, search: Se
     return {
         "schema_version": reporting.REPORT_SCHEMA_VERSION, "command": "tune",
         "passed": bool(best and best.passed), "final": final, "interrupted": interrupted,
-        "versions": reporting.versions(), "inputs": search_inputs(model_path, recipe, setup),
+        "versions": reporting.versions(), "execution_providers": reporting.execution_providers(),
+        "inputs": search_inputs(model_path, recipe, setup),
         "prepare": setup.prepare_notes, "warnings": setup.warnings,
         "target": {"gates": gates, "objective": figure, "float_accuracy": reference,
                    "float_bytes": float_bytes},

@@ -19,7 +19,7 @@ from qtool.numerics import QTYPES
 from qtool.quantization.plan import select_tensors, tensor_types
 from qtool.recipe.schema import Recipe
 from qtool.reporting import document as reporting
-from qtool.runtime.session import int8_kernels_may_saturate, make_session, run
+from qtool.runtime.session import current_providers, int8_kernels_may_saturate, make_session, run
 from qtool.search.executor import Executor
 from qtool.search.promote import objective
 from qtool.search.trial import (FLOAT_MODEL, TrialContext, TrialResult, TrialSpec, float_model_name,
@@ -74,7 +74,7 @@ def setup_trials(model_path: Path, data_dir: Path, recipe: Recipe, folder: Path,
         batches.append((batch.feeds, reference, truth))
     write_eval_set(folder, batches)
     context = TrialContext(str(folder), recipe, table, int8_kernels_may_saturate(), dict(recipe.validation.gates),
-                           model_file_bytes(model_path), threads)
+                           model_file_bytes(model_path), threads, current_providers())
     return TrialSetup(context, model, prepare_notes, calib_data, eval_data, warnings, named,
                        {node.name: node.op_type for node, _ in quantized}, len(quantized) - len(named),
                        time.perf_counter() - started)

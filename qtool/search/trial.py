@@ -30,7 +30,7 @@ from qtool.io.model import copy_metadata, load_model, proto_size
 from qtool.quantization.placement import plan_and_apply
 from qtool.quantization.plan import required_opset, select_tensors
 from qtool.recipe.schema import Recipe
-from qtool.runtime.session import make_session, run
+from qtool.runtime.session import Provider, make_session, run, use_providers
 
 A16 = {"uint8": "uint16", "int8": "int16"}  # the 16-bit step up from each 8-bit activation type
 STEPS = ("a16", "float")  # precision steps above the recipe's own, in order
@@ -114,6 +114,8 @@ class TrialContext:
     gates: dict[str, float]
     float_bytes: int
     threads: int | None = None  # ORT intra-op threads per trial (1 when trials run in parallel)
+    # the execution providers of the command (--provider): worker processes do not inherit the parent's
+    providers: tuple[Provider, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -211,7 +213,8 @@ def run_trial(task: tuple[TrialContext, TrialSpec]) -> TrialResult:
     context, spec = task
     started = time.perf_counter()
     quantized, quantized_nodes, notes = build_trial_model(context, spec)
-    session = make_session(quantized, threads=context.threads)
+    with use_providers(context.providers):
+        session = make_session(quantized, threads=context.threads)
     stats: dict[str, OutputStats] = {}
     correct = {"reference": 0, "candidate": 0}
     labelled = samples = 0
@@ -247,8 +250,9 @@ def trial_latency(context: TrialContext, spec: TrialSpec, rounds: int) -> BenchR
     interleaved (`bench_models`, one ORT thread); meant for the parent with no trial running beside it."""
     quantized, _, _ = build_trial_model(context, spec)
     feeds = _head(_state(context).batches[0], 1)["feeds"]
-    return bench_models(_float_model(context, context.recipe), quantized, feeds, threads=LATENCY_THREADS,
-                        rounds=rounds)
+    with use_providers(context.providers):
+        return bench_models(_float_model(context, context.recipe), quantized, feeds, threads=LATENCY_THREADS,
+                            rounds=rounds)
 
 
 def _head(batch: dict, count: int) -> dict:
@@ -299,13 +303,15 @@ def rank_nodes(results: list[TrialResult], op_types: dict[str, str], mode: str,
     return rows
 
 
-def cache_key(model_sha256: str, recipe: Recipe, listings: list[str], mode: str) -> str:
+def cache_key(model_sha256: str, recipe: Recipe, listings: list[str], mode: str,
+              providers: tuple[Provider, ...]) -> str:
     """What a cached ranking depends on: model bytes, the recipe's calibration, data and quantization
-    sections and validation.samples (not its gates), the data listings, and the mode."""
+    sections and validation.samples (not its gates), the data listings, the mode and the execution
+    providers (their kernels round differently)."""
     resolved = recipe.as_dict()
     relevant = {key: resolved[key] for key in ("calibration", "data", "quantization")}
     relevant["validation.samples"] = resolved["validation"]["samples"]
     digest = hashlib.sha256()
-    for part in (model_sha256, json.dumps(relevant, sort_keys=True), *listings, mode):
+    for part in (model_sha256, json.dumps(relevant, sort_keys=True), *listings, mode, json.dumps(providers)):
         digest.update(part.encode() + b"\0")
     return digest.hexdigest()
