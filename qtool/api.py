@@ -49,7 +49,7 @@ from qtool.runtime.session import INTEGER_OP_TYPES, check_runnable, int8_kernels
 
 # progress(stage, done, total): the CLI renders it; nothing below the CLI prints.
 Progress = Callable[[str, int, int | None], None]
-QUANTIZE_BENCH_THREADS = 1  # quantize times on one intra-op thread unless told otherwise: the per-core ratio
+BENCH_THREADS = 1  # quantize and compare time on one intra-op thread unless told otherwise: the per-core ratio
 
 
 @dataclass(frozen=True)
@@ -322,7 +322,7 @@ def quantize(
                                batch_size=recipe.calibration.batch_size, optimize_candidate=False)
     layers, latency = layers_and_latency(
         model, quantized, eval_data, recipe.calibration.batch_size, per_layer,
-        bench or "max_latency_ratio" in recipe.validation.gates, threads or QUANTIZE_BENCH_THREADS, tick,
+        bench or "max_latency_ratio" in recipe.validation.gates, threads or BENCH_THREADS, tick,
         {decision.node: decision.reason for decision in plan.nodes})
     warnings += slower_than_float(latency)
     quantized_bytes = proto_size(quantized)  # serializes the model: once
@@ -378,7 +378,8 @@ def compare(
 ) -> CompareResult:
     """Validate `candidate` (usually quantized) against `reference` on the same inputs; write a report.
 
-    `gates` override the recipe's `validation.gates`. A float reference goes
+    `gates` override the recipe's `validation.gates`. `bench` times both models as `quantize` does
+    (interleaved, `threads` ONNX Runtime threads, default 1). A float reference goes
     through the same preparation as in `quantize` (function-preserving), so
     per-layer matching sees the graph the candidate was made from.
     """
@@ -423,7 +424,7 @@ def compare(
     comparison = compare_models(reference, candidate, data, labels=truth, batch_size=batch_size,
                                 progress=tick("validate"))
     layers, latency = layers_and_latency(reference, candidate, data, batch_size, per_layer,
-                                         bench or "max_latency_ratio" in wanted, threads, tick)
+                                         bench or "max_latency_ratio" in wanted, threads or BENCH_THREADS, tick)
     reference_bytes, candidate_bytes = model_file_bytes(reference_path), model_file_bytes(candidate_path)
     results = check_gates(comparison, wanted, extra_figures(reference_bytes, candidate_bytes, latency))
     report = reporting.build_compare_report(

@@ -33,7 +33,8 @@ def test_array_data_recipe_loads_and_quantize_runs_it_unchanged(tmp_path):
     assert "#   image: float32 [N, 1, 16, 16]" in text  # inputs detected from the model
     loaded = load_recipe(recipe)
     assert loaded.data.images is None
-    assert loaded.validation.gates == {"min_cosine": 0.9, "max_accuracy_drop": 0.01}  # eval has 300 labels
+    # eval has 300 labels; a model slower than float fails, as with the shipped presets
+    assert loaded.validation.gates == {"min_cosine": 0.9, "max_accuracy_drop": 0.01, "max_latency_ratio": 1.0}
     assert loaded.validation.data and (recipe.parent / loaded.validation.data).resolve() == (SAMPLE / "eval")
     outcome = api.quantize(SAMPLE / "model.onnx", SAMPLE / "calib", recipe, tmp_path / "out")
     assert outcome.passed and (tmp_path / "out" / "report.json").is_file()
@@ -153,7 +154,8 @@ def test_starter_accuracy_gate_is_at_least_two_samples(tmp_path, labelled, drop)
     recipe = tmp_path / "recipe.yaml"
     result = init(str(SAMPLE / "model.onnx"), "--validation-data", str(evaluation), "--output", str(recipe))
     assert result.exit_code == 0, result.output
-    assert load_recipe(recipe).validation.gates == {"min_cosine": 0.9, "max_accuracy_drop": drop}
+    assert load_recipe(recipe).validation.gates == {"min_cosine": 0.9, "max_accuracy_drop": drop,
+                                                    "max_latency_ratio": 1.0}
     assert f"2 of the {labelled} labelled samples" in recipe.read_text()
 
 

@@ -169,6 +169,7 @@ def starter_recipe(
     gates = [f"min_cosine: {STARTER_MIN_COSINE}"]
     if labels:
         gates.append(f"max_accuracy_drop: {starter_accuracy_drop(labels)}")
+    gates.append("max_latency_ratio: 1.0")
     lines += [
         "quantization:",
         "  activations: {dtype: uint8, symmetric: false}",
@@ -194,6 +195,8 @@ def starter_recipe(
         "  # probability map: 0.927); raise it to what your task keeps once the report shows it.",
         *([f"  # max_accuracy_drop: 1 point, or 2 of the {labels} labelled samples where that is more",
            "  # (one sample more or less is noise)."] if labels else []),
+        "  # max_latency_ratio 1.0: exit 1 when the quantized model runs slower than float here (median",
+        "  # of interleaved runs, one ONNX Runtime thread); measure on the target with --provider/--threads.",
         f"  gates: {{{', '.join(gates)}}}",
     ]
     if not labels:
