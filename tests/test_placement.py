@@ -102,11 +102,15 @@ def test_add_of_two_activations_and_unknown_op(tmp_path):
 
 def test_degenerate_tensor_stays_float_with_a_note(tmp_path):
     model = make_model(
-        [helper.make_node("Mul", ["x", "zero"], ["z"], name="zero_out"),
-         helper.make_node("Conv", ["z", "w"], ["y"], name="conv")],
+        # x - x: an all-zero activation (a constant ·0 would be folded into the Conv's weights)
+        # and a Conv beside it with real ranges, so the run has something to quantize
+        [helper.make_node("Sub", ["x", "x"], ["z"], name="zero_out"),
+         helper.make_node("Conv", ["z", "w"], ["y"], name="conv"),
+         helper.make_node("Conv", ["x", "w"], ["live"], name="live_conv")],
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
-        {"zero": np.zeros((1,), np.float32), "w": RNG.normal(size=(2, 3, 1, 1)).astype(np.float32)},
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 8, 8]),
+         helper.make_tensor_value_info("live", TensorProto.FLOAT, ["N", 2, 8, 8])],
+        {"w": RNG.normal(size=(2, 3, 1, 1)).astype(np.float32)},
     )
     result = quantize_tiny(tmp_path, model, ALL)
     assert any("z: degenerate range" in note for note in result.report["plan"]["notes"])

@@ -14,6 +14,7 @@ import onnx
 from onnx import ModelProto, numpy_helper
 
 from qtool.io.model import GraphIndex, PROTOBUF_LIMIT, opset_version, proto_size
+from qtool.quantization.forward_folding import fold_into_next_conv
 
 
 def initializer_inputs_to_constants(model: ModelProto) -> int:
@@ -391,5 +392,9 @@ def prepare_model(model: ModelProto) -> tuple[ModelProto, list[str]]:
     divisions = div_by_constant_to_mul(model)
     if divisions:
         notes.append(f"{divisions} divisions by a constant rewritten as multiplications (integer kernels exist)")
+    forward = fold_into_next_conv(model)
+    if forward:
+        remove_unused_initializers(model)
+        notes.append(f"{forward} constant Muls/Adds before a Conv folded into its weights and bias")
     model = infer_shapes(model)
     return model, notes
