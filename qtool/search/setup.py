@@ -13,7 +13,9 @@ from onnx import ModelProto, TensorProto
 from qtool.api import prepare
 from qtool.calibration.calibrate import calibrate as calibrate_tensors
 from qtool.evaluation.validation import check_gates_are_measurable, resolve_validation_data
-from qtool.io.data import DataFolder, model_inputs
+from qtool.io.data import model_inputs
+from qtool.io.feeds import open_data
+from qtool.io.samples import DataSource
 from qtool.io.model import file_sha256, model_file_bytes, save_model
 from qtool.numerics import QTYPES
 from qtool.quantization.plan import select_tensors, tensor_types
@@ -31,8 +33,8 @@ class TrialSetup:
     context: TrialContext
     model: ModelProto  # the prepared float model
     prepare_notes: list[str]
-    calib_data: DataFolder
-    eval_data: DataFolder
+    calib_data: DataSource
+    eval_data: DataSource
     warnings: list[str]
     quantizable: list[str]  # nodes the recipe quantizes, graph order
     op_types: dict[str, str]
@@ -47,8 +49,7 @@ def setup_trials(model_path: Path, data_dir: Path, recipe: Recipe, folder: Path,
     started = time.perf_counter()
     model, prepare_notes = prepare(model_path, recipe)
     inputs = model_inputs(model)
-    images = recipe.data.images if recipe.data else None
-    calib_data = DataFolder(data_dir, inputs, recipe.calibration.samples, images=images)
+    calib_data = open_data(data_dir, inputs, recipe.calibration.samples, recipe)
     eval_data, eval_labels, warnings = resolve_validation_data(recipe, calib_data, inputs, validation_data, labels)
     check_gates_are_measurable(recipe, eval_labels)
     selection = select_tensors(model, recipe)
