@@ -133,8 +133,8 @@ def init_recipe(
     data = Path(data_dir) if data_dir is not None else None
     evaluation = Path(validation_data) if validation_data is not None else None
     for folder in (data, evaluation):
-        if folder is not None and not folder.is_dir():
-            raise UsageError(f"{folder}: no such data folder")
+        if folder is not None and not folder.exists():
+            raise UsageError(f"{folder}: no such data folder or file")
     check_output_file(output, model_path, (data, evaluation), what="recipe file", overwrite=overwrite)
     schema_path = output.parent / starter.SCHEMA_FILE if schema is None else None
     if schema_path is not None:

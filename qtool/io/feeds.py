@@ -79,7 +79,7 @@ def open_data(data, inputs: list[InputSpec], limit: int | None, recipe: Recipe |
     skip = set(state.carry) if state else set()
     if isinstance(data, (str, Path)):
         path = Path(data)
-        kind = _file_kind(path)
+        kind = file_kind(path)
         if kind == "text":
             if spec is None or spec.text is None:
                 raise DataError(f"{path}: holds text ({', '.join(TEXT_SUFFIXES)}); the recipe needs a data.text "
@@ -102,7 +102,7 @@ def open_data(data, inputs: list[InputSpec], limit: int | None, recipe: Recipe |
     return source
 
 
-def _file_kind(path: Path) -> str | None:
+def file_kind(path: Path) -> str | None:
     """"text" or "audio" when the file, or every data file of the folder, is one; else None."""
     if not path.exists():
         return None

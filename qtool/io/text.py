@@ -44,15 +44,21 @@ def text_roles(spec: TextSpec, inputs: list[InputSpec], where: str, skip: set[st
     return roles
 
 
-def sequence_length(spec: TextSpec, inputs: list[InputSpec], roles: dict[str, str], where: str) -> int:
-    """`max_length`, checked against (and by default taken from) a sequence length the model fixes."""
+def fixed_lengths(inputs: list[InputSpec], names) -> set[int]:
+    """The sequence lengths the named inputs fix: their last dimension but the batch, where it is a number."""
     axes = batch_axes(inputs)
     fixed = set()
     for input_spec in inputs:
-        if input_spec.name in roles and input_spec.shape:
+        if input_spec.name in names and input_spec.shape:
             dims = [dim for axis, dim in enumerate(input_spec.shape) if axis != axes[input_spec.name].axis]
             if dims and isinstance(dims[-1], int) and dims[-1] > 0:
                 fixed.add(dims[-1])
+    return fixed
+
+
+def sequence_length(spec: TextSpec, inputs: list[InputSpec], roles: dict[str, str], where: str) -> int:
+    """`max_length`, checked against (and by default taken from) a sequence length the model fixes."""
+    fixed = fixed_lengths(inputs, roles)
     if len(fixed) > 1:
         raise DataError(f"{where}: the model's token inputs fix different lengths {sorted(fixed)}")
     if fixed and spec.max_length is not None and spec.max_length not in fixed:
