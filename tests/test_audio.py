@@ -177,3 +177,17 @@ def test_pyannote_fed_from_wav_files_of_its_own_calibration_audio(tmp_path):
     (name, feeds), = open_data(folder, model_inputs(model), None, recipe).samples()
     assert feeds["input"].shape == (1, 1, 160000)
     np.testing.assert_allclose(feeds["input"].reshape(-1), audio, atol=1.0 / 32768)
+
+
+def test_without_soxr_a_file_at_another_rate_names_the_extra(tmp_path, monkeypatch):
+    folder = tmp_path / "wavs"
+    folder.mkdir()
+    _write_wav(folder / "a.wav", _tone(0.1, 8000, 1), 8000)
+    model = onnx.load(_frame_model(tmp_path / "m.onnx", [1, 1, FRAME]))
+    monkeypatch.setitem(__import__("sys").modules, "soxr", None)
+    monkeypatch.setitem(__import__("sys").modules, "soundfile", None)  # the standard library reads the WAV
+    source = open_data(folder, model_inputs(model), None, _recipe(tmp_path, "  audio: {sample_rate: 16000}\n"))
+    with pytest.raises(DataError, match=r"a\.wav: is at 8000 Hz, .* needs the `soxr` library .*qtool-onnx\[audio\]"):
+        list(source.samples())
+    same_rate = open_data(folder, model_inputs(model), None, _recipe(tmp_path, "  audio: {sample_rate: 8000}\n"))
+    assert len(list(same_rate.samples())) == 800 // FRAME

@@ -154,3 +154,20 @@ def test_albert_ja_pos_fed_from_text_through_a_character_tokenizer(tmp_path):
     assert samples[0]["onnx::Unsqueeze_1"].sum() == len(lines[0]) + 2  # characters + [CLS] + [SEP]
     outputs = run(make_session(model), samples[0])
     assert all(np.isfinite(value).all() for value in outputs.values() if value.dtype.kind == "f")
+
+
+def test_without_the_tokenizers_library_the_cli_exits_2_naming_the_extra(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from qtool.cli.main import main
+
+    _tokenizer(tmp_path / "tokenizer.json", WORDS)
+    model_path = _encoder(tmp_path / "enc.onnx", "seq")
+    (tmp_path / "calib.txt").write_text("the cat\n")
+    recipe = _recipe(tmp_path, "")
+    monkeypatch.setitem(__import__("sys").modules, "tokenizers", None)  # `import tokenizers` now fails
+    result = CliRunner().invoke(main, ["calibrate", str(model_path), "--data", str(tmp_path / "calib.txt"),
+                                       "--recipe", str(recipe), "--output", str(tmp_path / "t.json")])
+    assert result.exit_code == 2
+    assert "data.text needs the `tokenizers` library" in result.output
+    assert "pip install 'qtool-onnx[text]'" in result.output

@@ -66,9 +66,9 @@ def resample(samples: np.ndarray, rate: int, target: int, path: Path) -> np.ndar
         return samples
     try:
         import soxr
-    except ImportError:
+    except ImportError as exc:
         raise DataError(f"{path}: is at {rate} Hz, data.audio.sample_rate is {target}: resampling needs the "
-                        f"`soxr` library: {INSTALL}") from None
+                        f"`soxr` library ({reason(exc)}): {INSTALL}") from None
     return soxr.resample(samples, rate, target, quality="HQ").astype(np.float32)
 
 

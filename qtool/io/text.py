@@ -74,8 +74,8 @@ def load_tokenizer(path: Path, where: str):
     """A `tokenizers.Tokenizer` from a tokenizer.json; a missing library or a bad file is a RecipeError."""
     try:
         from tokenizers import Tokenizer
-    except ImportError:
-        raise RecipeError(f"{where}: data.text needs the `tokenizers` library: {INSTALL}") from None
+    except ImportError as exc:
+        raise RecipeError(f"{where}: data.text needs the `tokenizers` library ({reason(exc)}): {INSTALL}") from None
     if not path.is_file():
         raise RecipeError(f"{where}: data.text.tokenizer: no such file {path}")
     try:
