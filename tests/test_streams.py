@@ -22,14 +22,13 @@ IN, HIDDEN, OUT = 6, 16, 4
 
 
 def _cell(path: Path) -> Path:
-    """h_out = tanh(x W + h U + b); y = h_out V: one chunk of a recurrent model, state in and out."""
+    """h_out = tanh(x W + (h U + b)); y = h_out V: one chunk of a recurrent model, state in and out."""
     rng = np.random.default_rng(0)
     weights = {"W": rng.normal(0, 0.5, (IN, HIDDEN)), "U": rng.normal(0, 0.3, (HIDDEN, HIDDEN)),
                "b": rng.normal(0, 0.1, (HIDDEN,)), "V": rng.normal(0, 0.5, (HIDDEN, OUT))}
     nodes = [helper.make_node("MatMul", ["x", "W"], ["xw"], name="in"),
-             helper.make_node("MatMul", ["h", "U"], ["hu"], name="rec"),
-             helper.make_node("Add", ["xw", "hu"], ["s"], name="sum"),
-             helper.make_node("Add", ["s", "b"], ["pre"], name="bias"),
+             helper.make_node("Gemm", ["h", "U", "b"], ["hu"], name="rec"),
+             helper.make_node("Add", ["xw", "hu"], ["pre"], name="sum"),
              helper.make_node("Tanh", ["pre"], ["h_out"], name="tanh"),
              helper.make_node("MatMul", ["h_out", "V"], ["y"], name="out")]
     graph = helper.make_graph(
@@ -122,3 +121,15 @@ def test_initial_state_from_a_file(tmp_path):
     source = open_data(data, model_inputs(onnx.load(model_path)), None, recipe)
     first = next(source.batches(1))
     np.testing.assert_array_equal(first.feeds["h"], np.full((1, HIDDEN), 0.5, np.float32))
+
+
+def test_bias_correction_measures_on_the_streams(tmp_path):
+    """The algorithms' measuring pass carries the state too: the Gemm that reads it gets a correction."""
+    model_path = _cell(tmp_path / "cell.onnx")
+    calib = _streams(tmp_path / "calib", 3, seed=1)
+    recipe = _recipe(tmp_path, "quantization:\n  algorithms: {bias_correction: true}\n")
+    result = qtool.quantize(model_path, calib, recipe)
+    layer, = result.report["algorithms"]["bias_correction"]["layers"]
+    assert layer["node"] == "rec"  # reads the state: with zeros every chunk, its weight error would shift nothing
+    assert layer["max_abs_shift"] > 1e-4
+    assert result.report["validation"]["outputs"]["y"]["cosine"] >= 0.99
