@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from onnx import ModelProto, TensorProto
@@ -22,6 +23,7 @@ from qtool.quantization.plan import select_tensors, tensor_types
 from qtool.recipe.schema import Recipe
 from qtool.reporting import document as reporting
 from qtool.runtime.session import int8_kernels_may_saturate, make_session, run
+from qtool.runtime.streams import StateCarry
 from qtool.search.executor import Executor
 from qtool.search.promote import objective
 from qtool.search.trial import (FLOAT_MODEL, TrialContext, TrialResult, TrialSpec, float_model_name,
@@ -69,11 +71,12 @@ def setup_trials(model_path: Path, data_dir: Path, recipe: Recipe, folder: Path,
         save_model(prepare(model_path, a16)[0], folder / float_model_name(a16))
     session = make_session(model, threads=threads)
     batches = []
+    carry = StateCarry(eval_data.state)  # a stateful model's streams: trials carry their own state likewise
     for batch in eval_data.batches(recipe.calibration.batch_size):
-        reference = run(session, batch.feeds)
+        reference = carry.run(partial(run, session), batch)
         truth = [eval_labels.get(name, -1) if eval_labels else -1 for name in batch.files]
-        batches.append((batch.feeds, reference, truth))
-    write_eval_set(folder, batches)
+        batches.append((batch.feeds, reference, truth, batch.starts[0] if batch.starts else None))
+    write_eval_set(folder, batches, eval_data.state.carry if eval_data.state else None)
     context = TrialContext(str(folder), recipe, table, int8_kernels_may_saturate(), dict(recipe.validation.gates),
                            model_file_bytes(model_path), threads)
     return TrialSetup(context, model, prepare_notes, calib_data, eval_data, warnings, named,
