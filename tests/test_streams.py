@@ -97,6 +97,8 @@ def test_stateful_calibration_and_streamed_validation(tmp_path):
     assert result.passed
     table = qtool.calibrate(model_path, calib, recipe).table
     lo, hi = table.ranges["h"].lo, table.ranges["h"].hi
+    assert table.batching["samples_per_run"] == 1 and table.samples == 96
+    assert "state fed back (h <- h_out)" in " ".join(table.batching["notes"])
     assert lo < -0.5 and hi > 0.5  # the carried state, not the zeros every stream starts from
 
 

@@ -151,7 +151,10 @@ def calibrate(
     ranges = {name: TensorRange(float(found[name][0].lo), float(found[name][0].hi), specs[name].method, found[name][1])
               for name in tensors}
     hessians = {node: h for node, (_, observer) in moments.items() if (h := observer.result()) is not None}
-    most = min(per_run, spec.batch_size, per_run_limit(data.axes) or spec.batch_size)
+    most = 1 if data.state is not None else min(per_run, spec.batch_size, per_run_limit(data.axes) or spec.batch_size)
+    if data.state is not None:
+        carried = ", ".join(f"{name} <- {output}" for name, output in data.state.carry.items())
+        notes.append(f"data.state: each data file ran as one stream, a chunk per run, state fed back ({carried})")
     batching = {"inputs": data.batching(), "samples_per_run": most, "notes": notes}
     return CalibrationTable(ranges, done, hessians=hessians, batching=batching, notes=pool_notes)
 
