@@ -1,6 +1,7 @@
-"""Feeds from Python: an iterable of `{input_name: array}` dicts, an object with ONNX Runtime's
-`CalibrationDataReader` interface (`get_next()` until None), or a function returning either
-(`--data-loader file.py:function`, which runs that file's code).
+"""Which reader a data argument gets (`open_data`: arrays and images, text, audio, or Python feeds, with a
+stateful model's state attached), and feeds from Python: an iterable of `{input_name: array}` dicts,
+an object with ONNX Runtime's `CalibrationDataReader` interface (`get_next()` until None), or a
+function returning either (`--data-loader file.py:function`, which runs that file's code).
 
 A list (or any iterable that can be iterated again) and a function are read afresh each pass; a
 one-shot iterator or reader is kept in memory as it is read (up to the sample limit), since
