@@ -145,3 +145,43 @@ def test_sensitivity_trials_stream_like_validation(tmp_path):
     rows = qtool.sensitivity(model_path, calib, _recipe(tmp_path), tmp_path / "sensitivity").rows
     assert {row["node"] for row in rows} >= {"in", "rec", "out"}
     assert all(row["sqnr_db"] > 25 for row in rows)
+
+
+def _lstm(path: Path, steps: int = 10) -> Path:
+    """An ONNX LSTM run on chunks of `steps` frames, its state [1, batch, H] in and out (batch on axis 1,
+    as recurrent exports have it), a MatMul head on its last hidden state."""
+    rng = np.random.default_rng(3)
+    weights = {"W": rng.normal(0, 0.4, (1, 4 * HIDDEN, IN)), "R": rng.normal(0, 0.25, (1, 4 * HIDDEN, HIDDEN)),
+               "B": rng.normal(0, 0.1, (1, 8 * HIDDEN)), "V": rng.normal(0, 0.5, (HIDDEN, OUT)),
+               "flat": np.array([-1, HIDDEN])}
+    nodes = [helper.make_node("LSTM", ["x", "W", "R", "B", "", "h0", "c0"], ["", "h_n", "c_n"], hidden_size=HIDDEN),
+             helper.make_node("Reshape", ["h_n", "flat"], ["last"]),
+             helper.make_node("MatMul", ["last", "V"], ["y"], name="head")]
+    state = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, "batch", HIDDEN]) for name in ("h0", "c0")]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", OUT]),
+               *(helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, "batch", HIDDEN]) for name in ("h_n", "c_n"))]
+    graph = helper.make_graph(
+        nodes, "lstm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [steps, "batch", IN]), *state], outputs,
+        [numpy_helper.from_array(value.astype(np.int64 if name == "flat" else np.float32), name)
+         for name, value in weights.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_lstm_state_with_its_batch_on_axis_1_streams_through_quantize_and_per_layer(tmp_path):
+    model_path = _lstm(tmp_path / "lstm.onnx")
+    for split, seed in (("calib", 1), ("eval", 2)):
+        (tmp_path / split).mkdir()
+        rng = np.random.default_rng(seed)
+        for index in range(3):  # one stream each: 12 chunks of 10 frames, stacked along the batch axis (1)
+            np.save(tmp_path / split / f"{index}.npy", rng.normal(0, 1, (10, 12, IN)).astype(np.float32))
+    recipe = tmp_path / "lstm.yaml"
+    recipe.write_text("version: 1\ndata:\n  state:\n    carry: {h0: h_n, c0: c_n}\n")
+    source = open_data(tmp_path / "eval", model_inputs(onnx.load(model_path)), None,
+                       parse_recipe(recipe.read_text(), recipe))
+    first = next(source.batches(8))
+    assert first.feeds["x"].shape == (10, 1, IN) and first.feeds["h0"].shape == (1, 1, HIDDEN)
+    result = qtool.quantize(model_path, tmp_path / "calib", recipe, validation_data=tmp_path / "eval", per_layer=True)
+    assert result.report["validation"]["samples"] == 36
+    assert all(figures["cosine"] >= 0.99 for figures in result.report["validation"]["outputs"].values())
+    assert result.report["layers"]["activations"]

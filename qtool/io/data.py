@@ -203,7 +203,7 @@ class DataFolder(DataSource):
             names = ", ".join(spec.name for spec in fed)
             raise DataError(f"{first}: a .npy file feeds a single-input model; this model has "
                             f"inputs {names}: use .npz files keyed by input name, or one folder per "
-                            "sample holding <input_name>.npy")
+                            "sample holding <input_name>.npy (state inputs: name them in data.state)")
         return {fed[0].name: read_npy(first)}
 
     def _read_pbs(self, paths: tuple[Path, ...]) -> dict[str, np.ndarray]:
