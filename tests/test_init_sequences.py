@@ -67,3 +67,15 @@ def test_opaque_input_names_are_mapped_by_order_and_marked_check(tmp_path):
     text = load_recipe(recipe).data.text
     assert text.max_length == 256
     assert text.inputs == {"input.1": "input_ids", "onnx::Unsqueeze_1": "attention_mask", "input.3": "token_type_ids"}
+
+
+def test_array_data_and_state_inputs(tmp_path):
+    from test_streams import _cell, _streams
+
+    model = _cell(tmp_path / "cell.onnx")
+    data = _streams(tmp_path / "calib", 2, seed=1)
+    recipe = tmp_path / "r.yaml"
+    init(model, "--data", data, "--output", recipe)
+    loaded = load_recipe(recipe)
+    assert loaded.data.state.carry == {"h": "h_out"} and loaded.data.images is None
+    assert api.quantize(model, data, recipe).report["validation"]["samples"] == 48
