@@ -171,3 +171,11 @@ def test_without_the_tokenizers_library_the_cli_exits_2_naming_the_extra(tmp_pat
     assert result.exit_code == 2
     assert "data.text needs the `tokenizers` library" in result.output
     assert "pip install 'qtool-onnx[text]'" in result.output
+
+
+def test_a_line_the_model_fails_on_is_named_by_file_and_line(tmp_path):
+    _tokenizer(tmp_path / "tokenizer.json", [*WORDS, "zebra"])  # one id past the model's embedding table
+    model_path = _encoder(tmp_path / "enc.onnx", "seq")
+    (tmp_path / "calib.txt").write_text("the cat sat\nthe zebra ran\n")
+    with pytest.raises(DataError, match=r"calib\.txt:2: ONNX Runtime failed to run the float model on this input"):
+        qtool.calibrate(model_path, tmp_path / "calib.txt", _recipe(tmp_path, "    max_length: 8\n"))

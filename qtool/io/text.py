@@ -111,7 +111,8 @@ class TextSource(DataSource):
         vocabulary = self.tokenizer.get_vocab()
         return next((vocabulary[token] for token in ("[PAD]", "<pad>", "<PAD>", "[pad]") if token in vocabulary), 0)
 
-    def _read(self, path: Path) -> list[tuple[str, str]]:
+    def _read(self, path: Path) -> list[tuple[str, str, str]]:
+        """(sample name, where for messages, text) per non-empty line."""
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as exc:
@@ -130,27 +131,24 @@ class TextSource(DataSource):
                 if not isinstance(text, str):
                     raise DataError(f"{path}:{number}: no text under key {self.spec.field!r} "
                                     "(data.text.field names it)")
-            entries.append((f"{self.name(path)}:{number}", text))
+            entries.append((f"{path.name}:{number}", f"{path}:{number}", text))
         return entries
-
-    def name(self, path: Path) -> str:
-        return path.name
 
     @property
     def files(self) -> list[str]:
-        return [name for name, _ in self.lines]
+        return [name for name, _, _ in self.lines]
 
     def where(self, name: str) -> str:
-        return str(self.folder / name) if self.folder.is_dir() else f"{self.folder}:{name.rsplit(':', 1)[-1]}"
+        return next((where for known, where, _ in self.lines if known == name), str(self.folder))
 
     def _raw(self):
-        for index, (name, text) in enumerate(self.lines):
+        for index, (name, where, text) in enumerate(self.lines):
             if self.limit is not None and index >= self.limit:
                 return
             encoding = self.tokenizer.encode(text)
             values = {"input_ids": encoding.ids, "attention_mask": encoding.attention_mask,
                       "token_type_ids": encoding.type_ids}
-            yield name, self.where(name), {input_name: np.asarray(values[role], dtype=np.int64)
+            yield name, where, {input_name: np.asarray(values[role], dtype=np.int64)
                                            for input_name, role in self.roles.items()}
 
     def listing_hash(self) -> str:
