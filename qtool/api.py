@@ -213,8 +213,12 @@ def calibrate(
 
 
 def recipe_inputs(recipe: Recipe) -> tuple[Path | None, ...]:
-    """The files a recipe reads: itself, its validation data and labels (none may be written over)."""
-    return recipe.source, recipe.resolve_path(recipe.validation.data), recipe.resolve_path(recipe.validation.labels)
+    """The files a recipe reads: itself, its validation data and labels, its tokenizer and initial state
+    (none may be written over)."""
+    data = recipe.data
+    return (recipe.source, recipe.resolve_path(recipe.validation.data), recipe.resolve_path(recipe.validation.labels),
+            recipe.resolve_path(data.text.tokenizer) if data.text else None,
+            recipe.resolve_path(data.state.initial) if data.state else None)
 
 
 def _table_warnings(table: CalibrationTable, recipe: Recipe) -> list[str]:

@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import qtool
-from qtool.errors import DataError, RecipeError
+from qtool.errors import DataError, RecipeError, UsageError
 from qtool.io.feeds import open_data
 from qtool.io.samples import model_inputs
 from qtool.recipe.load import parse_recipe
@@ -179,3 +179,13 @@ def test_a_line_the_model_fails_on_is_named_by_file_and_line(tmp_path):
     (tmp_path / "calib.txt").write_text("the cat sat\nthe zebra ran\n")
     with pytest.raises(DataError, match=r"calib\.txt:2: ONNX Runtime failed to run the float model on this input"):
         qtool.calibrate(model_path, tmp_path / "calib.txt", _recipe(tmp_path, "    max_length: 8\n"))
+
+
+def test_the_tokenizer_is_never_written_over(tmp_path):
+    tokenizer = _tokenizer(tmp_path / "tokenizer.json", WORDS)
+    before = tokenizer.read_bytes()
+    model_path = _encoder(tmp_path / "enc.onnx", "seq")
+    (tmp_path / "calib.txt").write_text("the cat sat\n")
+    with pytest.raises(UsageError, match="tokenizer.json"):
+        qtool.calibrate(model_path, tmp_path / "calib.txt", _recipe(tmp_path, ""), tokenizer, overwrite=True)
+    assert tokenizer.read_bytes() == before
