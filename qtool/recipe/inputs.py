@@ -3,11 +3,11 @@ inputs carry a stateful model's state from one chunk of a stream to the next."""
 
 from __future__ import annotations
 
-from typing import Any, Literal, Annotated
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from qtool.recipe.strict import Strict as _Strict
+from qtool.recipe.strict import Strict
 
 
 Side = Annotated[int, Field(ge=1, le=65536)]
@@ -21,7 +21,7 @@ def _is_hw(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and len(value) == 2 and all(map(_is_side, value))
 
 
-class ImageSpec(_Strict):
+class ImageSpec(Strict):
     """How an image file becomes a model input: decode → RGB → resize → crop → normalize → layout."""
 
     size: tuple[Side, Side] | None = Field(
@@ -91,7 +91,7 @@ TextRole = Literal["input_ids", "attention_mask", "token_type_ids"]
 TEXT_ROLES: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids")
 
 
-class TextSpec(_Strict):
+class TextSpec(Strict):
     """How lines of text become token inputs: tokenizer.json -> ids, mask and type ids, one sample a line."""
 
     tokenizer: str = Field(
@@ -116,7 +116,7 @@ class TextSpec(_Strict):
     )
 
 
-class AudioSpec(_Strict):
+class AudioSpec(Strict):
     """How audio files become model inputs: decode -> mono -> resample -> scale -> chunks."""
 
     sample_rate: Annotated[int, Field(ge=1000, le=384000)] = Field(
@@ -140,7 +140,7 @@ class AudioSpec(_Strict):
     )
 
 
-class StateSpec(_Strict):
+class StateSpec(Strict):
     """Which inputs of a stateful model carry its state, fed back from outputs chunk after chunk."""
 
     carry: dict[str, str] = Field(
@@ -161,7 +161,7 @@ class StateSpec(_Strict):
         return value
 
 
-class DataSpec(_Strict):
+class DataSpec(Strict):
     images: ImageSpec | None = Field(
         None,
         description="Preprocessing for image files (.png .jpg .jpeg .bmp) in data folders of "

@@ -13,11 +13,9 @@ from pydantic import Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from qtool.recipe import patterns
-from qtool.recipe.inputs import DataSpec, ImageSpec
+from qtool.recipe.inputs import DataSpec, ImageSpec  # noqa: F401  (ImageSpec: still importable from here)
 from qtool.recipe.strict import Strict as _Strict
 from qtool.recipe.values import gate_problem
-
-__all__ = ["DataSpec", "ImageSpec", "Recipe"]
 
 
 RECIPE_VERSION = 1
