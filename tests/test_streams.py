@@ -185,3 +185,14 @@ def test_lstm_state_with_its_batch_on_axis_1_streams_through_quantize_and_per_la
     assert result.report["validation"]["samples"] == 36
     assert all(figures["cosine"] >= 0.99 for figures in result.report["validation"]["outputs"].values())
     assert result.report["layers"]["activations"]
+
+
+def test_an_npz_stream_may_bring_its_own_first_state(tmp_path):
+    model_path = _cell(tmp_path / "cell.onnx")
+    (tmp_path / "calib").mkdir()
+    np.savez(tmp_path / "calib" / "s.npz", x=np.ones((5, IN), np.float32), h=np.full((1, HIDDEN), 0.5, np.float32))
+    np.savez(tmp_path / "calib" / "t.npz", x=np.ones((5, IN), np.float32))
+    recipe = parse_recipe(_recipe(tmp_path).read_text(), tmp_path / "stateful.yaml")
+    source = open_data(tmp_path / "calib", model_inputs(onnx.load(model_path)), None, recipe)
+    firsts = [batch.feeds["h"] for batch in source.batches(1) if batch.starts[0]]
+    assert [float(h.mean()) for h in firsts] == [0.5, 0.0]
