@@ -24,7 +24,7 @@ from qtool.evaluation.compare import GATES, GateResult, check_gates, compare_mod
 from qtool.evaluation.validation import (check_gates_are_measurable, extra_figures, kernel_gap_cause, kernel_warnings,
                                          layers_and_latency, resolve_validation_data, slower_than_float)
 from qtool.io.artifacts import guarded, write_artifacts, write_text_atomic
-from qtool.io.data import DataFolder, model_inputs, read_labels
+from qtool.io.data import model_inputs, read_labels
 from qtool.io.feeds import open_data
 from qtool.io.fingerprint import as_loaded, fingerprint
 from qtool.io.targets import check_output_file, check_output_path
@@ -133,8 +133,8 @@ def init_recipe(
     data = Path(data_dir) if data_dir is not None else None
     evaluation = Path(validation_data) if validation_data is not None else None
     for folder in (data, evaluation):
-        if folder is not None and not folder.is_dir():
-            raise UsageError(f"{folder}: no such data folder")
+        if folder is not None and not folder.exists():
+            raise UsageError(f"{folder}: no such data folder or file")
     check_output_file(output, model_path, (data, evaluation), what="recipe file", overwrite=overwrite)
     schema_path = output.parent / starter.SCHEMA_FILE if schema is None else None
     if schema_path is not None:
@@ -195,8 +195,7 @@ def calibrate(
     elif output is not None:
         check_output_file(output, model_path, read_paths, what="calibration table", overwrite=overwrite)
     model, _ = prepare(model_path, recipe)
-    data = open_data(data_dir, _inputs(model, model_path), recipe.calibration.samples,
-                     images=recipe.data.images if recipe.data else None)
+    data = open_data(data_dir, _inputs(model, model_path), recipe.calibration.samples, recipe)
     selection = select_tensors(model, recipe)
     act = recipe.quantization.activations
     table = calibrate_tensors(model, selection.calibration_tensors, data, recipe.calibration,
@@ -214,8 +213,12 @@ def calibrate(
 
 
 def recipe_inputs(recipe: Recipe) -> tuple[Path | None, ...]:
-    """The files a recipe reads: itself, its validation data and labels (none may be written over)."""
-    return recipe.source, recipe.resolve_path(recipe.validation.data), recipe.resolve_path(recipe.validation.labels)
+    """The files a recipe reads: itself, its validation data and labels, its tokenizer and initial state
+    (none may be written over)."""
+    data = recipe.data
+    return (recipe.source, recipe.resolve_path(recipe.validation.data), recipe.resolve_path(recipe.validation.labels),
+            recipe.resolve_path(data.text.tokenizer) if data.text else None,
+            recipe.resolve_path(data.state.initial) if data.state else None)
 
 
 def _table_warnings(table: CalibrationTable, recipe: Recipe) -> list[str]:
@@ -277,8 +280,7 @@ def quantize(
     model, prepare_notes, equalized = _prepare(model_path, recipe)
     read = as_loaded(model_path, read)
     inputs = _inputs(model, model_path)
-    calib_data = None if data_dir is None else open_data(
-        data_dir, inputs, recipe.calibration.samples, images=recipe.data.images if recipe.data else None)
+    calib_data = None if data_dir is None else open_data(data_dir, inputs, recipe.calibration.samples, recipe)
     eval_data, eval_labels, warnings = resolve_validation_data(recipe, calib_data, inputs, validation_data, labels)
     check_gates_are_measurable(recipe, eval_labels)
 
@@ -412,7 +414,7 @@ def compare(
     if candidate_inputs != {spec.name for spec in inputs}:
         raise ModelError(f"{candidate_path}: inputs {sorted(candidate_inputs)} differ from the reference's "
                          f"{sorted(spec.name for spec in inputs)}")
-    data = DataFolder(data_dir, inputs, recipe.validation.samples, images=recipe.data.images if recipe.data else None)
+    data = open_data(data_dir, inputs, recipe.validation.samples, recipe)
     labels_path = Path(labels) if labels else data.folder / "labels.txt"
     if labels and not labels_path.is_file():
         raise UsageError(f"{labels_path}: no such labels file")

@@ -282,7 +282,7 @@ def test_recipe_errors_name_line_and_key_for_image_keys(tmp_path):
     for line, message in cases.items():
         with pytest.raises(RecipeError, match=message):
             parse_recipe(head + line, path)
-    with pytest.raises(RecipeError, match=r"r\.yaml:3: data\.extra: unknown key; allowed here: images"):
+    with pytest.raises(RecipeError, match=r"r\.yaml:3: data\.extra: unknown key; allowed here: audio, images, state, text"):
         parse_recipe("version: 1\ndata:\n  extra: 1\n", path)
     with pytest.raises(RecipeError, match=r"r\.yaml:4: data\.images\.size: \[48\] is not allowed"):
         parse_recipe("version: 1\ndata:\n  images:\n    size: [48]\n", path)
@@ -291,7 +291,7 @@ def test_recipe_errors_name_line_and_key_for_image_keys(tmp_path):
 def test_recipe_without_data_section_has_no_image_spec(tmp_path):
     recipe = parse_recipe("version: 1\n", tmp_path / "r.yaml")
     assert recipe.data.images is None
-    assert recipe.as_dict()["data"] == {"images": None}
+    assert recipe.as_dict()["data"] == {"images": None, "text": None, "audio": None, "state": None}
 
 
 # --- the shared PaddleOCR models --------------------------------------------------------------

@@ -17,6 +17,7 @@ from pathlib import Path
 from onnx import ModelProto
 
 from qtool.authoring.conventions import Convention, find_convention
+from qtool.authoring.sequences import sequence_data_lines
 from qtool.io.data import DATA_SUFFIXES, InputSpec, model_inputs
 from qtool.io.images import IMAGE_SUFFIXES, image_dimensions
 
@@ -164,7 +165,16 @@ def starter_recipe(
         "  # samples: 256          # use at most this many calibration files (default: all)",
         "",
     ]
-    lines += _data_section(inputs, data, image, find_convention(model))
+    kind, sequence = sequence_data_lines(model, model_path, inputs, data_dir, base)
+    if kind is not None:  # text or audio files: their section, and state where inputs look like it
+        lines += ["data:", *sequence, ""]
+    else:
+        section = _data_section(inputs, data, image, find_convention(model))
+        if sequence and section[0] == "data:":  # images and state
+            section = [*section[:-1], *sequence, ""]
+        elif sequence:
+            section = [*section, "data:", *sequence, ""]
+        lines += section
     labels = _label_count(validation_dir)
     gates = [f"min_cosine: {STARTER_MIN_COSINE}"]
     if labels:

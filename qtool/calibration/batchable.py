@@ -21,7 +21,7 @@ def batchable_copy(model: ModelProto, data: DataSource) -> tuple[ModelProto, Dat
     """(model, data, note): a symbolic-batch copy and the data re-read for it where the model fixes its
     batch at 1 and the copy checks out; else the model and data as given, the note saying why."""
     fixed = [name for name, axis in data.axes.items() if axis.fixed]
-    if not fixed:
+    if not fixed or data.state is not None:  # a stateful model runs its streams one chunk at a time
         return model, data, None
     samples = [sample for _, sample in islice(data.samples(), CHECKED_SAMPLES)]
     if len(samples) < 2:

@@ -22,13 +22,14 @@ from onnx import ModelProto
 from qtool.calibration.batchable import batchable_copy
 from qtool.calibration.hessians import HessianObserver, Im2Col
 from qtool.calibration.worker_pool import ObserverPool, SharedMemoryFull, SharedOutputs, aligned, worker_count
-from qtool.errors import CalibrationError, DataError, ModelError, one_line
+from qtool.errors import CalibrationError, DataError, ModelError, QtoolError, one_line
 from qtool.io.artifacts import guarded, write_text_atomic
 from qtool.io.batching import per_run_limit
 from qtool.io.samples import Batch, DataSource
 from qtool.numerics import QType
 from qtool.recipe.schema import CalibrationSpec
 from qtool.runtime.session import make_session, run, with_outputs
+from qtool.runtime.streams import StateCarry
 
 Progress = Callable[[int, int | None], None]
 
@@ -94,8 +95,9 @@ def calibrate(
     first = next(runs, None)
     if first is None:  # no files, or files that hold 0 samples
         raise DataError(f"{data.folder}: no samples to calibrate with")
+    carry = StateCarry(data.state)  # a stateful model: each chunk gets the state the one before returned
     # one sample, every tensor: bytes per sample
-    (outputs, _), = _run(partial(run, session), first, data, notes, proven=False)
+    (outputs, _), = _run(partial(carry.run, partial(run, session)), first, data, notes, proven=False)
     sizes = {name: float(outputs[name].nbytes) for name in exposed}
     histograms = sum(sizes[name] for name in tensors if specs[name].method != "minmax")
     workers = worker_count(spec.workers, histograms * (total or spec.samples or 1))
@@ -124,12 +126,14 @@ def calibrate(
                 if passes > 1 or workers:  # a session per group, one at a time; or one that suits workers
                     session = None
                     session = make_session(with_outputs(model, group), optimize=False, pooled=bool(workers))
-                if index:
-                    runs = _runs(data, spec.batch_size)
-                    next(runs)  # the first sample has been observed in every tensor
                 if shared:
                     shared.use(session)
-                execute = shared.run if shared else partial(run, session)
+                execute = partial(carry.run, shared.run if shared else partial(run, session))
+                if index:
+                    runs = _runs(data, spec.batch_size)
+                    again = next(runs)  # the first sample has been observed in every tensor
+                    if data.state is not None:  # but the stream's next chunk needs the state it returns
+                        execute(again)
                 done = 1
                 for batch in _split(runs, per_run):
                     for outputs, count in _run(execute, batch, data, notes):
@@ -147,7 +151,10 @@ def calibrate(
     ranges = {name: TensorRange(float(found[name][0].lo), float(found[name][0].hi), specs[name].method, found[name][1])
               for name in tensors}
     hessians = {node: h for node, (_, observer) in moments.items() if (h := observer.result()) is not None}
-    most = min(per_run, spec.batch_size, per_run_limit(data.axes) or spec.batch_size)
+    most = 1 if data.state is not None else min(per_run, spec.batch_size, per_run_limit(data.axes) or spec.batch_size)
+    if data.state is not None:
+        carried = ", ".join(f"{name} <- {output}" for name, output in data.state.carry.items())
+        notes.append(f"data.state: each data file ran as one stream, a chunk per run, state fed back ({carried})")
     batching = {"inputs": data.batching(), "samples_per_run": most, "notes": notes}
     return CalibrationTable(ranges, done, hessians=hessians, batching=batching, notes=pool_notes)
 
@@ -199,13 +206,15 @@ FEED_ERRORS = ("invalid dimensions for input", "invalid rank for input", "unexpe
                "missing input", "invalid input name", "invalid feed input name")
 
 
-def _run(execute: Callable[[dict], dict[str, np.ndarray]], batch: Batch, data: DataSource,
+def _run(execute: Callable[[Batch], dict[str, np.ndarray]], batch: Batch, data: DataSource,
          notes: list[str], proven: bool = True) -> Iterator[tuple[dict[str, np.ndarray], int]]:
     """(outputs, samples) of one run; where ORT refuses a run of several samples, one run per sample
     (batch_size is "up to N per run", never a reason to fail), noted once. `proven`: the model has
     already run on another sample, so a failure on this one is this sample's."""
     try:
-        outputs = execute(batch.feeds)
+        outputs = execute(batch)
+    except QtoolError:
+        raise
     except Exception as exc:  # ORT reports bad feeds as assorted exception types
         if batch.count == 1:
             _raise_run_error(exc, data.where(batch.files[0]), proven)

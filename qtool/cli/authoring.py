@@ -122,7 +122,8 @@ def _size(ctx, param, value: str | None) -> tuple[int, int] | None:
 @click.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--data", "data_dir", type=click.Path(path_type=Path),
-              help="Calibration data folder; images there pre-fill data.images.")
+              help="Calibration data folder or file; images there pre-fill data.images, text "
+              "data.text, audio data.audio.")
 @click.option("--validation-data", type=click.Path(path_type=Path),
               help="Evaluation folder to name in validation.data (labels.txt there adds an accuracy gate).")
 @click.option("--output", "output_path", required=True, type=click.Path(path_type=Path),
@@ -149,8 +150,11 @@ def init(model: Path, data_dir: Path | None, validation_data: Path | None, outpu
     size and layout from the model (or from the images when its H and W are
     dynamic); channel order and mean/std from the options, else from a model
     family the file identifies (PaddleOCR detector, classifier, recogniser),
-    else neutral defaults marked CHECK. The recipe loads as written; `qtool
-    quantize` runs it unchanged.
+    else neutral defaults marked CHECK. Text data (.txt, .jsonl) fills
+    data.text with a tokenizer.json found beside the model or the data, audio
+    (.wav .flac .ogg) data.audio, and inputs named like state (h0, c, state,
+    hidden, ...) with an output of their shape data.state. The recipe loads as
+    written; `qtool quantize` runs it unchanged.
 
     \b
     Example:

@@ -12,6 +12,7 @@ from qtool.errors import DataError
 from qtool.evaluation.metrics import is_classifier_output, top1
 from qtool.io.data import DataFolder
 from qtool.runtime.session import make_session, run_batch
+from qtool.runtime.streams import StateCarry
 
 GATES = {
     # name: (figure it reads, True when larger is better)
@@ -184,9 +185,11 @@ def compare_models(
     optimize_candidate: bool = True,
     progress: Callable[[int, int | None], None] | None = None,
 ) -> Comparison:
-    """Run both models on every sample; stream per-output figures and accuracy."""
+    """Run both models on every sample; stream per-output figures and accuracy. A stateful model's
+    streams (`data.state`) run chunk by chunk, each model fed back its own state outputs."""
     ref_session = make_session(reference)
     cand_session = make_session(candidate, optimize=optimize_candidate)
+    ref_carry, cand_carry = StateCarry(data.state), StateCarry(data.state)  # each model its own stream state
     stats: dict[str, OutputStats] = {}
     correct = {"reference": 0, "candidate": 0}
     labelled = samples = 0
@@ -194,8 +197,10 @@ def compare_models(
     for batch in data.batches(batch_size):
         if not batch.files:  # files that hold 0 samples
             continue
-        ref_out = run_batch(ref_session, batch.feeds, batch.files, data, "the reference model")
-        cand_out = run_batch(cand_session, batch.feeds, batch.files, data, "the candidate model")
+        ref_out = run_batch(ref_session, ref_carry.feeds(batch), batch.files, data, "the reference model")
+        cand_out = run_batch(cand_session, cand_carry.feeds(batch), batch.files, data, "the candidate model")
+        ref_carry.keep(ref_out)
+        cand_carry.keep(cand_out)
         for name, ref in ref_out.items():
             stats.setdefault(name, OutputStats()).update(ref, cand_out[name])
         samples += len(batch.files)

@@ -10,6 +10,7 @@ DequantizeLinear output. Names are never parsed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import numpy as np
@@ -20,6 +21,7 @@ from qtool.io.data import DataFolder
 from qtool.io.model import GraphIndex
 from qtool.numerics import dequantize
 from qtool.runtime.session import make_session, run, with_outputs
+from qtool.runtime.streams import StateCarry
 
 
 @dataclass(frozen=True)
@@ -90,8 +92,10 @@ def layer_errors(
     stats = {m.float_tensor: OutputStats(classifier=False, slices=False) for m in matches}
     total = data.total or 0
     samples = 0
+    ref_carry, cand_carry = StateCarry(data.state), StateCarry(data.state)
     for batch in data.batches(batch_size):
-        ref_out, cand_out = run(ref_session, batch.feeds), run(cand_session, batch.feeds)
+        ref_out = ref_carry.run(partial(run, ref_session), batch)
+        cand_out = cand_carry.run(partial(run, cand_session), batch)
         for match in matches:
             a, b = ref_out[match.float_tensor], cand_out[match.quantized_tensor]
             if a.shape == b.shape:

@@ -11,20 +11,22 @@ from qtool.errors import DataError, RecipeError, UsageError
 from qtool.evaluation.compare import Comparison
 from qtool.evaluation.latency import bench_models, latency_section
 from qtool.evaluation.per_layer import layer_errors, layers_section, weight_errors
-from qtool.io.data import DataFolder, read_labels
+from qtool.io.data import read_labels
+from qtool.io.feeds import open_data
+from qtool.io.samples import DataSource
 from qtool.recipe.schema import Recipe
 from qtool.runtime.session import INTEGER_OP_TYPES
 
 
 def resolve_validation_data(
-    recipe: Recipe, calib_data: DataFolder | None, inputs, data_override: str | Path | None,
+    recipe: Recipe, calib_data: DataSource | None, inputs, data_override: str | Path | None,
     labels_override: str | Path | None,
-) -> tuple[DataFolder, dict | None, list[str]]:
+) -> tuple[DataSource, dict | None, list[str]]:
     spec = recipe.validation
     warnings = []
     folder_path = Path(data_override) if data_override else recipe.resolve_path(spec.data)
     if folder_path is not None:
-        folder = DataFolder(folder_path, inputs, spec.samples, images=recipe.data.images if recipe.data else None)
+        folder = open_data(folder_path, inputs, spec.samples, recipe)
     elif calib_data is None:
         raise UsageError("with --calibration no calibration data is read: give validation data with "
                          "--validation-data or the recipe's validation.data")
@@ -60,7 +62,7 @@ def check_gates_are_measurable(recipe: Recipe, labels: dict | None) -> None:
         )
 
 
-def layers_and_latency(reference: ModelProto, candidate: ModelProto, data: DataFolder, batch_size: int,
+def layers_and_latency(reference: ModelProto, candidate: ModelProto, data: DataSource, batch_size: int,
                        per_layer: bool, bench: bool, threads: int | None, tick,
                        reasons: dict[str, str] | None = None) -> tuple[dict | None, dict | None]:
     layers = latency = None

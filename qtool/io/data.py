@@ -192,18 +192,19 @@ class DataFolder(DataSource):
             return self._read_pbs(paths)
         if len(paths) > 1 or self.kind == "sample folders":
             return {path.stem: read_npy(path) for path in paths}
+        fed = [spec for spec in self.inputs if self.state is None or spec.name not in self.state.carry]
         if suffix == ".npz":
             arrays = read_npz(first)
-            expected = {spec.name for spec in self.inputs}
-            if set(arrays) != expected:
+            expected = {spec.name for spec in fed}
+            if not expected <= set(arrays) <= {spec.name for spec in self.inputs}:  # state inputs: optional
                 raise DataError(f"{first}: keys {sorted(arrays)} do not match the model inputs {sorted(expected)}")
             return arrays
-        if len(self.inputs) != 1:
-            names = ", ".join(spec.name for spec in self.inputs)
+        if len(fed) != 1:
+            names = ", ".join(spec.name for spec in fed)
             raise DataError(f"{first}: a .npy file feeds a single-input model; this model has "
                             f"inputs {names}: use .npz files keyed by input name, or one folder per "
-                            "sample holding <input_name>.npy")
-        return {self.inputs[0].name: read_npy(first)}
+                            "sample holding <input_name>.npy (state inputs: name them in data.state)")
+        return {fed[0].name: read_npy(first)}
 
     def _read_pbs(self, paths: tuple[Path, ...]) -> dict[str, np.ndarray]:
         tensors = [read_pb(path) for path in paths]
@@ -228,7 +229,9 @@ class DataFolder(DataSource):
         return digest.hexdigest()
 
     def reopen(self, limit: int | None) -> "DataFolder":
-        return DataFolder(self.folder, self.inputs, limit, images=self.images)
+        other = DataFolder(self.folder, self.inputs, limit, images=self.images)
+        other.state = self.state
+        return other
 
 
 def read_labels(path: Path) -> dict[str, int]:

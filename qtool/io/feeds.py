@@ -1,6 +1,7 @@
-"""Feeds from Python: an iterable of `{input_name: array}` dicts, an object with ONNX Runtime's
-`CalibrationDataReader` interface (`get_next()` until None), or a function returning either
-(`--data-loader file.py:function`, which runs that file's code).
+"""Which reader a data argument gets (`open_data`: arrays and images, text, audio, or Python feeds, with a
+stateful model's state attached), and feeds from Python: an iterable of `{input_name: array}` dicts,
+an object with ONNX Runtime's `CalibrationDataReader` interface (`get_next()` until None), or a
+function returning either (`--data-loader file.py:function`, which runs that file's code).
 
 A list (or any iterable that can be iterated again) and a function are read afresh each pass; a
 one-shot iterator or reader is kept in memory as it is read (up to the sample limit), since
@@ -19,10 +20,13 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from qtool.errors import DataError, UsageError
+from qtool.io.audio import AUDIO_SUFFIXES, AudioSource
 from qtool.io.batching import InputSpec
-from qtool.io.data import DataFolder
-from qtool.io.samples import DataSource
-from qtool.recipe.schema import ImageSpec
+from qtool.io.data import DATA_SUFFIXES, DataFolder
+from qtool.io.samples import DataSource, listed_files
+from qtool.io.streams import stream_state
+from qtool.io.text import TEXT_SUFFIXES, TextSource
+from qtool.recipe.schema import Recipe
 
 
 @dataclass(frozen=True)
@@ -63,17 +67,52 @@ def load_loader(spec: str) -> Loader:
     return Loader(path, function, name)
 
 
-def open_data(data, inputs: list[InputSpec], limit: int | None, *, images: ImageSpec | None = None) -> DataSource:
+def open_data(data, inputs: list[InputSpec], limit: int | None, recipe: Recipe | None = None) -> DataSource:
     """A data source for what `--data` or the Python API was given: a path, an iterable of feed dicts,
-    a CalibrationDataReader or a function returning one of those."""
+    a CalibrationDataReader or a function returning one of those. The recipe's `data` section says how
+    images, text and audio files become inputs, and which inputs carry a stateful model's state."""
     if isinstance(data, DataSource):
         return data.reopen(limit) if data.inputs == inputs else data.with_inputs(inputs).reopen(limit)
+    spec = recipe.data if recipe is not None else None
+    where = str(recipe.source) if recipe is not None and recipe.source else "recipe"
+    state = (stream_state(spec.state, inputs, recipe.resolve_path(spec.state.initial), where)
+             if spec is not None and spec.state is not None else None)
+    skip = set(state.carry) if state else set()
     if isinstance(data, (str, Path)):
-        return DataFolder(data, inputs, limit, images=images)
-    if callable(data) or hasattr(data, "get_next") or isinstance(data, Iterable):
-        return FeedSource(data, inputs, limit)
-    raise UsageError(f"data: expected a folder, a .npy/.npz file, an iterable of {{input name: array}} dicts "
-                     f"or an object with get_next(); got {type(data).__name__}")
+        path = Path(data)
+        kind = file_kind(path)
+        if kind == "text":
+            if spec is None or spec.text is None:
+                raise DataError(f"{path}: holds text ({', '.join(TEXT_SUFFIXES)}); the recipe needs a data.text "
+                                "section saying how to tokenize it (tokenizer, max_length, ...)")
+            source: DataSource = TextSource(path, inputs, limit, spec.text, recipe.resolve_path(spec.text.tokenizer),
+                                            where, skip)
+        elif kind == "audio":
+            if spec is None or spec.audio is None:
+                raise DataError(f"{path}: holds audio ({', '.join(AUDIO_SUFFIXES)}); the recipe needs a data.audio "
+                                "section saying how to cut it (sample_rate, chunk, ...)")
+            source = AudioSource(path, inputs, limit, spec.audio, where, skip)
+        else:
+            source = DataFolder(path, inputs, limit, images=spec.images if spec is not None else None)
+    elif callable(data) or hasattr(data, "get_next") or isinstance(data, Iterable):
+        source = FeedSource(data, inputs, limit)
+    else:
+        raise UsageError(f"data: expected a folder, a .npy/.npz file, an iterable of {{input name: array}} dicts "
+                         f"or an object with get_next(); got {type(data).__name__}")
+    source.state = state
+    return source
+
+
+def file_kind(path: Path) -> str | None:
+    """"text" or "audio" when the file, or every data file of the folder, is one; else None."""
+    if not path.exists():
+        return None
+    suffixes = {item.suffix.lower() for item in listed_files(path, (*TEXT_SUFFIXES, *AUDIO_SUFFIXES, *DATA_SUFFIXES))}
+    if suffixes and suffixes <= set(TEXT_SUFFIXES):
+        return "text"
+    if suffixes and suffixes <= set(AUDIO_SUFFIXES):
+        return "audio"
+    return None
 
 
 class _Replay:
@@ -177,4 +216,6 @@ class FeedSource(DataSource):
         return digest.hexdigest()
 
     def reopen(self, limit: int | None) -> "FeedSource":
-        return FeedSource(self.data, self.inputs, limit, _replay=self._replay)
+        other = FeedSource(self.data, self.inputs, limit, _replay=self._replay)
+        other.state = self.state
+        return other

@@ -17,6 +17,7 @@ from onnx import ModelProto, helper
 
 from qtool.errors import DataError
 from qtool.io.batching import BatchAxis, InputSpec, batch_axes, per_run_limit, stack, stack_key, take
+from qtool.io.streams import StreamState
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class Batch:
     files: tuple[str, ...]  # one entry per sample
     feeds: dict[str, np.ndarray]
     axes: dict[str, BatchAxis] | None = None  # None: every input batched along axis 0
+    starts: tuple[bool, ...] | None = None  # per sample: it begins a stream (None: no streams, no state)
 
     @property
     def count(self) -> int:
@@ -32,7 +34,8 @@ class Batch:
     def part(self, start: int, stop: int) -> "Batch":
         """Samples start..stop (views of the feeds)."""
         axes = self.axes or {name: BatchAxis(0, "") for name in self.feeds}
-        return Batch(self.files[start:stop], take(self.feeds, axes, start, stop), self.axes)
+        starts = self.starts[start:stop] if self.starts is not None else None
+        return Batch(self.files[start:stop], take(self.feeds, axes, start, stop), self.axes, starts)
 
 
 def model_inputs(model: ModelProto) -> list[InputSpec]:
@@ -90,12 +93,15 @@ class DataSource:
     """Samples fitted to the model's inputs, one by one (`samples`) or in runs (`batches`).
 
     Subclasses give `_raw()`: (sample name, where for messages, {input: array holding one sample
-    or several stacked}), `total`, `listing_hash()` and `reopen(limit)`.
+    or several stacked}), `total`, `listing_hash()` and `reopen(limit)`. With `state` (a stateful
+    model, qtool.io.streams) each raw entry is one stream whose samples are its chunks in order:
+    state inputs the entry lacks get the first state, and runs hold one chunk each.
     """
 
     folder: Path | str  # where the data came from, as the report shows it
     class_labels: dict[str, int] | None = None
     total: int | None = None  # samples expected, when known
+    state: StreamState | None = None
 
     def __init__(self, inputs: list[InputSpec], limit: int | None):
         self.inputs = inputs
@@ -111,10 +117,17 @@ class DataSource:
 
     def samples(self) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
         """One (name, feeds for one sample) at a time, fitted to the model; stacked files split."""
+        for name, _, sample in self._samples():
+            yield name, sample
+
+    def _samples(self) -> Iterator[tuple[str, bool, dict[str, np.ndarray]]]:
+        """(name, begins a stream: the first sample of its entry, feeds) per sample."""
         seen = 0
         for name, where, raw in self._raw():
             if self.limit is not None and seen >= self.limit:
                 return
+            if self.state is not None:
+                raw = {**self.state.initial, **raw}
             missing = [spec.name for spec in self.inputs if spec.name not in raw]
             if missing:
                 raise DataError(f"{where}: no array for input {', '.join(missing)}; "
@@ -128,11 +141,13 @@ class DataSource:
                 sample = {spec.name: convert(self._one(arrays[spec.name], spec, index, count), spec, where)
                           for spec in self.inputs}
                 seen += 1
-                yield name, sample
+                yield name, index == 0, sample
 
     def _count(self, arrays: dict[str, np.ndarray], where: str) -> int:
         counts = {}
         for spec in self.inputs:
+            if self._carried(spec.name):  # one state for the whole entry, replaced as the stream runs
+                continue
             axis = self.axes[spec.name].axis
             array = arrays[spec.name]
             if axis is not None and spec.shape is not None:
@@ -148,15 +163,22 @@ class DataSource:
         """Sample `index` of an input's array (a view): a slice along the batch axis, or one entry
         of values stacked per sample, or the array itself when it holds one value for all."""
         axis = self.axes[spec.name].axis
-        if spec.shape is None:
+        if spec.shape is None or self._carried(spec.name):
             return array
         if axis is not None:
             return array if count == 1 else array[(slice(None),) * axis + (slice(index, index + 1),)]
         return array[index] if array.ndim == len(spec.shape) + 1 else array
 
+    def _carried(self, name: str) -> bool:
+        return self.state is not None and name in self.state.carry
+
     def batches(self, batch_size: int) -> Iterator[Batch]:
         """Runs of up to `batch_size` samples (one where the model fixes its batch at 1); samples
         whose shapes or unbatched inputs differ start a new run."""
+        if self.state is not None:  # a stream's chunks run in order, one at a time
+            for name, start, sample in self._samples():
+                yield Batch((name,), sample, self.axes, (start,))
+            return
         limit = per_run_limit(self.axes)
         size = max(1, min(batch_size, limit) if limit else batch_size)
         names: list[str] = []
@@ -199,3 +221,15 @@ def _array(value, where: str) -> np.ndarray:
     if array.dtype.kind not in "biuf":
         raise DataError(f"{where}: arrays of dtype {array.dtype} are not allowed; use numbers")
     return array
+
+
+LABEL_FILES = ("labels.txt",)
+
+
+def listed_files(path: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    """`path` itself when it is a file, else the folder's files with one of `suffixes` (lower case) but
+    a labels file, sorted."""
+    if path.is_file():
+        return [path]
+    return sorted(child for child in path.iterdir()
+                  if child.suffix.lower() in suffixes and child.name not in LABEL_FILES and child.is_file())

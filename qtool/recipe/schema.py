@@ -9,33 +9,16 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import Field, field_validator
 from pydantic_core import PydanticCustomError
 
-from qtool.recipe.values import boolean_as_number, gate_problem, holds_bool
-
 from qtool.recipe import patterns
+from qtool.recipe.inputs import DataSpec, ImageSpec  # noqa: F401  (ImageSpec: still importable from here)
+from qtool.recipe.strict import Strict as _Strict
+from qtool.recipe.values import gate_problem
 
 
 RECIPE_VERSION = 1
-
-
-class _Strict(BaseModel):
-    """Unknown keys are errors; records are immutable once loaded; numbers are finite and never booleans."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_booleans_as_numbers(cls, value: Any, info: ValidationInfo) -> Any:
-        """YAML reads yes/no/on/off/true/false as booleans, which pydantic would take as 1 and 0."""
-        annotation = cls.model_fields[info.field_name].annotation if info.field_name else None
-        if boolean_as_number(value, annotation):
-            key = next((k for k, v in value.items() if holds_bool(v)), None) if isinstance(value, dict) else None
-            raise PydanticCustomError(
-                "bool_number", "expected a number, not a boolean (YAML reads yes/no/on/off/true/false as booleans)",
-                {"key": key} if key is not None else None)
-        return value
 
 
 Method = Literal["minmax", "percentile", "entropy", "mse"]
@@ -342,91 +325,6 @@ class ValidationSpec(_Strict):
             if problem:
                 raise PydanticCustomError("gate_threshold", "{problem}", {"key": name, "problem": problem})
         return value
-
-
-Side = Annotated[int, Field(ge=1, le=65536)]
-
-
-def _is_side(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65536
-
-
-def _is_hw(value: Any) -> bool:
-    return isinstance(value, (list, tuple)) and len(value) == 2 and all(map(_is_side, value))
-
-
-class ImageSpec(_Strict):
-    """How an image file becomes a model input: decode → RGB → resize → crop → normalize → layout."""
-
-    size: tuple[Side, Side] | None = Field(
-        None,
-        description="Final [H, W] after resize and crop (default: the model input's static "
-        "height and width; needed when the model's are dynamic).",
-    )
-    resize: Side | tuple[Side, Side] | None = Field(
-        None,
-        description="Bilinear resize before the crop: an integer resizes the shorter side to it, "
-        "keeping the aspect ratio; [H, W] resizes exactly; null (default) resizes exactly to `size`.",
-    )
-    crop: Literal["center", "none"] = Field(
-        "center",
-        description="`center` cuts the central `size` region out of the resized image; `none` "
-        "keeps the resized image as it is.",
-    )
-    layout: Literal["NCHW", "NHWC"] = Field("NCHW", description="Axis order of the model input.")
-    channels: Literal["RGB", "BGR"] = Field("RGB", description="Channel order of the model input.")
-    scale: Annotated[float, Field(gt=0.0)] = Field(
-        255.0, description="Pixel values (0-255) are divided by this first."
-    )
-    mean: list[float] = Field(
-        [0.0],
-        description="Subtracted after scaling: 3 values (in the order of `channels`) or 1 for all.",
-    )
-    std: list[Annotated[float, Field(gt=0.0)]] = Field(
-        [1.0],
-        description="Divides after the mean: 3 values (in the order of `channels`) or 1 for all.",
-    )
-    dtype: Literal["float32", "float16", "uint8"] = Field(
-        "float32", description="Element type of the tensor; uint8 keeps the pixels as they are."
-    )
-
-    @field_validator("size", mode="before")
-    @classmethod
-    def _size_shape(cls, value: Any) -> Any:
-        if value is None or _is_hw(value):
-            return value
-        raise ValueError("expected [H, W], two integers from 1 to 65536, or null")
-
-    @field_validator("resize", mode="before")
-    @classmethod
-    def _resize_shape(cls, value: Any) -> Any:
-        if value is None or _is_side(value) or _is_hw(value):
-            return value
-        raise ValueError("expected an integer from 1 to 65536 (the shorter side), [H, W] or null")
-
-    @field_validator("mean", "std")
-    @classmethod
-    def _per_channel(cls, value: list[float]) -> list[float]:
-        if len(value) not in (1, 3):
-            raise ValueError(f"expected 1 or 3 values, got {len(value)}")
-        return value
-
-    @field_validator("dtype")
-    @classmethod
-    def _uint8_is_raw(cls, value: str, info: ValidationInfo) -> str:
-        data = info.data
-        raw = data.get("scale") == 1 and set(data.get("mean", [])) == {0} and set(data.get("std", [])) == {1}
-        if value == "uint8" and not raw:
-            raise ValueError("uint8 keeps pixel values as they are: set scale: 1, mean: [0], std: [1]")
-        return value
-
-
-class DataSpec(_Strict):
-    images: ImageSpec | None = Field(
-        None,
-        description="Preprocessing for image files (.png .jpg .jpeg .bmp) in data folders of "
-        "single-input models; needed when a data folder holds images.",
-    )
 
 
 class Recipe(_Strict):

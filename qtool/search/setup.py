@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from onnx import ModelProto, TensorProto
@@ -13,13 +14,16 @@ from onnx import ModelProto, TensorProto
 from qtool.api import prepare
 from qtool.calibration.calibrate import calibrate as calibrate_tensors
 from qtool.evaluation.validation import check_gates_are_measurable, resolve_validation_data
-from qtool.io.data import DataFolder, model_inputs
+from qtool.io.data import model_inputs
+from qtool.io.feeds import open_data
+from qtool.io.samples import DataSource
 from qtool.io.model import file_sha256, model_file_bytes, save_model
 from qtool.numerics import QTYPES
 from qtool.quantization.plan import select_tensors, tensor_types
 from qtool.recipe.schema import Recipe
 from qtool.reporting import document as reporting
 from qtool.runtime.session import current_providers, int8_kernels_may_saturate, make_session, run
+from qtool.runtime.streams import StateCarry
 from qtool.search.executor import Executor
 from qtool.search.promote import objective
 from qtool.search.trial import (FLOAT_MODEL, TrialContext, TrialResult, TrialSpec, float_model_name,
@@ -31,8 +35,8 @@ class TrialSetup:
     context: TrialContext
     model: ModelProto  # the prepared float model
     prepare_notes: list[str]
-    calib_data: DataFolder
-    eval_data: DataFolder
+    calib_data: DataSource
+    eval_data: DataSource
     warnings: list[str]
     quantizable: list[str]  # nodes the recipe quantizes, graph order
     op_types: dict[str, str]
@@ -47,8 +51,7 @@ def setup_trials(model_path: Path, data_dir: Path, recipe: Recipe, folder: Path,
     started = time.perf_counter()
     model, prepare_notes = prepare(model_path, recipe)
     inputs = model_inputs(model)
-    images = recipe.data.images if recipe.data else None
-    calib_data = DataFolder(data_dir, inputs, recipe.calibration.samples, images=images)
+    calib_data = open_data(data_dir, inputs, recipe.calibration.samples, recipe)
     eval_data, eval_labels, warnings = resolve_validation_data(recipe, calib_data, inputs, validation_data, labels)
     check_gates_are_measurable(recipe, eval_labels)
     selection = select_tensors(model, recipe)
@@ -68,11 +71,12 @@ def setup_trials(model_path: Path, data_dir: Path, recipe: Recipe, folder: Path,
         save_model(prepare(model_path, a16)[0], folder / float_model_name(a16))
     session = make_session(model, threads=threads)
     batches = []
+    carry = StateCarry(eval_data.state)  # a stateful model's streams: trials carry their own state likewise
     for batch in eval_data.batches(recipe.calibration.batch_size):
-        reference = run(session, batch.feeds)
+        reference = carry.run(partial(run, session), batch)
         truth = [eval_labels.get(name, -1) if eval_labels else -1 for name in batch.files]
-        batches.append((batch.feeds, reference, truth))
-    write_eval_set(folder, batches)
+        batches.append((batch.feeds, reference, truth, batch.starts[0] if batch.starts else None))
+    write_eval_set(folder, batches, eval_data.state.carry if eval_data.state else None)
     context = TrialContext(str(folder), recipe, table, int8_kernels_may_saturate(), dict(recipe.validation.gates),
                            model_file_bytes(model_path), threads, current_providers())
     return TrialSetup(context, model, prepare_notes, calib_data, eval_data, warnings, named,

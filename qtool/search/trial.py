@@ -17,6 +17,7 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +28,13 @@ from qtool.evaluation.compare import Comparison, OutputStats, check_gates
 from qtool.evaluation.latency import BenchResult, bench_models
 from qtool.evaluation.metrics import is_classifier_output, top1
 from qtool.io.model import copy_metadata, load_model, proto_size
+from qtool.io.samples import Batch
+from qtool.io.streams import StreamState
 from qtool.quantization.placement import plan_and_apply
 from qtool.quantization.plan import required_opset, select_tensors
 from qtool.recipe.schema import Recipe
 from qtool.runtime.session import Provider, make_session, run, use_providers
+from qtool.runtime.streams import StateCarry
 
 A16 = {"uint8": "uint16", "int8": "int16"}  # the 16-bit step up from each 8-bit activation type
 STEPS = ("a16", "float")  # precision steps above the recipe's own, in order
@@ -155,11 +159,13 @@ class _State:
 _STATES: dict[str, _State] = {}  # per process: work folder -> loaded state
 
 
-def write_eval_set(folder: Path, batches: list[tuple[dict, dict, list[int]]]) -> None:
-    """Feeds, float outputs and labels (-1: none) per batch, as one .npz (no pickle) plus an index."""
+def write_eval_set(folder: Path, batches: list[tuple[dict, dict, list[int], bool | None]],
+                   carry: dict[str, str] | None = None) -> None:
+    """Feeds, float outputs, labels (-1: none) and whether it begins a stream per batch, as one .npz (no
+    pickle) plus an index; `carry`: a stateful model's state input -> output (qtool.io.streams)."""
     arrays, index = {}, []
-    for b, (feeds, reference, labels) in enumerate(batches):
-        entry = {"feeds": list(feeds), "reference": list(reference)}
+    for b, (feeds, reference, labels, start) in enumerate(batches):
+        entry = {"feeds": list(feeds), "reference": list(reference), "start": start, "carry": carry}
         for kind, values in (("feeds", feeds), ("reference", reference)):
             for i, value in enumerate(values.values()):
                 arrays[f"{kind}_{b}_{i}"] = value
@@ -180,7 +186,7 @@ def _state(context: TrialContext) -> _State:
                 state.batches.append({
                     kind: {name: arrays[f"{kind}_{b}_{i}"] for i, name in enumerate(entry[kind])}
                     for kind in ("feeds", "reference")
-                } | {"labels": arrays[f"labels_{b}"]})
+                } | {"labels": arrays[f"labels_{b}"], "start": entry.get("start"), "carry": entry.get("carry")})
         _STATES.clear()  # one work folder at a time per process
         _STATES[context.folder] = state
     return state
@@ -218,12 +224,15 @@ def run_trial(task: tuple[TrialContext, TrialSpec]) -> TrialResult:
     stats: dict[str, OutputStats] = {}
     correct = {"reference": 0, "candidate": 0}
     labelled = samples = 0
-    for batch in _state(context).batches:
+    batches = _state(context).batches
+    carry = StateCarry(StreamState(batches[0]["carry"], {}) if batches and batches[0]["carry"] else None)
+    for batch in batches:
         if spec.samples is not None:
             if samples >= spec.samples:
                 break
             batch = _head(batch, spec.samples - samples)
-        outputs = run(session, batch["feeds"])
+        start = (batch["start"],) if batch["start"] is not None else None
+        outputs = carry.run(partial(run, session), Batch((), batch["feeds"], None, start))
         for name, reference in batch["reference"].items():
             stats.setdefault(name, OutputStats()).update(reference, outputs[name])
         samples += next(iter(batch["feeds"].values())).shape[0]
@@ -258,7 +267,8 @@ def trial_latency(context: TrialContext, spec: TrialSpec, rounds: int) -> BenchR
 def _head(batch: dict, count: int) -> dict:
     """The first `count` samples of a batch."""
     return {"feeds": {k: v[:count] for k, v in batch["feeds"].items()},
-            "reference": {k: v[:count] for k, v in batch["reference"].items()}, "labels": batch["labels"][:count]}
+            "reference": {k: v[:count] for k, v in batch["reference"].items()}, "labels": batch["labels"][:count],
+            "start": batch.get("start"), "carry": batch.get("carry")}
 
 
 # --- sensitivity ranking ------------------------------------------------------------------------

@@ -18,9 +18,9 @@ from onnx import ModelProto, helper, numpy_helper
 
 from qtool.io.data import DataFolder
 from qtool.io.model import GraphIndex, opset_version
-from qtool.quantization.algorithms.streaming import feeds
+from qtool.quantization.algorithms.streaming import measured
 from qtool.quantization.prepare import remove_unused_initializers
-from qtool.runtime.session import make_session, run
+from qtool.runtime.session import make_session
 
 OP_TYPES = ("Conv", "ConvTranspose", "Gemm")
 
@@ -99,8 +99,7 @@ def measure_shifts(float_model: ModelProto, quantized: ModelProto, plan, data: D
     names = [node.name for node, _ in targets]
     sums: dict[str, np.ndarray] = {}
     seen = 0
-    for count, batch in feeds(quantized, data, batch_size):
-        results = run(session, batch)
+    for count, results in measured(session, quantized, data, batch_size):
         for name, output in zip(names, outputs):
             value = results[output].astype(np.float64) * count
             sums[name] = sums[name] + value if name in sums else value

@@ -17,8 +17,8 @@ from onnx import ModelProto, helper, numpy_helper
 
 from qtool.io.data import DataFolder
 from qtool.io.model import GraphIndex, opset_version
-from qtool.quantization.algorithms.streaming import feeds
-from qtool.runtime.session import make_session, run
+from qtool.quantization.algorithms.streaming import measured
+from qtool.runtime.session import make_session
 
 ALPHA = 0.5  # SmoothQuant's default migration strength
 SCALE_LIMIT = 1e4
@@ -126,8 +126,7 @@ def _channel_maxima(model: ModelProto, tensors: dict[str, int], data: DataFolder
         outputs[tensor] = peak
     session = make_session(measuring, optimize=False)
     maxima: dict[str, np.ndarray] = {}
-    for _, batch in feeds(model, data, batch_size):
-        results = run(session, batch)
+    for _, results in measured(session, model, data, batch_size):
         for tensor, peak in outputs.items():
             value = results[peak].astype(np.float64)
             maxima[tensor] = np.maximum(maxima[tensor], value) if tensor in maxima else value
