@@ -7,7 +7,7 @@ use cases built on them (sensitivity, tune) live in `qtool.search.api`.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -21,6 +21,7 @@ from qtool.calibration.calibrate import CalibrationTable, check_table, save_tabl
 from qtool.calibration.calibrate import calibrate as calibrate_tensors
 from qtool.errors import ModelError, UsageError
 from qtool.evaluation.compare import GATES, GateResult, check_gates, compare_models
+from qtool.evaluation.method_choice import choose_method
 from qtool.evaluation.validation import (check_gates_are_measurable, extra_figures, kernel_gap_cause, kernel_warnings,
                                          layers_and_latency, resolve_validation_data, slower_than_float)
 from qtool.io.artifacts import guarded, write_artifacts, write_text_atomic
@@ -197,9 +198,7 @@ def calibrate(
     model, _ = prepare(model_path, recipe)
     data = open_data(data_dir, _inputs(model, model_path), recipe.calibration.samples, recipe)
     selection = select_tensors(model, recipe)
-    act = recipe.quantization.activations
-    table = calibrate_tensors(model, selection.calibration_tensors, data, recipe.calibration,
-                              QTYPES[act.dtype], act.symmetric, stage_progress(progress)("calibrate"))
+    table = _measure_ranges(model, recipe, selection, data, stage_progress(progress)("calibrate"))
     document = table_document(
         table, model_path=model_path, model_sha256=file_sha256(model_path), data=data,
         recipe={"path": str(recipe.source) if recipe.source else None, "resolved": recipe.as_dict()},
@@ -210,6 +209,19 @@ def calibrate(
     elif output is not None:
         interchange.save_foreign(table, format, output, overwrite)
     return CalibrateResult(table, document, output)
+
+
+def _measure_ranges(model: ModelProto, recipe: Recipe, selection, data, progress) -> CalibrationTable:
+    """The recipe's calibration of the selected tensors; `auto` tries each method
+    (qtool.evaluation.method_choice) and keeps the best."""
+    if recipe.calibration.method == "auto":
+        table, choice = choose_method(model, recipe, selection, data, int8_kernels_may_saturate(), progress)
+        scores = ", ".join(f"{method} {value:.2f} dB" for method, value in choice.worst_sqnr_db.items())
+        return replace(table, notes=[*table.notes, f"calibration.method auto chose {choice.chosen} (worst "
+                                                   f"output SQNR on the calibration data: {scores})"])
+    act = recipe.quantization.activations
+    return calibrate_tensors(model, selection.calibration_tensors, data, recipe.calibration, QTYPES[act.dtype],
+                             act.symmetric, progress, selection.hessian_inputs)
 
 
 def recipe_inputs(recipe: Recipe) -> tuple[Path | None, ...]:
@@ -291,14 +303,12 @@ def quantize(
     elif recipe.quantization.algorithms.smoothing:
         model, smoothed = smooth(model, calib_data, recipe.calibration.batch_size)
     selection = select_tensors(model, recipe)
-    act = recipe.quantization.activations
     if loaded is not None:
         check_table(loaded, read.sha256, selection.calibration_tensors)
         table = loaded
         warnings += _table_warnings(loaded, recipe)
     else:
-        table = calibrate_tensors(model, selection.calibration_tensors, calib_data, recipe.calibration,
-                                  QTYPES[act.dtype], act.symmetric, tick("calibrate"), selection.hessian_inputs)
+        table = _measure_ranges(model, recipe, selection, calib_data, tick("calibrate"))
         warnings += table.notes
     saturating = int8_kernels_may_saturate()
     placed = plan_and_apply(model, recipe, selection, table, saturating)

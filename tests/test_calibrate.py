@@ -218,3 +218,47 @@ def test_calibrate_help_has_an_example():
 def test_shipped_recipes_still_load():
     for path in sorted((ROOT / "qtool" / "recipe" / "presets").glob("*.yaml")):
         assert load_recipe(path).calibration.overrides == []
+
+
+def _quantize_with(model, folder, tmp_path, method: str):
+    from qtool import api
+
+    path = tmp_path / "model.onnx"
+    if not path.exists():
+        onnx.save(model, path)
+    recipe = tmp_path / f"{method}.yaml"
+    recipe.write_text(f"version: 1\ncalibration: {{method: {method}, batch_size: 16}}\n")
+    return api.quantize(path, folder, load_recipe(recipe))
+
+
+def test_auto_method_keeps_the_candidate_whose_model_scores_best_and_is_that_method_exactly(tiny, tmp_path):
+    """auto calibrates with minmax, percentile and mse, scores each quantized model on the calibration
+    data and keeps the best: on heavy-tailed data (Student t, 3 degrees of freedom) minmax's range is
+    set by a few far outliers, so a clipping method must win; the model is byte for byte the one that
+    method gives alone, and the report says what was tried."""
+    from qtool.evaluation.method_choice import CANDIDATES
+
+    model, folder = tiny
+    auto = _quantize_with(model, folder, tmp_path, "auto")
+    choice = auto.report["calibration"]["method_choice"]
+    scores = choice["worst_output_sqnr_db"]
+    assert list(scores) == list(CANDIDATES) == choice["candidates"]
+    assert choice["chosen"] == max(CANDIDATES, key=lambda m: (scores[m], -CANDIDATES.index(m)))
+    assert choice["chosen"] != "minmax" and scores[choice["chosen"]] > scores["minmax"]
+    alone = _quantize_with(model, folder, tmp_path, choice["chosen"])
+    assert auto.model.SerializeToString() == alone.model.SerializeToString()
+    assert any(f"auto chose {choice['chosen']}" in w for w in auto.report["warnings"])
+
+
+def test_auto_method_writes_a_table_of_the_chosen_method(tiny, tmp_path):
+    from qtool import api
+
+    model, folder = tiny
+    path = tmp_path / "model.onnx"
+    onnx.save(model, path)
+    recipe = tmp_path / "auto.yaml"
+    recipe.write_text("version: 1\ncalibration: {method: auto}\n")
+    result = api.calibrate(path, folder, load_recipe(recipe), tmp_path / "table.json")
+    chosen = result.table.method_choice["chosen"]
+    assert {entry["method"] for entry in json.loads((tmp_path / "table.json").read_text())["tensors"].values()} \
+        == {chosen}

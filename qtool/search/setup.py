@@ -13,6 +13,7 @@ from onnx import ModelProto, TensorProto
 
 from qtool.api import prepare
 from qtool.calibration.calibrate import calibrate as calibrate_tensors
+from qtool.evaluation.method_choice import choose_method
 from qtool.evaluation.validation import check_gates_are_measurable, resolve_validation_data
 from qtool.io.data import model_inputs
 from qtool.io.feeds import open_data
@@ -62,8 +63,13 @@ def setup_trials(model_path: Path, data_dir: Path, recipe: Recipe, folder: Path,
     for node, _ in quantized:  # alone, a node's output gets its own Q/DQ even where the full plan fuses it
         tensors |= {name for name in list(node.input) + list(node.output) if name in float_tensors}
     act = recipe.quantization.activations
-    table = calibrate_tensors(model, sorted(tensors), calib_data, recipe.calibration, QTYPES[act.dtype],
-                              act.symmetric, tick("calibrate"))
+    spec = recipe.calibration
+    if spec.method == "auto":  # choose as `qtool quantize` does, then measure every tensor a trial may need
+        _, choice = choose_method(model, recipe, selection, calib_data, int8_kernels_may_saturate(), tick("calibrate"))
+        spec = spec.model_copy(update={"method": choice.chosen})
+        warnings.append(f"calibration.method auto chose {choice.chosen} for every trial")
+    table = calibrate_tensors(model, sorted(tensors), calib_data, spec, QTYPES[act.dtype], act.symmetric,
+                              tick("calibrate"))
     save_model(model, folder / FLOAT_MODEL)
     named = [node.name for node, _ in quantized if node.name]
     a16 = with_overrides(recipe, promotion_overrides([(named[0], "a16")], act.dtype)) if named else recipe
