@@ -97,6 +97,19 @@ def test_sensitivity_ranks_the_hostile_layer_first_and_is_cached(hostile, tmp_pa
     assert "sqnr_gain_db" in validated(tmp_path / "float-mode" / "report.json")["sensitivity"]["rows"][0]
 
 
+def test_sensitivity_with_method_auto_calibrates_every_trial_with_the_chosen_method(hostile, tmp_path):
+    """Trials share one table: auto chooses as quantize would, then every tensor a trial may need is
+    calibrated with that method; the ranking still finds the hostile layer."""
+    recipe = tmp_path / "auto.yaml"
+    recipe.write_text("version: 1\ncalibration: {method: auto}\n")
+    result = search_api.sensitivity(hostile / "model.onnx", hostile / "calib", recipe, tmp_path / "sens",
+                                    validation_data=hostile / "eval")
+    report = validated(tmp_path / "sens" / "report.json")
+    chosen = [w for w in report["warnings"] if w.startswith("calibration.method auto chose ")]
+    assert len(chosen) == 1 and chosen[0].split()[3] in ("minmax", "percentile", "mse")
+    assert result.rows[0]["node"] == HOSTILE
+
+
 def test_tune_promotes_the_hostile_layer_and_nothing_else(hostile, tmp_path):
     out = tmp_path / "tuned"
     result = subprocess.run([str(QTOOL), "tune", str(hostile / "model.onnx"), "--recipe", str(hostile / "recipe.yaml"),
