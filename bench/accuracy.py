@@ -12,6 +12,7 @@ stay modest because the CPU is shared.
 
     python bench/accuracy.py                       # or: make bench-accuracy
     python bench/accuracy.py --models digits ppocr_cls --json out/accuracy.json
+    python bench/accuracy.py --variants method       # calibration.method minmax vs auto only
 """
 
 from __future__ import annotations
@@ -43,33 +44,37 @@ CALIBRATION_SAMPLES = 16
 PERCENTILE = 99.99
 
 
-def recipe_for(spec: dict, switches: dict[str, bool]):
+def recipe_for(spec: dict, switches: dict[str, bool], method: str | None = None):
     from qtool.recipe.load import load_recipe
 
     recipe = load_recipe(spec["recipe"])
     quant = recipe.quantization
     algorithms = quant.algorithms.model_copy(update=switches)
-    calibration = recipe.calibration.model_copy(update={"samples": CALIBRATION_SAMPLES})
+    calibration = recipe.calibration.model_copy(
+        update={"samples": CALIBRATION_SAMPLES, **({"method": method} if method else {})})
     validation = recipe.validation.model_copy(update={"samples": 1, "gates": {}})  # quantize's own check: minimal
     return recipe.model_copy(update={"quantization": quant.model_copy(update={"algorithms": algorithms}),
                                      "calibration": calibration, "validation": validation})
 
 
-def qtool_variants(spec: dict) -> dict[str, dict[str, bool]]:
-    """The recipe as shipped (its defaults), then each algorithm alone and all of them."""
-    variants = {"qtool default": {}}
+def qtool_variants(spec: dict) -> dict[str, tuple[dict[str, bool], str | None]]:
+    """The recipe as shipped (its defaults), then each algorithm alone and all of them, then the
+    shipped recipe with calibration.method minmax and auto: (algorithm switches, method or None)."""
+    variants = {"qtool default": ({}, None)}
     for name in ALGORITHMS:
-        variants[f"qtool {name} only"] = {other: other == name for other in ALGORITHMS}
-    variants["qtool all algorithms"] = {name: True for name in ALGORITHMS}
-    variants["qtool none"] = {name: False for name in ALGORITHMS}
+        variants[f"qtool {name} only"] = ({other: other == name for other in ALGORITHMS}, None)
+    variants["qtool all algorithms"] = ({name: True for name in ALGORITHMS}, None)
+    variants["qtool none"] = ({name: False for name in ALGORITHMS}, None)
+    for method in ("minmax", "auto"):
+        variants[f"qtool method {method}"] = ({}, method)
     return variants
 
 
-def qtool_model(spec: dict, switches: dict[str, bool], model_path: Path):
+def qtool_model(spec: dict, variant: tuple[dict[str, bool], str | None], model_path: Path):
     import qtool
 
     folder = spec["folder"]
-    result = qtool.quantize(model_path, folder / "calib", recipe_for(spec, switches), validation_data=folder / "calib")
+    result = qtool.quantize(model_path, folder / "calib", recipe_for(spec, *variant), validation_data=folder / "calib")
     return result.model
 
 
@@ -233,7 +238,7 @@ def mask_iou(folder: Path, names, outputs, output_names) -> dict:
 # --- the table ---------------------------------------------------------------------------------------
 
 
-def bench_model(name: str) -> list[dict]:
+def bench_model(name: str, variants: list[str] | None = None) -> list[dict]:
     import onnx
 
     from qtool import api
@@ -248,12 +253,14 @@ def bench_model(name: str) -> list[dict]:
                                                                output_names)}]
     with tempfile.TemporaryDirectory(prefix="qtool-bench-accuracy-") as tmp:
         source = without_initializer_inputs(spec["folder"] / "model.onnx", Path(tmp) / "model.onnx")
-        candidates = {label: (lambda s=switches: qtool_model(spec, s, source))
-                      for label, switches in qtool_variants(spec).items()}
+        candidates = {label: (lambda v=variant: qtool_model(spec, v, source))
+                      for label, variant in qtool_variants(spec).items()}
         prepared = Path(tmp) / "prepared.onnx"
         onnx.save(float_model, str(prepared))
         for method in ("minmax", "percentile"):
             candidates[f"ort {method}"] = lambda m=method: ort_model(prepared, spec, m, Path(tmp) / f"ort-{m}.onnx")
+        if variants:
+            candidates = {label: make for label, make in candidates.items() if any(v in label for v in variants)}
         seen: dict[bytes, dict] = {}  # model bytes -> its row: a variant that changed nothing is not run again
         for label, make in candidates.items():
             start = time.perf_counter()
@@ -293,13 +300,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    parser.add_argument("--variants", nargs="+", metavar="TEXT",
+                        help="only the variants whose label contains one of these (e.g. method ort)")
     args = parser.parse_args()
     rows = []
     for name in args.models:
         if not (MODELS[name]["folder"] / "model.onnx").is_file():
             print(f"skipped {name}: {MODELS[name]['folder']} not found", file=sys.stderr)
             continue
-        rows += bench_model(name)
+        rows += bench_model(name, args.variants)
     print(markdown(rows))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

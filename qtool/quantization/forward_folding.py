@@ -21,7 +21,7 @@ from qtool.io.model import GraphIndex
 
 
 def fold_into_next_conv(model: ModelProto) -> int:
-    """Run the three rewrites until none applies; returns how many elementwise nodes were removed."""
+    """Merge, fold and move until nothing changes; returns how many elementwise nodes were removed."""
     removed = 0
     while True:
         merged, muls, adds = merge_constant_muls(model), fold_mul_into_conv(model), fold_add_into_conv(model)
