@@ -23,7 +23,7 @@ from qtool.runtime.session import parse_providers, use_providers
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), help="Recipe YAML, or a preset by name (`qtool recipes`; default: int8).")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path),
-              help="Calibration data: a folder, or one .npy/.npz file of stacked samples (not with --calibration).")
+              help="Calibration data: a folder, or one .npy/.npz file of stacked samples (not with --calibration; optional with quantization.mode dynamic).")
 @click.option("--data-loader", "data_loader", metavar="FILE.py:FUNCTION",
               help="Calibration data from a Python function returning feed dicts (runs that file's code).")
 @click.option("--calibration", "calibration", type=click.Path(path_type=Path),

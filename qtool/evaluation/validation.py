@@ -26,7 +26,8 @@ def resolve_validation_data(
     if folder_path is not None:
         folder = DataFolder(folder_path, inputs, spec.samples, images=recipe.data.images if recipe.data else None)
     elif calib_data is None:
-        raise UsageError("with --calibration no calibration data is read: give validation data with "
+        raise UsageError("no calibration data is read (--calibration, or mode dynamic without --data): give "
+                         "validation data with "
                          "--validation-data or the recipe's validation.data")
     else:
         folder = calib_data.reopen(spec.samples)

@@ -198,11 +198,15 @@ class MatchSpec(_Strict):
         return self.name is not None or self.tensor is not None
 
 
+Mode = Literal["static", "dynamic"]
+
+
 class OverrideSpec(_Strict):
     match: MatchSpec = Field(description="Which nodes this override applies to.")
     activations: ActivationPatch | None = Field(None, description="Activation settings for these nodes.")
     weights: WeightPatch | None = Field(None, description="Weight settings for these nodes.")
     float: bool | None = Field(None, description="true keeps these nodes float.")
+    mode: Mode | None = Field(None, description="static or dynamic for these nodes (see quantization.mode).")
 
     @field_validator("match")
     @classmethod
@@ -291,10 +295,18 @@ class QuantizationSpec(_Strict):
         description="Per-node settings. Precedence: exclude > name/tensor overrides > op_type "
         "overrides > the defaults above; within a rank the earlier override wins, key by key.",
     )
+    mode: Mode = Field(
+        "static",
+        description="`static`: activations quantized with calibrated ranges (Q/DQ by the rule table); "
+        "`dynamic`: int8 weights, activations quantized at run time by ONNX Runtime's dynamic kernels "
+        "(MatMul/Gemm with a constant weight -> DynamicQuantizeMatMul, LSTM -> DynamicQuantizeLSTM, "
+        "large Gather tables stored int8 per row); other ops stay float and no calibration data is needed. "
+        "Overrides set `mode` per node to mix the two.",
+    )
     static: bool = Field(
         True,
         description="Quantize activations and weights with Q/DQ by the rule table; false leaves "
-        "every node float except those `weight_only` covers.",
+        "every node float except those `weight_only` or `mode: dynamic` covers.",
     )
     weight_only: WeightOnlySpec | None = Field(
         None, description="Weight-only low-bit quantization of MatMuls with constant weights."
