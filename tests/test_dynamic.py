@@ -198,5 +198,5 @@ def test_albert_dynamic_int8_all_weighted_matmuls(tmp_path):
     ops = [n.op_type for n in result.model.graph.node]
     assert ops.count("DynamicQuantizeMatMul") == 27 and ops.count("MatMul") == 8  # attention: two activations
     assert sum(t.data_type == TensorProto.INT8 and t.dims[0] == 2383 for t in result.model.graph.initializer) == 1
-    output = result.report["validation"]["outputs"]["403"]
-    assert output["top1_agreement"] >= 0.99 or output.get("exact_match", 1) >= 0.99
+    output = result.report["validation"]["outputs"]["403"]  # int64 tags from an ArgMax: scored by exact match
+    assert output["exact_match"] >= 0.99 and "top1_agreement" not in output

@@ -224,7 +224,8 @@ def analysis_options(command):
               help="Recipe whose validation.gates, data and batch settings apply.")
 @click.option("--gate", "gates", multiple=True, callback=_parse_gates, metavar="NAME=VALUE",
               help="A quality gate (repeatable; overrides the recipe's). Names: min_cosine, min_sqnr_db, "
-                   "min_slice_sqnr_db, max_accuracy_drop, min_top1_agreement, max_latency_ratio, min_size_ratio.")
+                   "min_slice_sqnr_db, max_accuracy_drop, min_top1_agreement, max_latency_ratio, min_size_ratio, "
+                   "min_exact_match.")
 @analysis_options
 @click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path),
               help="Folder to write report.json, report.md and report.html into.")

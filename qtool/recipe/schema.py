@@ -323,7 +323,7 @@ class QuantizationSpec(_Strict):
 
 
 Gate = Literal["min_cosine", "min_sqnr_db", "max_accuracy_drop", "min_top1_agreement",
-               "max_latency_ratio", "min_size_ratio", "min_slice_sqnr_db"]
+               "max_latency_ratio", "min_size_ratio", "min_slice_sqnr_db", "min_exact_match"]
 
 class ValidationSpec(_Strict):
     data: str | None = Field(
@@ -342,7 +342,8 @@ class ValidationSpec(_Strict):
     gates: dict[Gate, float] = Field(
         default_factory=dict, description="Quality gates; a failed gate makes the exit code 1. "
         "`min_slice_sqnr_db` checks the worst slice of each output along its feature axis (an output "
-        "without one counts as one slice). Each threshold lies within what its figure can take: cosines "
+        "without one counts as one slice). Integer outputs (an ArgMax) are scored by `min_exact_match` (the "
+        "fraction of elements equal), not by the cosine, SQNR and top-1 gates. Each threshold lies within what its figure can take: cosines "
         "-1..1, min_top1_agreement 0..1, max_accuracy_drop -1..1, ratios above 0, dB finite."
     )
 
