@@ -19,6 +19,7 @@ from qtool.numerics import BLOCKED_MIN_OPSET, QTYPES, is_sane_scale, scale_zero_
 from qtool.quantization.coverage import drop_rangeless
 from qtool.quantization.dynamic import DYNAMIC_KERNELS, DynamicQuant, describe, dynamic_quant, dynamic_refusal
 from qtool.quantization.joins import joins_to_split
+from qtool.quantization.masks import SOFTMAX_FLOOR, softmax_only
 from qtool.quantization.precedence import resolve_settings, settings_reason
 from qtool.quantization.rules import FLOAT_OUTPUT_KERNELS, RULES, OpRule, activation_inputs
 from qtool.quantization.weights import BiasQuant, ConstantQuant, NBitsQuant, quantize_constants, weights_reduce_range
@@ -334,13 +335,20 @@ def build_plan(
     host_reduce_range = weights_reduce_range(recipe, saturating_host)
 
     activations: dict[str, ActivationQuant] = {}
+    masked = softmax_only(model.graph, selection.nodes)
     for name, quant in selection.activations.items():
         measured = table.ranges.get(quant.range_of)
         if measured is None:
             notes.append(f"{name}: no calibrated range, kept float")
             continue
-        scale, zero_point = scale_zero_point(measured.lo, measured.hi, QTYPES[quant.qtype], quant.symmetric)
-        if measured.lo == measured.hi or not is_sane_scale(scale):
+        lo = measured.lo
+        if quant.range_of in masked and lo < SOFTMAX_FLOOR < measured.hi:
+            lo = SOFTMAX_FLOOR
+            if name == quant.range_of:
+                notes.append(f"{name}: read only by Softmax, range [{measured.lo:g}, {measured.hi:g}] clamped at "
+                             f"{SOFTMAX_FLOOR:g} (an additive attention mask)")
+        scale, zero_point = scale_zero_point(lo, measured.hi, QTYPES[quant.qtype], quant.symmetric)
+        if lo == measured.hi or not is_sane_scale(scale):
             notes.append(f"{name}: degenerate range [{measured.lo:g}, {measured.hi:g}], kept float")
             continue
         activations[name] = ActivationQuant(
