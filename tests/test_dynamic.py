@@ -68,6 +68,9 @@ def test_matmul_and_gemm_become_dynamic_quantize_matmul_without_calibration_data
     codes, scale = initializer(result.model, fc1.input[1]), initializer(result.model, fc1.input[2])
     assert codes.dtype == np.int8 and scale.shape == (32,) and np.abs(codes).max() == 127
     assert np.all(np.abs(codes * scale - w) <= scale / 2 + 1e-7)
+    # the bias Add that alone reads the MatMul is folded into the kernel's bias input
+    assert "Add" not in ops and list(fc1.output) == ["a"]
+    np.testing.assert_array_equal(initializer(result.model, fc1.input[4]), initializer(model, "b"))
     # Gemm: weight transposed to [K, N], alpha folded into the scales, beta * C into the bias
     w2 = 0.5 * initializer(model, "w2").T
     codes2, scale2 = initializer(result.model, fc2.input[1]), initializer(result.model, fc2.input[2])
@@ -79,8 +82,9 @@ def test_matmul_and_gemm_become_dynamic_quantize_matmul_without_calibration_data
     assert result.report["validation"]["outputs"]["y"]["cosine"] >= 0.999
     assert result.report["kernels"]["integer_ops"] == {"DynamicQuantizeMatMul": 2}
     assert "calibration" not in " ".join(result.report["warnings"])
-    decision = next(n for n in result.report["plan"]["nodes"] if n["node"] == "/fc1/MatMul")
-    assert decision["reason"] == "mode dynamic"
+    reasons = {n["node"]: n["reason"] for n in result.report["plan"]["nodes"]}
+    assert reasons["/fc1/MatMul"] == "mode dynamic"
+    assert reasons["/fc1/Add"] == "bias folded into /fc1/MatMul (DynamicQuantizeMatMul)"
 
 
 def lstm_model(hidden: int = 16, features: int = 12) -> onnx.ModelProto:

@@ -17,7 +17,8 @@ from qtool.errors import ModelError
 from qtool.io.model import DEFAULT_DOMAINS, GraphIndex, opset_version
 from qtool.numerics import BLOCKED_MIN_OPSET, QTYPES, is_sane_scale, scale_zero_point
 from qtool.quantization.coverage import drop_rangeless
-from qtool.quantization.dynamic import DYNAMIC_KERNELS, DynamicQuant, describe, dynamic_quant, dynamic_refusal
+from qtool.quantization.dynamic import (DYNAMIC_KERNELS, DynamicQuant, absorb_bias_add, describe, dynamic_quant,
+                                        dynamic_refusal)
 from qtool.quantization.joins import joins_to_split
 from qtool.quantization.masks import SOFTMAX_FLOOR, softmax_only
 from qtool.quantization.precedence import resolve_settings, settings_reason
@@ -362,8 +363,13 @@ def build_plan(
                      " node(s) (a calibration table carries none: give calibration data); rounded to nearest")
     constants, biases, nbits = quantize_constants(model.graph.node, nodes, index, activations, recipe,
                                                   host_reduce_range, hessians, notes)
-    dynamic = {node.name: dynamic_quant(node, index, d.weights.granularity != "per_tensor", host_reduce_range)
+    float_nodes = {d.node for d in nodes if not d.quantized}
+    dynamic = {node.name: absorb_bias_add(dynamic_quant(node, index, d.weights.granularity != "per_tensor",
+                                                        host_reduce_range), node, index, float_nodes)
                for node, d in zip(model.graph.node, nodes) if d.quantized and d.dynamic}
+    absorbed = {q.absorbs: name for name, q in dynamic.items() if q.absorbs}
+    nodes = [replace(d, reason=f"bias folded into {absorbed[d.node]} (DynamicQuantizeMatMul)")
+             if d.node in absorbed else d for d in nodes]
     nodes = [replace(d, tensors=_node_tensors(node, d, activations, constants, biases, nbits, dynamic))
              for node, d in zip(model.graph.node, nodes)]
     qdq_domain = _check_opset(model, activations, constants, notes)

@@ -144,9 +144,11 @@ def apply_plan(model: ModelProto, plan: QuantPlan) -> ModelProto:
     for old, new in renames:
         _rename_producer(graph, old, new)
 
+    absorbed = {quant.absorbs for quant in plan.dynamic.values() if quant.absorbs}
     ordered = list(head)
     for i, node in enumerate(graph.node):
-        ordered.append(node)
+        if node.name not in absorbed:  # a bias Add its DynamicQuantizeMatMul now computes
+            ordered.append(node)
         ordered.extend(after.get(i, []))
     del graph.node[:]
     graph.node.extend(ordered)
@@ -261,6 +263,8 @@ def _to_dynamic_kernel(node: onnx.NodeProto, quant: DynamicQuant, index: GraphIn
                   add_initializer(f"{node.input[1]}_scale", scale)]
         if quant.bias is not None:
             inputs += ["", add_initializer(f"{name}_bias", quant.bias)]
+        if quant.output is not None:
+            output = [quant.output]
         kwargs = {}
     node.Clear()
     node.CopyFrom(helper.make_node(quant.kernel, inputs, output, name=name, domain=MS_DOMAIN, **kwargs))
