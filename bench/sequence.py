@@ -32,9 +32,10 @@ SHARED = ROOT.parent / "shared" / "models"
 sys.path.insert(0, str(ROOT))
 
 MODELS = {
-    "albert_ja_pos": {"tap": "/model/predictions/decoder/Add_output_0", "metric": "tags", "static": True},
-    "speech_embedding": {"tap": None, "metric": "nn_command", "static": False},
-    "pyannote_seg3": {"tap": None, "metric": "speakers", "static": False},
+    "albert_ja_pos": {"tap": "/model/predictions/decoder/Add_output_0", "metric": "tags",
+                      "qtool": ["dynamic", "static", "static+smoothing"]},
+    "speech_embedding": {"tap": None, "metric": "nn_command", "qtool": ["dynamic", "static"]},
+    "pyannote_seg3": {"tap": None, "metric": "speakers", "qtool": ["dynamic"]},
 }
 KERNELS = {"DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulInteger", "DynamicQuantizeLSTM", "ConvInteger",
            "QLinearMatMul", "QLinearConv", "QGemm", "QLinearAdd", "QLinearMul", "QLinearSoftmax", "QAttention"}
@@ -166,12 +167,14 @@ def bench_model(name: str, seconds: float) -> list[dict]:
         tmp = Path(tmp)
         base = tapped(folder / "model.onnx", spec["tap"], tmp / "float.onnx")
         paths = {"float": base}
-        variants = ["dynamic"] + (["static", "static+smoothing"] if spec["static"] else [])
-        for kind in variants:
+        refused = []
+        for kind in spec["qtool"]:
             try:
                 paths[f"qtool {kind}"] = qtool_variant(base, folder, kind, tmp / f"{kind}.onnx")
             except Exception as exc:  # a refused run is a row, not the end of the benchmark
-                print(f"{name}: qtool {kind}: {type(exc).__name__}: {exc}", file=sys.stderr)
+                why = ("nothing to quantize (no MatMul, Gemm, LSTM or large Gather)" if "nothing to quantize" in str(exc)
+                       else f"{type(exc).__name__}: {exc}")
+                refused.append({"model": name, "variant": f"qtool {kind}", "refused": why})
         for per_channel in (False, True):
             label = f"ORT quantize_dynamic {'per-channel' if per_channel else 'per-tensor'}"
             paths[label] = ort_dynamic(base, per_channel, tmp / f"ort_{int(per_channel)}.onnx")
@@ -179,7 +182,7 @@ def bench_model(name: str, seconds: float) -> list[dict]:
         names, feeds = load_feeds(folder / "eval", sessions["float"])
         outputs = {label: [session.run(None, feed) for feed in feeds] for label, session in sessions.items()}
         medians = time_interleaved(sessions, feeds[0], seconds)
-        rows = []
+        rows = list(refused)
         for label, path in paths.items():
             rows.append({
                 "model": name, "variant": label,
@@ -194,6 +197,9 @@ def bench_model(name: str, seconds: float) -> list[dict]:
 def markdown(rows: list[dict]) -> str:
     lines = ["| model | variant | SQNR dB | task | latency vs float | integer kernels |", "|---|---|---|---|---|---|"]
     for row in rows:
+        if "refused" in row:
+            lines.append(f"| {row['model']} | {row['variant']} | — | refused: {row['refused']} | — | — |")
+            continue
         shown = "—" if row["variant"] == "float" else f"{row['sqnr_db']:.1f}"
         lines.append(f"| {row['model']} | {row['variant']} | {shown} | {row['task']} | "
                      f"{row['latency_ratio']:.2f}× ({row['float_ms']:.1f} ms float) | {row['kernels']} |")
