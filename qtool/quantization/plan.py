@@ -19,6 +19,7 @@ from qtool.numerics import BLOCKED_MIN_OPSET, QTYPES, is_sane_scale, scale_zero_
 from qtool.quantization.coverage import drop_rangeless
 from qtool.quantization.dynamic import (DYNAMIC_KERNELS, DynamicQuant, absorb_bias_add, describe, dynamic_quant,
                                         dynamic_refusal)
+from qtool.quantization.fusions import decomposed_layer_norms
 from qtool.quantization.joins import joins_to_split
 from qtool.quantization.masks import SOFTMAX_FLOOR, softmax_only
 from qtool.quantization.precedence import resolve_settings, settings_reason
@@ -197,7 +198,7 @@ def select_tensors(model: ModelProto, recipe: Recipe, keep_float: dict[str, str]
     graph = model.graph
     index = GraphIndex(graph)
     types = tensor_types(model)
-    keep_float = keep_float or {}
+    keep_float = {**decomposed_layer_norms(graph), **(keep_float or {})}
     decisions = [_float_decision(node, keep_float[node.name]) if node.name in keep_float
                  else _decide(node, RULES.get(node.op_type), recipe, index, types) for node in graph.node]
     by_output = {node.output[0]: (node, d) for node, d in zip(graph.node, decisions) if node.output}
@@ -233,8 +234,10 @@ def select_tensors(model: ModelProto, recipe: Recipe, keep_float: dict[str, str]
             continue
         out = node.output[0]
         consumers = index.consumers.get(out, [])
-        if out in index.graph_outputs and node.op_type in FLOAT_OUTPUT_KERNELS:
-            continue
+        if node.op_type in FLOAT_OUTPUT_KERNELS and (out in index.graph_outputs or (
+                consumers and out not in implicit
+                and not any(reads_quantized(decisions[position[id(c)]]) for c in consumers))):
+            continue  # MatMulIntegerToFloat/QGemm write float for float readers: a Q/DQ pair would only round
         if not consumers and out not in index.graph_outputs:
             continue
         if RULES[node.op_type].output == "shared" and not any(
