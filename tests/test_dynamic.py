@@ -204,3 +204,13 @@ def test_albert_dynamic_int8_all_weighted_matmuls(tmp_path):
     assert sum(t.data_type == TensorProto.INT8 and t.dims[0] == 2383 for t in result.model.graph.initializer) == 1
     output = result.report["validation"]["outputs"]["403"]  # int64 tags from an ArgMax: scored by exact match
     assert output["exact_match"] >= 0.99 and "top1_agreement" not in output
+
+
+def test_pyannote_lstms_run_as_dynamic_quantize_lstm():
+    """The real speaker-segmentation model: 4 bidirectional LSTMs and 3 MatMuls dynamic, its SincNet Conv
+    (inside an If) float; 35.1 dB on 16 samples in bench/sequence.py, quantize_dynamic 25.9 dB."""
+    folder = shared_model("pyannote_seg3")
+    recipe = Recipe.model_validate({**UNTIMED, "validation": {"samples": 2, "gates": {}}})
+    result = api.quantize(folder / "model.onnx", None, recipe, validation_data=folder / "eval")
+    assert result.report["kernels"]["integer_ops"] == {"DynamicQuantizeLSTM": 4, "DynamicQuantizeMatMul": 3}
+    assert result.report["validation"]["outputs"]["output"]["sqnr_db"] >= 30
