@@ -226,3 +226,20 @@ def test_integer_outputs_are_scored_by_exact_match(tmp_path):
     gates = {gate.name: gate for gate in result.gates}
     assert gates["min_exact_match"].value == pytest.approx(want) and gates["min_exact_match"].passed is bool(want >= 0.9)
     assert gates["min_cosine"].value == pytest.approx(figures["s"]["cosine"])  # the class indices are not a signal
+
+
+def test_gates_that_check_no_output_of_this_kind_are_not_applicable(tmp_path):
+    x = np.random.default_rng(4).normal(size=(6, 1, 6, 4)).astype(np.float32)
+    data = save_npy_folder(tmp_path / "data", x)
+    for name, shift in (("ref", 0.0), ("cand", 0.5)):
+        model = argmax_model(shift)
+        del model.graph.output[1]  # only the int64 ArgMax
+        onnx.save_model(model, str(tmp_path / f"{name}.onnx"))
+    result = api.compare(tmp_path / "ref.onnx", tmp_path / "cand.onnx", data,
+                         gates={"min_cosine": 0.99, "min_exact_match": 0.5})
+    cosine, exact = result.gates
+    assert (cosine.passed, cosine.value, cosine.describe()) == (
+        True, None, "gate min_cosine: not applicable (every output is integer: min_exact_match scores them)")
+    assert exact.value is not None and not exact.not_applicable
+    floats = api.compare(SAMPLE / "model.onnx", SAMPLE / "model.onnx", SAMPLE / "calib", gates={"min_exact_match": 0.9})
+    assert floats.passed and floats.gates[0].not_applicable == "no integer output"

@@ -180,8 +180,11 @@ class GateResult:
     threshold: float
     value: float | None
     passed: bool
+    not_applicable: str = ""  # why no output has the figure (passed: the model has none of what it checks)
 
     def describe(self) -> str:
+        if self.not_applicable:
+            return f"gate {self.name}: not applicable ({self.not_applicable})"
         shown = "n/a" if self.value is None else f"{self.value:.6g}"
         verdict = "passed" if self.passed else "FAILED"
         return f"gate {self.name}: {verdict} (value {shown}, threshold {self.threshold:g})"
@@ -230,6 +233,16 @@ def compare_models(
     return Comparison(samples, {name: s.figures() for name, s in stats.items()}, accuracy, labelled)
 
 
+def _not_applicable(comparison: Comparison, figure: str) -> str:
+    """Why a gate has nothing to check in this model's kind of outputs ("": it has, or should have)."""
+    integer = ["exact_match" in f for f in comparison.outputs.values()]
+    if figure == "exact_match" and integer and not any(integer):
+        return "no integer output"
+    if figure in FLOAT_ONLY_FIGURES - {"top1_agreement"} and integer and all(integer):
+        return "every output is integer: min_exact_match scores them"
+    return ""
+
+
 def check_gates(comparison: Comparison, gates: dict[str, float],
                 extra: dict[str, float | None] | None = None) -> list[GateResult]:
     """Each gate's verdict; `extra` holds figures measured elsewhere (latency_ratio, size_ratio)."""
@@ -238,6 +251,10 @@ def check_gates(comparison: Comparison, gates: dict[str, float],
     for name, threshold in gates.items():
         figure, larger_is_better = GATES[name]
         value = extra.get(figure) if figure in extra else comparison.figure(figure)
+        why = _not_applicable(comparison, figure) if value is None else ""
+        if why:
+            results.append(GateResult(name, threshold, None, True, why))
+            continue
         if value is None:
             passed = False
         else:
