@@ -113,3 +113,24 @@ def test_where_mask_runs_as_qlinear_where(tmp_path, fill):
     result = api.quantize(path, tmp_path / "data", Recipe.model_validate({"validation": {"gates": {}}}))
     assert result.report["kernels"]["integer_ops"].get("QLinearWhere") == 1
     assert result.report["validation"]["outputs"]["y"]["sqnr_db"] >= 20
+
+
+def test_erf_gelu_keeps_its_div_so_ort_fuses_gelu(tmp_path):
+    """x → MatMul → 0.5·h·(1 + erf(h / √2)) → MatMul: prepare turns Divs by constants into Muls (QLinearMul
+    exists, no integer Div) but not GELU's, which ORT fuses into one Gelu kernel only as a Div."""
+    rng = np.random.default_rng(5)
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h"]), helper.make_node("Div", ["h", "sqrt2"], ["hs"]),
+             helper.make_node("Erf", ["hs"], ["e"]), helper.make_node("Add", ["e", "one"], ["e1"]),
+             helper.make_node("Mul", ["h", "e1"], ["he"]), helper.make_node("Mul", ["he", "half"], ["g"]),
+             helper.make_node("MatMul", ["g", "w1"], ["y"])]
+    model = make_model(
+        nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, D])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, D])],
+        {"w0": rng.normal(size=(D, D)).astype(np.float32) / 6, "w1": rng.normal(size=(D, D)).astype(np.float32) / 6,
+         "sqrt2": np.array(np.sqrt(2), np.float32), "one": np.array(1, np.float32), "half": np.array(0.5, np.float32)})
+    path = tmp_path / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    data = save_npy_folder(tmp_path / "eval", rng.normal(size=(4, 1, 8, D)))
+    result = api.quantize(path, None, Recipe.model_validate({"quantization": {"mode": "dynamic"},
+                                                             "validation": {"gates": {}}}), validation_data=data)
+    assert result.report["kernels"]["optimized_ops"] == {"DynamicQuantizeMatMul": 2, "Gelu": 1}
