@@ -301,6 +301,8 @@ class QuantizationSpec(_Strict):
         "`dynamic`: int8 weights, activations quantized at run time by ONNX Runtime's dynamic kernels "
         "(MatMul/Gemm with a constant weight -> DynamicQuantizeMatMul, LSTM -> DynamicQuantizeLSTM, "
         "large Gather tables stored int8 per row); other ops stay float and no calibration data is needed. "
+        "Dynamic weights are int8 symmetric whatever `weights.dtype`/`symmetric` say (`granularity: "
+        "per_tensor` and `reduce_range` apply). "
         "Overrides set `mode` per node to mix the two.",
     )
     static: bool = Field(
