@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SAMPLE := sample_models/digits_cnn
 
-.PHONY: install demo test floors fuzz browser docs bench-calibration bench-latency bench-accuracy clean
+.PHONY: install demo test floors fuzz browser docs bench-calibration bench-latency bench-accuracy bench-sequence clean
 
 install: $(VENV)/.installed
 
@@ -58,6 +58,11 @@ bench-latency: install
 # the task metric per shared model (~20 min on 2 shared cores; --models to pick, --json to keep the rows)
 bench-accuracy: install
 	$(BIN)/python bench/accuracy.py --json out/bench-accuracy.json
+
+# transformer and audio models (albert_ja_pos, speech_embedding, pyannote_seg3): qtool dynamic-int8 and static
+# int8 vs onnxruntime.quantization's quantize_dynamic: output SQNR, task metric, latency vs float (~3 min)
+bench-sequence: install
+	$(BIN)/python bench/sequence.py --json out/bench-sequence.json
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -247,6 +247,12 @@ def _table_warnings(table: CalibrationTable, recipe: Recipe) -> list[str]:
     return []
 
 
+def uses_dynamic(recipe: Recipe) -> bool:
+    """Whether any node may be quantized dynamically (then calibration data is optional)."""
+    quant = recipe.quantization
+    return quant.mode == "dynamic" or any(o.mode == "dynamic" for o in quant.overrides)
+
+
 def quantize(
     model_path: str | Path,
     data_dir: str | Path | None,
@@ -271,15 +277,17 @@ def quantize(
     ONNX Runtime threads (default 1); a quantized model slower than float adds a warning.
     With `calibration` (a table written by `calibrate`) no calibration data is read:
     `data_dir` must then be None, and validation data must come from `validation_data`
-    or the recipe.
+    or the recipe. A recipe with `quantization.mode: dynamic` needs no calibration data
+    either (`data_dir` None; given, it serves smoothing and, failing other validation data,
+    validation); a UsageError (exit 2) says so when overrides make nodes static.
     """
     if calibration is not None and data_dir is not None:
         raise UsageError("give calibration data (--data) or a calibration table (--calibration), not both")
-    if calibration is None and data_dir is None:
-        raise UsageError("calibration data (--data DIR) or a calibration table (--calibration TABLE.json) "
-                         "is needed")
     model_path = Path(model_path)
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    if calibration is None and data_dir is None and not uses_dynamic(recipe):
+        raise UsageError("calibration data (--data DIR) or a calibration table (--calibration TABLE.json) "
+                         "is needed")
     output = Path(output_dir) if output_dir is not None else None
     read_paths = (_path_or_none(data_dir), validation_data, labels, calibration, *recipe_inputs(recipe))
     if output is not None:
@@ -303,7 +311,13 @@ def quantize(
     elif recipe.quantization.algorithms.smoothing:
         model, smoothed = smooth(model, calib_data, recipe.calibration.batch_size)
     selection = select_tensors(model, recipe)
-    if loaded is not None:
+    if loaded is None and calib_data is None:  # mode dynamic: no ranges, unless overrides make nodes static
+        if selection.calibration_tensors:
+            raise UsageError(f"{len(selection.calibration_tensors)} tensor(s) the recipe quantizes statically "
+                             f"(e.g. {selection.calibration_tensors[0]}) need calibration data (--data DIR) or a "
+                             "calibration table (--calibration TABLE.json); mode dynamic alone needs neither")
+        table = CalibrationTable({}, 0)
+    elif loaded is not None:
         check_table(loaded, read.sha256, selection.calibration_tensors)
         table = loaded
         warnings += _table_warnings(loaded, recipe)
@@ -313,7 +327,7 @@ def quantize(
     saturating = int8_kernels_may_saturate()
     placed = plan_and_apply(model, recipe, selection, table, saturating)
     plan, quantized = placed.plan, placed.model
-    ranges_from = Path(calibration) if calibration else calib_data.folder
+    ranges_from = Path(calibration) if calibration else calib_data.folder if calib_data else "(no calibration data)"
     warnings += check_coverage(plan, sum(d.quantized for d in selection.nodes), model=model_path,
                                recipe=recipe.source, ranges_from=ranges_from, table=calibration is not None)
     corrected: list[BiasShift] | None = None

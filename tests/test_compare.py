@@ -197,3 +197,50 @@ def test_ppocr_cls_compare_per_output_and_per_layer(ppocr_cls):
     assert len(layers["activations"]) >= 50 and len(layers["weights"]) >= 50
     assert "Conv" in {row["op_type"] for row in layers["activations"]}
     assert (root / "compare" / "report.html").read_text().count("<svg") >= 4
+
+
+def argmax_model(shift: float) -> onnx.ModelProto:
+    """x [N, 6, 4] → (x + [0, 0, 0, shift]) → ArgMax over the last axis → int64 y [N, 6] and the float sum s."""
+    return make_model(
+        [helper.make_node("Add", ["x", "c"], ["z"]), helper.make_node("ArgMax", ["z"], ["y"], axis=2, keepdims=0),
+         helper.make_node("ReduceSum", ["z"], ["s"], keepdims=0)],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.INT64, ["N", 6]),
+         helper.make_tensor_value_info("s", TensorProto.FLOAT, ["N"])],
+        {"c": np.array([0, 0, 0, shift], np.float32)},
+    )
+
+
+def test_integer_outputs_are_scored_by_exact_match(tmp_path):
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(10, 1, 6, 4)).astype(np.float32)
+    data = save_npy_folder(tmp_path / "data", x)
+    for name, shift in (("ref", 0.0), ("cand", 0.5)):
+        onnx.save_model(argmax_model(shift), str(tmp_path / f"{name}.onnx"))
+    result = api.compare(tmp_path / "ref.onnx", tmp_path / "cand.onnx", data,
+                         gates={"min_exact_match": 0.9, "min_cosine": 0.5})
+    flat = x.reshape(-1, 4)
+    want = np.mean(np.argmax(flat, axis=1) == np.argmax(flat + [0, 0, 0, 0.5], axis=1))
+    figures = result.report["validation"]["outputs"]
+    assert 0 < want < 1 and figures["y"]["exact_match"] == pytest.approx(want)
+    assert "exact_match" not in figures["s"] and "top1_agreement" not in figures["y"]
+    gates = {gate.name: gate for gate in result.gates}
+    assert gates["min_exact_match"].value == pytest.approx(want) and gates["min_exact_match"].passed is bool(want >= 0.9)
+    assert gates["min_cosine"].value == pytest.approx(figures["s"]["cosine"])  # the class indices are not a signal
+
+
+def test_gates_that_check_no_output_of_this_kind_are_not_applicable(tmp_path):
+    x = np.random.default_rng(4).normal(size=(6, 1, 6, 4)).astype(np.float32)
+    data = save_npy_folder(tmp_path / "data", x)
+    for name, shift in (("ref", 0.0), ("cand", 0.5)):
+        model = argmax_model(shift)
+        del model.graph.output[1]  # only the int64 ArgMax
+        onnx.save_model(model, str(tmp_path / f"{name}.onnx"))
+    result = api.compare(tmp_path / "ref.onnx", tmp_path / "cand.onnx", data,
+                         gates={"min_cosine": 0.99, "min_exact_match": 0.5})
+    cosine, exact = result.gates
+    assert (cosine.passed, cosine.value, cosine.describe()) == (
+        True, None, "gate min_cosine: not applicable (every output is integer: min_exact_match scores them)")
+    assert exact.value is not None and not exact.not_applicable
+    floats = api.compare(SAMPLE / "model.onnx", SAMPLE / "model.onnx", SAMPLE / "calib", gates={"min_exact_match": 0.9})
+    assert floats.passed and floats.gates[0].not_applicable == "no integer output"

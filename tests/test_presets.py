@@ -86,5 +86,5 @@ def test_quantize_accepts_a_preset_name_and_exits_2_on_an_unknown_one(tmp_path, 
     sample = ROOT / "sample_models" / "digits_cnn"
     args = ["quantize", str(sample / "model.onnx"), "--data", str(sample / "calib"), "--quiet"]
     result = CliRunner().invoke(main, [*args, "--recipe", "int9", "--output", "bad"])
-    assert result.exit_code == 2 and "nor a preset (a16w8, int8" in result.output
+    assert result.exit_code == 2 and "nor a preset (a16w8, dynamic-int8, int8" in result.output
     assert not (tmp_path / "bad").exists()

@@ -24,7 +24,7 @@ from qtool.runtime.session import parse_providers, use_providers
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), help="Recipe YAML, or a preset by name (`qtool recipes`; default: int8).")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path),
-              help="Calibration data: a folder, or one .npy/.npz file of stacked samples (not with --calibration).")
+              help="Calibration data: a folder, or one .npy/.npz file of stacked samples (not with --calibration; optional with quantization.mode dynamic).")
 @click.option("--data-loader", "data_loader", metavar="FILE.py:FUNCTION",
               help="Calibration data from a Python function returning feed dicts (runs that file's code).")
 @click.option("--calibration", "calibration", type=click.Path(path_type=Path),
@@ -224,7 +224,8 @@ def analysis_options(command):
               help="Recipe whose validation.gates, data and batch settings apply.")
 @click.option("--gate", "gates", multiple=True, callback=_parse_gates, metavar="NAME=VALUE",
               help="A quality gate (repeatable; overrides the recipe's). Names: min_cosine, min_sqnr_db, "
-                   "min_slice_sqnr_db, max_accuracy_drop, min_top1_agreement, max_latency_ratio, min_size_ratio.")
+                   "min_slice_sqnr_db, max_accuracy_drop, min_top1_agreement, max_latency_ratio, min_size_ratio, "
+                   "min_exact_match.")
 @analysis_options
 @click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path),
               help="Folder to write report.json, report.md and report.html into.")

@@ -23,7 +23,10 @@ GATES = {
     "max_accuracy_drop": ("accuracy_drop", False),
     "max_latency_ratio": ("latency_ratio", False),  # candidate median / reference median
     "min_size_ratio": ("size_ratio", True),  # reference bytes / candidate bytes
+    "min_exact_match": ("exact_match", True),  # integer outputs: the fraction of elements equal
 }
+# Figures that mean nothing on integer outputs (class indices, token ids, counts): their gates skip them.
+FLOAT_ONLY_FIGURES = {"cosine", "sqnr_db", "slice_sqnr_db", "top1_agreement"}
 
 # Per-sample SQNR histogram bins (dB); values outside land in the end bins.
 SQNR_EDGES = tuple(float(edge) for edge in range(0, 84, 4))
@@ -58,8 +61,14 @@ class OutputStats:
         self.slices: bool = slices
         self.slice_axis: int | None = None
         self.slice_signal = self.slice_noise = np.zeros(0)
+        self.integer = False  # an integer or bool output (an ArgMax): scored by exact match
+        self.equal = 0
 
     def update(self, ref: np.ndarray, cand: np.ndarray) -> None:
+        if not self.count and (np.issubdtype(ref.dtype, np.integer) or ref.dtype == np.bool_):
+            self.integer, self.classifier = True, False
+        if self.integer:
+            self.equal += int(np.sum(ref == cand))
         a, b = ref.astype(np.float64), cand.astype(np.float64)
         diff = a - b
         self.dot += float(np.sum(a * b))
@@ -120,6 +129,8 @@ class OutputStats:
             "max_abs_error": self.max_abs,
             "mean_abs_error": self.abs_sum / self.count if self.count else 0.0,
         }
+        if self.integer:
+            figures["exact_match"] = self.equal / self.count if self.count else 1.0
         if self.classifier and self.samples:
             figures["top1_agreement"] = self.agree / self.samples
             if self.classes > 5:
@@ -149,16 +160,18 @@ class Comparison:
     labelled: int = 0
 
     def figure(self, name: str) -> float | None:
-        """The worst value of a figure over all outputs (what a gate checks)."""
+        """The worst value of a figure over all outputs (what a gate checks); cosine, SQNR and top-1
+        figures skip integer outputs, which `exact_match` scores (None: no output has the figure)."""
         if name == "accuracy_drop":
             if not self.accuracy:
                 return None
             return self.accuracy["reference"] - self.accuracy["candidate"]
+        scored = [f for f in self.outputs.values() if name not in FLOAT_ONLY_FIGURES or "exact_match" not in f]
         if name == "slice_sqnr_db":  # an output without a feature axis is its own one slice
             values = [(f["worst_slice"] or {"sqnr_db": f["sqnr_db"]})["sqnr_db"]
-                      for f in self.outputs.values() if "worst_slice" in f]
+                      for f in scored if "worst_slice" in f]
             return min(values) if values else None
-        values = [figures[name] for figures in self.outputs.values() if name in figures]
+        values = [figures[name] for figures in scored if name in figures]
         return min(values) if values else None
 
 
@@ -168,8 +181,11 @@ class GateResult:
     threshold: float
     value: float | None
     passed: bool
+    not_applicable: str = ""  # why no output has the figure (passed: the model has none of what it checks)
 
     def describe(self) -> str:
+        if self.not_applicable:
+            return f"gate {self.name}: not applicable ({self.not_applicable})"
         shown = "n/a" if self.value is None else f"{self.value:.6g}"
         verdict = "passed" if self.passed else "FAILED"
         return f"gate {self.name}: {verdict} (value {shown}, threshold {self.threshold:g})"
@@ -222,6 +238,16 @@ def compare_models(
     return Comparison(samples, {name: s.figures() for name, s in stats.items()}, accuracy, labelled)
 
 
+def _not_applicable(comparison: Comparison, figure: str) -> str:
+    """Why a gate has nothing to check in this model's kind of outputs ("": it has, or should have)."""
+    integer = ["exact_match" in f for f in comparison.outputs.values()]
+    if figure == "exact_match" and integer and not any(integer):
+        return "no integer output"
+    if figure in FLOAT_ONLY_FIGURES - {"top1_agreement"} and integer and all(integer):
+        return "every output is integer: min_exact_match scores them"
+    return ""
+
+
 def check_gates(comparison: Comparison, gates: dict[str, float],
                 extra: dict[str, float | None] | None = None) -> list[GateResult]:
     """Each gate's verdict; `extra` holds figures measured elsewhere (latency_ratio, size_ratio)."""
@@ -230,6 +256,10 @@ def check_gates(comparison: Comparison, gates: dict[str, float],
     for name, threshold in gates.items():
         figure, larger_is_better = GATES[name]
         value = extra.get(figure) if figure in extra else comparison.figure(figure)
+        why = _not_applicable(comparison, figure) if value is None else ""
+        if why:
+            results.append(GateResult(name, threshold, None, True, why))
+            continue
         if value is None:
             passed = False
         else:

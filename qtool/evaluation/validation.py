@@ -28,7 +28,8 @@ def resolve_validation_data(
     if folder_path is not None:
         folder = open_data(folder_path, inputs, spec.samples, recipe)
     elif calib_data is None:
-        raise UsageError("with --calibration no calibration data is read: give validation data with "
+        raise UsageError("no calibration data is read (--calibration, or mode dynamic without --data): give "
+                         "validation data with "
                          "--validation-data or the recipe's validation.data")
     else:
         folder = calib_data.reopen(spec.samples)

@@ -23,6 +23,7 @@ DEFAULT_DOMAINS = ("", "ai.onnx")
 QUANTIZED_OP_TYPES = {
     "QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul",
     "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear", "MatMulNBits",
+    "DynamicQuantizeMatMul", "DynamicQuantizeLSTM",
 }
 PROTOBUF_LIMIT = 2**31 - 1
 

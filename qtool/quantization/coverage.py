@@ -28,7 +28,7 @@ def drop_rangeless(graph, nodes: list[NodeDecision], selected: dict, planned: di
     float, weights included: they would run as float ops, whatever the headline said."""
     result = []
     for node, decision in zip(graph.node, nodes):
-        if decision.quantized and not decision.weight_only:
+        if decision.quantized and not decision.weight_only and not decision.dynamic:
             tensors = [node.input[i] for i in decision.activation_inputs] + list(node.output[:1])
             wanted = [name for name in tensors if name in selected]
             if wanted and not any(name in planned for name in wanted):

@@ -69,7 +69,7 @@ def unfused_nodes(quantized: ModelProto, plan: QuantPlan) -> dict[str, str]:
     unfused = {}
     for decision in plan.nodes:
         rule = RULES.get(decision.op_type)
-        if (not decision.quantized or decision.weight_only or rule is None or rule.output != "own"
+        if (not decision.quantized or decision.weight_only or decision.dynamic or rule is None or rule.output != "own"
                 or rule.fuses_into_producer or not _has_int8_kernel_types(decision)):
             continue
         node = after.get(decision.node)

@@ -17,11 +17,16 @@ from qtool.errors import ModelError
 from qtool.io.model import DEFAULT_DOMAINS, GraphIndex, opset_version
 from qtool.numerics import BLOCKED_MIN_OPSET, QTYPES, is_sane_scale, scale_zero_point
 from qtool.quantization.coverage import drop_rangeless
+from qtool.quantization.dynamic import (DYNAMIC_KERNELS, DynamicQuant, absorb_bias_add, describe, dynamic_quant,
+                                        dynamic_refusal)
+from qtool.quantization.fusions import decomposed_layer_norms
 from qtool.quantization.joins import joins_to_split
+from qtool.quantization.masks import SOFTMAX_FLOOR, softmax_only
+from qtool.quantization.precedence import resolve_settings, settings_reason
 from qtool.quantization.rules import FLOAT_OUTPUT_KERNELS, RULES, OpRule, activation_inputs
 from qtool.quantization.weights import BiasQuant, ConstantQuant, NBitsQuant, quantize_constants, weights_reduce_range
 from qtool.recipe import patterns
-from qtool.recipe.schema import ActivationSpec, MatchSpec, OverrideSpec, QuantizationSpec, Recipe, WeightSpec
+from qtool.recipe.schema import ActivationSpec, Recipe, WeightSpec
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,7 @@ class NodeDecision:
     activations: ActivationSpec | None = None  # resolved settings (defaults + overrides)
     weights: WeightSpec | None = None
     weight_only: str | None = None  # "matmulnbits" or "qdq" when quantization.weight_only took the node
+    dynamic: str | None = None  # the ONNX Runtime kernel, when mode dynamic took the node (quantization/dynamic.py)
     tensors: tuple[tuple[str, str], ...] = ()  # (tensor, what it got), filled by build_plan
 
 
@@ -72,6 +78,7 @@ class QuantPlan:
     notes: list[str] = field(default_factory=list)
     nbits: dict[str, NBitsQuant] = field(default_factory=dict)  # by node name
     qdq_domain_16bit: str = ""  # "com.microsoft" where the model's opset predates 16-bit Q/DQ
+    dynamic: dict[str, DynamicQuant] = field(default_factory=dict)  # by node name
 
 
 def tensor_types(model: ModelProto) -> dict[str, int]:
@@ -82,72 +89,6 @@ def tensor_types(model: ModelProto) -> dict[str, int]:
         if value.type.HasField("tensor_type"):
             types.setdefault(value.name, value.type.tensor_type.elem_type)
     return types
-
-
-# --- recipe precedence: exclude > name/tensor override > op-type override > defaults ---------
-
-
-@dataclass(frozen=True)
-class NodeSettings:
-    activations: ActivationSpec
-    weights: WeightSpec
-    float_by: str | None  # the override that keeps the node float, if any
-    sources: dict[str, str]  # "weights.dtype" -> the override that set it (absent: defaults)
-
-
-def _describe_match(index: int, override: OverrideSpec) -> str:
-    keys = ", ".join(f"{k} {v!r}" for k, v in override.match.model_dump(exclude_none=True).items())
-    return f"overrides[{index}] ({keys})"
-
-
-def _matches(match: MatchSpec, node) -> bool:
-    if match.op_type is not None and node.op_type != match.op_type:
-        return False
-    if match.name is not None and not patterns.fullmatch(match.name, node.name):
-        return False
-    if match.tensor is not None and not any(
-        name and patterns.fullmatch(match.tensor, name) for name in list(node.input) + list(node.output)
-    ):
-        return False
-    return True
-
-
-def resolve_settings(node, quant: QuantizationSpec) -> NodeSettings:
-    """The one place recipe precedence is applied, key by key.
-
-    Name and tensor matches outrank op-type matches; within a rank the earlier
-    override wins; keys no override sets come from the defaults.
-    """
-    matching = [(i, o) for i, o in enumerate(quant.overrides) if _matches(o.match, node)]
-    ranked = [m for m in matching if m[1].match.names_nodes] + [m for m in matching if not m[1].match.names_nodes]
-    values: dict[str, dict] = {"activations": {}, "weights": {}}
-    sources: dict[str, str] = {}
-    float_by = None
-    float_decided = False
-    for i, override in ranked:
-        if override.float is not None and not float_decided:
-            float_decided = True
-            float_by = _describe_match(i, override) if override.float else None
-        for section in ("activations", "weights"):
-            patch = getattr(override, section)
-            if patch is None:
-                continue
-            for key, value in patch.model_dump(exclude_none=True).items():
-                if key not in values[section]:
-                    values[section][key] = value
-                    sources[f"{section}.{key}"] = _describe_match(i, override)
-    return NodeSettings(
-        quant.activations.model_copy(update=values["activations"]),
-        quant.weights.model_copy(update=values["weights"]),
-        float_by, sources,
-    )
-
-
-def _settings_reason(settings: NodeSettings) -> str:
-    by_source: dict[str, list[str]] = {}
-    for key, source in settings.sources.items():
-        by_source.setdefault(source, []).append(key)
-    return "".join(f"; {', '.join(keys)}: {source}" for source, keys in by_source.items())
 
 
 def _float_decision(node, reason: str) -> NodeDecision:
@@ -206,6 +147,13 @@ def _decide(node, rule: OpRule | None, recipe: Recipe, index: GraphIndex, types:
     weight_only = _weight_only_decision(node, recipe, index, types)
     if weight_only is not None:
         return weight_only
+    if settings.mode == "dynamic":
+        refusal = dynamic_refusal(node, index, types)
+        if refusal is not None:
+            return _float_decision(node, refusal)
+        return NodeDecision(node.name, node.op_type, True, f"mode dynamic{settings_reason(settings)}",
+                            activations=settings.activations, weights=settings.weights,
+                            dynamic=DYNAMIC_KERNELS[node.op_type])
     if rule is None:
         return _float_decision(node, "op type not in the rule table")
     if not quant.static:
@@ -230,8 +178,13 @@ def _decide(node, rule: OpRule | None, recipe: Recipe, index: GraphIndex, types:
         return _float_decision(node, "no float inputs to quantize")
     if rule.fuses_into_producer and not is_float(node.output[0]):
         return _float_decision(node, "no float inputs to quantize")
-    return NodeDecision(node.name, node.op_type, True, f"rule {node.op_type}{_settings_reason(settings)}",
+    return NodeDecision(node.name, node.op_type, True, f"rule {node.op_type}{settings_reason(settings)}",
                         inputs, weight, bias, settings.activations, settings.weights)
+
+
+def reads_quantized(decision: NodeDecision) -> bool:
+    """A node the static rules quantize (a dynamic kernel reads float and quantizes it itself)."""
+    return decision.quantized and not decision.dynamic
 
 
 def select_tensors(model: ModelProto, recipe: Recipe, keep_float: dict[str, str] | None = None) -> Selection:
@@ -245,7 +198,7 @@ def select_tensors(model: ModelProto, recipe: Recipe, keep_float: dict[str, str]
     graph = model.graph
     index = GraphIndex(graph)
     types = tensor_types(model)
-    keep_float = keep_float or {}
+    keep_float = {**decomposed_layer_norms(graph), **(keep_float or {})}
     decisions = [_float_decision(node, keep_float[node.name]) if node.name in keep_float
                  else _decide(node, RULES.get(node.op_type), recipe, index, types) for node in graph.node]
     by_output = {node.output[0]: (node, d) for node, d in zip(graph.node, decisions) if node.output}
@@ -265,7 +218,7 @@ def select_tensors(model: ModelProto, recipe: Recipe, keep_float: dict[str, str]
     def range_source(tensor: str) -> str:
         """Outputs of quantized data-movement ops take the range of their input."""
         node, decision = by_output.get(tensor, (None, None))
-        if decision is not None and decision.quantized and RULES[node.op_type].output == "shared" \
+        if decision is not None and reads_quantized(decision) and RULES[node.op_type].output == "shared" \
                 and 0 in decision.activation_inputs and node.input[0] not in index.initializers:
             return range_source(node.input[0])
         return tensor
@@ -276,22 +229,24 @@ def select_tensors(model: ModelProto, recipe: Recipe, keep_float: dict[str, str]
                 if node.input[i] not in index.initializers:
                     wanted.setdefault(node.input[i], decision.activations)
     for node, decision in zip(graph.node, decisions):
-        if not decision.quantized or decision.weight_only or not node.output \
+        if not reads_quantized(decision) or decision.weight_only or not node.output \
                 or types.get(node.output[0]) != TensorProto.FLOAT:
             continue
         out = node.output[0]
         consumers = index.consumers.get(out, [])
-        if out in index.graph_outputs and node.op_type in FLOAT_OUTPUT_KERNELS:
-            continue
+        if node.op_type in FLOAT_OUTPUT_KERNELS and (out in index.graph_outputs or (
+                consumers and out not in implicit
+                and not any(reads_quantized(decisions[position[id(c)]]) for c in consumers))):
+            continue  # MatMulIntegerToFloat/QGemm write float for float readers: a Q/DQ pair would only round
         if not consumers and out not in index.graph_outputs:
             continue
         if RULES[node.op_type].output == "shared" and not any(
-            decisions[position[id(c)]].quantized for c in consumers
+            reads_quantized(decisions[position[id(c)]]) for c in consumers
         ):
             continue  # moving quantized data only helps if someone reads it quantized
         # A reader inside a subgraph is a float reader: the producer's output is never fused away.
         fused = consumers and out not in index.graph_outputs and out not in implicit and all(
-            by_output[c.output[0]][1].quantized and RULES[c.op_type].fuses_into_producer
+            reads_quantized(by_output[c.output[0]][1]) and RULES[c.op_type].fuses_into_producer
             for c in consumers if c.output and c.output[0] in by_output
         ) and all(c.output and c.output[0] in by_output for c in consumers)
         if not fused:
@@ -344,13 +299,15 @@ def _describe_constant(const: ConstantQuant) -> str:
             + (", gptq rounding" if const.codes is not None else ""))
 
 
-def _node_tensors(node, decision: NodeDecision, activations, constants, biases, nbits) -> tuple:
+def _node_tensors(node, decision: NodeDecision, activations, constants, biases, nbits, dynamic) -> tuple:
     """What each input and output of a node got, for the report."""
     got = []
     for i, name in enumerate(node.input):
         if not name:
             continue
-        if decision.node in nbits and i == 1:
+        if decision.node in dynamic and i in dynamic[decision.node].weights:
+            got.append((name, describe(dynamic[decision.node])))
+        elif decision.node in nbits and i == 1:
             q = nbits[decision.node]
             got.append((name, f"MatMulNBits {q.bits}-bit block {q.block_size}"
                               f"{'' if q.zero_point is None else ' with zero points'}"))
@@ -382,13 +339,20 @@ def build_plan(
     host_reduce_range = weights_reduce_range(recipe, saturating_host)
 
     activations: dict[str, ActivationQuant] = {}
+    masked = softmax_only(model.graph, selection.nodes)
     for name, quant in selection.activations.items():
         measured = table.ranges.get(quant.range_of)
         if measured is None:
             notes.append(f"{name}: no calibrated range, kept float")
             continue
-        scale, zero_point = scale_zero_point(measured.lo, measured.hi, QTYPES[quant.qtype], quant.symmetric)
-        if measured.lo == measured.hi or not is_sane_scale(scale):
+        lo = measured.lo
+        if quant.range_of in masked and lo < SOFTMAX_FLOOR < measured.hi:
+            lo = SOFTMAX_FLOOR
+            if name == quant.range_of:
+                notes.append(f"{name}: read only by Softmax, range [{measured.lo:g}, {measured.hi:g}] clamped at "
+                             f"{SOFTMAX_FLOOR:g} (an additive attention mask)")
+        scale, zero_point = scale_zero_point(lo, measured.hi, QTYPES[quant.qtype], quant.symmetric)
+        if lo == measured.hi or not is_sane_scale(scale):
             notes.append(f"{name}: degenerate range [{measured.lo:g}, {measured.hi:g}], kept float")
             continue
         activations[name] = ActivationQuant(
@@ -402,10 +366,17 @@ def build_plan(
                      " node(s) (a calibration table carries none: give calibration data); rounded to nearest")
     constants, biases, nbits = quantize_constants(model.graph.node, nodes, index, activations, recipe,
                                                   host_reduce_range, hessians, notes)
-    nodes = [replace(d, tensors=_node_tensors(node, d, activations, constants, biases, nbits))
+    float_nodes = {d.node for d in nodes if not d.quantized}
+    dynamic = {node.name: absorb_bias_add(dynamic_quant(node, index, d.weights.granularity != "per_tensor",
+                                                        host_reduce_range), node, index, float_nodes)
+               for node, d in zip(model.graph.node, nodes) if d.quantized and d.dynamic}
+    absorbed = {q.absorbs: name for name, q in dynamic.items() if q.absorbs}
+    nodes = [replace(d, reason=f"bias folded into {absorbed[d.node]} (DynamicQuantizeMatMul)")
+             if d.node in absorbed else d for d in nodes]
+    nodes = [replace(d, tensors=_node_tensors(node, d, activations, constants, biases, nbits, dynamic))
              for node, d in zip(model.graph.node, nodes)]
     qdq_domain = _check_opset(model, activations, constants, notes)
-    return QuantPlan(nodes, activations, constants, biases, host_reduce_range, notes, nbits, qdq_domain)
+    return QuantPlan(nodes, activations, constants, biases, host_reduce_range, notes, nbits, qdq_domain, dynamic)
 
 
 def _check_opset(model: ModelProto, activations: dict, constants: dict, notes: list[str]) -> str:

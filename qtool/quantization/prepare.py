@@ -344,13 +344,18 @@ def div_by_constant_to_mul(model: ModelProto) -> int:
     ONNX Runtime has an integer Mul (QLinearMul) but no integer Div, so a float
     Div in a hard-swish (x * relu6(x + 3) / 6) breaks every integer chain it sits
     in with a DequantizeLinear/QuantizeLinear pair. The result differs from the
-    Div by at most float rounding.
+    Div by at most float rounding. A Div read only by Erf is left alone: it is
+    GELU's x / sqrt(2), which ONNX Runtime fuses into one Gelu kernel only as a Div
+    (and Erf has no integer kernel either way).
     """
     graph = model.graph
     index = GraphIndex(graph)
     rewritten = 0
     for node in graph.node:
         if node.op_type != "Div" or node.domain not in ("", "ai.onnx") or node.input[1] not in index.initializers:
+            continue
+        readers = index.consumers.get(node.output[0], [])
+        if readers and all(reader.op_type == "Erf" for reader in readers):
             continue
         divisor = numpy_helper.to_array(index.initializers[node.input[1]])
         if divisor.dtype != np.float32 or not np.all(np.isfinite(divisor)) or np.any(divisor == 0):

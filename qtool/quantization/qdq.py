@@ -16,6 +16,7 @@ from onnx import ModelProto, helper, numpy_helper, version_converter
 
 from qtool.io.model import PROTOBUF_LIMIT, GraphIndex, opset_version, proto_size, save_model
 from qtool.numerics import QTYPES, quantize
+from qtool.quantization.dynamic import DynamicQuant
 from qtool.quantization.plan import QuantPlan
 from qtool.quantization.prepare import remove_unused_initializers
 from qtool.quantization.weights import NBitsQuant
@@ -128,6 +129,9 @@ def apply_plan(model: ModelProto, plan: QuantPlan) -> ModelProto:
         if node.name in plan.nbits:
             _to_matmul_nbits(node, plan.nbits[node.name], add_initializer)
             continue
+        if node.name in plan.dynamic:  # its output's Q/DQ pairs, if any, read what the extra nodes write
+            after[at] = _to_dynamic_kernel(node, plan.dynamic[node.name], index, add_initializer) + after.get(at, [])
+            continue
         reads = list(decision.activation_inputs)
         if decision.weight_input is not None:
             reads.append(decision.weight_input)
@@ -140,9 +144,11 @@ def apply_plan(model: ModelProto, plan: QuantPlan) -> ModelProto:
     for old, new in renames:
         _rename_producer(graph, old, new)
 
+    absorbed = {quant.absorbs for quant in plan.dynamic.values() if quant.absorbs}
     ordered = list(head)
     for i, node in enumerate(graph.node):
-        ordered.append(node)
+        if node.name not in absorbed:  # a bias Add its DynamicQuantizeMatMul now computes
+            ordered.append(node)
         ordered.extend(after.get(i, []))
     del graph.node[:]
     graph.node.extend(ordered)
@@ -222,6 +228,49 @@ def _to_matmul_nbits(node: onnx.NodeProto, quant: NBitsQuant, add_initializer) -
                                    K=quant.k, N=quant.n, bits=quant.bits, block_size=quant.block_size))
 
 
+def _to_dynamic_kernel(node: onnx.NodeProto, quant: DynamicQuant, index: GraphIndex,
+                       add_initializer) -> list[onnx.NodeProto]:
+    """Rewrite a float node in place as its dynamic int8 kernel; returns the nodes to run after it
+    (a Gather's axis is 0: quantization/dynamic.py refuses others).
+
+    MatMul/Gemm -> com.microsoft DynamicQuantizeMatMul(A, B int8, b_scale[, bias]); LSTM ->
+    com.microsoft DynamicQuantizeLSTM (W, R int8 [dirs, in, 4H] with per-row scales and zero
+    points); Gather -> Gather on the int8 table, its rows scaled back by their gathered scales.
+    """
+    name, output = node.name, list(node.output)
+    if quant.op_type == "Gather":
+        (codes, scale), ids = quant.weights[0], node.input[1]
+        rows, scales, values = (index.unique_name(f"{output[0]}_{part}") for part in ("int8", "scale", "float"))
+        node.input[0] = add_initializer(f"{node.input[0]}_int8", codes)
+        node.output[0] = rows
+        return [helper.make_node("Gather", [add_initializer(f"{name}_row_scale", scale), ids], [scales],
+                                 name=index.unique_name(f"{name}_scales"), axis=0),
+                helper.make_node("Cast", [rows], [values], name=index.unique_name(f"{name}_cast"),
+                                 to=onnx.TensorProto.FLOAT),
+                helper.make_node("Mul", [values, scales], [output[0]], name=index.unique_name(f"{name}_rescale"))]
+    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if quant.op_type == "LSTM":
+        inputs = list(node.input[:8]) + [""] * (8 - len(node.input))
+        for i in (1, 2):
+            codes, scale = quant.weights[i]
+            inputs[i] = add_initializer(f"{node.input[i]}_int8", codes)
+            inputs.extend([add_initializer(f"{node.input[i]}_scale", scale),
+                           add_initializer(f"{node.input[i]}_zero_point", np.zeros(scale.shape, np.int8))])
+        kwargs = {key: value for key, value in attributes.items() if key != "layout"}
+    else:
+        codes, scale = quant.weights[1]
+        inputs = [node.input[0], add_initializer(f"{node.input[1]}_int8", codes),
+                  add_initializer(f"{node.input[1]}_scale", scale)]
+        if quant.bias is not None:
+            inputs += ["", add_initializer(f"{name}_bias", quant.bias)]
+        if quant.output is not None:
+            output = [quant.output]
+        kwargs = {}
+    node.Clear()
+    node.CopyFrom(helper.make_node(quant.kernel, inputs, output, name=name, domain=MS_DOMAIN, **kwargs))
+    return []
+
+
 def ensure_opset(model: ModelProto, need: tuple[int, str] | None) -> tuple[ModelProto, str | None]:
     """Upgrade the model to the opset the recipe's types need; say what was done.
 
@@ -255,6 +304,10 @@ def check_postconditions(model: ModelProto, plan: QuantPlan) -> None:
     nbits = [node.name for node in model.graph.node if node.op_type == "MatMulNBits"]
     if sorted(nbits) != sorted(plan.nbits):
         raise PlanViolation(f"expected {len(plan.nbits)} MatMulNBits nodes, found {len(nbits)}")
+    kernels = {node.name: node.op_type for node in model.graph.node}
+    wrong = [name for name, quant in plan.dynamic.items() if kernels.get(name) != quant.kernel]
+    if wrong:
+        raise PlanViolation(f"{wrong[0]}: planned as {plan.dynamic[wrong[0]].kernel}, not written as one")
     quantized_inputs = [node.input[0] for node in model.graph.node if node.op_type == "QuantizeLinear"]
     if len(quantized_inputs) != len(plan.activations) or len(set(quantized_inputs)) != len(quantized_inputs):
         raise PlanViolation(

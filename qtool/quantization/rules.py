@@ -66,6 +66,7 @@ RULES: dict[str, OpRule] = {
     "LeakyRelu": OpRule(),  # QLinearLeakyRelu
     "HardSigmoid": OpRule(),
     "Softmax": OpRule(),
+    "Where": OpRule(activations=(1, 2)),  # input 0 is the bool condition; QLinearWhere (com.microsoft)
 }
 
 # Ops whose float output ONNX Runtime can produce straight from integer inputs

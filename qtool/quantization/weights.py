@@ -128,7 +128,7 @@ def quantize_constants(graph_nodes, decisions, index: GraphIndex, activations: d
     nbits: dict[str, NBitsQuant] = {}
     weight_only = recipe.quantization.weight_only
     for node, decision in zip(graph_nodes, decisions):
-        if not decision.quantized:
+        if not decision.quantized or decision.dynamic:  # dynamic kernels: quantization/dynamic.py
             continue
         if decision.weight_only:
             name = node.input[1]

@@ -183,11 +183,15 @@ class MatchSpec(_Strict):
         return self.name is not None or self.tensor is not None
 
 
+Mode = Literal["static", "dynamic"]
+
+
 class OverrideSpec(_Strict):
     match: MatchSpec = Field(description="Which nodes this override applies to.")
     activations: ActivationPatch | None = Field(None, description="Activation settings for these nodes.")
     weights: WeightPatch | None = Field(None, description="Weight settings for these nodes.")
     float: bool | None = Field(None, description="true keeps these nodes float.")
+    mode: Mode | None = Field(None, description="static or dynamic for these nodes (see quantization.mode).")
 
     @field_validator("match")
     @classmethod
@@ -276,10 +280,20 @@ class QuantizationSpec(_Strict):
         description="Per-node settings. Precedence: exclude > name/tensor overrides > op_type "
         "overrides > the defaults above; within a rank the earlier override wins, key by key.",
     )
+    mode: Mode = Field(
+        "static",
+        description="`static`: activations quantized with calibrated ranges (Q/DQ by the rule table); "
+        "`dynamic`: int8 weights, activations quantized at run time by ONNX Runtime's dynamic kernels "
+        "(MatMul/Gemm with a constant weight -> DynamicQuantizeMatMul, LSTM -> DynamicQuantizeLSTM, "
+        "large Gather tables stored int8 per row); other ops stay float and no calibration data is needed. "
+        "Dynamic weights are int8 symmetric whatever `weights.dtype`/`symmetric` say (`granularity: "
+        "per_tensor` and `reduce_range` apply). "
+        "Overrides set `mode` per node to mix the two.",
+    )
     static: bool = Field(
         True,
         description="Quantize activations and weights with Q/DQ by the rule table; false leaves "
-        "every node float except those `weight_only` covers.",
+        "every node float except those `weight_only` or `mode: dynamic` covers.",
     )
     weight_only: WeightOnlySpec | None = Field(
         None, description="Weight-only low-bit quantization of MatMuls with constant weights."
@@ -296,7 +310,7 @@ class QuantizationSpec(_Strict):
 
 
 Gate = Literal["min_cosine", "min_sqnr_db", "max_accuracy_drop", "min_top1_agreement",
-               "max_latency_ratio", "min_size_ratio", "min_slice_sqnr_db"]
+               "max_latency_ratio", "min_size_ratio", "min_slice_sqnr_db", "min_exact_match"]
 
 class ValidationSpec(_Strict):
     data: str | None = Field(
@@ -315,7 +329,8 @@ class ValidationSpec(_Strict):
     gates: dict[Gate, float] = Field(
         default_factory=dict, description="Quality gates; a failed gate makes the exit code 1. "
         "`min_slice_sqnr_db` checks the worst slice of each output along its feature axis (an output "
-        "without one counts as one slice). Each threshold lies within what its figure can take: cosines "
+        "without one counts as one slice). Integer outputs (an ArgMax) are scored by `min_exact_match` (the "
+        "fraction of elements equal), not by the cosine, SQNR and top-1 gates. Each threshold lies within what its figure can take: cosines "
         "-1..1, min_top1_agreement 0..1, max_accuracy_drop -1..1, ratios above 0, dB finite."
     )
 

@@ -52,6 +52,7 @@ GATE_RANGES: dict[str, tuple[float, float, bool, str]] = {
     "min_top1_agreement": (0.0, 1.0, False, "a fraction from 0 to 1"),
     "max_latency_ratio": (0.0, math.inf, True, "a ratio above 0"),
     "min_size_ratio": (0.0, math.inf, True, "a ratio above 0"),
+    "min_exact_match": (0.0, 1.0, False, "a fraction from 0 to 1"),
 }
 
 

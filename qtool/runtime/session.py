@@ -25,7 +25,7 @@ INTEGER_OP_TYPES = {
     "QLinearConcat", "QLinearGlobalAveragePool", "QLinearAveragePool",
     "QLinearSigmoid", "QLinearSoftmax", "QLinearLeakyRelu", "QLinearConvTranspose",
     "QLinearReduceMean", "QLinearWhere", "MatMulInteger", "ConvInteger",
-    "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulNBits",
+    "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM", "MatMulNBits",
 }
 
 
