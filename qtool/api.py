@@ -18,7 +18,7 @@ from qtool.authoring import inspection
 from qtool.authoring import starter
 from qtool.calibration import interchange
 from qtool.calibration.calibrate import CalibrationTable, check_table, save_table, table_document
-from qtool.calibration.calibrate import calibrate as calibrate_tensors
+from qtool.calibration.shards import calibrate_with
 from qtool.errors import ModelError, UsageError
 from qtool.evaluation.compare import GATES, GateResult, check_gates, compare_models
 from qtool.evaluation.validation import (check_gates_are_measurable, extra_figures, kernel_gap_cause, kernel_warnings,
@@ -176,6 +176,8 @@ def calibrate(
     overwrite: bool = False,
     progress: Progress | None = None,
     format: str = "qtool",
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> CalibrateResult:
     """load → prepare → calibrate the tensors `recipe` would quantize; write the table to `output`.
 
@@ -183,6 +185,8 @@ def calibrate(
     instead of calibration data. It is written atomically; an existing file needs `overwrite`.
     `format`: `trt-cache` writes TensorRT's calibration cache instead, `ort-table` a folder with
     ONNX Runtime's TensorRT-EP table (calibration.json, .flatbuffers, .cache).
+    `executor` "ray" shards the data over Ray tasks (`ray_address`, default RAY_ADDRESS, else a
+    local instance); the table is byte-identical to this process's (docs/scale-out.md).
     """
     model_path = Path(model_path)
     if format not in interchange.FORMATS:
@@ -199,8 +203,8 @@ def calibrate(
                      images=recipe.data.images if recipe.data else None)
     selection = select_tensors(model, recipe)
     act = recipe.quantization.activations
-    table = calibrate_tensors(model, selection.calibration_tensors, data, recipe.calibration,
-                              QTYPES[act.dtype], act.symmetric, stage_progress(progress)("calibrate"))
+    table = calibrate_with(executor, ray_address, model, selection.calibration_tensors, data, recipe.calibration,
+                           QTYPES[act.dtype], act.symmetric, stage_progress(progress)("calibrate"))
     document = table_document(
         table, model_path=model_path, model_sha256=file_sha256(model_path), data=data,
         recipe={"path": str(recipe.source) if recipe.source else None, "resolved": recipe.as_dict()},
@@ -248,6 +252,8 @@ def quantize(
     junit: str | Path | None = None,
     step_summary: str | Path | None = None,
     progress: Progress | None = None,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> QuantizeResult:
     """Calibrate, quantize and validate one model; write artifacts if `output_dir` is given.
 
@@ -256,7 +262,7 @@ def quantize(
     ONNX Runtime threads (default 1); a quantized model slower than float adds a warning.
     With `calibration` (a table written by `calibrate`) no calibration data is read:
     `data_dir` must then be None, and validation data must come from `validation_data`
-    or the recipe.
+    or the recipe. `executor` "ray" shards calibration over Ray tasks, as in `calibrate`.
     """
     if calibration is not None and data_dir is not None:
         raise UsageError("give calibration data (--data) or a calibration table (--calibration), not both")
@@ -295,8 +301,9 @@ def quantize(
         table = loaded
         warnings += _table_warnings(loaded, recipe)
     else:
-        table = calibrate_tensors(model, selection.calibration_tensors, calib_data, recipe.calibration,
-                                  QTYPES[act.dtype], act.symmetric, tick("calibrate"), selection.hessian_inputs)
+        table = calibrate_with(executor, ray_address, model, selection.calibration_tensors, calib_data,
+                               recipe.calibration, QTYPES[act.dtype], act.symmetric, tick("calibrate"),
+                               selection.hessian_inputs)
         warnings += table.notes
     saturating = int8_kernels_may_saturate()
     placed = plan_and_apply(model, recipe, selection, table, saturating)
