@@ -25,6 +25,13 @@ def _duration(ctx, param, value: str | None) -> float | None:
         raise click.BadParameter(str(exc)) from None
 
 
+def _warn_lost(lost: list[dict], quiet: bool) -> None:
+    """One stderr line naming the trials Ray lost after its retries (the report lists them too)."""
+    if lost and not quiet:
+        names = ", ".join(entry["trial"] for entry in lost[:3]) + (f" and {len(lost) - 3} more" if len(lost) > 3 else "")
+        click.echo(f"warning: {len(lost)} trial(s) lost with their Ray worker or node, left out: {names}", err=True)
+
+
 @click.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), help="Recipe YAML, or a preset by name (`qtool recipes`; default: int8).")
@@ -66,6 +73,7 @@ def sensitivity(model: Path, recipe_path: Path | None, data_dir: Path, validatio
                                     labels=labels, mode=mode, samples=samples, jobs=jobs, cache=cache,
                                     overwrite=overwrite, progress=progress, executor=executor,
                                     ray_address=ray_address)
+    _warn_lost(result.report["sensitivity"]["executor"]["lost_trials"], quiet)
     if as_json:
         click.echo(render_json(result.report), nl=False)
         return
@@ -136,6 +144,7 @@ def tune(model: Path, recipe_path: Path, data_dir: Path, validation_data: Path |
                              overwrite=overwrite, progress=progress, on_event=event, executor=executor,
                              ray_address=ray_address)
     report = result.report
+    _warn_lost(report["search"]["executor"]["lost_trials"], quiet)
     if as_json:
         click.echo(render_json(report), nl=False)
     elif not quiet and result.written:
