@@ -174,6 +174,28 @@ def test_without_ray_the_error_says_what_to_install(tmp_path):
         "Error: --executor ray needs Ray, which is not installed: pip install 'qtool-onnx[ray]'"]
 
 
+def test_ctrl_c_cancels_the_trials_and_keeps_the_best_so_far(cluster, tmp_path):
+    from test_tune import ppocr_recipe
+    from conftest import shared_model
+
+    address, _ = cluster
+    folder, out = shared_model("ppocr_cls"), tmp_path / "tuned"
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    process = subprocess.Popen([str(QTOOL), "tune", str(folder / "model.onnx"), "--recipe", str(ppocr_recipe(tmp_path)),
+                                "--data", str(folder / "calib"), "--validation-data", str(folder / "eval"),
+                                "--output", str(out), "--quiet", "--executor", "ray", "--ray-address", address],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not (out / "report.json").exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.1)
+    assert (out / "report.json").exists(), process.communicate()
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["interrupted"] and (out / "model.onnx").is_file() and (out / "recipe.tuned.yaml").is_file()
+
+
 KILL_DRIVER = """
 import json, os, signal, sys
 from pathlib import Path

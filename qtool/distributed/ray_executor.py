@@ -70,7 +70,8 @@ class RayExecutor:
         self._owned = not ray.is_initialized()
         if self._owned:
             try:
-                ray.init(address=address, log_to_driver=False, include_dashboard=False,
+                # "local": a new instance even where an earlier `ray start` left /tmp/ray/ray_current_cluster
+                ray.init(address=address or "local", log_to_driver=False, include_dashboard=False,
                          configure_logging=False, num_cpus=None if address else os.cpu_count())
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 where = address or "a local instance"
