@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from functools import partial
+from typing import Iterator
 
 import onnx
 from onnx import ModelProto
@@ -108,16 +109,23 @@ def calibrate_sharded(model: ModelProto, tensors: list[str], data: DataSource, s
     plan = ShardPlan(executor.put(model.SerializeToString()), tuple(tuple(g) for g in groups), per_run, specs,
                      qtype, symmetric, total, units, str(data.folder))
     per_shard = max(spec.batch_size, math.ceil(max((total or 0) - 1, 1) / (executor.jobs * SHARDS_PER_JOB)))
-    shards, offset, pending, count = [], 1, [], 0
-    for batch in runs:
-        pending.append(batch)
-        count += batch.count
-        if count >= per_shard:
+    shards: list[tuple[int, object]] = []  # (samples before the shard, its batches in the object store)
+
+    def read_shards():
+        """Shards as the data is read: each is put and starts while the next is read."""
+        offset, pending, count = 1, [], 0
+        for batch in runs:
+            pending.append(batch)
+            count += batch.count
+            if count >= per_shard:
+                shards.append((offset, executor.put(pending)))
+                yield shards[-1]
+                offset, pending, count = offset + count, [], 0
+        if pending:
             shards.append((offset, executor.put(pending)))
-            offset, pending, count = offset + count, [], 0
-    if pending:
-        shards.append((offset, executor.put(pending)))
-    found = _observe(executor, plan, shards, progress, total)
+            yield shards[-1]
+
+    found = _observe(executor, plan, read_shards(), progress, total)
     # A tensor whose first sample was all zeros: its unit is the first shard's that saw other values;
     # shards that fixed another one are observed again with it (then every unit is known).
     for name in tensors:
@@ -129,7 +137,7 @@ def calibrate_sharded(model: ModelProto, tensors: list[str], data: DataSource, s
              if any(histogram_unit(part[0][name]) not in (None, units.get(name)) for name in tensors)]
     if again:
         redo = replace(plan, units=units)
-        for index, result in zip(again, _observe(executor, redo, [shards[i] for i in again], None, total)):
+        for index, result in zip(again, _observe(executor, redo, iter([shards[i] for i in again]), None, total)):
             found[index] = result
     merged = {name: merge_shards(firsts[name], [part[0][name] for part in found]) for name in tensors}
     done = 1 + sum(part[1] for part in found)
@@ -142,21 +150,21 @@ def calibrate_sharded(model: ModelProto, tensors: list[str], data: DataSource, s
     return CalibrationTable(ranges, done, batching=batching)
 
 
-def _observe(executor, plan: ShardPlan, shards: list[tuple[int, object]], progress: Progress | None,
+def _observe(executor, plan: ShardPlan, shards: Iterator[tuple[int, object]], progress: Progress | None,
              total: int | None) -> list[tuple[dict, int, list[str]]]:
-    """Each shard's (observers, samples, notes), in shard order, as the tasks finish."""
-    results: dict[int, tuple] = {}
-    index_of = {id(ref): index for index, (_, ref) in enumerate(shards)}
+    """Each shard's (observers, samples, notes), in data order; tasks start as `shards` yields them."""
+    results: dict[int, tuple] = {}  # by the shard's first sample
     done = 1
-    for task, result in executor.map_unordered(observe_shard, [(plan, offset, ref) for offset, ref in shards]):
+    shared = executor.put(plan)
+    for task, result in executor.map_unordered(observe_shard, ((shared, offset, ref) for offset, ref in shards)):
         if isinstance(result, LostTask):
             raise WorkerError(f"a calibration shard (samples from {task[1]}) was lost after Ray's retries: "
                               f"{result.reason}")
-        results[index_of[id(task[2])]] = result
+        results[task[1]] = result
         done += result[1]
         if progress:
             progress(done, max(total or 0, done))
-    return [results[index] for index in range(len(shards))]
+    return [results[offset] for offset in sorted(results)]
 
 
 def calibrate_with(executor: str, address: str | None, model: ModelProto, tensors: list[str], data: DataSource,

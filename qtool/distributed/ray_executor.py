@@ -90,16 +90,16 @@ class RayExecutor:
         return ref
 
     def map_unordered(self, fn: Callable, tasks: Iterable) -> Iterator[tuple]:
+        """`tasks` as a list: parts several tasks share are put once first. Any other iterable is
+        submitted task by task as it yields (what a task needs is put by the caller), so that
+        producing the tasks (reading data) overlaps with running them."""
         ray = self._ray
-        tasks = list(tasks)
-        shared = _shared_parts(tasks)
-        refs = {key: self.put(value) for key, value in shared.items()}
-        pending = {}
+        refs = {key: self.put(value) for key, value in _shared_parts(tasks).items()} if isinstance(tasks, list) else {}
+        pending = self._pending = {}
         for task in tasks:
             parts = task if isinstance(task, tuple) else (task,)
             args = [refs.get(id(part), part) for part in parts]
             pending[self._task.remote(fn, isinstance(task, tuple), *args)] = task
-        self._pending = pending
         try:
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
