@@ -49,7 +49,7 @@ class LocalCluster:
 
     def __enter__(self) -> "LocalCluster":
         common = ["--num-cpus=1", "--object-store-memory=200000000", "--disable-usage-stats", "--block",
-                  "--node-ip-address=127.0.0.1"]
+                  "--node-ip-address=127.0.0.1", f"--temp-dir={self.folder / 'ray'}"]
         port = self.address.rsplit(":", 1)[1]
         self._start("head", ["--head", f"--port={port}", "--include-dashboard=false", *common])
         self._start("node", [f"--address={self.address}", *common])

@@ -11,10 +11,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -67,7 +69,11 @@ def cluster(tmp_path_factory):
     os.environ.update(auth)  # for every client: the qtool commands and drivers this module starts
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    common = ["--num-cpus=1", "--object-store-memory=100000000", "--disable-usage-stats", "--block"]
+    # Ray's session files (and its ray_current_cluster note) in a folder of our own, short enough for
+    # its Unix sockets, removed afterwards: nothing is left in the machine's /tmp/ray
+    temp = Path(tempfile.mkdtemp(prefix="qtool-ray-"))
+    common = ["--num-cpus=1", "--object-store-memory=100000000", "--disable-usage-stats", "--block",
+              f"--temp-dir={temp}"]
     started = []
     try:
         started.append(subprocess.Popen([str(RAY), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
@@ -89,6 +95,7 @@ def cluster(tmp_path_factory):
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        shutil.rmtree(temp, ignore_errors=True)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
