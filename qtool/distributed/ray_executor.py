@@ -96,11 +96,11 @@ class RayExecutor:
         ray = self._ray
         refs = {key: self.put(value) for key, value in _shared_parts(tasks).items()} if isinstance(tasks, list) else {}
         pending = self._pending = {}
-        for task in tasks:
-            parts = task if isinstance(task, tuple) else (task,)
-            args = [refs.get(id(part), part) for part in parts]
-            pending[self._task.remote(fn, isinstance(task, tuple), *args)] = task
-        try:
+        try:  # whatever stops us (an error reading the tasks, Ctrl-C): what was submitted is cancelled
+            for task in tasks:
+                parts = task if isinstance(task, tuple) else (task,)
+                args = [refs.get(id(part), part) for part in parts]
+                pending[self._task.remote(fn, isinstance(task, tuple), *args)] = task
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 ref = done[0]
