@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SAMPLE := sample_models/digits_cnn
 
-.PHONY: install demo test floors fuzz browser docs bench-calibration bench-latency bench-accuracy bench-sequence clean
+.PHONY: install demo test floors fuzz browser docs bench-calibration bench-latency bench-accuracy bench-sequence bench-scale-out clean
 
 install: $(VENV)/.installed
 
@@ -63,6 +63,11 @@ bench-accuracy: install
 # int8 vs onnxruntime.quantization's quantize_dynamic: output SQNR, task metric, latency vs float (~3 min)
 bench-sequence: install
 	$(BIN)/python bench/sequence.py --json out/bench-sequence.json
+
+# sensitivity on ppocr_det: 1 process, 2 local processes, a 2-node local Ray cluster; trials/s, overhead per
+# trial, and the time for a 1,000-node model on 8 and 64 nodes on paper (~10 min on 2 shared cores)
+bench-scale-out: install
+	$(BIN)/python bench/scale_out.py --json out/bench-scale-out.json
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

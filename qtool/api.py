@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -18,7 +19,7 @@ from qtool.authoring import inspection
 from qtool.authoring import starter
 from qtool.calibration import interchange
 from qtool.calibration.calibrate import CalibrationTable, check_table, save_table, table_document
-from qtool.calibration.calibrate import calibrate as calibrate_tensors
+from qtool.calibration.shards import calibrate_with
 from qtool.errors import ModelError, UsageError
 from qtool.evaluation.compare import GATES, GateResult, check_gates, compare_models
 from qtool.evaluation.method_choice import choose_method
@@ -177,6 +178,8 @@ def calibrate(
     overwrite: bool = False,
     progress: Progress | None = None,
     format: str = "qtool",
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> CalibrateResult:
     """load → prepare → calibrate the tensors `recipe` would quantize; write the table to `output`.
 
@@ -184,6 +187,8 @@ def calibrate(
     instead of calibration data. It is written atomically; an existing file needs `overwrite`.
     `format`: `trt-cache` writes TensorRT's calibration cache instead, `ort-table` a folder with
     ONNX Runtime's TensorRT-EP table (calibration.json, .flatbuffers, .cache).
+    `executor` "ray" shards the data over Ray tasks (`ray_address`, default RAY_ADDRESS, else a
+    local instance); the table is byte-identical to this process's (docs/scale-out.md).
     """
     model_path = Path(model_path)
     if format not in interchange.FORMATS:
@@ -198,7 +203,8 @@ def calibrate(
     model, _ = prepare(model_path, recipe)
     data = open_data(data_dir, _inputs(model, model_path), recipe.calibration.samples, recipe)
     selection = select_tensors(model, recipe)
-    table = _measure_ranges(model, recipe, selection, data, stage_progress(progress)("calibrate"))
+    table = _measure_ranges(model, recipe, selection, data, stage_progress(progress)("calibrate"),
+                            executor, ray_address, hessians=False)
     document = table_document(
         table, model_path=model_path, model_sha256=file_sha256(model_path), data=data,
         recipe={"path": str(recipe.source) if recipe.source else None, "resolved": recipe.as_dict()},
@@ -211,17 +217,21 @@ def calibrate(
     return CalibrateResult(table, document, output)
 
 
-def _measure_ranges(model: ModelProto, recipe: Recipe, selection, data, progress) -> CalibrationTable:
-    """The recipe's calibration of the selected tensors; `auto` tries each method
-    (qtool.evaluation.method_choice) and keeps the best."""
+def _measure_ranges(model: ModelProto, recipe: Recipe, selection, data, progress, executor: str = "local",
+                    ray_address: str | None = None, hessians: bool = True) -> CalibrationTable:
+    """The recipe's calibration of the selected tensors, here or sharded on Ray (`executor`); `auto`
+    tries each method (qtool.evaluation.method_choice) and keeps the best. `hessians`: also E[x xᵀ]
+    for gptq rounding (quantize needs them; a table file never holds them)."""
+    measure = partial(calibrate_with, executor, ray_address)
     if recipe.calibration.method == "auto":
-        table, choice = choose_method(model, recipe, selection, data, int8_kernels_may_saturate(), progress)
+        table, choice = choose_method(model, recipe, selection, data, int8_kernels_may_saturate(), progress,
+                                      measure, hessians)
         scores = ", ".join(f"{method} {value:.2f} dB" for method, value in choice.worst_sqnr_db.items())
         return replace(table, notes=[*table.notes, f"calibration.method auto chose {choice.chosen} (worst "
                                                    f"output SQNR on the calibration data: {scores})"])
     act = recipe.quantization.activations
-    return calibrate_tensors(model, selection.calibration_tensors, data, recipe.calibration, QTYPES[act.dtype],
-                             act.symmetric, progress, selection.hessian_inputs)
+    return measure(model, selection.calibration_tensors, data, recipe.calibration, QTYPES[act.dtype], act.symmetric,
+                   progress, selection.hessian_inputs if hessians else None)
 
 
 def recipe_inputs(recipe: Recipe) -> tuple[Path | None, ...]:
@@ -269,6 +279,8 @@ def quantize(
     junit: str | Path | None = None,
     step_summary: str | Path | None = None,
     progress: Progress | None = None,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> QuantizeResult:
     """Calibrate, quantize and validate one model; write artifacts if `output_dir` is given.
 
@@ -280,6 +292,7 @@ def quantize(
     or the recipe. A recipe with `quantization.mode: dynamic` needs no calibration data
     either (`data_dir` None; given, it serves smoothing and, failing other validation data,
     validation); a UsageError (exit 2) says so when overrides make nodes static.
+    `executor` "ray" shards calibration over Ray tasks, as in `calibrate`.
     """
     if calibration is not None and data_dir is not None:
         raise UsageError("give calibration data (--data) or a calibration table (--calibration), not both")
@@ -322,7 +335,7 @@ def quantize(
         table = loaded
         warnings += _table_warnings(loaded, recipe)
     else:
-        table = _measure_ranges(model, recipe, selection, calib_data, tick("calibrate"))
+        table = _measure_ranges(model, recipe, selection, calib_data, tick("calibrate"), executor, ray_address)
         warnings += table.notes
     saturating = int8_kernels_may_saturate()
     placed = plan_and_apply(model, recipe, selection, table, saturating)

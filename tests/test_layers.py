@@ -17,6 +17,7 @@ LAYERS = [
     {"recipe"},
     {"io"},
     {"runtime"},
+    {"distributed"},
     {"calibration"},
     {"quantization"},
     {"evaluation", "authoring"},

@@ -271,3 +271,39 @@ def test_tune_exits_1_when_no_trial_meets_the_latency_gate(hostile, tmp_path):
     assert "the fastest of them is written" in report["search"]["stop_reason"]
     assert [p["node"] for p in report["chosen"]["promotions"]] == [HOSTILE]  # the compromise is on disk
     onnx.checker.check_model(onnx.load(out / "model.onnx"))
+
+
+class LosingExecutor:
+    """Runs trials here, but loses the first one as Ray does after its retries (a LostTask)."""
+
+    jobs, remote = 1, False
+
+    def map_unordered(self, fn, tasks):
+        from qtool.distributed.ray_executor import LostTask
+
+        for index, task in enumerate(tasks):
+            yield task, LostTask("WorkerCrashedError: the worker died") if index == 0 else fn(task)
+
+    def close(self):
+        pass
+
+
+def test_a_lost_trial_is_named_and_its_node_left_unranked(hostile, tmp_path):
+    from qtool.recipe.load import load_recipe
+    from qtool.search.setup import measure_sensitivity, setup_trials
+    from qtool.search.trial import TrialSpec, run_trial
+
+    folder = tmp_path / "work"
+    folder.mkdir()
+    setup = setup_trials(hostile / "model.onnx", hostile / "calib", load_recipe(hostile / "recipe.yaml"), folder,
+                         hostile / "eval", None, None, lambda stage: None)
+    baseline = run_trial((setup.context, TrialSpec("recipe as given", "baseline")))
+    lost = []
+    rows, complete = measure_sensitivity(setup, LosingExecutor(), "only_quantized", None, lambda stage: None,
+                                         baseline, None, lost)
+    first = setup.quantizable[0]
+    assert not complete and lost == [{"trial": f"only {first}", "reason": "WorkerCrashedError: the worker died"}]
+    assert [row for row in rows if row["rank"] is None] == [
+        {"node": first, "op_type": setup.op_types[first], "rank": None,
+         "note": "not measured (trial lost: its worker died)"}]
+    assert len(rows) == len(setup.quantizable)

@@ -1,6 +1,7 @@
-"""Histograms that stream: exact re-binning as the range grows, and the range searches run on them.
+"""Histograms that stream and merge: exact re-binning as the range grows, and the range searches run on them.
 
-`Histogram` counts values on a grid that shifts or doubles its bin width without losing a count;
+`Histogram` counts values on a grid that shifts or doubles its bin width without losing a count,
+and merges with the histogram of another shard of the data exactly;
 `kl_threshold` (TensorRT's entropy calibration, vectorized) and `least_squared_error` (expected
 rounding plus clipping error) pick a range from its counts. Memory is O(bins), never O(values).
 """
@@ -22,16 +23,23 @@ TINY = 1e-300
 
 
 class Histogram:
-    """Counts on `bins` equal bins whose edges are multiples of `width`; the grid always covers 0.
+    """Counts on `bins` equal bins of width `unit * 2**level`; the grid always covers 0.
 
-    A value outside the grid shifts it, or doubles the width as often as needed. Edges stay
-    multiples of the old width, so each new bin is a whole number of old bins: re-binning is exact.
+    A value's bin is floor(value / width), an integer: the same value always lands in bin n at
+    level 0 and n >> k at level k (dividing by a power of two more is exact in floating point).
+    A value outside the grid shifts it, or raises the level as often as needed; re-binning is
+    exact. So the counts depend only on which values were seen, never on their order or grouping,
+    once `unit` is fixed (by the first non-zero values, or given): histograms of data shards
+    merge (`merge`) into exactly the histogram of all the data in one stream.
     """
 
-    def __init__(self, bins: int, count_zeros: bool = True):
+    def __init__(self, bins: int, count_zeros: bool = True, unit: float | None = None):
         self.counts = np.zeros(bins)
+        self.unit = unit  # the width at level 0; None until the first non-zero values fix it
+        self.level = 0
         self.width = 0.0  # 0 until a non-zero value arrives
         self.start = 0  # the first bin's left edge is start * width
+        self.top = 0  # the bin of the largest value seen (or of 0), in the same numbering as start
         # Exact zeros are representable: they carry no rounding error. Only the mse search
         # needs them once a grid exists; counting costs two passes over every value.
         self.count_zeros = count_zeros
@@ -46,12 +54,13 @@ class Histogram:
             if hi == lo:
                 self.zeros += values.size  # only zeros so far: counted once a grid exists
                 return
-            self.width = (hi - lo) / (bins - 1)
-            self.start = math.floor(lo / self.width)
-            self.counts[min(-self.start, bins - 1)] += self.zeros
-        else:
-            self._grow(lo, hi)
-        counts = np.zeros(bins + 1, dtype=np.intp)  # + 1: values rounded onto the top edge
+            if self.unit is None:
+                self.unit = (hi - lo) / (bins - 1)
+            self.width = self.unit
+        self._cover(self._bin(lo, values.dtype), self._bin(hi, values.dtype), self.level)
+        if self.zeros and not self.counts.any():  # the grid is new: the zeros seen before it
+            self.counts[-self.start] += self.zeros
+        counts = np.zeros(bins, dtype=np.intp)
         position = np.empty(min(values.size, CHUNK), dtype=values.dtype)
         # int32: numpy casts float32 -> int32 with SIMD, -> int64 one value at a time; bincount's own
         # widening of int32 costs less (updates 2.2 -> 1.9 ns per value on ppocr_det's activations)
@@ -66,31 +75,59 @@ class Histogram:
                 np.abs(chunk, out=pos)
                 chunk = pos
             np.divide(chunk, self.width, out=pos)  # float32 stays float32: half the memory traffic
-            if self.start:  # a grid starting at 0 (|x|, ReLU outputs) needs no shift
-                pos -= self.start
-            np.copyto(idx, pos, casting="unsafe")  # values lie inside the grid: truncation is floor
-            counts += np.bincount(idx, minlength=bins + 1)
-        counts[bins - 1] += counts[bins]  # the top edge belongs to the last bin
-        self.counts += counts[:bins]
+            if self.start:  # negative values: floor, not truncation (a grid from 0 needs neither)
+                np.floor(pos, out=pos)
+            np.copyto(idx, pos, casting="unsafe")
+            if self.start:
+                idx -= self.start
+            counts += np.bincount(idx, minlength=bins)
+        self.counts += counts
 
-    def _grow(self, lo: float, hi: float) -> None:
-        """Fit [lo, hi] and the occupied bins: shift the grid, doubling the width only if needed."""
-        bins, width = len(self.counts), self.width
-        if math.floor(lo / width) >= self.start and math.floor(hi / width) < self.start + bins:
+    def merge(self, other: "Histogram") -> None:
+        """Add another histogram's counts (same bins and unit, or either without a grid yet)."""
+        if other.width == 0:
+            if self.width == 0:
+                self.zeros += other.zeros
+            else:
+                self._cover(0, 0, self.level)
+                self.counts[-self.start] += other.zeros
+                self.zeros += other.zeros if self.count_zeros else 0
             return
-        first, last = (int(i) + self.start for i in np.flatnonzero(self.counts)[[0, -1]])
-        factor = 1
-        while True:
-            width = self.width * factor
-            low = min(math.floor(lo / width), first // factor)
-            high = max(math.floor(hi / width), last // factor)
-            if high - low < bins:
-                break
-            factor *= 2
-        merged = np.floor((self.start + np.arange(bins)) / float(factor)) - low
-        merged = np.clip(merged, 0, bins - 1).astype(np.intp)  # only empty bins are clipped
-        self.counts = np.bincount(merged, weights=self.counts, minlength=bins)
-        self.width, self.start = width, low
+        if self.width == 0:
+            zeros = self.zeros
+            self.unit, self.width, self.level = other.unit, other.width, other.level
+            self.start, self.top, self.zeros = other.start, other.top, 0
+            self.counts = np.zeros_like(other.counts)
+            self._cover(0, 0, self.level)
+            self.counts[-self.start] += zeros
+            self.zeros = zeros if self.count_zeros else 0
+        if other.unit != self.unit:
+            raise ValueError(f"histograms of different units ({self.unit!r}, {other.unit!r}) do not merge exactly")
+        self._cover(other.start, other.top, other.level)
+        self.counts += _rebinned(other.counts, other.start, self.level - other.level, self.start)
+        if self.count_zeros:
+            self.zeros += other.zeros
+
+    def _bin(self, x: float, dtype: np.dtype) -> int:
+        """The bin of value x at the current level, computed as `add` computes a value's."""
+        position = np.divide(np.asarray([x], dtype=dtype if dtype.kind == "f" else np.float64), self.width)
+        return int(np.floor(position[0]))
+
+    def _cover(self, first: int, last: int, level: int) -> None:
+        """Grow the grid to hold bins first..last of `level` and everything held so far: raise the
+        level only as far as needed, shift the start, re-bin the counts exactly."""
+        bins = len(self.counts)
+        common = max(self.level, level)
+        low = min(self.start >> (common - self.level), first >> (common - level))
+        high = max(self.top >> (common - self.level), last >> (common - level))
+        shift = 0
+        while (high >> shift) - (low >> shift) >= bins:
+            shift += 1
+        new_level, new_start = common + shift, low >> shift
+        if new_level != self.level or new_start != self.start:
+            self.counts = _rebinned(self.counts, self.start, new_level - self.level, new_start)
+        self.level, self.start, self.top = new_level, new_start, high >> shift
+        self.width = self.unit * 2.0**self.level
 
     @property
     def total(self) -> float:
@@ -120,6 +157,14 @@ class Histogram:
         """Counts of |x| on the same width, bin 0 starting at 0 (exact: edges are multiples)."""
         index = self.start + np.arange(len(self.counts))
         return np.bincount(np.where(index >= 0, index, -index - 1), weights=self.counts)
+
+
+def _rebinned(counts: np.ndarray, start: int, shift: int, new_start: int) -> np.ndarray:
+    """Counts of bins start.. moved `shift` levels up (2**shift bins become one) onto a grid
+    starting at new_start; the occupied bins land inside it (empty ones may be clipped)."""
+    index = ((start + np.arange(len(counts))) >> shift) - new_start
+    index = np.clip(index, 0, len(counts) - 1)
+    return np.bincount(index, weights=counts, minlength=len(counts))
 
 
 def _quantile(counts: np.ndarray, start: int, width: float, q: float) -> float:

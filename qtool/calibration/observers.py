@@ -2,10 +2,13 @@
 
 Protocol: `update(batch)` any number of times, then `result()` and `summary()`.
 An observer never keeps activations: its memory is O(bins), whatever the number of batches.
+Observers of consecutive shards of the data merge (`merge_shards`) into exactly the observer of
+the whole data seen in one stream: same range, same summary, bit for bit.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -104,20 +107,44 @@ class MinMaxObserver:
         self.hi: float | None = None
         self.batches = 0
         self.drift = _Drift(expected_samples)
+        self.shard = False  # observing one shard of the data: keeps its runs' (min, max) for the merge
+        self.runs: list[tuple[float, float]] = []
 
     def update(self, batch: np.ndarray) -> None:
         finite, lo, hi = _finite(batch)
         if finite.size:
+            self._step(lo, hi)
+            if self.shard:
+                self.runs.append((lo, hi))
+        self.drift.step(_samples(batch), self._partial if self.shard else self.result)
+
+    def _step(self, lo: float, hi: float) -> None:
+        if self.lo is None:
+            self.lo, self.hi = lo, hi
+        elif self.momentum > 0:
+            m = self.momentum
+            self.lo = m * self.lo + (1 - m) * lo
+            self.hi = m * self.hi + (1 - m) * hi
+        else:
+            self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
+        self.batches += 1
+
+    def _partial(self) -> "MinMaxObserver":
+        part = copy.copy(self)
+        part.runs, part.drift = list(self.runs), None
+        return part
+
+    def absorb(self, part: "MinMaxObserver") -> None:
+        """Continue with the runs of the shard after this one: the moving average replays them."""
+        if self.momentum > 0:
+            for lo, hi in part.runs:
+                self._step(lo, hi)
+        elif part.lo is not None:
             if self.lo is None:
-                self.lo, self.hi = lo, hi
-            elif self.momentum > 0:
-                m = self.momentum
-                self.lo = m * self.lo + (1 - m) * lo
-                self.hi = m * self.hi + (1 - m) * hi
+                self.lo, self.hi = part.lo, part.hi
             else:
-                self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
-            self.batches += 1
-        self.drift.step(_samples(batch), self.result)
+                self.lo, self.hi = min(self.lo, part.lo), max(self.hi, part.hi)
+            self.batches += part.batches
 
     def result(self) -> Range:
         if self.lo is None:
@@ -152,7 +179,7 @@ class _HistogramObserver:
         self.lo, self.hi = math.inf, -math.inf  # observed extremes of x
         self.drift = _Drift(expected_samples)
         self._result: Range | None = None  # the threshold searches cost milliseconds: once per update
-
+        self.shard = False  # observing one shard of the data: range drift snapshots hold states
 
     def update(self, batch: np.ndarray) -> None:
         values, lo, hi = _finite(batch)
@@ -163,7 +190,18 @@ class _HistogramObserver:
             else:
                 self.hist.add(values, lo, hi)
             self._result = None
-        self.drift.step(_samples(batch), self.result)
+        self.drift.step(_samples(batch), self._partial if self.shard else self.result)
+
+    def _partial(self) -> "_HistogramObserver":
+        part = copy.copy(self)
+        part.hist, part.drift = copy.deepcopy(self.hist), None
+        return part
+
+    def absorb(self, part: "_HistogramObserver") -> None:
+        """Add the counts and extremes of the shard after this one (merging is exact)."""
+        self.hist.merge(part.hist)
+        self.lo, self.hi = min(self.lo, part.lo), max(self.hi, part.hi)
+        self._result = None
 
     def result(self) -> Range:
         if self.hist.width == 0:  # nothing seen, or only zeros
@@ -261,3 +299,43 @@ def make_observer(
 ) -> Observer:
     """The observer the spec names; `expected_samples`, if known, lets it report range drift."""
     return OBSERVERS[spec.method](spec, qtype, symmetric, expected_samples=expected_samples)
+
+
+def histogram_unit(observer: Observer) -> float | None:
+    """The bin unit an observer's histogram has fixed (None: no histogram, or no grid yet)."""
+    hist = getattr(observer, "hist", None)
+    return hist.unit if hist is not None and hist.width else None
+
+
+def shard_observer(spec: CalibrationSpec, qtype: QType, symmetric: bool, expected_samples: int | None,
+                   offset: int, unit: float | None) -> Observer:
+    """An observer of one shard of the data, which starts after `offset` samples; its histogram
+    bins on `unit` (that of the observer of the data's first sample), so that `merge_shards` is exact."""
+    observer = make_observer(spec, qtype, symmetric, expected_samples)
+    observer.shard = True
+    observer.drift.samples = offset
+    if unit is not None:
+        observer.hist.unit = unit
+    return observer
+
+
+def merge_shards(first: Observer, parts: list[Observer]) -> Observer:
+    """`first` (which saw the data's first samples in this process) followed by the observers of
+    the next shards, in data order: the observer one stream over all of it would have been.
+
+    Range-drift snapshots a shard took hold its own partial state; each becomes the range of
+    everything before it plus that state, as one stream would have measured it then. Raises
+    ValueError where a shard's histogram unit differs from `first`'s (it must be observed again
+    with the unit given).
+    """
+    merged = first
+    for part in parts:
+        for at, partial in part.drift.snapshots:
+            probe = copy.deepcopy(merged)
+            probe.absorb(partial)
+            merged.drift.snapshots = [*merged.drift.snapshots, (at, probe.result())][-2:]
+        merged.absorb(part)
+        merged.drift.samples = part.drift.samples
+    if isinstance(merged, _HistogramObserver):
+        merged._result = None
+    return merged

@@ -26,5 +26,19 @@ def provider_option(command):
              "the report. Default: CPU.")(command)
 
 
+def executor_options(what: str):
+    """`--executor local|ray` and `--ray-address`: where `what` (trials, calibration shards) run."""
+    def decorate(command):
+        command = click.option(
+            "--ray-address", metavar="ADDR",
+            help="Ray cluster to run on with --executor ray (default: RAY_ADDRESS, else a local Ray "
+                 "instance started for this run).")(command)
+        return click.option(
+            "--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+            help=f"Where {what} run: processes on this machine, or Ray tasks on a cluster "
+                 "(pip install 'qtool-onnx[ray]'; docs/scale-out.md).")(command)
+    return decorate
+
+
 def echo_json(data) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=False))

@@ -12,7 +12,7 @@ import click
 
 from qtool import api
 from qtool.cli import terminal
-from qtool.cli.options import echo_json, output_options, provider_option
+from qtool.cli.options import echo_json, executor_options, output_options, provider_option
 from qtool.errors import EXIT_GATE_FAILED, UsageError
 from qtool.evaluation.validation import slower_than_float
 from qtool.io.feeds import load_loader
@@ -45,12 +45,13 @@ from qtool.runtime.session import parse_providers, use_providers
 @click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime intra-op threads for the latency bench "
                                                            "(default 1).")
 @click.option("--junit", type=click.Path(path_type=Path), help="Write a JUnit XML file: one test case per gate.")
+@executor_options("calibration shards")
 @provider_option
 @output_options
 def quantize(model: Path, recipe_path: Path | None, data_dir: Path | None, data_loader: str | None,
              calibration: Path | None, output_dir: Path, validation_data: Path | None, labels: Path | None, overwrite: bool,
-             per_layer: bool, bench: bool, threads: int | None, junit: Path | None, provider: str | None,
-             quiet: bool, verbose: bool, as_json: bool) -> None:
+             per_layer: bool, bench: bool, threads: int | None, junit: Path | None, executor: str,
+             ray_address: str | None, provider: str | None, quiet: bool, verbose: bool, as_json: bool) -> None:
     """Quantize MODEL to int8 QDQ, validate it against the float model, write a report.
 
     Exit codes: 0 done and every gate passed; 1 a gate failed (artifacts
@@ -69,7 +70,8 @@ def quantize(model: Path, recipe_path: Path | None, data_dir: Path | None, data_
                               validation_data=validation_data,
                               labels=labels, calibration=calibration, overwrite=overwrite, per_layer=per_layer,
                               bench=bench, threads=threads, junit=junit,
-                              step_summary=os.environ.get("GITHUB_STEP_SUMMARY") or None, progress=progress)
+                              step_summary=os.environ.get("GITHUB_STEP_SUMMARY") or None, progress=progress,
+                              executor=executor, ray_address=ray_address)
     if as_json:
         click.echo(render_json(result.report), nl=False)
     elif not quiet:
@@ -136,11 +138,12 @@ def _tune_hint(model: Path, recipe_path: Path | None, data_dir: Path, validation
               show_default=True,
               help="qtool: the JSON table; trt-cache: TensorRT's calibration cache (text, scale = amax/127); "
                    "ort-table: a folder with ONNX Runtime's TensorRT-EP table (calibration.json/.flatbuffers/.cache).")
+@executor_options("calibration shards")
 @provider_option
 @output_options
 def calibrate(model: Path, data_dir: Path | None, data_loader: str | None, recipe_path: Path | None,
-              output_path: Path, overwrite: bool, table_format: str, provider: str | None, quiet: bool, verbose: bool,
-              as_json: bool) -> None:
+              output_path: Path, overwrite: bool, table_format: str, executor: str, ray_address: str | None,
+              provider: str | None, quiet: bool, verbose: bool, as_json: bool) -> None:
     """Measure a range for every tensor the recipe would quantize; write a calibration table.
 
     The table (JSON, versioned) holds per tensor its range, method and the
@@ -161,7 +164,7 @@ def calibrate(model: Path, data_dir: Path | None, data_loader: str | None, recip
         if data is None:
             raise UsageError("calibration data is needed: --data DIR|FILE or --data-loader FILE.py:FUNCTION")
         result = api.calibrate(model, data, recipe_path, output_path, overwrite=overwrite, progress=progress,
-                               format=table_format)
+                               format=table_format, executor=executor, ray_address=ray_address)
     if as_json:
         echo_json(result.document)
         return

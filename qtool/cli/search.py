@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from qtool.cli import terminal
-from qtool.cli.options import output_options, provider_option
+from qtool.cli.options import executor_options, output_options, provider_option
 from qtool.errors import EXIT_GATE_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED
 from qtool.reporting.document import render_json
 from qtool.runtime.session import parse_providers, use_providers
@@ -26,6 +26,13 @@ def _duration(ctx, param, value: str | None) -> float | None:
         raise click.BadParameter(str(exc)) from None
 
 
+def _warn_lost(lost: list[dict], quiet: bool) -> None:
+    """One stderr line naming the trials Ray lost after its retries (the report lists them too)."""
+    if lost and not quiet:
+        names = ", ".join(entry["trial"] for entry in lost[:3]) + (f" and {len(lost) - 3} more" if len(lost) > 3 else "")
+        click.echo(f"warning: {len(lost)} trial(s) lost with their Ray worker or node, left out: {names}", err=True)
+
+
 @click.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), help="Recipe YAML, or a preset by name (`qtool recipes`; default: int8).")
@@ -38,17 +45,19 @@ def _duration(ctx, param, value: str | None) -> float | None:
 @click.option("--mode", type=click.Choice(["only_quantized", "only_float"]), default="only_quantized",
               show_default=True, help="Quantize each node alone, or keep each node alone float.")
 @click.option("--samples", type=click.IntRange(min=1), help="Measure each node on the first N evaluation samples.")
-@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Trials run in this many processes (one ONNX Runtime thread each when above 1).")
+@click.option("--jobs", type=click.IntRange(min=1),
+              help="Trials run at once: processes here (default 1; one ONNX Runtime thread each when "
+                   "above 1), or Ray tasks with --executor ray (default: the cluster's CPUs).")
+@executor_options("trials")
 @click.option("--cache", type=click.Path(path_type=Path),
               help="Cache file (default: OUTPUT/sensitivity.cache.json, read before the folder is replaced).")
 @click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
 @provider_option
 @output_options
 def sensitivity(model: Path, recipe_path: Path | None, data_dir: Path, validation_data: Path | None,
-                labels: Path | None, output_dir: Path, mode: str, samples: int | None, jobs: int,
-                cache: Path | None, overwrite: bool, provider: str | None, quiet: bool, verbose: bool,
-                as_json: bool) -> None:
+                labels: Path | None, output_dir: Path, mode: str, samples: int | None, jobs: int | None,
+                executor: str, ray_address: str | None, cache: Path | None, overwrite: bool,
+                provider: str | None, quiet: bool, verbose: bool, as_json: bool) -> None:
     """Rank the nodes the recipe quantizes by the output error each one causes.
 
     One calibration, then one cheap trial per node (quantized alone, or kept
@@ -65,7 +74,9 @@ def sensitivity(model: Path, recipe_path: Path | None, data_dir: Path, validatio
             terminal.StageProgress(terminal.make_console(stderr=True), quiet or as_json) as progress:
         result = search_api.sensitivity(model, data_dir, recipe_path, output_dir, validation_data=validation_data,
                                     labels=labels, mode=mode, samples=samples, jobs=jobs, cache=cache,
-                                    overwrite=overwrite, progress=progress)
+                                    overwrite=overwrite, progress=progress, executor=executor,
+                                    ray_address=ray_address)
+    _warn_lost(result.report["sensitivity"]["executor"]["lost_trials"], quiet)
     if as_json:
         click.echo(render_json(result.report), nl=False)
         return
@@ -88,8 +99,10 @@ def sensitivity(model: Path, recipe_path: Path | None, data_dir: Path, validatio
               help="Search trials at most (the sensitivity pass is not counted).")
 @click.option("--time-budget", callback=_duration, metavar="DURATION",
               help="Stop starting trials after this long, e.g. 90s, 30m, 1h (sensitivity included).")
-@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Trials run in this many processes (one ONNX Runtime thread each when above 1).")
+@click.option("--jobs", type=click.IntRange(min=1),
+              help="Trials run at once: processes here (default 1; one ONNX Runtime thread each when "
+                   "above 1), or Ray tasks with --executor ray (default: the cluster's CPUs).")
+@executor_options("trials")
 @click.option("--sensitivity-samples", type=click.IntRange(min=1),
               help="Rank nodes on the first N evaluation samples (default: all).")
 @click.option("--latency-runs", type=click.IntRange(min=0), default=search_api.LATENCY_RUNS, show_default=True,
@@ -102,9 +115,9 @@ def sensitivity(model: Path, recipe_path: Path | None, data_dir: Path, validatio
 @provider_option
 @output_options
 def tune(model: Path, recipe_path: Path, data_dir: Path, validation_data: Path | None, labels: Path | None,
-         output_dir: Path, max_trials: int, time_budget: float | None, jobs: int, sensitivity_samples: int | None,
-         latency_runs: int, cache: Path | None, overwrite: bool, provider: str | None, quiet: bool, verbose: bool,
-         as_json: bool) -> None:
+         output_dir: Path, max_trials: int, time_budget: float | None, jobs: int | None, executor: str,
+         ray_address: str | None, sensitivity_samples: int | None, latency_runs: int, cache: Path | None,
+         overwrite: bool, provider: str | None, quiet: bool, verbose: bool, as_json: bool) -> None:
     """Find per-node precision (float, or 16-bit activations) that meets the recipe's gates, fastest first.
 
     Target: the recipe's validation.gates (max_accuracy_drop with labels,
@@ -133,8 +146,10 @@ def tune(model: Path, recipe_path: Path, data_dir: Path, validation_data: Path |
         result = search_api.tune(model, data_dir, recipe_path, output_dir, validation_data=validation_data, labels=labels,
                              max_trials=max_trials, time_budget=time_budget, jobs=jobs,
                              sensitivity_samples=sensitivity_samples, latency_runs=latency_runs, cache=cache,
-                             overwrite=overwrite, progress=progress, on_event=event)
+                             overwrite=overwrite, progress=progress, on_event=event, executor=executor,
+                             ray_address=ray_address)
     report = result.report
+    _warn_lost(report["search"]["executor"]["lost_trials"], quiet)
     if as_json:
         click.echo(render_json(report), nl=False)
     elif not quiet and result.written:

@@ -44,10 +44,13 @@ def with_method(recipe: Recipe, method: str) -> Recipe:
 
 
 def choose_method(model: ModelProto, recipe: Recipe, selection: Selection, data: DataSource,
-                  saturating_host: bool, progress=None) -> tuple[CalibrationTable, MethodChoice]:
+                  saturating_host: bool, progress=None, calibrate=calibrate_tensors,
+                  hessians: bool = True) -> tuple[CalibrationTable, MethodChoice]:
     """Calibrate with every candidate method, keep the table whose model scores best.
 
     model: the prepared float model; selection: the recipe's tensor selection (what is calibrated).
+    calibrate: qtool.calibration.calibrate.calibrate's signature (e.g. sharded on Ray);
+    hessians: also measure gptq's E[x xᵀ] (every candidate, as quantize would).
     Returns the chosen method's table and every candidate's score (dB; -inf for a model that
     quantized nothing usable). Costs one calibration, one placement and one float/quantized run
     over the calibration data per candidate.
@@ -57,8 +60,8 @@ def choose_method(model: ModelProto, recipe: Recipe, selection: Selection, data:
     tables: dict[str, CalibrationTable] = {}
     for method in CANDIDATES:
         candidate = with_method(recipe, method)
-        table = calibrate_tensors(model, selection.calibration_tensors, data, candidate.calibration,
-                                  QTYPES[act.dtype], act.symmetric, progress, selection.hessian_inputs)
+        table = calibrate(model, selection.calibration_tensors, data, candidate.calibration, QTYPES[act.dtype],
+                          act.symmetric, progress, selection.hessian_inputs if hessians else None)
         quantized = plan_and_apply(model, candidate, selection, table, saturating_host).model
         comparison = compare_models(model, quantized, data, batch_size=recipe.calibration.batch_size)
         figures = [out.get("sqnr_db") for out in comparison.outputs.values()]

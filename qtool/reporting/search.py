@@ -120,7 +120,14 @@ def render_markdown(report: dict) -> str:
 
 
 def _notes_md(report: dict) -> list[str]:
-    notes = [f"warning: {w}" for w in report.get("warnings", [])] + report.get("prepare", [])
+    section = report.get("sensitivity") if report["command"] == "sensitivity" else report.get("search")
+    where = (section or {}).get("executor") or {}
+    lost = [f"warning: trial {entry['trial']} lost (its Ray worker or node died after every retry: "
+            f"{entry['reason']}); left out" for entry in where.get("lost_trials", [])]
+    ran = [f"trials ran on Ray ({where['address']}), {where['jobs']} at a time; "
+           f"{where['shipped_bytes'] / 2**20:.1f} MiB shipped once through its object store"] \
+        if where.get("kind") == "ray" else []
+    notes = lost + [f"warning: {w}" for w in report.get("warnings", [])] + report.get("prepare", []) + ran
     return (["", "## Notes", ""] + [f"- {md_escape(n)}" for n in notes]) if notes else []
 
 

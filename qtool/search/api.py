@@ -29,10 +29,11 @@ from qtool.reporting import document as reporting
 from qtool.reporting.search import search_report_writers
 from qtool.search.executor import make_executor
 from qtool.search.promote import Search, objective, objective_name, pareto_frontier
-from qtool.search.setup import (TrialSetup, cache_document, measure_sensitivity, read_cache, run_specs, search_inputs,
-                                setup_trials, trial_row)
+from qtool.search.setup import (TrialSetup, cache_document, executor_section, measure_sensitivity, read_cache,
+                                run_specs, search_inputs, setup_trials, trial_row)
 from qtool.search.trial import (A16, LATENCY_THREADS, SEARCH_GATES, TrialContext, TrialResult, TrialSpec,
-                                build_trial_model, cache_key, promotion_overrides, run_trial, trial_latency)
+                                build_trial_model, cache_key, folder_files, promotion_overrides, run_trial,
+                                trial_latency)
 
 SENSITIVITY_CACHE = "sensitivity.cache.json"
 SENSITIVITY_MODES = ("only_quantized", "only_float")
@@ -56,10 +57,12 @@ def sensitivity(
     labels: str | Path | None = None,
     mode: str = "only_quantized",
     samples: int | None = None,
-    jobs: int = 1,
+    jobs: int | None = None,
     cache: str | Path | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> SensitivityResult:
     """Rank the nodes `recipe` quantizes by the output error each one causes.
 
@@ -69,6 +72,9 @@ def sensitivity(
     The ranking is cached as JSON (`cache`, default OUTPUT_DIR/sensitivity.cache.json)
     under a key of the model's sha256, the recipe and the data listings: a re-run
     with the same inputs reads it instead of measuring again.
+    `executor` "local": `jobs` processes here (default 1); "ray": Ray tasks on the cluster at
+    `ray_address` (default RAY_ADDRESS, else a local instance), `jobs` at a time (default its CPUs);
+    a trial Ray loses is named in the report and its node left unranked.
     """
     if mode not in SENSITIVITY_MODES:
         raise UsageError(f"unknown sensitivity mode {mode!r}; allowed: {', '.join(SENSITIVITY_MODES)}")
@@ -83,9 +89,10 @@ def sensitivity(
         check_output_file(cache_path, model_path, inputs, what="--cache file")
     tick = stage_progress(progress)
     started = time.perf_counter()
-    with temporary_folder("qtool-trials-") as folder, make_executor(jobs) as executor:
+    lost: list[dict] = []
+    with temporary_folder("qtool-trials-") as folder, make_executor(jobs, executor, ray_address) as pool:
         setup = setup_trials(model_path, data_dir, recipe, folder, validation_data, labels,
-                              1 if jobs > 1 else None, tick)
+                              1 if pool.jobs > 1 or pool.remote else None, tick)
         key = cache_key(file_sha256(model_path), recipe,
                         [setup.calib_data.listing_hash(), setup.eval_data.listing_hash()], f"{mode}:{samples}",
                         setup.context.providers)
@@ -94,7 +101,10 @@ def sensitivity(
         if cached is not None:
             rows, complete = cached["rows"], True
         else:
-            rows, complete = measure_sensitivity(setup, executor, mode, None, tick, baseline, samples)
+            if pool.remote:  # the work folder travels once through the object store, not as a path
+                setup.context = replace(setup.context, bundle=pool.put(folder_files(folder)))
+            rows, complete = measure_sensitivity(setup, pool, mode, None, tick, baseline, samples, lost)
+        where = executor_section(pool, lost)
     cache_text = cache_document(key, mode, model_path, rows)
     report = {
         "schema_version": reporting.REPORT_SCHEMA_VERSION, "command": "sensitivity", "passed": True,
@@ -106,6 +116,7 @@ def sensitivity(
             "cache": {"path": str(cache_path) if cache_path else None, "key": key, "hit": cached is not None},
             "unnamed_nodes": setup.unnamed,
             "calibration_s": setup.calibration_s, "wall_s": time.perf_counter() - started,
+            "executor": where,
         },
         "baseline": trial_row(baseline, "sqnr_db", setup.context.float_bytes),
     }
@@ -169,13 +180,15 @@ def tune(
     labels: str | Path | None = None,
     max_trials: int = 24,
     time_budget: float | None = None,
-    jobs: int = 1,
+    jobs: int | None = None,
     sensitivity_samples: int | None = None,
     latency_runs: int = LATENCY_RUNS,
     cache: str | Path | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
     on_event: Callable[[str], None] | None = None,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> TuneResult:
     """Search per-node precision (16-bit activations, then float) until the recipe's gates pass.
 
@@ -187,7 +200,8 @@ def tune(
     After the search, every trial is timed against the float model one after another in this
     process, `latency_runs` interleaved
     rounds each (0: not timed): trials running side by side in `jobs` processes would time
-    each other's contention.
+    each other's contention. `executor` and `ray_address` as in `sensitivity`: with Ray, a trial
+    lost after Ray's retries is named in the report and the search goes on without it.
     """
     model_path, data_dir = Path(model_path), Path(data_dir)
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
@@ -213,22 +227,26 @@ def tune(
     state: dict = {"best": None, "writes": 0}
     latencies: dict[tuple, BenchResult] = {}  # trial promotions -> timing
     report: dict = {}
-    with temporary_folder("qtool-trials-") as folder, make_executor(jobs) as executor:
+    lost: list[dict] = []
+    with temporary_folder("qtool-trials-") as folder, make_executor(jobs, executor, ray_address) as pool:
         setup = setup_trials(model_path, data_dir, recipe, folder, validation_data, labels,
-                              1 if jobs > 1 else None, tick)
-        context = replace(setup.context, gates=gates)
+                              1 if pool.jobs > 1 or pool.remote else None, tick)
+        context = replace(setup.context, gates=gates)  # what this process builds and times trials from
+        if pool.remote:  # trials elsewhere read the work folder from the object store, not as a path
+            setup.context = replace(setup.context, bundle=pool.put(folder_files(folder)))
+        shipped = replace(setup.context, gates=gates)
         key = cache_key(file_sha256(model_path), recipe,
                         [setup.calib_data.listing_hash(), setup.eval_data.listing_hash()],
                         f"only_quantized:{sensitivity_samples}", context.providers)
         trials_progress = tick("tune")
-        search = Search([], steps, lambda specs: run_specs(executor, context, specs), figure, max_trials,
-                        deadline, max(1, jobs))
+        search = Search([], steps, lambda specs: run_specs(pool, shipped, specs, lost), figure, max_trials,
+                        deadline, pool.jobs)
         sens: dict = {"rows": [], "complete": False, "cache_hit": False}
 
         def build_report(final: bool, stop: str) -> dict:
             return _tune_report(model_path, recipe, setup, search, sens, figure, gates, stop, final,
-                                interrupted, max_trials, time_budget, jobs, time.monotonic() - started,
-                                latencies, latency_runs)
+                                interrupted, max_trials, time_budget, executor_section(pool, lost),
+                                time.monotonic() - started, latencies, latency_runs)
 
         def write_best(result: TrialResult) -> None:
             quantized, _, _ = build_trial_model(context, result.spec)
@@ -255,14 +273,16 @@ def tune(
         search.on_trial, search.on_improvement = on_trial, write_best
         search.time_trial = time_trial if latency_runs else None
         try:
-            baseline = search.run_batch([TrialSpec("recipe as given", "baseline")])[()]
+            baseline = search.run_batch([TrialSpec("recipe as given", "baseline")]).get(())
+            if baseline is None:
+                raise WorkerError(f"the trial of the recipe as given was lost ({lost[-1]['reason']})")
             if not baseline.passed:
                 cached = cached_document if cached_document and cached_document.get("key") == key else None
                 if cached is not None:
                     rows, complete = cached["rows"], True
                 else:
-                    rows, complete = measure_sensitivity(setup, executor, "only_quantized", deadline, tick, baseline,
-                                                  sensitivity_samples)
+                    rows, complete = measure_sensitivity(setup, pool, "only_quantized", deadline, tick, baseline,
+                                                         sensitivity_samples, lost)
                     if complete:
                         write_text_atomic(cache_path, cache_document(key, "only_quantized", model_path, rows))
                 sens.update(rows=rows, complete=complete, cache_hit=cached is not None)
@@ -275,10 +295,10 @@ def tune(
         except KeyboardInterrupt as exc:
             interrupted, terminated = True, isinstance(exc, Terminated)
             search.stop_reason = "terminated (SIGTERM)" if terminated else "interrupted (Ctrl-C)"
-            executor.close()
+            pool.close()
         except WorkerError as exc:
             died, search.stop_reason = exc, f"stopped: {exc}"
-            executor.close()
+            pool.close()
         best = state["best"]
         reproduced = None
         if not state["writes"]:  # nothing of this run on disk: leave the folder as it was
@@ -347,7 +367,7 @@ def _describe_trial(result: TrialResult, figure: str) -> str:
 
 def _tune_report(model_path: Path, recipe: Recipe, setup: TrialSetup, search: Search, sens: dict, figure: str,
                  gates: dict, stop: str, final: bool, interrupted: bool, max_trials: int,
-                 time_budget: float | None, jobs: int, wall_s: float, latencies: dict[tuple, BenchResult],
+                 time_budget: float | None, where: dict, wall_s: float, latencies: dict[tuple, BenchResult],
                  latency_runs: int) -> dict:
     float_bytes = setup.context.float_bytes
     trials = [trial_row(result, figure, float_bytes) for result in search.order]
@@ -369,7 +389,7 @@ def _tune_report(model_path: Path, recipe: Recipe, setup: TrialSetup, search: Se
         "prepare": setup.prepare_notes, "warnings": setup.warnings,
         "target": {"gates": gates, "objective": figure, "float_accuracy": reference,
                    "float_bytes": float_bytes},
-        "search": {"max_trials": max_trials, "time_budget_s": time_budget, "jobs": jobs,
+        "search": {"max_trials": max_trials, "time_budget_s": time_budget, "jobs": where["jobs"], "executor": where,
                    "trials_run": len(search.order), "stop_reason": stop, "wall_s": wall_s,
                    "calibration_s": setup.calibration_s, "steps": list(search.steps)},
         "latency": _latency_section(latency_runs, final, interrupted),

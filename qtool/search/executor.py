@@ -1,8 +1,9 @@
 """Where independent trials run: one small interface, a local process pool and an in-process fallback.
 
-The search only ever calls `map_unordered(fn, tasks)` and `close()`; a distributed
-engine (e.g. Ray) implements the same two methods without touching the search.
-`fn` must be a module-level function and every task picklable.
+The search only ever calls `map_unordered(fn, tasks)` and `close()`; Ray
+(qtool/distributed/ray_executor.py) implements the same two methods without touching the search.
+`fn` must be a module-level function and every task picklable. An executor whose `remote` is
+true runs tasks on other machines: what they read must travel in the task, not as a path.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Iterable, Iterator, Protocol, TypeVar
 
-from qtool.errors import WorkerError
+from qtool.distributed.ray_executor import RayExecutor
+from qtool.errors import UsageError, WorkerError
 
 Task = TypeVar("Task")
 Result = TypeVar("Result")
@@ -38,6 +40,7 @@ class InlineExecutor:
     """Runs tasks one by one in this process (`--jobs 1`): no pickling, easy to debug."""
 
     jobs = 1
+    remote = False
 
     def map_unordered(self, fn, tasks):
         for task in tasks:
@@ -66,6 +69,8 @@ class LocalProcessExecutor:
     A worker that dies (the OOM killer's SIGKILL) breaks the pool: `map_unordered` then raises a
     WorkerError at once, where a `multiprocessing.Pool` would wait forever for the lost task.
     """
+
+    remote = False
 
     def __init__(self, jobs: int):
         self.jobs = max(1, int(jobs))
@@ -109,5 +114,18 @@ class LocalProcessExecutor:
         self.close()
 
 
-def make_executor(jobs: int) -> InlineExecutor | LocalProcessExecutor:
+EXECUTORS = ("local", "ray")
+
+
+def make_executor(jobs: int | None, kind: str = "local", address: str | None = None):
+    """`kind` "local": `jobs` processes here (1 or None: in this process); "ray": Ray tasks on the cluster
+    at `address` (default RAY_ADDRESS, else a local instance), `jobs` in flight (default: its CPUs).
+    Raises UsageError for an unknown kind, or for "ray" without Ray installed."""
+    if kind == "ray":
+        return RayExecutor(address, jobs)
+    if kind != "local":
+        raise UsageError(f"unknown executor {kind!r}; allowed: {', '.join(EXECUTORS)}")
+    if address is not None:
+        raise UsageError("--ray-address needs --executor ray")
+    jobs = jobs or 1
     return InlineExecutor() if jobs <= 1 else LocalProcessExecutor(jobs)

@@ -6,7 +6,7 @@ the gates pass; then it is bisected back, each promoted node is tried demoted
 again (least sensitive first), and the nodes left are tried at the other steps.
 Among the trials that pass, the fastest wins (each timed as its batch ends),
 then the smallest. Trials go out `jobs` at a time through `evaluate`; the search
-never sees processes.
+never sees processes. A trial `evaluate` does not return (an executor lost it) counts as failed.
 """
 
 from __future__ import annotations
@@ -125,7 +125,8 @@ class Search:
 
     def passes(self, nodes: list[str], step: str, label: str) -> bool:
         spec = promotion_spec(nodes, step, label)
-        return self.run_batch([spec])[spec.promotions].passed
+        result = self.run_batch([spec]).get(spec.promotions)  # None: the executor lost the trial
+        return result is not None and result.passed
 
     def run(self) -> TrialResult | None:
         try:
@@ -162,7 +163,7 @@ class Search:
                 specs = [promotion_spec(self.ranking[:k], step, f"{step} top {k}") for k in probes]
                 outcome = self.run_batch(specs)
                 for k, spec in zip(probes, specs):
-                    if outcome[spec.promotions].passed:
+                    if spec.promotions in outcome and outcome[spec.promotions].passed:
                         known_pass = k
                         break
                     known_fail = k
@@ -184,7 +185,7 @@ class Search:
                                     f"{step} top {len(promoted)} without 1") for drop in batch]
             outcome = self.run_batch(specs)
             for drop, spec in zip(batch, specs):
-                if outcome[spec.promotions].passed:
+                if spec.promotions in outcome and outcome[spec.promotions].passed:
                     promoted = [n for n in promoted if n != drop]
                     break
         return promoted

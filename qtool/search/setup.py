@@ -13,6 +13,7 @@ from onnx import ModelProto, TensorProto
 
 from qtool.api import prepare
 from qtool.calibration.calibrate import calibrate as calibrate_tensors
+from qtool.distributed.ray_executor import LostTask
 from qtool.evaluation.method_choice import choose_method
 from qtool.evaluation.validation import check_gates_are_measurable, resolve_validation_data
 from qtool.io.data import model_inputs
@@ -90,9 +91,23 @@ def setup_trials(model_path: Path, data_dir: Path, recipe: Recipe, folder: Path,
                        time.perf_counter() - started)
 
 
-def run_specs(executor: Executor, context: TrialContext, specs: list[TrialSpec]):
-    for _, result in executor.map_unordered(run_trial, [(context, spec) for spec in specs]):
+def run_specs(executor: Executor, context: TrialContext, specs: list[TrialSpec], lost: list[dict] | None = None):
+    """Each spec's TrialResult as it finishes; a trial the executor lost (its worker or node died
+    after every retry) is left out and named in `lost` ({"trial", "reason"})."""
+    for (_, spec), result in executor.map_unordered(run_trial, [(context, spec) for spec in specs]):
+        if isinstance(result, LostTask):
+            if lost is not None:
+                lost.append({"trial": spec.key, "reason": result.reason})
+            continue
         yield result
+
+
+def executor_section(executor: Executor, lost: list[dict]) -> dict:
+    """The report's account of where trials ran: kind, trials in flight, cluster, bytes shipped, lost trials."""
+    remote = getattr(executor, "remote", False)
+    return {"kind": "ray" if remote else "local", "jobs": executor.jobs,
+            "address": getattr(executor, "address", None) if remote else None,
+            "shipped_bytes": getattr(executor, "shipped_bytes", 0), "lost_trials": list(lost)}
 
 
 def read_cache(path: Path, key: str | None = None) -> dict | None:
@@ -113,8 +128,11 @@ def cache_document(key: str, mode: str, model_path: Path, rows: list[dict]) -> s
 
 
 def measure_sensitivity(setup: TrialSetup, executor: Executor, mode: str, deadline: float | None, tick,
-                 baseline: TrialResult, samples: int | None) -> tuple[list[dict], bool]:
-    """The ranking rows, and whether every node was measured (a time budget can cut it short)."""
+                 baseline: TrialResult, samples: int | None,
+                 lost: list[dict] | None = None) -> tuple[list[dict], bool]:
+    """The ranking rows, and whether every node was measured (a time budget can cut it short; a
+    trial the executor lost is named in `lost` and its node's row says so)."""
+    lost = [] if lost is None else lost
     if mode == "only_quantized":
         specs = [TrialSpec(f"only {node}", "sensitivity", only=node, samples=samples) for node in setup.quantizable]
     else:
@@ -122,7 +140,7 @@ def measure_sensitivity(setup: TrialSetup, executor: Executor, mode: str, deadli
                  for node in setup.quantizable]
     progress = tick("sensitivity")
     results = []
-    for result in run_specs(executor, setup.context, specs):
+    for result in run_specs(executor, setup.context, specs, lost):
         results.append(result)
         if progress:
             progress(len(results), len(specs))
@@ -130,8 +148,11 @@ def measure_sensitivity(setup: TrialSetup, executor: Executor, mode: str, deadli
             break
     rows = rank_nodes(results, setup.op_types, mode, baseline)
     measured = {row["node"] for row in rows}
-    rows += [{"node": node, "op_type": setup.op_types[node], "rank": None, "note": "not measured (time budget)"}
-             for node in setup.quantizable if node not in measured]
+    lost_keys = {entry["trial"] for entry in lost}
+    rows += [{"node": node, "op_type": setup.op_types[node], "rank": None,
+              "note": "not measured (trial lost: its worker died)" if spec.key in lost_keys
+              else "not measured (time budget)"}
+             for node, spec in zip(setup.quantizable, specs) if node not in measured]
     return rows, len(results) == len(specs)
 
 

@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import re
+import tempfile
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -27,6 +28,7 @@ from qtool.calibration.calibrate import CalibrationTable
 from qtool.evaluation.compare import Comparison, OutputStats, check_gates
 from qtool.evaluation.latency import BenchResult, bench_models
 from qtool.evaluation.metrics import is_classifier_output, top1
+from qtool.distributed.ray_executor import fetch
 from qtool.io.model import copy_metadata, load_model, proto_size
 from qtool.io.samples import Batch
 from qtool.io.streams import StreamState
@@ -120,6 +122,9 @@ class TrialContext:
     threads: int | None = None  # ORT intra-op threads per trial (1 when trials run in parallel)
     # the execution providers of the command (--provider): worker processes do not inherit the parent's
     providers: tuple[Provider, ...] = ()
+    # The work folder's files for workers on other machines: {file name: bytes}, or a reference to
+    # them in Ray's object store (`ship_folder`); None: `folder` is readable where trials run.
+    bundle: object = None
 
 
 @dataclass(frozen=True)
@@ -157,6 +162,28 @@ class _State:
 
 
 _STATES: dict[str, _State] = {}  # per process: work folder -> loaded state
+_COPIES: dict[str, tempfile.TemporaryDirectory] = {}  # per process: work folder -> its local copy
+
+
+def folder_files(folder: Path) -> dict[str, bytes]:
+    """The work folder's files (prepared float models, their external data, the evaluation set), by name:
+    what a trial on another machine needs, shipped once through the executor's object store."""
+    return {path.name: path.read_bytes() for path in sorted(Path(folder).iterdir()) if path.is_file()}
+
+
+def _folder(context: TrialContext) -> Path:
+    """Where this process reads the work folder: the folder itself, or a local copy of its bundle."""
+    if context.bundle is None:
+        return Path(context.folder)
+    copy = _COPIES.get(context.folder)
+    if copy is None:
+        for old in _COPIES.values():  # one work folder at a time per process
+            old.cleanup()
+        _COPIES.clear()
+        copy = _COPIES[context.folder] = tempfile.TemporaryDirectory(prefix="qtool-trial-")
+        for name, data in fetch(context.bundle).items():
+            (Path(copy.name) / name).write_bytes(data)
+    return Path(copy.name)
 
 
 def write_eval_set(folder: Path, batches: list[tuple[dict, dict, list[int], bool | None]],
@@ -178,7 +205,7 @@ def write_eval_set(folder: Path, batches: list[tuple[dict, dict, list[int], bool
 def _state(context: TrialContext) -> _State:
     state = _STATES.get(context.folder)
     if state is None:
-        folder = Path(context.folder)
+        folder = _folder(context)
         state = _State()
         index = json.loads((folder / EVAL_INDEX).read_text(encoding="utf-8"))
         with np.load(folder / EVAL_SET, allow_pickle=False) as arrays:
@@ -196,7 +223,7 @@ def _float_model(context: TrialContext, recipe: Recipe) -> ModelProto:
     state = _state(context)
     name = float_model_name(recipe)
     if name not in state.models:
-        state.models[name] = load_model(Path(context.folder) / name)
+        state.models[name] = load_model(_folder(context) / name)
     return state.models[name]
 
 
