@@ -112,6 +112,11 @@ def test_audio_errors_name_what_is_wrong(tmp_path):
     source = open_data(folder, model_inputs(fixed), None, _recipe(tmp_path, "  audio: {}\n"))
     with pytest.raises(DataError, match=r"b\.wav: not a readable"):
         list(source.samples())
+    (folder / "b.wav").unlink()
+    _write_wav(folder / "c.wav", np.zeros(0, np.float32), 16000)  # 0 frames: was padded into one silent chunk
+    source = open_data(folder, model_inputs(fixed), None, _recipe(tmp_path, "  audio: {}\n"))
+    with pytest.raises(DataError, match=r"c\.wav: holds 0 audio frames"):
+        list(source.samples())
 
 
 def test_flac_through_soundfile(tmp_path):

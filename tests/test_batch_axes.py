@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
@@ -140,3 +141,29 @@ def test_state_scalar_and_flag_inputs_quantize_with_the_shipped_recipe(tmp_path)
         want, = float_session.run(None, feeds)
         got, = quant_session.run(None, feeds)
         assert np.allclose(got, want, atol=0.05 * np.abs(want).max())
+
+
+def test_a_sample_the_fixed_batch_model_cannot_run_is_a_data_error_naming_its_file(tmp_path):
+    """The symbolic-batch copy's check ran the float model on the first samples outside the loop that
+    names files: an index out of range in the data became exit 3 (Internal error)."""
+    from click.testing import CliRunner
+
+    from qtool.cli.main import main
+
+    rng = np.random.default_rng(0)
+    model = make_model(
+        [helper.make_node("Gather", ["table", "ids"], ["emb"], name="embed"),
+         helper.make_node("MatMul", ["emb", "w"], ["y"], name="proj")],
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 2])],
+        {"table": rng.normal(size=(10, 3)).astype(np.float32), "w": rng.normal(size=(3, 2)).astype(np.float32)},
+    )
+    onnx.save(model, tmp_path / "model.onnx")
+    data = tmp_path / "calib"
+    data.mkdir()
+    np.save(data / "0000.npy", np.array([[1, 2, 3, 4]], np.int64))
+    np.save(data / "0001.npy", np.array([[1, 2, 3, 99]], np.int64))  # no row 99 in a 10-row table
+    result = CliRunner().invoke(main, ["quantize", str(tmp_path / "model.onnx"), "--data", str(data),
+                                       "--output", str(tmp_path / "out"), "--no-bench"])
+    assert result.exit_code == 2, result.output
+    assert "0001.npy" in result.stderr and "Internal error" not in result.stderr

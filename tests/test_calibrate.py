@@ -260,5 +260,9 @@ def test_auto_method_writes_a_table_of_the_chosen_method(tiny, tmp_path):
     recipe.write_text("version: 1\ncalibration: {method: auto}\n")
     result = api.calibrate(path, folder, load_recipe(recipe), tmp_path / "table.json")
     chosen = result.table.method_choice["chosen"]
-    assert {entry["method"] for entry in json.loads((tmp_path / "table.json").read_text())["tensors"].values()} \
-        == {chosen}
+    document = json.loads((tmp_path / "table.json").read_text())
+    assert {entry["method"] for entry in document["tensors"].values()} == {chosen}
+    assert document["method_choice"]["chosen"] == chosen  # the file says what auto tried and chose
+    cli = CliRunner().invoke(main, ["calibrate", str(path), "--data", str(folder), "--recipe", str(recipe),
+                                    "--output", str(tmp_path / "again.json")])
+    assert cli.exit_code == 0 and f"note: calibration.method auto chose {chosen}" in cli.stderr

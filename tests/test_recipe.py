@@ -134,3 +134,10 @@ def test_compare_gates_from_the_command_line_and_the_api_have_the_same_ranges(tm
     assert result.exit_code == 2 and "'min_cosine=5': 5 is outside what min_cosine measures" in result.stderr
     with pytest.raises(UsageError, match="gate min_top1_agreement=-0.5: -0.5 is outside"):
         api.compare("a.onnx", "b.onnx", tmp_path, gates={"min_top1_agreement": -0.5})
+
+
+def test_an_unknown_calibration_method_lists_every_allowed_one_auto_included(tmp_path):
+    """A union of two Literals leaked pydantic's internals and left auto out of the allowed list."""
+    message = error_of(tmp_path, "version: 1\ncalibration: {method: Auto}\n")
+    assert message.endswith("recipe.yaml:2: calibration.method: 'Auto' is not allowed: input should be "
+                            "'minmax', 'percentile', 'entropy', 'mse' or 'auto'")

@@ -64,7 +64,8 @@ def test_internal_error_exits_3_with_one_line_pointing_to_debug(small, tmp_path,
     result = CliRunner().invoke(main, quantize_args(model, data, tmp_path / "out"))
     assert result.exit_code == 3
     assert result.stderr.strip().splitlines() == [
-        "Internal error (RuntimeError: invariant broken); run again with --debug for the traceback and report it."
+        "Internal error (RuntimeError: invariant broken); run again as `qtool --debug COMMAND ...` for the traceback "
+        "and report it."
     ]
     debug = CliRunner().invoke(main, ["--debug", *quantize_args(model, data, tmp_path / "out")])
     assert debug.exit_code == 3 and "Traceback" in debug.stderr and "invariant broken" in debug.stderr

@@ -147,6 +147,21 @@ def test_sensitivity_trials_stream_like_validation(tmp_path):
     assert all(row["sqnr_db"] > 25 for row in rows)
 
 
+def test_sensitivity_samples_cannot_cut_a_stream(tmp_path):
+    """--samples N ran each trial on the first N chunks while the float reference had carried state
+    through whole streams: baseline 0 dB, a wrong ranking, exit 0. It is refused before any work."""
+    from qtool.errors import UsageError
+
+    model_path = _cell(tmp_path / "cell.onnx")
+    calib = _streams(tmp_path / "calib", 3, seed=1)
+    with pytest.raises(UsageError, match="--samples cannot cut a stateful model's streams"):
+        qtool.sensitivity(model_path, calib, _recipe(tmp_path), tmp_path / "sensitivity", samples=2)
+    with pytest.raises(UsageError, match="--sensitivity-samples cannot cut"):
+        qtool.tune(model_path, calib, _recipe(tmp_path, "validation: {gates: {min_cosine: 0.99}}\n"),
+                   tmp_path / "tuned", sensitivity_samples=2)
+    assert not (tmp_path / "sensitivity").exists() and not (tmp_path / "tuned").exists()
+
+
 def _lstm(path: Path, steps: int = 10) -> Path:
     """An ONNX LSTM run on chunks of `steps` frames, its state [1, batch, H] in and out (batch on axis 1,
     as recurrent exports have it), a MatMul head on its last hidden state."""

@@ -307,3 +307,57 @@ def test_a_lost_trial_is_named_and_its_node_left_unranked(hostile, tmp_path):
         {"node": first, "op_type": setup.op_types[first], "rank": None,
          "note": "not measured (trial lost: its worker died)"}]
     assert len(rows) == len(setup.quantizable)
+
+
+def test_tuned_recipe_keeps_every_file_it_names_reachable_from_its_new_folder(tmp_path):
+    """recipe.tuned.yaml lives in the output folder: its base file, tokenizer and validation data were
+    relative to the input recipe and must still resolve (a tuned recipe that does not load is useless)."""
+    from qtool.search.api import tuned_recipe_text
+
+    source = tmp_path / "recipes"
+    (source / "eval").mkdir(parents=True)
+    (source / "tokenizer.json").write_text("{}")
+    (source / "common.yaml").write_text("version: 1\ncalibration: {batch_size: 2}\n")
+    (source / "recipe.yaml").write_text("version: 1\nbase: common.yaml\ndata: {text: {tokenizer: tokenizer.json}}\n"
+                                       "validation: {data: eval}\n")
+    output = tmp_path / "out" / "tuned"
+    output.mkdir(parents=True)
+    recipe = load_recipe(source / "recipe.yaml")
+    text = tuned_recipe_text(recipe, [{"match": {"name": "^conv$"}, "activations": {"dtype": "uint16"}}], output)
+    (output / "recipe.tuned.yaml").write_text(text)
+    tuned = load_recipe(output / "recipe.tuned.yaml")
+    assert tuned.calibration.batch_size == 2  # from the base file
+    assert tuned.resolve_path(tuned.data.text.tokenizer) == (source / "tokenizer.json").resolve()
+    assert tuned.resolve_path(tuned.validation.data) == (source / "eval").resolve()
+
+
+def test_a_latency_gate_with_timing_off_is_refused_before_any_work(hostile, tmp_path):
+    """--latency-runs 0 with a max_latency_ratio gate exited 1 'not met (value None)' after the search."""
+    from qtool.errors import UsageError
+
+    recipe = tmp_path / "timed.yaml"
+    recipe.write_text("version: 1\nvalidation:\n  gates: {min_sqnr_db: 12, max_latency_ratio: 1.0}\n")
+    with pytest.raises(UsageError, match="max_latency_ratio needs the trials timed: --latency-runs above 0"):
+        search_api.tune(hostile / "model.onnx", hostile / "calib", recipe, tmp_path / "tuned",
+                        validation_data=hostile / "eval", latency_runs=0)
+    assert not (tmp_path / "tuned").exists()
+
+
+def test_a_model_whose_every_output_is_integer_is_refused_not_ranked_by_name(tmp_path):
+    """albert's only output is an ArgMax: every trial's SQNR was NaN, the ranking fell back to node
+    names and sensitivity exited 0."""
+    from qtool.errors import ModelError
+
+    rng = np.random.default_rng(0)
+    model = make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["logits"], name="head"),
+         helper.make_node("ArgMax", ["logits"], ["label"], name="argmax", axis=1, keepdims=0)],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("label", TensorProto.INT64, ["N"])],
+        {"w": rng.normal(size=(8, 4)).astype(np.float32)},
+    )
+    onnx.save(model, tmp_path / "model.onnx")
+    data = save_npy_folder(tmp_path / "calib", [rng.standard_normal((1, 8)) for _ in range(8)])
+    with pytest.raises(ModelError, match="every output is an integer tensor \\(label; .*add the float tensor"):
+        search_api.sensitivity(tmp_path / "model.onnx", data, None, tmp_path / "sens")
+    assert not (tmp_path / "sens").exists()

@@ -269,6 +269,7 @@ def table_document(table: CalibrationTable, *, model_path: Path, model_sha256: s
             name: {"lo": r.lo, "hi": r.hi, "method": r.method, "summary": r.summary}
             for name, r in sorted(table.ranges.items())
         },
+        **({"method_choice": table.method_choice} if table.method_choice else {}),  # calibration.method auto
     })
 
 

@@ -57,7 +57,7 @@ class QtoolGroup(click.Group):
                 traceback.print_exc()
             else:
                 _say(f"Internal error ({type(exc).__name__}: {reason(exc)}); "
-                     "run again with --debug for the traceback and report it.")
+                     "run again as `qtool --debug COMMAND ...` for the traceback and report it.")
             sys.exit(EXIT_INTERNAL)
         finally:
             if on_main_thread:

@@ -182,6 +182,8 @@ def calibrate(model: Path, data_dir: Path | None, data_loader: str | None, recip
         drift, name = max(drifts)
         line += f"; largest range drift over the last 10 % of samples: {drift:.1%} ({name})"
     click.echo(line)
+    for note in result.table.notes:  # e.g. which method calibration.method auto chose
+        click.echo(f"note: {note}", err=True)
 
 def _parse_gates(ctx, param, values: tuple[str, ...]) -> dict[str, float]:
     from qtool.evaluation.compare import GATES

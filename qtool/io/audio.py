@@ -149,6 +149,8 @@ class AudioSource(DataSource):
         batch_axis = self.axes[self.audio.name].axis
         for path in self.paths:
             samples, rate = read_audio(path)
+            if not len(samples):  # padded to one chunk, silence would calibrate and validate as data
+                raise DataError(f"{path}: holds 0 audio frames; remove it or give it sound")
             mono = resample(samples.mean(axis=1), rate, self.spec.sample_rate, path) * np.float32(self.spec.scale)
             pieces = [piece.reshape(self.shape) for piece in chunks(mono, self.length, self.hop, self.spec.last)]
             if not pieces:

@@ -22,6 +22,7 @@ RECIPE_VERSION = 1
 
 
 Method = Literal["minmax", "percentile", "entropy", "mse"]
+MethodOrAuto = Literal["minmax", "percentile", "entropy", "mse", "auto"]  # one Literal: one clear message
 
 
 class CalibrationOverride(_Strict):
@@ -46,7 +47,7 @@ class CalibrationOverride(_Strict):
 
 
 class CalibrationSpec(_Strict):
-    method: Method | Literal["auto"] = Field(
+    method: MethodOrAuto = Field(
         "minmax", description="How an observed distribution becomes a range. `auto`: calibrate with minmax, "
         "percentile and mse, build each quantized model, keep the one whose worst output SQNR on the "
         "calibration data is highest (minmax on a tie; three calibrations and checks instead of one)."

@@ -80,6 +80,7 @@ def sensitivity(
         raise UsageError(f"unknown sensitivity mode {mode!r}; allowed: {', '.join(SENSITIVITY_MODES)}")
     model_path, data_dir = Path(model_path), Path(data_dir)
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    _check_samples(recipe, samples, "--samples")
     output = Path(output_dir) if output_dir is not None else None
     inputs = (data_dir, validation_data, labels, *recipe_inputs(recipe))
     if output is not None:
@@ -158,10 +159,20 @@ def tuned_recipe_text(recipe: Recipe, overrides: list[dict], output: Path) -> st
     quantization = document.setdefault("quantization", {}) or {}
     document["quantization"] = quantization
     quantization["overrides"] = overrides + list(quantization.get("overrides") or [])
-    validation = document.get("validation") or {}
-    for key in ("data", "labels"):
-        if validation.get(key):
-            validation[key] = os.path.relpath(recipe.resolve_path(validation[key]), output.resolve())
+    # every file the recipe names, relative to the new folder (set here even where `base:` gave it)
+    data = recipe.data
+    named = {("validation", "data"): recipe.validation.data, ("validation", "labels"): recipe.validation.labels,
+             ("data", "text", "tokenizer"): data.text.tokenizer if data and data.text else None,
+             ("data", "state", "initial"): data.state.initial if data and data.state else None}
+    for keys, value in named.items():
+        if value:
+            section = document
+            for key in keys[:-1]:
+                section = section.setdefault(key, {}) if isinstance(section.get(key, {}), dict) else {}
+            section[keys[-1]] = os.path.relpath(recipe.resolve_path(value), output.resolve())
+    base = document.get("base")
+    if isinstance(base, str) and recipe.source is not None and (recipe.source.parent / base).is_file():
+        document["base"] = os.path.relpath((recipe.source.parent / base).resolve(), output.resolve())
     header = (f"# Written by `qtool tune` from {recipe.source or 'the built-in default recipe'}.\n"
               f"# The first {len(overrides)} entries of quantization.overrides were added by the search\n"
               "# (exact node names); the rest is the input recipe. Re-run it with `qtool quantize`.\n")
@@ -205,6 +216,10 @@ def tune(
     """
     model_path, data_dir = Path(model_path), Path(data_dir)
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    _check_samples(recipe, sensitivity_samples, "--sensitivity-samples")
+    if latency_runs == 0 and "max_latency_ratio" in recipe.validation.gates:
+        raise UsageError(f"{recipe.source or 'recipe'}: validation.gates.max_latency_ratio needs the trials "
+                         "timed: --latency-runs above 0 (or drop the gate)")
     gates = {name: value for name, value in recipe.validation.gates.items() if name in SEARCH_GATES}
     if not gates:
         raise RecipeError(f"{recipe.source or 'recipe'}: validation.gates: tune needs a target: one of "
@@ -326,6 +341,14 @@ def tune(
     if died is not None:
         raise WorkerError(f"{died}; the best trial so far is kept in {output}")
     return TuneResult(report, bool(report["chosen"]["passed"]), interrupted, output, terminated)
+
+
+def _check_samples(recipe: Recipe, samples: int | None, option: str) -> None:
+    """A stateful model's evaluation runs as whole streams: the first N samples would cut a stream
+    short of the state its float reference was measured with."""
+    if samples is not None and recipe.data.state is not None:
+        raise UsageError(f"{option} cannot cut a stateful model's streams (data.state): leave it out, or "
+                         "give fewer or shorter validation files")
 
 
 def _latency_gate(limit: float | None, timing: BenchResult | None) -> dict | None:

@@ -9,10 +9,12 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 from onnx import ModelProto, TensorProto
 
 from qtool.api import prepare
 from qtool.calibration.calibrate import calibrate as calibrate_tensors
+from qtool.errors import ModelError
 from qtool.distributed.ray_executor import LostTask
 from qtool.evaluation.method_choice import choose_method
 from qtool.evaluation.validation import check_gates_are_measurable, resolve_validation_data
@@ -83,6 +85,11 @@ def setup_trials(model_path: Path, data_dir: Path, recipe: Recipe, folder: Path,
         reference = carry.run(partial(run, session), batch)
         truth = [eval_labels.get(name, -1) if eval_labels else -1 for name in batch.files]
         batches.append((batch.feeds, reference, truth, batch.starts[0] if batch.starts else None))
+    if batches and not any(np.asarray(value).dtype.kind == "f" for value in batches[0][1].values()):
+        raise ModelError(f"{model_path}: every output is an integer tensor ({', '.join(batches[0][1])}; e.g. an "
+                         "ArgMax's class indices): trials are ranked and searched by output SQNR, which such "
+                         "outputs do not have; add the float tensor they are computed from (the logits) as a "
+                         "graph output and run again")
     write_eval_set(folder, batches, eval_data.state.carry if eval_data.state else None)
     context = TrialContext(str(folder), recipe, table, int8_kernels_may_saturate(), dict(recipe.validation.gates),
                            model_file_bytes(model_path), threads, current_providers())
