@@ -82,6 +82,8 @@ def test_matmul_and_gemm_become_dynamic_quantize_matmul_without_calibration_data
     assert result.report["validation"]["outputs"]["y"]["cosine"] >= 0.999
     assert result.report["kernels"]["integer_ops"] == {"DynamicQuantizeMatMul": 2}
     assert "calibration" not in " ".join(result.report["warnings"])
+    # the report said `method: minmax, samples: 0` of a calibration that never ran
+    assert result.report["calibration"]["method"] == "none" and "run time" in result.report["calibration"]["why"]
     reasons = {n["node"]: n["reason"] for n in result.report["plan"]["nodes"]}
     assert reasons["/fc1/MatMul"] == "mode dynamic"
     assert reasons["/fc1/Add"] == "bias folded into /fc1/MatMul (DynamicQuantizeMatMul)"

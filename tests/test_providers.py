@@ -21,6 +21,10 @@ def test_names_options_and_order():
                                                                  "x": "1"}))
     with pytest.raises(UsageError, match="option 'device_id' is not key=value"):
         parse_providers("CPU:device_id")
+    # ORT's names are matched in any case, as people type them; one provider named twice is a mistake
+    assert parse_providers("cpu") == parse_providers("cpuexecutionprovider") == (("CPUExecutionProvider", {}),)
+    with pytest.raises(UsageError, match="execution provider CPUExecutionProvider is named twice"):
+        parse_providers("CPU,cpu")
 
 
 def test_sessions_get_the_chosen_providers_inside_the_block_only():

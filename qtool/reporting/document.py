@@ -138,6 +138,9 @@ def _calibration_data(calib_data: DataFolder | None, table: CalibrationTable) ->
 
 
 def _calibration_section(recipe: Recipe, table: CalibrationTable) -> dict:
+    if not table.ranges and not table.provenance.get("file") and recipe.quantization.mode == "dynamic":
+        return {"method": "none", "samples": 0, "tensors": 0,
+                "why": "quantization.mode dynamic: activations are quantized at run time, nothing was calibrated"}
     section = {"method": recipe.calibration.method, "samples": table.samples, "tensors": len(table.ranges)}
     if table.batching:  # per input its batch axis and why; how many samples a run held
         section["batching"] = table.batching

@@ -37,15 +37,19 @@ _PROVIDERS: ContextVar[tuple[Provider, ...]] = ContextVar("qtool_providers", def
 
 
 def parse_providers(text: str) -> tuple[Provider, ...]:
-    """`NAME[:key=value;key=value][,NAME...]` (ORT's names, `CUDA` short for `CUDAExecutionProvider`),
-    each one this onnxruntime build has; else a UsageError listing the ones it has."""
+    """`NAME[:key=value;key=value][,NAME...]` (ORT's names in any case, `CUDA` short for
+    `CUDAExecutionProvider`), each one this onnxruntime build has, each once; else a UsageError."""
     available = ort.get_available_providers()
+    by_folded_name = {name.lower(): name for name in available}
     providers = []
     for item in (part.strip() for part in text.split(",")):
         name, _, options_text = item.partition(":")
         name = name.strip()
-        if name and not name.endswith("ExecutionProvider"):
+        if name and not name.lower().endswith("executionprovider"):
             name += "ExecutionProvider"
+        name = by_folded_name.get(name.lower(), name)
+        if any(name == chosen for chosen, _ in providers):
+            raise UsageError(f"execution provider {name} is named twice in --provider {text!r}")
         if name not in available:
             raise UsageError(f"execution provider {name or item!r} is not in this onnxruntime build "
                              f"({ort.__version__}); it has: {', '.join(available)}")
