@@ -18,6 +18,7 @@ import onnx
 from onnx import ModelProto, numpy_helper
 
 from qtool.io.model import GraphIndex
+from qtool.quantization.conv_constants import channel_vector, conv_bias
 
 
 def fold_into_next_conv(model: ModelProto) -> int:
@@ -72,19 +73,6 @@ def _foldable_convs(index: GraphIndex, tensor: str) -> list[onnx.NodeProto]:
     return convs
 
 
-def _input_channel_vector(constant: np.ndarray, weight: np.ndarray, group: int) -> np.ndarray | None:
-    """The constant as one value per Conv input channel ([C], float64), or None if it varies otherwise."""
-    channels, rank = weight.shape[1] * group, weight.ndim
-    if constant.ndim > rank:
-        return None
-    if constant.size == 1:
-        return np.full(channels, float(constant.reshape(())))
-    padded = (1,) * (rank - constant.ndim) + constant.shape
-    if padded[0] == 1 and padded[1] == channels and all(d == 1 for d in padded[2:]):
-        return constant.reshape(channels).astype(np.float64)
-    return None
-
-
 def _per_weight(vector: np.ndarray, weight: np.ndarray, group: int) -> np.ndarray:
     """`vector` [C] laid out as W's [M, C/group, 1...]: the input channel each weight reads."""
     out_channels, in_per_group = weight.shape[:2]
@@ -123,51 +111,50 @@ def _bypass(model: ModelProto, node: onnx.NodeProto, source: str, readers: list[
 def _vectors(index: GraphIndex, convs: list[onnx.NodeProto], constant: np.ndarray):
     """Each Conv's weights and the constant per its input channel; vectors None if any does not fit."""
     weights = [numpy_helper.to_array(index.initializers[c.input[1]]) for c in convs]
-    vectors = [_input_channel_vector(constant, w, _group(c)) for c, w in zip(convs, weights)]
+    vectors = [channel_vector(constant, w.shape[1] * _group(c), w.ndim) for c, w in zip(convs, weights)]
     return weights, None if any(v is None for v in vectors) else vectors
 
 
-def fold_mul_into_conv(model: ModelProto) -> int:
-    """`Conv(x * s)` → `Conv_{W·s}(x)` for s constant per input channel (or scalar): exact."""
+def _fold_first(model: ModelProto, op_type: str, rewrite) -> int:
+    """The first `op_type` node with a constant per input channel whose only readers are Convs that
+    `rewrite(index, conv, weight [float64], vector [C] float64)` absorbs it into: rewritten, the node
+    dropped, 1 returned (the index is stale after a removal: the caller loops); 0 when none is left.
+    An Add folds only where every reader pads nothing (a padded border would see 0, not b)."""
     index = GraphIndex(model.graph)
     for node in list(model.graph.node):
-        found = _constant_operand(index, node) if node.op_type == "Mul" else None
+        found = _constant_operand(index, node) if node.op_type == op_type else None
         convs = _foldable_convs(index, node.output[0]) if found else []
-        if not convs:
+        if not convs or (op_type == "Add" and not all(_pads_nothing(c) for c in convs)):
             continue
         slot, constant = found
         weights, vectors = _vectors(index, convs, constant)
         if vectors is None:
             continue
         for conv, weight, vector in zip(convs, weights, vectors):
-            scaled = weight.astype(np.float64) * _per_weight(vector, weight, _group(conv))
-            _set_initializer(index, conv, 1, scaled, "input_scaled_weight")
+            rewrite(index, conv, weight.astype(np.float64), _per_weight(vector, weight, _group(conv)))
         _bypass(model, node, _source(node, slot), convs)
-        return 1  # the index is stale after a removal: the caller loops
+        return 1
     return 0
+
+
+def _scale_weights(index: GraphIndex, conv: onnx.NodeProto, weight: np.ndarray, factor: np.ndarray) -> None:
+    _set_initializer(index, conv, 1, weight * factor, "input_scaled_weight")
+
+
+def _shift_bias(index: GraphIndex, conv: onnx.NodeProto, weight: np.ndarray, addend: np.ndarray) -> None:
+    shift = (weight * addend).reshape(weight.shape[0], -1).sum(axis=1)
+    _set_initializer(index, conv, 2, conv_bias(index, conv) + shift, "input_shifted_bias")
+
+
+def fold_mul_into_conv(model: ModelProto) -> int:
+    """`Conv(x * s)` → `Conv_{W·s}(x)` for s constant per input channel (or scalar): exact."""
+    return _fold_first(model, "Mul", _scale_weights)
 
 
 def fold_add_into_conv(model: ModelProto) -> int:
     """`Conv(x + b)` → `Conv(x)` with bias + Σ W·b, for b constant per input channel and Convs that
     pad nothing: exact."""
-    index = GraphIndex(model.graph)
-    for node in list(model.graph.node):
-        found = _constant_operand(index, node) if node.op_type == "Add" else None
-        convs = _foldable_convs(index, node.output[0]) if found else []
-        if not convs or not all(_pads_nothing(c) for c in convs):
-            continue
-        slot, constant = found
-        weights, vectors = _vectors(index, convs, constant)
-        if vectors is None:
-            continue
-        for conv, weight, vector in zip(convs, weights, vectors):
-            shift = (weight.astype(np.float64) * _per_weight(vector, weight, _group(conv)))
-            bias = (numpy_helper.to_array(index.initializers[conv.input[2]]).astype(np.float64)
-                    if len(conv.input) > 2 and conv.input[2] else np.zeros(weight.shape[0]))
-            _set_initializer(index, conv, 2, bias + shift.reshape(weight.shape[0], -1).sum(axis=1), "input_shifted_bias")
-        _bypass(model, node, _source(node, slot), convs)
-        return 1
-    return 0
+    return _fold_first(model, "Add", _shift_bias)
 
 
 def merge_constant_muls(model: ModelProto) -> int:

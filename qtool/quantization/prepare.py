@@ -14,6 +14,7 @@ import onnx
 from onnx import ModelProto, numpy_helper
 
 from qtool.io.model import GraphIndex, PROTOBUF_LIMIT, opset_version, proto_size
+from qtool.quantization.conv_constants import channel_vector, conv_bias
 from qtool.quantization.forward_folding import fold_into_next_conv
 
 
@@ -89,7 +90,7 @@ def fold_batchnorm(model: ModelProto) -> int:
         weight = numpy_helper.to_array(weight_init).astype(np.float64)
         factor = gamma / np.sqrt(var + epsilon)
         new_weight = weight * factor.reshape(-1, *([1] * (weight.ndim - 1)))
-        new_bias = (_conv_bias(index, conv) - mean) * factor + beta
+        new_bias = (conv_bias(index, conv) - mean) * factor + beta
         weight_init.CopyFrom(numpy_helper.from_array(new_weight.astype(np.float32), weight_init.name))
         _absorb_into_conv(index, conv, new_bias, bn, "folded_bias")
         removed.add(id(bn))
@@ -105,13 +106,6 @@ def _sole_conv_producer(index: GraphIndex, tensor: str) -> onnx.NodeProto | None
             or (len(conv.input) > 2 and conv.input[2] and conv.input[2] not in index.initializers)):
         return None
     return conv
-
-
-def _conv_bias(index: GraphIndex, conv: onnx.NodeProto) -> np.ndarray:
-    """The Conv's bias in float64, zeros when it has none."""
-    if len(conv.input) > 2 and conv.input[2]:
-        return numpy_helper.to_array(index.initializers[conv.input[2]]).astype(np.float64)
-    return np.zeros(index.initializers[conv.input[1]].dims[0])
 
 
 def _absorb_into_conv(index: GraphIndex, conv: onnx.NodeProto, bias: np.ndarray, follower, label: str) -> None:
@@ -279,7 +273,7 @@ def fold_conv_add(model: ModelProto) -> int:
         if found is None:
             continue
         conv, addend = found
-        _absorb_into_conv(index, conv, _conv_bias(index, conv) + addend, add, "add_bias")
+        _absorb_into_conv(index, conv, conv_bias(index, conv) + addend, add, "add_bias")
         removed.add(id(add))
     _drop_nodes(model, removed)
     return len(removed)
@@ -307,7 +301,7 @@ def fold_conv_mul(model: ModelProto) -> int:
         weight_name = index.unique_name(f"{conv.name or conv.output[0]}.scaled_weight")
         graph.initializer.append(numpy_helper.from_array(scaled, weight_name))
         conv.input[1] = weight_name
-        _absorb_into_conv(index, conv, _conv_bias(index, conv) * factor, mul, "scaled_bias")
+        _absorb_into_conv(index, conv, conv_bias(index, conv) * factor, mul, "scaled_bias")
         removed.add(id(mul))
     _drop_nodes(model, removed)
     return len(removed)
@@ -322,20 +316,8 @@ def _conv_and_channel_constant(index: GraphIndex, node: onnx.NodeProto, op_type:
     if constant not in index.initializers or conv is None:
         return None
     weight_dims = index.initializers[conv.input[1]].dims
-    vector = _per_channel(numpy_helper.to_array(index.initializers[constant]), weight_dims[0], len(weight_dims))
+    vector = channel_vector(numpy_helper.to_array(index.initializers[constant]), weight_dims[0], len(weight_dims))
     return None if vector is None else (conv, vector)
-
-
-def _per_channel(addend: np.ndarray, channels: int, rank: int) -> np.ndarray | None:
-    """The addend as a [C] vector when it broadcasts over [N, C, spatial...] by channel only."""
-    if addend.ndim > rank:
-        return None
-    if addend.size == 1:
-        return np.full(channels, float(addend.reshape(())))
-    padded = (1,) * (rank - addend.ndim) + addend.shape
-    if padded[0] == 1 and padded[1] == channels and all(d == 1 for d in padded[2:]):
-        return addend.reshape(channels).astype(np.float64)
-    return None
 
 
 def div_by_constant_to_mul(model: ModelProto) -> int:
