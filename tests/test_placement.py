@@ -282,3 +282,39 @@ def test_fused_placement_keeps_an_integer_island_float(tmp_path):
     assert optimized_op_histogram(result.model)["QLinearConv"] == 1
     decisions = {n["node"]: n for n in result.report["plan"]["nodes"]}
     assert "conversions cost more than the integer Add saves" in decisions["add"]["reason"]
+
+
+def float_and_quantized_readers():
+    """x → conv_a (float) → a; a → conv_q (quantized) → q → conv_after_q (float) → y2;
+    a → conv_float (float) → y1. Every Conv 3×3, 3 channels, pads 1."""
+    conv = lambda name, x, y: helper.make_node("Conv", [x, f"{name}.w"], [y], name=name, pads=[1, 1, 1, 1])
+    weights = {f"{name}.w": RNG.normal(size=(3, 3, 3, 3)).astype(np.float32)
+               for name in ("conv_a", "conv_q", "conv_after_q", "conv_float")}
+    return make_model(
+        [conv("conv_a", "x", "a"), conv("conv_q", "a", "q"), conv("conv_after_q", "q", "y2"),
+         conv("conv_float", "a", "y1")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y1", TensorProto.FLOAT, ["N", 3, 8, 8]),
+         helper.make_tensor_value_info("y2", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        weights)
+
+
+def test_float_node_reads_a_float_producers_output_unrounded(tmp_path):
+    """`a` is quantized for conv_q, yet conv_float reads it as conv_a wrote it: its output is the
+    float model's exactly. conv_after_q reads conv_q's output through Q/DQ, which ORT needs to run
+    conv_q as QLinearConv."""
+    import onnxruntime as ort
+
+    model = float_and_quantized_readers()
+    recipe = ("version: 1\nquantization:\n  overrides:\n"
+              "    - {match: {name: '^conv_(a|float|after_q)$'}, float: true}\n")
+    result = quantize_tiny(tmp_path, model, recipe)
+    assert consumers_of_dq(result.model, "Conv") == {
+        "conv_a": [False, False], "conv_q": [True, True], "conv_after_q": [True, False], "conv_float": [False, False]}
+    assert optimized_op_histogram(result.model)["QLinearConv"] == 1
+    x = RNG.normal(size=(2, 3, 8, 8)).astype(np.float32)
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    float_y1, float_y2 = run(model)
+    quant_y1, quant_y2 = run(result.model)
+    np.testing.assert_array_equal(quant_y1, float_y1)
+    assert not np.array_equal(quant_y2, float_y2)  # conv_q's path is quantized

@@ -1,8 +1,9 @@
 """Carry out a QuantPlan: the only code that inserts QuantizeLinear/DequantizeLinear.
 
 Weights and constants are stored as integers behind one DequantizeLinear;
-each planned activation gets one Q/DQ pair right after its producer, and only
-the consumers the plan quantizes read the dequantized value.
+each planned activation gets one Q/DQ pair right after its producer. The consumers the
+plan quantizes read the dequantized value, and so does every reader of a quantized node's
+output; a float node reads a float producer's output as it is.
 """
 
 from __future__ import annotations
@@ -115,14 +116,20 @@ def apply_plan(model: ModelProto, plan: QuantPlan) -> ModelProto:
         else:
             head.extend(pair)
 
+    quantized_outputs = {out for node, decision in zip(graph.node, plan.nodes) if decision.quantized
+                         for out in node.output}
     for at, (node, decision) in enumerate(zip(graph.node, plan.nodes)):
         bias = _bias_int32_cannot_hold(node, decision, plan, index) if decision.quantized else None
         if bias is not None:
             after[at] = [_detach_bias(node, bias, index, add_initializer)] + after.get(at, [])
-        # Every reader of a quantized activation reads it through Q/DQ, as ORT's
-        # fusions require; constants are dequantized only for the nodes that planned it.
+        # A quantized node reads its activations through Q/DQ. So does every reader of a quantized
+        # node's output: ORT fuses a producer into an integer kernel only when Q/DQ is all that
+        # reads it. A float node reading a float node's (or a graph input's) output reads the
+        # float value: no rounding its kernel does not need. Constants are dequantized only for
+        # the nodes that planned it.
         for i, name in enumerate(node.input):
-            if name in plan.activations:
+            if name in plan.activations and (decision.quantized or name in quantized_outputs
+                                              or name in index.graph_outputs):
                 node.input[i] = dequantized[name]
         if not decision.quantized:
             continue
