@@ -17,6 +17,7 @@ from onnx import TensorProto
 
 from conftest import matmul_chain, save_npy_folder
 from qtool import api
+from qtool.errors import ModelError
 from qtool.quantization import prepare
 
 

@@ -318,3 +318,18 @@ def test_float_node_reads_a_float_producers_output_unrounded(tmp_path):
     quant_y1, quant_y2 = run(result.model)
     np.testing.assert_array_equal(quant_y1, float_y1)
     assert not np.array_equal(quant_y2, float_y2)  # conv_q's path is quantized
+
+
+def test_float_conv_between_quantized_neighbours_stays_float_in_ort(tmp_path):
+    """ONNX Runtime quantizes a float Conv's weight itself (per tensor) when a DequantizeLinear feeds
+    it and a QuantizeLinear reads it; the Conv the recipe keeps float must run as float Conv."""
+    conv = lambda name, x, y: helper.make_node("Conv", [x, f"{name}.w"], [y], name=name, pads=[1, 1, 1, 1])
+    weights = {f"{name}.w": RNG.normal(size=(3, 3, 3, 3)).astype(np.float32) for name in ("first", "middle", "last")}
+    model = make_model(
+        [conv("first", "x", "a"), conv("middle", "a", "b"), conv("last", "b", "y")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 8, 8])], weights)
+    result = quantize_tiny(tmp_path, model, "version: 1\nquantization:\n  overrides:\n"
+                                            "    - {match: {name: '^middle$'}, float: true}\n")
+    ops = optimized_op_histogram(result.model)
+    assert (ops["QLinearConv"], ops["Conv"]) == (2, 1)

@@ -89,6 +89,7 @@ def apply_plan(model: ModelProto, plan: QuantPlan) -> ModelProto:
     after: dict[int, list[onnx.NodeProto]] = {}  # producer position -> its Q/DQ pairs
     renames: list[tuple[str, str]] = []
     shared_params: dict[tuple, tuple[str, str]] = {}  # tensors that share a range share initializers
+    quantized_as: dict[str, tuple[str, object]] = {}  # activation -> its QuantizeLinear's output, its quant
     for name, act in plan.activations.items():
         key = (act.range_of, act.qtype, act.scale, act.zero_point)
         if key not in shared_params:
@@ -106,6 +107,7 @@ def apply_plan(model: ModelProto, plan: QuantPlan) -> ModelProto:
         else:
             dequantized[name] = index.unique_name(f"{name}_dequantized")
         q_out = index.unique_name(f"{name}_quantized")
+        quantized_as[name] = (q_out, act)
         pair = [
             helper.make_node("QuantizeLinear", [source, scale, zero_point], [q_out], domain=domain(act.qtype),
                              name=index.unique_name(f"{name}_QuantizeLinear")),
@@ -130,7 +132,20 @@ def apply_plan(model: ModelProto, plan: QuantPlan) -> ModelProto:
         for i, name in enumerate(node.input):
             if name in plan.activations and (decision.quantized or name in quantized_outputs
                                               or name in index.graph_outputs):
-                node.input[i] = dequantized[name]
+                channels = None if decision.quantized or i else _float_weight_channels(node, index)
+                if channels is None:
+                    node.input[i] = dequantized[name]
+                    continue
+                q_out, act = quantized_as[name]
+                scale = add_initializer(f"{name}_scale_per_channel", np.full(channels, act.scale, np.float32))
+                zero_point = add_initializer(f"{name}_zero_point_per_channel",
+                                             np.full(channels, act.zero_point, QTYPES[act.qtype].numpy))
+                node.input[i] = index.unique_name(f"{name}_dequantized_for_float")
+                reader = dq_node(q_out, scale, zero_point, node.input[i], 1, qtype=act.qtype)
+                if name in position:
+                    after.setdefault(position[name], []).append(reader)
+                else:
+                    head.append(reader)
         if not decision.quantized:
             continue
         if node.name in plan.nbits:
@@ -166,6 +181,28 @@ def apply_plan(model: ModelProto, plan: QuantPlan) -> ModelProto:
     remove_unused_initializers(quantized)
     check_postconditions(quantized, plan)
     return quantized
+
+
+def _float_weight_channels(node: onnx.NodeProto, index: GraphIndex) -> int | None:
+    """Input channels of a float Conv/ConvTranspose/Gemm with a constant float weight, else None.
+
+    ONNX Runtime (1.20+, WeightBiasQuantization) quantizes such a node's weight itself, per tensor,
+    when its input comes from a per-tensor DequantizeLinear and its output goes to a QuantizeLinear:
+    a node the plan keeps float would run as an integer kernel with coarser weights than qtool's.
+    Reading its input through a per-channel DequantizeLinear (the same scale on every channel) is
+    the same value and leaves it float.
+    """
+    weight = index.initializers.get(node.input[1]) if len(node.input) > 1 else None
+    if weight is None or weight.data_type != onnx.TensorProto.FLOAT or len(weight.dims) < 2:
+        return None
+    if node.op_type == "Conv":
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        return weight.dims[1] * group
+    if node.op_type == "ConvTranspose":
+        return weight.dims[0]
+    if node.op_type == "Gemm" and not next((a.i for a in node.attribute if a.name == "transA"), 0):
+        return weight.dims[1] if next((a.i for a in node.attribute if a.name == "transB"), 0) else weight.dims[0]
+    return None
 
 
 def _bias_int32_cannot_hold(node: onnx.NodeProto, decision, plan: QuantPlan, index: GraphIndex) -> np.ndarray | None:
