@@ -102,6 +102,7 @@ class DataSource:
     class_labels: dict[str, int] | None = None
     total: int | None = None  # samples expected, when known
     state: StreamState | None = None
+    mask_input: str | None = None  # the input whose zeros mark padding (text data's attention mask)
 
     def __init__(self, inputs: list[InputSpec], limit: int | None):
         self.inputs = inputs

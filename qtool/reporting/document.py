@@ -288,6 +288,11 @@ def render_markdown(report: dict) -> str:
         lines.append(f"| {md_escape(name)} | {_fmt(f['cosine'])} | {_fmt(f['sqnr_db'])} | {_fmt_slice(f)} | "
                      f"{_fmt(f['mse'])} | {_fmt(f['max_abs_error'])} | {_fmt(f['mean_abs_error'])} | "
                      f"{_fmt(f.get('top1_agreement'))} | {_fmt(f.get('top5_agreement'))} |")
+    for name, f in val["outputs"].items():
+        if "exact_match" in f:  # integer outputs (tags, class ids): the fraction equal, not cosine or SQNR
+            scope = (f"the {f['exact_match_positions']:,} positions where input {md_escape(f['exact_match_masked_by'])} "
+                     "is non-zero (padding not scored)" if "exact_match_masked_by" in f else "every element")
+            lines += ["", f"Exact match of integer output {md_escape(name)}: {_fmt(f['exact_match'])} over {scope}."]
     if "accuracy" in val:
         acc = val["accuracy"]
         first, second = ("reference", "candidate") if report["command"] == "compare" else ("float", "quantized")

@@ -92,7 +92,8 @@ def setup_trials(model_path: Path, data_dir: Path, recipe: Recipe, folder: Path,
                          "graph output and run again")
     write_eval_set(folder, batches, eval_data.state.carry if eval_data.state else None)
     context = TrialContext(str(folder), recipe, table, int8_kernels_may_saturate(), dict(recipe.validation.gates),
-                           model_file_bytes(model_path), threads, current_providers())
+                           model_file_bytes(model_path), threads, current_providers(),
+                           mask_input=eval_data.mask_input)
     return TrialSetup(context, model, prepare_notes, calib_data, eval_data, warnings, named,
                        {node.name: node.op_type for node, _ in quantized}, len(quantized) - len(named),
                        time.perf_counter() - started)

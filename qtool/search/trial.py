@@ -125,6 +125,7 @@ class TrialContext:
     # The work folder's files for workers on other machines: {file name: bytes}, or a reference to
     # them in Ray's object store (`ship_folder`); None: `folder` is readable where trials run.
     bundle: object = None
+    mask_input: str | None = None  # text data's attention mask: padding is left out of exact match
 
 
 @dataclass(frozen=True)
@@ -260,8 +261,10 @@ def run_trial(task: tuple[TrialContext, TrialSpec]) -> TrialResult:
             batch = _head(batch, spec.samples - samples)
         start = (batch["start"],) if batch["start"] is not None else None
         outputs = carry.run(partial(run, session), Batch((), batch["feeds"], None, start))
+        feeds = batch["feeds"]
+        mask = (context.mask_input, feeds[context.mask_input]) if context.mask_input in feeds else None
         for name, reference in batch["reference"].items():
-            stats.setdefault(name, OutputStats()).update(reference, outputs[name])
+            stats.setdefault(name, OutputStats()).update(reference, outputs[name], mask)
         samples += next(iter(batch["feeds"].values())).shape[0]
         known = batch["labels"] >= 0
         first = next(iter(batch["reference"]))
