@@ -155,6 +155,8 @@ def sequence_data_lines(model: ModelProto, model_path: Path, inputs: list[InputS
     pairs = state_pairs(model, inputs)
     fed = [spec for spec in inputs if spec.name not in pairs]
     kind = file_kind(data) if data is not None else None
+    if kind == "text+audio":  # audio and transcripts, say: token inputs read the text, others the audio
+        kind = "text" if fed and all(spec.dtype.kind in "iu" for spec in fed) else "audio"
     lines: list[str] = []
     if kind == "text":
         lines += text_lines(model_path, data, fed, base)

@@ -103,6 +103,7 @@ class DataSource:
     total: int | None = None  # samples expected, when known
     state: StreamState | None = None
     mask_input: str | None = None  # the input whose zeros mark padding (text data's attention mask)
+    notes: tuple[str, ...] = ()  # what reading did that the files do not show (resampled, files passed over)
 
     def __init__(self, inputs: list[InputSpec], limit: int | None):
         self.inputs = inputs

@@ -162,5 +162,5 @@ class TextSource(DataSource):
     def reopen(self, limit: int | None) -> "TextSource":
         other = TextSource(self.folder, self.inputs, limit, self.spec, self.tokenizer_path, self.recipe_where,
                            self.skip)
-        other.state = self.state
+        other.state, other.notes = self.state, self.notes
         return other

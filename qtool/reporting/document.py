@@ -98,13 +98,20 @@ def build_compare_report(
         "size": _size_section(reference_bytes, candidate_bytes),
         "validation": _comparison_section(comparison),
         "gates": _gates_section(gates),
-        "warnings": list(warnings or []),
+        "warnings": with_data_notes(warnings or [], data),
     }
     if layers is not None:
         report["layers"] = layers
     if latency is not None:
         report["latency"] = latency
     return report
+
+
+def with_data_notes(warnings: list[str], *sources: DataFolder | None) -> list[str]:
+    """The warnings, then what reading the data did that its files do not show (files resampled or not
+    read), each note once (calibration and validation data are often the same folder)."""
+    notes = [note for source in sources if source is not None for note in source.notes]
+    return [*warnings, *(note for note in dict.fromkeys(notes) if note not in warnings)]
 
 
 def _plan_section(plan: QuantPlan) -> dict:
@@ -186,7 +193,7 @@ def build_quantize_report(
         "validation": _comparison_section(comparison),
         "simulated": _comparison_section(simulated),
         "gates": _gates_section(gates),
-        "warnings": warnings,
+        "warnings": with_data_notes(warnings, calib_data, eval_data),
     }
     if layers is not None:
         report["layers"] = layers

@@ -58,6 +58,7 @@ def setup_trials(model_path: Path, data_dir: Path, recipe: Recipe, folder: Path,
     inputs = model_inputs(model)
     calib_data = open_data(data_dir, inputs, recipe.calibration.samples, recipe)
     eval_data, eval_labels, warnings = resolve_validation_data(recipe, calib_data, inputs, validation_data, labels)
+    warnings = reporting.with_data_notes(warnings, calib_data, eval_data)
     check_gates_are_measurable(recipe, eval_labels)
     selection = select_tensors(model, recipe)
     quantized = [(node, d) for node, d in zip(model.graph.node, selection.nodes) if d.quantized]
