@@ -205,6 +205,7 @@ def calibrate(
     selection = select_tensors(model, recipe)
     table = _measure_ranges(model, recipe, selection, data, stage_progress(progress)("calibrate"),
                             executor, ray_address, hessians=False)
+    table = replace(table, notes=[*data.notes, *table.notes])  # files resampled or not read: the CLI says so
     document = table_document(
         table, model_path=model_path, model_sha256=file_sha256(model_path), data=data,
         recipe={"path": str(recipe.source) if recipe.source else None, "resolved": recipe.as_dict()},
@@ -299,8 +300,7 @@ def quantize(
     model_path = Path(model_path)
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     if calibration is None and data_dir is None and not uses_dynamic(recipe):
-        raise UsageError("calibration data (--data DIR) or a calibration table (--calibration TABLE.json) "
-                         "is needed")
+        raise UsageError("calibration data (--data DIR) or a calibration table (--calibration TABLE.json) is needed")
     output = Path(output_dir) if output_dir is not None else None
     read_paths = (_path_or_none(data_dir), validation_data, labels, calibration, *recipe_inputs(recipe))
     if output is not None:

@@ -196,3 +196,44 @@ def test_without_soxr_a_file_at_another_rate_names_the_extra(tmp_path, monkeypat
         list(source.samples())
     same_rate = open_data(folder, model_inputs(model), None, _recipe(tmp_path, "  audio: {sample_rate: 8000}\n"))
     assert len(list(same_rate.samples())) == 800 // FRAME
+
+
+def test_what_reading_does_unseen_is_said_once_each(tmp_path):
+    """Resampled files, files too short for `last: drop`, .mp3 files and transcripts beside the WAVs: the
+    report's warnings and `qtool calibrate`'s stderr say each once (nothing passed over silently)."""
+    from click.testing import CliRunner
+
+    from qtool.cli.main import main
+
+    model_path = _stateful_audio_model(tmp_path / "vad.onnx")
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    _write_wav(calib / "a.wav", _tone(0.3, 22050, 1), 22050)
+    _write_wav(calib / "b.wav", _tone(0.3, 16000, 2), 16000)
+    _write_wav(calib / "c.wav", _tone(0.005, 16000, 3), 16000)  # 80 frames: no whole 160-sample chunk
+    (calib / "d.mp3").write_bytes(b"ID3\x03\x00\x00\x00\x00\x00\x00")
+    (calib / "b.txt").write_text("a transcript\n")
+    recipe = tmp_path / "vad.yaml"
+    recipe.write_text("version: 1\ndata:\n  audio: {sample_rate: 16000, last: drop}\n  state:\n    carry: {h: h_out}\n")
+    said = [
+        "data.audio.sample_rate 16000: 1 of 3 audio file(s) resampled from 22050 Hz (a.wav)",
+        "data.audio.last drop: 1 audio file(s) shorter than one chunk (160 samples) skipped (c.wav)",
+        f"{calib}: 1 audio file(s) not read (d.mp3): qtool decodes .flac, .ogg, .wav; convert them to WAV or "
+        "FLAC to use them",
+        f"{calib}: 1 text file(s) not read (b.txt): data.audio reads the audio files",
+    ]
+    warnings = qtool.quantize(model_path, calib, recipe).report["warnings"]
+    assert all(warnings.count(line) == 1 for line in said), warnings
+    result = CliRunner().invoke(main, ["calibrate", str(model_path), "--data", str(calib), "--recipe", str(recipe),
+                                       "--output", str(tmp_path / "table.json")])
+    assert result.exit_code == 0, result.output
+    assert all(f"note: {line}" in result.stderr for line in said)
+    both = tmp_path / "both.yaml"
+    both.write_text("version: 1\ndata:\n  audio: {}\n  text: {tokenizer: t.json}\n")
+    with pytest.raises(DataError, match=r"holds text \(b\.txt\) and audio files: give the recipe a data\.text or a "
+                                        r"data\.audio section"):
+        qtool.calibrate(model_path, calib, both)
+    for path in calib.glob("*.wav"):
+        path.unlink()
+    with pytest.raises(DataError, match=r"no audio files; allowed: \.flac, \.ogg, \.wav \(d\.mp3 not read: convert"):
+        qtool.calibrate(model_path, calib, recipe)

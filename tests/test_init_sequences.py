@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper
 from click.testing import CliRunner
 
 from qtool import api
@@ -56,17 +59,71 @@ def test_audio_files_and_state_inputs(tmp_path):
 
 @pytest.mark.skipif(not (SHARED_MODELS / "albert_ja_pos" / "model.onnx").is_file(),
                     reason="shared/models is not beside the repository")
-def test_opaque_input_names_are_mapped_by_order_and_marked_check(tmp_path):
+def test_a_transformer_gets_dynamic_int8_and_an_exact_match_gate(tmp_path):
+    """albert_ja_pos: opaque input names mapped by order (marked CHECK); token inputs and a tokenizer make
+    it a transformer: base dynamic-int8 (static int8 measured worse there), and its int64 tags get
+    min_exact_match; `qtool quantize` runs the recipe as written."""
     model = tmp_path / "model.onnx"
     shutil.copy(SHARED_MODELS / "albert_ja_pos" / "model.onnx", model)
     _tokenizer(tmp_path / "tokenizer.json", list("今日は天気"), by_character=True)
     (tmp_path / "calib.txt").write_text("今日は良い天気\n")
     recipe = tmp_path / "r.yaml"
     init(model, "--data", tmp_path / "calib.txt", "--output", recipe)
-    assert "# CHECK: the input names do not say which tokenizer output" in recipe.read_text()
-    text = load_recipe(recipe).data.text
-    assert text.max_length == 256
-    assert text.inputs == {"input.1": "input_ids", "onnx::Unsqueeze_1": "attention_mask", "input.3": "token_type_ids"}
+    written = recipe.read_text()
+    assert "# CHECK: the input names do not say which tokenizer output" in written
+    assert "\nbase: dynamic-int8\n" in written and "activations: {dtype: uint8" not in written
+    loaded = load_recipe(recipe)
+    assert loaded.data.text.max_length == 256
+    assert loaded.data.text.inputs == {"input.1": "input_ids", "onnx::Unsqueeze_1": "attention_mask",
+                                       "input.3": "token_type_ids"}
+    assert loaded.quantization.mode == "dynamic" and loaded.validation.gates["min_exact_match"] == 0.99
+    result = api.quantize(model, tmp_path / "calib.txt", recipe)
+    assert result.report["calibration"]["method"] == "none"  # dynamic: nothing calibrated
+    assert result.report["validation"]["outputs"]["403"]["exact_match_masked_by"] == "onnx::Unsqueeze_1"
+
+
+def test_integer_outputs_of_a_static_model_get_min_exact_match(tmp_path):
+    """Not a transformer (float input): the int8 starter, and its ArgMax output a min_exact_match gate
+    (cosine scores no integer output), no min_cosine."""
+    from test_tune import hostile_model
+    from conftest import save_npy_folder
+
+    onnx_model = hostile_model()
+    onnx_model.graph.node.append(helper.make_node("ArgMax", ["y"], ["tag"], axis=1, keepdims=0))
+    del onnx_model.graph.output[:]
+    onnx_model.graph.output.append(helper.make_tensor_value_info("tag", TensorProto.INT64, ["N"]))
+    onnx.save(onnx_model, tmp_path / "model.onnx")
+    rng = np.random.default_rng(0)
+    data = save_npy_folder(tmp_path / "calib", [rng.standard_normal((1, 16)) for _ in range(4)])
+    recipe = tmp_path / "r.yaml"
+    init(tmp_path / "model.onnx", "--data", data, "--output", recipe)
+    loaded = load_recipe(recipe)
+    assert "base:" not in recipe.read_text() and loaded.quantization.mode == "static"
+    assert loaded.validation.gates == {"min_exact_match": 0.95, "max_latency_ratio": 1.0}
+
+
+@pytest.mark.skipif(not (SHARED_MODELS / "pyannote_seg3" / "model.onnx").is_file(),
+                    reason="shared/models is not beside the repository")
+def test_an_open_frame_length_gets_the_shortest_files_whole_seconds(tmp_path):
+    """pyannote_seg3 ([B, C, T], T open) from 10 s WAV files: a 10 s chunk (it got 1 s), marked CHECK,
+    which the model runs."""
+    from qtool.io.feeds import open_data
+    from qtool.io.samples import model_inputs
+    from qtool.runtime.session import make_session, run
+
+    data = tmp_path / "wavs"
+    data.mkdir()
+    for index in range(2):
+        _write_wav(data / f"{index}.wav", _tone(10.0 + index, 16000, index), 16000)
+    recipe = tmp_path / "r.yaml"
+    init(SHARED_MODELS / "pyannote_seg3" / "model.onnx", "--data", data, "--output", recipe)
+    assert "# CHECK: the model leaves its frame length open" in recipe.read_text()
+    loaded = load_recipe(recipe)
+    assert loaded.data.audio.chunk == 160000 and loaded.data.audio.sample_rate == 16000
+    model = onnx.load(SHARED_MODELS / "pyannote_seg3" / "model.onnx")
+    _, feeds = next(open_data(data, model_inputs(model), None, loaded).samples())
+    assert feeds["input"].shape == (1, 1, 160000)
+    assert run(make_session(model), feeds)["output"].shape == (1, 589, 7)  # the window it was trained on
 
 
 def test_array_data_and_state_inputs(tmp_path):

@@ -181,6 +181,17 @@ def test_without_ray_the_error_says_what_to_install(tmp_path):
         "Error: --executor ray needs Ray, which is not installed: pip install 'qtool-onnx[ray]'"]
 
 
+def test_an_address_where_nothing_listens_is_exit_2_naming_it_not_a_hang(tmp_path):
+    """Ray retried its connection for many minutes; a TCP probe (CONNECT_TIMEOUT_S, 10 s) answers first."""
+    address = f"127.0.0.1:{free_port()}"
+    result = qtool("calibrate", SAMPLE / "model.onnx", "--data", SAMPLE / "calib", "--output", tmp_path / "t.json",
+                   "--executor", "ray", "--ray-address", address, timeout=60)  # a hang fails here
+    assert result.returncode == 2, result.stderr
+    line, = result.stderr.strip().splitlines()
+    assert line.startswith(f"Error: --ray-address {address}: nothing answers there (") and "ray start --head" in line
+    assert not (tmp_path / "t.json").exists()
+
+
 def test_ctrl_c_cancels_the_trials_and_keeps_the_best_so_far(cluster, tmp_path):
     from test_tune import ppocr_recipe
     from conftest import shared_model

@@ -115,6 +115,34 @@ def test_state_names_are_checked(tmp_path):
         qtool.calibrate(model_path, calib, bad_output)
 
 
+def test_state_errors_name_the_recipe_and_its_key(tmp_path):
+    """A wrong first state, a carry whose output does not fit, a state array in a data file: each error
+    names the recipe file and the data.state key (they named only the data file, or nothing)."""
+    from qtool.errors import DataError
+
+    model_path = _cell(tmp_path / "cell.onnx")
+    calib = _streams(tmp_path / "calib", 1, seed=1)
+    recipe = tmp_path / "r.yaml"
+    np.savez(tmp_path / "h0.npz", h=np.zeros((1, 8), np.float32))
+    cases = {
+        "    carry: {h: h_out}\n    initial: h0.npz\n":
+            rf"{recipe}: data\.state\.initial .*h0\.npz: h has shape \[1, 8\]; the state input is h: float32 \[1, 16\]",
+        "    carry: {h: h_out}\n    initial: none.npz\n": rf"{recipe}: data\.state\.initial: no such file .*none\.npz",
+        "    carry: {h: y}\n": rf"{recipe}: data\.state\.carry: \{{h: y\}}: output y has shape \[1, 4\], state input h "
+                             r"takes \[1, 16\]; name the output that returns h's next value",
+        "    carry: {h: state_out}\n": rf"{recipe}: data\.state\.carry: 'state_out' is not an output of the model",
+    }
+    for text, message in cases.items():
+        recipe.write_text("version: 1\ndata:\n  state:\n" + text)
+        with pytest.raises(RecipeError, match=message):
+            qtool.calibrate(model_path, calib, recipe)
+    np.savez(tmp_path / "stream.npz", x=np.zeros((4, IN), np.float32), h=np.zeros((1, 3), np.float32))
+    recipe.write_text("version: 1\ndata:\n  state:\n    carry: {h: h_out}\n")
+    with pytest.raises(DataError, match=rf"stream\.npz \(state input h: data\.state\.carry in {recipe}\): array of "
+                                        r"shape \[1, 3\] does not fit input h"):
+        qtool.calibrate(model_path, tmp_path / "stream.npz", recipe)
+
+
 def test_initial_state_from_a_file(tmp_path):
     model_path = _cell(tmp_path / "cell.onnx")
     data = _streams(tmp_path / "calib", 1, seed=1)

@@ -60,6 +60,29 @@ def _encoder(path: Path, length) -> Path:
     return path
 
 
+def _tagger(path: Path, length: int, classes: int = 5) -> Path:
+    """A tag per position: ArgMax over logits = masked embeddings x W + B. B is small per-position noise,
+    so a padded position (embeddings masked to 0) has near-tied logits, whose order int8 loses."""
+    rng = np.random.default_rng(3)
+    weights = {"E": rng.normal(0, 1, (len(SPECIAL) + len(WORDS), DIM)), "W": rng.normal(0, 0.6, (DIM, classes)),
+               "B": rng.normal(0, 1e-3, (length, classes))}
+    nodes = [helper.make_node("Gather", ["E", "input_ids"], ["emb"]),
+             helper.make_node("Cast", ["attention_mask"], ["maskf"], to=TensorProto.FLOAT),
+             helper.make_node("Unsqueeze", ["maskf", "last"], ["mask3"]),
+             helper.make_node("Mul", ["emb", "mask3"], ["masked"]),
+             helper.make_node("MatMul", ["masked", "W"], ["mm"], name="proj"),
+             helper.make_node("Add", ["mm", "B"], ["logits"], name="bias"),
+             helper.make_node("ArgMax", ["logits"], ["tags"], axis=-1, keepdims=0)]
+    ints = [helper.make_tensor_value_info(name, TensorProto.INT64, ["batch", length])
+            for name in ("input_ids", "attention_mask")]
+    graph = helper.make_graph(
+        nodes, "tagger", ints, [helper.make_tensor_value_info("tags", TensorProto.INT64, ["batch", length])],
+        [*(numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()),
+         numpy_helper.from_array(np.array([-1], np.int64), "last")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
 def _sentences(seed: int, count: int) -> list[str]:
     rng = np.random.default_rng(seed)
     return [" ".join(rng.choice(WORDS, size=rng.integers(3, 12))) for _ in range(count)]
@@ -189,3 +212,33 @@ def test_the_tokenizer_is_never_written_over(tmp_path):
     with pytest.raises(UsageError, match="tokenizer.json"):
         qtool.calibrate(model_path, tmp_path / "calib.txt", _recipe(tmp_path, ""), tokenizer, overwrite=True)
     assert tokenizer.read_bytes() == before
+
+
+def test_exact_match_of_tags_leaves_padding_out(tmp_path):
+    """An int64 tag per position: only the positions the attention mask keeps are scored (a padded
+    position's tag is no answer), and the report says which input masked them."""
+    _tokenizer(tmp_path / "tokenizer.json", WORDS)
+    model_path = _tagger(tmp_path / "tagger.onnx", 16)
+    (tmp_path / "calib.txt").write_text("\n".join(_sentences(1, 24)) + "\n")
+    (tmp_path / "eval.txt").write_text("\n".join(_sentences(2, 16)) + "\n")
+    recipe = _recipe(tmp_path, "validation:\n  gates: {min_exact_match: 0.9}\n")
+    result = qtool.quantize(model_path, tmp_path / "calib.txt", recipe, validation_data=tmp_path / "eval.txt")
+    float_session, quant_session = make_session(onnx.load(model_path)), make_session(result.model)
+    source = open_data(tmp_path / "eval.txt", model_inputs(onnx.load(model_path)), None,
+                       parse_recipe(recipe.read_text(), recipe))
+    equal = kept = equal_all = count = 0
+    for _, feeds in source.samples():
+        same = run(float_session, feeds)["tags"] == run(quant_session, feeds)["tags"]
+        keep = feeds["attention_mask"] != 0
+        equal, kept = equal + int((same & keep).sum()), kept + int(keep.sum())
+        equal_all, count = equal_all + int(same.sum()), count + same.size
+    tags = result.report["validation"]["outputs"]["tags"]
+    assert tags["exact_match_masked_by"] == "attention_mask" and tags["exact_match_positions"] == kept < count
+    assert tags["exact_match"] == pytest.approx(equal / kept)
+    assert equal / kept > equal_all / count + 0.05  # padding's near-tied tags would drag the figure down
+    assert result.passed
+    jsonschema = pytest.importorskip("jsonschema")
+    from qtool.reporting.schemas import report_schema
+    jsonschema.validate(json.loads(qtool.reporting.document.render_json(result.report)), report_schema("report"))
+    assert f"over the {kept} positions where input attention\\_mask is non-zero (padding not scored)" \
+        in qtool.reporting.document.render_markdown(result.report)

@@ -343,21 +343,34 @@ def test_a_latency_gate_with_timing_off_is_refused_before_any_work(hostile, tmp_
     assert not (tmp_path / "tuned").exists()
 
 
-def test_a_model_whose_every_output_is_integer_is_refused_not_ranked_by_name(tmp_path):
-    """albert's only output is an ArgMax: every trial's SQNR was NaN, the ranking fell back to node
-    names and sensitivity exited 0."""
-    from qtool.errors import ModelError
+def test_a_model_whose_every_output_is_integer_is_ranked_and_tuned_by_exact_match(tmp_path):
+    """albert's only output is an ArgMax: no SQNR to rank or search by. Exact match (the fraction of tags
+    equal) ranks the nodes and is tune's target; a recipe without min_exact_match is refused."""
+    from qtool.errors import RecipeError
 
-    rng = np.random.default_rng(0)
-    model = make_model(
-        [helper.make_node("MatMul", ["x", "w"], ["logits"], name="head"),
-         helper.make_node("ArgMax", ["logits"], ["label"], name="argmax", axis=1, keepdims=0)],
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
-        [helper.make_tensor_value_info("label", TensorProto.INT64, ["N"])],
-        {"w": rng.normal(size=(8, 4)).astype(np.float32)},
-    )
+    model = hostile_model()
+    model.graph.node.append(helper.make_node("ArgMax", ["y"], ["tag"], name="argmax", axis=1, keepdims=0))
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info("tag", TensorProto.INT64, ["N"]))
     onnx.save(model, tmp_path / "model.onnx")
-    data = save_npy_folder(tmp_path / "calib", [rng.standard_normal((1, 8)) for _ in range(8)])
-    with pytest.raises(ModelError, match="every output is an integer tensor \\(label; .*add the float tensor"):
-        search_api.sensitivity(tmp_path / "model.onnx", data, None, tmp_path / "sens")
-    assert not (tmp_path / "sens").exists()
+    rng = np.random.default_rng(1)
+    calib = save_npy_folder(tmp_path / "calib", [rng.standard_normal((1, 16)) for _ in range(32)])
+    evaluation = save_npy_folder(tmp_path / "eval", [rng.standard_normal((4, 16)) for _ in range(32)])
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("version: 1\nvalidation:\n  gates: {min_exact_match: 0.9}\n")
+    sens = search_api.sensitivity(tmp_path / "model.onnx", calib, recipe, tmp_path / "sens", validation_data=evaluation)
+    assert sens.rows[0]["node"] == HOSTILE and sens.rows[0]["exact_match"] < 0.5  # its outlier input costs the tags
+    assert all(row["exact_match"] > 0.9 for row in sens.rows[1:])
+    assert "| rank | node | op | exact match |" in (tmp_path / "sens" / "report.md").read_text()
+    validated(tmp_path / "sens" / "report.json")
+    tuned = search_api.tune(tmp_path / "model.onnx", calib, recipe, tmp_path / "tuned", validation_data=evaluation,
+                            latency_runs=0)
+    report = validated(tmp_path / "tuned" / "report.json")
+    assert tuned.passed and report["target"]["objective"] == "exact_match"
+    assert report["trials"][0]["exact_match"] < 0.5 and HOSTILE in {p["node"] for p in report["chosen"]["promotions"]}
+    assert report["chosen"]["gates"][0]["name"] == "min_exact_match" and report["chosen"]["gates"][0]["value"] >= 0.9
+    cosine_only = tmp_path / "cosine.yaml"
+    cosine_only.write_text("version: 1\nvalidation:\n  gates: {min_cosine: 0.99}\n")
+    with pytest.raises(RecipeError, match="every output of model.onnx is integer .* tune needs min_exact_match"):
+        search_api.tune(tmp_path / "model.onnx", calib, cosine_only, tmp_path / "refused", validation_data=evaluation)
+    assert not (tmp_path / "refused").exists()

@@ -23,6 +23,9 @@ from qtool.recipe.inputs import TEXT_ROLES
 STATE_NAME = re.compile(r"(?:^|[^a-z])(?:[hc][0-9n]?|state[s]?|hidden|cache|past\w*|memory|carry)(?:[^a-z]|$)",
                         re.IGNORECASE)
 TOKENIZER = "tokenizer.json"
+AUDIO_HEADERS = 256  # WAV headers read for the rate and the shortest file
+MAX_WINDOW_S = 30  # the longest chunk init proposes for a model that leaves it open
+TRANSFORMER_BASE = "dynamic-int8"  # static int8 measured worse on transformers (docs/recipe.md)
 
 
 def _rel(path: Path, base: Path) -> str:
@@ -58,6 +61,16 @@ def _tokenizer(model_path: Path, data: Path) -> Path | None:
     return next((path for path in (model_path.parent / TOKENIZER, folder / TOKENIZER) if path.is_file()), None)
 
 
+def is_transformer(model_path: Path, data: Path | None, inputs: list[InputSpec]) -> bool:
+    """Token inputs: every input integer (input_ids, attention_mask, ...), with a tokenizer.json beside
+    the model or the data, or text data to tokenize."""
+    if not inputs or not all(spec.dtype.kind in "iu" for spec in inputs):
+        return False
+    folder = data if data is None or data.is_dir() else data.parent
+    beside = [model_path.parent / TOKENIZER] + ([folder / TOKENIZER] if folder is not None else [])
+    return any(path.is_file() for path in beside) or (data is not None and file_kind(data) == "text")
+
+
 def text_lines(model_path: Path, data: Path, inputs: list[InputSpec], base: Path) -> list[str]:
     tokenizer = _tokenizer(model_path, data)
     lines = ["  text:"]
@@ -84,18 +97,28 @@ def text_lines(model_path: Path, data: Path, inputs: list[InputSpec], base: Path
     return lines
 
 
-def _wav_rate(data: Path) -> int | None:
-    for path in listed_files(data, (".wav",))[:1]:
+def _wav_headers(data: Path) -> list[tuple[int, int]]:
+    """(sample rate, frames) of the first AUDIO_HEADERS WAV files whose header reads."""
+    headers = []
+    for path in listed_files(data, (".wav",))[:AUDIO_HEADERS]:
         try:
             with wave.open(str(path), "rb") as handle:
-                return handle.getframerate()
+                headers.append((handle.getframerate(), handle.getnframes()))
         except (wave.Error, EOFError, OSError):
-            return None
-    return None
+            continue
+    return headers
+
+
+def window_seconds(headers: list[tuple[int, int]]) -> int:
+    """Whole seconds of the shortest WAV file (1..MAX_WINDOW_S; 1 without any): the longest window every
+    file fills without zero padding, for a model that leaves its frame length open."""
+    shortest = min((frames / rate for rate, frames in headers if rate > 0), default=1.0)
+    return int(min(max(shortest, 1.0), MAX_WINDOW_S))
 
 
 def audio_lines(data: Path, audio: InputSpec, batch_axis: int | None) -> list[str]:
-    rate = _wav_rate(data)
+    headers = _wav_headers(data)
+    rate = headers[0][0] if headers else None
     lines = ["  audio:"]
     if rate is not None:
         lines.append(f"    sample_rate: {rate}    # CHECK: read from the first WAV file; the rate the model "
@@ -104,8 +127,13 @@ def audio_lines(data: Path, audio: InputSpec, batch_axis: int | None) -> list[st
         lines.append("    sample_rate: 16000    # CHECK: the rate the model expects (files are resampled)")
     others = [d for a, d in enumerate(audio.shape or ()) if a != batch_axis]
     if not any(isinstance(d, int) and d > 1 for d in others):
-        lines.append(f"    chunk: {rate or 16000}           # CHECK: samples per model input (the model leaves it "
-                     "open); 1 s here")
+        seconds = window_seconds(headers)
+        why = (f"whole seconds of the shortest data file, at most {MAX_WINDOW_S}" if headers
+               else "no WAV header to measure the files by")
+        lines += ["    # CHECK: the model leaves its frame length open, so this is no figure of the model's:",
+                  f"    # {seconds} s ({why}). Use the window your application feeds it,",
+                  "    # often the one it was trained on (pyannote segmentation: 10 s).",
+                  f"    chunk: {seconds * (rate or 16000)}"]
     else:
         lines.append("    # chunk: the model's fixed frame length")
     lines += ["    last: pad             # pad | drop: a last chunk shorter than `chunk`",
@@ -127,6 +155,8 @@ def sequence_data_lines(model: ModelProto, model_path: Path, inputs: list[InputS
     pairs = state_pairs(model, inputs)
     fed = [spec for spec in inputs if spec.name not in pairs]
     kind = file_kind(data) if data is not None else None
+    if kind == "text+audio":  # audio and transcripts, say: token inputs read the text, others the audio
+        kind = "text" if fed and all(spec.dtype.kind in "iu" for spec in fed) else "audio"
     lines: list[str] = []
     if kind == "text":
         lines += text_lines(model_path, data, fed, base)

@@ -14,12 +14,16 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
-from onnx import ModelProto
+from onnx import ModelProto, TensorProto
 
 from qtool.authoring.conventions import Convention, find_convention
-from qtool.authoring.sequences import sequence_data_lines
+from qtool.authoring.sequences import TRANSFORMER_BASE, is_transformer, sequence_data_lines
 from qtool.io.data import DATA_SUFFIXES, InputSpec, model_inputs
 from qtool.io.images import IMAGE_SUFFIXES, image_dimensions
+
+# ONNX element types of integer and bool outputs (scored by exact match, not cosine)
+INTEGER_ELEMENTS = {TensorProto.INT8, TensorProto.INT16, TensorProto.INT32, TensorProto.INT64, TensorProto.UINT8,
+                    TensorProto.UINT16, TensorProto.UINT32, TensorProto.UINT64, TensorProto.BOOL}
 
 SIZE_MULTIPLE = 32  # the coarsest stride of common CNN backbones (ResNet, MobileNet, DB heads)
 SIZE_SAMPLE_LIMIT = 256  # image headers read to choose a size for dynamic H and W
@@ -112,6 +116,7 @@ def _rel(path: Path, base: Path) -> str:
 
 
 STARTER_MIN_COSINE = 0.9
+STARTER_MIN_EXACT_MATCH = 0.95  # integer outputs (tags, class ids) of a static int8 starter
 
 
 def starter_accuracy_drop(labelled: int) -> float:
@@ -141,6 +146,7 @@ def starter_recipe(
     """The recipe text: YAML that `load_recipe` accepts as it is."""
     inputs = model_inputs(model)
     base = recipe_path.parent
+    transformer = is_transformer(model_path, data_dir, inputs)
     data = data_kind(data_dir)
     command = (f"qtool quantize {_rel(model_path, base)} --recipe {recipe_path.name} "
                f"--data {_rel(data_dir, base) if data_dir else 'CALIB_DIR'} --output out/")
@@ -157,6 +163,9 @@ def starter_recipe(
         "# Run it from this file's folder:",
         f"#   {command}",
         "version: 1",
+        *([f"# Token inputs: a transformer. Static int8 measured worse there (docs/recipe.md: albert_ja_pos",
+           f"# 22.9 dB static, 31.6 dB dynamic); {TRANSFORMER_BASE} quantizes activations at run time.",
+           f"base: {TRANSFORMER_BASE}"] if transformer else []),
         "",
         "calibration:",
         "  method: minmax          # minmax | percentile | entropy | mse | auto (tries three, keeps the best)",
@@ -176,14 +185,21 @@ def starter_recipe(
             section = [*section, "data:", *sequence, ""]
         lines += section
     labels = _label_count(validation_dir)
-    gates = [f"min_cosine: {STARTER_MIN_COSINE}"]
+    kinds = {value.type.tensor_type.elem_type in INTEGER_ELEMENTS for value in model.graph.output}
+    gates = [f"min_cosine: {0.99 if transformer else STARTER_MIN_COSINE}"] if False in kinds else []
+    if True in kinds:  # tags, class ids: no cosine or SQNR, the fraction equal
+        gates.append(f"min_exact_match: {0.99 if transformer else STARTER_MIN_EXACT_MATCH}")
     if labels:
         gates.append(f"max_accuracy_drop: {starter_accuracy_drop(labels)}")
     gates.append("max_latency_ratio: 1.0")
+    lines += ["quantization:"]
+    if transformer:
+        lines += [f"  # mode: dynamic comes from {TRANSFORMER_BASE}; `mode: static` with `algorithms: {{smoothing: true}}`",
+                  "  # tries static int8 (needs --data)."]
+    else:
+        lines += ["  activations: {dtype: uint8, symmetric: false}",
+                  "  weights: {dtype: int8, symmetric: true, granularity: per_channel, reduce_range: auto}"]
     lines += [
-        "quantization:",
-        "  activations: {dtype: uint8, symmetric: false}",
-        "  weights: {dtype: int8, symmetric: true, granularity: per_channel, reduce_range: auto}",
         "  # Nodes to keep float; `qtool inspect MODEL --recipe THIS_FILE` lists every node and its fate.",
         "  exclude:",
         "    nodes: []             # node-name regexes, e.g. [\"/head/.*\"]",
@@ -200,9 +216,13 @@ def starter_recipe(
     lines += [
         "  # labels: labels.txt    # `file label` per line; gives top-1 accuracy of both models",
         "  # A failed gate makes `qtool quantize` exit 1 (artifacts written, the report says which).",
-        f"  # Starter gates a first int8 run can bear: min_cosine {STARTER_MIN_COSINE} fails a broken model",
-        "  # (those fall far below) but not int8's ordinary loss on dense outputs (ppocr_det's",
-        "  # probability map: 0.927); raise it to what your task keeps once the report shows it.",
+        *(["  # The gates of base dynamic-int8 (gates merge with the base's): min_cosine for float outputs,",
+           "  # min_exact_match for integer ones (text padding not scored)."] if transformer else
+          [f"  # Starter gates a first int8 run can bear: min_cosine {STARTER_MIN_COSINE} fails a broken model",
+           "  # (those fall far below) but not int8's ordinary loss on dense outputs (ppocr_det's",
+           "  # probability map: 0.927); raise it to what your task keeps once the report shows it."]),
+        *(["  # min_exact_match: the integer outputs (tags, class ids) agree on this fraction of elements."]
+          if True in kinds and not transformer else []),
         *([f"  # max_accuracy_drop: 1 point, or 2 of the {labels} labelled samples where that is more",
            "  # (one sample more or less is noise)."] if labels else []),
         "  # max_latency_ratio 1.0: exit 1 when the quantized model runs slower than float here (median",

@@ -10,6 +10,7 @@ finish, it is yielded as a `LostTask`, so the caller can go on without it and sa
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -17,6 +18,9 @@ from qtool.errors import UsageError
 
 INSTALL_HINT = "pip install 'qtool-onnx[ray]'"
 MAX_RETRIES = 3  # Ray's retries of a task whose worker or node died (application errors are not retried)
+# Seconds to wait for a TCP connection to the cluster's address before Ray is asked to connect: Ray's own
+# retries against an address where nothing listens run for many minutes.
+CONNECT_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,21 @@ def require_ray():
     except ImportError:
         raise UsageError(f"--executor ray needs Ray, which is not installed: {INSTALL_HINT}") from None
     return ray
+
+
+def unreachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> str | None:
+    """Why nothing accepts a TCP connection at a `host:port` or `ray://host:port` address within
+    `timeout` seconds; None when something does, or the address is no host:port ("auto", "local")."""
+    host, colon, port = address.removeprefix("ray://").rpartition(":")
+    if not colon or not port.isdigit() or not host:
+        return None
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return None
+    except socket.timeout:
+        return f"no answer within {timeout:g} s"
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
 
 
 def fetch(handle):
@@ -65,9 +84,14 @@ class RayExecutor:
     def __init__(self, address: str | None = None, jobs: int | None = None, max_retries: int = MAX_RETRIES):
         ray = require_ray()
         self._ray = ray
+        option = "--ray-address" if address else "RAY_ADDRESS"
         address = address or os.environ.get("RAY_ADDRESS") or None
         self.address = address or "local"
         self._owned = not ray.is_initialized()
+        why = unreachable(address) if self._owned and address else None
+        if why:
+            raise UsageError(f"{option} {address}: nothing answers there ({why}); start the cluster (`ray start "
+                             "--head`) or give its address: the head's host:port (6379 by default) or ray://host:10001")
         if self._owned:
             try:
                 # "local": a new instance even where an earlier `ray start` left /tmp/ray/ray_current_cluster

@@ -62,13 +62,17 @@ class OutputStats:
         self.slice_axis: int | None = None
         self.slice_signal = self.slice_noise = np.zeros(0)
         self.integer = False  # an integer or bool output (an ArgMax): scored by exact match
-        self.equal = 0
+        self.equal = self.scored = 0
+        self.masked_by: str | None = None  # the input whose zeros (padding) exact match skipped
 
-    def update(self, ref: np.ndarray, cand: np.ndarray) -> None:
+    def update(self, ref: np.ndarray, cand: np.ndarray, mask: tuple[str, np.ndarray] | None = None) -> None:
+        """Add one run's outputs. `mask`: (input name, its [N, L] array) of a text model's attention
+        mask; an integer output whose leading dims are the mask's is scored only where the mask is
+        non-zero (a padded position's tag is no answer of the model's)."""
         if not self.count and (np.issubdtype(ref.dtype, np.integer) or ref.dtype == np.bool_):
             self.integer, self.classifier = True, False
         if self.integer:
-            self.equal += int(np.sum(ref == cand))
+            self._update_exact(ref, cand, mask)
         a, b = ref.astype(np.float64), cand.astype(np.float64)
         diff = a - b
         self.dot += float(np.sum(a * b))
@@ -97,6 +101,18 @@ class OutputStats:
                 top5 = np.argsort(-b.reshape(b.shape[0], -1), axis=1)[:, :5]
                 self.agree5 += int(np.sum(np.any(top5 == ref_top1[:, None], axis=1)))
             self.samples += ref.shape[0]
+
+    def _update_exact(self, ref: np.ndarray, cand: np.ndarray, mask: tuple[str, np.ndarray] | None) -> None:
+        equal = ref == cand
+        if mask is not None and ref.shape[:mask[1].ndim] == mask[1].shape:
+            keep = np.broadcast_to((mask[1] != 0).reshape(mask[1].shape + (1,) * (ref.ndim - mask[1].ndim)),
+                                   ref.shape)
+            self.masked_by = mask[0]
+            self.equal += int(np.sum(equal & keep))
+            self.scored += int(np.sum(keep))
+        else:
+            self.equal += int(np.sum(equal))
+            self.scored += equal.size
 
     def _update_slices(self, a: np.ndarray, diff: np.ndarray, first: bool) -> None:
         if first:  # the first batch fixes the axis
@@ -130,7 +146,10 @@ class OutputStats:
             "mean_abs_error": self.abs_sum / self.count if self.count else 0.0,
         }
         if self.integer:
-            figures["exact_match"] = self.equal / self.count if self.count else 1.0
+            figures["exact_match"] = self.equal / self.scored if self.scored else 1.0
+            if self.masked_by is not None:  # padding left out: say which input marked it, and what was scored
+                figures["exact_match_masked_by"] = self.masked_by
+                figures["exact_match_positions"] = self.scored
         if self.classifier and self.samples:
             figures["top1_agreement"] = self.agree / self.samples
             if self.classes > 5:
@@ -202,7 +221,8 @@ def compare_models(
     progress: Callable[[int, int | None], None] | None = None,
 ) -> Comparison:
     """Run both models on every sample; stream per-output figures and accuracy. A stateful model's
-    streams (`data.state`) run chunk by chunk, each model fed back its own state outputs."""
+    streams (`data.state`) run chunk by chunk, each model fed back its own state outputs; text data's
+    padding (`data.mask_input`, its attention mask) is left out of integer outputs' exact match."""
     ref_session = make_session(reference)
     cand_session = make_session(candidate, optimize=optimize_candidate)
     ref_carry, cand_carry = StateCarry(data.state), StateCarry(data.state)  # each model its own stream state
@@ -217,8 +237,9 @@ def compare_models(
         cand_out = run_batch(cand_session, cand_carry.feeds(batch), batch.files, data, "the candidate model")
         ref_carry.keep(ref_out)
         cand_carry.keep(cand_out)
+        mask = (data.mask_input, batch.feeds[data.mask_input]) if data.mask_input in batch.feeds else None
         for name, ref in ref_out.items():
-            stats.setdefault(name, OutputStats()).update(ref, cand_out[name])
+            stats.setdefault(name, OutputStats()).update(ref, cand_out[name], mask)
         samples += len(batch.files)
         if labels:
             first = next(iter(ref_out))

@@ -20,6 +20,8 @@ from qtool.io.samples import DataSource, listed_files
 from qtool.recipe.inputs import AudioSpec
 
 AUDIO_SUFFIXES = (".flac", ".ogg", ".wav")
+# Audio that qtool does not decode: a folder's such files are named in a note, never passed over silently.
+OTHER_AUDIO = (".aac", ".aif", ".aiff", ".amr", ".m4a", ".mp3", ".opus", ".wma")
 INSTALL = "pip install 'qtool-onnx[audio]'"
 
 
@@ -38,6 +40,62 @@ def read_audio(path: Path) -> tuple[np.ndarray, int]:
     if path.suffix.lower() != ".wav":
         raise DataError(f"{path}: reading {path.suffix} files needs the `soundfile` library: {INSTALL}")
     return _read_wav(path)
+
+
+def probe(path: Path) -> tuple[int, int] | None:
+    """(sample rate in Hz, frames) from the file's header; None where it does not read (reading the
+    file then says why)."""
+    try:
+        import soundfile
+    except (ImportError, OSError):
+        soundfile = None
+    if soundfile is not None:
+        try:
+            info = soundfile.info(str(path))
+        except (RuntimeError, OSError, ValueError, TypeError):
+            return None
+        return int(info.samplerate), int(info.frames)
+    if path.suffix.lower() != ".wav":
+        return None
+    try:
+        with wave.open(str(path), "rb") as handle:
+            return handle.getframerate(), handle.getnframes()
+    except (wave.Error, EOFError, OSError):
+        return None
+
+
+def some(names: list[str], shown: int = 3) -> str:
+    """The first `shown` names, then how many more."""
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def audio_notes(folder: Path, paths: list[Path], spec: AudioSpec, length: int) -> list[str]:
+    """What the reader does to these files that the data does not show: formats it passes over, files
+    resampled, files too short for a chunk that `last: drop` skips (from the headers: nothing decoded)."""
+    notes = []
+    others = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in OTHER_AUDIO) if folder.is_dir() else []
+    if others:
+        notes.append(f"{folder}: {len(others)} audio file(s) not read ({some(others)}): qtool decodes "
+                     f"{', '.join(AUDIO_SUFFIXES)}; convert them to WAV or FLAC to use them")
+    rates: dict[int, list[str]] = {}
+    short = []
+    for path in paths:
+        header = probe(path)
+        if header is None or header[0] <= 0:
+            continue
+        rate, frames = header
+        if rate != spec.sample_rate:
+            rates.setdefault(rate, []).append(path.name)
+        if spec.last == "drop" and 0 < frames * spec.sample_rate / rate < length:
+            short.append(path.name)
+    if rates:
+        names = [name for group in rates.values() for name in group]
+        notes.append(f"data.audio.sample_rate {spec.sample_rate}: {len(names)} of {len(paths)} audio file(s) "
+                     f"resampled from {', '.join(f'{rate} Hz' for rate in sorted(rates))} ({some(names)})")
+    if short:
+        notes.append(f"data.audio.last drop: {len(short)} audio file(s) shorter than one chunk ({length} samples) "
+                     f"skipped ({some(short)})")
+    return notes
 
 
 def _read_wav(path: Path) -> tuple[np.ndarray, int]:
@@ -135,8 +193,11 @@ class AudioSource(DataSource):
         self.hop = spec.hop or self.length
         self.paths = listed_files(self.folder, AUDIO_SUFFIXES)
         if not self.paths:
-            raise DataError(f"{self.folder}: no audio files; allowed: {', '.join(AUDIO_SUFFIXES)}")
+            others = listed_files(self.folder, OTHER_AUDIO)
+            raise DataError(f"{self.folder}: no audio files; allowed: {', '.join(AUDIO_SUFFIXES)}"
+                            + (f" ({some([p.name for p in others])} not read: convert to WAV or FLAC)" if others else ""))
         self.total = None  # chunks per file are known once decoded
+        self.notes = tuple(audio_notes(self.folder, self.paths, spec, self.length))
 
     @property
     def files(self) -> list[str]:
@@ -168,5 +229,5 @@ class AudioSource(DataSource):
 
     def reopen(self, limit: int | None) -> "AudioSource":
         other = AudioSource(self.folder, self.inputs, limit, self.spec, self.recipe_where, self.skip)
-        other.state = self.state
+        other.state, other.notes = self.state, self.notes
         return other

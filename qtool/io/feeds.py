@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from qtool.errors import DataError, UsageError
-from qtool.io.audio import AUDIO_SUFFIXES, AudioSource
+from qtool.io.audio import AUDIO_SUFFIXES, OTHER_AUDIO, AudioSource, some
 from qtool.io.batching import InputSpec
 from qtool.io.data import DATA_SUFFIXES, DataFolder
 from qtool.io.samples import DataSource, listed_files
@@ -81,6 +81,9 @@ def open_data(data, inputs: list[InputSpec], limit: int | None, recipe: Recipe |
     if isinstance(data, (str, Path)):
         path = Path(data)
         kind = file_kind(path)
+        passed_over = ()
+        if kind == "text+audio":  # e.g. WAV files and their transcripts: the recipe's one section says which
+            kind, passed_over = _one_kind(path, spec)
         if kind == "text":
             if spec is None or spec.text is None:
                 raise DataError(f"{path}: holds text ({', '.join(TEXT_SUFFIXES)}); the recipe needs a data.text "
@@ -94,6 +97,7 @@ def open_data(data, inputs: list[InputSpec], limit: int | None, recipe: Recipe |
             source = AudioSource(path, inputs, limit, spec.audio, where, skip)
         else:
             source = DataFolder(path, inputs, limit, images=spec.images if spec is not None else None)
+        source.notes = (*source.notes, *passed_over)
     elif callable(data) or hasattr(data, "get_next") or isinstance(data, Iterable):
         source = FeedSource(data, inputs, limit)
     else:
@@ -104,15 +108,33 @@ def open_data(data, inputs: list[InputSpec], limit: int | None, recipe: Recipe |
 
 
 def file_kind(path: Path) -> str | None:
-    """"text" or "audio" when the file, or every data file of the folder, is one; else None."""
+    """"text" or "audio" when the file, or every data file of the folder, is one (audio in formats qtool
+    does not decode, .mp3 and the like, counts: the audio reader names them); "text+audio" for a folder
+    of both and nothing else; else None (arrays, images)."""
     if not path.exists():
         return None
-    suffixes = {item.suffix.lower() for item in listed_files(path, (*TEXT_SUFFIXES, *AUDIO_SUFFIXES, *DATA_SUFFIXES))}
+    audio = (*AUDIO_SUFFIXES, *OTHER_AUDIO)
+    suffixes = {item.suffix.lower() for item in listed_files(path, (*TEXT_SUFFIXES, *audio, *DATA_SUFFIXES))}
     if suffixes and suffixes <= set(TEXT_SUFFIXES):
         return "text"
-    if suffixes and suffixes <= set(AUDIO_SUFFIXES):
+    if suffixes and suffixes <= set(audio):
         return "audio"
+    if suffixes and suffixes <= {*TEXT_SUFFIXES, *audio}:
+        return "text+audio"
     return None
+
+
+def _one_kind(folder: Path, spec) -> tuple[str, tuple[str, ...]]:
+    """The kind a folder of text and audio files is read as: the one the recipe's data section has a
+    section for; and a note naming the files of the other kind, which are not read."""
+    kinds = [kind for kind in ("text", "audio") if spec is not None and getattr(spec, kind) is not None]
+    texts = [path.name for path in listed_files(folder, TEXT_SUFFIXES)]
+    if len(kinds) != 1:
+        raise DataError(f"{folder}: holds text ({texts[0]}) and audio files: give the recipe a data.text or a "
+                        "data.audio section (the kind to read, not both), or keep one kind per folder")
+    other = texts if kinds[0] == "audio" else [path.name for path in listed_files(folder, AUDIO_SUFFIXES)]
+    return kinds[0], (f"{folder}: {len(other)} {'text' if kinds[0] == 'audio' else 'audio'} file(s) not read "
+                      f"({some(other)}): data.{kinds[0]} reads the {kinds[0]} files",) if other else ()
 
 
 class _Replay:

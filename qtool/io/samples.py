@@ -102,6 +102,8 @@ class DataSource:
     class_labels: dict[str, int] | None = None
     total: int | None = None  # samples expected, when known
     state: StreamState | None = None
+    mask_input: str | None = None  # the input whose zeros mark padding (text data's attention mask)
+    notes: tuple[str, ...] = ()  # what reading did that the files do not show (resampled, files passed over)
 
     def __init__(self, inputs: list[InputSpec], limit: int | None):
         self.inputs = inputs
@@ -132,7 +134,8 @@ class DataSource:
             if missing:
                 raise DataError(f"{where}: no array for input {', '.join(missing)}; "
                                 f"the model's inputs: {', '.join(s.name for s in self.inputs)}")
-            arrays = {spec.name: check_shape(_array(raw[spec.name], where), spec, where, self.axes[spec.name].axis)
+            arrays = {spec.name: check_shape(_array(raw[spec.name], where), spec, self._where(where, spec.name),
+                                             self.axes[spec.name].axis)
                       for spec in self.inputs}
             count = self._count(arrays, where)
             for index in range(count):
@@ -168,6 +171,10 @@ class DataSource:
         if axis is not None:
             return array if count == 1 else array[(slice(None),) * axis + (slice(index, index + 1),)]
         return array[index] if array.ndim == len(spec.shape) + 1 else array
+
+    def _where(self, where: str, name: str) -> str:
+        """A sample's place for messages; a state input's names the recipe key that made it one."""
+        return f"{where} (state input {name}: data.state.carry in {self.state.where})" if self._carried(name) else where
 
     def _carried(self, name: str) -> bool:
         return self.state is not None and name in self.state.carry

@@ -8,7 +8,7 @@ the chunk before it, for calibration and validation alike.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +21,19 @@ from qtool.recipe.inputs import StateSpec
 
 @dataclass(frozen=True)
 class StreamState:
-    """State input name -> the output that carries it (`carry`), and each stream's first state (`initial`)."""
+    """State input name -> the output that carries it (`carry`), and each stream's first state (`initial`);
+    `shapes`: each state input's declared shape (None: a symbolic dim), `where`: the recipe, for messages."""
 
     carry: dict[str, str]
     initial: dict[str, np.ndarray]
+    shapes: dict[str, tuple] = field(default_factory=dict)
+    where: str = "recipe"
+
+    def misfit(self, name: str, shape: tuple) -> bool:
+        """Whether an array of `shape` cannot be state input `name` (its rank or a fixed dim differs)."""
+        declared = self.shapes.get(name)
+        return declared is not None and (len(shape) != len(declared) or any(
+            isinstance(want, int) and want > 0 and got != want for got, want in zip(shape, declared)))
 
 
 def stream_state(spec: StateSpec, inputs: list[InputSpec], initial_path: Path | None, where: str) -> StreamState:
@@ -39,20 +48,26 @@ def stream_state(spec: StateSpec, inputs: list[InputSpec], initial_path: Path | 
     if len(spec.carry) >= len(specs):
         raise RecipeError(f"{where}: data.state.carry names every model input as state; "
                           "at least one input must come from the data")
+    if initial_path is not None and not initial_path.is_file():
+        raise RecipeError(f"{where}: data.state.initial: no such file {initial_path}")
     given = read_npz(initial_path) if initial_path is not None else {}
     extra = sorted(set(given) - set(spec.carry))
     if extra:
         raise RecipeError(f"{where}: data.state.initial {initial_path}: key {extra[0]!r} is not a state input "
                           f"({', '.join(spec.carry)})")
-    initial = {}
+    shapes = {name: specs[name].shape for name in spec.carry if specs[name].shape is not None}
+    state = StreamState(dict(spec.carry), {}, shapes, where)
     for name in spec.carry:
         declared = specs[name]
         if name in given:
-            initial[name] = np.asarray(given[name], dtype=declared.dtype)
+            state.initial[name] = np.asarray(given[name], dtype=declared.dtype)
+            if state.misfit(name, state.initial[name].shape):
+                raise RecipeError(f"{where}: data.state.initial {initial_path}: {name} has shape "
+                                  f"{list(state.initial[name].shape)}; the state input is {declared.describe()}")
             continue
         if declared.shape is None:
             raise RecipeError(f"{where}: data.state: input {declared.describe()} has no declared shape for "
                               "its zero state; give data.state.initial (an .npz keyed by input name)")
         shape = tuple(dim if isinstance(dim, int) and dim > 0 else 1 for dim in declared.shape)
-        initial[name] = np.zeros(shape, dtype=declared.dtype)
-    return StreamState(dict(spec.carry), initial)
+        state.initial[name] = np.zeros(shape, dtype=declared.dtype)
+    return state

@@ -94,6 +94,7 @@ class TextSource(DataSource):
         self.folder = Path(path)
         self.spec, self.tokenizer_path, self.recipe_where, self.skip = spec, tokenizer_path, where, set(skip)
         self.roles = text_roles(spec, inputs, where, self.skip)
+        self.mask_input = next((name for name, role in self.roles.items() if role == "attention_mask"), None)
         self.length = sequence_length(spec, inputs, self.roles, where)
         self.tokenizer = load_tokenizer(tokenizer_path, where)
         self.tokenizer.no_padding()
@@ -161,5 +162,5 @@ class TextSource(DataSource):
     def reopen(self, limit: int | None) -> "TextSource":
         other = TextSource(self.folder, self.inputs, limit, self.spec, self.tokenizer_path, self.recipe_where,
                            self.skip)
-        other.state = self.state
+        other.state, other.notes = self.state, self.notes
         return other

@@ -331,7 +331,8 @@ class ValidationSpec(_Strict):
         default_factory=dict, description="Quality gates; a failed gate makes the exit code 1. "
         "`min_slice_sqnr_db` checks the worst slice of each output along its feature axis (an output "
         "without one counts as one slice). Integer outputs (an ArgMax) are scored by `min_exact_match` (the "
-        "fraction of elements equal), not by the cosine, SQNR and top-1 gates. Each threshold lies within what its figure can take: cosines "
+        "fraction of elements equal; with text data, of the positions its attention mask keeps: padding is "
+        "not scored), not by the cosine, SQNR and top-1 gates. Each threshold lies within what its figure can take: cosines "
         "-1..1, min_top1_agreement 0..1, max_accuracy_drop -1..1, ratios above 0, dB finite."
     )
 

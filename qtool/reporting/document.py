@@ -98,13 +98,20 @@ def build_compare_report(
         "size": _size_section(reference_bytes, candidate_bytes),
         "validation": _comparison_section(comparison),
         "gates": _gates_section(gates),
-        "warnings": list(warnings or []),
+        "warnings": with_data_notes(warnings or [], data),
     }
     if layers is not None:
         report["layers"] = layers
     if latency is not None:
         report["latency"] = latency
     return report
+
+
+def with_data_notes(warnings: list[str], *sources: DataFolder | None) -> list[str]:
+    """The warnings, then what reading the data did that its files do not show (files resampled or not
+    read), each note once (calibration and validation data are often the same folder)."""
+    notes = [note for source in sources if source is not None for note in source.notes]
+    return [*warnings, *(note for note in dict.fromkeys(notes) if note not in warnings)]
 
 
 def _plan_section(plan: QuantPlan) -> dict:
@@ -186,7 +193,7 @@ def build_quantize_report(
         "validation": _comparison_section(comparison),
         "simulated": _comparison_section(simulated),
         "gates": _gates_section(gates),
-        "warnings": warnings,
+        "warnings": with_data_notes(warnings, calib_data, eval_data),
     }
     if layers is not None:
         report["layers"] = layers
@@ -288,6 +295,11 @@ def render_markdown(report: dict) -> str:
         lines.append(f"| {md_escape(name)} | {_fmt(f['cosine'])} | {_fmt(f['sqnr_db'])} | {_fmt_slice(f)} | "
                      f"{_fmt(f['mse'])} | {_fmt(f['max_abs_error'])} | {_fmt(f['mean_abs_error'])} | "
                      f"{_fmt(f.get('top1_agreement'))} | {_fmt(f.get('top5_agreement'))} |")
+    for name, f in val["outputs"].items():
+        if "exact_match" in f:  # integer outputs (tags, class ids): the fraction equal, not cosine or SQNR
+            scope = (f"the {f['exact_match_positions']:,} positions where input {md_escape(f['exact_match_masked_by'])} "
+                     "is non-zero (padding not scored)" if "exact_match_masked_by" in f else "every element")
+            lines += ["", f"Exact match of integer output {md_escape(name)}: {_fmt(f['exact_match'])} over {scope}."]
     if "accuracy" in val:
         acc = val["accuracy"]
         first, second = ("reference", "candidate") if report["command"] == "compare" else ("float", "quantized")

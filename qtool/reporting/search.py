@@ -55,14 +55,21 @@ def _promotions(row: dict) -> str:
     return ", ".join(f"{n}× {step}" for step, n in steps.items()) or "none"
 
 
+def _ranking_columns(rows: list[dict], mode: str) -> list[tuple[str, str]]:
+    """(key, heading) of the figure columns: SQNR, or exact match where the model's outputs are all integer."""
+    exact = any("exact_match" in row for row in rows)
+    figure = ("exact_match", "exact match") if exact else ("sqnr_db", "SQNR dB")
+    gain = [("exact_match_gain", "exact match gain") if exact else ("sqnr_gain_db", "SQNR gain dB")]
+    return [figure, *(gain if mode == "only_float" else []), ("cosine", "cosine"), ("accuracy_drop", "accuracy drop")]
+
+
 def _ranking_md(rows: list[dict], mode: str) -> list[str]:
-    gain = mode == "only_float"
-    lines = ["| rank | node | op | SQNR dB | " + ("SQNR gain dB | " if gain else "") + "cosine | accuracy drop |",
-             "|---|---|---|---|" + ("---|" if gain else "") + "---|---|"]
+    columns = _ranking_columns(rows, mode)
+    lines = ["| rank | node | op | " + " | ".join(heading for _, heading in columns) + " |",
+             "|---|---|---|" + "---|" * len(columns)]
     for row in rows[:MD_ROWS]:
         cells = [_fmt(row.get("rank")), md_escape(row["node"]), md_escape(row.get("op_type", "")),
-                 _fmt(row.get("sqnr_db"))] + ([_fmt(row.get("sqnr_gain_db"))] if gain else []) + \
-                [_fmt(row.get("cosine")), _fmt(row.get("accuracy_drop"))]
+                 *(_fmt(row.get(key)) for key, _ in columns)]
         lines.append("| " + " | ".join(cells) + " |")
     if len(rows) > MD_ROWS:
         lines.append(f"\n{len(rows) - MD_ROWS} more in report.json.")
@@ -81,8 +88,10 @@ def render_markdown(report: dict) -> str:
         lines = [f"# qtool sensitivity report — {model}", "",
                  f"Mode: {_mode_text(sens['mode'])}. {len(sens['rows'])} nodes; "
                  f"{'read from the cache' if sens['cache']['hit'] else 'measured'} "
-                 f"(cache {md_escape(str(sens['cache']['path']))}). Recipe as given: output SQNR "
-                 f"{_fmt(report['baseline']['sqnr_db'])} dB.", ""]
+                 f"(cache {md_escape(str(sens['cache']['path']))}). Recipe as given: "
+                 + (f"exact match {_fmt(report['baseline']['exact_match'])} (every output is integer)."
+                    if "exact_match" in report["baseline"] and _num(report["baseline"]["sqnr_db"]) is None
+                    else f"output SQNR {_fmt(report['baseline']['sqnr_db'])} dB."), ""]
         lines += _ranking_md(sens["rows"], sens["mode"])
         return "\n".join(lines + _notes_md(report)) + "\n"
     target, search, chosen = report["target"], report["search"], report["chosen"]
@@ -133,7 +142,7 @@ def _notes_md(report: dict) -> list[str]:
 
 # the figure a search maximizes -> the gate that bounds it (search.promote.OBJECTIVES, read backwards)
 GATE_OF_OBJECTIVE = {"accuracy": "max_accuracy_drop", "top1_agreement": "min_top1_agreement",
-                     "sqnr_db": "min_sqnr_db", "cosine": "min_cosine"}
+                     "sqnr_db": "min_sqnr_db", "cosine": "min_cosine", "exact_match": "min_exact_match"}
 
 
 def gate_level(target: dict) -> float | None:
@@ -240,10 +249,10 @@ def sensitivity_chart(rows: list[dict], mode: str) -> str:
 
 
 def _ranking_html(rows: list[dict]) -> str:
+    columns = _ranking_columns(rows, "only_float")
     body = [[esc(_fmt(r.get("rank"))), f'<span class="mono">{esc(r["node"])}</span>', esc(r.get("op_type", "")),
-             esc(_fmt(r.get("sqnr_db"))), esc(_fmt(r.get("sqnr_gain_db"))), esc(_fmt(r.get("cosine"))),
-             esc(_fmt(r.get("accuracy_drop")))] for r in rows]
-    return _table(["rank", "node", "op", "SQNR dB", "SQNR gain dB", "cosine", "accuracy drop"], body, {3, 4, 5, 6})
+             *(esc(_fmt(r.get(key))) for key, _ in columns)] for r in rows]
+    return _table(["rank", "node", "op", *(heading for _, heading in columns)], body, set(range(3, 3 + len(columns))))
 
 
 def render_html(report: dict) -> str:

@@ -33,10 +33,16 @@ class StateCarry:
         """Take the state outputs of a run (copies: outputs may live in buffers the next run reuses)."""
         if self.state is None:
             return
+        where = self.state.where
         missing = [output for output in self.state.carry.values() if output not in outputs]
         if missing:
-            raise RecipeError(f"data.state.carry: {missing[0]!r} is not an output of the model; "
-                            f"its outputs: {', '.join(outputs)}")
+            raise RecipeError(f"{where}: data.state.carry: {missing[0]!r} is not an output of the model; "
+                              f"its outputs: {', '.join(outputs)}")
+        for name, output in self.state.carry.items():
+            if self.state.misfit(name, outputs[output].shape):
+                raise RecipeError(f"{where}: data.state.carry: {{{name}: {output}}}: output {output} has shape "
+                                  f"{list(outputs[output].shape)}, state input {name} takes "
+                                  f"{list(self.state.shapes[name])}; name the output that returns {name}'s next value")
         self.carried = {name: np.array(outputs[output]) for name, output in self.state.carry.items()}
 
     def run(self, execute: Execute, batch: Batch) -> dict[str, np.ndarray]:

@@ -30,7 +30,7 @@ from qtool.reporting.search import search_report_writers
 from qtool.search.executor import make_executor
 from qtool.search.promote import Search, objective, objective_name, pareto_frontier
 from qtool.search.setup import (TrialSetup, cache_document, executor_section, measure_sensitivity, read_cache,
-                                run_specs, search_inputs, setup_trials, trial_row)
+                                run_specs, search_inputs, setup_trials, trial_row, tune_objective)
 from qtool.search.trial import (A16, LATENCY_THREADS, SEARCH_GATES, TrialContext, TrialResult, TrialSpec,
                                 build_trial_model, cache_key, folder_files, promotion_overrides, run_trial,
                                 trial_latency)
@@ -119,7 +119,7 @@ def sensitivity(
             "calibration_s": setup.calibration_s, "wall_s": time.perf_counter() - started,
             "executor": where,
         },
-        "baseline": trial_row(baseline, "sqnr_db", setup.context.float_bytes),
+        "baseline": trial_row(baseline, objective_name({}, setup.integer_only), setup.context.float_bytes),
     }
     if output is not None:
         writers = {**search_report_writers(report)}
@@ -234,7 +234,6 @@ def tune(
     cached_document = read_cache(cache_path)
     tick = stage_progress(progress)
     say = on_event or (lambda line: None)
-    figure = objective_name(gates)
     steps = ("float", "a16") if recipe.quantization.activations.dtype in A16 else ("float",)
     latency_limit = recipe.validation.gates.get("max_latency_ratio")
     interrupted = terminated = False
@@ -246,6 +245,7 @@ def tune(
     with temporary_folder("qtool-trials-") as folder, make_executor(jobs, executor, ray_address) as pool:
         setup = setup_trials(model_path, data_dir, recipe, folder, validation_data, labels,
                               1 if pool.jobs > 1 or pool.remote else None, tick)
+        figure = tune_objective(gates, setup, recipe, model_path)
         context = replace(setup.context, gates=gates)  # what this process builds and times trials from
         if pool.remote:  # trials elsewhere read the work folder from the object store, not as a path
             setup.context = replace(setup.context, bundle=pool.put(folder_files(folder)))

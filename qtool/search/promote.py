@@ -24,10 +24,14 @@ LATENCY_TIE = 0.03  # latency ratios closer than this are a tie: one noisy timin
 
 # gate -> (figure the search maximizes, as read from a TrialResult)
 OBJECTIVES = {"max_accuracy_drop": "accuracy", "min_top1_agreement": "top1_agreement",
-              "min_sqnr_db": "sqnr_db", "min_cosine": "cosine"}
+              "min_sqnr_db": "sqnr_db", "min_cosine": "cosine", "min_exact_match": "exact_match"}
 
 
-def objective_name(gates: dict[str, float]) -> str:
+def objective_name(gates: dict[str, float], integer_only: bool = False) -> str:
+    """The figure the search maximizes: the first gate's of OBJECTIVES; exact match where every output is
+    integer (tags, class ids), which have no cosine or SQNR."""
+    if integer_only:
+        return "exact_match"
     return next((OBJECTIVES[gate] for gate in OBJECTIVES if gate in gates), "sqnr_db")
 
 

@@ -14,8 +14,8 @@ from onnx import ModelProto, TensorProto
 
 from qtool.api import prepare
 from qtool.calibration.calibrate import calibrate as calibrate_tensors
-from qtool.errors import ModelError
 from qtool.distributed.ray_executor import LostTask
+from qtool.errors import RecipeError
 from qtool.evaluation.method_choice import choose_method
 from qtool.evaluation.validation import check_gates_are_measurable, resolve_validation_data
 from qtool.io.data import model_inputs
@@ -29,7 +29,7 @@ from qtool.reporting import document as reporting
 from qtool.runtime.session import current_providers, int8_kernels_may_saturate, make_session, run
 from qtool.runtime.streams import StateCarry
 from qtool.search.executor import Executor
-from qtool.search.promote import objective
+from qtool.search.promote import objective, objective_name
 from qtool.search.trial import (FLOAT_MODEL, TrialContext, TrialResult, TrialSpec, float_model_name,
                                 promotion_overrides, rank_nodes, run_trial, with_overrides, worst, write_eval_set)
 
@@ -46,6 +46,7 @@ class TrialSetup:
     op_types: dict[str, str]
     unnamed: int  # quantized nodes without a name: no recipe can single them out
     calibration_s: float
+    integer_only: bool = False  # every output is integer (an ArgMax's tags): trials are scored by exact match
 
 
 def setup_trials(model_path: Path, data_dir: Path, recipe: Recipe, folder: Path, validation_data, labels,
@@ -57,6 +58,7 @@ def setup_trials(model_path: Path, data_dir: Path, recipe: Recipe, folder: Path,
     inputs = model_inputs(model)
     calib_data = open_data(data_dir, inputs, recipe.calibration.samples, recipe)
     eval_data, eval_labels, warnings = resolve_validation_data(recipe, calib_data, inputs, validation_data, labels)
+    warnings = reporting.with_data_notes(warnings, calib_data, eval_data)
     check_gates_are_measurable(recipe, eval_labels)
     selection = select_tensors(model, recipe)
     quantized = [(node, d) for node, d in zip(model.graph.node, selection.nodes) if d.quantized]
@@ -85,17 +87,25 @@ def setup_trials(model_path: Path, data_dir: Path, recipe: Recipe, folder: Path,
         reference = carry.run(partial(run, session), batch)
         truth = [eval_labels.get(name, -1) if eval_labels else -1 for name in batch.files]
         batches.append((batch.feeds, reference, truth, batch.starts[0] if batch.starts else None))
-    if batches and not any(np.asarray(value).dtype.kind == "f" for value in batches[0][1].values()):
-        raise ModelError(f"{model_path}: every output is an integer tensor ({', '.join(batches[0][1])}; e.g. an "
-                         "ArgMax's class indices): trials are ranked and searched by output SQNR, which such "
-                         "outputs do not have; add the float tensor they are computed from (the logits) as a "
-                         "graph output and run again")
+    integer_only = bool(batches) and not any(np.asarray(value).dtype.kind == "f" for value in batches[0][1].values())
     write_eval_set(folder, batches, eval_data.state.carry if eval_data.state else None)
     context = TrialContext(str(folder), recipe, table, int8_kernels_may_saturate(), dict(recipe.validation.gates),
-                           model_file_bytes(model_path), threads, current_providers())
+                           model_file_bytes(model_path), threads, current_providers(),
+                           mask_input=eval_data.mask_input)
     return TrialSetup(context, model, prepare_notes, calib_data, eval_data, warnings, named,
                        {node.name: node.op_type for node, _ in quantized}, len(quantized) - len(named),
-                       time.perf_counter() - started)
+                       time.perf_counter() - started, integer_only)
+
+
+def tune_objective(gates: dict[str, float], setup: TrialSetup, recipe: Recipe, model_path: Path) -> str:
+    """The figure tune maximizes (search.promote.objective_name). A model whose outputs are all integer
+    has only exact match to search by: without a min_exact_match gate its other gates would pass on
+    nothing, so that is a RecipeError."""
+    if setup.integer_only and "min_exact_match" not in gates:
+        raise RecipeError(f"{recipe.source or 'recipe'}: validation.gates: every output of {model_path.name} is "
+                          "integer (tags, class ids), which cosine, SQNR and top-1 gates do not score: tune "
+                          "needs min_exact_match (the fraction of elements equal) as its target")
+    return objective_name(gates, setup.integer_only)
 
 
 def run_specs(executor: Executor, context: TrialContext, specs: list[TrialSpec], lost: list[dict] | None = None):
@@ -172,6 +182,8 @@ def trial_row(result: TrialResult, objective_figure: str, float_bytes: int) -> d
         "cosine": worst(result, "cosine"), "quantized_nodes": result.quantized_nodes,
         "passed": result.passed, "seconds": result.seconds, "model_sha256": result.model_sha256,
     }
+    if result.figure("exact_match") is not None:
+        row["exact_match"] = result.figure("exact_match")
     if result.accuracy:
         row["accuracy"] = result.accuracy["candidate"]
         row["accuracy_drop"] = result.accuracy["reference"] - result.accuracy["candidate"]

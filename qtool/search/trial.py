@@ -45,7 +45,7 @@ EVAL_SET = "eval.npz"
 EVAL_INDEX = "eval.json"
 LATENCY_THREADS = 1  # one intra-op thread: a trial's ratio should not depend on what else the cores run
 SEARCH_GATES = ("min_cosine", "min_sqnr_db", "max_accuracy_drop", "min_top1_agreement", "min_size_ratio",
-                "min_slice_sqnr_db")
+                "min_slice_sqnr_db", "min_exact_match")
 
 
 def exact_name(node: str) -> str:
@@ -125,6 +125,7 @@ class TrialContext:
     # The work folder's files for workers on other machines: {file name: bytes}, or a reference to
     # them in Ray's object store (`ship_folder`); None: `folder` is readable where trials run.
     bundle: object = None
+    mask_input: str | None = None  # text data's attention mask: padding is left out of exact match
 
 
 @dataclass(frozen=True)
@@ -260,8 +261,10 @@ def run_trial(task: tuple[TrialContext, TrialSpec]) -> TrialResult:
             batch = _head(batch, spec.samples - samples)
         start = (batch["start"],) if batch["start"] is not None else None
         outputs = carry.run(partial(run, session), Batch((), batch["feeds"], None, start))
+        feeds = batch["feeds"]
+        mask = (context.mask_input, feeds[context.mask_input]) if context.mask_input in feeds else None
         for name, reference in batch["reference"].items():
-            stats.setdefault(name, OutputStats()).update(reference, outputs[name])
+            stats.setdefault(name, OutputStats()).update(reference, outputs[name], mask)
         samples += next(iter(batch["feeds"].values())).shape[0]
         known = batch["labels"] >= 0
         first = next(iter(batch["reference"]))
@@ -306,33 +309,44 @@ def worst(result: TrialResult, name: str) -> float:
     return float("nan") if value is None else float(value)
 
 
+def ranking_figure(result: TrialResult) -> str:
+    """What ranks nodes: the worst output SQNR, or, where every output is integer (tags, class ids: no
+    SQNR), the worst exact match."""
+    return "exact_match" if result.figure("sqnr_db") is None and result.figure("exact_match") is not None \
+        else "sqnr_db"
+
+
 def rank_nodes(results: list[TrialResult], op_types: dict[str, str], mode: str,
                baseline: TrialResult | None = None) -> list[dict]:
     """Rows, most sensitive first.
 
     mode "only_quantized": the error with the node quantized alone (lowest SQNR first);
     mode "only_float": the SQNR gained over the full recipe by keeping the node float
-    (largest gain first).
+    (largest gain first). A model whose outputs are all integer ranks by exact match instead
+    (`exact_match`, `exact_match_gain`).
     """
+    figure = ranking_figure(baseline or results[0]) if results or baseline else "sqnr_db"
+    gain_key = "sqnr_gain_db" if figure == "sqnr_db" else "exact_match_gain"
     rows = []
     for result in results:
         node = result.spec.only if mode == "only_quantized" else result.spec.keep_float
-        sqnr = worst(result, "sqnr_db")
-        row = {"node": node, "op_type": op_types.get(node, ""), "sqnr_db": sqnr,
+        row = {"node": node, "op_type": op_types.get(node, ""), "sqnr_db": worst(result, "sqnr_db"),
                "cosine": worst(result, "cosine"), "size_bytes": result.size_bytes}
+        if figure == "exact_match":
+            row["exact_match"] = worst(result, "exact_match")
         drop = result.figure("accuracy_drop")
         if drop is not None:
             row["accuracy_drop"] = drop
         if mode == "only_float" and baseline is not None:
-            row["sqnr_gain_db"] = sqnr - worst(baseline, "sqnr_db")
+            row[gain_key] = row[figure] - worst(baseline, figure)
         rows.append(row)
 
     def severity(row: dict) -> tuple:
         if mode == "only_float":
-            gain = row.get("sqnr_gain_db", 0.0)
+            gain = row.get(gain_key, 0.0)
             return (-(gain if math.isfinite(gain) else 1e9), row["node"])
-        sqnr = row["sqnr_db"]
-        return (sqnr if not math.isnan(sqnr) else math.inf, -row.get("accuracy_drop", 0.0), row["node"])
+        value = row[figure]
+        return (value if not math.isnan(value) else math.inf, -row.get("accuracy_drop", 0.0), row["node"])
 
     rows.sort(key=severity)
     for rank, row in enumerate(rows, 1):
