@@ -16,6 +16,7 @@ from qtool.api import prepare
 from qtool.calibration.calibrate import calibrate as calibrate_tensors
 from qtool.errors import ModelError
 from qtool.distributed.ray_executor import LostTask
+from qtool.evaluation.bias_choice import correct_bias
 from qtool.evaluation.method_choice import choose_method
 from qtool.evaluation.validation import check_gates_are_measurable, resolve_validation_data
 from qtool.io.data import model_inputs
@@ -23,6 +24,7 @@ from qtool.io.feeds import open_data
 from qtool.io.samples import DataSource
 from qtool.io.model import file_sha256, model_file_bytes, save_model
 from qtool.numerics import QTYPES
+from qtool.quantization.placement import plan_and_apply
 from qtool.quantization.plan import select_tensors, tensor_types
 from qtool.recipe.schema import Recipe
 from qtool.reporting import document as reporting
@@ -46,6 +48,7 @@ class TrialSetup:
     op_types: dict[str, str]
     unnamed: int  # quantized nodes without a name: no recipe can single them out
     calibration_s: float
+    bias_correction: bool  # what the trials do, the tuned recipe's quantization.algorithms.bias_correction
 
 
 def setup_trials(model_path: Path, data_dir: Path, recipe: Recipe, folder: Path, validation_data, labels,
@@ -73,6 +76,12 @@ def setup_trials(model_path: Path, data_dir: Path, recipe: Recipe, folder: Path,
         warnings.append(f"calibration.method auto chose {choice.chosen} for every trial")
     table = calibrate_tensors(model, sorted(tensors), calib_data, spec, QTYPES[act.dtype], act.symmetric,
                               tick("calibrate"))
+    bias = None
+    if recipe.quantization.algorithms.bias_correction:  # decided once, on the recipe's own plan
+        saturating = int8_kernels_may_saturate()
+        placed = plan_and_apply(model, recipe, selection, table, saturating)
+        _, _, bias = correct_bias(model, recipe, selection, table, saturating, placed.plan, placed.model, calib_data)
+        warnings.append(f"bias_correction {'kept' if bias.kept else 'off'} for every trial: {bias.as_dict()['why']}")
     save_model(model, folder / FLOAT_MODEL)
     named = [node.name for node, _ in quantized if node.name]
     a16 = with_overrides(recipe, promotion_overrides([(named[0], "a16")], act.dtype)) if named else recipe
@@ -92,10 +101,11 @@ def setup_trials(model_path: Path, data_dir: Path, recipe: Recipe, folder: Path,
                          "graph output and run again")
     write_eval_set(folder, batches, eval_data.state.carry if eval_data.state else None)
     context = TrialContext(str(folder), recipe, table, int8_kernels_may_saturate(), dict(recipe.validation.gates),
-                           model_file_bytes(model_path), threads, current_providers())
+                           model_file_bytes(model_path), threads, current_providers(),
+                           bias_shifts=bias.shifts if bias is not None and bias.kept else None)
     return TrialSetup(context, model, prepare_notes, calib_data, eval_data, warnings, named,
                        {node.name: node.op_type for node, _ in quantized}, len(quantized) - len(named),
-                       time.perf_counter() - started)
+                       time.perf_counter() - started, bias is not None and bias.kept)
 
 
 def run_specs(executor: Executor, context: TrialContext, specs: list[TrialSpec], lost: list[dict] | None = None):
