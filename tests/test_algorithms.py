@@ -152,6 +152,43 @@ def test_bias_correction_removes_the_mean_shift_it_measures(tmp_path):
                                                              "kept": False, "layers": []}
 
 
+def _gemm_rounding_case(tmp_path, name: str, weight: np.ndarray, x: np.ndarray, setting):
+    model = make_model([helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="gemm", transB=1)],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", weight.shape[1]])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", weight.shape[0]])],
+                       {"w": weight, "b": np.zeros(weight.shape[0], np.float32)})
+    path = tmp_path / f"{name}.onnx"
+    path.write_bytes(model.SerializeToString())
+    data = save_npy_folder(tmp_path / f"{name}-data", [x])
+    recipe = Recipe.model_validate({"quantization": {"algorithms": {"bias_correction": setting}}})
+    return api.quantize(path, data, recipe).report["algorithms"]["bias_correction"]
+
+
+def test_bias_correction_auto_keeps_it_where_it_helps_and_drops_it_where_it_hurts(tmp_path):
+    rng = np.random.default_rng(7)
+    # Helps: integer inputs 0..255 quantize exactly (scale 1), so the output error is the weights'
+    # rounding alone, and taking out its mean raises the output SQNR.
+    x = rng.integers(0, 256, size=(32, 64)).astype(np.float32)
+    x[0, 0], x[1, 0] = 0, 255
+    helps = _gemm_rounding_case(tmp_path, "helps", rng.normal(size=(16, 64)).astype(np.float32) / 8, x, "auto")
+    assert helps["kept"] and helps["enabled"] and helps["setting"] == "auto"
+    assert helps["worst_output_sqnr_db"]["with"] > helps["worst_output_sqnr_db"]["without"] + 3
+    # Hurts: column 0 (0 or 255) sets the input scale to 1, so every other input, 0.4, rounds to 0;
+    # weights 127 then 0.6 round to 127 then 1 (ε = +0.4). The float input's shift 0.4·Σε is what
+    # the correction takes out, yet the quantized model never sees it (its input is 0): the output's
+    # mean error grows from 0.4·Σw to 0.4·Σw̃.
+    x = np.full((32, 16), 0.4, np.float32)
+    x[:, 0] = np.tile([0.0, 255.0], 16)
+    weight = np.full((4, 16), 0.6, np.float32)
+    weight[:, 0] = 127
+    hurts = _gemm_rounding_case(tmp_path, "hurts", weight, x, "auto")
+    assert hurts["layers"][0]["corrected_channels"] == 4 and not hurts["kept"] and not hurts["enabled"]
+    assert hurts["worst_output_sqnr_db"]["with"] < hurts["worst_output_sqnr_db"]["without"]
+    assert hurts["why"].startswith("auto: dropped")
+    forced = _gemm_rounding_case(tmp_path, "forced", weight, x, True)
+    assert forced["kept"] and forced["worst_output_sqnr_db"] == {"without": None, "with": None}
+
+
 def test_bias_correction_adds_a_bias_where_a_conv_has_none(tmp_path):
     model = make_model([helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
                         helper.make_node("Relu", ["c"], ["y"], name="relu")],
