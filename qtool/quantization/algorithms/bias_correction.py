@@ -186,6 +186,10 @@ def correct_biases(float_model: ModelProto, plan: QuantPlan, shifts: dict[str, L
     corrected = ModelProto()
     corrected.CopyFrom(float_model)
     index = GraphIndex(corrected.graph)
+    readers: dict[str, int] = {}
+    for node in corrected.graph.node:
+        for name in set(node.input):
+            readers[name] = readers.get(name, 0) + 1
     changes = []
     for node in corrected.graph.node:
         measured_shift = shifts.get(node.name) if node.name in quantized else None
@@ -207,12 +211,15 @@ def correct_biases(float_model: ModelProto, plan: QuantPlan, shifts: dict[str, L
         else:
             bias = np.zeros(shift.size)
         new_bias = (np.broadcast_to(bias, shift.shape) - shift / beta).astype(np.float32)
-        name = index.unique_name(f"{node.name}.corrected_bias")
-        corrected.graph.initializer.append(numpy_helper.from_array(new_bias, name))
-        if len(node.input) > 2:
-            node.input[2] = name
+        if has_bias and readers.get(node.input[2]) == 1 and bias.shape == shift.shape:  # its own: keep the name
+            index.initializers[node.input[2]].CopyFrom(numpy_helper.from_array(new_bias, node.input[2]))
         else:
-            node.input.append(name)
+            name = index.unique_name(f"{node.name}.corrected_bias")
+            corrected.graph.initializer.append(numpy_helper.from_array(new_bias, name))
+            if len(node.input) > 2:
+                node.input[2] = name
+            else:
+                node.input.append(name)
         changes.append(BiasShift(node.name, node.op_type, int(shift.size), int(keep.sum()),
                                  float(np.abs(shift[keep]).max()), float(np.abs(shift[keep]).mean()),
                                  float(dropped.max()) if dropped.size else 0.0, not has_bias))
