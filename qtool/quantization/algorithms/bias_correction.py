@@ -204,6 +204,8 @@ def correct_biases(float_model: ModelProto, plan: QuantPlan, shifts: dict[str, L
             continue
         beta = float(_attribute(node, "beta", 1.0)) if node.op_type == "Gemm" else 1.0
         has_bias = len(node.input) > 2 and bool(node.input[2])
+        if has_bias and node.input[2] not in index.initializers:
+            continue  # a computed bias: nothing constant to correct
         if has_bias:
             bias = numpy_helper.to_array(index.initializers[node.input[2]]).astype(np.float64)
             if bias.shape not in ((shift.size,), (1,), ()) or beta == 0.0:
