@@ -21,6 +21,7 @@ from qtool.calibration import interchange
 from qtool.calibration.calibrate import CalibrationTable, check_table, save_table, table_document
 from qtool.calibration.shards import calibrate_with
 from qtool.errors import ModelError, UsageError
+from qtool.evaluation.bias_choice import BiasOutcome, correct_bias
 from qtool.evaluation.compare import GATES, GateResult, check_gates, compare_models
 from qtool.evaluation.method_choice import choose_method
 from qtool.evaluation.validation import (check_gates_are_measurable, extra_figures, kernel_gap_cause, kernel_warnings,
@@ -33,7 +34,7 @@ from qtool.io.targets import check_output_file, check_output_path
 from qtool.io.model import (QUANTIZED_OP_TYPES, copy_metadata, file_sha256, load_model, model_file_bytes, opset_version,
                             proto_size, read_header, save_model, upgrade_opset)
 from qtool.numerics import QTYPES
-from qtool.quantization.algorithms.bias_correction import BiasShift, requantize
+from qtool.quantization.algorithms.bias_correction import NO_DATA
 from qtool.quantization.algorithms.equalization import EqualizedPair, equalize
 from qtool.quantization.algorithms.smoothing import smooth
 from qtool.quantization.coverage import check_coverage
@@ -343,16 +344,12 @@ def quantize(
     ranges_from = Path(calibration) if calibration else calib_data.folder if calib_data else "(no calibration data)"
     warnings += check_coverage(plan, sum(d.quantized for d in selection.nodes), model=model_path,
                                recipe=recipe.source, ranges_from=ranges_from, table=calibration is not None)
-    corrected: list[BiasShift] | None = None
-    if recipe.quantization.algorithms.bias_correction and calib_data is None:
-        warnings.append("quantization.algorithms.bias_correction needs calibration data (--data), "
-                        "not a calibration table: skipped")
-    elif recipe.quantization.algorithms.bias_correction:
-        def replan(corrected_model: ModelProto):
-            again = plan_and_apply(corrected_model, recipe, select_tensors(corrected_model, recipe), table, saturating)
-            return again.plan, again.model
-        _, plan, quantized, corrected = requantize(model, quantized, plan, calib_data,
-                                                   recipe.calibration.batch_size, replan)
+    corrected: BiasOutcome | None = None
+    if recipe.quantization.algorithms.bias_correction and calib_data is not None:
+        plan, quantized, corrected = correct_bias(model, recipe, selection, table, saturating, plan, quantized,
+                                                  calib_data)
+    elif "bias_correction" in recipe.quantization.algorithms.model_fields_set and calib_data is None:
+        warnings.append(NO_DATA)  # asked for in so many words; the default is skipped with a note only
     copy_metadata(model, quantized)
 
     comparison = compare_models(model, quantized, eval_data, labels=eval_labels,

@@ -4,6 +4,7 @@ bias correction removes the mean output shift it measures; both are reported, of
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -131,18 +132,61 @@ def _quantize_gemm(tmp_path, bias_correction: bool):
 def test_bias_correction_removes_the_mean_shift_it_measures(tmp_path):
     plain, shift = _quantize_gemm(tmp_path, False)
     corrected, left = _quantize_gemm(tmp_path, True)
-    layers = corrected.report["algorithms"]["bias_correction"]["layers"]
+    section = corrected.report["algorithms"]["bias_correction"]
+    layers = section["layers"]
     assert [(layer["node"], layer["channels"], layer["bias_added"]) for layer in layers] == [("gemm", 16, False)]
+    assert section["kept"] and section["setting"] is True and section["min_t"] == 2.0
     # What it measured is the shift the uncorrected model has, but for the int32 bias's own rounding
     # (at most half its scale: input scale 1 x weight scale) ...
     scales = {init.name: numpy_helper.to_array(init) for init in plain.model.graph.initializer}["w_scale"]
     rounding = float(scales.max()) / 2
     assert abs(layers[0]["max_abs_shift"] - np.abs(shift).max()) <= rounding
-    assert abs(layers[0]["mean_abs_shift"] - np.abs(shift).mean()) <= rounding
-    # ... and what is left is that rounding.
+    # ... and what is left on the channels it corrected is that rounding; the few it left alone had
+    # shifts within 2 standard errors of 0 over the 64 samples.
+    kept = layers[0]["corrected_channels"]
+    assert 12 <= kept <= 16 and layers[0]["dropped_max_abs_shift"] < 0.1
     assert np.abs(shift).max() > 0.05
-    assert np.abs(left).max() <= 2 * rounding < np.abs(shift).max() / 20
-    assert plain.report["algorithms"]["bias_correction"] == {"enabled": False, "layers": []}
+    assert np.sort(np.abs(left))[kept - 1] <= 2 * rounding < np.abs(shift).max() / 20
+    assert np.abs(left).max() <= max(layers[0]["dropped_max_abs_shift"], 0.0) + 2 * rounding
+    assert plain.report["algorithms"]["bias_correction"] == {"enabled": False, "min_t": 2.0, "setting": False,
+                                                             "kept": False, "layers": []}
+
+
+def _gemm_rounding_case(tmp_path, name: str, weight: np.ndarray, x: np.ndarray, setting):
+    model = make_model([helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="gemm", transB=1)],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", weight.shape[1]])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", weight.shape[0]])],
+                       {"w": weight, "b": np.zeros(weight.shape[0], np.float32)})
+    path = tmp_path / f"{name}.onnx"
+    path.write_bytes(model.SerializeToString())
+    data = save_npy_folder(tmp_path / f"{name}-data", [x])
+    recipe = Recipe.model_validate({"quantization": {"algorithms": {"bias_correction": setting}}})
+    return api.quantize(path, data, recipe).report["algorithms"]["bias_correction"]
+
+
+def test_bias_correction_auto_keeps_it_where_it_helps_and_drops_it_where_it_hurts(tmp_path):
+    rng = np.random.default_rng(7)
+    # Helps: integer inputs 0..255 quantize exactly (scale 1), so the output error is the weights'
+    # rounding alone, and taking out its mean raises the output SQNR.
+    x = rng.integers(0, 256, size=(32, 64)).astype(np.float32)
+    x[0, 0], x[1, 0] = 0, 255
+    helps = _gemm_rounding_case(tmp_path, "helps", rng.normal(size=(16, 64)).astype(np.float32) / 8, x, "auto")
+    assert helps["kept"] and helps["enabled"] and helps["setting"] == "auto"
+    assert helps["worst_output_sqnr_db"]["with"] > helps["worst_output_sqnr_db"]["without"] + 3
+    # Hurts: column 0 (0 or 255) sets the input scale to 1, so every other input, 0.4, rounds to 0;
+    # weights 127 then 0.6 round to 127 then 1 (ε = +0.4). The float input's shift 0.4·Σε is what
+    # the correction takes out, yet the quantized model never sees it (its input is 0): the output's
+    # mean error grows from 0.4·Σw to 0.4·Σw̃.
+    x = np.full((32, 16), 0.4, np.float32)
+    x[:, 0] = np.tile([0.0, 255.0], 16)
+    weight = np.full((4, 16), 0.6, np.float32)
+    weight[:, 0] = 127
+    hurts = _gemm_rounding_case(tmp_path, "hurts", weight, x, "auto")
+    assert hurts["layers"][0]["corrected_channels"] == 4 and not hurts["kept"] and not hurts["enabled"]
+    assert hurts["worst_output_sqnr_db"]["with"] < hurts["worst_output_sqnr_db"]["without"]
+    assert hurts["why"].startswith("auto: dropped")
+    forced = _gemm_rounding_case(tmp_path, "forced", weight, x, True)
+    assert forced["kept"] and forced["worst_output_sqnr_db"] == {"without": None, "with": None}
 
 
 def test_bias_correction_adds_a_bias_where_a_conv_has_none(tmp_path):
@@ -153,7 +197,8 @@ def test_bias_correction_adds_a_bias_where_a_conv_has_none(tmp_path):
                        {"w": RNG.normal(size=(4, 3, 1, 1)).astype(np.float32)})
     path = tmp_path / "model.onnx"
     path.write_bytes(model.SerializeToString())
-    data = save_npy_folder(tmp_path / "data", RNG.normal(size=(8, 1, 3, 8, 8)))
+    # A mean of 3 on every input channel: the shift 3·Σε per channel stands far out of its noise.
+    data = save_npy_folder(tmp_path / "data", 3 + RNG.normal(size=(8, 1, 3, 8, 8)))
     recipe = Recipe.model_validate({"quantization": {"algorithms": {"bias_correction": True}}})
     result = api.quantize(path, data, recipe)
     [layer] = result.report["algorithms"]["bias_correction"]["layers"]
@@ -178,12 +223,17 @@ def test_algorithms_are_reported_deterministic_and_need_data(tmp_path):
     assert first.report["prepare"][-1] == "equalization: 3 Conv pairs rescaled"
     markdown = (tmp_path / "a" / "report.md").read_text()
     assert "| equalization | 3 Conv pairs rescaled; widest channel-range spread" in markdown
-    assert "| bias_correction | 5 biases corrected; largest shift " in markdown
+    assert re.search(r"\| bias_correction \| \d biases corrected \(\d+ of 31 channels; the rest within 2 standard "
+                     r"errors of 0\); largest shift ", markdown)
     assert "| smoothing |" not in markdown  # off: no row
     table = api.calibrate(path, data, recipe, tmp_path / "table.json")
     from_table = api.quantize(path, None, recipe, calibration=table.output, validation_data=data)
-    assert from_table.report["algorithms"]["bias_correction"] == {"enabled": False, "layers": []}
-    assert any("bias_correction needs calibration data" in w for w in from_table.report["warnings"])
+    assert from_table.report["algorithms"]["bias_correction"]["skipped"].startswith(
+        "quantization.algorithms.bias_correction needs calibration data")
+    assert any("bias_correction needs calibration data" in w for w in from_table.report["warnings"])  # asked for
+    default = api.quantize(path, None, Recipe(), calibration=table.output, validation_data=data)
+    assert "skipped" in default.report["algorithms"]["bias_correction"]  # on by default: a note, no warning
+    assert not any("bias_correction" in w for w in default.report["warnings"])
     # The table was made on the equalized model: its tensors' ranges are the ones quantize needs.
     assert from_table.report["algorithms"]["equalization"]["pairs"] == section["equalization"]["pairs"]
     assert second.report["validation"] == first.report["validation"]

@@ -19,6 +19,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from conftest import ROOT, make_model, save_npy_folder, shared_model
+from qtool import api
 from qtool.recipe.load import load_recipe
 from qtool.reporting.schemas import report_schema
 from qtool.reporting.search import frontier_chart, latency_chart
@@ -44,9 +45,10 @@ def assert_timed(report: dict) -> None:
         assert row["latency_ms"]["runs"] >= 10
 
 
-def hostile_model(width: int = 16, layers: int = 6, hostile: int = 3, seed: int = 0) -> onnx.ModelProto:
-    """A MatMul chain; the input of layer 3 has one channel sitting near +1000 (which layer 3's
-    weights then ignore): only its activation range is hostile to 8 bits."""
+def hostile_model(width: int = 16, layers: int = 6, hostile: int = 3, seed: int = 0,
+                  op_type: str = "MatMul") -> onnx.ModelProto:
+    """A MatMul chain (or Gemm, with zero biases); the input of layer 3 has one channel sitting near
+    +1000 (which layer 3's weights then ignore): only its activation range is hostile to 8 bits."""
     rng = np.random.default_rng(seed)
     nodes, inits, prev = [], {}, "x"
     for i in range(layers):
@@ -61,7 +63,10 @@ def hostile_model(width: int = 16, layers: int = 6, hostile: int = 3, seed: int 
             source = "spread"
         inits[f"w{i}"] = w
         out = "y" if i == layers - 1 else f"h{i}"
-        nodes.append(helper.make_node("MatMul", [source, f"w{i}"], [out], name=f"/layer{i}/MatMul"))
+        if op_type == "Gemm":
+            inits[f"b{i}"] = np.zeros(width, np.float32)
+        nodes.append(helper.make_node(op_type, [source, f"w{i}"] + ([f"b{i}"] if op_type == "Gemm" else []), [out],
+                                      name=f"/layer{i}/{op_type}"))
         prev = out
     return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])], inits)
@@ -129,6 +134,30 @@ def test_tune_promotes_the_hostile_layer_and_nothing_else(hostile, tmp_path):
     html = (out / "report.html").read_text()
     assert html.count("<svg") == 2 and html.count('class="chosen"') == 2  # size and latency charts
     onnx.checker.check_model(onnx.load(out / "model.onnx"))
+
+
+def test_tune_trials_apply_bias_correction_and_quantize_reproduces_them(tmp_path):
+    """With bias_correction the search setup measures the shifts once and every trial corrects the
+    layers it quantizes with them; the tuned recipe records the setting, and quantize rebuilds the
+    chosen model byte for byte (its own measurement gives the same shifts: they do not depend on
+    which other layers are quantized)."""
+    onnx.save(hostile_model(op_type="Gemm"), tmp_path / "model.onnx")
+    rng = np.random.default_rng(1)
+    save_npy_folder(tmp_path / "calib", [2 + rng.standard_normal((1, 16)) for _ in range(32)])  # mean 2: real shifts
+    save_npy_folder(tmp_path / "eval", [2 + rng.standard_normal((1, 16)) for _ in range(16)])
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("version: 1\nquantization:\n  algorithms: {bias_correction: true}\n"
+                      "validation:\n  gates: {min_sqnr_db: 12}\n")
+    result = search_api.tune(tmp_path / "model.onnx", tmp_path / "calib", recipe, tmp_path / "t",
+                             validation_data=tmp_path / "eval", max_trials=6, latency_runs=0)
+    report = result.report
+    assert any(w.startswith("bias_correction kept for every trial") for w in report["warnings"])
+    assert [p["node"] for p in report["chosen"]["promotions"]] == ["/layer3/Gemm"]
+    assert report["chosen"]["reproduced_by_quantize"] is True
+    assert load_recipe(tmp_path / "t" / "recipe.tuned.yaml").quantization.algorithms.bias_correction is True
+    again = api.quantize(tmp_path / "model.onnx", tmp_path / "calib", tmp_path / "t" / "recipe.tuned.yaml")
+    section = again.report["algorithms"]["bias_correction"]
+    assert section["kept"] and sum(layer["corrected_channels"] for layer in section["layers"]) > 0
 
 
 def test_tune_without_timing(hostile, tmp_path):

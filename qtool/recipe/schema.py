@@ -261,14 +261,15 @@ class AlgorithmsSpec(_Strict):
         "channels by s and multiply the weights' rows by s, s_j = sqrt(max|x_j| / max|W_j,:|) on the "
         "calibration data; the float function is unchanged. Needs calibration data, not a table.",
     )
-    bias_correction: bool = Field(
-        False,
+    bias_correction: bool | Literal["auto"] = Field(
+        "auto",
         description="Empirical bias correction (Nagel et al. 2019): per output channel of each quantized "
         "Conv, ConvTranspose and Gemm, remove the mean output shift its weight rounding causes on the "
-        "calibration data, measured on the layer's quantized input. Needs calibration data, not a table. "
-        "Measured output SQNR: u2netp +17.4 dB (8.1 -> 25.5, mask IoU 63.1 -> 69.1, float 69.0), digits_cnn "
-        "and ppocr_det +0.2, ppocr_cls -0.1, centerface -0.8. Off by default while `qtool tune`'s trials and "
-        "`quantize --calibration` cannot apply it (they have no calibration data to measure with).",
+        "calibration data (measured on the float model's input to the layer; a channel whose shift is within "
+        "2 standard errors of 0 is left alone). `auto`: build the model with and without it and keep it only "
+        "if its worst output SQNR on the calibration data is higher; `true`: keep it unchecked. Needs "
+        "calibration data: with a calibration table it is skipped (a note in the report). Measured output "
+        "SQNR: see the README's Post-training algorithms.",
     )
 
 

@@ -4,24 +4,30 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from qtool.quantization.algorithms.bias_correction import BiasShift
+from qtool.evaluation.bias_choice import BiasOutcome
+from qtool.quantization.algorithms.bias_correction import MIN_T, NO_DATA
 from qtool.quantization.algorithms.equalization import EqualizedPair
 from qtool.quantization.algorithms.smoothing import SmoothedGroup
 from qtool.recipe.schema import Recipe
 
 
 def algorithms_section(recipe: Recipe, equalized: list[EqualizedPair], smoothed: list[SmoothedGroup] | None,
-                       corrected: list[BiasShift] | None) -> dict:
+                       corrected: BiasOutcome | None) -> dict:
     """`smoothed` and `corrected` are None where the algorithm was asked for but could not run (no
-    calibration data) or was not asked for."""
+    calibration data) or was not asked for. bias_correction's `layers` holds every layer measured
+    (`corrected_channels` 0: all its shifts were within `min_t` standard errors of zero, left as
+    noise), `kept` and `why` whether the corrected model was kept (`auto` compares both), `skipped`
+    why it did not run although on."""
     switches = recipe.quantization.algorithms
     return {
         "equalization": {"enabled": switches.equalization, "pairs": [asdict(pair) for pair in equalized]},
         "smoothing": {"enabled": switches.smoothing and smoothed is not None,
                       "groups": [{**asdict(group), "norms": list(group.norms), "readers": list(group.readers)}
                                  for group in smoothed or []]},
-        "bias_correction": {"enabled": switches.bias_correction and corrected is not None,
-                            "layers": [asdict(shift) for shift in corrected or []]},
+        "bias_correction": {"enabled": corrected is not None and corrected.kept, "min_t": MIN_T,
+                            **(corrected.as_dict() if corrected is not None else
+                               {"setting": switches.bias_correction, "kept": False, "layers": []}),
+                            **({"skipped": NO_DATA} if switches.bias_correction and corrected is None else {})},
     }
 
 
@@ -43,10 +49,15 @@ def algorithms_markdown(section: dict, escape) -> list[str]:
             f"; largest outlier ratio {worst['outlier_ratio_before']:.3g} → {worst['outlier_ratio_after']:.3g} "
             f"({escape(', '.join(worst['norms']))})" if worst else "")))
     corrected = section["bias_correction"]
-    if corrected["enabled"]:
-        layers = corrected["layers"]
+    if corrected["layers"] and not corrected["kept"]:
+        rows.append(("bias_correction", escape(corrected["why"])))
+    elif corrected["enabled"]:
+        layers = [layer for layer in corrected["layers"] if layer["corrected_channels"]]
         worst = max(layers, key=lambda layer: layer["max_abs_shift"], default=None)
-        rows.append(("bias_correction", f"{len(layers)} biases corrected" + (
+        kept = sum(layer["corrected_channels"] for layer in layers)
+        channels = sum(layer["channels"] for layer in corrected["layers"])
+        rows.append(("bias_correction", f"{len(layers)} biases corrected ({kept} of {channels} channels; the "
+                     f"rest within {corrected['min_t']:g} standard errors of 0)" + (
             f"; largest shift {worst['max_abs_shift']:.3g} ({escape(worst['node'])})" if worst else "")))
     if not rows:
         return []

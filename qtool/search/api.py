@@ -149,8 +149,9 @@ class TuneResult:
     written: bool = True  # False: stopped before a first best; an earlier run's results were left as they were
 
 
-def tuned_recipe_text(recipe: Recipe, overrides: list[dict], output: Path) -> str:
-    """The input recipe's own document plus `overrides` first in quantization.overrides, its
+def tuned_recipe_text(recipe: Recipe, overrides: list[dict], output: Path, bias_correction: bool | None = None) -> str:
+    """The input recipe's own document plus `overrides` first in quantization.overrides and
+    `bias_correction` (what the trials did; None: as the recipe says) in quantization.algorithms, its
     relative paths rewritten for the new folder; checked to load before it is returned."""
     document = {}
     if recipe.source is not None:
@@ -159,6 +160,10 @@ def tuned_recipe_text(recipe: Recipe, overrides: list[dict], output: Path) -> st
     quantization = document.setdefault("quantization", {}) or {}
     document["quantization"] = quantization
     quantization["overrides"] = overrides + list(quantization.get("overrides") or [])
+    if bias_correction is not None:  # `auto` decided once for the trials: quantize must do the same
+        algorithms = quantization.get("algorithms")
+        quantization["algorithms"] = {**(algorithms if isinstance(algorithms, dict) else {}),
+                                      "bias_correction": bias_correction}
     # every file the recipe names, relative to the new folder (set here even where `base:` gave it)
     data = recipe.data
     named = {("validation", "data"): recipe.validation.data, ("validation", "labels"): recipe.validation.labels,
@@ -266,7 +271,7 @@ def tune(
         def write_best(result: TrialResult) -> None:
             quantized, _, _ = build_trial_model(context, result.spec)
             overrides = promotion_overrides(result.spec.promotions, recipe.quantization.activations.dtype)
-            text = tuned_recipe_text(recipe, overrides, output)
+            text = tuned_recipe_text(recipe, overrides, output, setup.bias_correction)
             if not state["writes"]:  # the folder, and an earlier run's results, are touched from here on
                 with guarded(output, "create the output folder"):
                     output.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,11 @@ from onnx import ModelProto, TensorProto
 from qtool.api import prepare
 from qtool.calibration.calibrate import calibrate as calibrate_tensors
 from qtool.distributed.ray_executor import LostTask
+<<<<<<< HEAD
 from qtool.errors import RecipeError
+=======
+from qtool.evaluation.bias_choice import correct_bias
+>>>>>>> bc18
 from qtool.evaluation.method_choice import choose_method
 from qtool.evaluation.validation import check_gates_are_measurable, resolve_validation_data
 from qtool.io.data import model_inputs
@@ -23,6 +27,7 @@ from qtool.io.feeds import open_data
 from qtool.io.samples import DataSource
 from qtool.io.model import file_sha256, model_file_bytes, save_model
 from qtool.numerics import QTYPES
+from qtool.quantization.placement import plan_and_apply
 from qtool.quantization.plan import select_tensors, tensor_types
 from qtool.recipe.schema import Recipe
 from qtool.reporting import document as reporting
@@ -46,7 +51,11 @@ class TrialSetup:
     op_types: dict[str, str]
     unnamed: int  # quantized nodes without a name: no recipe can single them out
     calibration_s: float
+<<<<<<< HEAD
     integer_only: bool = False  # every output is integer (an ArgMax's tags): trials are scored by exact match
+=======
+    bias_correction: bool  # what the trials do, the tuned recipe's quantization.algorithms.bias_correction
+>>>>>>> bc18
 
 
 def setup_trials(model_path: Path, data_dir: Path, recipe: Recipe, folder: Path, validation_data, labels,
@@ -75,6 +84,12 @@ def setup_trials(model_path: Path, data_dir: Path, recipe: Recipe, folder: Path,
         warnings.append(f"calibration.method auto chose {choice.chosen} for every trial")
     table = calibrate_tensors(model, sorted(tensors), calib_data, spec, QTYPES[act.dtype], act.symmetric,
                               tick("calibrate"))
+    bias = None
+    if recipe.quantization.algorithms.bias_correction:  # decided once, on the recipe's own plan
+        saturating = int8_kernels_may_saturate()
+        placed = plan_and_apply(model, recipe, selection, table, saturating)
+        _, _, bias = correct_bias(model, recipe, selection, table, saturating, placed.plan, placed.model, calib_data)
+        warnings.append(f"bias_correction {'kept' if bias.kept else 'off'} for every trial: {bias.as_dict()['why']}")
     save_model(model, folder / FLOAT_MODEL)
     named = [node.name for node, _ in quantized if node.name]
     a16 = with_overrides(recipe, promotion_overrides([(named[0], "a16")], act.dtype)) if named else recipe
@@ -91,6 +106,7 @@ def setup_trials(model_path: Path, data_dir: Path, recipe: Recipe, folder: Path,
     write_eval_set(folder, batches, eval_data.state.carry if eval_data.state else None)
     context = TrialContext(str(folder), recipe, table, int8_kernels_may_saturate(), dict(recipe.validation.gates),
                            model_file_bytes(model_path), threads, current_providers(),
+<<<<<<< HEAD
                            mask_input=eval_data.mask_input)
     return TrialSetup(context, model, prepare_notes, calib_data, eval_data, warnings, named,
                        {node.name: node.op_type for node, _ in quantized}, len(quantized) - len(named),
@@ -106,6 +122,12 @@ def tune_objective(gates: dict[str, float], setup: TrialSetup, recipe: Recipe, m
                           "integer (tags, class ids), which cosine, SQNR and top-1 gates do not score: tune "
                           "needs min_exact_match (the fraction of elements equal) as its target")
     return objective_name(gates, setup.integer_only)
+=======
+                           bias_shifts=bias.shifts if bias is not None and bias.kept else None)
+    return TrialSetup(context, model, prepare_notes, calib_data, eval_data, warnings, named,
+                       {node.name: node.op_type for node, _ in quantized}, len(quantized) - len(named),
+                       time.perf_counter() - started, bias is not None and bias.kept)
+>>>>>>> bc18
 
 
 def run_specs(executor: Executor, context: TrialContext, specs: list[TrialSpec], lost: list[dict] | None = None):

@@ -32,6 +32,7 @@ from qtool.distributed.ray_executor import fetch
 from qtool.io.model import copy_metadata, load_model, proto_size
 from qtool.io.samples import Batch
 from qtool.io.streams import StreamState
+from qtool.quantization.algorithms.bias_correction import LayerShift, requantize
 from qtool.quantization.placement import plan_and_apply
 from qtool.quantization.plan import required_opset, select_tensors
 from qtool.recipe.schema import Recipe
@@ -126,6 +127,10 @@ class TrialContext:
     # them in Ray's object store (`ship_folder`); None: `folder` is readable where trials run.
     bundle: object = None
     mask_input: str | None = None  # text data's attention mask: padding is left out of exact match
+    # bias correction as the search setup measured and kept it (qtool.evaluation.bias_choice): every
+    # trial corrects the layers it quantizes with these shifts, as `qtool quantize` with
+    # `bias_correction: true` does; None: trials do not correct
+    bias_shifts: dict[str, LayerShift] | None = None
 
 
 @dataclass(frozen=True)
@@ -238,6 +243,9 @@ def build_trial_model(context: TrialContext, spec: TrialSpec) -> tuple[ModelProt
     notes = [f"{len(missing)} tensor(s) without a calibrated range in the shared table, kept float"] if missing else []
     placed = plan_and_apply(model, recipe, selection, context.table, context.saturating_host)
     plan, quantized = placed.plan, placed.model
+    if context.bias_shifts is not None:
+        plan, quantized, _ = requantize(model, recipe, context.table, context.saturating_host, plan, quantized,
+                                        context.bias_shifts)
     copy_metadata(model, quantized)  # as `qtool quantize` does
     return quantized, sum(1 for d in plan.nodes if d.quantized), notes
 
