@@ -15,11 +15,8 @@ from onnx import ModelProto, TensorProto
 from qtool.api import prepare
 from qtool.calibration.calibrate import calibrate as calibrate_tensors
 from qtool.distributed.ray_executor import LostTask
-<<<<<<< HEAD
 from qtool.errors import RecipeError
-=======
 from qtool.evaluation.bias_choice import correct_bias
->>>>>>> bc18
 from qtool.evaluation.method_choice import choose_method
 from qtool.evaluation.validation import check_gates_are_measurable, resolve_validation_data
 from qtool.io.data import model_inputs
@@ -51,11 +48,8 @@ class TrialSetup:
     op_types: dict[str, str]
     unnamed: int  # quantized nodes without a name: no recipe can single them out
     calibration_s: float
-<<<<<<< HEAD
-    integer_only: bool = False  # every output is integer (an ArgMax's tags): trials are scored by exact match
-=======
     bias_correction: bool  # what the trials do, the tuned recipe's quantization.algorithms.bias_correction
->>>>>>> bc18
+    integer_only: bool = False  # every output is integer (an ArgMax's tags): trials are scored by exact match
 
 
 def setup_trials(model_path: Path, data_dir: Path, recipe: Recipe, folder: Path, validation_data, labels,
@@ -106,11 +100,11 @@ def setup_trials(model_path: Path, data_dir: Path, recipe: Recipe, folder: Path,
     write_eval_set(folder, batches, eval_data.state.carry if eval_data.state else None)
     context = TrialContext(str(folder), recipe, table, int8_kernels_may_saturate(), dict(recipe.validation.gates),
                            model_file_bytes(model_path), threads, current_providers(),
-<<<<<<< HEAD
-                           mask_input=eval_data.mask_input)
+                           mask_input=eval_data.mask_input,
+                           bias_shifts=bias.shifts if bias is not None and bias.kept else None)
     return TrialSetup(context, model, prepare_notes, calib_data, eval_data, warnings, named,
                        {node.name: node.op_type for node, _ in quantized}, len(quantized) - len(named),
-                       time.perf_counter() - started, integer_only)
+                       time.perf_counter() - started, bias is not None and bias.kept, integer_only)
 
 
 def tune_objective(gates: dict[str, float], setup: TrialSetup, recipe: Recipe, model_path: Path) -> str:
@@ -122,12 +116,6 @@ def tune_objective(gates: dict[str, float], setup: TrialSetup, recipe: Recipe, m
                           "integer (tags, class ids), which cosine, SQNR and top-1 gates do not score: tune "
                           "needs min_exact_match (the fraction of elements equal) as its target")
     return objective_name(gates, setup.integer_only)
-=======
-                           bias_shifts=bias.shifts if bias is not None and bias.kept else None)
-    return TrialSetup(context, model, prepare_notes, calib_data, eval_data, warnings, named,
-                       {node.name: node.op_type for node, _ in quantized}, len(quantized) - len(named),
-                       time.perf_counter() - started, bias is not None and bias.kept)
->>>>>>> bc18
 
 
 def run_specs(executor: Executor, context: TrialContext, specs: list[TrialSpec], lost: list[dict] | None = None):
