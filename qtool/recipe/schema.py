@@ -48,9 +48,9 @@ class CalibrationOverride(_Strict):
 
 class CalibrationSpec(_Strict):
     method: MethodOrAuto = Field(
-        "minmax", description="How an observed distribution becomes a range. `auto`: calibrate with minmax, "
-        "percentile and mse, build each quantized model, keep the one whose worst output SQNR on the "
-        "calibration data is highest (minmax on a tie; three calibrations and checks instead of one)."
+        "minmax", description="How an observed distribution becomes a range. `auto`: per tensor, the range among "
+        "minmax, percentiles 99.9/99.99/99.999 of |x| and the mse optimum whose quantization least disturbs "
+        "the outputs of the tensor's readers on the calibration data (one histogram pass, one scoring pass)."
     )
     percentile: Annotated[float, Field(gt=50.0, le=100.0)] = Field(
         99.99, description="`percentile` method: the range is ±(this percentile of |x|), cut to the observed min and max."
