@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import jsonschema
 import numpy as np
 import onnx
 from click.testing import CliRunner
@@ -13,6 +14,7 @@ from conftest import make_model, save_npy_folder
 from qtool import api
 from qtool.cli.main import main
 from qtool.recipe.load import load_recipe
+from qtool.reporting.schemas import report_schema
 from qtool.runtime.session import make_session, run
 
 WIDTH = 64
@@ -58,6 +60,7 @@ def test_one_huge_outlier_gets_a_clipped_range_that_lowers_the_readers_error(tmp
     assert choice["per"] == "tensor" and choice["chosen"]["x"] != "minmax"
     assert sum(choice["wins"].values()) == len(choice["chosen"])
     assert _error(auto.model, data) < 0.5 * _error(minmax.model, data)
+    assert choice["outliers"]["x"]["chosen"] == choice["chosen"]["x"] and choice["outliers"]["x"]["max_over_p99.99"] > 8
     assert any("calibration.method auto chose per tensor" in w for w in auto.report["warnings"])
 
 
@@ -81,6 +84,7 @@ def test_the_choice_is_deterministic_and_the_table_says_what_each_tensor_chose(t
     second = _quantize(tmp_path, data, "auto", "b")
     assert first.model.SerializeToString() == second.model.SerializeToString()
     assert first.report["calibration"]["method_choice"] == second.report["calibration"]["method_choice"]
+    jsonschema.Draft202012Validator(report_schema("report")).validate(json.loads(json.dumps(first.report)))
 
     recipe = tmp_path / "a.yaml"
     result = api.calibrate(tmp_path / "model.onnx", tmp_path / "data", load_recipe(recipe), tmp_path / "table.json")
