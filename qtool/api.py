@@ -21,6 +21,7 @@ from qtool.calibration.calibrate import CalibrationTable, check_table, save_tabl
 from qtool.calibration.shards import calibrate_with
 from qtool.errors import ModelError, UsageError
 from qtool.evaluation.compare import GATES, GateResult, check_gates, compare_models
+from qtool.evaluation.method_choice import choose_method
 from qtool.evaluation.validation import (check_gates_are_measurable, extra_figures, kernel_gap_cause, kernel_warnings,
                                          layers_and_latency, resolve_validation_data, slower_than_float)
 from qtool.io.artifacts import guarded, write_artifacts, write_text_atomic
@@ -33,7 +34,6 @@ from qtool.io.model import (QUANTIZED_OP_TYPES, copy_metadata, file_sha256, load
 from qtool.numerics import QTYPES
 from qtool.quantization.algorithms.bias_correction import BiasShift, requantize
 from qtool.quantization.algorithms.equalization import EqualizedPair, equalize
-from qtool.quantization.algorithms.range_choice import per_tensor_ranges
 from qtool.quantization.algorithms.smoothing import smooth
 from qtool.quantization.coverage import check_coverage
 from qtool.quantization.placement import plan_and_apply
@@ -219,13 +219,13 @@ def calibrate(
 def _measure_ranges(model: ModelProto, recipe: Recipe, selection, data, progress, executor: str = "local",
                     ray_address: str | None = None, hessians: bool = True) -> CalibrationTable:
     """The recipe's calibration of the selected tensors, here or sharded on Ray (`executor`); `auto`
-    then picks each tensor's range among its candidates (qtool.quantization.algorithms.range_choice).
+    then picks the ranges among its candidates (qtool.evaluation.method_choice).
     `hessians`: also E[x xᵀ] for gptq rounding (quantize needs them; a table file never holds them)."""
     act = recipe.quantization.activations
     table = calibrate_with(executor, ray_address, model, selection.calibration_tensors, data, recipe.calibration,
                            QTYPES[act.dtype], act.symmetric, progress, selection.hessian_inputs if hessians else None)
     if recipe.calibration.method == "auto":
-        return per_tensor_ranges(model, recipe, selection, table, int8_kernels_may_saturate(), data)
+        return choose_method(model, recipe, selection, table, int8_kernels_may_saturate(), data)
     return table
 
 

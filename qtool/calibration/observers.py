@@ -297,9 +297,9 @@ AUTO_PERCENTILES = (99.9, 99.99, 99.999)
 
 class CandidateObserver(_HistogramObserver):
     """`calibration.method: auto`: one histogram, several candidate ranges read from it — minmax, the
-    percentile ranges of AUTO_PERCENTILES (as PercentileObserver) and the mse optimum (as MseObserver),
-    each cut to the observed [min, max]. `result()` is the minmax range until
-    qtool.quantization.algorithms.range_choice picks among `summary()["candidates"]` ({name: [lo, hi]})."""
+    percentile ranges of AUTO_PERCENTILES and `calibration.percentile` (as PercentileObserver) and the
+    mse optimum (as MseObserver), each cut to the observed [min, max]. `result()` is the minmax range
+    until qtool.evaluation.method_choice picks among `summary()["candidates"]` ({name: [lo, hi]})."""
 
     needs_zeros = True
 
@@ -307,7 +307,8 @@ class CandidateObserver(_HistogramObserver):
         if self.hist.width == 0:
             return {"minmax": self.result()}
         found = {"minmax": (self.lo, self.hi),
-                 **{f"p{p:g}": _percentile_range(self, p) for p in AUTO_PERCENTILES}, "mse": _mse_range(self)}
+                 **{f"p{p:g}": _percentile_range(self, p) for p in dict.fromkeys([*AUTO_PERCENTILES, self.spec.percentile])},
+                 "mse": _mse_range(self)}
         return {name: Range(float(max(lo, self.lo)), float(min(hi, self.hi))) for name, (lo, hi) in found.items()}
 
     def _choose(self) -> tuple[float, float]:

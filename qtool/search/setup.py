@@ -16,13 +16,13 @@ from qtool.api import prepare
 from qtool.calibration.calibrate import calibrate as calibrate_tensors
 from qtool.errors import ModelError
 from qtool.distributed.ray_executor import LostTask
+from qtool.evaluation.method_choice import choose_method
 from qtool.evaluation.validation import check_gates_are_measurable, resolve_validation_data
 from qtool.io.data import model_inputs
 from qtool.io.feeds import open_data
 from qtool.io.samples import DataSource
 from qtool.io.model import file_sha256, model_file_bytes, save_model
 from qtool.numerics import QTYPES
-from qtool.quantization.algorithms.range_choice import per_tensor_ranges
 from qtool.quantization.plan import select_tensors, tensor_types
 from qtool.recipe.schema import Recipe
 from qtool.reporting import document as reporting
@@ -70,7 +70,7 @@ def setup_trials(model_path: Path, data_dir: Path, recipe: Recipe, folder: Path,
     table = calibrate_tensors(model, sorted(tensors), calib_data, spec, QTYPES[act.dtype], act.symmetric,
                               tick("calibrate"))
     if spec.method == "auto":  # the recipe's tensors choose as `qtool quantize` does; the others keep minmax
-        table = per_tensor_ranges(model, recipe, selection, table, int8_kernels_may_saturate(), calib_data)
+        table = choose_method(model, recipe, selection, table, int8_kernels_may_saturate(), calib_data)
         warnings.append(f"{table.notes[-1]}, for every trial")
     save_model(model, folder / FLOAT_MODEL)
     named = [node.name for node, _ in quantized if node.name]
