@@ -7,8 +7,7 @@ use cases built on them (sensitivity, tune) live in `qtool.search.api`.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -222,18 +221,14 @@ def calibrate(
 def _measure_ranges(model: ModelProto, recipe: Recipe, selection, data, progress, executor: str = "local",
                     ray_address: str | None = None, hessians: bool = True) -> CalibrationTable:
     """The recipe's calibration of the selected tensors, here or sharded on Ray (`executor`); `auto`
-    tries each method (qtool.evaluation.method_choice) and keeps the best. `hessians`: also E[x xᵀ]
-    for gptq rounding (quantize needs them; a table file never holds them)."""
-    measure = partial(calibrate_with, executor, ray_address)
-    if recipe.calibration.method == "auto":
-        table, choice = choose_method(model, recipe, selection, data, int8_kernels_may_saturate(), progress,
-                                      measure, hessians)
-        scores = ", ".join(f"{method} {value:.2f} dB" for method, value in choice.worst_sqnr_db.items())
-        return replace(table, notes=[*table.notes, f"calibration.method auto chose {choice.chosen} (worst "
-                                                   f"output SQNR on the calibration data: {scores})"])
+    then picks the ranges among its candidates (qtool.evaluation.method_choice).
+    `hessians`: also E[x xᵀ] for gptq rounding (quantize needs them; a table file never holds them)."""
     act = recipe.quantization.activations
-    return measure(model, selection.calibration_tensors, data, recipe.calibration, QTYPES[act.dtype], act.symmetric,
-                   progress, selection.hessian_inputs if hessians else None)
+    table = calibrate_with(executor, ray_address, model, selection.calibration_tensors, data, recipe.calibration,
+                           QTYPES[act.dtype], act.symmetric, progress, selection.hessian_inputs if hessians else None)
+    if recipe.calibration.method == "auto":
+        return choose_method(model, recipe, selection, table, int8_kernels_may_saturate(), data)
+    return table
 
 
 def recipe_inputs(recipe: Recipe) -> tuple[Path | None, ...]:

@@ -12,7 +12,7 @@ from qtool.calibration.observers import OBSERVERS, MinMaxObserver, Range, make_o
 from qtool.numerics import QTYPES, dequantize, quantize, scale_zero_point
 from qtool.recipe.schema import CalibrationSpec
 
-METHODS = ["minmax", "percentile", "entropy", "mse"]
+METHODS = ["minmax", "percentile", "entropy", "mse", "auto"]
 MODES = [("int8", True), ("uint8", False)]  # (activation type, symmetric)
 
 

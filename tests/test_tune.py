@@ -102,16 +102,17 @@ def test_sensitivity_ranks_the_hostile_layer_first_and_is_cached(hostile, tmp_pa
     assert "sqnr_gain_db" in validated(tmp_path / "float-mode" / "report.json")["sensitivity"]["rows"][0]
 
 
-def test_sensitivity_with_method_auto_calibrates_every_trial_with_the_chosen_method(hostile, tmp_path):
-    """Trials share one table: auto chooses as quantize would, then every tensor a trial may need is
-    calibrated with that method; the ranking still finds the hostile layer."""
+def test_sensitivity_with_method_auto_calibrates_every_trial_with_the_chosen_ranges(hostile, tmp_path):
+    """Trials share one table: auto chooses as quantize would (per tensor, the recipe's tensors only;
+    the others, which only some trials quantize, keep minmax then); the ranking still finds the hostile layer."""
     recipe = tmp_path / "auto.yaml"
     recipe.write_text("version: 1\ncalibration: {method: auto}\n")
     result = search_api.sensitivity(hostile / "model.onnx", hostile / "calib", recipe, tmp_path / "sens",
                                     validation_data=hostile / "eval")
     report = validated(tmp_path / "sens" / "report.json")
     chosen = [w for w in report["warnings"] if w.startswith("calibration.method auto chose ")]
-    assert len(chosen) == 1 and chosen[0].split()[3] in ("minmax", "percentile", "mse")
+    assert len(chosen) == 1 and chosen[0].split()[3] in ("minmax", "percentile", "mse", "per_tensor")
+    assert chosen[0].endswith("for every trial")
     assert result.rows[0]["node"] == HOSTILE
 
 

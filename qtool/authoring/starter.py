@@ -168,7 +168,7 @@ def starter_recipe(
            f"base: {TRANSFORMER_BASE}"] if transformer else []),
         "",
         "calibration:",
-        "  method: minmax          # minmax | percentile | entropy | mse | auto (tries three, keeps the best)",
+        "  method: minmax          # minmax | percentile | entropy | mse | auto (per tensor, the least error)",
         "  # percentile: 99.99     # with method: percentile",
         "  batch_size: 8           # samples per ONNX Runtime run",
         "  # samples: 256          # use at most this many calibration files (default: all)",

@@ -65,7 +65,7 @@ class CalibrationTable:
     # How samples were stacked into runs: per input its batch axis and why; notes on fallbacks.
     batching: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # how the calibration ran, where it differs from the recipe
-    # calibration.method auto: the candidates' scores and the method chosen (qtool.evaluation.method_choice)
+    # calibration.method auto: the range each tensor chose (qtool.quantization.algorithms.range_choice)
     method_choice: dict = field(default_factory=dict)
 
 

@@ -233,6 +233,21 @@ class _HistogramObserver:
         return {**out, **self.drift.report(final)}
 
 
+def _percentile_range(observer: "_HistogramObserver", percentile: float) -> tuple[float, float]:
+    t = observer.hist.abs_quantile(percentile / 100)
+    return -t, t
+
+
+def _mse_range(observer: "_HistogramObserver") -> tuple[float, float]:
+    qmin, qmax = quant_bounds(observer.qtype, observer.symmetric)
+    if observer.symmetric:
+        hi = max(-observer.lo, observer.hi)
+        lo = -hi
+    else:
+        lo, hi = min(observer.lo, 0.0), max(observer.hi, 0.0)
+    return least_squared_error(observer.hist, lo, hi, qmax - qmin)
+
+
 class PercentileObserver(_HistogramObserver):
     """Drops the rarest (100 - p) % of values, those farthest from 0, so a few outliers cannot
     stretch the scale: t is the p-th percentile of |x|, the range (-t, t) cut to the observed
@@ -244,8 +259,7 @@ class PercentileObserver(_HistogramObserver):
     """
 
     def _choose(self) -> tuple[float, float]:
-        t = self.hist.abs_quantile(self.spec.percentile / 100)
-        return -t, t
+        return _percentile_range(self, self.spec.percentile)
 
 
 class EntropyObserver(_HistogramObserver):
@@ -275,13 +289,33 @@ class MseObserver(_HistogramObserver):
     needs_zeros = True
 
     def _choose(self) -> tuple[float, float]:
-        qmin, qmax = quant_bounds(self.qtype, self.symmetric)
-        if self.symmetric:
-            hi = max(-self.lo, self.hi)
-            lo = -hi
-        else:
-            lo, hi = min(self.lo, 0.0), max(self.hi, 0.0)
-        return least_squared_error(self.hist, lo, hi, qmax - qmin)
+        return _mse_range(self)
+
+
+AUTO_PERCENTILES = (99.9, 99.99, 99.999)
+
+
+class CandidateObserver(_HistogramObserver):
+    """`calibration.method: auto`: one histogram, several candidate ranges read from it — minmax, the
+    percentile ranges of AUTO_PERCENTILES and `calibration.percentile` (as PercentileObserver) and the
+    mse optimum (as MseObserver), each cut to the observed [min, max]. `result()` is the minmax range
+    until qtool.evaluation.method_choice picks among `summary()["candidates"]` ({name: [lo, hi]})."""
+
+    needs_zeros = True
+
+    def candidates(self) -> dict[str, Range]:
+        if self.hist.width == 0:
+            return {"minmax": self.result()}
+        found = {"minmax": (self.lo, self.hi),
+                 **{f"p{p:g}": _percentile_range(self, p) for p in dict.fromkeys([*AUTO_PERCENTILES, self.spec.percentile])},
+                 "mse": _mse_range(self)}
+        return {name: Range(float(max(lo, self.lo)), float(min(hi, self.hi))) for name, (lo, hi) in found.items()}
+
+    def _choose(self) -> tuple[float, float]:
+        return self.lo, self.hi
+
+    def summary(self) -> dict:
+        return {**super().summary(), "candidates": {name: [r.lo, r.hi] for name, r in self.candidates().items()}}
 
 
 ObserverFactory = Callable[..., Observer]
@@ -291,6 +325,7 @@ OBSERVERS: dict[str, ObserverFactory] = {
     "percentile": PercentileObserver,
     "entropy": EntropyObserver,
     "mse": MseObserver,
+    "auto": CandidateObserver,
 }
 
 

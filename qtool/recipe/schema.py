@@ -48,9 +48,11 @@ class CalibrationOverride(_Strict):
 
 class CalibrationSpec(_Strict):
     method: MethodOrAuto = Field(
-        "minmax", description="How an observed distribution becomes a range. `auto`: calibrate with minmax, "
-        "percentile and mse, build each quantized model, keep the one whose worst output SQNR on the "
-        "calibration data is highest (minmax on a tie; three calibrations and checks instead of one)."
+        "minmax", description="How an observed distribution becomes a range. `auto`: one histogram pass gives "
+        "each tensor candidate ranges (minmax, percentiles 99.9/99.99/99.999 and `percentile` of |x|, the mse "
+        "optimum); each tensor takes the one that least disturbs its readers' outputs on the calibration data; "
+        "that model is kept if its worst output SQNR there beats minmax, percentile and mse for every tensor "
+        "(else the best of those; minmax on a tie)."
     )
     percentile: Annotated[float, Field(gt=50.0, le=100.0)] = Field(
         99.99, description="`percentile` method: the range is ±(this percentile of |x|), cut to the observed min and max."

@@ -151,7 +151,7 @@ def _calibration_section(recipe: Recipe, table: CalibrationTable) -> dict:
     section = {"method": recipe.calibration.method, "samples": table.samples, "tensors": len(table.ranges)}
     if table.batching:  # per input its batch axis and why; how many samples a run held
         section["batching"] = table.batching
-    if table.method_choice:  # calibration.method auto: what was tried and chosen
+    if table.method_choice:  # calibration.method auto: each tensor's chosen range
         section["method_choice"] = table.method_choice
     if table.provenance.get("file"):  # ranges read from `--calibration TABLE.json`
         made_with = ((table.provenance.get("recipe") or {}).get("resolved") or {}).get("calibration") or {}

@@ -72,12 +72,11 @@ def setup_trials(model_path: Path, data_dir: Path, recipe: Recipe, folder: Path,
         tensors |= {name for name in list(node.input) + list(node.output) if name in float_tensors}
     act = recipe.quantization.activations
     spec = recipe.calibration
-    if spec.method == "auto":  # choose as `qtool quantize` does, then measure every tensor a trial may need
-        _, choice = choose_method(model, recipe, selection, calib_data, int8_kernels_may_saturate(), tick("calibrate"))
-        spec = spec.model_copy(update={"method": choice.chosen})
-        warnings.append(f"calibration.method auto chose {choice.chosen} for every trial")
     table = calibrate_tensors(model, sorted(tensors), calib_data, spec, QTYPES[act.dtype], act.symmetric,
                               tick("calibrate"))
+    if spec.method == "auto":  # the recipe's tensors choose as `qtool quantize` does; the others keep minmax
+        table = choose_method(model, recipe, selection, table, int8_kernels_may_saturate(), calib_data)
+        warnings.append(f"{table.notes[-1]}, for every trial")
     bias = None
     if recipe.quantization.algorithms.bias_correction:  # decided once, on the recipe's own plan
         saturating = int8_kernels_may_saturate()
