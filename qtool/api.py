@@ -7,7 +7,7 @@ use cases built on them (sensitivity, tune) live in `qtool.search.api`.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
