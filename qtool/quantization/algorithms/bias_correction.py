@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 from onnx import ModelProto, helper, numpy_helper
 
+from qtool.io.external import tensor_array
 from qtool.io.data import DataFolder
 from qtool.io.model import GraphIndex, opset_version
 from qtool.quantization.algorithms.streaming import measured
@@ -59,7 +60,7 @@ def _measuring_model(float_model: ModelProto, quantized: ModelProto, targets) ->
     outputs = []
     for node, decision in targets:
         q_node = by_name[node.name]
-        weight = numpy_helper.to_array(floats[node.input[decision.weight_input]])
+        weight = tensor_array(floats[node.input[decision.weight_input]])
         float_name = index.unique_name(f"{node.name}.bias_correction.weight")
         graph.initializer.append(numpy_helper.from_array(weight, float_name))
         error = index.unique_name(f"{node.name}.bias_correction.error")
@@ -122,7 +123,7 @@ def correct_biases(float_model: ModelProto, quantized: ModelProto, plan, data: D
         beta = float(_attribute(node, "beta", 1.0)) if node.op_type == "Gemm" else 1.0
         has_bias = len(node.input) > 2 and bool(node.input[2])
         if has_bias:
-            bias = numpy_helper.to_array(index.initializers[node.input[2]]).astype(np.float64)
+            bias = tensor_array(index.initializers[node.input[2]]).astype(np.float64)
             if bias.shape not in ((shift.size,), (1,), ()) or beta == 0.0:
                 continue
         else:
