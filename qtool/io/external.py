@@ -1,12 +1,12 @@
 """Weights that stay on disk: the tensors of a model past protobuf's 2 GB limit, never held twice.
 
-Such a model is loaded without its external data. Its tensors point, by absolute path, into
-files of one work folder per process: copies of the input's data files (made by the kernel, not
-through memory; a hard link would be refused by onnx.checker as a possible attack) and spill
-files for the weights qtool computes (so the folder holds the model's size plus the integer weights
-of every quantized model built, until the process exits).
-numpy reads a tensor through a copy-on-write memory map, one tensor at a time; ONNX Runtime gets
-a model file written into the same folder and maps the data itself. Measured on a 0.40 GB model
+Such a model is loaded without its external data. Its tensors point, by absolute path, into the
+input's data files, or into spill files (the weights qtool computes) of one work folder per process.
+numpy reads a tensor through a copy-on-write memory map, one tensor at a time. ONNX Runtime gets
+a model file written into the work folder and maps the data itself; the input's data files are
+copied there the first time a session needs them (by the kernel, not through memory; a hard link
+would be refused by onnx.checker as a possible attack). The folder holds those copies and the
+integer weights of every quantized model built until the process exits. Measured on a 0.40 GB model
 (onnxruntime 1.32): a session over such a file holds each weight once (mapped, or its prepacked
 copy once packed); one over bytes, `add_external_initializers` or in-memory files copies every
 weight first; data files reached through a symbolic link are refused.
@@ -41,26 +41,23 @@ def work_folder() -> Path:
 
 
 def on_disk(tensor: TensorProto) -> bool:
-    """Whether the tensor's data sits in a work-folder file (see keep_on_disk, spill)."""
+    """Whether the tensor's data sits in a file qtool reads on demand (see keep_on_disk, spill)."""
     return tensor.data_location == TensorProto.EXTERNAL and os.path.isabs(_info(tensor).location)
 
 
 def keep_on_disk(model: ModelProto, folder: Path) -> None:
     """Point each external tensor of a model loaded without its data (locations relative to `folder`,
-    checked to stay inside it) at its data file's copy in the work folder.
+    checked to stay inside it) at its data file by absolute path.
 
     A tensor whose data would end past its file, or whose length does not match its type and
     dims, is a ValueError naming it (as onnx's loader checks).
     """
-    copies: dict[str, str] = {}
     for tensor in external_data_helper._get_all_tensors(model):
         if tensor.data_location != TensorProto.EXTERNAL:
             continue
         _check_bounds(tensor, folder)
         entry = next(e for e in tensor.external_data if e.key == "location")
-        if entry.value not in copies:
-            copies[entry.value] = str(_copy(folder / entry.value))
-        entry.value = copies[entry.value]
+        entry.value = os.path.abspath(folder / entry.value)
 
 
 def _check_bounds(tensor: TensorProto, folder: Path) -> None:
@@ -77,10 +74,20 @@ def _check_bounds(tensor: TensorProto, folder: Path) -> None:
                              f"type and dims ({expected} bytes)")
 
 
-def _copy(source: Path) -> Path:
-    target = work_folder() / f"input-{uuid.uuid4().hex}.data"
-    shutil.copyfile(source, target)  # copy_file_range/sendfile on Linux
-    return target
+_copies: dict[tuple, str] = {}  # (path, inode, size, mtime) of an input data file -> its copy in the work folder
+
+
+def _work_copy(source: str) -> str:
+    """`source` if it is in the work folder, else its copy there (made once per version of the file)."""
+    if os.path.dirname(source) == str(work_folder()):
+        return source
+    stat = os.stat(source)
+    key = (source, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if key not in _copies:
+        target = work_folder() / f"input-{uuid.uuid4().hex}.data"
+        shutil.copyfile(source, target)  # copy_file_range/sendfile on Linux
+        _copies[key] = str(target)
+    return _copies[key]
 
 
 def tensor_array(tensor: TensorProto) -> np.ndarray:
@@ -166,15 +173,15 @@ def spill(model: ModelProto) -> None:
 
 def runtime_file(model: ModelProto) -> Path:
     """The model written into the work folder for ONNX Runtime, its on-disk tensors located by file
-    name there (in-memory ones are spilled first: `model` changes only in where its data lives).
-    The caller deletes the file."""
+    name there (in-memory ones are spilled first: `model` changes only in where its data lives;
+    input data files are copied in). The caller deletes the file."""
     spill(model)
     header = ModelProto()
     header.CopyFrom(model)  # small: no tensor holds more than SPILL_MIN_BYTES in memory now
     for tensor in external_data_helper._get_all_tensors(header):
         if on_disk(tensor):
             entry = next(e for e in tensor.external_data if e.key == "location")
-            entry.value = os.path.basename(entry.value)
+            entry.value = os.path.basename(_work_copy(entry.value))
     path = work_folder() / f"model-{uuid.uuid4().hex}.onnx"
     path.write_bytes(header.SerializeToString())
     return path
