@@ -3,8 +3,10 @@
 Generates a chain of MatMul → Relu layers whose float weights total more than 2 GB
 (default 9 × 8192×8192 float32 = 2.42 GB) in a temporary folder, with a small
 calibration folder, then runs `qtool quantize` on it in a child process and
-prints wall time, the child's peak RSS, and the sizes in and out. Not part of
-the tests: it needs ~3 GB of disk and several GB of memory.
+prints wall time, the child's peak RSS (and its ratio to the model's size; the
+target is under 2x), the phase whose memory peaked (VmRSS sampled every 10 ms),
+and the sizes in and out. Not part of the tests: it needs ~6 GB of disk (the
+model, qtool's working copy of its weights, the output) and ~5 GB of memory.
 
     python bench/large_model.py [--width 8192] [--layers 9] [--samples 8] [--keep DIR] [--limit-mb N]
 
@@ -30,15 +32,31 @@ import numpy as np
 from onnx import TensorProto, helper
 
 
-# The child: `python -m qtool ...` with every qtool module's PROTOBUF_LIMIT set to argv[1] MB (0: unchanged).
+# The child: `python -m qtool ...` with every qtool module's PROTOBUF_LIMIT set to argv[1] MB (0: unchanged);
+# a thread samples VmRSS and, at each new high, which phase of qtool.api.quantize the main thread is in.
 CHILD = """
-import sys
+import atexit, sys, threading, time
 import qtool.api
 import qtool.cli.main
 limit = int(sys.argv[1]) << 20
 for name, module in list(sys.modules.items()):
     if limit and name.startswith("qtool") and hasattr(module, "PROTOBUF_LIMIT"):
         module.PROTOBUF_LIMIT = limit
+PHASES = {"_prepare": "load+prepare", "_measure_ranges": "calibrate", "plan_and_apply": "plan+quantize",
+          "compare_models": "validate", "layers_and_latency": "latency", "optimized_op_histogram": "report",
+          "write_artifacts": "write", "into_memory": "return"}
+main, peak = threading.get_ident(), [0, "start"]
+def sample():
+    while True:
+        rss = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS"))
+        if rss > peak[0]:
+            frame, phase = sys._current_frames().get(main), None
+            while frame is not None and phase is None:
+                phase, frame = PHASES.get(frame.f_code.co_name), frame.f_back
+            peak[:] = rss, phase or "other"
+        time.sleep(0.01)
+threading.Thread(target=sample, daemon=True).start()
+atexit.register(lambda: print(f"peak phase: {peak[1]} ({peak[0] / 2**20:.2f} GB sampled)", flush=True))
 sys.argv = ["qtool", *sys.argv[2:]]
 qtool.cli.main.main()
 """
@@ -105,7 +123,8 @@ def main() -> None:
         _, status, usage = os.wait4(child.pid, 0)
         seconds = time.perf_counter() - started
         code = os.waitstatus_to_exitcode(status)
-        print(f"qtool quantize: exit {code}, {seconds:.1f} s, peak RSS {usage.ru_maxrss / 2**20:.2f} GB")
+        print(f"qtool quantize: exit {code}, {seconds:.1f} s, peak RSS {usage.ru_maxrss / 2**20:.2f} GB "
+              f"= {usage.ru_maxrss * 1024 / size_in:.2f}x the model")
         if code in (0, 1):
             out_files = {p.name: p.stat().st_size for p in output.iterdir()}
             print("output:", ", ".join(f"{name} {size / 1e6:.1f} MB" for name, size in sorted(out_files.items())))

@@ -31,7 +31,7 @@ from qtool.io.feeds import open_data
 from qtool.io.fingerprint import as_loaded, fingerprint
 from qtool.io.targets import check_output_file, check_output_path
 from qtool.io.model import (QUANTIZED_OP_TYPES, copy_metadata, file_sha256, load_model, model_file_bytes, opset_version,
-                            proto_size, read_header, save_model, upgrade_opset)
+                            proto_size, read_header, save_model, upgrade_opset, into_memory)
 from qtool.numerics import QTYPES
 from qtool.quantization.algorithms.bias_correction import NO_DATA
 from qtool.quantization.algorithms.equalization import EqualizedPair, equalize
@@ -347,10 +347,10 @@ def quantize(
         warnings.append(NO_DATA)  # asked for in so many words; the default is skipped with a note only
     copy_metadata(model, quantized)
 
+    simulated = compare_models(model, quantized, eval_data, labels=eval_labels,  # first: lower peak past 2 GB
+                               batch_size=recipe.calibration.batch_size, optimize_candidate=False)
     comparison = compare_models(model, quantized, eval_data, labels=eval_labels,
                                 batch_size=recipe.calibration.batch_size, progress=tick("validate"))
-    simulated = compare_models(model, quantized, eval_data, labels=eval_labels,
-                               batch_size=recipe.calibration.batch_size, optimize_candidate=False)
     layers, latency = layers_and_latency(
         model, quantized, eval_data, recipe.calibration.batch_size, per_layer,
         bench or "max_latency_ratio" in recipe.validation.gates, threads or BENCH_THREADS, tick,
@@ -377,7 +377,7 @@ def quantize(
             **report_writers(report),
         })
     write_ci_files(report, junit, step_summary, output)
-    return QuantizeResult(quantized, report, gates)
+    return QuantizeResult(into_memory(quantized), report, gates)  # past 2 GB its weights were on disk
 
 
 @dataclass(frozen=True)

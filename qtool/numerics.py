@@ -113,6 +113,9 @@ def broadcast_param(param: np.ndarray, shape: tuple, axis: int | None, block_siz
     return param.reshape(view)
 
 
+QUANTIZE_CHUNK = 1 << 22  # elements quantize works on at once
+
+
 def quantize(
     x: np.ndarray,
     scale: np.ndarray,
@@ -125,9 +128,22 @@ def quantize(
 
     With `block_size`, `scale` and `zero_point` have the tensor's rank and
     ceil(n / block_size) entries along `axis` (opset-21 blocked quantization).
+    A tensor past QUANTIZE_CHUNK elements is done a slice of rows at a time (the same values:
+    every step is elementwise), so the scratch stays ~40 bytes x QUANTIZE_CHUNK, not x its size.
     """
     s = broadcast_param(scale, x.shape, axis, block_size).astype(np.float32)
     zp = broadcast_param(zero_point, x.shape, axis, block_size).astype(np.float64)
+    if x.ndim == 0 or x.size <= QUANTIZE_CHUNK:
+        return _quantize(x, s, zp, qtype)
+    out = np.empty(x.shape, qtype.numpy)
+    step = max(1, QUANTIZE_CHUNK // (x.size // x.shape[0]))
+    for start in range(0, x.shape[0], step):
+        rows = slice(start, start + step)
+        out[rows] = _quantize(x[rows], *(p[rows] if p.ndim and p.shape[0] > 1 else p for p in (s, zp)), qtype)
+    return out
+
+
+def _quantize(x: np.ndarray, s: np.ndarray, zp: np.ndarray, qtype: QType) -> np.ndarray:
     q = np.rint(x.astype(np.float32) / s).astype(np.float64) + zp
     return np.clip(q, qtype.qmin, qtype.qmax).astype(qtype.numpy)
 

@@ -1,8 +1,9 @@
 """Models past protobuf's 2 GB limit, simulated: the limit is lowered so a small model takes every large-model path.
 
-Input with external data → load (checker by path) → calibrate (ORT session through a
-temporary file) → quantize (checker by path) → save with external data inside the
-output folder. bench/large_model.py runs the real > 2 GB case.
+Input with external data → load (weights kept on disk, checker by path) → calibrate (ORT
+session over a file beside the weights) → quantize (new weights streamed to disk, checker by
+path) → save with external data inside the output folder. bench/large_model.py runs the real
+> 2 GB case; test_large_model_memory.py bounds the peak memory.
 """
 
 from __future__ import annotations
@@ -79,3 +80,15 @@ def test_external_data_model_through_the_large_model_path(tmp_path, small_limit)
     # Saving with external data must not strip the weights from the model the api returns.
     assert all(t.data_location == TensorProto.DEFAULT for t in result.model.graph.initializer)
     assert result.report["calibration"]["samples"] == 8
+
+
+def test_large_model_whose_external_data_is_short_is_refused(tmp_path, small_limit):
+    """Past the limit the data stays on disk: its bounds are checked at load, as onnx's loader does."""
+    float_model = matmul_chain(64, 3)
+    onnx.save_model(float_model, str(tmp_path / "model.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
+    with open(tmp_path / "weights.bin", "r+b") as handle:
+        handle.truncate(2 * 64 * 64 * 4 + 10)
+    with pytest.raises(ModelError, match=r"cannot read external data: External data length \(16384\) exceeds "
+                                         r"available data \(10 bytes from offset 32768\) for tensor 'w2'"):
+        api.quantize(tmp_path / "model.onnx", tmp_path)

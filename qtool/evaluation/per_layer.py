@@ -14,8 +14,9 @@ from functools import partial
 from typing import Callable
 
 import numpy as np
-from onnx import ModelProto, helper, numpy_helper
+from onnx import ModelProto, helper
 
+from qtool.io.external import tensor_array
 from qtool.evaluation.compare import OutputStats
 from qtool.io.data import DataFolder
 from qtool.io.model import GraphIndex
@@ -125,9 +126,9 @@ def weight_errors(reference: ModelProto, candidate: ModelProto) -> list[dict]:
         if node.op_type != "DequantizeLinear" or node.input[0] not in cand.initializers:
             continue
         try:
-            q = numpy_helper.to_array(cand.initializers[node.input[0]])
-            scale = numpy_helper.to_array(cand.initializers[node.input[1]])
-            zero_point = (numpy_helper.to_array(cand.initializers[node.input[2]])
+            q = tensor_array(cand.initializers[node.input[0]])
+            scale = tensor_array(cand.initializers[node.input[1]])
+            zero_point = (tensor_array(cand.initializers[node.input[2]])
                           if len(node.input) > 2 and node.input[2] else np.zeros_like(scale, dtype=np.int64))
         except KeyError:
             continue
@@ -142,7 +143,7 @@ def weight_errors(reference: ModelProto, candidate: ModelProto) -> list[dict]:
                 float_name = twin.input[position]
                 if float_name in rows or float_name not in ref_values:
                     continue
-                expected = numpy_helper.to_array(ref_values[float_name]).astype(np.float32)
+                expected = tensor_array(ref_values[float_name]).astype(np.float32)
                 try:
                     restored = dequantize(q, scale, zero_point, axis % q.ndim if scale.ndim == 1 and q.ndim else None)
                 except ValueError:

@@ -17,6 +17,7 @@ from google.protobuf.message import EncodeError
 from onnx import ModelProto, TensorProto, external_data_helper, version_converter
 
 from qtool.errors import ModelError, reason
+from qtool.io.external import into_memory, keep_on_disk, on_disk, on_disk_bytes, save_with_external_data
 
 MIN_OPSET = 13  # QuantizeLinear/DequantizeLinear gain `axis` (per-channel) here
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -30,12 +31,13 @@ PROTOBUF_LIMIT = 2**31 - 1
 
 def proto_size(model: ModelProto) -> int:
     """model.ByteSize() for a model well under 2 GB; past half the limit, the tensors' and nodes' sizes added up.
+    Tensor data kept in external files counts too (models past the limit keep their weights on disk).
 
     ByteSize serializes the whole model into a scratch buffer (1.7x the model's memory, measured
     on a 0.4 GB model), and protobuf refuses it past 2 GB anyway; summed one tensor at a time,
     the scratch is one tensor. The sum is an upper bound (a node's tensor attributes count twice).
     """
-    tensors = sum(t.ByteSize() for t in external_data_helper._get_all_tensors(model))
+    tensors = sum(t.ByteSize() for t in external_data_helper._get_all_tensors(model)) + on_disk_bytes(model)
     summed = tensors + sum(node.ByteSize() for node in model.graph.node)
     if tensors >= PROTOBUF_LIMIT // 2:
         return summed
@@ -43,6 +45,13 @@ def proto_size(model: ModelProto) -> int:
         return model.ByteSize()
     except EncodeError:  # past 2 GB in nodes and names
         return max(PROTOBUF_LIMIT, summed)
+
+
+def in_one_proto(model: ModelProto) -> bool:
+    """Whether the model is whole in memory and serializes as one protobuf (under 2 GB, no tensor data kept
+    on disk by qtool.io.external); else onnx and ONNX Runtime must read it from a file."""
+    return proto_size(model) < PROTOBUF_LIMIT and not any(
+        on_disk(t) for t in external_data_helper._get_all_tensors(model))
 
 
 def file_sha256(path: Path) -> str:
@@ -80,15 +89,19 @@ def read_header(path: Path) -> ModelProto:
 def load_model(path: str | Path, *, allow_quantized: bool = False, repairs: list[str] | None = None) -> ModelProto:
     """Load a float model, with external data, refusing unsafe ones and (unless allowed) quantized ones.
 
-    Graph inputs and outputs declared without a type or shape (which ONNX Runtime runs but
-    onnx.checker refuses) get them from shape inference, on this copy; `repairs` collects
-    what was filled in.
+    A model whose files hold PROTOBUF_LIMIT bytes or more keeps its external data on disk
+    (qtool.io.external): read its tensors with `tensor_array`. Graph inputs and outputs
+    declared without a type or shape (which ONNX Runtime runs but onnx.checker refuses) get
+    them from shape inference, on this copy; `repairs` collects what was filled in.
     """
     path = Path(path)
     model = read_header(path)
     check_external_data(model, path)
     try:
-        external_data_helper.load_external_data_for_model(model, str(path.parent))
+        if _file_bytes(model, path) >= PROTOBUF_LIMIT:
+            keep_on_disk(model, path.parent)
+        else:
+            external_data_helper.load_external_data_for_model(model, str(path.parent))
     except (OSError, ValueError) as exc:
         raise ModelError(f"{path}: cannot read external data: {exc}") from None
     check_text(model, path)
@@ -115,7 +128,10 @@ def external_data_files(model: ModelProto) -> list[str]:
 
 def model_file_bytes(path: Path) -> int:
     """Size on disk including external-data files."""
-    header = onnx.load(str(path), load_external_data=False)
+    return _file_bytes(onnx.load(str(path), load_external_data=False), path)
+
+
+def _file_bytes(header: ModelProto, path: Path) -> int:
     return path.stat().st_size + sum(
         (path.parent / location).stat().st_size for location in external_data_files(header)
     )
@@ -173,7 +189,7 @@ def check_model(model: ModelProto, path: Path) -> None:
     data was checked to stay inside the model's folder before).
     """
     try:
-        if proto_size(model) < PROTOBUF_LIMIT:
+        if in_one_proto(model):
             onnx.checker.check_model(model)
         else:
             onnx.checker.check_model(str(path))
@@ -246,14 +262,14 @@ def upgrade_opset(model: ModelProto, path: Path, target: int = MIN_OPSET) -> tup
 
 
 def save_model(model: ModelProto, path: Path) -> None:
-    """Write a model; weights go to `<name>.data` beside it past protobuf's 2 GB limit."""
+    """Write a model; weights go to `<name>.data` beside it past protobuf's 2 GB limit, streamed
+    one tensor at a time (`model` is not changed)."""
     if proto_size(model) > PROTOBUF_LIMIT - (64 << 20):
-        location = path.name + ".data"
-        onnx.save_model(model, str(path), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=location, size_threshold=1024)
-        # onnx.save_model moved the weights out of `model` into the file: read them
-        # back, so that the caller's model stays whole (it may still be used).
-        external_data_helper.load_external_data_for_model(model, str(path.parent))
+        save_with_external_data(model, path, path.name + ".data")
+    elif not in_one_proto(model):  # small enough for one file: its on-disk tensors read back, one copy
+        whole = ModelProto()
+        whole.CopyFrom(model)
+        onnx.save_model(into_memory(whole), str(path))
     else:
         onnx.save_model(model, str(path))
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
+from qtool.io.external import tensor_array
 from qtool.io.model import GraphIndex
 
 
 def conv_bias(index: GraphIndex, conv: onnx.NodeProto) -> np.ndarray:
     """The Conv's bias in float64 ([M]), zeros when it has none."""
     if len(conv.input) > 2 and conv.input[2]:
-        return numpy_helper.to_array(index.initializers[conv.input[2]]).astype(np.float64)
+        return tensor_array(index.initializers[conv.input[2]]).astype(np.float64)
     return np.zeros(index.initializers[conv.input[1]].dims[0])
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
+from qtool.io.external import tensor_array
 from qtool.io.model import GraphIndex
 from qtool.numerics import QTYPES, quant_bounds
 
@@ -99,7 +100,7 @@ def _round(w: np.ndarray, axis: int | None, reduce_range: bool) -> tuple[np.ndar
 
 def dynamic_quant(node, index: GraphIndex, per_channel: bool, reduce_range: bool) -> DynamicQuant:
     """Round the node's weights for its kernel (`dynamic_refusal` said it can run it)."""
-    array = lambda i: numpy_helper.to_array(index.initializers[node.input[i]]).astype(np.float32)  # noqa: E731
+    array = lambda i: tensor_array(index.initializers[node.input[i]]).astype(np.float32)  # noqa: E731
     attributes = _attributes(node)
     kernel = DYNAMIC_KERNELS[node.op_type]
     bias = None
@@ -139,7 +140,7 @@ def absorb_bias_add(quant: DynamicQuant, node, index: GraphIndex, float_nodes: s
     n = quant.weights[1][0].shape[1]
     if len(other) != 1 or other[0] not in index.initializers or list(index.initializers[other[0]].dims) != [n]:
         return quant
-    bias = numpy_helper.to_array(index.initializers[other[0]])
+    bias = tensor_array(index.initializers[other[0]])
     if bias.dtype != np.float32:
         return quant
     return replace(quant, bias=bias, absorbs=add.name, output=add.output[0])

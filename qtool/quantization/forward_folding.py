@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 from onnx import ModelProto, numpy_helper
 
+from qtool.io.external import tensor_array
 from qtool.io.model import GraphIndex
 from qtool.quantization.conv_constants import channel_vector, conv_bias
 
@@ -38,7 +39,7 @@ def _constant_operand(index: GraphIndex, node: onnx.NodeProto) -> tuple[int, np.
     for slot in (1, 0):
         const, other = node.input[slot], node.input[1 - slot]
         if const in index.initializers and other not in index.initializers:
-            value = numpy_helper.to_array(index.initializers[const])
+            value = tensor_array(index.initializers[const])
             if value.dtype == np.float32 and np.all(np.isfinite(value)):
                 return slot, value
     return None
@@ -68,7 +69,7 @@ def _foldable_convs(index: GraphIndex, tensor: str) -> list[onnx.NodeProto]:
         bias = conv.input[2] if len(conv.input) > 2 else ""
         if conv.input[1] not in index.initializers or (bias and bias not in index.initializers):
             return []
-        if numpy_helper.to_array(index.initializers[conv.input[1]]).dtype != np.float32:
+        if tensor_array(index.initializers[conv.input[1]]).dtype != np.float32:
             return []
     return convs
 
@@ -110,7 +111,7 @@ def _bypass(model: ModelProto, node: onnx.NodeProto, source: str, readers: list[
 
 def _vectors(index: GraphIndex, convs: list[onnx.NodeProto], constant: np.ndarray):
     """Each Conv's weights and the constant per its input channel; vectors None if any does not fit."""
-    weights = [numpy_helper.to_array(index.initializers[c.input[1]]) for c in convs]
+    weights = [tensor_array(index.initializers[c.input[1]]) for c in convs]
     vectors = [channel_vector(constant, w.shape[1] * _group(c), w.ndim) for c, w in zip(convs, weights)]
     return weights, None if any(v is None for v in vectors) else vectors
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
-from onnx import numpy_helper
 
+
+from qtool.io.external import tensor_array
 from qtool.calibration.calibrate import CalibrationTable
 from qtool.io.model import GraphIndex
 from qtool.numerics import QTYPES, scale_zero_point
@@ -30,7 +31,7 @@ MIN_JOINED_STEPS = 16
 
 def _input_range(name: str, index: GraphIndex, range_of: dict[str, str], table: CalibrationTable):
     if name in index.initializers:
-        values = numpy_helper.to_array(index.initializers[name])
+        values = tensor_array(index.initializers[name])
         return (float(values.min()), float(values.max())) if values.size else None
     measured = table.ranges.get(range_of.get(name, name))
     return None if measured is None else (measured.lo, measured.hi)

@@ -23,7 +23,7 @@ from qtool.quantization.plan import NodeDecision, QuantPlan, Selection, build_pl
 from qtool.quantization.qdq import apply_plan
 from qtool.quantization.rules import RULES
 from qtool.recipe.schema import Recipe
-from qtool.runtime.session import session_options
+from qtool.runtime.session import runtime_source, session_options
 
 MAX_ROUNDS = 8  # each round keeps at least one more node float; real models settle in 2-3
 NOT_FUSED = "placement fused: ONNX Runtime runs it as float {op} between Q/DQ (no integer kernel)"
@@ -47,7 +47,8 @@ def fusion_graph(model: ModelProto) -> onnx.GraphProto:
     with tempfile.TemporaryDirectory(prefix="qtool-placement-") as folder:
         path = Path(folder) / "fused.onnx"
         options.optimized_model_filepath = str(path)
-        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        with runtime_source(model, options) as source:
+            ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         return onnx.load(str(path), load_external_data=False).graph
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 from onnx import ModelProto, numpy_helper
 
+from qtool.io.external import tensor_array
 from qtool.io.model import GraphIndex, PROTOBUF_LIMIT, opset_version, proto_size
 from qtool.quantization.conv_constants import channel_vector, conv_bias
 from qtool.quantization.forward_folding import fold_into_next_conv
@@ -60,7 +61,7 @@ def constants_to_initializers(model: ModelProto) -> int:
 
 def _constant_value(attribute: dict) -> np.ndarray | None:
     if "value" in attribute:
-        return numpy_helper.to_array(attribute["value"].t)
+        return tensor_array(attribute["value"].t)
     if "value_float" in attribute:
         return np.array(attribute["value_float"].f, dtype=np.float32)
     if "value_floats" in attribute:
@@ -85,9 +86,9 @@ def fold_batchnorm(model: ModelProto) -> int:
         if conv is None or any(p is None for p in params) or len(index.consumers[conv.input[1]]) != 1:
             continue
         epsilon = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
-        gamma, beta, mean, var = (numpy_helper.to_array(p).astype(np.float64) for p in params)
+        gamma, beta, mean, var = (tensor_array(p).astype(np.float64) for p in params)
         weight_init = index.initializers[conv.input[1]]
-        weight = numpy_helper.to_array(weight_init).astype(np.float64)
+        weight = tensor_array(weight_init).astype(np.float64)
         factor = gamma / np.sqrt(var + epsilon)
         new_weight = weight * factor.reshape(-1, *([1] * (weight.ndim - 1)))
         new_bias = (conv_bias(index, conv) - mean) * factor + beta
@@ -228,7 +229,7 @@ def fold_constants(model: ModelProto) -> int:
     """Replace nodes whose inputs are all initializers by their computed outputs."""
     graph = model.graph
     index = GraphIndex(graph)
-    constants = {name: numpy_helper.to_array(init) for name, init in index.initializers.items()}
+    constants = {name: tensor_array(init) for name, init in index.initializers.items()}
     kept, folded = [], 0
     for node in graph.node:
         inputs = [name for name in node.input if name]
@@ -294,7 +295,7 @@ def fold_conv_mul(model: ModelProto) -> int:
         if found is None:
             continue
         conv, factor = found
-        weight = numpy_helper.to_array(index.initializers[conv.input[1]])
+        weight = tensor_array(index.initializers[conv.input[1]])
         if weight.dtype != np.float32 or not np.all(np.isfinite(factor)):
             continue
         scaled = (weight.astype(np.float64) * factor.reshape((-1,) + (1,) * (weight.ndim - 1))).astype(np.float32)
@@ -316,7 +317,7 @@ def _conv_and_channel_constant(index: GraphIndex, node: onnx.NodeProto, op_type:
     if constant not in index.initializers or conv is None:
         return None
     weight_dims = index.initializers[conv.input[1]].dims
-    vector = channel_vector(numpy_helper.to_array(index.initializers[constant]), weight_dims[0], len(weight_dims))
+    vector = channel_vector(tensor_array(index.initializers[constant]), weight_dims[0], len(weight_dims))
     return None if vector is None else (conv, vector)
 
 
@@ -339,7 +340,7 @@ def div_by_constant_to_mul(model: ModelProto) -> int:
         readers = index.consumers.get(node.output[0], [])
         if readers and all(reader.op_type == "Erf" for reader in readers):
             continue
-        divisor = numpy_helper.to_array(index.initializers[node.input[1]])
+        divisor = tensor_array(index.initializers[node.input[1]])
         if divisor.dtype != np.float32 or not np.all(np.isfinite(divisor)) or np.any(divisor == 0):
             continue
         reciprocal = index.unique_name(f"{node.input[1]}.reciprocal")

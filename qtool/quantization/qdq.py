@@ -15,7 +15,8 @@ import numpy as np
 import onnx
 from onnx import ModelProto, helper, numpy_helper, version_converter
 
-from qtool.io.model import PROTOBUF_LIMIT, GraphIndex, opset_version, proto_size, save_model
+from qtool.io.external import SpillFile, tensor_array
+from qtool.io.model import PROTOBUF_LIMIT, GraphIndex, in_one_proto, opset_version, proto_size, save_model
 from qtool.numerics import QTYPES, quantize
 from qtool.quantization.dynamic import DynamicQuant
 from qtool.quantization.plan import QuantPlan
@@ -38,12 +39,14 @@ def apply_plan(model: ModelProto, plan: QuantPlan) -> ModelProto:
     if [node.name for node in graph.node] != [decision.node for decision in plan.nodes]:
         raise PlanViolation("the plan was built for a different graph")
     index = GraphIndex(graph)
+    spill_file = SpillFile() if proto_size(model) >= PROTOBUF_LIMIT else None  # weights to disk as made
     head: list[onnx.NodeProto] = []  # DQ of constants and Q/DQ of graph inputs
     dequantized: dict[str, str] = {}  # float tensor -> the name quantized consumers read
 
     def add_initializer(name: str, array: np.ndarray) -> str:
         unique = index.unique_name(name)
-        graph.initializer.append(numpy_helper.from_array(array, unique))
+        graph.initializer.append(spill_file.initializer(array, unique) if spill_file else
+                                 numpy_helper.from_array(array, unique))
         return unique
 
     def domain(qtype: str) -> str:
@@ -59,7 +62,7 @@ def apply_plan(model: ModelProto, plan: QuantPlan) -> ModelProto:
                                 name=index.unique_name(f"{output}_DequantizeLinear"), **kwargs)
 
     for name, const in plan.constants.items():
-        array = numpy_helper.to_array(index.initializers[name])
+        array = tensor_array(index.initializers[name])
         qtype = QTYPES[const.qtype]
         q = const.codes if const.codes is not None else \
             quantize(array, const.scale, const.zero_point, qtype, const.axis, const.block_size)
@@ -72,7 +75,7 @@ def apply_plan(model: ModelProto, plan: QuantPlan) -> ModelProto:
 
     bias_outputs: dict[tuple[str, str], str] = {}
     for key, bias in plan.biases.items():
-        array = numpy_helper.to_array(index.initializers[bias.tensor]).astype(np.float64)
+        array = tensor_array(index.initializers[bias.tensor]).astype(np.float64)
         scale = (plan.activations[bias.activation].scale * plan.constants[bias.weight].scale.astype(np.float64))
         scale = np.broadcast_to(scale, array.shape) if scale.size == 1 and array.size > 1 else scale
         q = np.rint(array / scale)
@@ -222,7 +225,7 @@ def _bias_int32_cannot_hold(node: onnx.NodeProto, decision, plan: QuantPlan, ind
             or plan.constants[weight].block_size is not None):
         return None
     beta = next((a.f for a in node.attribute if a.name == "beta"), 1.0) if node.op_type == "Gemm" else 1.0
-    values = beta * numpy_helper.to_array(index.initializers[bias]).astype(np.float32)
+    values = beta * tensor_array(index.initializers[bias]).astype(np.float32)
     scale = np.float32(plan.activations[node.input[0]].scale) * plan.constants[weight].scale.astype(np.float32)
     return values if np.any(np.abs(values / scale) >= np.float32(INT32_SAFE_LIMIT)) else None
 
@@ -359,7 +362,7 @@ def check_postconditions(model: ModelProto, plan: QuantPlan) -> None:
             f"found {len(quantized_inputs)}"
         )
     try:
-        if proto_size(model) < PROTOBUF_LIMIT:
+        if in_one_proto(model):
             onnx.checker.check_model(model)
         else:  # past protobuf's 2 GB the checker reads a file, weights in external data
             with tempfile.TemporaryDirectory(prefix="qtool-check-") as folder:

@@ -11,8 +11,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from onnx import numpy_helper
 
+
+from qtool.io.external import tensor_array
 from qtool.io.model import GraphIndex
 from qtool.numerics import (QTYPES, broadcast_param, channel_ranges, gptq_round, mse_block_ranges, quant_bounds,
                             quantize, scale_zero_point)
@@ -132,7 +133,7 @@ def quantize_constants(graph_nodes, decisions, index: GraphIndex, activations: d
             continue
         if decision.weight_only:
             name = node.input[1]
-            array = numpy_helper.to_array(index.initializers[name])
+            array = tensor_array(index.initializers[name])
             if not finite(name, array, notes):
                 continue
             if decision.weight_only == "matmulnbits":
@@ -147,7 +148,7 @@ def quantize_constants(graph_nodes, decisions, index: GraphIndex, activations: d
         act_spec, w_spec = decision.activations, decision.weights
         if decision.weight_input is not None:
             name = node.input[decision.weight_input]
-            array = numpy_helper.to_array(index.initializers[name])
+            array = tensor_array(index.initializers[name])
             # The saturating u8 x s8 kernels exist only for 8-bit weights read with 8-bit activations.
             eight_bit = QTYPES[w_spec.dtype].bits == 8 and QTYPES[act_spec.dtype].bits == 8
             if name not in constants and finite(name, array, notes):
@@ -160,7 +161,7 @@ def quantize_constants(graph_nodes, decisions, index: GraphIndex, activations: d
         for i in decision.activation_inputs:
             name = node.input[i]
             if name in index.initializers and name not in constants:
-                array = numpy_helper.to_array(index.initializers[name])
+                array = tensor_array(index.initializers[name])
                 if not finite(name, array, notes):
                     continue
                 lo, hi = channel_ranges(array, None)
@@ -171,7 +172,7 @@ def quantize_constants(graph_nodes, decisions, index: GraphIndex, activations: d
         if decision.bias_input is not None and node.input[decision.weight_input] in constants:
             bias = node.input[decision.bias_input]
             weight = node.input[decision.weight_input]
-            bias_values = numpy_helper.to_array(index.initializers[bias])
+            bias_values = tensor_array(index.initializers[bias])
             if not finite(bias, bias_values, notes):
                 continue
             bias_shape = tuple(index.initializers[bias].dims)
@@ -184,7 +185,7 @@ def quantize_constants(graph_nodes, decisions, index: GraphIndex, activations: d
                 biases[(node.name, bias)] = BiasQuant(bias, node.name, node.input[0], weight)
     for name, node in readers.items():
         if node.name in hessians:
-            array = numpy_helper.to_array(index.initializers[name])
+            array = tensor_array(index.initializers[name])
             constants[name] = gptq_weight(node, array, constants[name], hessians[node.name])
     return constants, biases, nbits
 

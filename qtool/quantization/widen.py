@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 from onnx import ModelProto, TensorProto, helper, numpy_helper
 
+from qtool.io.external import tensor_array
 from qtool.io.model import GraphIndex
 
 HALF_TYPES = {TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16"}
@@ -92,7 +93,7 @@ def _widen_graph(graph: onnx.GraphProto, kept: set[str], top: bool) -> None:
 
 
 def _as_float32(tensor: onnx.TensorProto) -> np.ndarray:
-    return numpy_helper.to_array(tensor).astype(np.float32)
+    return tensor_array(tensor).astype(np.float32)
 
 
 def _rename_reads(graph: onnx.GraphProto, old: str, new: str) -> None:

@@ -13,11 +13,12 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import ModelProto, TensorProto, external_data_helper, helper
+from onnx import ModelProto, TensorProto, helper
 
 from qtool.errors import DataError, ModelError, UsageError, one_line, reason
 from qtool.io.samples import DataSource
-from qtool.io.model import PROTOBUF_LIMIT, proto_size
+from qtool.io.external import runtime_file
+from qtool.io.model import PROTOBUF_LIMIT, in_one_proto, proto_size
 
 # Ops ONNX Runtime runs with integer arithmetic once it has fused Q/DQ groups.
 INTEGER_OP_TYPES = {
@@ -123,22 +124,37 @@ def make_session(
     optimized_model_path: Path | None = None,
     pooled: bool = False,
 ) -> ort.InferenceSession:
-    """An ORT session over an in-memory model (through a temp file past 2 GB), on the current providers."""
+    """An ORT session over an in-memory model, on the current providers.
+
+    Past 2 GB ORT reads the model from a file beside its weights (qtool.io.external.runtime_file;
+    `model`'s in-memory weights move to disk) and maps them instead of copying them. (Prepacking
+    stays on: ORT drops a mapped weight once packed, measured at the same peak as without it,
+    and only the packed kernels give the small twin's float results bit for bit.)
+    """
     options = session_options(optimize, threads, pooled)
     if optimized_model_path is not None:
         options.optimized_model_filepath = str(optimized_model_path)
     providers = current_providers()
-    if proto_size(model) < PROTOBUF_LIMIT:
-        return _checked(ort.InferenceSession(model.SerializeToString(), options, providers=list(providers)),
-                        providers)
-    with tempfile.TemporaryDirectory(prefix="qtool-session-") as folder:
-        path = Path(folder) / "model.onnx"
-        onnx.save_model(model, str(path), save_as_external_data=True, location="model.data")
-        try:
-            return _checked(ort.InferenceSession(str(path), options, providers=list(providers)), providers)
-        finally:
-            # onnx.save_model moved the weights out of `model`: put them back before the file goes.
-            external_data_helper.load_external_data_for_model(model, folder)
+    with runtime_source(model, options) as source:
+        return _checked(ort.InferenceSession(source, options, providers=list(providers)), providers)
+
+
+@contextmanager
+def runtime_source(model: ModelProto, options: ort.SessionOptions) -> Iterator[bytes | str]:
+    """What ort.InferenceSession reads `model` from: its bytes, or past 2 GB a file that exists inside
+    the block (an optimized model, if `options` ask for one, then keeps its weights in a file beside it)."""
+    if in_one_proto(model):
+        yield model.SerializeToString()
+        return
+    if options.optimized_model_filepath:
+        name = Path(options.optimized_model_filepath).name + ".data"
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", name)
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    path = runtime_file(model)
+    try:
+        yield str(path)
+    finally:
+        path.unlink()
 
 
 def _checked(session: ort.InferenceSession, providers: tuple[Provider, ...]) -> ort.InferenceSession:

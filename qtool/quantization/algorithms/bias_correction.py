@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import ModelProto, helper, numpy_helper
 
+from qtool.io.external import tensor_array
 from qtool.io.model import GraphIndex, opset_version
 from qtool.io.samples import DataSource
 from qtool.quantization.algorithms.streaming import measured
@@ -104,7 +105,7 @@ def weight_errors(float_model: ModelProto, quantized: ModelProto, targets) -> di
     model = helper.make_model(mini, opset_imports=quantized.opset_import, ir_version=quantized.ir_version)
     values = dict(zip(names, make_session(model, optimize=False).run(names, {})))
     return {node.name: values[wanted[node.name]].astype(np.float32)
-            - numpy_helper.to_array(floats[node.input[decision.weight_input]]).astype(np.float32)
+            - tensor_array(floats[node.input[decision.weight_input]]).astype(np.float32)
             for node, decision in targets if node.name in wanted}
 
 
@@ -207,7 +208,7 @@ def correct_biases(float_model: ModelProto, plan: QuantPlan, shifts: dict[str, L
         if has_bias and node.input[2] not in index.initializers:
             continue  # a computed bias: nothing constant to correct
         if has_bias:
-            bias = numpy_helper.to_array(index.initializers[node.input[2]]).astype(np.float64)
+            bias = tensor_array(index.initializers[node.input[2]]).astype(np.float64)
             if bias.shape not in ((shift.size,), (1,), ()) or beta == 0.0:
                 continue
         else:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import ModelProto, numpy_helper
 
+from qtool.io.external import tensor_array
 from qtool.io.model import GraphIndex
 
 SWEEPS = 20  # full passes over the pairs at most; each converges toward the joint optimum
@@ -109,7 +110,7 @@ def equalize(model: ModelProto) -> tuple[ModelProto, list[EqualizedPair]]:
 
     def value(name: str) -> np.ndarray:
         if name not in weights:
-            weights[name] = numpy_helper.to_array(index.initializers[name]).astype(np.float64)
+            weights[name] = tensor_array(index.initializers[name]).astype(np.float64)
         return weights[name]
 
     totals = [np.ones(index.initializers[a.input[1]].dims[0]) for a, _, _ in pairs]

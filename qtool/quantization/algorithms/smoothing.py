@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import ModelProto, helper, numpy_helper
 
+from qtool.io.external import tensor_array
 from qtool.io.data import DataFolder
 from qtool.io.model import GraphIndex, opset_version
 from qtool.quantization.algorithms.streaming import measured
@@ -152,7 +153,7 @@ def smooth(model: ModelProto, data: DataFolder, batch_size: int, alpha: float = 
     for norms, readers in groups:
         x_max = np.max([maxima[norm.output[0]] for norm in norms], axis=0)
         rows = {r.input[1]: _weight_rows(r, index)[1] for r in readers}
-        weights = {name: numpy_helper.to_array(index.initializers[name]).astype(np.float64) for name in rows}
+        weights = {name: tensor_array(index.initializers[name]).astype(np.float64) for name in rows}
         w_max = np.max([np.abs(w).max(axis=1 - rows[name]) for name, w in weights.items()], axis=0)
         scale = np.ones_like(x_max)
         usable = (x_max > 0) & (w_max > 0)
@@ -162,7 +163,7 @@ def smooth(model: ModelProto, data: DataFolder, batch_size: int, alpha: float = 
             shape = (-1, 1) if rows[name] == 0 else (1, -1)
             _write(index, name, w * scale.reshape(shape))
         for param in {name for norm in norms for name in norm.input[1:3] if name}:
-            _write(index, param, numpy_helper.to_array(index.initializers[param]).astype(np.float64) / scale)
+            _write(index, param, tensor_array(index.initializers[param]).astype(np.float64) / scale)
         changes.append(SmoothedGroup(tuple(n.name for n in norms), tuple(r.name for r in readers), int(scale.size),
                                      float(scale.min()), float(scale.max()), _ratio(x_max), _ratio(x_max / scale)))
     return model, changes
