@@ -150,6 +150,8 @@ def measure_shifts(float_model: ModelProto, recipe, selection, table, saturating
     weight rounding causes on `data`, with its standard error. The weights are quantized as the recipe's
     plan of the whole `selection` does (no placement pass: a layer the placement keeps float in one
     plan may be quantized in another); `table` gives the activation ranges that plan needs."""
+    if not any(d.quantized and d.op_type in OP_TYPES and d.weight_input is not None for d in selection.nodes):
+        return {}  # no layer to correct: not even a plan to build
     plan = build_plan(float_model, recipe, selection, table, saturating_host)
     targets = _targets(float_model, plan)
     if not targets:
