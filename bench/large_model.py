@@ -62,8 +62,9 @@ qtool.cli.main.main()
 """
 
 
-def write_model(folder: Path, width: int, layers: int) -> Path:
-    """Write the model with every weight as external data, one layer at a time in memory."""
+def write_model(folder: Path, width: int, layers: int, op: str = "MatMul") -> Path:
+    """Write the model with every weight as external data, one layer at a time in memory; `op` MatMul
+    or Gemm (a Gemm layer is one bias correction corrects)."""
     rng = np.random.default_rng(0)
     nodes, initializers, previous = [], [], "x"
     data_file = folder / "model.onnx.data"
@@ -79,7 +80,7 @@ def write_model(folder: Path, width: int, layers: int) -> Path:
                 tensor.external_data.add(key=key, value=value)
             offset += len(raw)
             initializers.append(tensor)
-            nodes += [helper.make_node("MatMul", [previous, f"w{i}"], [f"m{i}"], name=f"matmul{i}"),
+            nodes += [helper.make_node(op, [previous, f"w{i}"], [f"m{i}"], name=f"{op.lower()}{i}"),
                       helper.make_node("Relu", [f"m{i}"], [f"r{i}"], name=f"relu{i}")]
             previous = f"r{i}"
             del weight, raw
@@ -99,6 +100,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=9)
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--keep", type=Path, help="Work in this folder and keep it (default: a temp folder).")
+    parser.add_argument("--op", choices=["MatMul", "Gemm"], default="MatMul", help="The layers' op type.")
     parser.add_argument("--limit-mb", type=int, help="qtool's protobuf limit in MB (default: protobuf's 2 GB).")
     args = parser.parse_args()
 
@@ -106,14 +108,14 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     try:
         started = time.perf_counter()
-        model = write_model(folder, args.width, args.layers)
+        model = write_model(folder, args.width, args.layers, args.op)
         data = folder / "calib"
         data.mkdir(exist_ok=True)
         rng = np.random.default_rng(1)
         for i in range(args.samples):
             np.save(data / f"{i:04d}.npy", rng.standard_normal((1, args.width), dtype=np.float32))
         size_in = model.stat().st_size + (folder / "model.onnx.data").stat().st_size
-        print(f"model: {args.layers} x MatMul {args.width}x{args.width}, {size_in / 1e9:.2f} GB "
+        print(f"model: {args.layers} x {args.op} {args.width}x{args.width}, {size_in / 1e9:.2f} GB "
               f"(written in {time.perf_counter() - started:.1f} s)", flush=True)
 
         output = folder / "out"

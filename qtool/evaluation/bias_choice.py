@@ -18,12 +18,17 @@ import numpy as np
 from onnx import ModelProto
 
 from qtool.calibration.calibrate import CalibrationTable
+from qtool.io.model import in_one_proto
 from qtool.io.samples import DataSource
-from qtool.quantization.algorithms.bias_correction import BiasShift, LayerShift, measure_shifts, requantize
+from qtool.quantization.algorithms.bias_correction import (BiasShift, LayerShift, has_layers, measure_shifts,
+                                                           requantize)
 from qtool.quantization.algorithms.streaming import measured
 from qtool.quantization.plan import QuantPlan, Selection
 from qtool.recipe.schema import Recipe
 from qtool.runtime.session import make_session
+
+PAST_LIMIT = ("auto: skipped, the model is past protobuf's 2 GB: measuring holds every corrected layer's "
+              "weight error in memory (about twice the model); set bias_correction: true to measure anyway")
 
 
 @dataclass(frozen=True)
@@ -38,9 +43,12 @@ class BiasOutcome:
     sqnr_without_db: float | None = None
     sqnr_with_db: float | None = None
     shifts: dict[str, LayerShift] = field(default_factory=dict, repr=False)
+    skipped: str | None = None  # why it was not measured at all
 
     def as_dict(self) -> dict:
-        if not self.layers:
+        if self.skipped:
+            why = self.skipped
+        elif not self.layers:
             why = "no quantized Conv, ConvTranspose or Gemm with a constant weight had a shift to correct"
         elif self.sqnr_with_db is None:
             why = "bias_correction: true keeps it unchecked"
@@ -85,6 +93,8 @@ def correct_bias(model: ModelProto, recipe: Recipe, selection: Selection, table:
     float model (the shifts), one planning pass and, under `auto`, one pass of the float and both
     quantized models."""
     setting = recipe.quantization.algorithms.bias_correction
+    if setting == "auto" and has_layers(selection) and not in_one_proto(model):
+        return plan, quantized, BiasOutcome([], False, setting, skipped=PAST_LIMIT)
     batch_size = recipe.calibration.batch_size
     shifts = measure_shifts(model, recipe, selection, table, saturating_host, data, batch_size)
     new_plan, corrected, layers = requantize(model, recipe, table, saturating_host, plan, quantized, shifts)

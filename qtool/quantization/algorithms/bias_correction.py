@@ -144,13 +144,19 @@ def _measuring_model(float_model: ModelProto, targets, errors: dict[str, np.ndar
     return measuring, outputs
 
 
+def has_layers(selection) -> bool:
+    """Whether the selection quantizes a layer bias correction corrects (a constant weight's Conv,
+    ConvTranspose or Gemm)."""
+    return any(d.quantized and d.op_type in OP_TYPES and d.weight_input is not None for d in selection.nodes)
+
+
 def measure_shifts(float_model: ModelProto, recipe, selection, table, saturating_host: bool, data: DataSource,
                    batch_size: int) -> dict[str, LayerShift]:
     """Per layer the recipe quantizes (Conv, ConvTranspose, Gemm with a constant weight), the shift its
     weight rounding causes on `data`, with its standard error. The weights are quantized as the recipe's
     plan of the whole `selection` does (no placement pass: a layer the placement keeps float in one
     plan may be quantized in another); `table` gives the activation ranges that plan needs."""
-    if not any(d.quantized and d.op_type in OP_TYPES and d.weight_input is not None for d in selection.nodes):
+    if not has_layers(selection):
         return {}  # no layer to correct: not even a plan to build
     plan = build_plan(float_model, recipe, selection, table, saturating_host)
     targets = _targets(float_model, plan)
