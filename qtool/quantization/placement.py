@@ -23,7 +23,7 @@ from qtool.quantization.plan import NodeDecision, QuantPlan, Selection, build_pl
 from qtool.quantization.qdq import apply_plan
 from qtool.quantization.rules import RULES
 from qtool.recipe.schema import Recipe
-from qtool.runtime.session import runtime_source, session_options
+from qtool.runtime.session import INTEGER_OP_TYPES, runtime_source, session_options
 
 MAX_ROUNDS = 8  # each round keeps at least one more node float; real models settle in 2-3
 NOT_FUSED = "placement fused: ONNX Runtime runs it as float {op} between Q/DQ (no integer kernel)"
@@ -82,6 +82,24 @@ def unfused_nodes(quantized: ModelProto, plan: QuantPlan) -> dict[str, str]:
         elif decision.weight_input is None and _island(node, producer, readers):
             unfused[decision.node] = ISLAND.format(op=decision.op_type, kernel=node.op_type)
     return unfused
+
+
+def float_nodes_on_integer_kernels(quantized: ModelProto, plan: QuantPlan) -> list[str]:
+    """A warning naming the nodes the plan keeps float that ORT runs as integer kernels anyway; [] if none.
+
+    ORT fuses DequantizeLinear -> op -> QuantizeLinear into the op's integer kernel whether or not
+    the plan quantized the op: a float node between a quantized producer and a quantized reader
+    (an override's Add, Mul, GlobalAveragePool...) computes in 8 bits. Float Conv, ConvTranspose
+    and Gemm are kept float by qdq.apply_plan; these others are reported.
+    """
+    kept_float = {decision.node for decision in plan.nodes if not decision.quantized and decision.node}
+    fused = [f"{node.name} ({node.op_type})" for node in fusion_graph(quantized).node
+             if node.name in kept_float and node.op_type in INTEGER_OP_TYPES]
+    if not fused:
+        return []
+    return [f"{len(fused)} node(s) the plan keeps float run as integer kernels in ONNX Runtime, which fuses "
+            f"DequantizeLinear -> op -> QuantizeLinear whatever the recipe says: {', '.join(fused[:5])}"
+            + (", ..." if len(fused) > 5 else "") + "; keep their quantized neighbours float too for float compute"]
 
 
 def _island(node: onnx.NodeProto, producer: dict[str, str], readers: dict[str, list[str]]) -> bool:
