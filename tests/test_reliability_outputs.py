@@ -104,6 +104,21 @@ def test_sensitivity_cache_naming_the_model_is_refused_without_overwrite_too(sma
     assert digest(small / "model.onnx") == before
 
 
+@pytest.mark.parametrize("command", ["junit", "cache", "table"])
+def test_a_file_inside_a_data_folder_is_never_written(small, command):
+    """A fresh user replaced a calibration sample with a JUnit file, a cache and a table, each exit 0."""
+    sample = sorted((small / "data").iterdir())[0]
+    before = digest(sample)
+    args = {"junit": ("quantize", small / "model.onnx", "--data", small / "data", "--output", small.parent / "out",
+                      "--junit", sample),
+            "cache": ("sensitivity", small / "model.onnx", "--data", small / "data", "--output", small.parent / "s",
+                      "--cache", sample),
+            "table": ("calibrate", small / "model.onnx", "--data", small / "data", "--output", sample, "--overwrite")}
+    result = run(*args[command])
+    assert result.exit_code == 2 and f"would be written inside the input folder {small / 'data'}" in result.stderr
+    assert digest(sample) == before and not (small.parent / "out").exists()
+
+
 def test_init_over_its_own_model_is_refused(small):
     before = digest(small / "model.onnx")
     result = run("init", small / "model.onnx", "--output", small / "model.onnx", "--overwrite")

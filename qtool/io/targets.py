@@ -1,7 +1,8 @@
 """Where qtool may write: every path it writes is checked against the run's inputs before work starts.
 
-A written path may not be an input (same file, whatever the spelling), may not contain one, and a
-folder it would replace may not be the working folder or one of its parents.
+A written path may not be an input (same file, whatever the spelling), may not contain one, may not
+lie inside an input folder (data), and a folder it would replace may not be the working folder or
+one of its parents.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ def refuse_inputs(target: Path, model_path: Path | None, protected=(), what: str
             raise UsageError(f"{target}: {what} would {verb} {label} {given}; choose another path")
         if source.is_relative_to(out):
             raise UsageError(f"{target}: {what} would contain {label} {given}; choose another path")
+        if given.is_dir() and out.is_relative_to(source):  # a data file replaced, or a stray file the next run reads
+            raise UsageError(f"{target}: {what} would be written inside {label} folder {given}; "
+                             "choose a path outside it")
 
 
 def refuse_working_folder(target: Path, what: str = "output folder") -> None:
