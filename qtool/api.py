@@ -38,6 +38,7 @@ from qtool.quantization.algorithms.equalization import EqualizedPair, equalize
 from qtool.quantization.algorithms.smoothing import smooth
 from qtool.quantization.coverage import check_coverage
 from qtool.quantization.placement import float_nodes_on_integer_kernels, plan_and_apply
+from qtool.quantization.precedence import unmatched_overrides
 from qtool.quantization.plan import required_opset, select_tensors
 from qtool.quantization.prepare import prepare_model
 from qtool.quantization.qdq import ensure_opset
@@ -346,7 +347,7 @@ def quantize(
     elif "bias_correction" in recipe.quantization.algorithms.model_fields_set and calib_data is None:
         warnings.append(NO_DATA)  # asked for in so many words; the default is skipped with a note only
     copy_metadata(model, quantized)
-    warnings += float_nodes_on_integer_kernels(quantized, plan)
+    warnings += unmatched_overrides(model.graph, recipe.quantization) + float_nodes_on_integer_kernels(quantized, plan)
     simulated = compare_models(model, quantized, eval_data, labels=eval_labels,  # first: lower peak past 2 GB
                                batch_size=recipe.calibration.batch_size, optimize_candidate=False)
     comparison = compare_models(model, quantized, eval_data, labels=eval_labels,

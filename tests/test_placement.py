@@ -357,3 +357,12 @@ def test_a_float_node_ort_fuses_into_an_integer_kernel_is_named(tmp_path):
                for w in fused.report["warnings"])
     plain = quantize_tiny(tmp_path / "plain", model)
     assert not any("keeps float run as integer kernels" in w for w in plain.report["warnings"])
+
+
+def test_an_override_that_matches_no_node_is_named(tmp_path):
+    recipe = ("version: 1\nquantization:\n  overrides:\n    - {match: {op_type: Cnov}, float: true}\n"
+              "    - {match: {op_type: Conv}, float: true}\n")
+    result = quantize_tiny(tmp_path, conv_relu_pool_gemm(), recipe)
+    unmatched = [w for w in result.report["warnings"] if "matches no node" in w]
+    assert unmatched == ["overrides[0] (op_type 'Cnov') matches no node of the model: it does nothing "
+                         "(`qtool inspect MODEL` lists the node names and op types)"]

@@ -80,3 +80,12 @@ def settings_reason(settings: NodeSettings) -> str:
     for key, source in settings.sources.items():
         by_source.setdefault(source, []).append(key)
     return "".join(f"; {', '.join(keys)}: {source}" for source, keys in by_source.items())
+
+
+def unmatched_overrides(graph, quant: QuantizationSpec) -> list[str]:
+    """One warning per override that matches no node of `graph` (a misspelt op type, another
+    exporter's naming): it does nothing, and a recipe that silently does nothing is a lie."""
+    return [f"{_describe_match(i, override)} matches no node of the model: it does nothing "
+            "(`qtool inspect MODEL` lists the node names and op types)"
+            for i, override in enumerate(quant.overrides)
+            if not any(_matches(override.match, node) for node in graph.node)]

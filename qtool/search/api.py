@@ -326,11 +326,15 @@ def tune(
                 raise died
             return TuneResult(build_report(True, search.stop_reason), False, interrupted, output, terminated, False)
         if not interrupted and died is None and best is not None:
-            tuned = load_recipe(output / TUNED_RECIPE)
-            again = quantize(model_path, data_dir, tuned, validation_data=validation_data, labels=labels)
-            digest = hashlib.sha256(again.model.SerializeToString()).hexdigest()
-            reproduced = digest == best.model_sha256
-            replace_file(output / "model.onnx", lambda path: save_model(again.model, path))
+            try:
+                tuned = load_recipe(output / TUNED_RECIPE)
+                again = quantize(model_path, data_dir, tuned, validation_data=validation_data, labels=labels)
+                digest = hashlib.sha256(again.model.SerializeToString()).hexdigest()
+                reproduced = digest == best.model_sha256
+                replace_file(output / "model.onnx", lambda path: save_model(again.model, path))
+            except KeyboardInterrupt as exc:  # the best so far is on disk: the report says so, as above
+                interrupted, terminated = True, isinstance(exc, Terminated)
+                search.stop_reason = "terminated (SIGTERM)" if terminated else "interrupted (Ctrl-C)"
         report = build_report(True, search.stop_reason)
         report["chosen"]["reproduced_by_quantize"] = reproduced
         latency_gate = _latency_gate(latency_limit, latencies.get(best.spec.promotions) if best else None)
@@ -338,6 +342,7 @@ def tune(
             report["chosen"]["gates"].append(latency_gate)
             if not latency_gate["passed"]:
                 report["passed"] = report["chosen"]["passed"] = False
+            if not latency_gate["passed"] and best.passed and latency_gate["value"] is not None:
                 report["search"]["stop_reason"] += (
                     f"; no trial that passes the accuracy gates meets max_latency_ratio {latency_limit:g}: "
                     "the fastest of them is written")
