@@ -360,7 +360,7 @@ def quantize(
     quantized_bytes = proto_size(quantized)  # serializes the model: once
     gates = check_gates(comparison, recipe.validation.gates, extra_figures(read.bytes, quantized_bytes, latency))
     ops = optimized_op_histogram(quantized)
-    warnings += kernel_warnings(comparison, simulated, kernel_gap_cause(quantized, ops))
+    warnings += kernel_warnings(comparison, simulated, kernel_gap_cause(quantized, ops, saturating))
 
     report = reporting.build_quantize_report(
         model_path=model_path, model_sha256=read.sha256, recipe=recipe,
