@@ -70,6 +70,21 @@ def quantize_tiny(tmp_path: Path, model: onnx.ModelProto, recipe_text: str = "ve
     return api.quantize(path, data, load_recipe(recipe))
 
 
+def conv_gemm(rng: np.random.Generator) -> onnx.ModelProto:
+    """x [N, 3, 8, 8] → /enc/conv (4 channels, weight w, bias b) → /enc/relu → /head/flatten → /head/fc
+    (Gemm, weight fw [5, 256], bias fb) → y [N, 5]; weights drawn from `rng`."""
+    return make_model(
+        [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="/enc/conv", pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["c"], ["r"], name="/enc/relu"),
+         helper.make_node("Flatten", ["r"], ["f"], name="/head/flatten"),
+         helper.make_node("Gemm", ["f", "fw", "fb"], ["y"], name="/head/fc", transB=1)],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
+        {"w": rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "b": rng.normal(size=4).astype(np.float32),
+         "fw": rng.normal(size=(5, 256)).astype(np.float32), "fb": rng.normal(size=5).astype(np.float32)},
+    )
+
+
 def matmul_chain(width: int = 8, layers: int = 1, seed: int = 0) -> onnx.ModelProto:
     """x [N, width] → (MatMul → Relu) × layers, seeded weights."""
     rng = np.random.RandomState(seed)

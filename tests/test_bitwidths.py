@@ -8,7 +8,7 @@ import pytest
 import yaml
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import ROOT, SAMPLE, make_model, quantize_tiny, shared_model
+from conftest import ROOT, SAMPLE, conv_gemm, make_model, quantize_tiny, shared_model
 from qtool import api
 from qtool.calibration.calibrate import CalibrationTable, TensorRange
 from qtool.numerics import QTYPES, dequantize
@@ -25,18 +25,6 @@ RNG = np.random.default_rng(5)
 def recipe_of(text: str) -> Recipe:
     return Recipe.model_validate(yaml.safe_load(text))
 
-
-def conv_gemm():
-    return make_model(
-        [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="/enc/conv", pads=[1, 1, 1, 1]),
-         helper.make_node("Relu", ["c"], ["r"], name="/enc/relu"),
-         helper.make_node("Flatten", ["r"], ["f"], name="/head/flatten"),
-         helper.make_node("Gemm", ["f", "fw", "fb"], ["y"], name="/head/fc", transB=1)],
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
-        {"w": RNG.normal(size=(4, 3, 3, 3)).astype(np.float32), "b": RNG.normal(size=4).astype(np.float32),
-         "fw": RNG.normal(size=(5, 256)).astype(np.float32), "fb": RNG.normal(size=5).astype(np.float32)},
-    )
 
 
 def fake_table(selection, lo=-4.0, hi=4.0) -> CalibrationTable:
@@ -94,7 +82,7 @@ quantization:
     - match: {op_type: Conv}
       activations: {dtype: uint16}
 """)
-    selection = select_tensors(conv_gemm(), recipe)
+    selection = select_tensors(conv_gemm(RNG), recipe)
     decisions = {d.node: d for d in selection.nodes}
     assert not decisions["/head/fc"].quantized
     assert decisions["/head/fc"].reason == "float: overrides[0] (tensor 'fw')"
@@ -103,7 +91,7 @@ quantization:
 
 
 def test_mixed_precision_end_to_end_reports_resolved_plan(tmp_path):
-    result = quantize_tiny(tmp_path, conv_gemm(), samples=8, recipe_text="""
+    result = quantize_tiny(tmp_path, conv_gemm(RNG), samples=8, recipe_text="""
 version: 1
 quantization:
   overrides:
@@ -135,7 +123,7 @@ quantization:
 
 @pytest.mark.parametrize("act, reduced", [("uint8", True), ("uint16", False)])
 def test_reduce_range_only_for_8bit_weights_with_8bit_activations(act, reduced):
-    model = conv_gemm()
+    model = conv_gemm(RNG)
     recipe = recipe_of(f"quantization: {{activations: {{dtype: {act}}}, weights: {{reduce_range: true}}}}")
     selection = select_tensors(model, recipe)
     plan = build_plan(model, recipe, selection, fake_table(selection), saturating_host=False)
@@ -148,7 +136,7 @@ def test_reduce_range_only_for_8bit_weights_with_8bit_activations(act, reduced):
 
 def test_sixteen_bit_below_opset_21_uses_com_microsoft_qdq():
     """When the model stays at opset 13, 16-bit Q/DQ become ONNX Runtime's contrib ops."""
-    model = conv_gemm()
+    model = conv_gemm(RNG)
     recipe = recipe_of("quantization: {activations: {dtype: int16, symmetric: true}}")
     selection = select_tensors(model, recipe)
     plan = build_plan(model, recipe, selection, fake_table(selection), saturating_host=False)

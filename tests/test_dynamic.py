@@ -13,7 +13,7 @@ import yaml
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import make_model, save_npy_folder, shared_model
+from conftest import conv_gemm, make_model, save_npy_folder, shared_model
 from qtool import api
 from qtool.cli.main import main
 from qtool.errors import ModelError, UsageError
@@ -148,21 +148,9 @@ def test_large_embedding_tables_are_stored_int8_per_row_small_ones_stay_float(tm
         api.quantize(save(tmp_path, small, "small.onnx"), None, recipe_of(), validation_data=tmp_path / "ids.npy")
 
 
-def conv_gemm() -> onnx.ModelProto:
-    return make_model(
-        [helper.make_node("Conv", ["x", "cw", "cb"], ["c"], name="/enc/conv", pads=[1, 1, 1, 1]),
-         helper.make_node("Relu", ["c"], ["r"], name="/enc/relu"),
-         helper.make_node("Flatten", ["r"], ["f"], name="/head/flatten"),
-         helper.make_node("Gemm", ["f", "fw", "fb"], ["y"], name="/head/fc", transB=1)],
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
-        {"cw": RNG.normal(size=(4, 3, 3, 3)).astype(np.float32), "cb": RNG.normal(size=4).astype(np.float32),
-         "fw": RNG.normal(size=(5, 256)).astype(np.float32), "fb": RNG.normal(size=5).astype(np.float32)},
-    )
-
 
 def test_overrides_mix_a_static_front_end_with_a_dynamic_back_end(tmp_path):
-    path = save(tmp_path, conv_gemm())
+    path = save(tmp_path, conv_gemm(RNG))
     data = save_npy_folder(tmp_path / "calib", RNG.normal(size=(8, 1, 3, 8, 8)))
     recipe = recipe_of(overrides=[{"match": {"op_type": "Conv"}, "mode": "static"}])
     with pytest.raises(UsageError, match=r"tensor\(s\) the recipe quantizes statically \(e.g. (x|c)\) need "

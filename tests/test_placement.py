@@ -15,17 +15,20 @@ RNG = np.random.default_rng(0)
 ALL = "version: 1\nquantization: {placement: all}\n"  # every planned Q/DQ, fused by ORT or not
 
 
-def conv_relu_pool_gemm():
+def conv_relu_pool_gemm(pool: str = "MaxPool"):
+    """Conv → Relu → `pool` (MaxPool 2×2 or GlobalAveragePool, node "pool") → Flatten → Gemm."""
+    attributes = {"kernel_shape": [2, 2], "strides": [2, 2]} if pool == "MaxPool" else {}
+    features = 64 if pool == "MaxPool" else 4
     return make_model(
         [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
          helper.make_node("Relu", ["c"], ["r"], name="relu"),
-         helper.make_node("MaxPool", ["r"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+         helper.make_node(pool, ["r"], ["p"], name="pool", **attributes),
          helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
          helper.make_node("Gemm", ["f", "fw", "fb"], ["y"], name="fc", transB=1)],
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
         {"w": RNG.normal(size=(4, 3, 3, 3)).astype(np.float32), "b": RNG.normal(size=4).astype(np.float32),
-         "fw": RNG.normal(size=(5, 64)).astype(np.float32), "fb": RNG.normal(size=5).astype(np.float32)},
+         "fw": RNG.normal(size=(5, features)).astype(np.float32), "fb": RNG.normal(size=5).astype(np.float32)},
     )
 
 
@@ -338,23 +341,14 @@ def test_float_conv_between_quantized_neighbours_stays_float_in_ort(tmp_path):
 def test_a_float_node_ort_fuses_into_an_integer_kernel_is_named(tmp_path):
     """GlobalAveragePool kept float between a quantized Relu and a quantized Gemm: ORT fuses its
     DequantizeLinear -> GlobalAveragePool -> QuantizeLinear into QLinearGlobalAveragePool anyway."""
-    model = make_model(
-        [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-         helper.make_node("Relu", ["c"], ["r"], name="relu"),
-         helper.make_node("GlobalAveragePool", ["r"], ["g"], name="gap"),
-         helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
-         helper.make_node("Gemm", ["f", "fw", "fb"], ["y"], name="fc", transB=1)],
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
-        {"w": RNG.normal(size=(4, 3, 3, 3)).astype(np.float32), "b": RNG.normal(size=4).astype(np.float32),
-         "fw": RNG.normal(size=(5, 4)).astype(np.float32), "fb": RNG.normal(size=5).astype(np.float32)})
-    floats = "version: 1\nquantization:\n  overrides:\n    - {match: {name: '^gap$'}, float: true}\n"
+    model = conv_relu_pool_gemm("GlobalAveragePool")
+    floats = "version: 1\nquantization:\n  overrides:\n    - {match: {name: '^pool$'}, float: true}\n"
     (tmp_path / "gap").mkdir()
     (tmp_path / "plain").mkdir()
     fused = quantize_tiny(tmp_path / "gap", model, floats)
     assert optimized_op_histogram(fused.model)["QLinearGlobalAveragePool"] == 1
-    assert any(w.startswith("1 node(s) the plan keeps float run as integer kernels") and "gap (QLinearGlobalAveragePool)" in w
-               for w in fused.report["warnings"])
+    assert any(w.startswith("1 node(s) the plan keeps float run as integer kernels")
+               and "pool (QLinearGlobalAveragePool)" in w for w in fused.report["warnings"])
     plain = quantize_tiny(tmp_path / "plain", model)
     assert not any("keeps float run as integer kernels" in w for w in plain.report["warnings"])
 
