@@ -123,6 +123,7 @@ def apply_plan(model: ModelProto, plan: QuantPlan) -> ModelProto:
 
     quantized_outputs = {out for node, decision in zip(graph.node, plan.nodes) if decision.quantized
                          for out in node.output}
+    float_readers: dict[tuple[str, int], str] = {}  # (activation, channels) -> its per-channel DequantizeLinear
     for at, (node, decision) in enumerate(zip(graph.node, plan.nodes)):
         bias = _bias_int32_cannot_hold(node, decision, plan, index) if decision.quantized else None
         if bias is not None:
@@ -139,16 +140,18 @@ def apply_plan(model: ModelProto, plan: QuantPlan) -> ModelProto:
                 if channels is None:
                     node.input[i] = dequantized[name]
                     continue
-                q_out, act = quantized_as[name]
-                scale = add_initializer(f"{name}_scale_per_channel", np.full(channels, act.scale, np.float32))
-                zero_point = add_initializer(f"{name}_zero_point_per_channel",
-                                             np.full(channels, act.zero_point, QTYPES[act.qtype].numpy))
-                node.input[i] = index.unique_name(f"{name}_dequantized_for_float")
-                reader = dq_node(q_out, scale, zero_point, node.input[i], 1, qtype=act.qtype)
-                if name in position:
-                    after.setdefault(position[name], []).append(reader)
-                else:
-                    head.append(reader)
+                if (name, channels) not in float_readers:  # one per tensor and width, shared by its float readers
+                    q_out, act = quantized_as[name]
+                    scale = add_initializer(f"{name}_scale_per_channel", np.full(channels, act.scale, np.float32))
+                    zero_point = add_initializer(f"{name}_zero_point_per_channel",
+                                                 np.full(channels, act.zero_point, QTYPES[act.qtype].numpy))
+                    float_readers[name, channels] = index.unique_name(f"{name}_dequantized_for_float")
+                    reader = dq_node(q_out, scale, zero_point, float_readers[name, channels], 1, qtype=act.qtype)
+                    if name in position:
+                        after.setdefault(position[name], []).append(reader)
+                    else:
+                        head.append(reader)
+                node.input[i] = float_readers[name, channels]
         if not decision.quantized:
             continue
         if node.name in plan.nbits:

@@ -313,8 +313,7 @@ def tune(
             if latency_runs:
                 _time_trials(context, search.order, latency_runs, latencies, tick("latency"))
         except KeyboardInterrupt as exc:
-            interrupted, terminated = True, isinstance(exc, Terminated)
-            search.stop_reason = "terminated (SIGTERM)" if terminated else "interrupted (Ctrl-C)"
+            interrupted, (terminated, search.stop_reason) = True, _interruption(exc)
             pool.close()
         except WorkerError as exc:
             died, search.stop_reason = exc, f"stopped: {exc}"
@@ -333,8 +332,7 @@ def tune(
                 reproduced = digest == best.model_sha256
                 replace_file(output / "model.onnx", lambda path: save_model(again.model, path))
             except KeyboardInterrupt as exc:  # the best so far is on disk: the report says so, as above
-                interrupted, terminated = True, isinstance(exc, Terminated)
-                search.stop_reason = "terminated (SIGTERM)" if terminated else "interrupted (Ctrl-C)"
+                interrupted, (terminated, search.stop_reason) = True, _interruption(exc)
         report = build_report(True, search.stop_reason)
         report["chosen"]["reproduced_by_quantize"] = reproduced
         latency_gate = _latency_gate(latency_limit, latencies.get(best.spec.promotions) if best else None)
@@ -351,6 +349,12 @@ def tune(
     if died is not None:
         raise WorkerError(f"{died}; the best trial so far is kept in {output}")
     return TuneResult(report, bool(report["chosen"]["passed"]), interrupted, output, terminated)
+
+
+def _interruption(exc: KeyboardInterrupt) -> tuple[bool, str]:
+    """(terminated by SIGTERM rather than Ctrl-C, the search's stop reason)."""
+    terminated = isinstance(exc, Terminated)
+    return terminated, "terminated (SIGTERM)" if terminated else "interrupted (Ctrl-C)"
 
 
 def _check_samples(recipe: Recipe, samples: int | None, option: str) -> None:
