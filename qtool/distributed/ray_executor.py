@@ -148,13 +148,26 @@ class RayExecutor:
             return LostTask(f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}".rstrip(": "))
 
     def cancel(self) -> None:
-        """Cancel every task still outstanding (Ctrl-C, an error, or the caller stopped reading)."""
-        for ref in self._pending:
+        """Cancel every task still outstanding (Ctrl-C, an error, or the caller stopped reading).
+
+        Not `force=True`: Ray 2.60 aborts the driver ("Tried to complete task that was not pending")
+        when a force-cancelled task's reply is already on its way. A plain cancel drops queued tasks
+        and interrupts a running one at its next Python bytecode; what it leaves running stops with
+        the cluster (`close` of a local instance) or finishes unread.
+        """
+        outstanding = list(self._pending)
+        self._pending = {}
+        if not outstanding:
+            return
+        try:
+            _, running = self._ray.wait(outstanding, num_returns=len(outstanding), timeout=0)
+        except Exception:  # noqa: BLE001 - a cluster that cannot say which finished: cancel them all
+            running = outstanding
+        for ref in running:
             try:
-                self._ray.cancel(ref, force=True)
+                self._ray.cancel(ref, force=False)
             except Exception:  # noqa: BLE001 - a task that finished meanwhile cannot be cancelled
                 pass
-        self._pending = {}
 
     def close(self) -> None:
         self.cancel()
