@@ -7,8 +7,13 @@ prints wall time, the child's peak RSS (and its ratio to the model's size; the
 target is under 2x), the phase whose memory peaked (VmRSS sampled every 10 ms),
 and the sizes in and out. Not part of the tests: it needs ~6 GB of disk (the
 model, qtool's working copy of its weights, the output) and ~5 GB of memory.
+`--command` measures `qtool tune` (gate min_cosine 0.999, 4 trials, no timing),
+`sensitivity` or `compare` (float model against the one `quantize` writes,
+made first and not measured) instead; after the run it names any qtool work
+folder (`qtool-weights-*`) left in the child's TMPDIR.
 
     python bench/large_model.py [--width 8192] [--layers 9] [--samples 8] [--keep DIR] [--limit-mb N]
+                                [--command quantize|tune|sensitivity|compare]
 
 `--limit-mb` lowers qtool's protobuf limit in the child, so that a smaller model
 (e.g. --width 4096 --layers 6, 0.40 GB, with --limit-mb 16) takes every large-model
@@ -94,6 +99,28 @@ def write_model(folder: Path, width: int, layers: int, op: str = "MatMul") -> Pa
     return path
 
 
+COMMANDS = ("quantize", "tune", "sensitivity", "compare")
+
+
+def quantize_command(model: Path, data: Path, output: Path) -> list[str]:
+    return ["quantize", str(model), "--data", str(data), "--output", str(output), "--overwrite", "-q"]
+
+
+def write_recipe(folder: Path) -> Path:
+    """The recipe tune searches with: the default quantization, a gate for it to meet."""
+    path = folder / "recipe.yaml"
+    path.write_text("version: 1\nvalidation:\n  gates: {min_cosine: 0.999}\n")
+    return path
+
+
+def _child(limit_mb: int | None, command: list[str], scratch: Path):
+    """(exit code, rusage) of `qtool COMMAND` in a child whose TMPDIR is `scratch`."""
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(limit_mb or 0), *command],
+                             env={**os.environ, "TMPDIR": str(scratch)})
+    _, status, usage = os.wait4(child.pid, 0)
+    return os.waitstatus_to_exitcode(status), usage
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width", type=int, default=8192)
@@ -102,6 +129,7 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="Work in this folder and keep it (default: a temp folder).")
     parser.add_argument("--op", choices=["MatMul", "Gemm"], default="MatMul", help="The layers' op type.")
     parser.add_argument("--limit-mb", type=int, help="qtool's protobuf limit in MB (default: protobuf's 2 GB).")
+    parser.add_argument("--command", choices=COMMANDS, default="quantize", help="The qtool command measured.")
     args = parser.parse_args()
 
     folder = args.keep or Path(tempfile.mkdtemp(prefix="qtool-large-"))
@@ -119,20 +147,36 @@ def main() -> None:
               f"(written in {time.perf_counter() - started:.1f} s)", flush=True)
 
         output = folder / "out"
+        scratch = folder / "tmp"  # the child's TMPDIR: what qtool leaves there is seen
+        scratch.mkdir(exist_ok=True)
+        if args.command == "compare":  # the candidate, not measured
+            _child(args.limit_mb, quantize_command(model, data, output), scratch)
+        command = {"quantize": quantize_command(model, data, output),
+                   "tune": ["tune", str(model), "--recipe", str(write_recipe(folder)), "--data", str(data),
+                            "--output", str(output), "--overwrite", "--max-trials", "4", "--latency-runs", "0", "-q"],
+                   "sensitivity": ["sensitivity", str(model), "--data", str(data), "--output", str(output / "sens"),
+                                   "--overwrite"],
+                   "compare": ["compare", str(model), str(output / "model.onnx"), "--data", str(data),
+                               "--output", str(output / "compare"), "--overwrite", "-q"]}[args.command]
         started = time.perf_counter()
-        command = ["quantize", str(model), "--data", str(data), "--output", str(output), "--overwrite", "-q"]
-        child = subprocess.Popen([sys.executable, "-c", CHILD, str(args.limit_mb or 0), *command])
-        _, status, usage = os.wait4(child.pid, 0)
+        code, usage = _child(args.limit_mb, command, scratch)
         seconds = time.perf_counter() - started
-        code = os.waitstatus_to_exitcode(status)
-        print(f"qtool quantize: exit {code}, {seconds:.1f} s, peak RSS {usage.ru_maxrss / 2**20:.2f} GB "
+        print(f"qtool {args.command}: exit {code}, {seconds:.1f} s, peak RSS {usage.ru_maxrss / 2**20:.2f} GB "
               f"= {usage.ru_maxrss * 1024 / size_in:.2f}x the model")
-        if code in (0, 1):
-            out_files = {p.name: p.stat().st_size for p in output.iterdir()}
+        left = sorted(path.name for path in scratch.iterdir())
+        print(f"left in TMPDIR: {', '.join(left) or 'nothing'}")
+        if code in (0, 1) and args.command in ("quantize", "tune"):
+            out_files = {p.name: p.stat().st_size for p in output.iterdir() if p.is_file()}
             print("output:", ", ".join(f"{name} {size / 1e6:.1f} MB" for name, size in sorted(out_files.items())))
-            plan = json.loads((output / "report.json").read_text())["plan"]
-            print(f"plan: {plan['nodes_quantized']} of {2 * args.layers} nodes quantized, "
-                  f"{plan['activations']} activations, float: {plan['float_by_reason'] or 'none'}")
+            report = json.loads((output / "report.json").read_text())
+            if args.command == "quantize":
+                plan = report["plan"]
+                print(f"plan: {plan['nodes_quantized']} of {2 * args.layers} nodes quantized, "
+                      f"{plan['activations']} activations, float: {plan['float_by_reason'] or 'none'}")
+            else:
+                chosen = report["chosen"]
+                print(f"tune: {report['search']['trials_run']} trial(s), chosen {chosen['trial']!r}, "
+                      f"reproduced by quantize: {chosen.get('reproduced_by_quantize')}")
         sys.exit(code)
     finally:
         if args.keep is None:
