@@ -10,7 +10,7 @@ model, qtool's working copy of its weights, the output) and ~5 GB of memory.
 `--command` measures `qtool tune` (gate min_cosine 0.999, 4 trials, no timing),
 `sensitivity` or `compare` (float model against the one `quantize` writes,
 made first and not measured) instead; after the run it names any qtool work
-folder (`qtool-weights-*`) left in the child's TMPDIR.
+folder (`qtool-*`) left in the child's TMPDIR.
 
     python bench/large_model.py [--width 8192] [--layers 9] [--samples 8] [--keep DIR] [--limit-mb N]
                                 [--command quantize|tune|sensitivity|compare]
@@ -163,7 +163,7 @@ def main() -> None:
         seconds = time.perf_counter() - started
         print(f"qtool {args.command}: exit {code}, {seconds:.1f} s, peak RSS {usage.ru_maxrss / 2**20:.2f} GB "
               f"= {usage.ru_maxrss * 1024 / size_in:.2f}x the model")
-        left = sorted(path.name for path in scratch.iterdir())
+        left = sorted(path.name for path in scratch.iterdir() if path.name.startswith("qtool-"))
         print(f"left in TMPDIR: {', '.join(left) or 'nothing'}")
         if code in (0, 1) and args.command in ("quantize", "tune"):
             out_files = {p.name: p.stat().st_size for p in output.iterdir() if p.is_file()}

@@ -19,6 +19,7 @@ from qtool.authoring import starter
 from qtool.calibration import interchange
 from qtool.calibration.calibrate import CalibrationTable, check_table, save_table, table_document
 from qtool.calibration.shards import calibrate_with
+from qtool.distributed.ray_executor import refuse_past_limit
 from qtool.errors import ModelError, UsageError
 from qtool.evaluation.bias_choice import BiasOutcome, correct_bias
 from qtool.evaluation.compare import GATES, GateResult, check_gates, compare_models
@@ -27,6 +28,7 @@ from qtool.evaluation.validation import (check_gates_are_measurable, extra_figur
                                          layers_and_latency, resolve_validation_data, slower_than_float)
 from qtool.io.artifacts import guarded, write_artifacts, write_text_atomic
 from qtool.io.data import model_inputs, read_labels
+from qtool.io.external import in_scratch
 from qtool.io.feeds import open_data
 from qtool.io.fingerprint import as_loaded, fingerprint
 from qtool.io.targets import check_output_file, check_output_path
@@ -88,6 +90,7 @@ def _prepare(model_path: Path, recipe: Recipe | None) -> tuple[ModelProto, list[
     return model, [note for note in [*repairs, widened, upgrade_note, *notes, opset_note, equalized] if note], pairs
 
 
+@in_scratch  # past 2 GB: the weights' work files go when it returns
 def inspect(model_path: str | Path, recipe: Recipe | str | Path | None = None) -> inspection.Inspection:
     """What a model is and what qtool would do to it under `recipe`.
 
@@ -170,6 +173,7 @@ class CalibrateResult:
     output: Path | None
 
 
+@in_scratch  # past 2 GB: the weights' work files go when it returns
 def calibrate(
     model_path: str | Path,
     data_dir: str | Path,
@@ -194,6 +198,7 @@ def calibrate(
     model_path = Path(model_path)
     if format not in interchange.FORMATS:
         raise UsageError(f"calibration format {format!r}: allowed: {', '.join(interchange.FORMATS)}")
+    refuse_past_limit(model_path, executor)
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     output = Path(output) if output is not None else None
     read_paths = (_path_or_none(data_dir), *recipe_inputs(recipe))
@@ -261,6 +266,7 @@ def uses_dynamic(recipe: Recipe) -> bool:
     return quant.mode == "dynamic" or any(o.mode == "dynamic" for o in quant.overrides)
 
 
+@in_scratch  # past 2 GB: the weights' work files go when it returns
 def quantize(
     model_path: str | Path,
     data_dir: str | Path | None,
@@ -303,6 +309,8 @@ def quantize(
     if output is not None:
         check_output_path(output, model_path, overwrite, read_paths)
     check_ci_files(junit, step_summary, model_path, read_paths)
+    if calibration is None and data_dir is not None:  # calibration would run on Ray
+        refuse_past_limit(model_path, executor)
     tick = stage_progress(progress)
     loaded = interchange.load_any_table(calibration) if calibration is not None else None
 
@@ -391,6 +399,7 @@ class CompareResult:
         return all(gate.passed for gate in self.gates)
 
 
+@in_scratch  # past 2 GB: the weights' work files go when it returns
 def compare(
     reference_path: str | Path,
     candidate_path: str | Path,

@@ -167,6 +167,31 @@ def test_sharded_calibration_table_is_byte_identical(cluster, tmp_path, method):
     assert (tmp_path / "ray.json").read_bytes() == (tmp_path / "local.json").read_bytes()
 
 
+@pytest.mark.parametrize("command", ["tune", "sensitivity", "quantize", "calibrate"])
+def test_a_model_past_the_limit_is_refused_on_ray_before_anything_runs(cluster, tmp_path, monkeypatch, command):
+    """Its weights stay in files of this machine (qtool.io.external); trials and calibration shards got
+    their absolute paths, which only a task on this machine can read. Exit 2, saying why, nothing written."""
+    from click.testing import CliRunner
+    from test_large_models import lower_limit
+    from qtool.cli.main import main
+
+    address, _ = cluster
+    folder = tmp_path / "large"
+    folder.mkdir()
+    onnx.save_model(onnx.load(SAMPLE / "model.onnx"), str(folder / "model.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
+    lower_limit(monkeypatch)  # 16 KiB: the sample model is past it
+    out = tmp_path / ("table.json" if command == "calibrate" else "out")
+    (tmp_path / "recipe.yaml").write_text("version: 1\nvalidation:\n  gates: {min_cosine: 0.99}\n")
+    extra = ["--recipe", str(tmp_path / "recipe.yaml")] if command == "tune" else []
+    result = CliRunner().invoke(main, [command, str(folder / "model.onnx"), "--data", str(SAMPLE / "calib"),
+                                       "--output", str(out), "--executor", "ray", "--ray-address", address, *extra])
+    assert result.exit_code == 2, result.output
+    line, = result.stderr.strip().splitlines()
+    assert line.startswith(f"Error: {folder / 'model.onnx'}: --executor ray takes models under protobuf's 2 GB limit")
+    assert "--executor local" in line and not out.exists()
+
+
 def test_without_ray_the_error_says_what_to_install(tmp_path):
     """A Python where `import ray` fails (a stand-in package that raises): exit 2, one line."""
     blocker = tmp_path / "blocker" / "ray"

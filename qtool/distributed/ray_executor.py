@@ -5,6 +5,8 @@ plan) goes into Ray's object store once (`ray.put`); each task names it by refer
 hands it to the task's worker once per node. Results come back as tasks finish (`ray.wait`).
 A task whose worker process or node dies is retried by Ray (`max_retries`); when it still cannot
 finish, it is yielded as a `LostTask`, so the caller can go on without it and say which was lost.
+Models past protobuf's 2 GB limit are refused (`refuse_past_limit`): their weights stay in files of
+this machine (qtool.io.external), which tasks elsewhere cannot read.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from qtool.errors import UsageError
+from qtool.io.model import PROTOBUF_LIMIT, model_file_bytes
 
 INSTALL_HINT = "pip install 'qtool-onnx[ray]'"
 MAX_RETRIES = 3  # Ray's retries of a task whose worker or node died (application errors are not retried)
@@ -52,6 +56,26 @@ def unreachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> str | None:
         return f"no answer within {timeout:g} s"
     except OSError as exc:
         return exc.strerror or type(exc).__name__
+
+
+def refuse_past_limit(model_path: Path, executor: str) -> None:
+    """With `executor` "ray", a UsageError (exit 2) for a model whose files hold PROTOBUF_LIMIT bytes or
+    more; nothing for another executor, or a file that does not load (its loader says why later).
+
+    Such a model's weights stay on this machine's disk (qtool.io.external); for Ray tasks they would
+    be put into the object store, pulled to every node and written to each worker's disk again before
+    ONNX Runtime could map them: several times the model in memory and disk per node, for trials that
+    each need the whole model anyway. One machine (`--jobs N`) runs them with one copy."""
+    if executor != "ray":
+        return
+    try:
+        size = model_file_bytes(Path(model_path))
+    except Exception:  # noqa: BLE001 - missing, unreadable: the load names it with its own message
+        return
+    if size >= PROTOBUF_LIMIT:
+        raise UsageError(f"{model_path}: --executor ray takes models under protobuf's 2 GB limit; this one holds "
+                         f"{size / 1e9:.2f} GB, kept on this machine's disk, which Ray tasks elsewhere cannot read: "
+                         "run it here with --executor local (tune and sensitivity: --jobs N)")
 
 
 def fetch(handle):

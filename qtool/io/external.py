@@ -5,24 +5,34 @@ input's data files, or into spill files (the weights qtool computes) of one work
 numpy reads a tensor through a copy-on-write memory map, one tensor at a time. ONNX Runtime gets
 a model file written into the work folder and maps the data itself; the input's data files are
 copied there the first time a session needs them (by the kernel, not through memory; a hard link
-would be refused by onnx.checker as a possible attack). The folder holds those copies and the
-integer weights of every quantized model built until the process exits. Measured on a 0.40 GB model
-(onnxruntime 1.32): a session over such a file holds each weight once (mapped, or its prepacked
-copy once packed); one over bytes, `add_external_initializers` or in-memory files copies every
-weight first; data files reached through a symbolic link are refused.
+would be refused by onnx.checker as a possible attack). What a `scratch()` block puts into the
+folder (copies, spill files) is removed when the block ends, also on Ctrl-C or SIGTERM (raised as an
+exception by the CLI); the folder itself when the outermost block ends, or else when the process
+exits. A model whose data the block wrote must be read back (`into_memory`) to outlive it; every
+use case (qtool.api, qtool.search.api) is one block. Measured on a 0.40 GB model (onnxruntime
+1.32): a session over such a file holds each weight once (mapped, or its prepacked copy once
+packed); one over bytes, `add_external_initializers` or in-memory files copies every weight first;
+data files reached through a symbolic link are refused.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
 import os
 import shutil
 import sys
 import tempfile
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 from onnx import ModelProto, TensorProto, external_data_helper, helper, numpy_helper
+
+from qtool.io.artifacts import signals_deferred
 
 CHUNK_BYTES = 16 << 20  # copying tensor data between files: the most held in memory at once
 SPILL_MIN_BYTES = 1024  # in-memory tensors from here on go to disk (as onnx's save_model size_threshold)
@@ -30,14 +40,72 @@ SPILL_MIN_BYTES = 1024  # in-memory tensors from here on go to disk (as onnx's s
 MAPPABLE = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.INT8, TensorProto.UINT8,
             TensorProto.INT16, TensorProto.UINT16, TensorProto.INT32, TensorProto.UINT32, TensorProto.INT64,
             TensorProto.UINT64, TensorProto.BOOL}
-_WORK: list[tempfile.TemporaryDirectory] = []  # created on first use, removed when the process exits
+_WORK: list[tempfile.TemporaryDirectory] = []  # the default folder: created on first use
+
+
+@dataclass(eq=False)  # scopes are told apart by identity
+class _Scope:
+    folder: Path | None  # the work folder inside the block (None: the one around it)
+    files: list[str] = field(default_factory=list)  # written inside the block: removed when it ends
+
+
+_SCOPES: list[_Scope] = []
 
 
 def work_folder() -> Path:
-    """This process's folder for data files and the model files ONNX Runtime reads (removed at exit)."""
+    """This process's folder for data files and the model files ONNX Runtime reads: the innermost
+    `scratch(folder)` block's, else a temporary folder of its own (removed when the outermost block
+    ends, or at exit)."""
+    for scope in reversed(_SCOPES):
+        if scope.folder is not None:
+            return scope.folder
     if not _WORK:
         _WORK.append(tempfile.TemporaryDirectory(prefix="qtool-weights-"))
     return Path(_WORK[0].name)
+
+
+def _new_file(prefix: str, suffix: str) -> Path:
+    """A new file name in the work folder, owned by the innermost scratch block (named to it before it exists)."""
+    path = work_folder() / f"{prefix}-{uuid.uuid4().hex}{suffix}"
+    if _SCOPES:
+        _SCOPES[-1].files.append(str(path))
+    return path
+
+
+@contextlib.contextmanager
+def scratch(folder: Path | None = None) -> Iterator[None]:
+    """A block whose work files (input copies, spill files, model files for ONNX Runtime) are removed
+    when it ends, however it ends; `folder`: put them there (a folder of the caller's, which it
+    removes itself) instead of the work folder around it. The outermost block also removes the
+    default work folder if it made it. Models whose on-disk data the block wrote cannot be read after it."""
+    scope = _Scope(Path(folder) if folder is not None else None)
+    made_here = not _WORK
+    _SCOPES.append(scope)
+    try:
+        yield
+    finally:
+        with signals_deferred():  # Ctrl-C twice does not leave half of it behind
+            _SCOPES.remove(scope)
+            gone = set(scope.files)
+            for key in [key for key, copy in _copies.items() if copy in gone]:
+                del _copies[key]
+            for path in scope.files:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            if not _SCOPES and made_here and _WORK:
+                _WORK.pop().cleanup()
+
+
+Fn = TypeVar("Fn", bound=Callable)
+
+
+def in_scratch(function: Fn) -> Fn:
+    """`function` run inside a `scratch()` block (the use cases: nothing they write to disk outlives them)."""
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with scratch():
+            return function(*args, **kwargs)
+    return wrapper  # type: ignore[return-value]
 
 
 def on_disk(tensor: TensorProto) -> bool:
@@ -74,17 +142,20 @@ def _check_bounds(tensor: TensorProto, folder: Path) -> None:
                              f"type and dims ({expected} bytes)")
 
 
-_copies: dict[tuple, str] = {}  # (path, inode, size, mtime) of an input data file -> its copy in the work folder
+# (work folder, path, inode, size, mtime) of an input data file -> its copy in that work folder
+_copies: dict[tuple, str] = {}
 
 
 def _work_copy(source: str) -> str:
-    """`source` if it is in the work folder, else its copy there (made once per version of the file)."""
-    if os.path.dirname(source) == str(work_folder()):
+    """`source` if it is in the work folder, else its copy there (made once per version of the file
+    and scratch block)."""
+    folder = str(work_folder())
+    if os.path.dirname(source) == folder:
         return source
     stat = os.stat(source)
-    key = (source, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    key = (folder, source, stat.st_ino, stat.st_size, stat.st_mtime_ns)
     if key not in _copies:
-        target = work_folder() / f"input-{uuid.uuid4().hex}.data"
+        target = _new_file("input", ".data")
         shutil.copyfile(source, target)  # copy_file_range/sendfile on Linux
         _copies[key] = str(target)
     return _copies[key]
@@ -135,7 +206,7 @@ class SpillFile:
     """A new work-folder file that tensors are appended to, one at a time."""
 
     def __init__(self) -> None:
-        self.path = work_folder() / f"spill-{uuid.uuid4().hex}.data"
+        self.path = _new_file("spill", ".data")
         self.path.touch()
 
     def write(self, tensor: TensorProto, data: bytes | memoryview) -> TensorProto:
@@ -182,14 +253,15 @@ def runtime_file(model: ModelProto) -> Path:
         if on_disk(tensor):
             entry = next(e for e in tensor.external_data if e.key == "location")
             entry.value = os.path.basename(_work_copy(entry.value))
-    path = work_folder() / f"model-{uuid.uuid4().hex}.onnx"
+    path = _new_file("model", ".onnx")
     path.write_bytes(header.SerializeToString())
     return path
 
 
-def save_with_external_data(model: ModelProto, path: Path, location: str) -> None:
+def save_with_external_data(model: ModelProto, path: Path, location: str, data_path: Path | None = None) -> None:
     """Write `model` to `path`, the data of its on-disk tensors and of in-memory initializers of at least
-    1 KB (as onnx.save_model(..., size_threshold=1024) counts) appended to `location` beside it.
+    1 KB (as onnx.save_model(..., size_threshold=1024) counts) appended to `location` beside it (written
+    at `data_path` when given: a staging name the caller renames to `location`).
 
     Data is copied file to file in chunks of CHUNK_BYTES; `model` itself is not changed.
     """
@@ -197,19 +269,12 @@ def save_with_external_data(model: ModelProto, path: Path, location: str) -> Non
     header.CopyFrom(model)
     tensors = [*((t, True) for t in external_data_helper._get_initializer_tensors(header)),
                *((t, False) for t in external_data_helper._get_attribute_tensors(header))]
-    with open(path.parent / location, "wb") as out:
+    with open(data_path or path.parent / location, "wb") as out:
         for tensor, initializer in tensors:
             if on_disk(tensor):
-                info, offset = _info(tensor), out.tell()
-                with open(info.location, "rb") as source:
-                    source.seek(int(info.offset or 0))
-                    left = _length(tensor)
-                    while left > 0:
-                        chunk = source.read(min(left, CHUNK_BYTES))
-                        if not chunk:
-                            raise OSError(f"{info.location}: ends before tensor {tensor.name!r}'s data")
-                        out.write(chunk)
-                        left -= len(chunk)
+                offset = out.tell()
+                for chunk in _chunks(tensor):
+                    out.write(chunk)
             elif initializer and tensor.HasField("raw_data") and sys.getsizeof(tensor.raw_data) >= 1024:
                 offset = out.tell()
                 out.write(tensor.raw_data)
@@ -220,6 +285,82 @@ def save_with_external_data(model: ModelProto, path: Path, location: str) -> Non
             external_data_helper.set_external_data(tensor, location, offset, length)
             tensor.ClearField("raw_data")
     path.write_bytes(header.SerializeToString())
+
+
+def content_sha256(model: ModelProto) -> str:
+    """sha256 (hex) of what a model is: its graph and every tensor's bytes, wherever they are kept.
+
+    The same model gives the same digest with its weights in memory, in spill files or in copies at
+    any path (its serialized form would name those paths). Each tensor counts as its fields without
+    its data, then its data bytes (raw_data, or read from disk CHUNK_BYTES at a time); the rest of the
+    model (nodes, I/O, opsets, metadata) as one protobuf. Memory: the model without its top-level
+    initializers, plus one tensor's raw_data or one chunk.
+    """
+    digest = hashlib.sha256()
+    header = _without(model, "graph")
+    header.graph.CopyFrom(_without(model.graph, "initializer"))
+    for tensor in external_data_helper._get_all_tensors(header):  # attribute tensors, subgraphs' initializers
+        _hash_tensor(digest, tensor)
+        for name in _DATA_FIELDS:
+            tensor.ClearField(name)
+    _framed(digest, header.SerializeToString(deterministic=True))
+    for tensor in model.graph.initializer:
+        _hash_tensor(digest, tensor)
+    return digest.hexdigest()
+
+
+_DATA_FIELDS = ("raw_data", "external_data", "data_location")
+
+
+def _without(message, *skipped: str):
+    """A copy of a protobuf message without some of its fields (which are never copied)."""
+    copy = type(message)()
+    for descriptor in message.DESCRIPTOR.fields:  # not ListFields: it would read the skipped ones too
+        name = descriptor.name
+        if name in skipped:
+            continue
+        repeated = descriptor.is_repeated if hasattr(descriptor, "is_repeated") else \
+            descriptor.label == descriptor.LABEL_REPEATED  # protobuf before 5.29
+        if repeated:
+            getattr(copy, name).extend(getattr(message, name))
+        elif message.HasField(name):
+            if descriptor.type == descriptor.TYPE_MESSAGE:
+                getattr(copy, name).CopyFrom(getattr(message, name))
+            else:
+                setattr(copy, name, getattr(message, name))
+    return copy
+
+
+def _framed(digest, data: bytes) -> None:
+    digest.update(len(data).to_bytes(8, "little"))
+    digest.update(data)
+
+
+def _hash_tensor(digest, tensor: TensorProto) -> None:
+    """The tensor's fields but its data, framed; then its data, framed the same in memory and on disk."""
+    _framed(digest, _without(tensor, *_DATA_FIELDS).SerializeToString(deterministic=True))
+    if on_disk(tensor):
+        digest.update(_length(tensor).to_bytes(8, "little"))
+        for chunk in _chunks(tensor):
+            digest.update(chunk)
+    elif tensor.data_location == TensorProto.EXTERNAL:  # a relative location, resolved nowhere: its entries
+        _framed(digest, b"".join(f"{e.key}={e.value}\0".encode() for e in tensor.external_data))
+    else:
+        _framed(digest, tensor.raw_data)
+
+
+def _chunks(tensor: TensorProto) -> Iterator[bytes]:
+    """An on-disk tensor's data, CHUNK_BYTES at a time; an OSError if its file ends before it does."""
+    info = _info(tensor)
+    with open(info.location, "rb") as source:
+        source.seek(int(info.offset or 0))
+        left = _length(tensor)
+        while left > 0:
+            chunk = source.read(min(left, CHUNK_BYTES))
+            if not chunk:
+                raise OSError(f"{info.location}: ends before tensor {tensor.name!r}'s data")
+            yield chunk
+            left -= len(chunk)
 
 
 def into_memory(model: ModelProto) -> ModelProto:

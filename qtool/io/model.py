@@ -6,8 +6,10 @@ Loading refuses what would make onnx read outside the model's folder
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from google.protobuf.message import EncodeError
 from onnx import ModelProto, TensorProto, external_data_helper, version_converter
 
 from qtool.errors import ModelError, reason
+from qtool.io.artifacts import guarded, remove_stale_staging, signals_deferred, staging_name
 from qtool.io.external import into_memory, keep_on_disk, on_disk, on_disk_bytes, save_with_external_data
 
 MIN_OPSET = 13  # QuantizeLinear/DequantizeLinear gain `axis` (per-channel) here
@@ -52,6 +55,27 @@ def in_one_proto(model: ModelProto) -> bool:
     on disk by qtool.io.external); else onnx and ONNX Runtime must read it from a file."""
     return proto_size(model) < PROTOBUF_LIMIT and not any(
         on_disk(t) for t in external_data_helper._get_all_tensors(model))
+
+
+def run_checker(model: ModelProto) -> None:
+    """onnx.checker.check_model on an in-memory model (its ValidationError raised as it is).
+
+    A model whose tensor data is kept on disk is checked as its header, written into a temporary
+    folder beside one empty stand-in data file: the checker reads no tensor data (it checks that the
+    file is there), and refuses the absolute locations such a model holds in memory.
+    """
+    if in_one_proto(model):
+        onnx.checker.check_model(model)
+        return
+    header = ModelProto()
+    header.CopyFrom(model)  # small: past the limit, weights of 1 KB and more are on disk
+    for tensor in external_data_helper._get_all_tensors(header):
+        if on_disk(tensor):
+            next(e for e in tensor.external_data if e.key == "location").value = "weights"
+    with tempfile.TemporaryDirectory(prefix="qtool-check-") as folder:
+        (Path(folder) / "weights").touch()
+        (Path(folder) / "model.onnx").write_bytes(header.SerializeToString())
+        onnx.checker.check_model(str(Path(folder) / "model.onnx"))
 
 
 def file_sha256(path: Path) -> str:
@@ -261,17 +285,50 @@ def upgrade_opset(model: ModelProto, path: Path, target: int = MIN_OPSET) -> tup
     return upgraded, f"opset upgraded from {current} to {target} (per-channel Q/DQ needs `axis`)"
 
 
-def save_model(model: ModelProto, path: Path) -> None:
-    """Write a model; weights go to `<name>.data` beside it past protobuf's 2 GB limit, streamed
-    one tensor at a time (`model` is not changed)."""
-    if proto_size(model) > PROTOBUF_LIMIT - (64 << 20):
-        save_with_external_data(model, path, path.name + ".data")
+def needs_data_file(model: ModelProto) -> bool:
+    """Whether `save_model` writes the model's weights into a data file beside it (past protobuf's limit)."""
+    return proto_size(model) > PROTOBUF_LIMIT - (64 << 20)
+
+
+def save_model(model: ModelProto, path: Path, data_name: str | None = None, data_path: Path | None = None) -> None:
+    """Write a model; weights go to `data_name` (default `<name>.data`) beside it past protobuf's 2 GB
+    limit, streamed one tensor at a time, written at `data_path` if given (`model` is not changed)."""
+    if needs_data_file(model):
+        save_with_external_data(model, path, data_name or path.name + ".data", data_path)
     elif not in_one_proto(model):  # small enough for one file: its on-disk tensors read back, one copy
         whole = ModelProto()
         whole.CopyFrom(model)
         onnx.save_model(into_memory(whole), str(path))
     else:
         onnx.save_model(model, str(path))
+
+
+def replace_model(path: Path, model: ModelProto) -> None:
+    """`save_model` over an existing `path` through staging files: a reader sees the old model or the new
+    one. Past the limit its data file (`<name>.data`) is renamed into place just before the model file
+    (both renames with signals deferred); a `<name>.data` the new model does not use is removed.
+    An OSError becomes a WriteError naming `path`."""
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    staged: list[Path] = []
+    try:
+        with guarded(path):
+            remove_stale_staging(path.parent)
+            with signals_deferred():
+                staged += [path.with_name(staging_name()), path.with_name(staging_name())]
+            header, body = staged
+            big = needs_data_file(model)
+            save_model(model, header, data.name, body if big else None)
+            with signals_deferred():
+                if big:
+                    os.replace(body, data)
+                os.replace(header, path)
+                if not big:
+                    data.unlink(missing_ok=True)
+    finally:
+        for leftover in staged:
+            with contextlib.suppress(OSError):
+                leftover.unlink(missing_ok=True)
 
 
 class GraphIndex:

@@ -8,15 +8,13 @@ output; a float node reads a float producer's output as it is.
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import ModelProto, helper, numpy_helper, version_converter
 
 from qtool.io.external import SpillFile, tensor_array
-from qtool.io.model import PROTOBUF_LIMIT, GraphIndex, in_one_proto, opset_version, proto_size, save_model
+from qtool.io.model import PROTOBUF_LIMIT, GraphIndex, opset_version, proto_size, run_checker
 from qtool.numerics import QTYPES, quantize
 from qtool.quantization.dynamic import DynamicQuant
 from qtool.quantization.plan import QuantPlan
@@ -333,7 +331,7 @@ def ensure_opset(model: ModelProto, need: tuple[int, str] | None) -> tuple[Model
     target, reason = need
     try:
         upgraded = version_converter.convert_version(model, target)
-        onnx.checker.check_model(upgraded)
+        run_checker(upgraded)
     except Exception as exc:  # the converter raises bare RuntimeErrors per op
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return model, f"opset {current} kept: upgrade to {target} ({reason}) failed: {first}"
@@ -365,11 +363,6 @@ def check_postconditions(model: ModelProto, plan: QuantPlan) -> None:
             f"found {len(quantized_inputs)}"
         )
     try:
-        if in_one_proto(model):
-            onnx.checker.check_model(model)
-        else:  # past protobuf's 2 GB the checker reads a file, weights in external data
-            with tempfile.TemporaryDirectory(prefix="qtool-check-") as folder:
-                save_model(model, Path(folder) / "model.onnx")
-                onnx.checker.check_model(str(Path(folder) / "model.onnx"))
+        run_checker(model)
     except onnx.checker.ValidationError as exc:
         raise PlanViolation(f"quantized model fails onnx.checker: {str(exc).splitlines()[0]}") from None

@@ -6,7 +6,6 @@ through an executor (the scale-out seam) and the best model so far is always on 
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import time
@@ -20,8 +19,10 @@ from qtool.api import Progress, quantize, recipe_inputs, stage_progress
 from qtool.errors import RecipeError, SideFileError, Terminated, UsageError, WorkerError, WriteError
 from qtool.evaluation.latency import BenchResult
 from qtool.io.artifacts import guarded, replace_file, temporary_folder, write_artifacts, write_text_atomic
+from qtool.distributed.ray_executor import refuse_past_limit
+from qtool.io.external import content_sha256, scratch
 from qtool.io.targets import check_output_file, check_output_path
-from qtool.io.model import file_sha256, save_model
+from qtool.io.model import file_sha256, replace_model
 from qtool.recipe.load import load_recipe, parse_recipe
 from qtool.recipe.schema import Recipe
 from qtool.runtime.session import current_providers
@@ -88,10 +89,14 @@ def sensitivity(
     cache_path = Path(cache) if cache is not None else (output / SENSITIVITY_CACHE if output is not None else None)
     if cache is not None:
         check_output_file(cache_path, model_path, inputs, what="--cache file")
+    refuse_past_limit(model_path, executor)
     tick = stage_progress(progress)
     started = time.perf_counter()
     lost: list[dict] = []
-    with temporary_folder("qtool-trials-") as folder, make_executor(jobs, executor, ray_address) as pool:
+    # the trials' folder is also the work folder (qtool.io.external): the float model's data is not copied
+    # again for its sessions, and a worker killed mid-trial leaves its files there, removed with it
+    with temporary_folder("qtool-trials-") as folder, scratch(folder), \
+            make_executor(jobs, executor, ray_address) as pool:
         setup = setup_trials(model_path, data_dir, recipe, folder, validation_data, labels,
                               1 if pool.jobs > 1 or pool.remote else None, tick)
         key = cache_key(file_sha256(model_path), recipe,
@@ -236,6 +241,7 @@ def tune(
     deadline = started + time_budget if time_budget else None
     cache_path = Path(cache) if cache is not None else output / SENSITIVITY_CACHE
     check_output_file(cache_path, model_path, inputs, what="--cache file")
+    refuse_past_limit(model_path, executor)
     cached_document = read_cache(cache_path)
     tick = stage_progress(progress)
     say = on_event or (lambda line: None)
@@ -247,7 +253,8 @@ def tune(
     latencies: dict[tuple, BenchResult] = {}  # trial promotions -> timing
     report: dict = {}
     lost: list[dict] = []
-    with temporary_folder("qtool-trials-") as folder, make_executor(jobs, executor, ray_address) as pool:
+    with temporary_folder("qtool-trials-") as folder, scratch(folder), \
+            make_executor(jobs, executor, ray_address) as pool:  # the work folder as in `sensitivity`
         setup = setup_trials(model_path, data_dir, recipe, folder, validation_data, labels,
                               1 if pool.jobs > 1 or pool.remote else None, tick)
         figure = tune_objective(gates, setup, recipe, model_path)
@@ -269,13 +276,13 @@ def tune(
                                 time.monotonic() - started, latencies, latency_runs)
 
         def write_best(result: TrialResult) -> None:
-            quantized, _, _ = build_trial_model(context, result.spec)
             overrides = promotion_overrides(result.spec.promotions, recipe.quantization.activations.dtype)
             text = tuned_recipe_text(recipe, overrides, output, setup.bias_correction)
             if not state["writes"]:  # the folder, and an earlier run's results, are touched from here on
                 with guarded(output, "create the output folder"):
                     output.mkdir(parents=True, exist_ok=True)
-            replace_file(output / "model.onnx", lambda path: save_model(quantized, path))
+            with scratch():  # its spilled weights (past 2 GB) are gone once it is written
+                replace_model(output / "model.onnx", build_trial_model(context, result.spec)[0])
             replace_file(output / TUNED_RECIPE, lambda path: path.write_text(text, encoding="utf-8"))
             state["best"], state["writes"] = result, state["writes"] + 1
             for name, write in search_report_writers(build_report(False, "running")).items():
@@ -328,9 +335,8 @@ def tune(
             try:
                 tuned = load_recipe(output / TUNED_RECIPE)
                 again = quantize(model_path, data_dir, tuned, validation_data=validation_data, labels=labels)
-                digest = hashlib.sha256(again.model.SerializeToString()).hexdigest()
-                reproduced = digest == best.model_sha256
-                replace_file(output / "model.onnx", lambda path: save_model(again.model, path))
+                reproduced = content_sha256(again.model) == best.model_sha256
+                replace_model(output / "model.onnx", again.model)
             except KeyboardInterrupt as exc:  # the best so far is on disk: the report says so, as above
                 interrupted, (terminated, search.stop_reason) = True, _interruption(exc)
         report = build_report(True, search.stop_reason)

@@ -20,6 +20,7 @@ from qtool.evaluation.bias_choice import correct_bias
 from qtool.evaluation.method_choice import choose_method
 from qtool.evaluation.validation import check_gates_are_measurable, resolve_validation_data
 from qtool.io.data import model_inputs
+from qtool.io.external import scratch
 from qtool.io.feeds import open_data
 from qtool.io.samples import DataSource
 from qtool.io.model import file_sha256, model_file_bytes, save_model
@@ -39,7 +40,7 @@ from qtool.search.trial import (FLOAT_MODEL, TrialContext, TrialResult, TrialSpe
 @dataclass
 class TrialSetup:
     context: TrialContext
-    model: ModelProto  # the prepared float model
+    model: ModelProto  # the prepared float model (past 2 GB its graph only: its work files are gone)
     prepare_notes: list[str]
     calib_data: DataSource
     eval_data: DataSource
@@ -55,7 +56,15 @@ class TrialSetup:
 def setup_trials(model_path: Path, data_dir: Path, recipe: Recipe, folder: Path, validation_data, labels,
                   threads: int | None, tick) -> TrialSetup:
     """Prepare, calibrate once (every tensor a trial may quantize), run the float model over the
-    evaluation data, and leave what trials read in `folder`."""
+    evaluation data, and leave what trials read in `folder`. Past 2 GB the work files its sessions
+    needed (a copy of the input's weights: qtool.io.external) are removed when it returns: the
+    result's `model` is for its graph; trials read the float model written into `folder`."""
+    with scratch():
+        return _setup_trials(model_path, data_dir, recipe, folder, validation_data, labels, threads, tick)
+
+
+def _setup_trials(model_path: Path, data_dir: Path, recipe: Recipe, folder: Path, validation_data, labels,
+                  threads: int | None, tick) -> TrialSetup:
     started = time.perf_counter()
     model, prepare_notes = prepare(model_path, recipe)
     inputs = model_inputs(model)

@@ -29,6 +29,7 @@ from qtool.evaluation.compare import Comparison, OutputStats, check_gates
 from qtool.evaluation.latency import BenchResult, bench_models
 from qtool.evaluation.metrics import is_classifier_output, top1
 from qtool.distributed.ray_executor import fetch
+from qtool.io.external import content_sha256, scratch
 from qtool.io.model import copy_metadata, load_model, proto_size
 from qtool.io.samples import Batch
 from qtool.io.streams import StreamState
@@ -173,8 +174,10 @@ _COPIES: dict[str, tempfile.TemporaryDirectory] = {}  # per process: work folder
 
 def folder_files(folder: Path) -> dict[str, bytes]:
     """The work folder's files (prepared float models, their external data, the evaluation set), by name:
-    what a trial on another machine needs, shipped once through the executor's object store."""
-    return {path.name: path.read_bytes() for path in sorted(Path(folder).iterdir()) if path.is_file()}
+    what a trial on another machine needs, shipped once through the executor's object store (not the
+    weights' work files qtool.io.external keeps beside them)."""
+    return {path.name: path.read_bytes() for path in sorted(Path(folder).iterdir())
+            if path.is_file() and path.name.startswith(("float", "eval."))}
 
 
 def _folder(context: TrialContext) -> Path:
@@ -251,8 +254,15 @@ def build_trial_model(context: TrialContext, spec: TrialSpec) -> tuple[ModelProt
 
 
 def run_trial(task: tuple[TrialContext, TrialSpec]) -> TrialResult:
-    """Build one trial's model and measure it against the float outputs (module-level: runs in workers)."""
+    """Build one trial's model and measure it against the float outputs (module-level: runs in workers).
+    The files the trial's model needs on disk (past 2 GB) go into the work folder and are removed
+    when it is measured."""
     context, spec = task
+    with scratch(_folder(context)):
+        return _run_trial(context, spec)
+
+
+def _run_trial(context: TrialContext, spec: TrialSpec) -> TrialResult:
     started = time.perf_counter()
     quantized, quantized_nodes, notes = build_trial_model(context, spec)
     with use_providers(context.providers):
@@ -287,7 +297,7 @@ def run_trial(task: tuple[TrialContext, TrialSpec]) -> TrialResult:
     gates = {name: value for name, value in context.gates.items() if name in SEARCH_GATES}
     verdicts = check_gates(Comparison(samples, figures, accuracy, labelled), gates,
                            {"size_ratio": context.float_bytes / size if size else None})
-    digest = hashlib.sha256(quantized.SerializeToString()).hexdigest()
+    digest = content_sha256(quantized)  # what `qtool quantize` must reproduce, wherever the weights are
     return TrialResult(spec, figures, accuracy, labelled, samples, size, quantized_nodes,
                        time.perf_counter() - started, tuple(notes), tuple(verdicts), digest)
 
@@ -295,11 +305,12 @@ def run_trial(task: tuple[TrialContext, TrialSpec]) -> TrialResult:
 def trial_latency(context: TrialContext, spec: TrialSpec, rounds: int) -> BenchResult:
     """One trial's model against the recipe's prepared float model on the first evaluation sample,
     interleaved (`bench_models`, one ORT thread); meant for the parent with no trial running beside it."""
-    quantized, _, _ = build_trial_model(context, spec)
-    feeds = _head(_state(context).batches[0], 1)["feeds"]
-    with use_providers(context.providers):
-        return bench_models(_float_model(context, context.recipe), quantized, feeds, threads=LATENCY_THREADS,
-                            rounds=rounds)
+    with scratch():
+        quantized, _, _ = build_trial_model(context, spec)
+        feeds = _head(_state(context).batches[0], 1)["feeds"]
+        with use_providers(context.providers):
+            return bench_models(_float_model(context, context.recipe), quantized, feeds,
+                                threads=LATENCY_THREADS, rounds=rounds)
 
 
 def _head(batch: dict, count: int) -> dict:
