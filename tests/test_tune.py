@@ -116,6 +116,33 @@ def test_sensitivity_with_method_auto_calibrates_every_trial_with_the_chosen_ran
     assert result.rows[0]["node"] == HOSTILE
 
 
+def test_a_ranking_of_ties_says_it_carries_no_information(tmp_path):
+    """No hostile layer and an ArgMax output: every node quantized alone keeps every tag (exact match 1).
+    The nodes share rank 1 and stderr and the report say the order means nothing (it was graph order,
+    ranks 1..6, silently)."""
+    model = hostile_model(hostile=-1)
+    model.graph.node.append(helper.make_node("ArgMax", ["y"], ["tag"], name="argmax", axis=1, keepdims=0))
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info("tag", TensorProto.INT64, ["N"]))
+    onnx.save(model, tmp_path / "model.onnx")
+    rng = np.random.default_rng(1)
+    save_npy_folder(tmp_path / "calib", [rng.standard_normal((1, 16)) for _ in range(16)])
+    save_npy_folder(tmp_path / "eval", [rng.standard_normal((1, 16)) for _ in range(8)])
+    (tmp_path / "recipe.yaml").write_text("version: 1\ncalibration: {method: minmax}\n")
+    out = tmp_path / "sens"
+    result = subprocess.run([str(QTOOL), "sensitivity", str(tmp_path / "model.onnx"), "--data", str(tmp_path / "calib"),
+                             "--recipe", str(tmp_path / "recipe.yaml"),
+                             "--validation-data", str(tmp_path / "eval"), "--output", str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "warning: the sensitivity ranking carries no information: all 6 measured nodes score the same " \
+           "(exact match 1)" in result.stderr
+    report = validated(out / "report.json")
+    assert report["sensitivity"]["informative"] is False
+    assert [row["rank"] for row in report["sensitivity"]["rows"]] == [1] * 6
+    assert "carries no information" in (out / "report.md").read_text()
+
+
 def test_tune_promotes_the_hostile_layer_and_nothing_else(hostile, tmp_path):
     out = tmp_path / "tuned"
     result = subprocess.run([str(QTOOL), "tune", str(hostile / "model.onnx"), "--recipe", str(hostile / "recipe.yaml"),
@@ -392,7 +419,7 @@ def test_a_model_whose_every_output_is_integer_is_ranked_and_tuned_by_exact_matc
     assert sens.rows[0]["node"] == HOSTILE and sens.rows[0]["exact_match"] < 0.5  # its outlier input costs the tags
     assert all(row["exact_match"] > 0.9 for row in sens.rows[1:])
     assert "| rank | node | op | exact match |" in (tmp_path / "sens" / "report.md").read_text()
-    validated(tmp_path / "sens" / "report.json")
+    assert validated(tmp_path / "sens" / "report.json")["sensitivity"]["informative"] is True
     tuned = search_api.tune(tmp_path / "model.onnx", calib, recipe, tmp_path / "tuned", validation_data=evaluation,
                             latency_runs=0)
     report = validated(tmp_path / "tuned" / "report.json")

@@ -77,6 +77,8 @@ def sensitivity(model: Path, recipe_path: Path | None, data_dir: Path, validatio
                                     overwrite=overwrite, progress=progress, executor=executor,
                                     ray_address=ray_address)
     _warn_lost(result.report["sensitivity"]["executor"]["lost_trials"], quiet)
+    if not result.report["sensitivity"]["informative"] and not quiet:
+        click.echo(f"warning: {result.report['warnings'][-1]}", err=True)
     if as_json:
         click.echo(render_json(result.report), nl=False)
         return

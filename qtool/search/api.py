@@ -29,8 +29,8 @@ from qtool.reporting import document as reporting
 from qtool.reporting.search import search_report_writers
 from qtool.search.executor import make_executor
 from qtool.search.promote import Search, objective, objective_name, pareto_frontier
-from qtool.search.setup import (TrialSetup, cache_document, executor_section, measure_sensitivity, read_cache,
-                                run_specs, search_inputs, setup_trials, trial_row, tune_objective)
+from qtool.search.setup import (TrialSetup, cache_document, executor_section, measure_sensitivity, ranking_note,
+                                read_cache, run_specs, search_inputs, setup_trials, trial_row, tune_objective)
 from qtool.search.trial import (A16, LATENCY_THREADS, SEARCH_GATES, TrialContext, TrialResult, TrialSpec,
                                 build_trial_model, cache_key, folder_files, promotion_overrides, run_trial,
                                 trial_latency)
@@ -107,13 +107,14 @@ def sensitivity(
             rows, complete = measure_sensitivity(setup, pool, mode, None, tick, baseline, samples, lost)
         where = executor_section(pool, lost)
     cache_text = cache_document(key, mode, model_path, rows)
+    tie = ranking_note(rows)
     report = {
         "schema_version": reporting.REPORT_SCHEMA_VERSION, "command": "sensitivity", "passed": True,
         "versions": reporting.versions(), "execution_providers": reporting.execution_providers(),
         "inputs": search_inputs(model_path, recipe, setup),
-        "prepare": setup.prepare_notes, "warnings": setup.warnings,
+        "prepare": setup.prepare_notes, "warnings": setup.warnings + ([tie] if tie else []),
         "sensitivity": {
-            "mode": mode, "rows": rows, "complete": complete,
+            "mode": mode, "rows": rows, "complete": complete, "informative": tie is None,
             "cache": {"path": str(cache_path) if cache_path else None, "key": key, "hit": cached is not None},
             "unnamed_nodes": setup.unnamed,
             "calibration_s": setup.calibration_s, "wall_s": time.perf_counter() - started,
@@ -306,6 +307,9 @@ def tune(
                     if complete:
                         write_text_atomic(cache_path, cache_document(key, "only_quantized", model_path, rows))
                 sens.update(rows=rows, complete=complete, cache_hit=cached is not None)
+                tie = ranking_note(rows)
+                if tie and tie not in setup.warnings:  # the search then promotes in name order
+                    setup.warnings.append(tie)
                 search.ranking = [row["node"] for row in rows]
                 search.run()
             else:

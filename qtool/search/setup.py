@@ -182,6 +182,26 @@ def measure_sensitivity(setup: TrialSetup, executor: Executor, mode: str, deadli
     return rows, len(results) == len(specs)
 
 
+RANKING_FIGURES = ("sqnr_db", "exact_match", "sqnr_gain_db", "exact_match_gain", "accuracy_drop")  # what ranks
+
+
+def ranking_note(rows: list[dict]) -> str | None:
+    """A warning when the ranking carries no information: two or more nodes measured and every one
+    scores the same (an integer output no single node changes, or outputs no node's rounding moves).
+    Their order is then only the node names' order, which tune would promote by; None otherwise.
+    Read from the figures, not the ranks, so a cached ranking is judged the same way."""
+    ranked = [row for row in rows if row.get("rank") is not None]
+    scores = {tuple(repr(float(row[key])) for key in RANKING_FIGURES if key in row) for row in ranked}
+    if len(ranked) < 2 or len(scores) > 1:
+        return None
+    figure = "exact_match" if "exact_match" in ranked[0] else "sqnr_db"
+    shown = float(ranked[0].get(figure, "nan"))  # a cached row holds "inf"/"nan" as text
+    return (f"the sensitivity ranking carries no information: all {len(ranked)} measured nodes score the same "
+            f"({figure.replace('_', ' ')} {shown:.4g}); their order is only the node names'. Measure on more "
+            "or harder validation samples (one node alone may change no tag on these), or rank by a float "
+            "output (the logits before an ArgMax)")
+
+
 def trial_row(result: TrialResult, objective_figure: str, float_bytes: int) -> dict:
     row = {
         "trial": result.spec.key, "kind": result.spec.kind,
