@@ -19,12 +19,13 @@ from qtool.authoring import starter
 from qtool.calibration import interchange
 from qtool.calibration.calibrate import CalibrationTable, check_table, save_table, table_document
 from qtool.calibration.shards import calibrate_with
-from qtool.errors import ModelError, UsageError
+from qtool.errors import ModelError, RecipeError, UsageError
 from qtool.evaluation.bias_choice import BiasOutcome, correct_bias
 from qtool.evaluation.compare import GATES, GateResult, check_gates, compare_models
 from qtool.evaluation.method_choice import choose_method
 from qtool.evaluation.validation import (check_gates_are_measurable, extra_figures, kernel_gap_cause, kernel_warnings,
-                                         layers_and_latency, resolve_validation_data, slower_than_float)
+                                         layers_and_latency, resolve_validation_data, slower_than_float,
+                                         unmeasurable_gates)
 from qtool.io.artifacts import guarded, write_artifacts, write_text_atomic
 from qtool.io.data import model_inputs, read_labels
 from qtool.io.feeds import open_data
@@ -310,6 +311,9 @@ def quantize(
     model, prepare_notes, equalized = _prepare(model_path, recipe)
     read = as_loaded(model_path, read)
     inputs = _inputs(model, model_path)
+    unmeasurable = unmeasurable_gates(recipe.validation.gates, model)
+    if unmeasurable:
+        raise RecipeError(f"{recipe.source or 'recipe'}: validation.gates: {model_path.name}: {unmeasurable}")
     calib_data = None if data_dir is None else open_data(data_dir, inputs, recipe.calibration.samples, recipe)
     eval_data, eval_labels, warnings = resolve_validation_data(recipe, calib_data, inputs, validation_data, labels)
     check_gates_are_measurable(recipe, eval_labels)
@@ -444,6 +448,9 @@ def compare(
     if candidate_inputs != {spec.name for spec in inputs}:
         raise ModelError(f"{candidate_path}: inputs {sorted(candidate_inputs)} differ from the reference's "
                          f"{sorted(spec.name for spec in inputs)}")
+    unmeasurable = unmeasurable_gates(wanted, reference)
+    if unmeasurable:
+        raise UsageError(f"gates: {reference_path.name}: {unmeasurable}")
     data = open_data(data_dir, inputs, recipe.validation.samples, recipe)
     labels_path = Path(labels) if labels else data.folder / "labels.txt"
     if labels and not labels_path.is_file():

@@ -169,7 +169,7 @@ def tune(model: Path, recipe_path: Path, data_dir: Path, validation_data: Path |
         sys.exit(EXIT_TERMINATED if result.terminated else EXIT_INTERRUPTED)
     if not result.passed:
         for gate in report["chosen"]["gates"]:
-            if not gate["passed"]:
+            if gate["passed"] is False:  # None: not applicable to this model
                 click.echo(f"gate {gate['name']}: not met by the best trial (value {gate['value']}, "
                            f"threshold {gate['threshold']:g})", err=True)
         sys.exit(EXIT_GATE_FAILED)

@@ -190,6 +190,9 @@ def gate_value_text(value: float, threshold: float) -> str:
 
 def _add_gate_rows(table: Table, gates: list[dict]) -> None:
     for gate in gates:
+        if gate["passed"] is None:  # checked nothing on this model: neither pass nor FAIL
+            table.add_row(f"gate {gate['name']} ({gate['threshold']:g})", "[yellow]not applicable[/]")
+            continue
         verdict = "[green]pass[/]" if gate["passed"] else "[red]FAIL[/]"
         value = "n/a" if gate["value"] is None else gate_value_text(gate["value"], gate["threshold"])
         table.add_row(f"gate {gate['name']} ({gate['threshold']:g})", f"{value} {verdict}")

@@ -441,8 +441,7 @@ def _tune_report(model_path: Path, recipe: Recipe, setup: TrialSetup, search: Se
             "trial": best.spec.key if best else None,
             "promotions": [{"node": n, "step": s} for n, s in best.spec.promotions] if best else [],
             "passed": bool(best and best.passed),
-            "gates": [{"name": g.name, "threshold": g.threshold, "value": g.value, "passed": g.passed}
-                      for g in (best.gates if best else ())],
+            "gates": reporting.gates_section(list(best.gates) if best else []),
             "model_sha256": best.model_sha256 if best else None,
         },
     }
