@@ -38,7 +38,7 @@ from qtool.quantization.algorithms.bias_correction import NO_DATA
 from qtool.quantization.algorithms.equalization import EqualizedPair, equalize
 from qtool.quantization.algorithms.smoothing import smooth
 from qtool.quantization.coverage import check_coverage
-from qtool.quantization.placement import float_nodes_on_integer_kernels, plan_and_apply
+from qtool.quantization.placement import float_nodes_on_integer_kernels, plan_and_apply, preview_plan
 from qtool.quantization.precedence import unmatched_overrides
 from qtool.quantization.plan import required_opset, select_tensors
 from qtool.quantization.prepare import prepare_model
@@ -109,8 +109,10 @@ def inspect(model_path: str | Path, recipe: Recipe | str | Path | None = None) -
         except ModelError as exc:
             problems.append(inspection.Problem("refuse", str(exc)))
             upgraded = False
-        else:
-            decisions = select_tensors(model, recipe).nodes
+        else:  # the placement pass too, as quantize runs it: the two counts agree
+            decisions = preview_plan(model, recipe, select_tensors(model, recipe), int8_kernels_may_saturate()).nodes
+            notes.append("nodes quantized: as `qtool quantize` places them (placeholder ranges); calibration can "
+                         "keep a few more float (degenerate ranges, Concat inputs far apart)")
     opset = inspection.opset_problem(opset_version(header), upgraded)
     return inspection.describe_model(
         header, model_path, ([opset] if opset else []) + problems, prepare_notes=notes,
