@@ -143,6 +143,34 @@ def test_a_ranking_of_ties_says_it_carries_no_information(tmp_path):
     assert "carries no information" in (out / "report.md").read_text()
 
 
+def test_tune_says_when_the_chosen_model_is_larger_than_float(tmp_path):
+    """Eight-wide layers: int8 weights save less than their Q/DQ nodes, scales and zero points cost, and the
+    promoted layer keeps float weights. tune chose a model at 0.60x float size without a word; now the
+    chosen trial carries its size ratio and stderr and the report say it is larger than float."""
+    from click.testing import CliRunner
+
+    from qtool.cli.main import main
+
+    onnx.save(hostile_model(width=8), tmp_path / "model.onnx")
+    rng = np.random.default_rng(1)
+    calib = save_npy_folder(tmp_path / "calib", [rng.standard_normal((1, 8)) for _ in range(16)])
+    evaluation = save_npy_folder(tmp_path / "eval", [rng.standard_normal((1, 8)) for _ in range(16)])
+    (tmp_path / "recipe.yaml").write_text("version: 1\nvalidation:\n  gates: {min_sqnr_db: 12}\n")
+    out = tmp_path / "tuned"
+    ran = CliRunner().invoke(main, ["tune", str(tmp_path / "model.onnx"), "--recipe", str(tmp_path / "recipe.yaml"),
+                                    "--data", str(calib), "--validation-data", str(evaluation), "--output", str(out),
+                                    "--latency-runs", "0"])
+    assert ran.exit_code == 0, ran.output
+    report = validated(out / "report.json")
+    chosen, float_bytes = report["chosen"], report["target"]["float_bytes"]
+    assert chosen["size_bytes"] == (out / "model.onnx").stat().st_size > float_bytes
+    assert chosen["size_ratio"] == pytest.approx(float_bytes / chosen["size_bytes"]) and chosen["size_ratio"] < 1
+    assert f"size {chosen['size_ratio']:.2f}× float" in ran.stdout
+    assert "warning: the chosen model is LARGER than float" in ran.stderr and "min_size_ratio" in ran.stderr
+    assert any(w.startswith("the chosen model is LARGER than float") for w in report["warnings"])
+    assert "(**larger than float**)" in (out / "report.md").read_text()
+
+
 def test_tune_promotes_the_hostile_layer_and_nothing_else(hostile, tmp_path):
     out = tmp_path / "tuned"
     result = subprocess.run([str(QTOOL), "tune", str(hostile / "model.onnx"), "--recipe", str(hostile / "recipe.yaml"),

@@ -159,9 +159,14 @@ def tune(model: Path, recipe_path: Path, data_dir: Path, validation_data: Path |
         ratio = next((row["latency_ratio"] for row in report["trials"] if row["chosen"]), None)
         click.echo(f"{report['search']['trials_run']} trials, {report['search']['wall_s']:.1f} s; "
                    f"{report['search']['stop_reason']}")
+        size = chosen.get("size_ratio")
         click.echo(f"chosen: {chosen['trial']} ({len(chosen['promotions'])} promotion(s)"
-                   + (f", latency {ratio:.2f}× float" if ratio is not None else "") + ") → "
+                   + (f", latency {ratio:.2f}× float" if ratio is not None else "")
+                   + (f", size {size:.2f}× float" if size is not None else "") + ") → "
                    f"{output_dir}/model.onnx, {output_dir}/{search_api.TUNED_RECIPE}")
+    larger = [line for line in report["warnings"] if line.startswith("the chosen model is LARGER than float")]
+    if larger and not quiet:
+        click.echo(f"warning: {larger[0]}", err=True)
     if result.interrupted:
         what = "Terminated" if result.terminated else "Interrupted"
         click.echo(f"{what}: best so far kept in {output_dir} (model.onnx, {search_api.TUNED_RECIPE}, report.*)."

@@ -399,6 +399,16 @@ def _latency_section(runs: int, final: bool, interrupted: bool) -> dict:
                        "median (below 1: faster).")}
 
 
+def _larger_than_float(best: TrialResult | None, float_bytes: int) -> list[str]:
+    """A warning when the chosen model is larger than the float model it replaces ([] otherwise)."""
+    if best is None or not best.size_bytes or best.size_bytes <= float_bytes:
+        return []
+    return [f"the chosen model is LARGER than float: {best.size_bytes:,} B against {float_bytes:,} B (size ratio "
+            f"{float_bytes / best.size_bytes:.2f}): its {len(best.spec.promotions)} promoted node(s) keep float "
+            "weights, and the Q/DQ nodes, scales and zero points outweigh what the int8 weights save; add a "
+            "min_size_ratio gate (e.g. 1.0) to the recipe so tune keeps only smaller trials"]
+
+
 def _describe_trial(result: TrialResult, figure: str) -> str:
     value = objective(result, figure)
     shown = f"{value:.2%}" if figure == "accuracy" and math.isfinite(value) else f"{value:.4g}"
@@ -422,12 +432,13 @@ def _tune_report(model_path: Path, recipe: Recipe, setup: TrialSetup, search: Se
         row["latency_ms"] = ({"float": timing.reference.median_ms, "quantized": timing.candidate.median_ms,
                               "runs": timing.candidate.runs} if timing else None)
     reference = next((r.accuracy.get("reference") for r in search.order if r.accuracy), None)
+    size_ratio = float_bytes / best.size_bytes if best and best.size_bytes else None
     return {
         "schema_version": reporting.REPORT_SCHEMA_VERSION, "command": "tune",
         "passed": bool(best and best.passed), "final": final, "interrupted": interrupted,
         "versions": reporting.versions(), "execution_providers": reporting.execution_providers(),
         "inputs": search_inputs(model_path, recipe, setup),
-        "prepare": setup.prepare_notes, "warnings": setup.warnings,
+        "prepare": setup.prepare_notes, "warnings": setup.warnings + _larger_than_float(best, float_bytes),
         "target": {"gates": gates, "objective": figure, "float_accuracy": reference,
                    "float_bytes": float_bytes},
         "search": {"max_trials": max_trials, "time_budget_s": time_budget, "jobs": where["jobs"], "executor": where,
@@ -441,6 +452,8 @@ def _tune_report(model_path: Path, recipe: Recipe, setup: TrialSetup, search: Se
             "trial": best.spec.key if best else None,
             "promotions": [{"node": n, "step": s} for n, s in best.spec.promotions] if best else [],
             "passed": bool(best and best.passed),
+            "size_bytes": best.size_bytes if best else None,
+            "size_ratio": size_ratio,  # float bytes / chosen bytes: below 1, larger than float
             "gates": reporting.gates_section(list(best.gates) if best else []),
             "model_sha256": best.model_sha256 if best else None,
         },
