@@ -20,6 +20,7 @@ from onnx import TensorProto, helper
 
 from conftest import ROOT, make_model, save_npy_folder, shared_model
 from qtool import api
+from qtool.errors import UsageError
 from qtool.recipe.load import load_recipe
 from qtool.reporting.schemas import report_schema
 from qtool.reporting.search import frontier_chart, latency_chart
@@ -169,6 +170,25 @@ def test_tune_says_when_the_chosen_model_is_larger_than_float(tmp_path):
     assert "warning: the chosen model is LARGER than float" in ran.stderr and "min_size_ratio" in ran.stderr
     assert any(w.startswith("the chosen model is LARGER than float") for w in report["warnings"])
     assert "(**larger than float**)" in (out / "report.md").read_text()
+
+
+def test_sensitivity_refuses_samples_whose_float_output_is_near_zero_and_warns_below_eight(hostile, tmp_path):
+    """The first evaluation sample is all but zero: SQNR on it alone divides rounding noise by nothing.
+    --samples 1 ranked on it silently; now exit 2 naming the fewest samples that carry a signal (2). Two
+    samples rank, with a warning that so few are coarse."""
+    rng = np.random.default_rng(1)
+    evaluation = save_npy_folder(tmp_path / "eval", [np.full((1, 16), 1e-4)] +
+                                 [rng.standard_normal((1, 16)) for _ in range(15)])
+    args = (hostile / "model.onnx", hostile / "calib", hostile / "recipe.yaml")
+    with pytest.raises(UsageError, match=r"--samples 1: output y of the first 1 evaluation sample\(s\) is near zero "
+                                         r"\(mean square 4.81e-09 against .* give --samples 2 or more"):
+        search_api.sensitivity(*args, tmp_path / "refused", validation_data=evaluation, samples=1)
+    assert not (tmp_path / "refused").exists()
+    two = search_api.sensitivity(*args, tmp_path / "two", validation_data=evaluation, samples=2)
+    assert two.rows[0]["node"] == HOSTILE
+    assert len(two.alerts) == 1 and two.alerts[0].startswith("--samples 2: a ranking on fewer than 8 samples is coarse")
+    assert two.alerts[0] in validated(tmp_path / "two" / "report.json")["warnings"]
+    assert search_api.sensitivity(*args, validation_data=evaluation, samples=8).alerts == ()
 
 
 def test_tune_promotes_the_hostile_layer_and_nothing_else(hostile, tmp_path):
@@ -418,8 +438,6 @@ def test_tuned_recipe_keeps_every_file_it_names_reachable_from_its_new_folder(tm
 
 def test_a_latency_gate_with_timing_off_is_refused_before_any_work(hostile, tmp_path):
     """--latency-runs 0 with a max_latency_ratio gate exited 1 'not met (value None)' after the search."""
-    from qtool.errors import UsageError
-
     recipe = tmp_path / "timed.yaml"
     recipe.write_text("version: 1\nvalidation:\n  gates: {min_sqnr_db: 12, max_latency_ratio: 1.0}\n")
     with pytest.raises(UsageError, match="max_latency_ratio needs the trials timed: --latency-runs above 0"):

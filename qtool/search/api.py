@@ -29,8 +29,8 @@ from qtool.reporting import document as reporting
 from qtool.reporting.search import search_report_writers
 from qtool.search.executor import make_executor
 from qtool.search.promote import Search, objective, objective_name, pareto_frontier
-from qtool.search.setup import (TrialSetup, cache_document, executor_section, measure_sensitivity, ranking_note,
-                                read_cache, run_specs, search_inputs, setup_trials, trial_row, tune_objective)
+from qtool.search.setup import (TrialSetup, cache_document, check_ranking_samples, executor_section,
+                                measure_sensitivity, ranking_note, read_cache, run_specs, search_inputs, setup_trials, trial_row, tune_objective)
 from qtool.search.trial import (A16, LATENCY_THREADS, SEARCH_GATES, TrialContext, TrialResult, TrialSpec,
                                 build_trial_model, cache_key, folder_files, promotion_overrides, run_trial,
                                 trial_latency)
@@ -45,6 +45,7 @@ class SensitivityResult:
     report: dict
     rows: list[dict]
     cache_hit: bool
+    alerts: tuple[str, ...] = ()  # the report's warnings about the ranking itself, for stderr
 
 
 def sensitivity(
@@ -94,6 +95,7 @@ def sensitivity(
     with temporary_folder("qtool-trials-") as folder, make_executor(jobs, executor, ray_address) as pool:
         setup = setup_trials(model_path, data_dir, recipe, folder, validation_data, labels,
                               1 if pool.jobs > 1 or pool.remote else None, tick)
+        alerts = check_ranking_samples(setup, samples, "--samples")
         key = cache_key(file_sha256(model_path), recipe,
                         [setup.calib_data.listing_hash(), setup.eval_data.listing_hash()], f"{mode}:{samples}",
                         setup.context.providers)
@@ -108,11 +110,12 @@ def sensitivity(
         where = executor_section(pool, lost)
     cache_text = cache_document(key, mode, model_path, rows)
     tie = ranking_note(rows)
+    alerts += [tie] if tie else []
     report = {
         "schema_version": reporting.REPORT_SCHEMA_VERSION, "command": "sensitivity", "passed": True,
         "versions": reporting.versions(), "execution_providers": reporting.execution_providers(),
         "inputs": search_inputs(model_path, recipe, setup),
-        "prepare": setup.prepare_notes, "warnings": setup.warnings + ([tie] if tie else []),
+        "prepare": setup.prepare_notes, "warnings": setup.warnings + alerts,
         "sensitivity": {
             "mode": mode, "rows": rows, "complete": complete, "informative": tie is None,
             "cache": {"path": str(cache_path) if cache_path else None, "key": key, "hit": cached is not None},
@@ -134,7 +137,7 @@ def sensitivity(
             if output is None:
                 raise
             raise SideFileError(f"{exc} (the artifacts in {output} are complete)") from None
-    return SensitivityResult(report, rows, cached is not None)
+    return SensitivityResult(report, rows, cached is not None, tuple(alerts))
 
 
 TUNED_RECIPE = "recipe.tuned.yaml"
@@ -148,6 +151,7 @@ class TuneResult:
     output: Path
     terminated: bool = False  # SIGTERM rather than Ctrl-C (exit 143, not 130)
     written: bool = True  # False: stopped before a first best; an earlier run's results were left as they were
+    alerts: tuple[str, ...] = ()  # the report's warnings a user must not miss (ranking, size), for stderr
 
 
 def tuned_recipe_text(recipe: Recipe, overrides: list[dict], output: Path, bias_correction: bool | None = None) -> str:
@@ -252,6 +256,8 @@ def tune(
         setup = setup_trials(model_path, data_dir, recipe, folder, validation_data, labels,
                               1 if pool.jobs > 1 or pool.remote else None, tick)
         figure = tune_objective(gates, setup, recipe, model_path)
+        alerts = check_ranking_samples(setup, sensitivity_samples, "--sensitivity-samples")
+        setup.warnings.extend(alerts)
         context = replace(setup.context, gates=gates)  # what this process builds and times trials from
         if pool.remote:  # trials elsewhere read the work folder from the object store, not as a path
             setup.context = replace(setup.context, bundle=pool.put(folder_files(folder)))
@@ -310,6 +316,7 @@ def tune(
                 tie = ranking_note(rows)
                 if tie and tie not in setup.warnings:  # the search then promotes in name order
                     setup.warnings.append(tie)
+                    alerts.append(tie)
                 search.ranking = [row["node"] for row in rows]
                 search.run()
             else:
@@ -352,7 +359,8 @@ def tune(
             replace_file(output / name, write)
     if died is not None:
         raise WorkerError(f"{died}; the best trial so far is kept in {output}")
-    return TuneResult(report, bool(report["chosen"]["passed"]), interrupted, output, terminated)
+    alerts += _larger_than_float(state["best"], setup.context.float_bytes)
+    return TuneResult(report, bool(report["chosen"]["passed"]), interrupted, output, terminated, alerts=tuple(alerts))
 
 
 def _interruption(exc: KeyboardInterrupt) -> tuple[bool, str]:
