@@ -191,3 +191,28 @@ def test_schema_prints_the_shipped_report_schemas_that_real_reports_validate_aga
     jsonschema.validate(json.loads((out / "report.json").read_text()), printed["report"])
     result = runner.invoke(main, ["schema", "reports"])
     assert result.exit_code == 2 and "'recipe', 'report', 'tune-report'" in result.stderr
+
+
+def test_data_paths_are_relative_only_when_short_and_under_a_common_root(tmp_path):
+    """A recipe in /tmp naming data in the checkout got `../../../../../work/.../eval` (climbing to /);
+    now that is absolute, and data beside the recipe's folder stays relative (`../data/eval`)."""
+    from qtool.recipe.load import recipe_path_text
+
+    far = tmp_path / "far" / "recipe.yaml"
+    assert init(str(SAMPLE / "model.onnx"), "--data", str(SAMPLE / "calib"), "--validation-data",
+                str(SAMPLE / "eval"), "--output", str(far)).exit_code == 0
+    line = next(line for line in far.read_text().splitlines() if line.startswith("  data:"))
+    assert line.split()[1] == (SAMPLE / "eval").resolve().as_posix() and "absolute" in line
+    assert f"--data {(SAMPLE / 'calib').resolve().as_posix()} " in far.read_text()
+    project = tmp_path / "project"
+    for part in ("calib", "eval"):
+        (project / "data" / part).mkdir(parents=True)
+        for source in sorted((SAMPLE / part).glob("*.npy"))[:4]:
+            shutil.copy(source, project / "data" / part)
+    near = project / "recipes" / "recipe.yaml"
+    assert init(str(SAMPLE / "model.onnx"), "--data", str(project / "data" / "calib"), "--validation-data",
+                str(project / "data" / "eval"), "--output", str(near)).exit_code == 0
+    assert load_recipe(near).validation.data == "../data/eval"
+    assert "  data: ../data/eval   # relative to this file" in near.read_text()
+    assert recipe_path_text(tmp_path / "a" / "b", tmp_path / "c" / "d" / "e") == (tmp_path / "a" / "b").as_posix()
+    assert recipe_path_text(tmp_path / "a" / "b", tmp_path / "c" / "d") == "../../a/b"

@@ -9,7 +9,6 @@ neutral default, and the text says which values the user must check.
 from __future__ import annotations
 
 import math
-import os
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from qtool.authoring.conventions import Convention, find_convention
 from qtool.authoring.sequences import TRANSFORMER_BASE, is_transformer, sequence_data_lines
 from qtool.io.data import DATA_SUFFIXES, InputSpec, model_inputs
 from qtool.io.images import IMAGE_SUFFIXES, image_dimensions
+from qtool.recipe.load import recipe_path_text
 
 # ONNX element types of integer and bool outputs (scored by exact match, not cosine)
 INTEGER_ELEMENTS = {TensorProto.INT8, TensorProto.INT16, TensorProto.INT32, TensorProto.INT64, TensorProto.UINT8,
@@ -111,10 +111,6 @@ def _floats(values) -> str:
     return "[" + ", ".join(f"{v:g}" for v in values) + "]"
 
 
-def _rel(path: Path, base: Path) -> str:
-    return Path(os.path.relpath(path.resolve(), base.resolve())).as_posix()
-
-
 STARTER_MIN_COSINE = 0.9
 STARTER_MIN_EXACT_MATCH = 0.95  # integer outputs (tags, class ids) of a static int8 starter
 
@@ -148,8 +144,8 @@ def starter_recipe(
     base = recipe_path.parent
     transformer = is_transformer(model_path, data_dir, inputs)
     data = data_kind(data_dir)
-    command = (f"qtool quantize {_rel(model_path, base)} --recipe {recipe_path.name} "
-               f"--data {_rel(data_dir, base) if data_dir else 'CALIB_DIR'} --output out/")
+    command = (f"qtool quantize {recipe_path_text(model_path, base)} --recipe {recipe_path.name} "
+               f"--data {recipe_path_text(data_dir, base) if data_dir else 'CALIB_DIR'} --output out/")
     lines = [
         f"# yaml-language-server: $schema={schema_ref}",
         f"# qtool recipe for {model_path.name}, written by `qtool init`. Every key is optional;",
@@ -208,7 +204,9 @@ def starter_recipe(
         "validation:",
     ]
     if validation_dir is not None:
-        lines.append(f"  data: {_rel(validation_dir, base)}   # relative to this file")
+        where = recipe_path_text(validation_dir, base)
+        lines.append(f"  data: {where}   # " + ("absolute: relative, it would climb to /" if where.startswith("/")
+                                              else "relative to this file"))
     else:
         lines += ["  # Held-out data, relative to this file (default: the calibration data, and the",
                   "  # report warns that its figures are optimistic):",

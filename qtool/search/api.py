@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,7 +21,7 @@ from qtool.evaluation.latency import BenchResult
 from qtool.io.artifacts import guarded, replace_file, temporary_folder, write_artifacts, write_text_atomic
 from qtool.io.targets import check_output_file, check_output_path
 from qtool.io.model import file_sha256, save_model
-from qtool.recipe.load import load_recipe, parse_recipe
+from qtool.recipe.load import load_recipe, parse_recipe, recipe_path_text
 from qtool.recipe.schema import Recipe
 from qtool.runtime.session import current_providers
 from qtool.reporting import document as reporting
@@ -179,10 +178,10 @@ def tuned_recipe_text(recipe: Recipe, overrides: list[dict], output: Path, bias_
             section = document
             for key in keys[:-1]:
                 section = section.setdefault(key, {}) if isinstance(section.get(key, {}), dict) else {}
-            section[keys[-1]] = os.path.relpath(recipe.resolve_path(value), output.resolve())
+            section[keys[-1]] = recipe_path_text(recipe.resolve_path(value), output)
     base = document.get("base")
     if isinstance(base, str) and recipe.source is not None and (recipe.source.parent / base).is_file():
-        document["base"] = os.path.relpath((recipe.source.parent / base).resolve(), output.resolve())
+        document["base"] = recipe_path_text(recipe.source.parent / base, output)
     header = (f"# Written by `qtool tune` from {recipe.source or 'the built-in default recipe'}.\n"
               f"# The first {len(overrides)} entries of quantization.overrides were added by the search\n"
               "# (exact node names); the rest is the input recipe. Re-run it with `qtool quantize`.\n")
