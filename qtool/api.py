@@ -19,9 +19,10 @@ from qtool.authoring import starter
 from qtool.calibration import interchange
 from qtool.calibration.calibrate import CalibrationTable, check_table, save_table, table_document
 from qtool.calibration.shards import calibrate_with
-from qtool.errors import ModelError, RecipeError, UsageError
+from qtool.errors import ModelError, QtoolError, RecipeError, UsageError
 from qtool.evaluation.bias_choice import BiasOutcome, correct_bias
 from qtool.evaluation.compare import GATES, GateResult, check_gates, compare_models
+from qtool.evaluation.latency import BenchResult, bench_models
 from qtool.evaluation.method_choice import choose_method
 from qtool.evaluation.validation import (check_gates_are_measurable, extra_figures, kernel_gap_cause, kernel_warnings,
                                          layers_and_latency, resolve_validation_data, slower_than_float,
@@ -53,6 +54,7 @@ from qtool.runtime.session import INTEGER_OP_TYPES, check_runnable, int8_kernels
 
 # progress(stage, done, total): the CLI renders it; nothing below the CLI prints.
 Progress = Callable[[str, int, int | None], None]
+LATENCY_PROBE_ROUNDS = 60  # qtool init's float/int8 timing: a few seconds at most
 BENCH_THREADS = 1  # quantize and compare time on one intra-op thread unless told otherwise: the per-core ratio
 
 
@@ -110,7 +112,8 @@ def inspect(model_path: str | Path, recipe: Recipe | str | Path | None = None) -
             problems.append(inspection.Problem("refuse", str(exc)))
             upgraded = False
         else:  # the placement pass too, as quantize runs it: the two counts agree
-            decisions = preview_plan(model, recipe, select_tensors(model, recipe), int8_kernels_may_saturate()).nodes
+            decisions = preview_plan(model, recipe, select_tensors(model, recipe),
+                                     int8_kernels_may_saturate()).plan.nodes
             notes.append("nodes quantized: as `qtool quantize` places them (placeholder ranges); calibration can "
                          "keep a few more float (degenerate ranges, Concat inputs far apart)")
     opset = inspection.opset_problem(opset_version(header), upgraded)
@@ -118,6 +121,14 @@ def inspect(model_path: str | Path, recipe: Recipe | str | Path | None = None) -
         header, model_path, ([opset] if opset else []) + problems, prepare_notes=notes,
         recipe=str(recipe.source) if recipe.source else "built-in default", decisions=decisions,
     )
+
+
+@dataclass(frozen=True)
+class InitResult:
+    recipe: Path
+    schema: Path | None  # the JSON Schema written beside it (None: `schema` named one)
+    latency_ratio: float | None  # the starter's int8 model against float, as measured (None: no --data to time)
+    warnings: list[str]  # also in the recipe's comments: a gate left out, and why
 
 
 def init_recipe(
@@ -129,10 +140,11 @@ def init_recipe(
     image: starter.ImageChoices = starter.ImageChoices(),
     schema: str | None = None,
     overwrite: bool = False,
-) -> tuple[Path, Path | None]:
+) -> InitResult:
     """Write a starter recipe for `model_path` (and the JSON Schema beside it unless `schema` names one).
 
-    Returns the recipe's path and the schema file written (None when `schema` was given).
+    With `data_dir`, the recipe's int8 model (placed on placeholder ranges) is timed against float on its
+    first sample; measured above 0.9x float, the recipe leaves max_latency_ratio out and says why.
     The written text is checked to load as a recipe before anything is written.
     """
     model_path, output = Path(model_path), Path(output)
@@ -150,13 +162,34 @@ def init_recipe(
     model = load_model(model_path)
     text = starter.starter_recipe(model, model_path, output, data, evaluation,
                                   schema or starter.SCHEMA_FILE, image)
-    parse_recipe(text, output)  # what we write must load as it is; a RecipeError here names the key
+    recipe = parse_recipe(text, output)  # what we write must load as it is; a RecipeError here names the key
+    latency = _probe_latency(model_path, recipe, data) if data is not None else None
+    slow = None
+    if latency is not None and latency.ratio > starter.LATENCY_MARGIN:  # the gate would fail, or flap
+        slow = starter.MeasuredLatency(latency.ratio, latency.reference.median_ms, latency.candidate.median_ms,
+                                       latency.candidate.runs)
+        text = starter.starter_recipe(model, model_path, output, data, evaluation,
+                                      schema or starter.SCHEMA_FILE, image, slow)
+        parse_recipe(text, output)
     with guarded(output.parent, "create the folder"):
         output.parent.mkdir(parents=True, exist_ok=True)
     if schema_path is not None:
         write_text_atomic(schema_path, json.dumps(recipe_json_schema(), indent=2) + "\n")
     write_text_atomic(output, text)
-    return output, schema_path
+    return InitResult(output, schema_path, latency.ratio if latency else None, [slow.warning()] if slow else [])
+
+
+def _probe_latency(model_path: Path, recipe: Recipe, data: Path) -> BenchResult | None:
+    """The starter recipe's model against float on the first sample of `data`, as quantize times them
+    (interleaved, one thread), its plan placed on placeholder ranges (what ORT runs depends on the graph,
+    not the ranges); None where the data cannot be read as the recipe says yet (CHECK values)."""
+    try:
+        model, _ = prepare(model_path, recipe)
+        feeds = next(open_data(data, _inputs(model, model_path), 1, recipe).batches(1)).feeds
+    except (QtoolError, StopIteration):
+        return None
+    quantized = preview_plan(model, recipe, select_tensors(model, recipe), int8_kernels_may_saturate()).model
+    return bench_models(model, quantized, feeds, threads=BENCH_THREADS, rounds=LATENCY_PROBE_ROUNDS, max_seconds=2.0)
 
 
 def _is_qtool_schema(path: Path) -> bool:
