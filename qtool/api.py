@@ -50,7 +50,8 @@ from qtool.recipe.schema import Recipe, gate_problem, recipe_json_schema
 from qtool.reporting import document as reporting
 from qtool.reporting.algorithms import algorithms_section
 from qtool.reporting.files import check_ci_files, report_writers, write_ci_files
-from qtool.runtime.session import INTEGER_OP_TYPES, check_runnable, int8_kernels_may_saturate, optimized_op_histogram
+from qtool.runtime.session import (INTEGER_OP_TYPES, check_runnable, int8_kernels_may_saturate, op_histogram,
+                                   optimized_graph)
 
 # progress(stage, done, total): the CLI renders it; nothing below the CLI prints.
 Progress = Callable[[str, int, int | None], None]
@@ -386,7 +387,8 @@ def quantize(
     elif "bias_correction" in recipe.quantization.algorithms.model_fields_set and calib_data is None:
         warnings.append(NO_DATA)  # asked for in so many words; the default is skipped with a note only
     copy_metadata(model, quantized)
-    warnings += unmatched_overrides(model.graph, recipe.quantization) + float_nodes_on_integer_kernels(quantized, plan)
+    optimized = optimized_graph(quantized)  # one session: the kernels section and the warning below read it
+    warnings += unmatched_overrides(model.graph, recipe.quantization) + float_nodes_on_integer_kernels(optimized, plan)
     simulated = compare_models(model, quantized, eval_data, labels=eval_labels,  # first: lower peak past 2 GB
                                batch_size=recipe.calibration.batch_size, optimize_candidate=False)
     comparison = compare_models(model, quantized, eval_data, labels=eval_labels,
@@ -398,7 +400,7 @@ def quantize(
     warnings += slower_than_float(latency)
     quantized_bytes = proto_size(quantized)  # serializes the model: once
     gates = check_gates(comparison, recipe.validation.gates, extra_figures(read.bytes, quantized_bytes, latency))
-    ops = optimized_op_histogram(quantized)
+    ops = op_histogram(optimized)
     warnings += kernel_warnings(comparison, simulated, kernel_gap_cause(quantized, ops, saturating))
 
     report = reporting.build_quantize_report(

@@ -85,8 +85,10 @@ def unfused_nodes(quantized: ModelProto, plan: QuantPlan) -> dict[str, str]:
     return unfused
 
 
-def float_nodes_on_integer_kernels(quantized: ModelProto, plan: QuantPlan) -> list[str]:
+def float_nodes_on_integer_kernels(optimized: onnx.GraphProto, plan: QuantPlan) -> list[str]:
     """A warning naming the nodes the plan keeps float that ORT runs as integer kernels anyway; [] if none.
+    `optimized`: the quantized model's graph as ORT runs it (runtime.session.optimized_graph, the session
+    the report's kernel histogram comes from too).
 
     ORT fuses DequantizeLinear -> op -> QuantizeLinear into the op's integer kernel whether or not
     the plan quantized the op: a float node between a quantized producer and a quantized reader
@@ -94,7 +96,7 @@ def float_nodes_on_integer_kernels(quantized: ModelProto, plan: QuantPlan) -> li
     and Gemm are kept float by qdq.apply_plan; these others are reported.
     """
     kept_float = {decision.node for decision in plan.nodes if not decision.quantized and decision.node}
-    fused = [f"{node.name} ({node.op_type})" for node in fusion_graph(quantized).node
+    fused = [f"{node.name} ({node.op_type})" for node in optimized.node
              if node.name in kept_float and node.op_type in INTEGER_OP_TYPES]
     if not fused:
         return []
