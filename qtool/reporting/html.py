@@ -267,8 +267,11 @@ def next_step(report: dict) -> tuple[str, str | None]:
 
 def _summary(report: dict) -> str:
     size, latency = report["size"], report.get("latency")
+    verdicts = [g["passed"] for g in report["gates"]]  # None: not applicable
+    applicable = len(verdicts) - verdicts.count(None)
     tiles = [_tile("passed" if report["passed"] else "FAILED",
-                   f"{sum(g['passed'] is True for g in report['gates'])} of {len(report['gates'])} gates passed"),
+                   f"{verdicts.count(True)} of {applicable} gates passed"
+                   + (f", {verdicts.count(None)} not applicable" if None in verdicts else "")),
              _tile(f"{_fmt(size['ratio'])}× smaller",
                    f"{human_bytes(size['float_bytes'])} → {human_bytes(size['quantized_bytes'])}"),
              _tile(f"{_fmt(latency['ratio'])}× latency" if latency else "not measured",
