@@ -34,7 +34,9 @@ def test_array_data_recipe_loads_and_quantize_runs_it_unchanged(tmp_path):
     loaded = load_recipe(recipe)
     assert loaded.data.images is None
     # eval has 300 labels; a model slower than float fails, as with the shipped presets
-    assert loaded.validation.gates == {"min_cosine": 0.9, "max_accuracy_drop": 0.01, "max_latency_ratio": 1.0}
+    gates = dict(loaded.validation.gates)  # max_latency_ratio: unless init timed int8 above 0.9x float here
+    assert gates.pop("max_latency_ratio", None) == (None if "No max_latency_ratio gate" in text else 1.0)
+    assert gates == {"min_cosine": 0.9, "max_accuracy_drop": 0.01}
     assert loaded.validation.data and (recipe.parent / loaded.validation.data).resolve() == (SAMPLE / "eval")
     outcome = api.quantize(SAMPLE / "model.onnx", SAMPLE / "calib", recipe, tmp_path / "out")
     assert outcome.passed and (tmp_path / "out" / "report.json").is_file()
