@@ -20,12 +20,14 @@ from qtool.calibration import interchange
 from qtool.calibration.calibrate import CalibrationTable, check_table, save_table, table_document
 from qtool.calibration.shards import calibrate_with
 from qtool.distributed.ray_executor import refuse_past_limit
-from qtool.errors import ModelError, UsageError
+from qtool.errors import ModelError, QtoolError, RecipeError, UsageError
 from qtool.evaluation.bias_choice import BiasOutcome, correct_bias
 from qtool.evaluation.compare import GATES, GateResult, check_gates, compare_models
+from qtool.evaluation.latency import BenchResult, bench_models
 from qtool.evaluation.method_choice import choose_method
 from qtool.evaluation.validation import (check_gates_are_measurable, extra_figures, kernel_gap_cause, kernel_warnings,
-                                         layers_and_latency, resolve_validation_data, slower_than_float)
+                                         layers_and_latency, resolve_validation_data, slower_than_float,
+                                         unmeasurable_gates)
 from qtool.io.artifacts import guarded, write_artifacts, write_text_atomic
 from qtool.io.data import model_inputs, read_labels
 from qtool.io.external import in_scratch
@@ -39,7 +41,7 @@ from qtool.quantization.algorithms.bias_correction import NO_DATA
 from qtool.quantization.algorithms.equalization import EqualizedPair, equalize
 from qtool.quantization.algorithms.smoothing import smooth
 from qtool.quantization.coverage import check_coverage
-from qtool.quantization.placement import float_nodes_on_integer_kernels, plan_and_apply
+from qtool.quantization.placement import float_nodes_on_integer_kernels, plan_and_apply, preview_plan
 from qtool.quantization.precedence import unmatched_overrides
 from qtool.quantization.plan import required_opset, select_tensors
 from qtool.quantization.prepare import prepare_model
@@ -50,10 +52,12 @@ from qtool.recipe.schema import Recipe, gate_problem, recipe_json_schema
 from qtool.reporting import document as reporting
 from qtool.reporting.algorithms import algorithms_section
 from qtool.reporting.files import check_ci_files, report_writers, write_ci_files
-from qtool.runtime.session import INTEGER_OP_TYPES, check_runnable, int8_kernels_may_saturate, optimized_op_histogram
+from qtool.runtime.session import (INTEGER_OP_TYPES, check_runnable, int8_kernels_may_saturate, op_histogram,
+                                   optimized_graph)
 
 # progress(stage, done, total): the CLI renders it; nothing below the CLI prints.
 Progress = Callable[[str, int, int | None], None]
+LATENCY_PROBE_ROUNDS = 60  # qtool init's float/int8 timing: a few seconds at most
 BENCH_THREADS = 1  # quantize and compare time on one intra-op thread unless told otherwise: the per-core ratio
 
 
@@ -111,13 +115,24 @@ def inspect(model_path: str | Path, recipe: Recipe | str | Path | None = None) -
         except ModelError as exc:
             problems.append(inspection.Problem("refuse", str(exc)))
             upgraded = False
-        else:
-            decisions = select_tensors(model, recipe).nodes
+        else:  # the placement pass too, as quantize runs it: the two counts agree
+            decisions = preview_plan(model, recipe, select_tensors(model, recipe),
+                                     int8_kernels_may_saturate()).plan.nodes
+            notes.append("nodes quantized: as `qtool quantize` places them (placeholder ranges); calibration can "
+                         "keep a few more float (degenerate ranges, Concat inputs far apart)")
     opset = inspection.opset_problem(opset_version(header), upgraded)
     return inspection.describe_model(
         header, model_path, ([opset] if opset else []) + problems, prepare_notes=notes,
         recipe=str(recipe.source) if recipe.source else "built-in default", decisions=decisions,
     )
+
+
+@dataclass(frozen=True)
+class InitResult:
+    recipe: Path
+    schema: Path | None  # the JSON Schema written beside it (None: `schema` named one)
+    latency_ratio: float | None  # the starter's int8 model against float, as measured (None: no --data to time)
+    warnings: list[str]  # also in the recipe's comments: a gate left out, and why
 
 
 def init_recipe(
@@ -129,10 +144,11 @@ def init_recipe(
     image: starter.ImageChoices = starter.ImageChoices(),
     schema: str | None = None,
     overwrite: bool = False,
-) -> tuple[Path, Path | None]:
+) -> InitResult:
     """Write a starter recipe for `model_path` (and the JSON Schema beside it unless `schema` names one).
 
-    Returns the recipe's path and the schema file written (None when `schema` was given).
+    With `data_dir`, the recipe's int8 model (placed on placeholder ranges) is timed against float on its
+    first sample; measured above 0.9x float, the recipe leaves max_latency_ratio out and says why.
     The written text is checked to load as a recipe before anything is written.
     """
     model_path, output = Path(model_path), Path(output)
@@ -150,13 +166,37 @@ def init_recipe(
     model = load_model(model_path)
     text = starter.starter_recipe(model, model_path, output, data, evaluation,
                                   schema or starter.SCHEMA_FILE, image)
-    parse_recipe(text, output)  # what we write must load as it is; a RecipeError here names the key
+    recipe = parse_recipe(text, output)  # what we write must load as it is; a RecipeError here names the key
+    latency = _probe_latency(model_path, recipe, data) if data is not None else None
+    slow = None
+    if latency is not None and latency.ratio > starter.LATENCY_MARGIN:  # the gate would fail, or flap
+        slow = starter.MeasuredLatency(latency.ratio, latency.reference.median_ms, latency.candidate.median_ms,
+                                       latency.candidate.runs)
+        text = starter.starter_recipe(model, model_path, output, data, evaluation,
+                                      schema or starter.SCHEMA_FILE, image, slow)
+        parse_recipe(text, output)
     with guarded(output.parent, "create the folder"):
         output.parent.mkdir(parents=True, exist_ok=True)
     if schema_path is not None:
         write_text_atomic(schema_path, json.dumps(recipe_json_schema(), indent=2) + "\n")
     write_text_atomic(output, text)
-    return output, schema_path
+    return InitResult(output, schema_path, latency.ratio if latency else None, [slow.warning()] if slow else [])
+
+
+def _probe_latency(model_path: Path, recipe: Recipe, data: Path) -> BenchResult | None:
+    """The starter recipe's model against float on the first sample of `data`, as quantize times them
+    (interleaved, one thread), its plan placed on placeholder ranges (what ORT runs depends on the graph,
+    not the ranges); None where the data cannot be read as the recipe says yet (CHECK values)."""
+    try:
+        model, _ = prepare(model_path, recipe)
+        feeds = next(open_data(data, _inputs(model, model_path), 1, recipe).batches(1)).feeds
+        quantized = preview_plan(model, recipe, select_tensors(model, recipe), int8_kernels_may_saturate()).model
+        return bench_models(model, quantized, feeds, threads=BENCH_THREADS, rounds=LATENCY_PROBE_ROUNDS,
+                            max_seconds=2.0)
+    except (QtoolError, StopIteration):
+        return None
+    except Exception:  # ORT's own Fail/InvalidArgument/... on this sample: quantize will name it, not init
+        return None
 
 
 def _is_qtool_schema(path: Path) -> bool:
@@ -318,6 +358,9 @@ def quantize(
     model, prepare_notes, equalized = _prepare(model_path, recipe)
     read = as_loaded(model_path, read)
     inputs = _inputs(model, model_path)
+    unmeasurable = unmeasurable_gates(recipe.validation.gates, model)
+    if unmeasurable:
+        raise RecipeError(f"{recipe.source or 'recipe'}: validation.gates: {model_path.name}: {unmeasurable}")
     calib_data = None if data_dir is None else open_data(data_dir, inputs, recipe.calibration.samples, recipe)
     eval_data, eval_labels, warnings = resolve_validation_data(recipe, calib_data, inputs, validation_data, labels)
     check_gates_are_measurable(recipe, eval_labels)
@@ -355,7 +398,8 @@ def quantize(
     elif "bias_correction" in recipe.quantization.algorithms.model_fields_set and calib_data is None:
         warnings.append(NO_DATA)  # asked for in so many words; the default is skipped with a note only
     copy_metadata(model, quantized)
-    warnings += unmatched_overrides(model.graph, recipe.quantization) + float_nodes_on_integer_kernels(quantized, plan)
+    optimized = optimized_graph(quantized)  # one session: the kernels section and the warning below read it
+    warnings += unmatched_overrides(model.graph, recipe.quantization) + float_nodes_on_integer_kernels(optimized, plan)
     simulated = compare_models(model, quantized, eval_data, labels=eval_labels,  # first: lower peak past 2 GB
                                batch_size=recipe.calibration.batch_size, optimize_candidate=False)
     comparison = compare_models(model, quantized, eval_data, labels=eval_labels,
@@ -367,7 +411,7 @@ def quantize(
     warnings += slower_than_float(latency)
     quantized_bytes = proto_size(quantized)  # serializes the model: once
     gates = check_gates(comparison, recipe.validation.gates, extra_figures(read.bytes, quantized_bytes, latency))
-    ops = optimized_op_histogram(quantized)
+    ops = op_histogram(optimized)
     warnings += kernel_warnings(comparison, simulated, kernel_gap_cause(quantized, ops, saturating))
 
     report = reporting.build_quantize_report(
@@ -453,6 +497,9 @@ def compare(
     if candidate_inputs != {spec.name for spec in inputs}:
         raise ModelError(f"{candidate_path}: inputs {sorted(candidate_inputs)} differ from the reference's "
                          f"{sorted(spec.name for spec in inputs)}")
+    unmeasurable = unmeasurable_gates(wanted, reference)
+    if unmeasurable:
+        raise UsageError(f"gates: {reference_path.name}: {unmeasurable}")
     data = open_data(data_dir, inputs, recipe.validation.samples, recipe)
     labels_path = Path(labels) if labels else data.folder / "labels.txt"
     if labels and not labels_path.is_file():

@@ -18,6 +18,7 @@ from conftest import ROOT, SAMPLE, make_model, save_npy_folder
 from qtool import api
 from qtool.cli.main import main
 from qtool.evaluation.per_layer import match_activations, weight_errors
+from qtool.errors import UsageError
 from qtool.recipe.schema import Recipe
 
 
@@ -242,5 +243,41 @@ def test_gates_that_check_no_output_of_this_kind_are_not_applicable(tmp_path):
     assert (cosine.passed, cosine.value, cosine.describe()) == (
         True, None, "gate min_cosine: not applicable (every output is integer: min_exact_match scores them)")
     assert exact.value is not None and not exact.not_applicable
-    floats = api.compare(SAMPLE / "model.onnx", SAMPLE / "model.onnx", SAMPLE / "calib", gates={"min_exact_match": 0.9})
+    assert result.report["gates"][0] == {"name": "min_cosine", "threshold": 0.99, "value": None, "passed": None,
+                                         "not_applicable": "every output is integer: min_exact_match scores them"}
+    floats = api.compare(SAMPLE / "model.onnx", SAMPLE / "model.onnx", SAMPLE / "calib",
+                         gates={"min_exact_match": 0.9, "min_cosine": 0.99})
     assert floats.passed and floats.gates[0].not_applicable == "no integer output"
+    with pytest.raises(UsageError, match="min_exact_match cannot be measured on this model .every output of it is float"):
+        api.compare(SAMPLE / "model.onnx", SAMPLE / "model.onnx", SAMPLE / "calib", gates={"min_exact_match": 0.9})
+
+
+def test_a_recipe_whose_every_accuracy_gate_is_not_applicable_is_refused(tmp_path):
+    """A MatMul classifier whose one output is its ArgMax: min_cosine reads no output, so a recipe gated on it
+    alone would pass on nothing (exit 0 with `min_cosine n/a pass` before). Exit 2 asking for min_exact_match,
+    as tune does; beside a measurable gate it is reported not applicable (passed null), never passed."""
+    rng = np.random.default_rng(5)
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["z"], name="mm"),
+                        helper.make_node("ArgMax", ["z"], ["y"], axis=1, keepdims=0)],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                       [helper.make_tensor_value_info("y", TensorProto.INT64, ["N"])],
+                       {"w": rng.normal(size=(8, 4)).astype(np.float32)})
+    onnx.save_model(model, str(tmp_path / "model.onnx"))
+    data = save_npy_folder(tmp_path / "data", rng.normal(size=(8, 1, 8)).astype(np.float32))
+    (tmp_path / "cosine.yaml").write_text("version: 1\nvalidation:\n  gates: {min_cosine: 0.99, min_size_ratio: 1.0}\n")
+    refused = qtool("quantize", str(tmp_path / "model.onnx"), "--recipe", str(tmp_path / "cosine.yaml"),
+                    "--data", str(data), "--output", str(tmp_path / "out"), "--no-bench")
+    assert refused.returncode == 2 and not (tmp_path / "out").exists()
+    assert "cosine.yaml: validation.gates: model.onnx: min_cosine cannot be measured on this model (every output of it " \
+           "is integer" in refused.stderr and "gate it with min_exact_match" in refused.stderr
+    (tmp_path / "both.yaml").write_text("version: 1\nvalidation:\n  gates: {min_cosine: 0.99, min_exact_match: 0.5}\n")
+    ran = qtool("quantize", str(tmp_path / "model.onnx"), "--recipe", str(tmp_path / "both.yaml"), "--data", str(data),
+                "--output", str(tmp_path / "out"), "--no-bench", "--junit", str(tmp_path / "junit.xml"))
+    assert ran.returncode == 0, ran.stderr
+    cosine, exact = json.loads((tmp_path / "out" / "report.json").read_text())["gates"]
+    assert cosine["passed"] is None and cosine["not_applicable"].startswith("every output is integer")
+    assert exact["passed"] is True and "not_applicable" not in exact
+    assert "| min_cosine | 0.99 | n/a | not applicable (every output is integer" in (tmp_path / "out" / "report.md").read_text()
+    assert "not applicable" in ran.stdout
+    suite = ET.parse(tmp_path / "junit.xml").getroot()[0]
+    assert (suite.get("skipped"), suite.get("failures")) == ("1", "0") and suite.find("testcase/skipped") is not None

@@ -99,7 +99,9 @@ def test_integer_outputs_of_a_static_model_get_min_exact_match(tmp_path):
     init(tmp_path / "model.onnx", "--data", data, "--output", recipe)
     loaded = load_recipe(recipe)
     assert "base:" not in recipe.read_text() and loaded.quantization.mode == "static"
-    assert loaded.validation.gates == {"min_exact_match": 0.95, "max_latency_ratio": 1.0}
+    gates = dict(loaded.validation.gates)  # max_latency_ratio: unless init timed int8 above 0.9x float here
+    assert gates.pop("max_latency_ratio", None) == (None if "No max_latency_ratio gate" in recipe.read_text() else 1.0)
+    assert gates == {"min_exact_match": 0.95}
 
 
 @pytest.mark.skipif(not (SHARED_MODELS / "pyannote_seg3" / "model.onnx").is_file(),

@@ -353,6 +353,21 @@ def test_a_float_node_ort_fuses_into_an_integer_kernel_is_named(tmp_path):
     assert not any("keeps float run as integer kernels" in w for w in plain.report["warnings"])
 
 
+def test_quantize_reads_the_optimized_graph_once(tmp_path, monkeypatch):
+    """The kernels section and the 'kept float, runs as integer' warning read one optimized graph: no
+    extra EXTENDED-level session after the placement pass (with placement all, main built one)."""
+    import qtool.quantization.placement as placement
+
+    calls = []
+    real = placement.fusion_graph
+    monkeypatch.setattr(placement, "fusion_graph", lambda model: calls.append(1) or real(model))
+    floats = ("version: 1\nquantization:\n  placement: all\n  overrides:\n"
+              "    - {match: {name: '^pool$'}, float: true}\n")
+    result = quantize_tiny(tmp_path, conv_relu_pool_gemm("GlobalAveragePool"), floats)
+    assert calls == [] and result.report["kernels"]["integer_ops"]["QLinearGlobalAveragePool"] == 1
+    assert any("pool (QLinearGlobalAveragePool)" in w for w in result.report["warnings"])
+
+
 def test_an_override_that_matches_no_node_is_named(tmp_path):
     recipe = ("version: 1\nquantization:\n  overrides:\n    - {match: {op_type: Cnov}, float: true}\n"
               "    - {match: {op_type: Conv}, float: true}\n")

@@ -20,6 +20,7 @@ from onnx import TensorProto, helper
 
 from conftest import ROOT, make_model, save_npy_folder, shared_model
 from qtool import api
+from qtool.errors import UsageError
 from qtool.recipe.load import load_recipe
 from qtool.reporting.schemas import report_schema
 from qtool.reporting.search import frontier_chart, latency_chart
@@ -114,6 +115,80 @@ def test_sensitivity_with_method_auto_calibrates_every_trial_with_the_chosen_ran
     assert len(chosen) == 1 and chosen[0].split()[3] in ("minmax", "percentile", "mse", "per_tensor")
     assert chosen[0].endswith("for every trial")
     assert result.rows[0]["node"] == HOSTILE
+
+
+def test_a_ranking_of_ties_says_it_carries_no_information(tmp_path):
+    """No hostile layer and an ArgMax output: every node quantized alone keeps every tag (exact match 1).
+    The nodes share rank 1 and stderr and the report say the order means nothing (it was graph order,
+    ranks 1..6, silently)."""
+    model = hostile_model(hostile=-1)
+    model.graph.node.append(helper.make_node("ArgMax", ["y"], ["tag"], name="argmax", axis=1, keepdims=0))
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info("tag", TensorProto.INT64, ["N"]))
+    onnx.save(model, tmp_path / "model.onnx")
+    rng = np.random.default_rng(1)
+    save_npy_folder(tmp_path / "calib", [rng.standard_normal((1, 16)) for _ in range(16)])
+    save_npy_folder(tmp_path / "eval", [rng.standard_normal((1, 16)) for _ in range(8)])
+    (tmp_path / "recipe.yaml").write_text("version: 1\ncalibration: {method: minmax}\n")
+    out = tmp_path / "sens"
+    result = subprocess.run([str(QTOOL), "sensitivity", str(tmp_path / "model.onnx"), "--data", str(tmp_path / "calib"),
+                             "--recipe", str(tmp_path / "recipe.yaml"),
+                             "--validation-data", str(tmp_path / "eval"), "--output", str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "warning: the sensitivity ranking carries no information: all 6 measured nodes score the same " \
+           "(exact match 1)" in result.stderr
+    report = validated(out / "report.json")
+    assert report["sensitivity"]["informative"] is False
+    assert [row["rank"] for row in report["sensitivity"]["rows"]] == [1] * 6
+    assert "carries no information" in (out / "report.md").read_text()
+
+
+def test_tune_says_when_the_chosen_model_is_larger_than_float(tmp_path):
+    """Eight-wide layers: int8 weights save less than their Q/DQ nodes, scales and zero points cost, and the
+    promoted layer keeps float weights. tune chose a model at 0.60x float size without a word; now the
+    chosen trial carries its size ratio and stderr and the report say it is larger than float."""
+    from click.testing import CliRunner
+
+    from qtool.cli.main import main
+
+    onnx.save(hostile_model(width=8), tmp_path / "model.onnx")
+    rng = np.random.default_rng(1)
+    calib = save_npy_folder(tmp_path / "calib", [rng.standard_normal((1, 8)) for _ in range(16)])
+    evaluation = save_npy_folder(tmp_path / "eval", [rng.standard_normal((1, 8)) for _ in range(16)])
+    (tmp_path / "recipe.yaml").write_text("version: 1\nvalidation:\n  gates: {min_sqnr_db: 12}\n")
+    out = tmp_path / "tuned"
+    ran = CliRunner().invoke(main, ["tune", str(tmp_path / "model.onnx"), "--recipe", str(tmp_path / "recipe.yaml"),
+                                    "--data", str(calib), "--validation-data", str(evaluation), "--output", str(out),
+                                    "--latency-runs", "0"])
+    assert ran.exit_code == 0, ran.output
+    report = validated(out / "report.json")
+    chosen, float_bytes = report["chosen"], report["target"]["float_bytes"]
+    assert chosen["size_bytes"] == (out / "model.onnx").stat().st_size > float_bytes
+    assert chosen["size_ratio"] == pytest.approx(float_bytes / chosen["size_bytes"]) and chosen["size_ratio"] < 1
+    assert f"size {chosen['size_ratio']:.2f}× float" in ran.stdout
+    assert "warning: the chosen model is LARGER than float" in ran.stderr and "min_size_ratio" in ran.stderr
+    assert any(w.startswith("the chosen model is LARGER than float") for w in report["warnings"])
+    assert "(**larger than float**)" in (out / "report.md").read_text()
+
+
+def test_sensitivity_refuses_samples_whose_float_output_is_near_zero_and_warns_below_eight(hostile, tmp_path):
+    """The first evaluation sample is all but zero: SQNR on it alone divides rounding noise by nothing.
+    --samples 1 ranked on it silently; now exit 2 naming the fewest samples that carry a signal (2). Two
+    samples rank, with a warning that so few are coarse."""
+    rng = np.random.default_rng(1)
+    evaluation = save_npy_folder(tmp_path / "eval", [np.full((1, 16), 1e-4)] +
+                                 [rng.standard_normal((1, 16)) for _ in range(15)])
+    args = (hostile / "model.onnx", hostile / "calib", hostile / "recipe.yaml")
+    with pytest.raises(UsageError, match=r"--samples 1: output y of the first 1 evaluation sample\(s\) is near zero "
+                                         r"\(mean square 4.81e-09 against .* give --samples 2 or more"):
+        search_api.sensitivity(*args, tmp_path / "refused", validation_data=evaluation, samples=1)
+    assert not (tmp_path / "refused").exists()
+    two = search_api.sensitivity(*args, tmp_path / "two", validation_data=evaluation, samples=2)
+    assert two.rows[0]["node"] == HOSTILE
+    assert len(two.alerts) == 1 and two.alerts[0].startswith("--samples 2: a ranking on fewer than 8 samples is coarse")
+    assert two.alerts[0] in validated(tmp_path / "two" / "report.json")["warnings"]
+    assert search_api.sensitivity(*args, validation_data=evaluation, samples=8).alerts == ()
 
 
 def test_tune_promotes_the_hostile_layer_and_nothing_else(hostile, tmp_path):
@@ -363,8 +438,6 @@ def test_tuned_recipe_keeps_every_file_it_names_reachable_from_its_new_folder(tm
 
 def test_a_latency_gate_with_timing_off_is_refused_before_any_work(hostile, tmp_path):
     """--latency-runs 0 with a max_latency_ratio gate exited 1 'not met (value None)' after the search."""
-    from qtool.errors import UsageError
-
     recipe = tmp_path / "timed.yaml"
     recipe.write_text("version: 1\nvalidation:\n  gates: {min_sqnr_db: 12, max_latency_ratio: 1.0}\n")
     with pytest.raises(UsageError, match="max_latency_ratio needs the trials timed: --latency-runs above 0"):
@@ -392,7 +465,7 @@ def test_a_model_whose_every_output_is_integer_is_ranked_and_tuned_by_exact_matc
     assert sens.rows[0]["node"] == HOSTILE and sens.rows[0]["exact_match"] < 0.5  # its outlier input costs the tags
     assert all(row["exact_match"] > 0.9 for row in sens.rows[1:])
     assert "| rank | node | op | exact match |" in (tmp_path / "sens" / "report.md").read_text()
-    validated(tmp_path / "sens" / "report.json")
+    assert validated(tmp_path / "sens" / "report.json")["sensitivity"]["informative"] is True
     tuned = search_api.tune(tmp_path / "model.onnx", calib, recipe, tmp_path / "tuned", validation_data=evaluation,
                             latency_runs=0)
     report = validated(tmp_path / "tuned" / "report.json")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
 import re
 import wave
 from pathlib import Path
@@ -18,6 +17,7 @@ from qtool.io.samples import listed_files
 from qtool.io.feeds import file_kind
 from qtool.io.text import ROLE_HINTS, fixed_lengths
 from qtool.recipe.inputs import TEXT_ROLES
+from qtool.recipe.load import recipe_path_text
 
 # An input or output name that says "state": h0, c0, hn, state, hidden, h_out, past_key, cache, memory...
 STATE_NAME = re.compile(r"(?:^|[^a-z])(?:[hc][0-9n]?|state[s]?|hidden|cache|past\w*|memory|carry)(?:[^a-z]|$)",
@@ -26,10 +26,6 @@ TOKENIZER = "tokenizer.json"
 AUDIO_HEADERS = 256  # WAV headers read for the rate and the shortest file
 MAX_WINDOW_S = 30  # the longest chunk init proposes for a model that leaves it open
 TRANSFORMER_BASE = "dynamic-int8"  # static int8 measured worse on transformers (docs/recipe.md)
-
-
-def _rel(path: Path, base: Path) -> str:
-    return Path(os.path.relpath(path.resolve(), base.resolve())).as_posix()
 
 
 def _shape(value) -> tuple:
@@ -75,7 +71,7 @@ def text_lines(model_path: Path, data: Path, inputs: list[InputSpec], base: Path
     tokenizer = _tokenizer(model_path, data)
     lines = ["  text:"]
     if tokenizer is not None:
-        lines.append(f"    tokenizer: {_rel(tokenizer, base)}   # found beside the "
+        lines.append(f"    tokenizer: {recipe_path_text(tokenizer, base)}   # found beside the "
                      + ("model" if tokenizer.parent == model_path.parent else "data"))
     else:
         lines += [f"    # CHECK: no {TOKENIZER} beside the model or the data: name the model's tokenizer",

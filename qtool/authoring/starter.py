@@ -9,7 +9,6 @@ neutral default, and the text says which values the user must check.
 from __future__ import annotations
 
 import math
-import os
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from qtool.authoring.conventions import Convention, find_convention
 from qtool.authoring.sequences import TRANSFORMER_BASE, is_transformer, sequence_data_lines
 from qtool.io.data import DATA_SUFFIXES, InputSpec, model_inputs
 from qtool.io.images import IMAGE_SUFFIXES, image_dimensions
+from qtool.recipe.load import recipe_path_text
 
 # ONNX element types of integer and bool outputs (scored by exact match, not cosine)
 INTEGER_ELEMENTS = {TensorProto.INT8, TensorProto.INT16, TensorProto.INT32, TensorProto.INT64, TensorProto.UINT8,
@@ -111,8 +111,24 @@ def _floats(values) -> str:
     return "[" + ", ".join(f"{v:g}" for v in values) + "]"
 
 
-def _rel(path: Path, base: Path) -> str:
-    return Path(os.path.relpath(path.resolve(), base.resolve())).as_posix()
+LATENCY_MARGIN = 0.9  # a measured ratio above it: a max_latency_ratio 1.0 gate would fail, or flap with noise
+
+
+@dataclass(frozen=True)
+class MeasuredLatency:
+    """What `qtool init` measured: the starter recipe's int8 model against float, median ms of `runs`
+    interleaved runs on one ONNX Runtime thread."""
+    ratio: float
+    float_ms: float
+    quantized_ms: float
+    runs: int
+
+    def warning(self) -> str:
+        return (f"the starter recipe's int8 model ran at {self.ratio:.2f}x float's latency here ({self.quantized_ms:.3g} "
+                f"ms against {self.float_ms:.3g} ms, median of {self.runs} interleaved runs, one thread): above "
+                f"{LATENCY_MARGIN}x, int8 gains little or nothing on this model with these kernels, so the recipe "
+                "leaves max_latency_ratio 1.0 out (its run would fail it, or pass and fail by noise); `qtool tune` "
+                "can keep the slow nodes float")
 
 
 STARTER_MIN_COSINE = 0.9
@@ -142,14 +158,16 @@ def starter_recipe(
     validation_dir: Path | None = None,
     schema_ref: str = SCHEMA_FILE,
     image: ImageChoices = ImageChoices(),
+    slow: MeasuredLatency | None = None,
 ) -> str:
-    """The recipe text: YAML that `load_recipe` accepts as it is."""
+    """The recipe text: YAML that `load_recipe` accepts as it is. `slow`: the int8 model measured slower
+    than LATENCY_MARGIN x float: no max_latency_ratio gate, and the comments say why."""
     inputs = model_inputs(model)
     base = recipe_path.parent
     transformer = is_transformer(model_path, data_dir, inputs)
     data = data_kind(data_dir)
-    command = (f"qtool quantize {_rel(model_path, base)} --recipe {recipe_path.name} "
-               f"--data {_rel(data_dir, base) if data_dir else 'CALIB_DIR'} --output out/")
+    command = (f"qtool quantize {recipe_path_text(model_path, base)} --recipe {recipe_path.name} "
+               f"--data {recipe_path_text(data_dir, base) if data_dir else 'CALIB_DIR'} --output out/")
     lines = [
         f"# yaml-language-server: $schema={schema_ref}",
         f"# qtool recipe for {model_path.name}, written by `qtool init`. Every key is optional;",
@@ -191,7 +209,8 @@ def starter_recipe(
         gates.append(f"min_exact_match: {0.99 if transformer else STARTER_MIN_EXACT_MATCH}")
     if labels:
         gates.append(f"max_accuracy_drop: {starter_accuracy_drop(labels)}")
-    gates.append("max_latency_ratio: 1.0")
+    if slow is None:
+        gates.append("max_latency_ratio: 1.0")
     lines += ["quantization:"]
     if transformer:
         lines += [f"  # mode: dynamic comes from {TRANSFORMER_BASE}; `mode: static` with `algorithms: {{smoothing: true}}`",
@@ -208,7 +227,9 @@ def starter_recipe(
         "validation:",
     ]
     if validation_dir is not None:
-        lines.append(f"  data: {_rel(validation_dir, base)}   # relative to this file")
+        where = recipe_path_text(validation_dir, base)
+        lines.append(f"  data: {where}   # " + ("absolute: relative, it would climb to /" if where.startswith("/")
+                                              else "relative to this file"))
     else:
         lines += ["  # Held-out data, relative to this file (default: the calibration data, and the",
                   "  # report warns that its figures are optimistic):",
@@ -225,8 +246,10 @@ def starter_recipe(
           if True in kinds and not transformer else []),
         *([f"  # max_accuracy_drop: 1 point, or 2 of the {labels} labelled samples where that is more",
            "  # (one sample more or less is noise)."] if labels else []),
-        "  # max_latency_ratio 1.0: exit 1 when the quantized model runs slower than float here (median",
-        "  # of interleaved runs, one ONNX Runtime thread); measure on the target with --provider/--threads.",
+        *(["  # max_latency_ratio 1.0: exit 1 when the quantized model runs slower than float here (median",
+           "  # of interleaved runs, one ONNX Runtime thread); measure on the target with --provider/--threads."]
+          if slow is None else
+          ["  # " + line for line in textwrap.wrap("No max_latency_ratio gate: " + slow.warning(), 96)]),
         f"  gates: {{{', '.join(gates)}}}",
     ]
     if not labels:

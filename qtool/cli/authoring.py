@@ -154,7 +154,9 @@ def init(model: Path, data_dir: Path | None, validation_data: Path | None, outpu
     data.text with a tokenizer.json found beside the model or the data, audio
     (.wav .flac .ogg) data.audio, and inputs named like state (h0, c, state,
     hidden, ...) with an output of their shape data.state. The recipe loads as
-    written; `qtool quantize` runs it unchanged.
+    written; `qtool quantize` runs it unchanged. With --data, the recipe's int8
+    model is timed against float on the first sample: above 0.9x float the
+    max_latency_ratio gate is left out (its run would fail it) and a warning says why.
 
     \b
     Example:
@@ -162,8 +164,11 @@ def init(model: Path, data_dir: Path | None, validation_data: Path | None, outpu
           --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 --output recipe.yaml
     """
     choices = starter.ImageChoices(channels=channels, mean=mean, std=std, scale=scale, size=size)
-    recipe, schema_file = api.init_recipe(model, output_path, data_dir=data_dir, validation_data=validation_data,
-                                          image=choices, schema=schema_ref, overwrite=overwrite)
+    result = api.init_recipe(model, output_path, data_dir=data_dir, validation_data=validation_data,
+                             image=choices, schema=schema_ref, overwrite=overwrite)
+    recipe, schema_file = result.recipe, result.schema
+    for line in result.warnings if not quiet else ():
+        click.echo(f"warning: {line}", err=True)
     if as_json:
         echo_json({"recipe": str(recipe), "schema": str(schema_file) if schema_file else None})
         return

@@ -33,6 +33,13 @@ def _warn_lost(lost: list[dict], quiet: bool) -> None:
         click.echo(f"warning: {len(lost)} trial(s) lost with their Ray worker or node, left out: {names}", err=True)
 
 
+def _warn(alerts, quiet: bool) -> None:
+    """The warnings about the result itself (a ranking of ties, too few samples, a model larger than
+    float) on stderr: the report holds them too."""
+    for line in alerts if not quiet else ():
+        click.echo(f"warning: {line}", err=True)
+
+
 @click.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), help="Recipe YAML, or a preset by name (`qtool recipes`; default: int8).")
@@ -44,7 +51,8 @@ def _warn_lost(lost: list[dict], quiet: bool) -> None:
               help="Folder to write report.json/md/html and sensitivity.cache.json into.")
 @click.option("--mode", type=click.Choice(["only_quantized", "only_float"]), default="only_quantized",
               show_default=True, help="Quantize each node alone, or keep each node alone float.")
-@click.option("--samples", type=click.IntRange(min=1), help="Measure each node on the first N evaluation samples.")
+@click.option("--samples", type=click.IntRange(min=1), help="Measure each node on the first N evaluation samples (exit 2 when their float "
+                   "outputs are near zero; a warning below 8: coarse).")
 @click.option("--jobs", type=click.IntRange(min=1),
               help="Trials run at once: processes here (default 1; one ONNX Runtime thread each when "
                    "above 1), or Ray tasks with --executor ray (default: the cluster's CPUs).")
@@ -77,6 +85,7 @@ def sensitivity(model: Path, recipe_path: Path | None, data_dir: Path, validatio
                                     overwrite=overwrite, progress=progress, executor=executor,
                                     ray_address=ray_address)
     _warn_lost(result.report["sensitivity"]["executor"]["lost_trials"], quiet)
+    _warn(result.alerts, quiet)
     if as_json:
         click.echo(render_json(result.report), nl=False)
         return
@@ -104,7 +113,8 @@ def sensitivity(model: Path, recipe_path: Path | None, data_dir: Path, validatio
                    "above 1), or Ray tasks with --executor ray (default: the cluster's CPUs).")
 @executor_options("trials")
 @click.option("--sensitivity-samples", type=click.IntRange(min=1),
-              help="Rank nodes on the first N evaluation samples (default: all).")
+              help="Rank nodes on the first N evaluation samples (default: all; exit 2 when their "
+                   "float outputs are near zero; a warning below 8: coarse).")
 @click.option("--latency-runs", type=click.IntRange(min=0), default=search_api.LATENCY_RUNS, show_default=True,
               help="Time trials against the float model, one at a time on one thread: those that pass "
                    "as their batch ends (the fastest is chosen), the rest after the search; up to N "
@@ -157,9 +167,12 @@ def tune(model: Path, recipe_path: Path, data_dir: Path, validation_data: Path |
         ratio = next((row["latency_ratio"] for row in report["trials"] if row["chosen"]), None)
         click.echo(f"{report['search']['trials_run']} trials, {report['search']['wall_s']:.1f} s; "
                    f"{report['search']['stop_reason']}")
+        size = chosen.get("size_ratio")
         click.echo(f"chosen: {chosen['trial']} ({len(chosen['promotions'])} promotion(s)"
-                   + (f", latency {ratio:.2f}× float" if ratio is not None else "") + ") → "
+                   + (f", latency {ratio:.2f}× float" if ratio is not None else "")
+                   + (f", size {size:.2f}× float" if size is not None else "") + ") → "
                    f"{output_dir}/model.onnx, {output_dir}/{search_api.TUNED_RECIPE}")
+    _warn(result.alerts, quiet)
     if result.interrupted:
         what = "Terminated" if result.terminated else "Interrupted"
         click.echo(f"{what}: best so far kept in {output_dir} (model.onnx, {search_api.TUNED_RECIPE}, report.*)."
@@ -167,7 +180,7 @@ def tune(model: Path, recipe_path: Path, data_dir: Path, validation_data: Path |
         sys.exit(EXIT_TERMINATED if result.terminated else EXIT_INTERRUPTED)
     if not result.passed:
         for gate in report["chosen"]["gates"]:
-            if not gate["passed"]:
+            if gate["passed"] is False:  # None: not applicable to this model
                 click.echo(f"gate {gate['name']}: not met by the best trial (value {gate['value']}, "
                            f"threshold {gate['threshold']:g})", err=True)
         sys.exit(EXIT_GATE_FAILED)

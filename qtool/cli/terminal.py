@@ -169,12 +169,13 @@ def print_compare_summary(console: Console, report: dict, output_dir: Path, verb
 
 def print_sensitivity(console: Console, rows: list[dict], output_dir: Path, cache_hit: bool, verbose: bool) -> None:
     table = Table(title=f"qtool sensitivity → {output_dir}" + (" (cached)" if cache_hit else ""))
-    for column in ("rank", "node", "op", "SQNR dB"):
-        table.add_column(column, justify="right" if column in ("rank", "SQNR dB") else "left")
+    key, heading = ("exact_match", "exact match") if any("exact_match" in row for row in rows) else ("sqnr_db", "SQNR dB")
+    for column in ("rank", "node", "op", heading):
+        table.add_column(column, justify="right" if column in ("rank", heading) else "left")
     for row in rows[: 20 if verbose else 5]:
-        sqnr = row.get("sqnr_db")
+        value = row.get(key)
         table.add_row(str(row.get("rank")), escape(row["node"]), escape(row.get("op_type", "")),
-                      f"{sqnr:.2f}" if isinstance(sqnr, float) else str(sqnr))
+                      f"{value:.{4 if key == 'exact_match' else 2}f}" if isinstance(value, float) else str(value))
     console.print(table)
 
 
@@ -189,6 +190,9 @@ def gate_value_text(value: float, threshold: float) -> str:
 
 def _add_gate_rows(table: Table, gates: list[dict]) -> None:
     for gate in gates:
+        if gate["passed"] is None:  # checked nothing on this model: neither pass nor FAIL
+            table.add_row(f"gate {gate['name']} ({gate['threshold']:g})", "[yellow]not applicable[/]")
+            continue
         verdict = "[green]pass[/]" if gate["passed"] else "[red]FAIL[/]"
         value = "n/a" if gate["value"] is None else gate_value_text(gate["value"], gate["threshold"])
         table.add_row(f"gate {gate['name']} ({gate['threshold']:g})", f"{value} {verdict}")

@@ -199,8 +199,13 @@ class GateResult:
     name: str
     threshold: float
     value: float | None
-    passed: bool
-    not_applicable: str = ""  # why no output has the figure (passed: the model has none of what it checks)
+    passed: bool  # False: failed (a not-applicable gate does not fail; `verdict` tells them apart)
+    not_applicable: str = ""  # why no output has the figure: the gate checks nothing (never fails, never passes)
+
+    @property
+    def verdict(self) -> bool | None:
+        """True passed, False failed, None not applicable (what the report's `passed` holds)."""
+        return None if self.not_applicable else self.passed
 
     def describe(self) -> str:
         if self.not_applicable:
@@ -259,9 +264,13 @@ def compare_models(
     return Comparison(samples, {name: s.figures() for name, s in stats.items()}, accuracy, labelled)
 
 
-def _not_applicable(comparison: Comparison, figure: str) -> str:
-    """Why a gate has nothing to check in this model's kind of outputs ("": it has, or should have)."""
-    integer = ["exact_match" in f for f in comparison.outputs.values()]
+# Gates that read the model's accuracy (the others read its size and speed).
+ACCURACY_GATES = tuple(name for name in GATES if name not in ("max_latency_ratio", "min_size_ratio"))
+
+
+def not_applicable(figure: str, integer: list[bool]) -> str:
+    """Why a gate reading `figure` has nothing to check in outputs of these kinds (`integer`: per
+    output, whether it is integer or bool), "" when it has or should have."""
     if figure == "exact_match" and integer and not any(integer):
         return "no integer output"
     if figure in FLOAT_ONLY_FIGURES - {"top1_agreement"} and integer and all(integer):
@@ -277,7 +286,8 @@ def check_gates(comparison: Comparison, gates: dict[str, float],
     for name, threshold in gates.items():
         figure, larger_is_better = GATES[name]
         value = extra.get(figure) if figure in extra else comparison.figure(figure)
-        why = _not_applicable(comparison, figure) if value is None else ""
+        integer = ["exact_match" in f for f in comparison.outputs.values()]
+        why = not_applicable(figure, integer) if value is None else ""
         if why:
             results.append(GateResult(name, threshold, None, True, why))
             continue

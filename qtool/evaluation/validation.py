@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from onnx import ModelProto
+from onnx import ModelProto, TensorProto
 
 from qtool.errors import DataError, RecipeError, UsageError
-from qtool.evaluation.compare import Comparison
+from qtool.evaluation.compare import ACCURACY_GATES, GATES, Comparison, not_applicable
 from qtool.evaluation.latency import bench_models, latency_section
 from qtool.evaluation.per_layer import layer_errors, layers_section, weight_errors
 from qtool.io.data import read_labels
@@ -61,6 +61,28 @@ def check_gates_are_measurable(recipe: Recipe, labels: dict | None) -> None:
             f"{recipe.source}: validation.gates.max_accuracy_drop needs labels: set validation.labels "
             "or put labels.txt in the validation data folder"
         )
+
+
+INTEGER_TYPES = {TensorProto.INT8, TensorProto.INT16, TensorProto.INT32, TensorProto.INT64, TensorProto.UINT8,
+                 TensorProto.UINT16, TensorProto.UINT32, TensorProto.UINT64, TensorProto.BOOL}
+
+
+def unmeasurable_gates(gates: dict[str, float], model: ModelProto) -> str:
+    """Why the accuracy gates among `gates` cannot judge `model` ("" when one of them can, or there
+    are none): every one reads a figure its declared outputs do not have (cosine and SQNR on outputs
+    that are all integer, exact match on outputs that are all float). Such a run would pass on
+    nothing; the caller raises it as a RecipeError or UsageError (exit 2), as tune does."""
+    accuracy = [name for name in gates if name in ACCURACY_GATES]
+    integer = [output.type.tensor_type.elem_type in INTEGER_TYPES for output in model.graph.output]
+    whys = {name: not_applicable(GATES[name][0], integer) for name in accuracy}
+    if not accuracy or not all(whys.values()):
+        return ""
+    if all(integer):
+        kind, wanted = "integer (tags, class ids)", "min_exact_match (the fraction of elements equal)"
+    else:
+        kind, wanted = "float", "min_cosine, min_sqnr_db or min_slice_sqnr_db"
+    return (f"{', '.join(accuracy)} cannot be measured on this model (every output of it is {kind}): a run would "
+            f"pass on nothing; gate it with {wanted}")
 
 
 def layers_and_latency(reference: ModelProto, candidate: ModelProto, data: DataSource, batch_size: int,

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Callable
 
 import onnx
+import onnx.numpy_helper
 import onnxruntime as ort
 from onnx import ModelProto
 
-from qtool.calibration.calibrate import CalibrationTable
+from qtool.calibration.calibrate import CalibrationTable, TensorRange
 from qtool.numerics import QTYPES
 from qtool.quantization.plan import NodeDecision, QuantPlan, Selection, build_plan, select_tensors
 from qtool.quantization.qdq import apply_plan
@@ -84,8 +85,10 @@ def unfused_nodes(quantized: ModelProto, plan: QuantPlan) -> dict[str, str]:
     return unfused
 
 
-def float_nodes_on_integer_kernels(quantized: ModelProto, plan: QuantPlan) -> list[str]:
+def float_nodes_on_integer_kernels(optimized: onnx.GraphProto, plan: QuantPlan) -> list[str]:
     """A warning naming the nodes the plan keeps float that ORT runs as integer kernels anyway; [] if none.
+    `optimized`: the quantized model's graph as ORT runs it (runtime.session.optimized_graph, the session
+    the report's kernel histogram comes from too).
 
     ORT fuses DequantizeLinear -> op -> QuantizeLinear into the op's integer kernel whether or not
     the plan quantized the op: a float node between a quantized producer and a quantized reader
@@ -93,7 +96,7 @@ def float_nodes_on_integer_kernels(quantized: ModelProto, plan: QuantPlan) -> li
     and Gemm are kept float by qdq.apply_plan; these others are reported.
     """
     kept_float = {decision.node for decision in plan.nodes if not decision.quantized and decision.node}
-    fused = [f"{node.name} ({node.op_type})" for node in fusion_graph(quantized).node
+    fused = [f"{node.name} ({node.op_type})" for node in optimized.node
              if node.name in kept_float and node.op_type in INTEGER_OP_TYPES]
     if not fused:
         return []
@@ -158,3 +161,35 @@ def plan_and_apply(model: ModelProto, recipe: Recipe, selection: Selection, tabl
                 f"float ops between Q/DQ ({placed.rounds} round(s))")
         placed = replace(placed, plan=replace(placed.plan, notes=[*placed.plan.notes, note]))
     return placed
+
+
+BOUNDED_BELOW = {"Relu": (0.0, None), "Sigmoid": (0.0, 1.0), "HardSigmoid": (0.0, 1.0), "Softmax": (0.0, 1.0)}
+
+
+def preview_plan(model: ModelProto, recipe: Recipe, selection: Selection, saturating_host: bool) -> Placement:
+    """The plan `quantize` would carry out and its model, without data (`qtool inspect`, `qtool init`'s
+    latency probe): `plan_and_apply` itself, on
+    placeholder ranges for the tensors the recipe calibrates. What ORT fuses depends on two things about
+    ranges, which the placeholders keep: no two tensors share a scale (ORT drops a DequantizeLinear ->
+    QuantizeLinear pair of equal scales), and a Relu's, Clip's or Sigmoid's output range lies within what
+    the op can produce (ORT removes the Relu/Clip before a QuantizeLinear only then, and fuses its producer).
+    Decisions that read measured values (a degenerate tensor kept float, a Concat of far-apart inputs
+    split) can still differ after calibration."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    constants = {init.name: init for init in model.graph.initializer}
+    ranges = {}
+    for i, name in enumerate(selection.calibration_tensors):
+        spread = (i % 997) / 8192  # no two scales equal
+        lo, hi = -1.0, 1.0 + spread
+        node = producers.get(name)
+        if node is not None and node.op_type in BOUNDED_BELOW:
+            lo, top = BOUNDED_BELOW[node.op_type]
+            hi = top - spread if top is not None else hi
+        elif node is not None and node.op_type == "Clip":
+            low, high = (float(onnx.numpy_helper.to_array(constants[x])) if x in constants else None
+                         for x in (list(node.input[1:3]) + ["", ""])[:2])
+            lo = lo if low is None else low
+            hi = min(hi, high) - spread / 2 if high is not None else hi
+            hi = hi if hi > lo else lo + 1.0 + spread
+        ranges[name] = TensorRange(lo, hi, "placeholder")
+    return plan_and_apply(model, recipe, selection, CalibrationTable(ranges, 1), saturating_host)

@@ -6,6 +6,7 @@ typed models in qtool.recipe.schema check values and say what is allowed.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,23 @@ from qtool.recipe.builtin import preset_names, preset_path, resolve_recipe_path
 from qtool.recipe.schema import Recipe
 
 MAX_BASE_DEPTH = 8
+MAX_UPS = 2  # a path written into a recipe climbs at most this many folders, else it is absolute
+
+
+def recipe_path_text(path: Path, folder: Path) -> str:
+    """How a recipe in `folder` names `path` (POSIX separators): relative to the folder when the two share
+    a root below `/` and the relative form climbs at most MAX_UPS folders (`../data/eval`), else absolute
+    (a `../../../../work/...` that climbs to `/` breaks as soon as either moves, and says nothing)."""
+    target, here = path.resolve(), folder.resolve()
+    try:
+        relative = Path(os.path.relpath(target, here))
+    except ValueError:  # another drive (Windows)
+        return target.as_posix()
+    ups = sum(part == ".." for part in relative.parts)
+    common = Path(os.path.commonpath([target, here]))
+    if ups > MAX_UPS or common == Path(common.anchor):
+        return target.as_posix()
+    return relative.as_posix()
 
 
 def load_recipe(path: str | Path | None) -> Recipe:

@@ -335,7 +335,8 @@ class ValidationSpec(_Strict):
         "`min_slice_sqnr_db` checks the worst slice of each output along its feature axis (an output "
         "without one counts as one slice). Integer outputs (an ArgMax) are scored by `min_exact_match` (the "
         "fraction of elements equal; with text data, of the positions its attention mask keeps: padding is "
-        "not scored), not by the cosine, SQNR and top-1 gates. Each threshold lies within what its figure can take: cosines "
+        "not scored), not by the cosine, SQNR and top-1 gates; a gate with no output of its kind is reported not "
+        "applicable, and a recipe whose every accuracy gate is so is refused (exit 2). Each threshold lies within what its figure can take: cosines "
         "-1..1, min_top1_agreement 0..1, max_accuracy_drop -1..1, ratios above 0, dB finite."
     )
 

@@ -67,8 +67,18 @@ def _comparison_section(comparison: Comparison) -> dict:
     return section
 
 
-def _gates_section(gates: list[GateResult]) -> list[dict]:
-    return [{"name": g.name, "threshold": g.threshold, "value": g.value, "passed": g.passed} for g in gates]
+def gate_verdict(gate: dict, failed: str = "FAIL") -> str:
+    """A report gate row's verdict in words: pass, `failed`, or not applicable with its reason."""
+    if gate["passed"] is None:
+        return f"not applicable ({gate.get('not_applicable', '')})"
+    return "pass" if gate["passed"] else failed
+
+
+def gates_section(gates: list[GateResult]) -> list[dict]:
+    """The report's gate rows: `passed` null, and `not_applicable` the reason, for a gate that checked
+    nothing on this model (it neither passed nor failed)."""
+    return [{"name": g.name, "threshold": g.threshold, "value": g.value, "passed": g.verdict,
+             **({"not_applicable": g.not_applicable} if g.not_applicable else {})} for g in gates]
 
 
 def _size_section(float_bytes: int, quantized_bytes: int) -> dict:
@@ -97,7 +107,7 @@ def build_compare_report(
         },
         "size": _size_section(reference_bytes, candidate_bytes),
         "validation": _comparison_section(comparison),
-        "gates": _gates_section(gates),
+        "gates": gates_section(gates),
         "warnings": with_data_notes(warnings or [], data),
     }
     if layers is not None:
@@ -192,7 +202,7 @@ def build_quantize_report(
         "kernels": {"integer_ops": integer_ops, "optimized_ops": optimized_ops},
         "validation": _comparison_section(comparison),
         "simulated": _comparison_section(simulated),
-        "gates": _gates_section(gates),
+        "gates": gates_section(gates),
         "warnings": with_data_notes(warnings, calib_data, eval_data),
     }
     if layers is not None:
@@ -284,8 +294,8 @@ def render_markdown(report: dict) -> str:
     lines.append("")
     if report["gates"]:
         lines += ["## Gates", "", "| gate | threshold | value | verdict |", "|---|---|---|---|"]
-        lines += [f"| {g['name']} | {_fmt(g['threshold'])} | {_fmt_gate(g['value'])} | "
-                  f"{'pass' if g['passed'] else '**FAIL**'} |" for g in report["gates"]]
+        lines += [f"| {g['name']} | {_fmt(g['threshold'])} | {_fmt_gate(g['value'])} | {gate_verdict(g, '**FAIL**')} |"
+                  for g in report["gates"]]
         lines.append("")
     lines += [f"## Outputs ({val['samples']} samples)", "",
               "| output | cosine | SQNR dB | worst slice dB | MSE | max abs err | mean abs err | top-1 agreement "
@@ -366,11 +376,14 @@ def render_junit(report: dict) -> str:
     """One test case per gate; a failed gate carries a <failure>. ElementTree escapes every string."""
     gates = report["gates"]
     suite = ET.Element("testsuite", name=f"qtool {report['command']}", tests=str(len(gates)),
-                       failures=str(sum(1 for g in gates if not g["passed"])), errors="0", skipped="0")
+                       failures=str(sum(1 for g in gates if g["passed"] is False)), errors="0",
+                       skipped=str(sum(1 for g in gates if g["passed"] is None)))
     for gate in gates:
         case = ET.SubElement(suite, "testcase", classname=f"qtool.{report['command']}.gates", name=gate["name"])
         message = f"value {_fmt_gate(gate['value'])}, threshold {_fmt(gate['threshold'])}"
-        if gate["passed"]:
+        if gate["passed"] is None:
+            ET.SubElement(case, "skipped", message=f"not applicable: {gate['not_applicable']}")
+        elif gate["passed"]:
             ET.SubElement(case, "system-out").text = message
         else:
             ET.SubElement(case, "failure", message=f"gate {gate['name']} failed: {message}", type="GateFailed")

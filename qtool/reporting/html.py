@@ -9,7 +9,7 @@ import html
 import math
 import shlex
 
-from qtool.reporting.document import _fmt, _fmt_gate, headline
+from qtool.reporting.document import _fmt, _fmt_gate, gate_verdict, headline
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:0;
@@ -137,6 +137,7 @@ def _gates(report: dict) -> str:
     if not report["gates"]:
         return '<p class="muted">No gates set.</p>'
     rows = [[esc(g["name"]), esc(_fmt(g["threshold"])), esc(_fmt_gate(g["value"])),
+             esc(gate_verdict(g)) if g["passed"] is None else
              f'<span class="badge {"pass" if g["passed"] else "fail"}">{"pass" if g["passed"] else "FAIL"}</span>']
             for g in report["gates"]]
     return _table(["gate", "threshold", "value", "verdict"], rows, {1, 2})
@@ -266,8 +267,11 @@ def next_step(report: dict) -> tuple[str, str | None]:
 
 def _summary(report: dict) -> str:
     size, latency = report["size"], report.get("latency")
+    verdicts = [g["passed"] for g in report["gates"]]  # None: not applicable
+    applicable = len(verdicts) - verdicts.count(None)
     tiles = [_tile("passed" if report["passed"] else "FAILED",
-                   f"{sum(g['passed'] for g in report['gates'])} of {len(report['gates'])} gates passed"),
+                   f"{verdicts.count(True)} of {applicable} gates passed"
+                   + (f", {verdicts.count(None)} not applicable" if None in verdicts else "")),
              _tile(f"{_fmt(size['ratio'])}× smaller",
                    f"{human_bytes(size['float_bytes'])} → {human_bytes(size['quantized_bytes'])}"),
              _tile(f"{_fmt(latency['ratio'])}× latency" if latency else "not measured",

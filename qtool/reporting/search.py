@@ -102,7 +102,10 @@ def render_markdown(report: dict) -> str:
              f"(objective: {target['objective']}). {search['trials_run']} trials "
              f"(max {search['max_trials']}), {search['wall_s']:.1f} s, jobs {search['jobs']}. "
              f"Stopped: {md_escape(search['stop_reason'])}.", ""]
+    ratio = _num(chosen.get("size_ratio"))
     lines += [f"Chosen: **{md_escape(chosen['trial'] or 'none')}** with {len(chosen['promotions'])} promotion(s)"
+              + (f", size {ratio:.2f}× float" + (" (**larger than float**)" if ratio < 1 else "")
+                 if ratio is not None else "")
               + (f"; the tuned recipe re-run with `qtool quantize` gives "
                  f"{'the same' if chosen.get('reproduced_by_quantize') else 'a DIFFERENT'} model"
                  if chosen.get("reproduced_by_quantize") is not None else "") + ".", ""]
@@ -275,8 +278,10 @@ def render_html(report: dict) -> str:
                      f"{search['trials_run']} trials in {search['wall_s']:.1f} s; stopped: "
                      f"{esc(search['stop_reason'])}"
                      f"{'; interrupted, best so far' if report['interrupted'] else ''}.</p>")
+        ratio = _num(chosen.get("size_ratio"))
+        size = "" if ratio is None else f", size {ratio:.2f}× float" + (" (<b>larger than float</b>)" if ratio < 1 else "")
         parts.append(f"<p>Chosen: <span class=\"mono\">{esc(chosen['trial'] or 'none')}</span> with "
-                     f"{len(chosen['promotions'])} promotion(s).</p>")
+                     f"{len(chosen['promotions'])} promotion(s){size}.</p>")
         gate = gate_level(target)
         parts.append("<h2>Size and accuracy frontier</h2>"
                      + frontier_chart(report["trials"], target["objective"], gate))

@@ -218,13 +218,22 @@ def input_error(exc: Exception, data: DataSource, files: Sequence[str],
     return DataError(f"{where}: ONNX Runtime failed to run {model} on this input: {one_line(str(exc)) or type(exc).__name__}")
 
 
-def optimized_op_histogram(model: ModelProto) -> Counter:
-    """Op types in the graph ONNX Runtime actually runs (after its optimizer)."""
+def optimized_graph(model: ModelProto) -> onnx.GraphProto:
+    """The graph ONNX Runtime actually runs on the current providers, after its optimizer (one session;
+    fused integer kernels keep the name of the node they replace)."""
     with tempfile.TemporaryDirectory(prefix="qtool-opt-") as folder:
         path = Path(folder) / "optimized.onnx"
         make_session(model, optimized_model_path=path)
-        optimized = onnx.load(str(path), load_external_data=False)
-    return Counter(node.op_type for node in optimized.graph.node)
+        return onnx.load(str(path), load_external_data=False).graph
+
+
+def op_histogram(graph: onnx.GraphProto) -> Counter:
+    return Counter(node.op_type for node in graph.node)
+
+
+def optimized_op_histogram(model: ModelProto) -> Counter:
+    """Op types in the graph ONNX Runtime actually runs (after its optimizer)."""
+    return op_histogram(optimized_graph(model))
 
 
 def int8_kernels_may_saturate() -> bool:

@@ -7,7 +7,6 @@ through an executor (the scale-out seam) and the best model so far is always on 
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,15 +22,15 @@ from qtool.distributed.ray_executor import refuse_past_limit
 from qtool.io.external import content_sha256, scratch
 from qtool.io.targets import check_output_file, check_output_path
 from qtool.io.model import file_sha256, replace_model
-from qtool.recipe.load import load_recipe, parse_recipe
+from qtool.recipe.load import load_recipe, parse_recipe, recipe_path_text
 from qtool.recipe.schema import Recipe
 from qtool.runtime.session import current_providers
 from qtool.reporting import document as reporting
 from qtool.reporting.search import search_report_writers
 from qtool.search.executor import make_executor
 from qtool.search.promote import Search, objective, objective_name, pareto_frontier
-from qtool.search.setup import (TrialSetup, cache_document, executor_section, measure_sensitivity, read_cache,
-                                run_specs, search_inputs, setup_trials, trial_row, tune_objective)
+from qtool.search.setup import (TrialSetup, cache_document, check_ranking_samples, executor_section,
+                                measure_sensitivity, ranking_note, read_cache, run_specs, search_inputs, setup_trials, trial_row, tune_objective)
 from qtool.search.trial import (A16, LATENCY_THREADS, SEARCH_GATES, TrialContext, TrialResult, TrialSpec,
                                 build_trial_model, cache_key, folder_files, promotion_overrides, run_trial,
                                 trial_latency)
@@ -46,6 +45,7 @@ class SensitivityResult:
     report: dict
     rows: list[dict]
     cache_hit: bool
+    alerts: tuple[str, ...] = ()  # the report's warnings about the ranking itself, for stderr
 
 
 def sensitivity(
@@ -99,6 +99,7 @@ def sensitivity(
             make_executor(jobs, executor, ray_address) as pool:
         setup = setup_trials(model_path, data_dir, recipe, folder, validation_data, labels,
                               1 if pool.jobs > 1 or pool.remote else None, tick)
+        alerts = check_ranking_samples(setup, samples, "--samples")
         key = cache_key(file_sha256(model_path), recipe,
                         [setup.calib_data.listing_hash(), setup.eval_data.listing_hash()], f"{mode}:{samples}",
                         setup.context.providers)
@@ -112,13 +113,15 @@ def sensitivity(
             rows, complete = measure_sensitivity(setup, pool, mode, None, tick, baseline, samples, lost)
         where = executor_section(pool, lost)
     cache_text = cache_document(key, mode, model_path, rows)
+    tie = ranking_note(rows)
+    alerts += [tie] if tie else []
     report = {
         "schema_version": reporting.REPORT_SCHEMA_VERSION, "command": "sensitivity", "passed": True,
         "versions": reporting.versions(), "execution_providers": reporting.execution_providers(),
         "inputs": search_inputs(model_path, recipe, setup),
-        "prepare": setup.prepare_notes, "warnings": setup.warnings,
+        "prepare": setup.prepare_notes, "warnings": setup.warnings + alerts,
         "sensitivity": {
-            "mode": mode, "rows": rows, "complete": complete,
+            "mode": mode, "rows": rows, "complete": complete, "informative": tie is None,
             "cache": {"path": str(cache_path) if cache_path else None, "key": key, "hit": cached is not None},
             "unnamed_nodes": setup.unnamed,
             "calibration_s": setup.calibration_s, "wall_s": time.perf_counter() - started,
@@ -138,7 +141,7 @@ def sensitivity(
             if output is None:
                 raise
             raise SideFileError(f"{exc} (the artifacts in {output} are complete)") from None
-    return SensitivityResult(report, rows, cached is not None)
+    return SensitivityResult(report, rows, cached is not None, tuple(alerts))
 
 
 TUNED_RECIPE = "recipe.tuned.yaml"
@@ -152,6 +155,7 @@ class TuneResult:
     output: Path
     terminated: bool = False  # SIGTERM rather than Ctrl-C (exit 143, not 130)
     written: bool = True  # False: stopped before a first best; an earlier run's results were left as they were
+    alerts: tuple[str, ...] = ()  # the report's warnings a user must not miss (ranking, size), for stderr
 
 
 def tuned_recipe_text(recipe: Recipe, overrides: list[dict], output: Path, bias_correction: bool | None = None) -> str:
@@ -179,10 +183,10 @@ def tuned_recipe_text(recipe: Recipe, overrides: list[dict], output: Path, bias_
             section = document
             for key in keys[:-1]:
                 section = section.setdefault(key, {}) if isinstance(section.get(key, {}), dict) else {}
-            section[keys[-1]] = os.path.relpath(recipe.resolve_path(value), output.resolve())
+            section[keys[-1]] = recipe_path_text(recipe.resolve_path(value), output)
     base = document.get("base")
     if isinstance(base, str) and recipe.source is not None and (recipe.source.parent / base).is_file():
-        document["base"] = os.path.relpath((recipe.source.parent / base).resolve(), output.resolve())
+        document["base"] = recipe_path_text(recipe.source.parent / base, output)
     header = (f"# Written by `qtool tune` from {recipe.source or 'the built-in default recipe'}.\n"
               f"# The first {len(overrides)} entries of quantization.overrides were added by the search\n"
               "# (exact node names); the rest is the input recipe. Re-run it with `qtool quantize`.\n")
@@ -258,6 +262,8 @@ def tune(
         setup = setup_trials(model_path, data_dir, recipe, folder, validation_data, labels,
                               1 if pool.jobs > 1 or pool.remote else None, tick)
         figure = tune_objective(gates, setup, recipe, model_path)
+        alerts = check_ranking_samples(setup, sensitivity_samples, "--sensitivity-samples")
+        setup.warnings.extend(alerts)
         context = replace(setup.context, gates=gates)  # what this process builds and times trials from
         if pool.remote:  # trials elsewhere read the work folder from the object store, not as a path
             setup.context = replace(setup.context, bundle=pool.put(folder_files(folder)))
@@ -313,6 +319,10 @@ def tune(
                     if complete:
                         write_text_atomic(cache_path, cache_document(key, "only_quantized", model_path, rows))
                 sens.update(rows=rows, complete=complete, cache_hit=cached is not None)
+                tie = ranking_note(rows)
+                if tie and tie not in setup.warnings:  # the search then promotes in name order
+                    setup.warnings.append(tie)
+                    alerts.append(tie)
                 search.ranking = [row["node"] for row in rows]
                 search.run()
             else:
@@ -354,7 +364,8 @@ def tune(
             replace_file(output / name, write)
     if died is not None:
         raise WorkerError(f"{died}; the best trial so far is kept in {output}")
-    return TuneResult(report, bool(report["chosen"]["passed"]), interrupted, output, terminated)
+    alerts += _larger_than_float(state["best"], setup.context.float_bytes)
+    return TuneResult(report, bool(report["chosen"]["passed"]), interrupted, output, terminated, alerts=tuple(alerts))
 
 
 def _interruption(exc: KeyboardInterrupt) -> tuple[bool, str]:
@@ -401,6 +412,16 @@ def _latency_section(runs: int, final: bool, interrupted: bool) -> dict:
                        "median (below 1: faster).")}
 
 
+def _larger_than_float(best: TrialResult | None, float_bytes: int) -> list[str]:
+    """A warning when the chosen model is larger than the float model it replaces ([] otherwise)."""
+    if best is None or not best.size_bytes or best.size_bytes <= float_bytes:
+        return []
+    return [f"the chosen model is LARGER than float: {best.size_bytes:,} B against {float_bytes:,} B (size ratio "
+            f"{float_bytes / best.size_bytes:.2f}): its {len(best.spec.promotions)} promoted node(s) keep float "
+            "weights, and the Q/DQ nodes, scales and zero points outweigh what the int8 weights save; add a "
+            "min_size_ratio gate (e.g. 1.0) to the recipe so tune keeps only smaller trials"]
+
+
 def _describe_trial(result: TrialResult, figure: str) -> str:
     value = objective(result, figure)
     shown = f"{value:.2%}" if figure == "accuracy" and math.isfinite(value) else f"{value:.4g}"
@@ -424,12 +445,13 @@ def _tune_report(model_path: Path, recipe: Recipe, setup: TrialSetup, search: Se
         row["latency_ms"] = ({"float": timing.reference.median_ms, "quantized": timing.candidate.median_ms,
                               "runs": timing.candidate.runs} if timing else None)
     reference = next((r.accuracy.get("reference") for r in search.order if r.accuracy), None)
+    size_ratio = float_bytes / best.size_bytes if best and best.size_bytes else None
     return {
         "schema_version": reporting.REPORT_SCHEMA_VERSION, "command": "tune",
         "passed": bool(best and best.passed), "final": final, "interrupted": interrupted,
         "versions": reporting.versions(), "execution_providers": reporting.execution_providers(),
         "inputs": search_inputs(model_path, recipe, setup),
-        "prepare": setup.prepare_notes, "warnings": setup.warnings,
+        "prepare": setup.prepare_notes, "warnings": setup.warnings + _larger_than_float(best, float_bytes),
         "target": {"gates": gates, "objective": figure, "float_accuracy": reference,
                    "float_bytes": float_bytes},
         "search": {"max_trials": max_trials, "time_budget_s": time_budget, "jobs": where["jobs"], "executor": where,
@@ -443,8 +465,9 @@ def _tune_report(model_path: Path, recipe: Recipe, setup: TrialSetup, search: Se
             "trial": best.spec.key if best else None,
             "promotions": [{"node": n, "step": s} for n, s in best.spec.promotions] if best else [],
             "passed": bool(best and best.passed),
-            "gates": [{"name": g.name, "threshold": g.threshold, "value": g.value, "passed": g.passed}
-                      for g in (best.gates if best else ())],
+            "size_bytes": best.size_bytes if best else None,
+            "size_ratio": size_ratio,  # float bytes / chosen bytes: below 1, larger than float
+            "gates": reporting.gates_section(list(best.gates) if best else []),
             "model_sha256": best.model_sha256 if best else None,
         },
     }

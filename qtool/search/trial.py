@@ -342,7 +342,8 @@ def rank_nodes(results: list[TrialResult], op_types: dict[str, str], mode: str,
     mode "only_quantized": the error with the node quantized alone (lowest SQNR first);
     mode "only_float": the SQNR gained over the full recipe by keeping the node float
     (largest gain first). A model whose outputs are all integer ranks by exact match instead
-    (`exact_match`, `exact_match_gain`).
+    (`exact_match`, `exact_match_gain`). Nodes that score the same share a rank (1, 1, 3: ties are
+    not ordered by anything the measurement said; `ranking_note` names a ranking that is all ties).
     """
     figure = ranking_figure(baseline or results[0]) if results or baseline else "sqnr_db"
     gain_key = "sqnr_gain_db" if figure == "sqnr_db" else "exact_match_gain"
@@ -363,13 +364,13 @@ def rank_nodes(results: list[TrialResult], op_types: dict[str, str], mode: str,
     def severity(row: dict) -> tuple:
         if mode == "only_float":
             gain = row.get(gain_key, 0.0)
-            return (-(gain if math.isfinite(gain) else 1e9), row["node"])
+            return (-(gain if math.isfinite(gain) else 1e9),)
         value = row[figure]
-        return (value if not math.isnan(value) else math.inf, -row.get("accuracy_drop", 0.0), row["node"])
+        return (value if not math.isnan(value) else math.inf, -row.get("accuracy_drop", 0.0))
 
-    rows.sort(key=severity)
-    for rank, row in enumerate(rows, 1):
-        row["rank"] = rank
+    rows.sort(key=lambda row: (*severity(row), row["node"]))
+    for place, row in enumerate(rows, 1):
+        row["rank"] = rows[place - 2]["rank"] if place > 1 and severity(rows[place - 2]) == severity(row) else place
     return rows
 
 
