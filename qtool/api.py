@@ -148,7 +148,8 @@ def init_recipe(
     """Write a starter recipe for `model_path` (and the JSON Schema beside it unless `schema` names one).
 
     With `data_dir`, the recipe's int8 model (placed on placeholder ranges) is timed against float on its
-    first sample; measured above 0.9x float, the recipe leaves max_latency_ratio out and says why.
+    first sample; measured above 0.9x float, the recipe's comments and the warnings say that its
+    max_latency_ratio gate will likely fail here (the gate stays: a model slower than float is no model to ship).
     The written text is checked to load as a recipe before anything is written.
     """
     model_path, output = Path(model_path), Path(output)

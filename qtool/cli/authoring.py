@@ -155,8 +155,8 @@ def init(model: Path, data_dir: Path | None, validation_data: Path | None, outpu
     (.wav .flac .ogg) data.audio, and inputs named like state (h0, c, state,
     hidden, ...) with an output of their shape data.state. The recipe loads as
     written; `qtool quantize` runs it unchanged. With --data, the recipe's int8
-    model is timed against float on the first sample: above 0.9x float the
-    max_latency_ratio gate is left out (its run would fail it) and a warning says why.
+    model is timed against float on the first sample: above 0.9x float a warning
+    says that its max_latency_ratio gate will likely fail on this machine.
 
     \b
     Example:
