@@ -42,7 +42,15 @@ def assert_timed(report: dict) -> None:
     assert report["latency"]["status"] == "measured" and report["latency"]["threads"] == 1
     for row in report["trials"]:
         assert 0 < row["latency_ratio"] < float("inf"), row
-        assert row["latency_ms"]["runs"] >= 10
+        assert row["latency_ms"]["runs"] >= 20
+        assert row["latency_interval"][0] <= row["latency_ratio"] <= row["latency_interval"][1]
+    # the chosen passing trial was timed a second time, longer, and the verdict says whether it ranked
+    finalists = {f["trial"]: f for f in report["latency"]["finalists"]}
+    chosen = next(row for row in report["trials"] if row["chosen"])
+    if chosen["passed"]:
+        assert chosen["trial"] in finalists and chosen["latency_first_ratio"] is not None
+        assert finalists[chosen["trial"]]["ratio"] == chosen["latency_ratio"]
+        assert report["latency"]["verdict"]
 
 
 def hostile_model(width: int = 16, layers: int = 6, hostile: int = 3, seed: int = 0,
@@ -254,6 +262,12 @@ def test_parse_duration():
         parse_duration("soon")
 
 
+def exact(ratio: float, spread: float = 0.0):
+    """A timing known to ±spread (relative)."""
+    from qtool.evaluation.latency import RatioEstimate
+    return RatioEstimate(ratio, ratio * (1 - spread), ratio * (1 + spread), 40)
+
+
 def fake_search(time_trial):
     """A search over nodes a, b where any promotion of a passes; float costs bytes, a16 costs time."""
     from qtool.evaluation.compare import GateResult
@@ -276,11 +290,11 @@ def test_tune_objective_is_latency_then_size():
     from qtool.search.promote import LATENCY_TIE
 
     ratios = {"float": 0.8, "a16": 1.3}
-    timed = fake_search(lambda result: ratios[result.spec.promotions[0][1]] if result.spec.promotions else 1.0)
+    timed = fake_search(lambda result: exact(ratios[result.spec.promotions[0][1]] if result.spec.promotions else 1.0))
     assert timed.run().spec.promotions == (("a", "float"),)
-    assert timed.latency[(("a", "a16"),)] == 1.3  # the same node tried at the other step, and timed
+    assert timed.latency[(("a", "a16"),)].median == 1.3  # the same node tried at the other step, and timed
     assert fake_search(None).run().spec.promotions == (("a", "a16"),)
-    close = fake_search(lambda result: 0.99 + (LATENCY_TIE / 30 if result.spec.promotions[0][1] == "a16" else 0.0))
+    close = fake_search(lambda result: exact(0.99 + (LATENCY_TIE / 30 if result.spec.promotions[0][1] == "a16" else 0.0)))
     assert close.run().spec.promotions == (("a", "a16"),)
 
 
@@ -404,3 +418,46 @@ def test_a_model_whose_every_output_is_integer_is_ranked_and_tuned_by_exact_matc
     with pytest.raises(RecipeError, match="every output of model.onnx is integer .* tune needs min_exact_match"):
         search_api.tune(tmp_path / "model.onnx", calib, cosine_only, tmp_path / "refused", validation_data=evaluation)
     assert not (tmp_path / "refused").exists()
+
+
+def test_confirm_retimes_the_close_finalists_and_chooses_again():
+    """The first timing put float ahead by noise (intervals overlap); the second, longer one says a16 is faster."""
+    first = {"float": exact(0.80, 0.10), "a16": exact(0.85, 0.10)}
+    search = fake_search(lambda result: first[result.spec.promotions[0][1]] if result.spec.promotions else exact(1.0))
+    assert search.run().spec.promotions == (("a", "float"),)
+    changes = []
+    search.on_improvement = changes.append
+    second = {"float": exact(0.95, 0.01), "a16": exact(0.70, 0.01)}
+    finalists = search.confirm(lambda result: second[result.spec.promotions[0][1]])
+    assert [r.spec.promotions for r in finalists] == [(("a", "a16"),), (("a", "float"),)]
+    assert search.best.spec.promotions == (("a", "a16"),) and changes == [search.best]
+    assert search.latency[(("a", "float"),)].median == 0.95
+
+
+def test_confirm_leaves_out_trials_the_first_timing_already_told_apart():
+    first = {"float": exact(0.60, 0.02), "a16": exact(0.90, 0.02)}
+    search = fake_search(lambda result: first[result.spec.promotions[0][1]] if result.spec.promotions else exact(1.0))
+    search.run()
+    retimed = []
+    search.confirm(lambda result: retimed.append(result.spec.promotions) or exact(0.61, 0.01))
+    assert retimed == [(("a", "float"),)] and search.best.spec.promotions == (("a", "float"),)
+
+
+def test_search_fills_integer_islands_and_demotes_isolated_promotions_first():
+    """A chain input -> x -> a -> m -> b -> y: a and b promoted leave m an integer island between float
+    neighbours."""
+    from qtool.search.promote import Search
+
+    chain = ["x", "a", "m", "b", "y"]
+    neighbours = {node: frozenset(chain[max(0, i - 1): i] + chain[i + 1: i + 2]) for i, node in enumerate(chain)}
+    search = Search(["a", "b", "m", "x", "y"], ("float",), lambda specs: iter(()), "cosine", 10,
+                    neighbours=neighbours, quantizable=frozenset(chain))
+    # x reads only the graph input (float) and writes only to a: once a is float, x is an island too
+    assert search.fill(["a", "b"]) == ["a", "b", "m", "x", "y"]
+    assert search.fill(["a"]) == ["a", "x"]  # m still has a quantized neighbour (b)
+    assert search.isolated(["a", "y"]) == ["a", "y"] and search.isolated(["a", "b"]) == ["a", "b"]
+    assert search.isolated(["a", "m"]) == []
+    # a node the recipe leaves float (not quantizable) counts as a float neighbour
+    partial = Search(["a", "m"], ("float",), lambda specs: iter(()), "cosine", 10, neighbours=neighbours,
+                     quantizable=frozenset({"a", "m", "b"}))
+    assert partial.fill(["a", "b"]) == ["a", "b", "m"] and partial.fill(["b"]) == ["b"]

@@ -4,9 +4,14 @@ Steps above the recipe are float, then 16-bit activations. For each step the
 number of promoted nodes (taken in sensitivity order) grows 1, 2, 4, ... until
 the gates pass; then it is bisected back, each promoted node is tried demoted
 again (least sensitive first), and the nodes left are tried at the other steps.
-Among the trials that pass, the fastest wins (each timed as its batch ends),
-then the smallest. Trials go out `jobs` at a time through `evaluate`; the search
-never sees processes. A trial `evaluate` does not return (an executor lost it) counts as failed.
+Before and after that pruning, the promoted set with its integer islands filled is tried too.
+Promoted nodes left with only quantized neighbours (each costs a conversion on every
+side) are tried demoted first; quantized nodes with only float neighbours (an integer island
+between conversions) are the ones filled, so that float regions are contiguous.
+Among the trials that pass, the fastest wins (each timed as its batch ends), then the smallest;
+`confirm` re-times the close finalists with more rounds once the search is done. Trials go out
+`jobs` at a time through `evaluate`; the search never sees processes. A trial `evaluate` does not
+return (an executor lost it) counts as failed.
 """
 
 from __future__ import annotations
@@ -17,10 +22,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
+from qtool.evaluation.latency import RatioEstimate
 from qtool.search.trial import TrialResult, TrialSpec
 
 Evaluate = Callable[[list[TrialSpec]], Iterator[TrialResult]]
 LATENCY_TIE = 0.03  # latency ratios closer than this are a tie: one noisy timing should not beat a smaller model
+FINALISTS = 4  # passing trials re-timed at the end: the fastest and those whose interval overlaps its
 
 # gate -> (figure the search maximizes, as read from a TrialResult)
 OBJECTIVES = {"max_accuracy_drop": "accuracy", "min_top1_agreement": "top1_agreement",
@@ -87,8 +94,12 @@ class Search:
     on_trial: Callable[[TrialResult], None] | None = None
     on_improvement: Callable[[TrialResult], None] | None = None
     # latency ratio (quantized / float) of a trial that passes the gates, timed when its batch is done
-    time_trial: Callable[[TrialResult], float] | None = None
-    latency: dict[tuple, float] = field(default_factory=dict)
+    time_trial: Callable[[TrialResult], RatioEstimate] | None = None
+    latency: dict[tuple, RatioEstimate] = field(default_factory=dict)
+    # node -> the nodes it reads from or writes to (graph order does not matter); empty: no
+    # neighbourhood moves (isolated promotions demoted first, integer islands filled)
+    neighbours: dict[str, frozenset[str]] = field(default_factory=dict)
+    quantizable: frozenset[str] = frozenset()  # nodes the recipe quantizes (the others are float already)
     results: dict[tuple, TrialResult] = field(default_factory=dict)
     order: list[TrialResult] = field(default_factory=list)
     best: TrialResult | None = None
@@ -125,7 +136,30 @@ class Search:
         return {spec.promotions: self.results[spec.promotions] for spec in specs if spec.promotions in self.results}
 
     def _preference(self, result: TrialResult) -> tuple:
-        return preference(result, self.objective, self.latency.get(result.spec.promotions))
+        timing = self.latency.get(result.spec.promotions)
+        return preference(result, self.objective, timing.median if timing is not None else None)
+
+    def confirm(self, retime: Callable[[TrialResult], RatioEstimate], count: int = FINALISTS) -> list[TrialResult]:
+        """Re-time the finalists with `retime` (more rounds than the search's timing) and choose again.
+
+        Finalists: the fastest passing trial and, up to `count` in all, the passing trials whose
+        ratio interval overlaps its (the first timing could not tell them apart). Their new figures
+        replace the old; `on_improvement` fires when the best changes. Returns the finalists, fastest first.
+        """
+        timed = sorted((r for r in self.order if r.passed and r.spec.promotions in self.latency),
+                       key=lambda r: self.latency[r.spec.promotions].median)
+        if not timed:
+            return []
+        fastest = self.latency[timed[0].spec.promotions]
+        finalists = [r for r in timed if self.latency[r.spec.promotions].low <= fastest.high][:count]
+        for result in finalists:
+            self.latency[result.spec.promotions] = retime(result)
+        best = min(self.order, key=self._preference)
+        if best is not self.best:
+            self.best = best
+            if self.on_improvement:
+                self.on_improvement(best)
+        return sorted(finalists, key=lambda r: self.latency[r.spec.promotions].median)
 
     def passes(self, nodes: list[str], step: str, label: str) -> bool:
         spec = promotion_spec(nodes, step, label)
@@ -171,7 +205,9 @@ class Search:
                         known_pass = k
                         break
                     known_fail = k
+            self._try_filled(list(self.ranking[:known_pass]), step)  # a contiguous candidate before pruning
             promoted = self._prune(list(self.ranking[:known_pass]), step)
+            self._try_filled(promoted, step)
             # The same nodes at the other steps: the cheapest precision that fixes them wins (preference).
             others = [other for other in self.steps if other != step]
             self.run_batch([promotion_spec(promoted, other, f"{other} same {len(promoted)}") for other in others])
@@ -180,9 +216,37 @@ class Search:
             return
         self.stop_reason = "no promotion tried passes the gates"
 
+    def _try_filled(self, promoted: list[str], step: str) -> None:
+        filled = self.fill(promoted)
+        if len(filled) > len(promoted):
+            self.run_batch([promotion_spec(filled, step, f"{step} {len(promoted)} + {len(filled) - len(promoted)} "
+                                                         "island(s) filled")])
+
+    def isolated(self, promoted: list[str]) -> list[str]:
+        """Promoted nodes whose every neighbour the recipe quantizes and the promotions leave quantized:
+        a float node there costs a conversion on each side."""
+        chosen = set(promoted)
+        return [node for node in promoted if self.neighbours.get(node)
+                and all(n in self.quantizable and n not in chosen for n in self.neighbours[node])]
+
+    def fill(self, promoted: list[str]) -> list[str]:
+        """`promoted` plus the quantized nodes whose every neighbour is float (promoted, or not quantized
+        by the recipe), repeated until none is left: an integer island between float neighbours runs
+        one kernel between two conversions, which costs more than it saves. Sensitivity order kept."""
+        chosen, rank = set(promoted), {node: i for i, node in enumerate(self.ranking)}
+        while True:
+            islands = {node for node in self.quantizable - chosen if node in rank and self.neighbours.get(node)
+                       and all(n not in self.quantizable or n in chosen for n in self.neighbours[node])}
+            if not islands:
+                break
+            chosen |= islands
+        return list(promoted) + sorted(chosen - set(promoted), key=lambda n: (rank.get(n, len(rank)), n))
+
     def _prune(self, promoted: list[str], step: str) -> list[str]:
-        """Demote promoted nodes again, least sensitive first, while the gates still pass; the nodes left."""
-        untried = list(reversed(promoted))
+        """Demote promoted nodes again while the gates still pass; the nodes left. Isolated promotions
+        (`isolated`: the costliest for latency) are tried first, then the rest, least sensitive first."""
+        first = self.isolated(promoted)
+        untried = list(reversed(first)) + [n for n in reversed(promoted) if n not in first]
         while untried and len(promoted) > 1:
             batch, untried = untried[: self.jobs], untried[self.jobs:]
             specs = [promotion_spec([n for n in promoted if n != drop], step,

@@ -50,6 +50,10 @@ class TrialSetup:
     calibration_s: float
     bias_correction: bool  # what the trials do, the tuned recipe's quantization.algorithms.bias_correction
     integer_only: bool = False  # every output is integer (an ArgMax's tags): trials are scored by exact match
+    # node -> its graph neighbours, and the nodes the recipe's selection quantizes (unnamed ones as
+    # "#<index>"), for the search's neighbourhood moves (search.promote)
+    neighbours: dict[str, frozenset[str]] | None = None
+    quantized_keys: frozenset[str] = frozenset()
 
 
 def setup_trials(model_path: Path, data_dir: Path, recipe: Recipe, folder: Path, validation_data, labels,
@@ -101,9 +105,28 @@ def setup_trials(model_path: Path, data_dir: Path, recipe: Recipe, folder: Path,
                            model_file_bytes(model_path), threads, current_providers(),
                            mask_input=eval_data.mask_input,
                            bias_shifts=bias.shifts if bias is not None and bias.kept else None)
+    keys = frozenset(node.name or f"#{i}" for i, (node, d) in enumerate(zip(model.graph.node, selection.nodes))
+                     if d.quantized)
     return TrialSetup(context, model, prepare_notes, calib_data, eval_data, warnings, named,
                        {node.name: node.op_type for node, _ in quantized}, len(quantized) - len(named),
-                       time.perf_counter() - started, bias is not None and bias.kept, integer_only)
+                       time.perf_counter() - started, bias is not None and bias.kept, integer_only,
+                       node_neighbours(model), keys)
+
+
+def node_neighbours(model: ModelProto) -> dict[str, frozenset[str]]:
+    """Node -> the nodes that produce its inputs or read its outputs (top graph only). A node without a
+    name is keyed "#<index>" (no recipe can name it, but it still sits between two others)."""
+    graph = model.graph
+    keys = [node.name or f"#{i}" for i, node in enumerate(graph.node)]
+    producer = {out: key for key, node in zip(keys, graph.node) for out in node.output if out}
+    readers: dict[str, set[str]] = {}
+    for key, node in zip(keys, graph.node):
+        for name in node.input:
+            if name in producer:
+                readers.setdefault(name, set()).add(key)
+    return {key: frozenset({producer[n] for n in node.input if n in producer}
+                           | {r for out in node.output for r in readers.get(out, ())}) - {key}
+            for key, node in zip(keys, graph.node)}
 
 
 def tune_objective(gates: dict[str, float], setup: TrialSetup, recipe: Recipe, model_path: Path) -> str:
