@@ -443,21 +443,30 @@ def test_confirm_leaves_out_trials_the_first_timing_already_told_apart():
     assert retimed == [(("a", "float"),)] and search.best.spec.promotions == (("a", "float"),)
 
 
-def test_search_fills_integer_islands_and_demotes_isolated_promotions_first():
-    """A chain input -> x -> a -> m -> b -> y: a and b promoted leave m an integer island between float
-    neighbours."""
+def chain_search(chain: list[str], weighted: set[str], quantizable: set[str] | None = None):
+    """A search over a chain input -> chain[0] -> chain[1] -> ...; ranked in chain order."""
     from qtool.search.promote import Search
 
-    chain = ["x", "a", "m", "b", "y"]
     neighbours = {node: frozenset(chain[max(0, i - 1): i] + chain[i + 1: i + 2]) for i, node in enumerate(chain)}
-    search = Search(["a", "b", "m", "x", "y"], ("float",), lambda specs: iter(()), "cosine", 10,
-                    neighbours=neighbours, quantizable=frozenset(chain))
-    # x reads only the graph input (float) and writes only to a: once a is float, x is an island too
-    assert search.fill(["a", "b"]) == ["a", "b", "m", "x", "y"]
-    assert search.fill(["a"]) == ["a", "x"]  # m still has a quantized neighbour (b)
-    assert search.isolated(["a", "y"]) == ["a", "y"] and search.isolated(["a", "b"]) == ["a", "b"]
-    assert search.isolated(["a", "m"]) == []
+    return Search(list(chain), ("float",), lambda specs: iter(()), "cosine", 10, neighbours=neighbours,
+                  quantizable=frozenset(chain if quantizable is None else quantizable), weighted=frozenset(weighted))
+
+
+def test_search_fills_enclosed_integer_regions_and_demotes_isolated_promotions_first():
+    """Conv a and Conv b kept float leave the activation ops between them (a HardSwish's Add, Clip, Mul)
+    quantized: still rounded, and converted twice; a float promotion takes them along."""
+    search = chain_search(["x", "a", "add", "clip", "mul", "b", "y"], weighted={"x", "a", "b", "y"})
+    # x (one node between the float graph input and a) and the activation ops enclosed by a and b
+    assert search.fill(["a", "b"]) == ["a", "b", "x", "add", "clip", "mul", "y"]
+    assert search.fill(["a"]) == ["a", "x"]  # the region add..y borders only a, but holds weighted b and y
+    assert search.fill(["b"]) == ["b", "y"]  # x, a, add, clip, mul: enclosed but holding weighted x and a
+    assert search.isolated(["a", "y"]) == ["a", "y"] and search.isolated(["add", "mul"]) == ["add", "mul"]
+    assert search.isolated(["a", "add"]) == []
     # a node the recipe leaves float (not quantizable) counts as a float neighbour
-    partial = Search(["a", "m"], ("float",), lambda specs: iter(()), "cosine", 10, neighbours=neighbours,
-                     quantizable=frozenset({"a", "m", "b"}))
+    partial = chain_search(["x", "a", "m", "b", "y"], weighted={"a", "b"}, quantizable={"a", "m", "b"})
     assert partial.fill(["a", "b"]) == ["a", "b", "m"] and partial.fill(["b"]) == ["b"]
+    # the search's float trials carry the enclosed nodes, and say so in their label
+    spec = search._spec(["a", "b"], "float", "float top 2")
+    assert [node for node, _ in spec.promotions] == ["a", "b", "x", "add", "clip", "mul", "y"]
+    assert spec.key.startswith("float top 2 + 5 enclosed")
+    assert search._spec(["a", "b"], "a16", "a16 top 2").promotions == (("a", "a16"), ("b", "a16"))

@@ -263,7 +263,8 @@ def tune(
                         f"only_quantized:{sensitivity_samples}", context.providers)
         trials_progress = tick("tune")
         search = Search([], steps, lambda specs: run_specs(pool, shipped, specs, lost), figure, max_trials,
-                        deadline, pool.jobs, neighbours=setup.neighbours or {}, quantizable=setup.quantized_keys)
+                        deadline, pool.jobs, neighbours=setup.neighbours or {}, quantizable=setup.quantized_keys,
+                        weighted=setup.weighted)
         sens: dict = {"rows": [], "complete": False, "cache_hit": False}
 
         def build_report(final: bool, stop: str) -> dict:

@@ -3,11 +3,11 @@
 Steps above the recipe are float, then 16-bit activations. For each step the
 number of promoted nodes (taken in sensitivity order) grows 1, 2, 4, ... until
 the gates pass; then it is bisected back, each promoted node is tried demoted
-again (least sensitive first), and the nodes left are tried at the other steps.
-Before and after that pruning, the promoted set with its integer islands filled is tried too.
-Promoted nodes left with only quantized neighbours (each costs a conversion on every
-side) are tried demoted first; quantized nodes with only float neighbours (an integer island
-between conversions) are the ones filled, so that float regions are contiguous.
+again (least sensitive first, but those left with only quantized neighbours, which
+cost a conversion on every side, first of all), and the nodes left are tried at the
+other steps. A float promotion also takes the integer regions it encloses (`fill`):
+a Conv kept float whose output is still quantized by its readers keeps the rounding
+error it was promoted to remove, and pays conversions besides.
 Among the trials that pass, the fastest wins (each timed as its batch ends), then the smallest;
 `confirm` re-times the close finalists with more rounds once the search is done. Trials go out
 `jobs` at a time through `evaluate`; the search never sees processes. A trial `evaluate` does not
@@ -27,7 +27,7 @@ from qtool.search.trial import TrialResult, TrialSpec
 
 Evaluate = Callable[[list[TrialSpec]], Iterator[TrialResult]]
 LATENCY_TIE = 0.03  # latency ratios closer than this are a tie: one noisy timing should not beat a smaller model
-FINALISTS = 4  # passing trials re-timed at the end: the fastest and those whose interval overlaps its
+FINALISTS = 4  # passing trials re-timed at the end: the fastest and those whose interval overlaps it
 
 # gate -> (figure the search maximizes, as read from a TrialResult)
 OBJECTIVES = {"max_accuracy_drop": "accuracy", "min_top1_agreement": "top1_agreement",
@@ -100,6 +100,7 @@ class Search:
     # neighbourhood moves (isolated promotions demoted first, integer islands filled)
     neighbours: dict[str, frozenset[str]] = field(default_factory=dict)
     quantizable: frozenset[str] = frozenset()  # nodes the recipe quantizes (the others are float already)
+    weighted: frozenset[str] = frozenset()  # of those, the ones with a stored weight (Conv, Gemm, MatMul)
     results: dict[tuple, TrialResult] = field(default_factory=dict)
     order: list[TrialResult] = field(default_factory=list)
     best: TrialResult | None = None
@@ -185,7 +186,7 @@ class Search:
             while known_pass is None and position < len(sizes):
                 batch = sizes[position: position + self.jobs]
                 position += len(batch)
-                specs = [promotion_spec(self.ranking[:k], step, f"{step} top {k}") for k in batch]
+                specs = [self._spec(self.ranking[:k], step, f"{step} top {k}") for k in batch]
                 outcome = self.run_batch(specs)
                 for k, spec in zip(batch, specs):
                     if spec.promotions in outcome and outcome[spec.promotions].passed:
@@ -198,16 +199,14 @@ class Search:
                 gap = known_pass - known_fail
                 probes = sorted({known_fail + max(1, round(gap * (i + 1) / (self.jobs + 1)))
                                  for i in range(self.jobs)} - {known_pass})
-                specs = [promotion_spec(self.ranking[:k], step, f"{step} top {k}") for k in probes]
+                specs = [self._spec(self.ranking[:k], step, f"{step} top {k}") for k in probes]
                 outcome = self.run_batch(specs)
                 for k, spec in zip(probes, specs):
                     if spec.promotions in outcome and outcome[spec.promotions].passed:
                         known_pass = k
                         break
                     known_fail = k
-            self._try_filled(list(self.ranking[:known_pass]), step)  # a contiguous candidate before pruning
             promoted = self._prune(list(self.ranking[:known_pass]), step)
-            self._try_filled(promoted, step)
             # The same nodes at the other steps: the cheapest precision that fixes them wins (preference).
             others = [other for other in self.steps if other != step]
             self.run_batch([promotion_spec(promoted, other, f"{other} same {len(promoted)}") for other in others])
@@ -216,11 +215,14 @@ class Search:
             return
         self.stop_reason = "no promotion tried passes the gates"
 
-    def _try_filled(self, promoted: list[str], step: str) -> None:
-        filled = self.fill(promoted)
-        if len(filled) > len(promoted):
-            self.run_batch([promotion_spec(filled, step, f"{step} {len(promoted)} + {len(filled) - len(promoted)} "
-                                                         "island(s) filled")])
+    def _spec(self, nodes: list[str], step: str, label: str) -> TrialSpec:
+        """The trial promoting `nodes` to `step`; to float, with the integer regions they leave
+        enclosed filled (`fill`)."""
+        if step != "float" or not self.neighbours:
+            return promotion_spec(nodes, step, label)
+        filled = self.fill(nodes)
+        extra = len(filled) - len(nodes)
+        return promotion_spec(filled, step, f"{label} + {extra} enclosed" if extra else label)
 
     def isolated(self, promoted: list[str]) -> list[str]:
         """Promoted nodes whose every neighbour the recipe quantizes and the promotions leave quantized:
@@ -230,17 +232,29 @@ class Search:
                 and all(n in self.quantizable and n not in chosen for n in self.neighbours[node])]
 
     def fill(self, promoted: list[str]) -> list[str]:
-        """`promoted` plus the quantized nodes whose every neighbour is float (promoted, or not quantized
-        by the recipe), repeated until none is left: an integer island between float neighbours runs
-        one kernel between two conversions, which costs more than it saves. Sensitivity order kept."""
+        """`promoted` plus the integer regions it encloses: each connected set of quantized nodes whose
+        every neighbour outside it is float (promoted, not quantized by the recipe, or a graph input),
+        when it is one node or holds no weighted node (`weighted`: a Conv, Gemm, MatMul with a stored
+        weight, where an integer kernel pays). Such a region runs integer kernels between conversions
+        that cost more than they save, and its values are rounded once more on the way; filling it
+        makes float regions contiguous. Sensitivity order kept, the added nodes after."""
         chosen, rank = set(promoted), {node: i for i, node in enumerate(self.ranking)}
-        while True:
-            islands = {node for node in self.quantizable - chosen if node in rank and self.neighbours.get(node)
-                       and all(n not in self.quantizable or n in chosen for n in self.neighbours[node])}
-            if not islands:
-                break
-            chosen |= islands
-        return list(promoted) + sorted(chosen - set(promoted), key=lambda n: (rank.get(n, len(rank)), n))
+        left = {node for node in self.quantizable - chosen}
+        added: set[str] = set()
+        while left:
+            region, todo = set(), [left.pop()]
+            while todo:
+                node = todo.pop()
+                region.add(node)
+                for n in self.neighbours.get(node, ()):
+                    if n in left:
+                        left.discard(n)
+                        todo.append(n)
+            border = {n for node in region for n in self.neighbours.get(node, ())} - region
+            enclosed = all(n not in self.quantizable or n in chosen for n in border)
+            if enclosed and region <= rank.keys() and (len(region) == 1 or not region & self.weighted):
+                added |= region
+        return list(promoted) + sorted(added, key=lambda n: (rank[n], n))
 
     def _prune(self, promoted: list[str], step: str) -> list[str]:
         """Demote promoted nodes again while the gates still pass; the nodes left. Isolated promotions
@@ -249,7 +263,7 @@ class Search:
         untried = list(reversed(first)) + [n for n in reversed(promoted) if n not in first]
         while untried and len(promoted) > 1:
             batch, untried = untried[: self.jobs], untried[self.jobs:]
-            specs = [promotion_spec([n for n in promoted if n != drop], step,
+            specs = [self._spec([n for n in promoted if n != drop], step,
                                     f"{step} top {len(promoted)} without 1") for drop in batch]
             outcome = self.run_batch(specs)
             for drop, spec in zip(batch, specs):

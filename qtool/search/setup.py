@@ -54,6 +54,7 @@ class TrialSetup:
     # "#<index>"), for the search's neighbourhood moves (search.promote)
     neighbours: dict[str, frozenset[str]] | None = None
     quantized_keys: frozenset[str] = frozenset()
+    weighted: frozenset[str] = frozenset()  # quantized nodes with a stored weight (Conv, Gemm, MatMul)
 
 
 def setup_trials(model_path: Path, data_dir: Path, recipe: Recipe, folder: Path, validation_data, labels,
@@ -110,7 +111,8 @@ def setup_trials(model_path: Path, data_dir: Path, recipe: Recipe, folder: Path,
     return TrialSetup(context, model, prepare_notes, calib_data, eval_data, warnings, named,
                        {node.name: node.op_type for node, _ in quantized}, len(quantized) - len(named),
                        time.perf_counter() - started, bias is not None and bias.kept, integer_only,
-                       node_neighbours(model), keys)
+                       node_neighbours(model), keys,
+                       frozenset(node.name for node, d in quantized if node.name and d.weight_input is not None))
 
 
 def node_neighbours(model: ModelProto) -> dict[str, frozenset[str]]:
