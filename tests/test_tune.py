@@ -467,6 +467,8 @@ def test_search_fills_enclosed_integer_regions_and_demotes_isolated_promotions_f
     assert partial.fill(["a", "b"]) == ["a", "b", "m"] and partial.fill(["b"]) == ["b"]
     # the search's float trials carry the enclosed nodes, and say so in their label
     spec = search._spec(["a", "b"], "float", "float top 2")
-    assert [node for node, _ in spec.promotions] == ["a", "b", "x", "add", "clip", "mul", "y"]
+    assert [node for node, _ in spec.promotions] == ["x", "a", "add", "clip", "mul", "b", "y"]  # ranking order
     assert spec.key.startswith("float top 2 + 5 enclosed")
+    # demoting a node that comes back enclosed is the same set, the same trial
+    assert search._spec(["x", "a", "b"], "float", "other").promotions == spec.promotions
     assert search._spec(["a", "b"], "a16", "a16 top 2").promotions == (("a", "a16"), ("b", "a16"))

@@ -222,6 +222,9 @@ class Search:
             return promotion_spec(nodes, step, label)
         filled = self.fill(nodes)
         extra = len(filled) - len(nodes)
+        # one order for one set (sensitivity order): a dropped node that comes back enclosed is the same trial
+        rank = {node: i for i, node in enumerate(self.ranking)}
+        filled = sorted(filled, key=lambda n: (rank.get(n, len(rank)), n))
         return promotion_spec(filled, step, f"{label} + {extra} enclosed" if extra else label)
 
     def isolated(self, promoted: list[str]) -> list[str]:
