@@ -472,3 +472,17 @@ def test_search_fills_enclosed_integer_regions_and_demotes_isolated_promotions_f
     # demoting a node that comes back enclosed is the same set, the same trial
     assert search._spec(["x", "a", "b"], "float", "other").promotions == spec.promotions
     assert search._spec(["a", "b"], "a16", "a16 top 2").promotions == (("a", "a16"), ("b", "a16"))
+
+
+def test_confirm_retimes_the_trial_that_becomes_best_after_the_first_finalists():
+    """a16 looked slower at first (outside float's interval); float's second timing is slower still:
+    a16 becomes the best and is timed a second time before it is chosen."""
+    first = {"float": exact(0.80, 0.02), "a16": exact(0.90, 0.02)}
+    search = fake_search(lambda result: first[result.spec.promotions[0][1]] if result.spec.promotions else exact(1.0))
+    assert search.run().spec.promotions == (("a", "float"),)
+    second = {"float": exact(1.20, 0.01), "a16": exact(0.85, 0.01)}
+    retimed = []
+    finalists = search.confirm(lambda result: retimed.append(result.spec.promotions[0][1])
+                               or second[result.spec.promotions[0][1]])
+    assert retimed == ["float", "a16"] and [r.spec.promotions[0][1] for r in finalists] == ["a16", "float"]
+    assert search.best.spec.promotions == (("a", "a16"),) and search.latency[(("a", "a16"),)].median == 0.85

@@ -143,24 +143,31 @@ class Search:
     def confirm(self, retime: Callable[[TrialResult], RatioEstimate], count: int = FINALISTS) -> list[TrialResult]:
         """Re-time the finalists with `retime` (more rounds than the search's timing) and choose again.
 
-        Finalists: the fastest passing trial and, up to `count` in all, the passing trials whose
-        ratio interval overlaps its (the first timing could not tell them apart). Their new figures
-        replace the old; `on_improvement` fires when the best changes. Returns the finalists, fastest first.
+        Finalists: the best passing trial and the passing trials whose ratio interval overlaps its
+        (the first timing could not tell them apart), up to `count` at a time. Their new figures
+        replace the old; when that makes another trial the best, it and its overlapping trials are
+        re-timed too (at most 2 × `count` in all), so the chosen trial's figure is always a second
+        timing. `on_improvement` fires when the best changes. Returns the finalists, fastest first.
         """
-        timed = sorted((r for r in self.order if r.passed and r.spec.promotions in self.latency),
-                       key=lambda r: self.latency[r.spec.promotions].median)
-        if not timed:
-            return []
-        fastest = self.latency[timed[0].spec.promotions]
-        finalists = [r for r in timed if self.latency[r.spec.promotions].low <= fastest.high][:count]
-        for result in finalists:
-            self.latency[result.spec.promotions] = retime(result)
-        best = min(self.order, key=self._preference)
-        if best is not self.best:
+        done: dict[tuple, TrialResult] = {}
+        while len(done) < 2 * count:
+            best = min(self.order, key=self._preference) if self.order else None
+            if best is None or not best.passed or best.spec.promotions not in self.latency \
+                    or best.spec.promotions in done:
+                break
+            high = self.latency[best.spec.promotions].high
+            close = sorted((r for r in self.order if r.passed and r.spec.promotions in self.latency
+                            and r.spec.promotions not in done and self.latency[r.spec.promotions].low <= high),
+                           key=lambda r: (r is not best, self.latency[r.spec.promotions].median))
+            for result in close[:min(count, 2 * count - len(done))]:
+                self.latency[result.spec.promotions] = retime(result)
+                done[result.spec.promotions] = result
+        best = min(self.order, key=self._preference) if self.order else None
+        if best is not None and best is not self.best:
             self.best = best
             if self.on_improvement:
                 self.on_improvement(best)
-        return sorted(finalists, key=lambda r: self.latency[r.spec.promotions].median)
+        return sorted(done.values(), key=lambda r: self.latency[r.spec.promotions].median)
 
     def passes(self, nodes: list[str], step: str, label: str) -> bool:
         spec = promotion_spec(nodes, step, label)
