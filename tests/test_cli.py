@@ -173,17 +173,26 @@ def test_quantize_times_by_default_and_no_bench_skips(tmp_path):
         assert result.returncode == 0, result.stderr
         reports[name] = json.loads((tmp_path / name / "report.json").read_text())
     latency = reports["timed"]["latency"]
-    assert latency["threads"] == 1 and latency["candidate"]["runs"] >= 10 and latency["ratio"] > 0
+    assert latency["threads"] == 1 and latency["candidate"]["runs"] >= 20 and latency["ratio"] > 0
+    low, high = latency["ratio_interval"]
+    assert low <= latency["ratio"] <= high and isinstance(latency["tight"], bool)
     assert "latency" not in reports["untimed"]
 
 
 def test_slower_than_float_is_a_warning():
     from qtool.evaluation.validation import slower_than_float
 
-    timing = {"reference": {"median_ms": 1.0}, "candidate": {"median_ms": 1.6, "runs": 40}}
-    [warning] = slower_than_float({**timing, "ratio": 1.6})
-    assert "slower than float: latency ratio 1.60 (1.6 ms vs 1 ms float, median of 40" in warning
-    assert slower_than_float({**timing, "ratio": 0.6}) == [] and slower_than_float(None) == []
+    timing = {"reference": {"median_ms": 1.0}, "candidate": {"median_ms": 1.6, "runs": 40}, "tight": True}
+    [warning] = slower_than_float({**timing, "ratio": 1.6, "ratio_interval": [1.55, 1.62]})
+    assert ("slower than float: latency ratio 1.60 (95 % interval 1.55–1.62; 1.6 ms vs 1 ms float, 40 "
+            "interleaved rounds)") in warning
+    assert slower_than_float({**timing, "ratio": 0.6, "ratio_interval": [0.59, 0.61]}) == []
+    assert slower_than_float(None) == []
+    # a busy machine: the interval never got tight and holds 1, which is said even when the ratio is below 1
+    [noisy] = slower_than_float({**timing, "ratio": 0.9, "ratio_interval": [0.6, 1.3], "tight": False})
+    assert "latency ratio 0.90 is noisy: its 95 % interval is 0.60–1.30 after 40 interleaved rounds" in noisy
+    # noisy but clearly faster: nothing to say (the report's `tight` says it)
+    assert slower_than_float({**timing, "ratio": 0.63, "ratio_interval": [0.6, 0.66], "tight": False}) == []
 
 
 def test_labels_that_name_none_of_the_validation_files_exit_2(tmp_path):

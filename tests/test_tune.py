@@ -43,7 +43,15 @@ def assert_timed(report: dict) -> None:
     assert report["latency"]["status"] == "measured" and report["latency"]["threads"] == 1
     for row in report["trials"]:
         assert 0 < row["latency_ratio"] < float("inf"), row
-        assert row["latency_ms"]["runs"] >= 10
+        assert row["latency_ms"]["runs"] >= 20
+        assert row["latency_interval"][0] <= row["latency_ratio"] <= row["latency_interval"][1]
+    # the chosen passing trial was timed a second time, longer, and the verdict says whether it ranked
+    finalists = {f["trial"]: f for f in report["latency"]["finalists"]}
+    chosen = next(row for row in report["trials"] if row["chosen"])
+    if chosen["passed"]:
+        assert chosen["trial"] in finalists and chosen["latency_first_ratio"] is not None
+        assert finalists[chosen["trial"]]["ratio"] == chosen["latency_ratio"]
+        assert report["latency"]["verdict"]
 
 
 def hostile_model(width: int = 16, layers: int = 6, hostile: int = 3, seed: int = 0,
@@ -329,6 +337,12 @@ def test_parse_duration():
         parse_duration("soon")
 
 
+def exact(ratio: float, spread: float = 0.0):
+    """A timing known to ±spread (relative)."""
+    from qtool.evaluation.latency import RatioEstimate
+    return RatioEstimate(ratio, ratio * (1 - spread), ratio * (1 + spread), 40)
+
+
 def fake_search(time_trial):
     """A search over nodes a, b where any promotion of a passes; float costs bytes, a16 costs time."""
     from qtool.evaluation.compare import GateResult
@@ -351,11 +365,11 @@ def test_tune_objective_is_latency_then_size():
     from qtool.search.promote import LATENCY_TIE
 
     ratios = {"float": 0.8, "a16": 1.3}
-    timed = fake_search(lambda result: ratios[result.spec.promotions[0][1]] if result.spec.promotions else 1.0)
+    timed = fake_search(lambda result: exact(ratios[result.spec.promotions[0][1]] if result.spec.promotions else 1.0))
     assert timed.run().spec.promotions == (("a", "float"),)
-    assert timed.latency[(("a", "a16"),)] == 1.3  # the same node tried at the other step, and timed
+    assert timed.latency[(("a", "a16"),)].median == 1.3  # the same node tried at the other step, and timed
     assert fake_search(None).run().spec.promotions == (("a", "a16"),)
-    close = fake_search(lambda result: 0.99 + (LATENCY_TIE / 30 if result.spec.promotions[0][1] == "a16" else 0.0))
+    close = fake_search(lambda result: exact(0.99 + (LATENCY_TIE / 30 if result.spec.promotions[0][1] == "a16" else 0.0)))
     assert close.run().spec.promotions == (("a", "a16"),)
 
 
@@ -477,3 +491,71 @@ def test_a_model_whose_every_output_is_integer_is_ranked_and_tuned_by_exact_matc
     with pytest.raises(RecipeError, match="every output of model.onnx is integer .* tune needs min_exact_match"):
         search_api.tune(tmp_path / "model.onnx", calib, cosine_only, tmp_path / "refused", validation_data=evaluation)
     assert not (tmp_path / "refused").exists()
+
+
+def test_confirm_retimes_the_close_finalists_and_chooses_again():
+    """The first timing put float ahead by noise (intervals overlap); the second, longer one says a16 is faster."""
+    first = {"float": exact(0.80, 0.10), "a16": exact(0.85, 0.10)}
+    search = fake_search(lambda result: first[result.spec.promotions[0][1]] if result.spec.promotions else exact(1.0))
+    assert search.run().spec.promotions == (("a", "float"),)
+    changes = []
+    search.on_improvement = changes.append
+    second = {"float": exact(0.95, 0.01), "a16": exact(0.70, 0.01)}
+    finalists = search.confirm(lambda result: second[result.spec.promotions[0][1]])
+    assert [r.spec.promotions for r in finalists] == [(("a", "a16"),), (("a", "float"),)]
+    assert search.best.spec.promotions == (("a", "a16"),) and changes == [search.best]
+    assert search.latency[(("a", "float"),)].median == 0.95
+
+
+def test_confirm_leaves_out_trials_the_first_timing_already_told_apart():
+    first = {"float": exact(0.60, 0.02), "a16": exact(0.90, 0.02)}
+    search = fake_search(lambda result: first[result.spec.promotions[0][1]] if result.spec.promotions else exact(1.0))
+    search.run()
+    retimed = []
+    search.confirm(lambda result: retimed.append(result.spec.promotions) or exact(0.61, 0.01))
+    assert retimed == [(("a", "float"),)] and search.best.spec.promotions == (("a", "float"),)
+
+
+def chain_search(chain: list[str], weighted: set[str], quantizable: set[str] | None = None):
+    """A search over a chain input -> chain[0] -> chain[1] -> ...; ranked in chain order."""
+    from qtool.search.promote import Search
+
+    neighbours = {node: frozenset(chain[max(0, i - 1): i] + chain[i + 1: i + 2]) for i, node in enumerate(chain)}
+    return Search(list(chain), ("float",), lambda specs: iter(()), "cosine", 10, neighbours=neighbours,
+                  quantizable=frozenset(chain if quantizable is None else quantizable), weighted=frozenset(weighted))
+
+
+def test_search_fills_enclosed_integer_regions_and_demotes_isolated_promotions_first():
+    """Conv a and Conv b kept float leave the activation ops between them (a HardSwish's Add, Clip, Mul)
+    quantized: still rounded, and converted twice; a float promotion takes them along."""
+    search = chain_search(["x", "a", "add", "clip", "mul", "b", "y"], weighted={"x", "a", "b", "y"})
+    # x (one node between the float graph input and a) and the activation ops enclosed by a and b
+    assert search.fill(["a", "b"]) == ["a", "b", "x", "add", "clip", "mul", "y"]
+    assert search.fill(["a"]) == ["a", "x"]  # the region add..y borders only a, but holds weighted b and y
+    assert search.fill(["b"]) == ["b", "y"]  # x, a, add, clip, mul: enclosed but holding weighted x and a
+    assert search.isolated(["a", "y"]) == ["a", "y"] and search.isolated(["add", "mul"]) == ["add", "mul"]
+    assert search.isolated(["a", "add"]) == []
+    # a node the recipe leaves float (not quantizable) counts as a float neighbour
+    partial = chain_search(["x", "a", "m", "b", "y"], weighted={"a", "b"}, quantizable={"a", "m", "b"})
+    assert partial.fill(["a", "b"]) == ["a", "b", "m"] and partial.fill(["b"]) == ["b"]
+    # the search's float trials carry the enclosed nodes, and say so in their label
+    spec = search._spec(["a", "b"], "float", "float top 2")
+    assert [node for node, _ in spec.promotions] == ["x", "a", "add", "clip", "mul", "b", "y"]  # ranking order
+    assert spec.key.startswith("float top 2 + 5 enclosed")
+    # demoting a node that comes back enclosed is the same set, the same trial
+    assert search._spec(["x", "a", "b"], "float", "other").promotions == spec.promotions
+    assert search._spec(["a", "b"], "a16", "a16 top 2").promotions == (("a", "a16"), ("b", "a16"))
+
+
+def test_confirm_retimes_the_trial_that_becomes_best_after_the_first_finalists():
+    """a16 looked slower at first (outside float's interval); float's second timing is slower still:
+    a16 becomes the best and is timed a second time before it is chosen."""
+    first = {"float": exact(0.80, 0.02), "a16": exact(0.90, 0.02)}
+    search = fake_search(lambda result: first[result.spec.promotions[0][1]] if result.spec.promotions else exact(1.0))
+    assert search.run().spec.promotions == (("a", "float"),)
+    second = {"float": exact(1.20, 0.01), "a16": exact(0.85, 0.01)}
+    retimed = []
+    finalists = search.confirm(lambda result: retimed.append(result.spec.promotions[0][1])
+                               or second[result.spec.promotions[0][1]])
+    assert retimed == ["float", "a16"] and [r.spec.promotions[0][1] for r in finalists] == ["a16", "float"]
+    assert search.best.spec.promotions == (("a", "a16"),) and search.latency[(("a", "a16"),)].median == 0.85

@@ -117,8 +117,9 @@ def sensitivity(model: Path, recipe_path: Path | None, data_dir: Path, validatio
                    "float outputs are near zero; a warning below 8: coarse).")
 @click.option("--latency-runs", type=click.IntRange(min=0), default=search_api.LATENCY_RUNS, show_default=True,
               help="Time trials against the float model, one at a time on one thread: those that pass "
-                   "as their batch ends (the fastest is chosen), the rest after the search; up to N "
-                   "interleaved runs each (0: do not time; the smallest passing trial is chosen).")
+                   "as their batch ends (the fastest is chosen), the rest after the search; at least 20, "
+                   "then until the ratio is known to ±3 %, up to N interleaved runs each; the close "
+                   "finalists are timed again, longer (0: do not time; the smallest passing trial is chosen).")
 @click.option("--cache", type=click.Path(path_type=Path),
               help="Sensitivity cache file (default: OUTPUT/sensitivity.cache.json).")
 @click.option("--overwrite", is_flag=True, help="Reuse an existing output folder (its results are replaced).")
@@ -164,14 +165,21 @@ def tune(model: Path, recipe_path: Path, data_dir: Path, validation_data: Path |
         click.echo(render_json(report), nl=False)
     elif not quiet and result.written:
         chosen = report["chosen"]
-        ratio = next((row["latency_ratio"] for row in report["trials"] if row["chosen"]), None)
+        row = next((row for row in report["trials"] if row["chosen"]), {})
+        ratio, interval = row.get("latency_ratio"), row.get("latency_interval")
         click.echo(f"{report['search']['trials_run']} trials, {report['search']['wall_s']:.1f} s; "
                    f"{report['search']['stop_reason']}")
         size = chosen.get("size_ratio")
         click.echo(f"chosen: {chosen['trial']} ({len(chosen['promotions'])} promotion(s)"
                    + (f", latency {ratio:.2f}× float" if ratio is not None else "")
-                   + (f", size {size:.2f}× float" if size is not None else "") + ") → "
+                   + (f", size {size:.2f}× float" if size is not None else "")
+                   + (f" (95 % interval {interval[0]:.2f}–{interval[1]:.2f})" if interval else "") + ") → "
                    f"{output_dir}/model.onnx, {output_dir}/{search_api.TUNED_RECIPE}")
+        if report["latency"].get("finalists"):
+            click.echo(f"latency: {report['latency']['verdict']}")
+        for line in report["warnings"]:
+            if line.startswith(("the chosen trial's latency", "latency too noisy")):
+                click.echo(f"warning: {line}", err=True)
     _warn(result.alerts, quiet)
     if result.interrupted:
         what = "Terminated" if result.terminated else "Interrupted"

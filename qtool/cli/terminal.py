@@ -150,7 +150,9 @@ def print_compare_summary(console: Console, report: dict, output_dir: Path, verb
     table.add_row("size", f"{size['float_bytes']:,} → {size['quantized_bytes']:,} B ({size['ratio']:.2f}× smaller)")
     latency = report.get("latency")
     if latency:
-        table.add_row("latency ratio (median)", f"{latency['ratio']:.3f} ({latency['reference']['median_ms']:.3g} → "
+        low, high = latency["ratio_interval"]
+        table.add_row("latency ratio (median)", f"{latency['ratio']:.3f} [{low:.3f}–{high:.3f}"
+                      f"{'' if latency['tight'] else ', noisy'}] ({latency['reference']['median_ms']:.3g} → "
                       f"{latency['candidate']['median_ms']:.3g} ms)")
     for name, f in report["validation"]["outputs"].items():
         agreement = f" / top-1 agr. {f['top1_agreement']:.2%}" if "top1_agreement" in f else ""

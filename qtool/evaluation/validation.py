@@ -100,12 +100,22 @@ def layers_and_latency(reference: ModelProto, candidate: ModelProto, data: DataS
 
 
 def slower_than_float(latency: dict | None) -> list[str]:
-    """A warning when the quantized model's median latency is above the float model's."""
-    if latency is None or latency["ratio"] <= 1.0:
+    """A warning when the quantized model is slower than float, and one when the timing stayed too noisy
+    to say which is faster (its interval never got tight and holds 1: a busy machine)."""
+    if latency is None:
         return []
-    return [f"the quantized model is slower than float: latency ratio {latency['ratio']:.2f} "
-            f"({latency['candidate']['median_ms']:.3g} ms vs {latency['reference']['median_ms']:.3g} ms float, "
-            f"median of {latency['candidate']['runs']} interleaved runs)"]
+    low, high = latency["ratio_interval"]
+    warnings = []
+    if latency["ratio"] > 1.0:
+        warnings.append(f"the quantized model is slower than float: latency ratio {latency['ratio']:.2f} "
+                        f"(95 % interval {low:.2f}–{high:.2f}; {latency['candidate']['median_ms']:.3g} ms vs "
+                        f"{latency['reference']['median_ms']:.3g} ms float, {latency['candidate']['runs']} "
+                        "interleaved rounds)")
+    if not latency["tight"] and low <= 1.0 <= high:
+        warnings.append(f"the latency ratio {latency['ratio']:.2f} is noisy: its 95 % interval is {low:.2f}–{high:.2f} "
+                        f"after {latency['candidate']['runs']} interleaved rounds (the machine was busy), too wide "
+                        "to say whether the quantized model is faster than float; time again on a quiet machine")
+    return warnings
 
 
 def extra_figures(reference_bytes: int, candidate_bytes: int, latency: dict | None) -> dict:

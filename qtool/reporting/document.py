@@ -273,7 +273,9 @@ def headline(report: dict) -> str:
     parts = [f"size {size['float_bytes']:,} → {size['quantized_bytes']:,} bytes ({_fmt(size['ratio'])}× smaller)"]
     latency = report.get("latency")
     if latency:
-        parts.append(f"latency ratio {_fmt(latency['ratio'])} (median {latency['candidate']['median_ms']:.3g} ms "
+        low, high = latency["ratio_interval"]
+        parts.append(f"latency ratio {_fmt(latency['ratio'])} (95 % interval {low:.3g}–{high:.3g}"
+                     f"{'' if latency['tight'] else ', noisy'}; median {latency['candidate']['median_ms']:.3g} ms "
                      f"vs {latency['reference']['median_ms']:.3g} ms)")
     return "; ".join(parts)
 
@@ -343,7 +345,10 @@ def render_markdown(report: dict) -> str:
             t = latency[key]
             lines.append(f"| {md_escape(name)} ({key}) | {t['median_ms']:.4g} | {t['p10_ms']:.4g} | "
                          f"{t['p90_ms']:.4g} | {t['runs']} |")
-        lines += ["", f"Latency ratio (candidate / reference median): **{_fmt(latency['ratio'])}**."]
+        low, high = latency["ratio_interval"]
+        lines += ["", f"Latency ratio (median of per-round candidate / reference ratios): **{_fmt(latency['ratio'])}**, "
+                  f"95 % interval {low:.3g}–{high:.3g} "
+                  f"({'tight' if latency['tight'] else 'noisy: the machine was busy, small differences are not real'})."]
     if "kernels" in report:
         ops = report["kernels"]["integer_ops"]
         lines += ["", "## Kernels", "",

@@ -45,7 +45,12 @@ def _latency_note(latency: dict) -> str:
     if latency["status"] == "pending":
         return "Latency: measured once the search ends."
     cut = " Interrupted: only trials timed before Ctrl-C have a figure." if latency["status"] == "interrupted" else ""
-    return f"Latency ratio (—: not timed). {latency['method']}{cut}"
+    final = ""
+    if latency.get("finalists"):
+        final = " Finalists (first → second timing, 95 % interval): " + "; ".join(
+            f"{f['trial']}: {f['first_ratio']:.2f} → {f['ratio']:.2f} ({f['interval'][0]:.2f}–{f['interval'][1]:.2f}"
+            f"{'' if f['tight'] else ', noisy'})" for f in latency["finalists"]) + f". Verdict: {latency['verdict']}."
+    return f"Latency ratio (—: not timed). {latency['method']}{cut}{final}"
 
 
 def _promotions(row: dict) -> str:

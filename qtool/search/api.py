@@ -24,20 +24,23 @@ from qtool.io.targets import check_output_file, check_output_path
 from qtool.io.model import file_sha256, replace_model
 from qtool.recipe.load import load_recipe, parse_recipe, recipe_path_text
 from qtool.recipe.schema import Recipe
-from qtool.runtime.session import current_providers
 from qtool.reporting import document as reporting
 from qtool.reporting.search import search_report_writers
 from qtool.search.executor import make_executor
+from qtool.search.timing import latency_gate, latency_section, latency_verdict, latency_warnings, time_trials
 from qtool.search.promote import Search, objective, objective_name, pareto_frontier
 from qtool.search.setup import (TrialSetup, cache_document, check_ranking_samples, executor_section,
-                                measure_sensitivity, ranking_note, read_cache, run_specs, search_inputs, setup_trials, trial_row, tune_objective)
-from qtool.search.trial import (A16, LATENCY_THREADS, SEARCH_GATES, TrialContext, TrialResult, TrialSpec,
+                                measure_sensitivity, ranking_note, read_cache, run_specs, search_inputs, setup_trials,
+                                trial_row, tune_objective)
+from qtool.search.trial import (A16, SEARCH_GATES, TrialResult, TrialSpec,
                                 build_trial_model, cache_key, folder_files, promotion_overrides, run_trial,
                                 trial_latency)
 
 SENSITIVITY_CACHE = "sensitivity.cache.json"
 SENSITIVITY_MODES = ("only_quantized", "only_float")
-LATENCY_RUNS = 100  # interleaved rounds per timed trial (bench_models stops earlier after 4 s)
+LATENCY_RUNS = 100  # interleaved rounds per timed trial, at most (fewer once the ratio is tight, or after 4 s)
+# the finalists' second timing (search.promote.Search.confirm): more rounds, a longer bound, a tighter interval
+CONFIRM = {"min_rounds": 40, "max_seconds": 15.0, "tolerance": 0.02}
 
 
 @dataclass(frozen=True)
@@ -254,7 +257,8 @@ def tune(
     interrupted = terminated = False
     died: WorkerError | None = None
     state: dict = {"best": None, "writes": 0}
-    latencies: dict[tuple, BenchResult] = {}  # trial promotions -> timing
+    latencies: dict[tuple, BenchResult] = {}  # trial promotions -> timing (a finalist's: the second one)
+    confirmed: dict[tuple, BenchResult] = {}  # finalist's promotions -> its first timing
     report: dict = {}
     lost: list[dict] = []
     with temporary_folder("qtool-trials-") as folder, scratch(folder), \
@@ -273,13 +277,14 @@ def tune(
                         f"only_quantized:{sensitivity_samples}", context.providers)
         trials_progress = tick("tune")
         search = Search([], steps, lambda specs: run_specs(pool, shipped, specs, lost), figure, max_trials,
-                        deadline, pool.jobs)
+                        deadline, pool.jobs, neighbours=setup.neighbours or {}, quantizable=setup.quantized_keys,
+                        weighted=setup.weighted)
         sens: dict = {"rows": [], "complete": False, "cache_hit": False}
 
         def build_report(final: bool, stop: str) -> dict:
             return _tune_report(model_path, recipe, setup, search, sens, figure, gates, stop, final,
                                 interrupted, max_trials, time_budget, executor_section(pool, lost),
-                                time.monotonic() - started, latencies, latency_runs)
+                                time.monotonic() - started, latencies, latency_runs, confirmed)
 
         def write_best(result: TrialResult) -> None:
             overrides = promotion_overrides(result.spec.promotions, recipe.quantization.activations.dtype)
@@ -299,9 +304,16 @@ def tune(
             if trials_progress:
                 trials_progress(len(search.order), max_trials)
 
-        def time_trial(result: TrialResult) -> float:
+        def time_trial(result: TrialResult):
             latencies[result.spec.promotions] = trial_latency(context, result.spec, latency_runs)
-            return latencies[result.spec.promotions].ratio
+            return latencies[result.spec.promotions].estimate
+
+        def retime(result: TrialResult):
+            first = latencies[result.spec.promotions]
+            rounds = max(latency_runs, 2 * CONFIRM["min_rounds"])
+            latencies[result.spec.promotions] = trial_latency(context, result.spec, rounds, **CONFIRM)
+            confirmed[result.spec.promotions] = first
+            return latencies[result.spec.promotions].estimate
 
         search.on_trial, search.on_improvement = on_trial, write_best
         search.time_trial = time_trial if latency_runs else None
@@ -328,7 +340,8 @@ def tune(
             else:
                 search.stop_reason = "the recipe as given passes the gates: nothing to promote"
             if latency_runs:
-                _time_trials(context, search.order, latency_runs, latencies, tick("latency"))
+                search.confirm(retime)
+                time_trials(context, search.order, latency_runs, latencies, tick("latency"))
         except KeyboardInterrupt as exc:
             interrupted, (terminated, search.stop_reason) = True, _interruption(exc)
             pool.close()
@@ -351,12 +364,12 @@ def tune(
                 interrupted, (terminated, search.stop_reason) = True, _interruption(exc)
         report = build_report(True, search.stop_reason)
         report["chosen"]["reproduced_by_quantize"] = reproduced
-        latency_gate = _latency_gate(latency_limit, latencies.get(best.spec.promotions) if best else None)
-        if latency_gate is not None:
-            report["chosen"]["gates"].append(latency_gate)
-            if not latency_gate["passed"]:
+        speed_gate = latency_gate(latency_limit, latencies.get(best.spec.promotions) if best else None)
+        if speed_gate is not None:
+            report["chosen"]["gates"].append(speed_gate)
+            if not speed_gate["passed"]:
                 report["passed"] = report["chosen"]["passed"] = False
-            if not latency_gate["passed"] and best.passed and latency_gate["value"] is not None:
+            if not speed_gate["passed"] and best.passed and speed_gate["value"] is not None:
                 report["search"]["stop_reason"] += (
                     f"; no trial that passes the accuracy gates meets max_latency_ratio {latency_limit:g}: "
                     "the fastest of them is written")
@@ -382,36 +395,6 @@ def _check_samples(recipe: Recipe, samples: int | None, option: str) -> None:
                          "give fewer or shorter validation files")
 
 
-def _latency_gate(limit: float | None, timing: BenchResult | None) -> dict | None:
-    """max_latency_ratio on the chosen trial: not a search gate (the search minimises latency), a verdict."""
-    if limit is None:
-        return None
-    value = timing.ratio if timing is not None else None
-    return {"name": "max_latency_ratio", "threshold": limit, "value": value,
-            "passed": value is not None and value <= limit}
-
-
-def _time_trials(context: TrialContext, trials: list[TrialResult], runs: int, latencies: dict, progress) -> None:
-    """Time the trials the search did not (those that failed the gates), for the report."""
-    for done, result in enumerate(trials, 1):
-        if result.spec.promotions not in latencies:
-            latencies[result.spec.promotions] = trial_latency(context, result.spec, runs)
-        if progress:
-            progress(done, len(trials))
-
-
-def _latency_section(runs: int, final: bool, interrupted: bool) -> dict:
-    status = "off" if not runs else "pending" if not final else "interrupted" if interrupted else "measured"
-    return {"status": status, "runs": runs, "threads": LATENCY_THREADS, "batch_size": 1,
-            "provider": current_providers()[0][0],
-            "method": ("Trials that pass the gates are timed as their batch of trials ends (the search "
-                       "picks the fastest of them), the others after the search; one trial at a time in the "
-                       "tuning process (no trial running beside it): every trial against the prepared float model on the first evaluation sample, in interleaved A/B rounds (order "
-                       f"alternating) after warm-up, up to {runs} rounds or 4 s per trial, {LATENCY_THREADS} "
-                       f"ONNX Runtime intra-op thread, {current_providers()[0][0]}; ratio = quantized median / float "
-                       "median (below 1: faster).")}
-
-
 def _larger_than_float(best: TrialResult | None, float_bytes: int) -> list[str]:
     """A warning when the chosen model is larger than the float model it replaces ([] otherwise)."""
     if best is None or not best.size_bytes or best.size_bytes <= float_bytes:
@@ -432,7 +415,7 @@ def _describe_trial(result: TrialResult, figure: str) -> str:
 def _tune_report(model_path: Path, recipe: Recipe, setup: TrialSetup, search: Search, sens: dict, figure: str,
                  gates: dict, stop: str, final: bool, interrupted: bool, max_trials: int,
                  time_budget: float | None, where: dict, wall_s: float, latencies: dict[tuple, BenchResult],
-                 latency_runs: int) -> dict:
+                 latency_runs: int, confirmed: dict[tuple, BenchResult]) -> dict:
     float_bytes = setup.context.float_bytes
     trials = [trial_row(result, figure, float_bytes) for result in search.order]
     frontier = {result.spec.key for result in pareto_frontier(search.order, figure)}
@@ -444,6 +427,10 @@ def _tune_report(model_path: Path, recipe: Recipe, setup: TrialSetup, search: Se
         row["latency_ratio"] = timing.ratio if timing else None
         row["latency_ms"] = ({"float": timing.reference.median_ms, "quantized": timing.candidate.median_ms,
                               "runs": timing.candidate.runs} if timing else None)
+        row["latency_interval"] = [timing.estimate.low, timing.estimate.high] if timing else None
+        row["latency_tight"] = timing.tight if timing else None
+        first = confirmed.get(result.spec.promotions)
+        row["latency_first_ratio"] = first.ratio if first else None
     reference = next((r.accuracy.get("reference") for r in search.order if r.accuracy), None)
     size_ratio = float_bytes / best.size_bytes if best and best.size_bytes else None
     return {
@@ -451,13 +438,15 @@ def _tune_report(model_path: Path, recipe: Recipe, setup: TrialSetup, search: Se
         "passed": bool(best and best.passed), "final": final, "interrupted": interrupted,
         "versions": reporting.versions(), "execution_providers": reporting.execution_providers(),
         "inputs": search_inputs(model_path, recipe, setup),
-        "prepare": setup.prepare_notes, "warnings": setup.warnings + _larger_than_float(best, float_bytes),
+        "prepare": setup.prepare_notes,
+        "warnings": setup.warnings + _larger_than_float(best, float_bytes) + latency_warnings(search, latencies, confirmed),
         "target": {"gates": gates, "objective": figure, "float_accuracy": reference,
                    "float_bytes": float_bytes},
         "search": {"max_trials": max_trials, "time_budget_s": time_budget, "jobs": where["jobs"], "executor": where,
                    "trials_run": len(search.order), "stop_reason": stop, "wall_s": wall_s,
                    "calibration_s": setup.calibration_s, "steps": list(search.steps)},
-        "latency": _latency_section(latency_runs, final, interrupted),
+        "latency": {**latency_section(latency_runs, final, interrupted),
+                    **latency_verdict(search, latencies, confirmed)},
         "sensitivity": {"mode": "only_quantized", "rows": sens["rows"], "complete": sens["complete"],
                         "cache_hit": sens["cache_hit"], "unnamed_nodes": setup.unnamed},
         "trials": trials,

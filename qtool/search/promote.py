@@ -3,10 +3,15 @@
 Steps above the recipe are float, then 16-bit activations. For each step the
 number of promoted nodes (taken in sensitivity order) grows 1, 2, 4, ... until
 the gates pass; then it is bisected back, each promoted node is tried demoted
-again (least sensitive first), and the nodes left are tried at the other steps.
-Among the trials that pass, the fastest wins (each timed as its batch ends),
-then the smallest. Trials go out `jobs` at a time through `evaluate`; the search
-never sees processes. A trial `evaluate` does not return (an executor lost it) counts as failed.
+again (least sensitive first, but those left with only quantized neighbours, which
+cost a conversion on every side, first of all), and the nodes left are tried at the
+other steps. A float promotion also takes the integer regions it encloses (`fill`):
+a Conv kept float whose output is still quantized by its readers keeps the rounding
+error it was promoted to remove, and pays conversions besides.
+Among the trials that pass, the fastest wins (each timed as its batch ends), then the smallest;
+`confirm` re-times the close finalists with more rounds once the search is done. Trials go out
+`jobs` at a time through `evaluate`; the search never sees processes. A trial `evaluate` does not
+return (an executor lost it) counts as failed.
 """
 
 from __future__ import annotations
@@ -17,10 +22,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
+from qtool.evaluation.latency import RatioEstimate
 from qtool.search.trial import TrialResult, TrialSpec
 
 Evaluate = Callable[[list[TrialSpec]], Iterator[TrialResult]]
 LATENCY_TIE = 0.03  # latency ratios closer than this are a tie: one noisy timing should not beat a smaller model
+FINALISTS = 4  # passing trials re-timed at the end: the fastest and those whose interval overlaps it
 
 # gate -> (figure the search maximizes, as read from a TrialResult)
 OBJECTIVES = {"max_accuracy_drop": "accuracy", "min_top1_agreement": "top1_agreement",
@@ -87,8 +94,13 @@ class Search:
     on_trial: Callable[[TrialResult], None] | None = None
     on_improvement: Callable[[TrialResult], None] | None = None
     # latency ratio (quantized / float) of a trial that passes the gates, timed when its batch is done
-    time_trial: Callable[[TrialResult], float] | None = None
-    latency: dict[tuple, float] = field(default_factory=dict)
+    time_trial: Callable[[TrialResult], RatioEstimate] | None = None
+    latency: dict[tuple, RatioEstimate] = field(default_factory=dict)
+    # node -> the nodes it reads from or writes to (graph order does not matter); empty: no
+    # neighbourhood moves (isolated promotions demoted first, integer islands filled)
+    neighbours: dict[str, frozenset[str]] = field(default_factory=dict)
+    quantizable: frozenset[str] = frozenset()  # nodes the recipe quantizes (the others are float already)
+    weighted: frozenset[str] = frozenset()  # of those, the ones with a stored weight (Conv, Gemm, MatMul)
     results: dict[tuple, TrialResult] = field(default_factory=dict)
     order: list[TrialResult] = field(default_factory=list)
     best: TrialResult | None = None
@@ -125,7 +137,37 @@ class Search:
         return {spec.promotions: self.results[spec.promotions] for spec in specs if spec.promotions in self.results}
 
     def _preference(self, result: TrialResult) -> tuple:
-        return preference(result, self.objective, self.latency.get(result.spec.promotions))
+        timing = self.latency.get(result.spec.promotions)
+        return preference(result, self.objective, timing.median if timing is not None else None)
+
+    def confirm(self, retime: Callable[[TrialResult], RatioEstimate], count: int = FINALISTS) -> list[TrialResult]:
+        """Re-time the finalists with `retime` (more rounds than the search's timing) and choose again.
+
+        Finalists: the best passing trial and the passing trials whose ratio interval overlaps its
+        (the first timing could not tell them apart), up to `count` at a time. Their new figures
+        replace the old; when that makes another trial the best, it and its overlapping trials are
+        re-timed too (at most 2 × `count` in all), so the chosen trial's figure is always a second
+        timing. `on_improvement` fires when the best changes. Returns the finalists, fastest first.
+        """
+        done: dict[tuple, TrialResult] = {}
+        while len(done) < 2 * count:
+            best = min(self.order, key=self._preference) if self.order else None
+            if best is None or not best.passed or best.spec.promotions not in self.latency \
+                    or best.spec.promotions in done:
+                break
+            high = self.latency[best.spec.promotions].high
+            close = sorted((r for r in self.order if r.passed and r.spec.promotions in self.latency
+                            and r.spec.promotions not in done and self.latency[r.spec.promotions].low <= high),
+                           key=lambda r: (r is not best, self.latency[r.spec.promotions].median))
+            for result in close[:min(count, 2 * count - len(done))]:
+                self.latency[result.spec.promotions] = retime(result)
+                done[result.spec.promotions] = result
+        best = min(self.order, key=self._preference) if self.order else None
+        if best is not None and best is not self.best:
+            self.best = best
+            if self.on_improvement:
+                self.on_improvement(best)
+        return sorted(done.values(), key=lambda r: self.latency[r.spec.promotions].median)
 
     def passes(self, nodes: list[str], step: str, label: str) -> bool:
         spec = promotion_spec(nodes, step, label)
@@ -151,7 +193,7 @@ class Search:
             while known_pass is None and position < len(sizes):
                 batch = sizes[position: position + self.jobs]
                 position += len(batch)
-                specs = [promotion_spec(self.ranking[:k], step, f"{step} top {k}") for k in batch]
+                specs = [self._spec(self.ranking[:k], step, f"{step} top {k}") for k in batch]
                 outcome = self.run_batch(specs)
                 for k, spec in zip(batch, specs):
                     if spec.promotions in outcome and outcome[spec.promotions].passed:
@@ -164,7 +206,7 @@ class Search:
                 gap = known_pass - known_fail
                 probes = sorted({known_fail + max(1, round(gap * (i + 1) / (self.jobs + 1)))
                                  for i in range(self.jobs)} - {known_pass})
-                specs = [promotion_spec(self.ranking[:k], step, f"{step} top {k}") for k in probes]
+                specs = [self._spec(self.ranking[:k], step, f"{step} top {k}") for k in probes]
                 outcome = self.run_batch(specs)
                 for k, spec in zip(probes, specs):
                     if spec.promotions in outcome and outcome[spec.promotions].passed:
@@ -180,12 +222,58 @@ class Search:
             return
         self.stop_reason = "no promotion tried passes the gates"
 
+    def _spec(self, nodes: list[str], step: str, label: str) -> TrialSpec:
+        """The trial promoting `nodes` to `step`; to float, with the integer regions they leave
+        enclosed filled (`fill`)."""
+        if step != "float" or not self.neighbours:
+            return promotion_spec(nodes, step, label)
+        filled = self.fill(nodes)
+        extra = len(filled) - len(nodes)
+        # one order for one set (sensitivity order): a dropped node that comes back enclosed is the same trial
+        rank = {node: i for i, node in enumerate(self.ranking)}
+        filled = sorted(filled, key=lambda n: (rank.get(n, len(rank)), n))
+        return promotion_spec(filled, step, f"{label} + {extra} enclosed" if extra else label)
+
+    def isolated(self, promoted: list[str]) -> list[str]:
+        """Promoted nodes whose every neighbour the recipe quantizes and the promotions leave quantized:
+        a float node there costs a conversion on each side."""
+        chosen = set(promoted)
+        return [node for node in promoted if self.neighbours.get(node)
+                and all(n in self.quantizable and n not in chosen for n in self.neighbours[node])]
+
+    def fill(self, promoted: list[str]) -> list[str]:
+        """`promoted` plus the integer regions it encloses: each connected set of quantized nodes whose
+        every neighbour outside it is float (promoted, not quantized by the recipe, or a graph input),
+        when it is one node or holds no weighted node (`weighted`: a Conv, Gemm, MatMul with a stored
+        weight, where an integer kernel pays). Such a region runs integer kernels between conversions
+        that cost more than they save, and its values are rounded once more on the way; filling it
+        makes float regions contiguous. Sensitivity order kept, the added nodes after."""
+        chosen, rank = set(promoted), {node: i for i, node in enumerate(self.ranking)}
+        left = {node for node in self.quantizable - chosen}
+        added: set[str] = set()
+        while left:
+            region, todo = set(), [left.pop()]
+            while todo:
+                node = todo.pop()
+                region.add(node)
+                for n in self.neighbours.get(node, ()):
+                    if n in left:
+                        left.discard(n)
+                        todo.append(n)
+            border = {n for node in region for n in self.neighbours.get(node, ())} - region
+            enclosed = all(n not in self.quantizable or n in chosen for n in border)
+            if enclosed and region <= rank.keys() and (len(region) == 1 or not region & self.weighted):
+                added |= region
+        return list(promoted) + sorted(added, key=lambda n: (rank[n], n))
+
     def _prune(self, promoted: list[str], step: str) -> list[str]:
-        """Demote promoted nodes again, least sensitive first, while the gates still pass; the nodes left."""
-        untried = list(reversed(promoted))
+        """Demote promoted nodes again while the gates still pass; the nodes left. Isolated promotions
+        (`isolated`: the costliest for latency) are tried first, then the rest, least sensitive first."""
+        first = self.isolated(promoted)
+        untried = list(reversed(first)) + [n for n in reversed(promoted) if n not in first]
         while untried and len(promoted) > 1:
             batch, untried = untried[: self.jobs], untried[self.jobs:]
-            specs = [promotion_spec([n for n in promoted if n != drop], step,
+            specs = [self._spec([n for n in promoted if n != drop], step,
                                     f"{step} top {len(promoted)} without 1") for drop in batch]
             outcome = self.run_batch(specs)
             for drop, spec in zip(batch, specs):

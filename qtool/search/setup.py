@@ -53,6 +53,11 @@ class TrialSetup:
     integer_only: bool = False  # every output is integer (an ArgMax's tags): trials are scored by exact match
     # per float output, each evaluation sample's mean square (the float reference a trial's SQNR divides by)
     sample_power: dict[str, list[float]] = field(default_factory=dict)
+    # node -> its graph neighbours, and the nodes the recipe's selection quantizes (unnamed ones as
+    # "#<index>"), for the search's neighbourhood moves (search.promote)
+    neighbours: dict[str, frozenset[str]] | None = None
+    quantized_keys: frozenset[str] = frozenset()
+    weighted: frozenset[str] = frozenset()  # quantized nodes with a stored weight (Conv, Gemm, MatMul)
 
 
 def setup_trials(model_path: Path, data_dir: Path, recipe: Recipe, folder: Path, validation_data, labels,
@@ -119,9 +124,29 @@ def _setup_trials(model_path: Path, data_dir: Path, recipe: Recipe, folder: Path
                            model_file_bytes(model_path), threads, current_providers(),
                            mask_input=eval_data.mask_input,
                            bias_shifts=bias.shifts if bias is not None and bias.kept else None)
+    keys = frozenset(node.name or f"#{i}" for i, (node, d) in enumerate(zip(model.graph.node, selection.nodes))
+                     if d.quantized)
     return TrialSetup(context, model, prepare_notes, calib_data, eval_data, warnings, named,
                        {node.name: node.op_type for node, _ in quantized}, len(quantized) - len(named),
-                       time.perf_counter() - started, bias is not None and bias.kept, integer_only, power)
+                       time.perf_counter() - started, bias is not None and bias.kept, integer_only, power,
+                       node_neighbours(model), keys,
+                       frozenset(node.name for node, d in quantized if node.name and d.weight_input is not None))
+
+
+def node_neighbours(model: ModelProto) -> dict[str, frozenset[str]]:
+    """Node -> the nodes that produce its inputs or read its outputs (top graph only). A node without a
+    name is keyed "#<index>" (no recipe can name it, but it still sits between two others)."""
+    graph = model.graph
+    keys = [node.name or f"#{i}" for i, node in enumerate(graph.node)]
+    producer = {out: key for key, node in zip(keys, graph.node) for out in node.output if out}
+    readers: dict[str, set[str]] = {}
+    for key, node in zip(keys, graph.node):
+        for name in node.input:
+            if name in producer:
+                readers.setdefault(name, set()).add(key)
+    return {key: frozenset({producer[n] for n in node.input if n in producer}
+                           | {r for out in node.output for r in readers.get(out, ())}) - {key}
+            for key, node in zip(keys, graph.node)}
 
 
 COARSE_SAMPLES = 8  # below it a ranking is coarse (measured: see check_ranking_samples)

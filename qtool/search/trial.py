@@ -302,15 +302,16 @@ def _run_trial(context: TrialContext, spec: TrialSpec) -> TrialResult:
                        time.perf_counter() - started, tuple(notes), tuple(verdicts), digest)
 
 
-def trial_latency(context: TrialContext, spec: TrialSpec, rounds: int) -> BenchResult:
+def trial_latency(context: TrialContext, spec: TrialSpec, rounds: int, **bench) -> BenchResult:
     """One trial's model against the recipe's prepared float model on the first evaluation sample,
-    interleaved (`bench_models`, one ORT thread); meant for the parent with no trial running beside it."""
+    interleaved (`bench_models`, one ORT thread, `bench` its other keywords: max_seconds, min_rounds,
+    tolerance); meant for the parent with no trial running beside it."""
     with scratch():
         quantized, _, _ = build_trial_model(context, spec)
         feeds = _head(_state(context).batches[0], 1)["feeds"]
         with use_providers(context.providers):
-            return bench_models(_float_model(context, context.recipe), quantized, feeds,
-                                threads=LATENCY_THREADS, rounds=rounds)
+            return bench_models(_float_model(context, context.recipe), quantized, feeds, threads=LATENCY_THREADS,
+                                rounds=rounds, **bench)
 
 
 def _head(batch: dict, count: int) -> dict:
