@@ -17,6 +17,11 @@ TINY = 1e-30  # |x| below this counts as zero (exactly representable: no roundin
 COMBINE = {"peak": np.maximum, "lo": np.minimum, "hi": np.maximum}  # the rest add up
 
 
+class RunFailed(Exception):
+    """ONNX Runtime failed on the calibration data (bad data, e.g. an index out of range): the
+    calibration pass that follows names the file."""
+
+
 class _Measuring:
     """A copy of the model with reductions added as extra outputs; `run` streams the data through it."""
 
@@ -59,7 +64,16 @@ class _Measuring:
     def run(self, data: DataSource, batch_size: int) -> dict[str, dict[str, np.ndarray]]:
         session = make_session(self.model, optimize=False)
         found: dict[str, dict[str, np.ndarray]] = {}
-        for _, results in measured(session, self.source, data, batch_size):
+        runs = measured(session, self.source, data, batch_size)
+        while True:
+            try:
+                _, results = next(runs)
+            except StopIteration:
+                break
+            except Exception as exc:
+                if type(exc).__module__.startswith("onnxruntime"):
+                    raise RunFailed(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
+                raise
             for key, names in self.outputs.items():
                 values = {part: np.asarray(results[name], np.float64) for part, name in names.items()}
                 before = found.get(key)

@@ -43,7 +43,7 @@ from qtool.io.model import GraphIndex
 from qtool.io.samples import DataSource
 from qtool.numerics import QTYPES
 from qtool.quantization.algorithms.equalization import _input_view, _scale_inputs
-from qtool.quantization.algorithms.outlier_stats import relative_noise, statistics
+from qtool.quantization.algorithms.outlier_stats import RunFailed, relative_noise, statistics
 from qtool.quantization.plan import Selection, tensor_types
 from qtool.quantization.rules import FLOAT_OUTPUT_KERNELS
 
@@ -75,13 +75,15 @@ class OutlierOutcome:
     tensors: list[OutlierTensor]
     keep_float: dict[str, str]  # reader node -> why, for select_tensors
     measured: int  # tensors measured
+    skipped: str | None = None  # why nothing was measured although on
 
     def as_dict(self) -> dict:
         """For report.json: figures rounded to 0.01, a non-finite one (a median channel of 0) as None."""
         def figure(value):
             return round(value, 2) if value is not None and math.isfinite(value) else None
 
-        return {"threshold_db": OUTLIER_DB, "measured_tensors": self.measured, "tensors": [
+        return {"threshold_db": OUTLIER_DB, "measured_tensors": self.measured,
+                **({"skipped": self.skipped} if self.skipped else {}), "tensors": [
             {**t.__dict__, "readers": list(t.readers), "estimated_db": figure(t.estimated_db),
              "estimated_db_after": figure(t.estimated_db_after), "channel_ratio": figure(t.channel_ratio)}
             for t in self.tensors]}
@@ -267,7 +269,9 @@ def handle_outliers(model: ModelProto, selection: Selection, data: DataSource, b
                     ) -> tuple[ModelProto, OutlierOutcome]:
     """Measure every planned 8-bit activation of `model` on `data`; equalize the outlier tensors that
     can be (in place: the float function is unchanged) and keep the readers of the others float.
-    Returns the model and the outcome, whose `keep_float` goes to `select_tensors`."""
+    Returns the model and the outcome, whose `keep_float` goes to `select_tensors`; where ONNX Runtime
+    fails on the data, the model unchanged and the outcome's `skipped` says why (calibration, next,
+    names the file)."""
     index = GraphIndex(model.graph)
     types = tensor_types(model)
     wanted: dict[str, tuple[int, int]] = {}
@@ -285,10 +289,13 @@ def handle_outliers(model: ModelProto, selection: Selection, data: DataSource, b
     outputs = {output for pairs in combined.values() for output, _ in pairs}
     relative = {tensor for tensor in [*wanted, *outputs] if tensor not in linear and _relative(index, tensor)}
     others = {other for pairs in combined.values() for _, other in pairs if other}
-    stats, mean_squares = statistics(model, wanted, outputs | others, relative, data, batch_size)
-    steps = {tensor: _step(stats[tensor], selection.activations[tensor].qtype, selection.activations[tensor].symmetric)
-             for tensor in relative if tensor in wanted}
-    noise = relative_noise(model, steps, data, batch_size) if steps else {}
+    try:
+        stats, mean_squares = statistics(model, wanted, outputs | others, relative, data, batch_size)
+        steps = {tensor: _step(stats[tensor], selection.activations[tensor].qtype,
+                               selection.activations[tensor].symmetric) for tensor in relative if tensor in wanted}
+        noise = relative_noise(model, steps, data, batch_size) if steps else {}
+    except RunFailed as exc:
+        return model, OutlierOutcome([], {}, 0, f"ONNX Runtime failed on the calibration data: {exc}")
     weights = _Weights(index)
     found: list[OutlierTensor] = []
     keep_float: dict[str, str] = {}
