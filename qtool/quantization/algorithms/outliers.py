@@ -57,15 +57,15 @@ PASSING = ("Add", "Sub", "Mul", "Max", "Min", "Relu", "Identity", "Reshape", "Ex
 
 @dataclass(frozen=True)
 class OutlierTensor:
-    """One outlier tensor and how it was handled (`handling`: "equalized" or "float")."""
+    """One outlier tensor and how it was handled (`handling`: "equalized" or "float": its readers, and its
+    producer unless a MatMul/Gemm, which writes float for float readers, kept float)."""
 
     tensor: str
     handling: str
     estimated_db: float  # the readers' SQNR estimate at 8 bits, before
     estimated_db_after: float | None  # after equalization (None: kept float, so no rounding at all)
     channel_ratio: float  # max / median of the channels' max |x| (1 for a tensor measured as one channel)
-    readers: tuple[str, ...]  # the nodes reading it: rescaled, or kept float (with its producer, unless
-    # a MatMul/Gemm, which writes float for float readers)
+    readers: tuple[str, ...]  # equalized: its readers, whose weights took s; float: the nodes kept float
     producer: str | None  # the node that took 1/s (equalized), else None
     why: str
 
