@@ -117,6 +117,8 @@ def statistics(model: ModelProto, tensors: dict[str, tuple[int, int]], powers: s
             parts["nonzero"] = measuring.total(ones, f"{base}.nonzeros")
         measuring.expose(f"power:{tensor}", parts)
     found = measuring.run(data, batch_size)
+    if not found:  # no sample: nothing measured (calibration, next, says so)
+        return {}, {}
     mean_squares: dict[str, float] = {}
     for tensor in powers:
         part = found.pop(f"power:{tensor}")

@@ -291,6 +291,8 @@ def handle_outliers(model: ModelProto, selection: Selection, data: DataSource, b
     others = {other for pairs in combined.values() for _, other in pairs if other}
     try:
         stats, mean_squares = statistics(model, wanted, outputs | others, relative, data, batch_size)
+        if not stats:
+            return model, OutlierOutcome([], {}, 0, "no calibration samples")
         steps = {tensor: _step(stats[tensor], selection.activations[tensor].qtype,
                                selection.activations[tensor].symmetric) for tensor in relative if tensor in wanted}
         noise = relative_noise(model, steps, data, batch_size) if steps else {}
