@@ -314,8 +314,9 @@ def handle_outliers(model: ModelProto, selection: Selection, data: DataSource, b
         before = estimated_db(stats[tensor], act.qtype, act.symmetric, energy, floor=floor)
         if noise.get(tensor, 0.0) > 0:  # a root, reciprocal or log reads it: its relative error counts
             before = min(before, -10 * math.log10(noise[tensor]))
-        if before >= OUTLIER_DB:
-            continue
+        finite = math.isfinite(float(stats[tensor]["lo"])) and math.isfinite(float(stats[tensor]["hi"]))
+        if not finite or math.isnan(before) or before >= OUTLIER_DB:
+            continue  # non-finite values: the plan keeps the tensor float itself (a degenerate range)
         ratio = _ratio(stats[tensor]["peak"])
         absorber = _absorber(index, tensor, channels, axis) if views and channels > 1 else None
         closed = absorber is not None and all(
