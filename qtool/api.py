@@ -324,7 +324,8 @@ def quantize(
     selection = select_tensors(model, recipe)
     outliers = None
     if recipe.quantization.algorithms.outliers == "auto" and calib_data is not None and loaded is None:
-        model, outliers = handle_outliers(model, selection, calib_data, recipe.calibration.batch_size)
+        model, outliers = handle_outliers(model, selection, calib_data, recipe.calibration.batch_size,
+                                          recipe.calibration)
         if outliers.tensors:
             selection = select_tensors(model, recipe, outliers.keep_float)
     if loaded is None and calib_data is None:  # mode dynamic: no ranges, unless overrides make nodes static

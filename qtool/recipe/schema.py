@@ -277,7 +277,8 @@ class AlgorithmsSpec(_Strict):
 
     outliers: Literal["auto", "off"] = Field(
         "auto",
-        description="Outlier tensors: a planned 8-bit activation whose readers would keep less than 15 dB "
+        description="Outlier tensors: a planned 8-bit activation, calibrated with minmax (other methods "
+        "clip its range themselves), whose readers would keep less than 15 dB "
         "SQNR from its rounding alone (estimated on the calibration data from its range, per-channel power "
         "and its readers: a few channels or values dominate its range) is handled. `auto`: where its readers "
         "are MatMul/Gemm/Conv layers with their own constant weights and its producer can take a per-channel "

@@ -2,7 +2,8 @@
 values dominate, and handle each: equalize it into the layers that read it, or keep it float.
 
 A streaming float pass over the calibration data (outlier_stats) measures each planned 8-bit activation
-tensor: min, max and, per channel (the readers' input-channel axis: last for MatMul/Gemm, 1 for Conv;
+tensor calibrated with minmax (other methods clip the range: `calibration.method: auto` picks the clip
+per tensor, the better answer to a few huge values): min, max and, per channel (the readers' input-channel axis: last for MatMul/Gemm, 1 for Conv;
 the whole tensor as one channel for other readers), max |x| and the mean of x^2. From them, the SQNR its
 readers' outputs keep from this tensor's rounding alone (uniform noise Δ^2/12 per element, Δ the minmax
 step of the planned type, channels uncorrelated):
@@ -46,6 +47,7 @@ from qtool.quantization.algorithms.equalization import _input_view, _scale_input
 from qtool.quantization.algorithms.outlier_stats import RunFailed, relative_noise, statistics
 from qtool.quantization.plan import Selection, tensor_types
 from qtool.quantization.rules import FLOAT_OUTPUT_KERNELS
+from qtool.recipe.schema import CalibrationSpec
 
 OUTLIER_DB = 15.0  # estimated readers' SQNR from this tensor's 8-bit rounding below which it is an outlier tensor
 ALPHA = 0.5  # SmoothQuant's migration strength
@@ -265,10 +267,11 @@ def _ratio(peaks: np.ndarray) -> float:
     return float(peaks.max() / median) if median > 0 else math.inf
 
 
-def handle_outliers(model: ModelProto, selection: Selection, data: DataSource, batch_size: int
-                    ) -> tuple[ModelProto, OutlierOutcome]:
-    """Measure every planned 8-bit activation of `model` on `data`; equalize the outlier tensors that
-    can be (in place: the float function is unchanged) and keep the readers of the others float.
+def handle_outliers(model: ModelProto, selection: Selection, data: DataSource, batch_size: int,
+                    calibration: CalibrationSpec | None = None) -> tuple[ModelProto, OutlierOutcome]:
+    """Measure every planned 8-bit activation of `model` on `data` that `calibration` ranges with minmax
+    (other methods clip the range themselves; `auto` picks the clip per tensor); equalize the outlier
+    tensors that can be (in place: the float function is unchanged) and keep the others float.
     Returns the model and the outcome, whose `keep_float` goes to `select_tensors`; where ONNX Runtime
     fails on the data, the model unchanged and the outcome's `skipped` says why (calibration, next,
     names the file)."""
@@ -277,7 +280,8 @@ def handle_outliers(model: ModelProto, selection: Selection, data: DataSource, b
     wanted: dict[str, tuple[int, int]] = {}
     linear: set[str] = set()
     for tensor, act in sorted(selection.activations.items()):
-        if QTYPES[act.qtype].bits != 8 or types.get(tensor) != TensorProto.FLOAT or not index.consumers.get(tensor):
+        if QTYPES[act.qtype].bits != 8 or types.get(tensor) != TensorProto.FLOAT or not index.consumers.get(tensor) \
+                or (calibration is not None and calibration.for_tensor(act.range_of).method != "minmax"):
             continue
         found_linear = _linear_readers(index, tensor)
         if found_linear is not None:
