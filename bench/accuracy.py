@@ -44,7 +44,7 @@ CALIBRATION_SAMPLES = 16
 PERCENTILE = 99.99
 
 
-def recipe_for(spec: dict, switches: dict[str, bool], method: str | None = None):
+def recipe_for(spec: dict, switches: dict[str, bool | str], method: str | None = None):
     from qtool.recipe.load import load_recipe
 
     recipe = load_recipe(spec["recipe"])
@@ -59,7 +59,8 @@ def recipe_for(spec: dict, switches: dict[str, bool], method: str | None = None)
 
 def qtool_variants(spec: dict) -> dict[str, tuple[dict[str, bool], str | None]]:
     """The recipe as shipped (its defaults), then each algorithm alone and all of them, then the
-    shipped recipe with calibration.method minmax and auto: (algorithm switches, method or None)."""
+    shipped recipe with calibration.method minmax and auto, then with outlier handling off:
+    (algorithm switches, method or None)."""
     variants = {"qtool default": ({}, None)}
     for name in ALGORITHMS:
         variants[f"qtool {name} only"] = ({other: other == name for other in ALGORITHMS}, None)
@@ -67,6 +68,7 @@ def qtool_variants(spec: dict) -> dict[str, tuple[dict[str, bool], str | None]]:
     variants["qtool none"] = ({name: False for name in ALGORITHMS}, None)
     for method in ("minmax", "auto"):
         variants[f"qtool method {method}"] = ({}, method)
+    variants["qtool outliers off"] = ({"outliers": "off"}, None)  # the default is auto
     return variants
 
 

@@ -39,6 +39,7 @@ from qtool.io.model import (QUANTIZED_OP_TYPES, copy_metadata, file_sha256, load
 from qtool.numerics import QTYPES
 from qtool.quantization.algorithms.bias_correction import NO_DATA
 from qtool.quantization.algorithms.equalization import EqualizedPair, equalize
+from qtool.quantization.algorithms.outliers import handle_outliers
 from qtool.quantization.algorithms.smoothing import smooth
 from qtool.quantization.coverage import check_coverage
 from qtool.quantization.placement import float_nodes_on_integer_kernels, plan_and_apply, preview_plan
@@ -373,6 +374,12 @@ def quantize(
     elif recipe.quantization.algorithms.smoothing:
         model, smoothed = smooth(model, calib_data, recipe.calibration.batch_size)
     selection = select_tensors(model, recipe)
+    outliers = None
+    if recipe.quantization.algorithms.outliers == "auto" and calib_data is not None and loaded is None:
+        model, outliers = handle_outliers(model, selection, calib_data, recipe.calibration.batch_size,
+                                          recipe.calibration)
+        if outliers.tensors:
+            selection = select_tensors(model, recipe, outliers.keep_float)
     if loaded is None and calib_data is None:  # mode dynamic: no ranges, unless overrides make nodes static
         if selection.calibration_tensors:
             raise UsageError(f"{len(selection.calibration_tensors)} tensor(s) the recipe quantizes statically "
@@ -423,7 +430,8 @@ def quantize(
         integer_ops={op: n for op, n in sorted(ops.items()) if op in INTEGER_OP_TYPES},
         optimized_ops=dict(sorted(ops.items())),
         comparison=comparison, simulated=simulated, gates=gates, warnings=warnings,
-        layers=layers, latency=latency, algorithms=algorithms_section(recipe, equalized, smoothed, corrected),
+        layers=layers, latency=latency, algorithms=algorithms_section(recipe, equalized, smoothed, corrected,
+                                                                             outliers),
     )
     if output is not None:
         write_artifacts(output, overwrite, {

@@ -39,7 +39,8 @@ def _quantize(tmp_path, data: np.ndarray, method: str, name: str = "run"):
     if not folder.exists():
         save_npy_folder(folder, data.reshape(4, -1, ROWS, WIDTH))  # 4 files of 8 samples
     recipe = tmp_path / f"{name}.yaml"
-    recipe.write_text(f"version: 1\ncalibration: {{method: {method}}}\n")
+    # Ranges alone: outlier handling would keep minmax's outlier tensor x float (quantization.algorithms.outliers).
+    recipe.write_text(f"version: 1\ncalibration: {{method: {method}}}\nquantization: {{algorithms: {{outliers: off}}}}\n")
     return api.quantize(model_path, folder, load_recipe(recipe))
 
 

@@ -148,7 +148,7 @@ def plan_and_apply(model: ModelProto, recipe: Recipe, selection: Selection, tabl
     need fewer ranges, never new ones.
     """
     def build(keep_float: dict[str, str]) -> tuple[QuantPlan, ModelProto]:
-        chosen = select_tensors(model, recipe, keep_float) if keep_float else selection
+        chosen = select_tensors(model, recipe, {**selection.kept_float, **keep_float}) if keep_float else selection
         plan = build_plan(model, recipe, chosen, table, saturating_host)
         return plan, apply_plan(model, plan)
 

@@ -62,6 +62,7 @@ class Selection:
     notes: list[str] = field(default_factory=list)
     # gptq rounding: node -> (the weight's input tensor, how the weight meets it), for calibration
     hessian_inputs: dict[str, tuple[str, Im2Col]] = field(default_factory=dict)
+    kept_float: dict[str, str] = field(default_factory=dict)  # the `keep_float` it was selected with
 
     @property
     def calibration_tensors(self) -> list[str]:
@@ -198,6 +199,7 @@ def select_tensors(model: ModelProto, recipe: Recipe, keep_float: dict[str, str]
     graph = model.graph
     index = GraphIndex(graph)
     types = tensor_types(model)
+    kept_float = keep_float
     keep_float = {**decomposed_layer_norms(graph), **(keep_float or {})}
     decisions = [_float_decision(node, keep_float[node.name]) if node.name in keep_float
                  else _decide(node, RULES.get(node.op_type), recipe, index, types) for node in graph.node]
@@ -256,7 +258,8 @@ def select_tensors(model: ModelProto, recipe: Recipe, keep_float: dict[str, str]
         source = range_source(tensor)
         spec = wanted.get(source, spec)
         activations[tensor] = ActivationQuant(tensor, spec.dtype, spec.symmetric, source)
-    return Selection(decisions, activations, notes, hessian_inputs(graph.node, decisions, index.initializers, notes))
+    return Selection(decisions, activations, notes, hessian_inputs(graph.node, decisions, index.initializers, notes),
+                     dict(kept_float or {}))
 
 
 def required_opset(recipe: Recipe) -> tuple[int, str] | None:
@@ -333,7 +336,7 @@ def build_plan(
     split = joins_to_split(model.graph, selection.nodes,
                            {name: quant.range_of for name, quant in selection.activations.items()}, table)
     if split:  # needs no range the first selection did not
-        selection = select_tensors(model, recipe, split)
+        selection = select_tensors(model, recipe, {**selection.kept_float, **split})
     index = GraphIndex(model.graph)
     notes: list[str] = list(selection.notes) + [f"{node}: {why}" for node, why in split.items()]
     host_reduce_range = weights_reduce_range(recipe, saturating_host)

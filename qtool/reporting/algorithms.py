@@ -7,14 +7,19 @@ from dataclasses import asdict
 from qtool.evaluation.bias_choice import BiasOutcome
 from qtool.quantization.algorithms.bias_correction import MIN_T, NO_DATA
 from qtool.quantization.algorithms.equalization import EqualizedPair
+from qtool.quantization.algorithms.outliers import OutlierOutcome
 from qtool.quantization.algorithms.smoothing import SmoothedGroup
 from qtool.recipe.schema import Recipe
 
+OUTLIERS_NO_DATA = "outliers: needs calibration data (--data), not a calibration table: skipped"
+
 
 def algorithms_section(recipe: Recipe, equalized: list[EqualizedPair], smoothed: list[SmoothedGroup] | None,
-                       corrected: BiasOutcome | None) -> dict:
-    """`smoothed` and `corrected` are None where the algorithm was asked for but could not run (no
-    calibration data) or was not asked for. bias_correction's `layers` holds every layer measured
+                       corrected: BiasOutcome | None, outliers: OutlierOutcome | None = None) -> dict:
+    """`smoothed`, `corrected` and `outliers` are None where the algorithm was asked for but could not run
+    (no calibration data, or a calibration table) or was not asked for. outliers' `tensors`: each outlier
+    tensor, its estimated SQNR at 8 bits (dB) before and after, and its handling (`equalized`, `float`).
+    bias_correction's `layers` holds every layer measured
     (`corrected_channels` 0: all its shifts were within `min_t` standard errors of zero, left as
     noise), `kept` and `why` whether the corrected model was kept (`auto` compares both), `skipped`
     why it did not run although on."""
@@ -28,6 +33,9 @@ def algorithms_section(recipe: Recipe, equalized: list[EqualizedPair], smoothed:
                             **(corrected.as_dict() if corrected is not None else
                                {"setting": switches.bias_correction, "kept": False, "layers": []}),
                             **({"skipped": NO_DATA} if switches.bias_correction and corrected is None else {})},
+        "outliers": {"enabled": outliers is not None, "setting": switches.outliers,
+                     **(outliers.as_dict() if outliers is not None else {"tensors": []}),
+                     **({"skipped": OUTLIERS_NO_DATA} if switches.outliers == "auto" and outliers is None else {})},
     }
 
 
@@ -48,6 +56,14 @@ def algorithms_markdown(section: dict, escape) -> list[str]:
         rows.append(("smoothing", f"{len(groups)} LayerNorm groups smoothed" + (
             f"; largest outlier ratio {worst['outlier_ratio_before']:.3g} → {worst['outlier_ratio_after']:.3g} "
             f"({escape(', '.join(worst['norms']))})" if worst else "")))
+    outliers = section.get("outliers", {"tensors": []})
+    if outliers["tensors"]:
+        kinds = [t["handling"] for t in outliers["tensors"]]
+        worst = min(outliers["tensors"], key=lambda t: t["estimated_db"])  # finite: below the threshold
+        rows.append(("outliers", f"{len(kinds)} outlier tensors of {outliers['measured_tensors']} (estimated < "
+                     f"{outliers['threshold_db']:g} dB at 8 bits): {kinds.count('equalized')} equalized, "
+                     f"{kinds.count('float')} with float readers; worst {worst['estimated_db']:.1f} dB "
+                     f"({escape(worst['tensor'])}, {worst['handling']})"))
     corrected = section["bias_correction"]
     if corrected["layers"] and not corrected["kept"]:
         rows.append(("bias_correction", escape(corrected["why"])))

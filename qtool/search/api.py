@@ -163,8 +163,9 @@ class TuneResult:
 
 def tuned_recipe_text(recipe: Recipe, overrides: list[dict], output: Path, bias_correction: bool | None = None) -> str:
     """The input recipe's own document plus `overrides` first in quantization.overrides and
-    `bias_correction` (what the trials did; None: as the recipe says) in quantization.algorithms, its
-    relative paths rewritten for the new folder; checked to load before it is returned."""
+    `bias_correction` (what the trials did; None: as the recipe says) and `outliers: off` (the trials
+    handle none) in quantization.algorithms, its relative paths rewritten for the new folder; checked to
+    load before it is returned."""
     document = {}
     if recipe.source is not None:
         document = yaml.safe_load(recipe.source.read_text(encoding="utf-8")) or {}
@@ -172,10 +173,14 @@ def tuned_recipe_text(recipe: Recipe, overrides: list[dict], output: Path, bias_
     quantization = document.setdefault("quantization", {}) or {}
     document["quantization"] = quantization
     quantization["overrides"] = overrides + list(quantization.get("overrides") or [])
+    algorithms = quantization.get("algorithms")
+    algorithms = dict(algorithms) if isinstance(algorithms, dict) else {}
     if bias_correction is not None:  # `auto` decided once for the trials: quantize must do the same
-        algorithms = quantization.get("algorithms")
-        quantization["algorithms"] = {**(algorithms if isinstance(algorithms, dict) else {}),
-                                      "bias_correction": bias_correction}
+        algorithms["bias_correction"] = bias_correction
+    if recipe.quantization.algorithms.outliers != "off":  # the trials handle no outlier tensors: nor may quantize
+        algorithms["outliers"] = "off"
+    if algorithms:
+        quantization["algorithms"] = algorithms
     # every file the recipe names, relative to the new folder (set here even where `base:` gave it)
     data = recipe.data
     named = {("validation", "data"): recipe.validation.data, ("validation", "labels"): recipe.validation.labels,

@@ -239,13 +239,15 @@ def correct_biases(float_model: ModelProto, plan: QuantPlan, shifts: dict[str, L
 
 
 def requantize(float_model: ModelProto, recipe, table, saturating_host: bool, plan: QuantPlan, quantized: ModelProto,
-               shifts: dict[str, LayerShift]) -> tuple[QuantPlan, ModelProto, list[BiasShift]]:
+               shifts: dict[str, LayerShift], keep_float: dict[str, str] | None = None
+               ) -> tuple[QuantPlan, ModelProto, list[BiasShift]]:
     """Correct the biases of the layers `plan` (the recipe's, placement included, made from
     `float_model`) quantizes, then plan and apply the corrected model again as `qtool quantize` does:
     (plan, quantized model, one row per layer measured). `plan` and `quantized` come back unchanged
-    when no channel's shift stood out of its noise."""
+    when no channel's shift stood out of its noise. `keep_float`: nodes the recipe's selection kept float
+    beyond the recipe (select_tensors' argument)."""
     corrected, changes = correct_biases(float_model, plan, shifts)
     if not any(change.corrected_channels for change in changes):
         return plan, quantized, changes
-    placed = plan_and_apply(corrected, recipe, select_tensors(corrected, recipe), table, saturating_host)
+    placed = plan_and_apply(corrected, recipe, select_tensors(corrected, recipe, keep_float), table, saturating_host)
     return placed.plan, placed.model, changes

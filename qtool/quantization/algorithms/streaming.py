@@ -10,6 +10,7 @@ import numpy as np
 import onnxruntime as ort
 from onnx import ModelProto
 
+from qtool.io.batching import batch_axes
 from qtool.io.data import model_inputs
 from qtool.io.samples import DataSource
 from qtool.runtime.session import run
@@ -17,15 +18,18 @@ from qtool.runtime.streams import StateCarry
 
 
 def feeds(model: ModelProto, data: DataSource, batch_size: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-    """(samples, feeds) per run: batches of `batch_size`, cut to the batch dimension an input fixes
-    (u2netp's is 1); one batch at a time, so memory is one run's."""
-    fixed = [spec.shape[0] for spec in model_inputs(model)  # -1 (PaddlePaddle's exports) is not fixed
-             if spec.shape and isinstance(spec.shape[0], int) and spec.shape[0] > 0]
+    """(samples, feeds) per run: batches of `batch_size`, cut to the size the model fixes on an input's
+    batch axis (u2netp's is 1); scalars and inputs batched on another axis (state) are cut along their
+    own axis or not at all. One batch at a time, so memory is one run's."""
+    axes = batch_axes(model_inputs(model))
+    fixed = [spec.shape[axis.axis] for spec in model_inputs(model)  # -1 (PaddlePaddle's exports) is not fixed
+             if (axis := axes[spec.name]).axis is not None and spec.shape
+             and isinstance(spec.shape[axis.axis], int) and spec.shape[axis.axis] > 0]
     step = min([batch_size, *fixed])
     for batch in data.batches(batch_size):
-        count = len(batch.files)
-        for start in range(0, count, step):
-            yield min(step, count - start), {name: array[start:start + step] for name, array in batch.feeds.items()}
+        for start in range(0, batch.count, step):
+            part = batch if batch.count <= step else batch.part(start, start + step)
+            yield part.count, part.feeds
 
 
 def measured(session: ort.InferenceSession, model: ModelProto, data: DataSource,
