@@ -13,17 +13,14 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
-from onnx import ModelProto, TensorProto
+from onnx import ModelProto
 
 from qtool.authoring.conventions import Convention, find_convention
 from qtool.authoring.sequences import TRANSFORMER_BASE, is_transformer, sequence_data_lines
 from qtool.io.data import DATA_SUFFIXES, InputSpec, model_inputs
+from qtool.io.samples import integer_outputs
 from qtool.io.images import IMAGE_SUFFIXES, image_dimensions
 from qtool.recipe.load import recipe_path_text
-
-# ONNX element types of integer and bool outputs (scored by exact match, not cosine)
-INTEGER_ELEMENTS = {TensorProto.INT8, TensorProto.INT16, TensorProto.INT32, TensorProto.INT64, TensorProto.UINT8,
-                    TensorProto.UINT16, TensorProto.UINT32, TensorProto.UINT64, TensorProto.BOOL}
 
 SIZE_MULTIPLE = 32  # the coarsest stride of common CNN backbones (ResNet, MobileNet, DB heads)
 SIZE_SAMPLE_LIMIT = 256  # image headers read to choose a size for dynamic H and W
@@ -204,7 +201,7 @@ def starter_recipe(
             section = [*section, "data:", *sequence, ""]
         lines += section
     labels = _label_count(validation_dir)
-    kinds = {value.type.tensor_type.elem_type in INTEGER_ELEMENTS for value in model.graph.output}
+    kinds = set(integer_outputs(model))
     gates = [f"min_cosine: {0.99 if transformer else STARTER_MIN_COSINE}"] if False in kinds else []
     if True in kinds:  # tags, class ids: no cosine or SQNR, the fraction equal
         gates.append(f"min_exact_match: {0.99 if transformer else STARTER_MIN_EXACT_MATCH}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from onnx import ModelProto, TensorProto
+from onnx import ModelProto
 
 from qtool.errors import DataError, RecipeError, UsageError
 from qtool.evaluation.compare import ACCURACY_GATES, GATES, Comparison, not_applicable
@@ -13,7 +13,7 @@ from qtool.evaluation.latency import bench_models, latency_section
 from qtool.evaluation.per_layer import layer_errors, layers_section, weight_errors
 from qtool.io.data import read_labels
 from qtool.io.feeds import open_data
-from qtool.io.samples import DataSource
+from qtool.io.samples import DataSource, integer_outputs
 from qtool.recipe.schema import Recipe
 from qtool.runtime.session import INTEGER_OP_TYPES
 
@@ -63,17 +63,13 @@ def check_gates_are_measurable(recipe: Recipe, labels: dict | None) -> None:
         )
 
 
-INTEGER_TYPES = {TensorProto.INT8, TensorProto.INT16, TensorProto.INT32, TensorProto.INT64, TensorProto.UINT8,
-                 TensorProto.UINT16, TensorProto.UINT32, TensorProto.UINT64, TensorProto.BOOL}
-
-
 def unmeasurable_gates(gates: dict[str, float], model: ModelProto) -> str:
     """Why the accuracy gates among `gates` cannot judge `model` ("" when one of them can, or there
     are none): every one reads a figure its declared outputs do not have (cosine and SQNR on outputs
     that are all integer, exact match on outputs that are all float). Such a run would pass on
     nothing; the caller raises it as a RecipeError or UsageError (exit 2), as tune does."""
     accuracy = [name for name in gates if name in ACCURACY_GATES]
-    integer = [output.type.tensor_type.elem_type in INTEGER_TYPES for output in model.graph.output]
+    integer = integer_outputs(model)
     whys = {name: not_applicable(GATES[name][0], integer) for name in accuracy}
     if not accuracy or not all(whys.values()):
         return ""

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from onnx import ModelProto, helper
+from onnx import ModelProto, TensorProto, helper
 
 from qtool.errors import DataError
 from qtool.io.batching import BatchAxis, InputSpec, batch_axes, per_run_limit, stack, stack_key, take
@@ -36,6 +36,16 @@ class Batch:
         axes = self.axes or {name: BatchAxis(0, "") for name in self.feeds}
         starts = self.starts[start:stop] if self.starts is not None else None
         return Batch(self.files[start:stop], take(self.feeds, axes, start, stop), self.axes, starts)
+
+
+# ONNX element types of integer and bool tensors (outputs scored by exact match, not cosine or SQNR)
+INTEGER_ELEMENTS = {TensorProto.INT8, TensorProto.INT16, TensorProto.INT32, TensorProto.INT64, TensorProto.UINT8,
+                    TensorProto.UINT16, TensorProto.UINT32, TensorProto.UINT64, TensorProto.BOOL}
+
+
+def integer_outputs(model: ModelProto) -> list[bool]:
+    """Per graph output, in order: whether its declared element type is integer or bool."""
+    return [value.type.tensor_type.elem_type in INTEGER_ELEMENTS for value in model.graph.output]
 
 
 def model_inputs(model: ModelProto) -> list[InputSpec]:
