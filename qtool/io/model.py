@@ -16,7 +16,7 @@ from pathlib import Path
 import onnx
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import EncodeError
-from onnx import ModelProto, TensorProto, external_data_helper, version_converter
+from onnx import ModelProto, NodeProto, TensorProto, external_data_helper, helper, version_converter
 
 from qtool.errors import ModelError, reason
 from qtool.io.artifacts import guarded, remove_stale_staging, signals_deferred, staging_name
@@ -329,6 +329,12 @@ def replace_model(path: Path, model: ModelProto) -> None:
         for leftover in staged:
             with contextlib.suppress(OSError):
                 leftover.unlink(missing_ok=True)
+
+
+def node_attribute(node: NodeProto, name: str, default):
+    """The value of `node`'s attribute `name` (ints, floats, strings, tensors as onnx.helper gives them),
+    or `default` when the node does not set it."""
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
 class GraphIndex:

@@ -22,7 +22,7 @@ import numpy as np
 from onnx import ModelProto, helper, numpy_helper
 
 from qtool.io.external import tensor_array
-from qtool.io.model import GraphIndex, opset_version
+from qtool.io.model import GraphIndex, node_attribute, opset_version
 from qtool.io.samples import DataSource
 from qtool.quantization.algorithms.streaming import measured
 from qtool.quantization.placement import plan_and_apply
@@ -72,11 +72,6 @@ def _targets(model: ModelProto, plan: QuantPlan) -> list[tuple[object, object]]:
     return [(node, decision) for node, decision in zip(model.graph.node, plan.nodes)
             if decision.quantized and node.op_type in OP_TYPES and decision.weight_input is not None
             and node.input[decision.weight_input] in plan.constants]
-
-
-def _attribute(node, name: str, default):
-    found = next((a for a in node.attribute if a.name == name), None)
-    return default if found is None else helper.get_attribute_value(found)
 
 
 def weight_errors(float_model: ModelProto, quantized: ModelProto, targets) -> dict[str, np.ndarray]:
@@ -211,7 +206,7 @@ def correct_biases(float_model: ModelProto, plan: QuantPlan, shifts: dict[str, L
             changes.append(BiasShift(node.name, node.op_type, int(shift.size), 0, 0.0, 0.0,
                                      float(dropped.max()) if dropped.size else 0.0, False))
             continue
-        beta = float(_attribute(node, "beta", 1.0)) if node.op_type == "Gemm" else 1.0
+        beta = float(node_attribute(node, "beta", 1.0)) if node.op_type == "Gemm" else 1.0
         has_bias = len(node.input) > 2 and bool(node.input[2])
         if has_bias and node.input[2] not in index.initializers:
             continue  # a computed bias: nothing constant to correct

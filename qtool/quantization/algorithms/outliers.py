@@ -37,10 +37,10 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from onnx import ModelProto, TensorProto, helper, numpy_helper
+from onnx import ModelProto, TensorProto, numpy_helper
 
 from qtool.io.external import tensor_array
-from qtool.io.model import GraphIndex
+from qtool.io.model import GraphIndex, node_attribute
 from qtool.io.samples import DataSource
 from qtool.numerics import QTYPES
 from qtool.quantization.algorithms.equalization import _input_view, _scale_inputs
@@ -91,25 +91,21 @@ class OutlierOutcome:
             for t in self.tensors]}
 
 
-def _attr(node, name: str, default):
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
-
-
 def _weight_view(node, weight: np.ndarray) -> np.ndarray | None:
     """A linear reader's weight as [input channel, everything that channel multiplies]."""
     if node.op_type == "MatMul":
         return weight if weight.ndim == 2 else None
     if node.op_type == "Gemm":
-        if _attr(node, "transA", 0) or weight.ndim != 2:
+        if node_attribute(node, "transA", 0) or weight.ndim != 2:
             return None
-        return weight.T if _attr(node, "transB", 0) else weight
-    return _input_view(weight, _attr(node, "group", 1) or 1) if weight.ndim >= 3 else None
+        return weight.T if node_attribute(node, "transB", 0) else weight
+    return _input_view(weight, node_attribute(node, "group", 1) or 1) if weight.ndim >= 3 else None
 
 
 def _scaled_weight(node, weight: np.ndarray, scale: np.ndarray) -> np.ndarray:
     if node.op_type == "Conv":
-        return _scale_inputs(weight, _attr(node, "group", 1) or 1, scale)
-    if node.op_type == "Gemm" and _attr(node, "transB", 0):
+        return _scale_inputs(weight, node_attribute(node, "group", 1) or 1, scale)
+    if node.op_type == "Gemm" and node_attribute(node, "transB", 0):
         return weight * scale.reshape(1, -1)
     return weight * scale.reshape(-1, 1)
 
@@ -146,11 +142,11 @@ def _linear_readers(index: GraphIndex, tensor: str) -> tuple[list, int, int] | N
         if node.op_type == "Conv":
             if len(init.dims) < 3:
                 return None
-            channels.add(init.dims[1] * (_attr(node, "group", 1) or 1))
-        elif len(init.dims) != 2 or (node.op_type == "Gemm" and _attr(node, "transA", 0)):
+            channels.add(init.dims[1] * (node_attribute(node, "group", 1) or 1))
+        elif len(init.dims) != 2 or (node.op_type == "Gemm" and node_attribute(node, "transA", 0)):
             return None
         else:
-            channels.add(init.dims[1] if node.op_type == "Gemm" and _attr(node, "transB", 0) else init.dims[0])
+            channels.add(init.dims[1] if node.op_type == "Gemm" and node_attribute(node, "transB", 0) else init.dims[0])
         kinds.add(node.op_type == "Conv")
     if len(channels) != 1 or len(kinds) != 1:
         return None
@@ -213,13 +209,13 @@ def _absorber(index: GraphIndex, tensor: str, channels: int, axis: int) -> tuple
     if node is None:
         return None
     inputs = list(node.input) + [""] * 3
-    if node.op_type == "LayerNormalization" and axis == -1 and _attr(node, "axis", -1) == -1 and not params:
+    if node.op_type == "LayerNormalization" and axis == -1 and node_attribute(node, "axis", -1) == -1 and not params:
         found = [(name, 0) for name in inputs[1:3] if name]
         ok = all(_own(index, name, node) and list(index.initializers[name].dims) == [channels] for name, _ in found)
         return (node, found) if ok else None
     if node.op_type in ("MatMul", "Gemm") and axis == -1 and _own(index, inputs[1], node) \
-            and len(index.initializers[inputs[1]].dims) == 2 and not _attr(node, "transA", 0):
-        out_axis = 0 if node.op_type == "Gemm" and _attr(node, "transB", 0) else 1
+            and len(index.initializers[inputs[1]].dims) == 2 and not node_attribute(node, "transA", 0):
+        out_axis = 0 if node.op_type == "Gemm" and node_attribute(node, "transB", 0) else 1
         if index.initializers[inputs[1]].dims[out_axis] != channels:
             return None
         params.append((inputs[1], out_axis))
