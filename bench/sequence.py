@@ -21,7 +21,6 @@ import logging
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np

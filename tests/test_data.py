@@ -14,7 +14,7 @@ from PIL import Image
 from qtool.errors import DataError, RecipeError
 from qtool.io.data import DataFolder, InputSpec, read_labels
 from qtool.recipe.load import load_recipe, parse_recipe
-from qtool.recipe.schema import ImageSpec
+from qtool.recipe.inputs import ImageSpec
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"

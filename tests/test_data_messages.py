@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import ROOT, make_model, matmul_chain, save_npy_folder
 from qtool.io.data import DataFolder, InputSpec
-from qtool.recipe.schema import ImageSpec
+from qtool.recipe.inputs import ImageSpec
 
 
 def qtool(*args) -> subprocess.CompletedProcess:

@@ -12,7 +12,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from conftest import ROOT, SAMPLE, make_model, save_npy_folder
+from conftest import SAMPLE, make_model, save_npy_folder
 from qtool import api
 from qtool.recipe.schema import Recipe
 from qtool.reporting.document import render_junit, render_markdown

@@ -179,7 +179,7 @@ def starter_recipe(
         "# Run it from this file's folder:",
         f"#   {command}",
         "version: 1",
-        *([f"# Token inputs: a transformer. Static int8 measured worse there (docs/recipe.md: albert_ja_pos",
+        *(["# Token inputs: a transformer. Static int8 measured worse there (docs/recipe.md: albert_ja_pos",
            f"# 22.9 dB static, 31.6 dB dynamic); {TRANSFORMER_BASE} quantizes activations at run time.",
            f"base: {TRANSFORMER_BASE}"] if transformer else []),
         "",

@@ -25,7 +25,7 @@ from qtool.io.arrays import npz_shapes, read_npy, read_npz, read_pb, reason
 from qtool.io.batching import InputSpec
 from qtool.io.samples import Batch, DataSource, fit_to_input, model_inputs
 from qtool.io.images import IMAGE_SUFFIXES, image_size_for, preprocess_image
-from qtool.recipe.schema import ImageSpec
+from qtool.recipe.inputs import ImageSpec
 
 __all__ = ["Batch", "DataFolder", "DataSource", "InputSpec", "fit_to_input", "model_inputs", "read_labels"]
 

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import BmpImagePlugin, Image, JpegImagePlugin, PngImagePlugin  # noqa: F401  (see IMAGE_FORMATS)
 
 from qtool.errors import DataError
-from qtool.recipe.schema import ImageSpec
+from qtool.recipe.inputs import ImageSpec
 
 IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".png")
 # Decoders Pillow may use: a file named .png that is really another format is refused.

@@ -13,7 +13,7 @@ from pydantic import Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from qtool.recipe import patterns
-from qtool.recipe.inputs import DataSpec, ImageSpec  # noqa: F401  (ImageSpec: still importable from here)
+from qtool.recipe.inputs import DataSpec
 from qtool.recipe.strict import Strict as _Strict
 from qtool.recipe.values import gate_problem
 
