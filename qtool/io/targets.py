@@ -2,27 +2,84 @@
 
 A written path may not be an input (same file, whatever the spelling), may not contain one, may not
 lie inside an input folder (data), and a folder it would replace may not be the working folder or
-one of its parents.
+one of its parents. Symbolic links count both ways: a written path is checked where its entry lies
+(its folders' links resolved: a rename replaces the link) and where it points (an append writes
+through it), and an input folder's links (files or folders elsewhere) are inputs too.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from qtool.errors import UsageError
 
 
-def _inputs(model_path: Path | None, protected) -> list[tuple[Path, str]]:
-    given = [(model_path, "the input model")] if model_path is not None else []
-    return given + [(Path(p), "the input") for p in protected if p is not None and str(p) != ""]
+@dataclass(frozen=True)
+class _Input:
+    given: Path                 # as the user spelled it
+    label: str                  # "the input model", "the input", "the model's external data"
+    places: frozenset[Path]     # where it lies: its entry and, for a link, its target (both resolved)
+    folder: bool
+    links: tuple[tuple[Path, Path], ...] = ()  # (link inside the folder, its target resolved)
+
+
+def _places(path: Path) -> frozenset[Path]:
+    """Where `path` lies: its entry (the folders above resolved, a link itself not followed) and
+    where it points (every link followed)."""
+    absolute = Path(os.path.abspath(path))
+    entry = absolute.parent.resolve() / absolute.name if absolute.name else absolute
+    return frozenset({entry, absolute.resolve()})
+
+
+def _folder_links(folder: Path) -> tuple[tuple[Path, Path], ...]:
+    """Every symbolic link under `folder` with its target resolved; links to folders are walked
+    too (each real folder once, so a loop of links ends)."""
+    found: list[tuple[Path, Path]] = []
+    seen: set[Path] = set()
+    pending = [folder]
+    while pending:
+        current = pending.pop()
+        real = current.resolve()
+        if real in seen:
+            continue
+        seen.add(real)
+        try:
+            entries = list(os.scandir(current))
+        except OSError:
+            continue
+        for entry in entries:
+            path = Path(entry.path)
+            try:
+                if entry.is_symlink():
+                    found.append((path, path.resolve()))
+                    if entry.is_dir():
+                        pending.append(path)
+                elif entry.is_dir(follow_symlinks=False):
+                    pending.append(path)
+            except (OSError, RuntimeError):  # a broken or looping link: nothing to protect behind it
+                continue
+    return tuple(found)
+
+
+def _input(path: Path, label: str) -> _Input:
+    folder = path.is_dir()
+    return _Input(path, label, _places(path), folder, _folder_links(path) if folder else ())
+
+
+def _inputs(model_path: Path | None, protected) -> list[_Input]:
+    given = [(Path(model_path), "the input model")] if model_path is not None else []
+    given += [(Path(p), "the input") for p in protected if p is not None and str(p) != ""]
+    return [_input(path, label) for path, label in given]
 
 
 def _is_same(a: Path, b: Path) -> bool:
+    """One file under two names (a hard link, or a link followed)."""
     try:
         return os.path.samefile(a, b)
     except OSError:
-        return a.resolve() == b.resolve()
+        return False
 
 
 def _external_data(model_path: Path) -> list[Path]:
@@ -38,22 +95,31 @@ def _external_data(model_path: Path) -> list[Path]:
     return [model_path.parent / location for location in external_data_files(header)]
 
 
+def _inside(places, folders) -> bool:
+    return any(place.is_relative_to(folder) for place in places for folder in folders)
+
+
 def refuse_inputs(target: Path, model_path: Path | None, protected=(), what: str = "output") -> None:
-    """`target` may not be an input nor contain one (model, its external data, recipe, data, tables)."""
-    out = Path(target).resolve()
+    """`target` may not be an input nor contain one (model, its external data, recipe, data, tables),
+    nor lie inside an input folder or on a file an input folder links to; raises UsageError (exit 2)."""
+    written = _places(Path(target))
     inputs = _inputs(model_path, protected)
-    if model_path is not None and Path(model_path).is_file() and out.is_relative_to(Path(model_path).resolve().parent):
-        inputs += [(path, "the model's external data") for path in _external_data(Path(model_path))]
-    for given, label in inputs:
-        source = given.resolve()
-        if (given.exists() and out.exists() and _is_same(out, given)) or out == source:
-            verb = "contain" if what.endswith("folder") else "overwrite"
-            raise UsageError(f"{target}: {what} would {verb} {label} {given}; choose another path")
-        if source.is_relative_to(out):
-            raise UsageError(f"{target}: {what} would contain {label} {given}; choose another path")
-        if given.is_dir() and out.is_relative_to(source):  # a data file replaced, or a stray file the next run reads
-            raise UsageError(f"{target}: {what} would be written inside {label} folder {given}; "
+    if model_path is not None and Path(model_path).is_file() \
+            and _inside(written, {p.parent for p in _places(Path(model_path))}):
+        inputs += [_input(path, "the model's external data") for path in _external_data(Path(model_path))]
+    verb = "contain" if what.endswith("folder") else "overwrite"
+    for source in inputs:
+        if written & source.places or (Path(target).exists() and _is_same(target, source.given)):
+            raise UsageError(f"{target}: {what} would {verb} {source.label} {source.given}; choose another path")
+        if _inside(source.places, written):
+            raise UsageError(f"{target}: {what} would contain {source.label} {source.given}; choose another path")
+        if source.folder and _inside(written, source.places):  # a data file replaced, or a stray file read next run
+            raise UsageError(f"{target}: {what} would be written inside {source.label} folder {source.given}; "
                              "choose a path outside it")
+        for link, real in source.links:
+            if _inside(written, {real}) or _inside({real}, written):
+                raise UsageError(f"{target}: {what} would {verb} {real}, which {link} in {source.label} folder "
+                                 f"{source.given} links to; choose another path")
 
 
 def refuse_working_folder(target: Path, what: str = "output folder") -> None:

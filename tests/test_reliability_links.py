@@ -1,0 +1,98 @@
+"""Symbolic links never let a written path reach an input (finding 1 of the new-user pass): data folders
+of links, a linked data folder, a link as the written path. Every case builds its folders in tmp_path."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from conftest import matmul_chain, save_npy_folder
+from qtool.cli.main import main
+
+
+@pytest.fixture
+def linked(tmp_path):
+    """tmp/model.onnx; tmp/store/*.npy (the real samples); tmp/calib/*.npy links to them;
+    tmp/calib_link -> tmp/store (a linked folder)."""
+    onnx.save(matmul_chain(), str(tmp_path / "model.onnx"))
+    rng = np.random.RandomState(1)
+    store = save_npy_folder(tmp_path / "store", [rng.randn(1, 8) for _ in range(4)])
+    (tmp_path / "calib").mkdir()
+    for sample in sorted(store.iterdir()):
+        (tmp_path / "calib" / sample.name).symlink_to(sample)
+    (tmp_path / "calib_link").symlink_to(store, target_is_directory=True)
+    return tmp_path
+
+
+def state(folder: Path) -> dict:
+    """Every entry under `folder`: a link's target, else the file's sha256."""
+    return {p.name: (str(p.readlink()) if p.is_symlink() else hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(folder.iterdir())}
+
+
+def run(*args, env=None):
+    return CliRunner(env=env).invoke(main, [str(a) for a in args])
+
+
+def quantize(root: Path, data: Path, *extra, env=None):
+    return run("quantize", root / "model.onnx", "--data", data, "--output", root / "out", "--no-bench", *extra,
+               env=env)
+
+
+@pytest.mark.parametrize("data, written", [("calib", "calib/0000.npy"), ("calib", "store/0001.npy"),
+                                           ("calib_link", "calib_link/0000.npy"), ("calib_link", "store/0002.npy"),
+                                           ("calib", "calib_link/0003.npy")])
+def test_junit_on_a_sample_reached_through_links_is_refused(linked, data, written):
+    before = state(linked / "store"), state(linked / "calib")
+    result = quantize(linked, linked / data, "--junit", linked / written)
+    assert result.exit_code == 2, result.output
+    assert "--junit file would" in result.stderr and "choose" in result.stderr
+    assert (state(linked / "store"), state(linked / "calib")) == before and not (linked / "out").exists()
+
+
+def test_step_summary_through_a_link_in_the_data_folder_is_refused(linked):
+    before = state(linked / "store"), state(linked / "calib")
+    result = quantize(linked, linked / "calib", env={"GITHUB_STEP_SUMMARY": str(linked / "calib" / "0001.npy")})
+    assert result.exit_code == 2 and "GITHUB_STEP_SUMMARY file would be written inside the input folder" \
+        in result.stderr
+    assert (state(linked / "store"), state(linked / "calib")) == before
+
+
+def test_a_link_at_the_written_path_pointing_at_a_sample_is_refused(linked):
+    """The written path is outside every input folder, but it is a link to a sample."""
+    (linked / "gates.xml").symlink_to(linked / "store" / "0000.npy")
+    before = state(linked / "store")
+    result = quantize(linked, linked / "calib", "--junit", linked / "gates.xml")
+    assert result.exit_code == 2 and f"would overwrite {linked / 'store' / '0000.npy'}" in result.stderr
+    assert state(linked / "store") == before
+
+
+@pytest.mark.parametrize("command", ["table", "cache"])
+def test_calibrate_and_sensitivity_outputs_through_links_are_refused(linked, command):
+    before = state(linked / "store"), state(linked / "calib")
+    if command == "table":
+        result = run("calibrate", linked / "model.onnx", "--data", linked / "calib", "--output",
+                     linked / "calib" / "0000.npy", "--overwrite")
+    else:
+        result = run("sensitivity", linked / "model.onnx", "--data", linked / "calib", "--output", linked / "s",
+                     "--cache", linked / "store" / "0001.npy")
+    assert result.exit_code == 2, result.output
+    assert (state(linked / "store"), state(linked / "calib")) == before
+
+
+def test_an_output_folder_holding_the_samples_a_data_folder_links_to_is_refused(linked):
+    result = run("quantize", linked / "model.onnx", "--data", linked / "calib", "--output", linked / "store",
+                 "--overwrite", "--no-bench")
+    assert result.exit_code == 2 and "output folder would contain" in result.stderr
+    assert len(list((linked / "store").iterdir())) == 4
+
+
+def test_writing_beside_a_data_folder_of_links_still_works(linked):
+    result = quantize(linked, linked / "calib", "--junit", linked / "gates.xml")
+    assert result.exit_code == 0, result.output
+    assert (linked / "gates.xml").read_text().startswith("<?xml")
