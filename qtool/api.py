@@ -20,7 +20,7 @@ from qtool.calibration import interchange
 from qtool.calibration.calibrate import CalibrationTable, check_table, save_table, table_document
 from qtool.calibration.shards import calibrate_with
 from qtool.distributed.ray_executor import refuse_past_limit
-from qtool.errors import ModelError, QtoolError, RecipeError, UsageError
+from qtool.errors import ModelError, QtoolError, RecipeError, SideFileError, UsageError
 from qtool.evaluation.bias_choice import BiasOutcome, correct_bias
 from qtool.evaluation.compare import GATES, GateResult, check_gates, compare_models
 from qtool.evaluation.latency import BenchResult, bench_models
@@ -438,8 +438,17 @@ def quantize(
             "model.onnx": lambda path: save_model(quantized, path),
             **report_writers(report),
         })
-    write_ci_files(report, junit, step_summary, output)
-    return QuantizeResult(into_memory(quantized), report, gates)  # past 2 GB its weights were on disk
+    result = QuantizeResult(into_memory(quantized), report, gates)  # past 2 GB its weights were on disk
+    _write_ci_files(result, junit, step_summary, output)
+    return result
+
+
+def _write_ci_files(result, junit, step_summary, output: Path | None) -> None:
+    """write_ci_files; a SideFileError carries `result`, whose gates and warnings the CLI still prints."""
+    try:
+        write_ci_files(result.report, junit, step_summary, output)
+    except SideFileError as exc:
+        raise SideFileError(str(exc), result) from None
 
 
 @dataclass(frozen=True)
@@ -532,8 +541,9 @@ def compare(
     )
     if output is not None:
         write_artifacts(output, overwrite, report_writers(report))
-    write_ci_files(report, junit, step_summary, output)
-    return CompareResult(report, results)
+    result = CompareResult(report, results)
+    _write_ci_files(result, junit, step_summary, output)
+    return result
 
 
 def _inputs(model: ModelProto, model_path: Path):

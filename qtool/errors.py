@@ -47,9 +47,17 @@ class WriteError(QtoolError):
 
 
 class SideFileError(QtoolError):
-    """The artifacts are complete, but a file written beside them (JUnit, step summary, cache) is not."""
+    """The artifacts are complete, but a file written beside them (JUnit, step summary, cache) is not.
+
+    `result`, when set, is what the call would have returned (its report and gates), so that the
+    caller still reports them: a failed gate outranks a missing side file (exit 1, not 4).
+    """
 
     exit_code = EXIT_SIDE_FILE
+
+    def __init__(self, message: str, result=None):
+        super().__init__(message)
+        self.result = result
 
 
 class WorkerError(QtoolError):

@@ -194,6 +194,35 @@ def test_junit_on_a_read_only_mount_exits_4_naming_it_after_complete_artifacts(s
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"model.onnx", "report.json", "report.md", "report.html"}
 
 
+@pytest.mark.parametrize("command", ["quantize", "compare"])
+@pytest.mark.parametrize("gate_fails", [True, False])
+def test_a_failed_gate_is_still_said_when_the_junit_file_cannot_be_written(small, tmp_path, command, gate_fails):
+    """New-user finding 2: exit 4 and only the JUnit error hid a failed gate (report.json said passed: false)."""
+    (tmp_path / "not-a-folder").write_text("x")
+    junit = tmp_path / "not-a-folder" / "gates.xml"  # its folder cannot be made: the JUnit write fails
+    gate = "min_sqnr_db=150" if gate_fails else "min_cosine=0.5"
+    if command == "quantize":
+        (small / "g.yaml").write_text("version: 1\nvalidation:\n  gates:\n    {}: {}\n".format(*gate.split("=")))
+        args = ("quantize", small / "model.onnx", "--data", small / "data", "--recipe", small / "g.yaml")
+    else:
+        assert run("quantize", small / "model.onnx", "--data", small / "data", "--output", tmp_path / "q",
+                   "--no-bench").exit_code == 0
+        args = ("compare", small / "model.onnx", tmp_path / "q" / "model.onnx", "--data", small / "data",
+                "--gate", gate)
+    result = run(*args, "--output", tmp_path / "out", "--junit", junit)
+    lines = result.stderr.splitlines()
+    assert lines[-1].startswith(f"Error: {junit}") and lines[-1].endswith(f"(the artifacts in {tmp_path / 'out'} "
+                                                                          "are complete)")
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    if gate_fails:
+        assert result.exit_code == 1, result.output
+        assert any(line.startswith("gate min_sqnr_db: FAILED") for line in lines[:-1])
+        assert report["passed"] is False
+    else:
+        assert result.exit_code == EXIT_SIDE_FILE, result.output
+        assert report["passed"] is True
+
+
 def test_calibration_table_on_a_read_only_mount_exits_2(small, tmp_path):
     with tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
         result = run("calibrate", small / "model.onnx", "--data", small / "data", "--output", ro / "t.json")

@@ -13,7 +13,7 @@ import click
 from qtool import api
 from qtool.cli import terminal
 from qtool.cli.options import echo_json, executor_options, output_options, provider_option
-from qtool.errors import EXIT_GATE_FAILED, UsageError
+from qtool.errors import EXIT_GATE_FAILED, SideFileError, UsageError, one_line
 from qtool.evaluation.validation import slower_than_float
 from qtool.io.feeds import load_loader
 from qtool.reporting.document import render_json
@@ -55,7 +55,9 @@ def quantize(model: Path, recipe_path: Path | None, data_dir: Path | None, data_
     """Quantize MODEL to int8 QDQ, validate it against the float model, write a report.
 
     Exit codes: 0 done and every gate passed; 1 a gate failed (artifacts
-    written); 2 bad input (nothing written); 3 internal error.
+    written); 2 bad input (nothing written); 3 internal error; 4 every gate
+    passed and the artifacts are complete, but --junit or the step summary
+    could not be written (a failed gate and such a file: 1, both said).
 
     \b
     Example:
@@ -66,12 +68,11 @@ def quantize(model: Path, recipe_path: Path | None, data_dir: Path | None, data_
     """
     with use_providers(parse_providers(provider) if provider else None), \
             terminal.StageProgress(terminal.make_console(stderr=True), quiet or as_json) as progress:
-        result = api.quantize(model, _data(data_dir, data_loader), recipe_path, output_dir,
-                              validation_data=validation_data,
-                              labels=labels, calibration=calibration, overwrite=overwrite, per_layer=per_layer,
-                              bench=bench, threads=threads, junit=junit,
-                              step_summary=os.environ.get("GITHUB_STEP_SUMMARY") or None, progress=progress,
-                              executor=executor, ray_address=ray_address)
+        result, side_file = _keeping_result(lambda: api.quantize(
+            model, _data(data_dir, data_loader), recipe_path, output_dir, validation_data=validation_data,
+            labels=labels, calibration=calibration, overwrite=overwrite, per_layer=per_layer, bench=bench,
+            threads=threads, junit=junit, step_summary=os.environ.get("GITHUB_STEP_SUMMARY") or None,
+            progress=progress, executor=executor, ray_address=ray_address))
     if as_json:
         click.echo(render_json(result.report), nl=False)
     elif not quiet:
@@ -84,7 +85,7 @@ def quantize(model: Path, recipe_path: Path | None, data_dir: Path | None, data_
         hint = None if quiet else LATENCY_HINT
     else:
         hint = _tune_hint(model, recipe_path, data_dir, validation_data, labels) if data_dir and not quiet else None
-    _exit_on_failed_gates(result, hint)
+    _exit_on_failed_gates(result, hint, side_file)
 
 
 LATENCY_HINT = ("next: only the latency gate failed: the quantized model is accurate but slower than float "
@@ -98,15 +99,31 @@ def _data(data_dir: Path | None, data_loader: str | None):
     return load_loader(data_loader) if data_loader is not None else data_dir
 
 
-def _exit_on_failed_gates(result, hint: str | None = None) -> None:
-    """One stderr line per failed gate, then `hint` (the next step), then exit 1; nothing when all pass."""
+def _keeping_result(call):
+    """(result, None), or (the result, the error) when only a side file (JUnit, step summary) failed:
+    the run's gates and warnings are still printed before that error."""
+    try:
+        return call(), None
+    except SideFileError as exc:
+        if exc.result is None:
+            raise
+        return exc.result, exc
+
+
+def _exit_on_failed_gates(result, hint: str | None = None, side_file: SideFileError | None = None) -> None:
+    """One stderr line per failed gate, then `hint` (the next step), then the side file's error; exit 1
+    when a gate failed (whatever the side file), else 4 when a side file failed; nothing when all is well."""
     for gate in result.gates:
         if not gate.passed:
             click.echo(gate.describe(), err=True)
+    if not result.passed and hint:
+        click.echo(hint, err=True)
+    if side_file is not None:
+        click.echo(f"Error: {one_line(side_file)}", err=True)
     if not result.passed:
-        if hint:
-            click.echo(hint, err=True)
         sys.exit(EXIT_GATE_FAILED)
+    if side_file is not None:
+        sys.exit(side_file.exit_code)
 
 
 def _tune_hint(model: Path, recipe_path: Path | None, data_dir: Path, validation_data: Path | None,
@@ -244,7 +261,9 @@ def compare(reference: Path, candidate: Path, data_dir: Path, labels: Path | Non
 
     Per output: cosine, SQNR, MSE, max/mean abs error, top-1/top-5 agreement,
     accuracy of both with labels. Exit codes: 0 every gate passed; 1 a gate
-    failed (report written, one line per failed gate on stderr); 2 bad input.
+    failed (report written, one line per failed gate on stderr); 2 bad input;
+    4 every gate passed but --junit or the step summary could not be written
+    (a failed gate and such a file: 1, both said).
 
     \b
     Example:
@@ -253,12 +272,12 @@ def compare(reference: Path, candidate: Path, data_dir: Path, labels: Path | Non
     """
     with use_providers(parse_providers(provider) if provider else None), \
             terminal.StageProgress(terminal.make_console(stderr=True), quiet or as_json) as progress:
-        result = api.compare(reference, candidate, data_dir, output_dir, labels=labels, recipe=recipe_path,
-                             gates=gates, per_layer=per_layer, bench=bench, threads=threads, junit=junit,
-                             step_summary=os.environ.get("GITHUB_STEP_SUMMARY") or None, overwrite=overwrite,
-                             progress=progress)
+        result, side_file = _keeping_result(lambda: api.compare(
+            reference, candidate, data_dir, output_dir, labels=labels, recipe=recipe_path, gates=gates,
+            per_layer=per_layer, bench=bench, threads=threads, junit=junit,
+            step_summary=os.environ.get("GITHUB_STEP_SUMMARY") or None, overwrite=overwrite, progress=progress))
     if as_json:
         click.echo(render_json(result.report), nl=False)
     elif not quiet:
         terminal.print_compare_summary(terminal.make_console(), result.report, output_dir, verbose)
-    _exit_on_failed_gates(result)
+    _exit_on_failed_gates(result, side_file=side_file)
