@@ -162,9 +162,8 @@ def init_recipe(
     check_output_file(output, model_path, (data, evaluation), what="recipe file", overwrite=overwrite)
     schema_path = output.parent / starter.SCHEMA_FILE if schema is None else None
     if schema_path is not None:
-        check_output_file(schema_path, model_path, (data, evaluation), what="schema file")
-    if schema_path is not None and schema_path.exists() and not overwrite and not _is_qtool_schema(schema_path):
-        raise UsageError(f"{schema_path}: exists and is not a qtool recipe schema; pass --overwrite to replace it")
+        check_output_file(schema_path, model_path, (data, evaluation), what="schema file", overwrite=overwrite,
+                          ours=("qtool recipe schema", _is_qtool_schema))
     model = load_model(model_path)
     text = starter.starter_recipe(model, model_path, output, data, evaluation,
                                   schema or starter.SCHEMA_FILE, image)
@@ -350,7 +349,7 @@ def quantize(
     read_paths = (_path_or_none(data_dir), validation_data, labels, calibration, *recipe_inputs(recipe))
     if output is not None:
         check_output_path(output, model_path, overwrite, read_paths)
-    check_ci_files(junit, step_summary, model_path, read_paths)
+    check_ci_files(junit, step_summary, model_path, read_paths, overwrite)
     if calibration is None and data_dir is not None:  # calibration would run on Ray
         refuse_past_limit(model_path, executor)
     tick = stage_progress(progress)
@@ -500,7 +499,7 @@ def compare(
     read_paths = (candidate_path, data_dir, labels, *recipe_inputs(recipe))
     if output is not None:
         check_output_path(output, reference_path, overwrite, read_paths)
-    check_ci_files(junit, step_summary, reference_path, read_paths)
+    check_ci_files(junit, step_summary, reference_path, read_paths, overwrite)
     tick = stage_progress(progress)
 
     reference = load_model(reference_path, allow_quantized=True)

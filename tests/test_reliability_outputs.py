@@ -119,6 +119,23 @@ def test_a_file_inside_a_data_folder_is_never_written(small, command):
     assert digest(sample) == before and not (small.parent / "out").exists()
 
 
+@pytest.mark.parametrize("option", ["--junit", "--cache"])
+def test_a_file_qtool_did_not_write_is_not_replaced_by_a_junit_file_or_a_cache(small, tmp_path, option):
+    """New-user finding 5: `--cache important.txt` (and `--junit`) replaced the user's notes with exit 0."""
+    notes = tmp_path / "important.txt"
+    notes.write_text("notes\n")
+    command = "quantize" if option == "--junit" else "sensitivity"
+    args = (command, small / "model.onnx", "--data", small / "data", "--output")
+    result = run(*args, tmp_path / "o1", option, notes)
+    assert result.exit_code == 2 and f"{notes}: {option} file exists and is not a" in result.stderr
+    assert notes.read_text() == "notes\n" and not (tmp_path / "o1").exists()
+    (tmp_path / "again.txt").write_text("")  # an empty file holds nothing to lose; our own is replaced again
+    assert run(*args, tmp_path / "o2", option, tmp_path / "again.txt").exit_code == 0
+    assert run(*args, tmp_path / "o3", option, tmp_path / "again.txt").exit_code == 0
+    assert run(*args, tmp_path / "o4", option, notes, "--overwrite").exit_code == 0  # asked for in so many words
+    assert notes.read_text() != "notes\n"
+
+
 def test_init_over_its_own_model_is_refused(small):
     before = digest(small / "model.onnx")
     result = run("init", small / "model.onnx", "--output", small / "model.onnx", "--overwrite")

@@ -37,14 +37,16 @@ from qtool.runtime.session import parse_providers, use_providers
               help="Evaluation data folder (overrides the recipe's validation.data).")
 @click.option("--labels", type=click.Path(path_type=Path),
               help="labels.txt for the evaluation data (overrides validation.labels).")
-@click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
+@click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists (and a --junit file "
+                                                "qtool did not write).")
 @click.option("--per-layer", is_flag=True, help="Per-layer and per-weight error in the report.")
 @click.option("--bench/--no-bench", default=True, show_default=True,
               help="Measure float vs quantized latency (interleaved, ORT CPU, a few seconds at most); "
                    "a max_latency_ratio gate measures it even with --no-bench.")
 @click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime intra-op threads for the latency bench "
                                                            "(default 1).")
-@click.option("--junit", type=click.Path(path_type=Path), help="Write a JUnit XML file: one test case per gate.")
+@click.option("--junit", type=click.Path(path_type=Path), help="Write a JUnit XML file: one test case per gate "
+                                                               "(an existing file qtool did not write needs --overwrite).")
 @executor_options("calibration shards")
 @provider_option
 @output_options
@@ -225,7 +227,8 @@ def _parse_gates(ctx, param, values: tuple[str, ...]) -> dict[str, float]:
 def analysis_options(command):
     """compare's `--per-layer`, `--bench`, `--threads` and `--junit` (quantize words its own help)."""
     command = click.option("--junit", type=click.Path(path_type=Path),
-                           help="Write a JUnit XML file: one test case per gate.")(command)
+                           help="Write a JUnit XML file: one test case per gate (an existing file qtool did "
+                                "not write needs --overwrite).")(command)
     command = click.option("--threads", type=click.IntRange(min=1),
                            help="ONNX Runtime intra-op threads for --bench (default 1, as quantize).")(command)
     command = click.option("--bench", is_flag=True,
@@ -251,7 +254,8 @@ def analysis_options(command):
 @analysis_options
 @click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path),
               help="Folder to write report.json, report.md and report.html into.")
-@click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
+@click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists (and a --junit file "
+                                                "qtool did not write).")
 @provider_option
 @output_options
 def compare(reference: Path, candidate: Path, data_dir: Path, labels: Path | None, recipe_path: Path | None,

@@ -58,8 +58,10 @@ def _warn(alerts, quiet: bool) -> None:
                    "above 1), or Ray tasks with --executor ray (default: the cluster's CPUs).")
 @executor_options("trials")
 @click.option("--cache", type=click.Path(path_type=Path),
-              help="Cache file (default: OUTPUT/sensitivity.cache.json, read before the folder is replaced).")
-@click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
+              help="Cache file (default: OUTPUT/sensitivity.cache.json, read before the folder is replaced); "
+                   "an existing file qtool did not write needs --overwrite.")
+@click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists (and a --cache file "
+                                                "qtool did not write).")
 @provider_option
 @output_options
 def sensitivity(model: Path, recipe_path: Path | None, data_dir: Path, validation_data: Path | None,
@@ -121,8 +123,10 @@ def sensitivity(model: Path, recipe_path: Path | None, data_dir: Path, validatio
                    "then until the ratio is known to ±3 %, up to N interleaved runs each; the close "
                    "finalists are timed again, longer (0: do not time; the smallest passing trial is chosen).")
 @click.option("--cache", type=click.Path(path_type=Path),
-              help="Sensitivity cache file (default: OUTPUT/sensitivity.cache.json).")
-@click.option("--overwrite", is_flag=True, help="Reuse an existing output folder (its results are replaced).")
+              help="Sensitivity cache file (default: OUTPUT/sensitivity.cache.json); an existing file qtool "
+                   "did not write needs --overwrite.")
+@click.option("--overwrite", is_flag=True, help="Reuse an existing output folder (its results are replaced; "
+                                                "also a --cache file qtool did not write).")
 @provider_option
 @output_options
 def tune(model: Path, recipe_path: Path, data_dir: Path, validation_data: Path | None, labels: Path | None,

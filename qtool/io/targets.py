@@ -10,8 +10,10 @@ through it), and an input folder's links (files or folders elsewhere) are inputs
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from qtool.errors import UsageError
 
@@ -142,10 +144,26 @@ def check_output_path(output: Path, model_path: Path, overwrite: bool, protected
         raise UsageError(f"{output}: output folder exists; pass --overwrite to replace it")
 
 
+def begins_like(pattern: bytes) -> Callable[[Path], bool]:
+    """A test of whether a file's first 4 KiB match the regular expression `pattern` (what qtool's own
+    files of a kind begin with)."""
+    compiled = re.compile(pattern)
+
+    def test(path: Path) -> bool:
+        try:
+            with open(path, "rb") as handle:
+                return compiled.match(handle.read(4096)) is not None
+        except OSError:
+            return False
+    return test
+
+
 def check_output_file(path: Path, model_path: Path | None, protected=(), *, what: str,
-                      overwrite: bool = True) -> None:
+                      overwrite: bool = True, ours: tuple[str, Callable[[Path], bool]] | None = None) -> None:
     """A file qtool writes or appends to (JUnit, step summary, cache, table, recipe): not an input,
-    not a folder, not the working folder; an existing one only with `overwrite`."""
+    not a folder, not the working folder; an existing one only with `overwrite`, or, given `ours`
+    (what qtool's own file of that kind is called, and a test that recognises one), when it is
+    empty or one of qtool's own. Raises UsageError (exit 2) naming the path."""
     if str(path) == "":
         raise UsageError(f"{what}: empty path (an unset variable?); give a file name")
     refuse_inputs(path, model_path, protected, what)
@@ -155,4 +173,9 @@ def check_output_file(path: Path, model_path: Path | None, protected=(), *, what
     if resolved.exists() and not resolved.is_file():
         raise UsageError(f"{path}: {what} exists and is not a regular file")
     if resolved.exists() and not overwrite:
-        raise UsageError(f"{path}: {what} exists; pass --overwrite to replace it")
+        if ours is None:
+            raise UsageError(f"{path}: {what} exists; pass --overwrite to replace it")
+        kind, recognise = ours
+        if resolved.stat().st_size and not recognise(resolved):
+            raise UsageError(f"{path}: {what} exists and is not a {kind}; pass --overwrite to replace it, "
+                             "or choose another path")

@@ -7,7 +7,7 @@ from typing import Callable
 
 from qtool.errors import SideFileError, WriteError
 from qtool.io.artifacts import append_text, write_text_atomic
-from qtool.io.targets import check_output_file
+from qtool.io.targets import begins_like, check_output_file
 from qtool.reporting import document as reporting
 from qtool.reporting.html import render_html
 
@@ -20,11 +20,17 @@ def report_writers(report: dict) -> dict[str, Callable[[Path], None]]:
     }
 
 
+# what render_junit writes begins with
+JUNIT_FILE = ("JUnit file qtool wrote", begins_like(rb'<\?xml[^>]*>\s*<testsuites>\s*<testsuite name="qtool '))
+
+
 def check_ci_files(junit: str | Path | None, step_summary: str | Path | None, model_path: Path,
-                   protected=()) -> None:
-    """Before the run: neither the JUnit file nor the step summary may be (or hold) an input."""
+                   protected=(), overwrite: bool = False) -> None:
+    """Before the run: neither the JUnit file nor the step summary may be (or hold) an input; an
+    existing JUnit file is replaced only when empty, one qtool wrote, or with `overwrite`."""
     if junit is not None:
-        check_output_file(Path(junit), model_path, protected, what="--junit file")
+        check_output_file(Path(junit), model_path, protected, what="--junit file", overwrite=overwrite,
+                          ours=JUNIT_FILE)
     if step_summary:
         check_output_file(Path(step_summary), model_path, protected, what="GITHUB_STEP_SUMMARY file")
 

@@ -29,7 +29,7 @@ from qtool.reporting.search import search_report_writers
 from qtool.search.executor import make_executor
 from qtool.search.timing import latency_gate, latency_section, latency_verdict, latency_warnings, time_trials
 from qtool.search.promote import Search, objective, objective_name, pareto_frontier
-from qtool.search.setup import (TrialSetup, cache_document, check_ranking_samples, executor_section,
+from qtool.search.setup import (CACHE_FILE, TrialSetup, cache_document, check_ranking_samples, executor_section,
                                 measure_sensitivity, ranking_note, read_cache, run_specs, search_inputs, setup_trials,
                                 trial_row, tune_objective)
 from qtool.search.trial import (A16, SEARCH_GATES, TrialResult, TrialSpec,
@@ -91,7 +91,7 @@ def sensitivity(
         check_output_path(output, model_path, overwrite, inputs)
     cache_path = Path(cache) if cache is not None else (output / SENSITIVITY_CACHE if output is not None else None)
     if cache is not None:
-        check_output_file(cache_path, model_path, inputs, what="--cache file")
+        check_output_file(cache_path, model_path, inputs, what="--cache file", overwrite=overwrite, ours=CACHE_FILE)
     refuse_past_limit(model_path, executor)
     tick = stage_progress(progress)
     started = time.perf_counter()
@@ -252,7 +252,7 @@ def tune(
     started = time.monotonic()
     deadline = started + time_budget if time_budget else None
     cache_path = Path(cache) if cache is not None else output / SENSITIVITY_CACHE
-    check_output_file(cache_path, model_path, inputs, what="--cache file")
+    check_output_file(cache_path, model_path, inputs, what="--cache file", overwrite=overwrite, ours=CACHE_FILE)
     refuse_past_limit(model_path, executor)
     cached_document = read_cache(cache_path)
     tick = stage_progress(progress)

@@ -23,6 +23,7 @@ from qtool.io.data import model_inputs
 from qtool.io.external import scratch
 from qtool.io.feeds import open_data
 from qtool.io.samples import DataSource
+from qtool.io.targets import begins_like
 from qtool.io.model import file_sha256, model_file_bytes, save_model
 from qtool.numerics import QTYPES
 from qtool.quantization.placement import plan_and_apply
@@ -218,6 +219,10 @@ def read_cache(path: Path, key: str | None = None) -> dict | None:
     if not isinstance(document, dict) or (key is not None and document.get("key") != key):
         return None
     return document
+
+
+# what cache_document writes begins with
+CACHE_FILE = ("sensitivity cache qtool wrote", begins_like(rb'\{\s*"format":\s*"qtool-sensitivity"'))
 
 
 def cache_document(key: str, mode: str, model_path: Path, rows: list[dict]) -> str:
