@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from conftest import SAMPLE, make_model, shared_model
 from qtool import api
@@ -78,7 +78,25 @@ def test_old_opset_is_a_change_and_unsafe_external_data_a_refusal(tmp_path):
     assert "opset 11 is below 13" in facts.problems[0].message
     assert "points outside the model's folder" in facts.problems[1].message
     assert facts.decisions is None and not facts.quantizable
-    assert facts.as_dict()["external_data"]["files"] == [{"location": "../secrets.bin", "bytes": None}]
+    assert facts.as_dict()["external_data"]["files"] == [{"location": "../secrets.bin", "bytes": None,
+                                                          "status": "outside"}]
+
+
+def test_external_data_outside_the_folder_is_said_refused_even_when_it_exists(tmp_path):
+    """New-user finding 12: an existing ../outside/w.bin printed as `(missing)`."""
+    model = tiny_model()
+    weight = model.graph.initializer[0]
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "w.bin").write_bytes(numpy_helper.to_array(weight).tobytes())
+    weight.data_location = TensorProto.EXTERNAL
+    weight.ClearField("raw_data")
+    weight.ClearField("float_data")
+    weight.external_data.add(key="location", value="../outside/w.bin")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model.onnx").write_bytes(model.SerializeToString())
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path / "m" / "model.onnx")])
+    assert result.exit_code == 0, result.output
+    assert "external data ../outside/w.bin (outside the model's folder: refused)" in " ".join(result.output.split())
 
 
 def test_already_quantized_model_is_reported(tmp_path):

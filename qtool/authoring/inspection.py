@@ -6,6 +6,7 @@ never raised: inspecting a model that cannot be quantized still answers.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -54,7 +55,15 @@ class Problem:
 @dataclass(frozen=True)
 class ExternalFile:
     location: str
-    bytes: int | None  # None: missing or outside the model's folder (see problems)
+    bytes: int | None  # None: not read (see status and problems)
+    status: Literal["present", "missing", "outside", "invalid"] = "present"  # outside the model's folder and
+    # invalid (a NUL byte in the name) are refused by the loader
+
+    def describe(self) -> str:
+        """`w.bin (1,024 B)`, `w.bin (missing)`, `../w.bin (outside the model's folder: refused)`."""
+        said = {"missing": "missing", "outside": "outside the model's folder: refused",
+                "invalid": "not a plain file name: refused"}
+        return f"{self.location} ({said[self.status] if self.status in said else f'{self.bytes:,} B'})"
 
 
 @dataclass(frozen=True)
@@ -126,7 +135,8 @@ class Inspection:
             "initializers": self.initializers,
             "op_types": self.op_types,
             "metadata_keys": self.metadata_keys,
-            "external_data": {"files": [{"location": f.location, "bytes": f.bytes} for f in self.external_data],
+            "external_data": {"files": [{"location": f.location, "bytes": f.bytes, "status": f.status}
+                                        for f in self.external_data],
                               "total_bytes": self.external_bytes},
             "problems": [{"action": p.action, "message": p.message} for p in self.problems],
             "quantizable": self.quantizable,
@@ -198,11 +208,15 @@ def external_files(model: ModelProto, path: Path) -> list[ExternalFile]:
     files = []
     for location in external_data_files(model):
         if "\0" in location:  # refused by load_problems; no size to show
-            files.append(ExternalFile(location, None))
+            files.append(ExternalFile(location, None, "invalid"))
             continue
         target = (folder / location).resolve()
-        inside = target.is_relative_to(folder)
-        files.append(ExternalFile(location, target.stat().st_size if inside and target.is_file() else None))
+        if os.path.isabs(location) or ".." in Path(location).parts or not target.is_relative_to(folder):
+            files.append(ExternalFile(location, None, "outside"))  # as check_external_data refuses it
+        elif target.is_file():
+            files.append(ExternalFile(location, target.stat().st_size))
+        else:
+            files.append(ExternalFile(location, None, "missing"))
     return files
 
 

@@ -115,8 +115,7 @@ def print_inspection(console: Console, facts, verbose: bool) -> None:
     line("nodes", f"{facts.nodes} ({facts.initializers} initializers)")
     line("op types", ", ".join(f"{op}×{n}" for op, n in facts.op_types.items()))
     if facts.external_data:
-        files = ", ".join(f"{f.location} ({'missing' if f.bytes is None else f'{f.bytes:,} B'})"
-                          for f in facts.external_data)
+        files = ", ".join(f.describe() for f in facts.external_data)
         line("external data", f"{files}; {facts.external_bytes:,} B in all")
     else:
         line("external data", "none")
