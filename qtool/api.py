@@ -151,9 +151,12 @@ def init_recipe(
     With `data_dir`, the recipe's int8 model (placed on placeholder ranges) is timed against float on its
     first sample; measured above 0.9x float, the recipe's comments and the warnings say that its
     max_latency_ratio gate will likely fail here (the gate stays: a model slower than float is no model to ship).
-    The written text is checked to load as a recipe before anything is written.
+    The written text is checked to load as a recipe before anything is written; an `image` value
+    data.images would refuse is a UsageError naming its option (`--std 0`) first.
     """
     model_path, output = Path(model_path), Path(output)
+    if image is not None:
+        image.check()
     data = Path(data_dir) if data_dir is not None else None
     evaluation = Path(validation_data) if validation_data is not None else None
     for folder in (data, evaluation):

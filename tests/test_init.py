@@ -87,11 +87,27 @@ def test_image_defaults_are_marked_check(tmp_path):
     (["--mean", "0.1,0.2"], "expected 1 or 3 values"),
     (["--size", "320"], "expected HxW"),
     (["--data", "/no/such/folder"], "no such data folder"),
+    (["--std", "0"], "Error: --std 0: 0 is not allowed: input should be greater than 0"),
+    (["--std", "1,-1,1"], "Error: --std 1,-1,1: -1 is not allowed"),
+    (["--mean", "nan"], "Error: --mean nan: nan is not allowed: input should be a finite number"),
+    (["--scale", "inf"], "Error: --scale inf: inf is not allowed"),
 ])
 def test_bad_options_exit_2(tmp_path, args, message):
     result = init(str(SAMPLE / "model.onnx"), "--output", str(tmp_path / "r.yaml"), *args)
     assert result.exit_code == 2 and message in result.output
     assert not (tmp_path / "r.yaml").exists()
+
+
+def test_a_bad_preprocessing_option_is_named_not_the_recipe_never_written(tmp_path):
+    """New-user finding 13: `--std 0` with image data blamed `r.yaml:35: data.images.std.0`, a file never written."""
+    data = tmp_path / "imgs"
+    data.mkdir()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(data / "a.png")
+    dynamic_image_model(tmp_path)
+    result = init(str(tmp_path / "m.onnx"), "--data", str(data), "--output", str(tmp_path / "r.yaml"),
+                  "--std", "0")
+    assert result.exit_code == 2 and result.stderr.startswith("Error: --std 0: 0 is not allowed")
+    assert "r.yaml" not in result.stderr and not (tmp_path / "r.yaml").exists()
 
 
 def test_ppocr_det_recipe_matches_manifest_and_quantize_runs_it(tmp_path):

@@ -14,12 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from onnx import ModelProto
+from pydantic import ValidationError
 
 from qtool.authoring.conventions import Convention, find_convention
+from qtool.errors import UsageError
 from qtool.authoring.sequences import TRANSFORMER_BASE, is_transformer, sequence_data_lines
 from qtool.io.data import DATA_SUFFIXES, InputSpec, model_inputs
 from qtool.io.samples import integer_outputs
 from qtool.io.images import IMAGE_SUFFIXES, image_dimensions
+from qtool.recipe.inputs import ImageSpec
 from qtool.recipe.load import recipe_path_text
 
 SIZE_MULTIPLE = 32  # the coarsest stride of common CNN backbones (ResNet, MobileNet, DB heads)
@@ -36,6 +39,25 @@ class ImageChoices:
     std: tuple[float, ...] | None = None
     scale: float | None = None
     size: tuple[int, int] | None = None
+
+    def check(self) -> None:
+        """Each given value as `data.images` would take it; raises UsageError (exit 2) naming the
+        option (`--std 0`), not the recipe that would have held it."""
+        for name in ("channels", "mean", "std", "scale", "size"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            try:
+                ImageSpec.model_validate({name: list(value) if isinstance(value, tuple) else value})
+            except ValidationError as exc:
+                error = exc.errors()[0]
+                shown = ",".join(f"{v:g}" for v in value) if name in ("mean", "std") else \
+                    "x".join(map(str, value)) if name == "size" else f"{value:g}" if name == "scale" else value
+                given = error.get("input")
+                given = f"{given:g}" if isinstance(given, float) else repr(given)
+                raise UsageError(f"--{name} {shown}: {given} is not allowed: "
+                                 f"{error['msg'][0].lower()}{error['msg'][1:]} (it becomes data.images.{name})") \
+                    from None
 
 
 # What an image recipe holds when neither the caller nor a known model family says otherwise.
