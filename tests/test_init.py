@@ -175,6 +175,21 @@ def test_starter_accuracy_gate_is_at_least_two_samples(tmp_path, labelled, drop)
     assert f"2 of the {labelled} labelled samples" in recipe.read_text()
 
 
+def test_the_labels_hint_uncommented_names_the_labels_file(tmp_path):
+    """New-user finding 14: `# labels: labels.txt` uncommented resolved against the recipe's folder."""
+    evaluation = tmp_path / "data" / "eval"
+    evaluation.mkdir(parents=True)
+    (tmp_path / "recipes").mkdir()
+    recipe = tmp_path / "recipes" / "r.yaml"
+    assert init(str(SAMPLE / "model.onnx"), "--validation-data", str(evaluation), "--output", str(recipe)).exit_code == 0
+    (evaluation / "labels.txt").write_text("0000.npy 1\n")
+    text = recipe.read_text()
+    assert "  # labels: ../data/eval/labels.txt" in text.splitlines()
+    recipe.write_text(text.replace("  # labels: ", "  labels: "))
+    loaded = load_recipe(recipe)
+    assert loaded.resolve_path(loaded.validation.labels) == evaluation / "labels.txt"
+
+
 def test_schema_output_never_replaces_a_file_unasked(tmp_path):
     """`qtool schema --output` replaced any existing file (a model, say) with exit 0."""
     target = tmp_path / "model.onnx"

@@ -253,8 +253,14 @@ def starter_recipe(
         lines += ["  # Held-out data, relative to this file (default: the calibration data, and the",
                   "  # report warns that its figures are optimistic):",
                   "  # data: path/to/eval"]
+    # validation.labels is relative to this file, like every path in it; labels.txt in validation.data is
+    # read without it
+    beside = recipe_path_text(validation_dir / "labels.txt", base) if validation_dir is not None \
+        else "path/to/eval/labels.txt"
     lines += [
-        "  # labels: labels.txt    # `file label` per line; gives top-1 accuracy of both models",
+        "  # `file label` per line gives top-1 accuracy of both models; labels.txt in the data folder is",
+        "  # read without this line (a path relative to this file, like every path here):",
+        f"  # labels: {beside}",
         "  # A failed gate makes `qtool quantize` exit 1 (artifacts written, the report says which).",
         *(["  # The gates of base dynamic-int8 (gates merge with the base's): min_cosine for float outputs,",
            "  # min_exact_match for integer ones (text padding not scored)."] if transformer else
