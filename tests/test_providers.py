@@ -51,6 +51,22 @@ def test_unavailable_provider_is_one_line_exit_2_listing_what_this_build_has(tmp
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("command", ["quantize", "calibrate", "compare", "sensitivity", "tune"])
+def test_an_option_the_provider_does_not_take_is_refused_naming_those_it_does(tmp_path, command):
+    """New-user finding 18: `--provider CPU:bogus=1` ran (exit 0) and the report recorded `bogus` as applied."""
+    model, data = str(SAMPLE / "model.onnx"), str(SAMPLE / "eval")
+    args = {"quantize": ["quantize", model, "--data", data, "--output", str(tmp_path / "out")],
+            "calibrate": ["calibrate", model, "--data", data, "--output", str(tmp_path / "table.json")],
+            "compare": ["compare", model, model, "--data", data, "--output", str(tmp_path / "out")],
+            "sensitivity": ["sensitivity", model, "--data", data, "--output", str(tmp_path / "out")],
+            "tune": ["tune", model, "--recipe", "int8", "--data", data, "--output", str(tmp_path / "out")]}[command]
+    result = CliRunner().invoke(main, [*args, "--provider", "CPU:bogus=1"])
+    assert result.exit_code == 2
+    assert result.output == (f"Error: execution provider CPUExecutionProvider: option bogus is not one it takes "
+                             f"(onnxruntime {ort.__version__} would ignore it); its options: none\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_provider_is_recorded_and_cpu_results_are_unchanged(tmp_path):
     args = ["quantize", str(SAMPLE / "model.onnx"), "--data", str(SAMPLE / "calib"), "--validation-data",
             str(SAMPLE / "eval"), "--quiet"]

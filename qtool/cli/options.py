@@ -23,7 +23,7 @@ def provider_option(command):
         help="ONNX Runtime execution providers, in order of preference, with options where needed "
              "(e.g. TensorRT:trt_fp16_enable=1,CUDA,CPU; short names add ExecutionProvider) for every "
              "session of the command: calibration, validation, trials, per-layer and latency; recorded in "
-             "the report. Default: CPU.")(command)
+             "the report; an option the provider does not take is refused. Default: CPU.")(command)
 
 
 def executor_options(what: str):

@@ -158,12 +158,21 @@ def runtime_source(model: ModelProto, options: ort.SessionOptions) -> Iterator[b
 
 
 def _checked(session: ort.InferenceSession, providers: tuple[Provider, ...]) -> ort.InferenceSession:
-    """ORT falls back to CPU when a provider it has cannot start (a missing CUDA library): say so instead."""
+    """ORT falls back to CPU when a provider it has cannot start (a missing CUDA library), and drops
+    options a provider does not know (CPU takes none): say so instead (UsageError, exit 2), naming
+    the options the provider reports it applies."""
     started = session.get_providers()
     missing = [name for name, _ in providers if name not in started]
     if missing:
         raise UsageError(f"execution provider {', '.join(missing)} did not start (onnxruntime ran "
                          f"{', '.join(started)}); check its libraries and options")
+    applied = session.get_provider_options()
+    for name, options in providers:
+        unknown = sorted(set(options) - set(applied.get(name, {})))
+        if unknown:
+            known = ", ".join(sorted(applied.get(name, {}))) or "none"
+            raise UsageError(f"execution provider {name}: option {', '.join(unknown)} is not one it takes "
+                             f"(onnxruntime {ort.__version__} would ignore it); its options: {known}")
     return session
 
 
