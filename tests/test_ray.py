@@ -217,6 +217,26 @@ def test_an_address_where_nothing_listens_is_exit_2_naming_it_not_a_hang(tmp_pat
     assert not (tmp_path / "t.json").exists()
 
 
+def test_quiet_holds_for_rays_notes_on_the_local_instance(tmp_path):
+    """New-user finding 19: with a token in ~/.ray and RAY_AUTH_MODE unset, Ray logged "Token authentication
+    is enabled for this Ray cluster..." on stderr through -q. A local instance, in a temporary folder."""
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text(os.urandom(16).hex())
+    temp = Path(tempfile.mkdtemp(prefix="qtool-ray-"))  # short: Ray's Unix sockets live there
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
+    env.update(HOME=str(home), RAY_TMPDIR=str(temp), RAY_USAGE_STATS_ENABLED="0")
+    try:
+        result = subprocess.run([str(QTOOL), "sensitivity", str(SAMPLE / "model.onnx"), "--data", str(SAMPLE / "calib"),
+                                 "--samples", "2", "--output", str(tmp_path / "o"), "--executor", "ray", "--jobs", "1",
+                                 "-q"], capture_output=True, text=True, timeout=120, env=env)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    assert result.returncode == 0, result.stderr
+    assert (result.stdout, result.stderr) == ("", "")
+
+
 def test_ctrl_c_cancels_the_trials_and_keeps_the_best_so_far(cluster, tmp_path):
     from test_tune import ppocr_recipe
     from conftest import shared_model

@@ -3,8 +3,20 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import click
+
+
+def _quiet_libraries(ctx: click.Context, param, quiet: bool) -> bool:
+    """--quiet holds for the libraries too: their log records below an error (Ray's note on the token
+    of the cluster it starts) are dropped until the command ends, instead of reaching stderr through
+    Python's last-resort handler."""
+    if quiet:
+        previous = logging.root.manager.disable
+        logging.disable(logging.WARNING)
+        ctx.call_on_close(lambda: logging.disable(previous))
+    return quiet
 
 
 def output_options(command):
@@ -12,7 +24,8 @@ def output_options(command):
     command = click.option("--json", "as_json", is_flag=True,
                            help="Print the result as JSON on stdout, and nothing else there.")(command)
     command = click.option("--verbose", "-v", is_flag=True, help="Print more detail.")(command)
-    command = click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")(command)
+    command = click.option("--quiet", "-q", is_flag=True, callback=_quiet_libraries,
+                           help="Print nothing but errors.")(command)
     return command
 
 
