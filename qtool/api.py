@@ -31,7 +31,7 @@ from qtool.evaluation.validation import (check_gates_are_measurable, extra_figur
 from qtool.io.artifacts import guarded, write_artifacts, write_text_atomic
 from qtool.io.data import model_inputs, read_labels
 from qtool.io.external import in_scratch
-from qtool.io.feeds import open_data
+from qtool.io.feeds import Loader, open_data
 from qtool.io.fingerprint import as_loaded, fingerprint
 from qtool.io.targets import check_output_file, check_output_path
 from qtool.io.model import (QUANTIZED_OP_TYPES, copy_metadata, file_sha256, load_model, model_file_bytes, opset_version,
@@ -558,6 +558,9 @@ def _inputs(model: ModelProto, model_path: Path):
 
 
 def _path_or_none(data) -> Path | None:
+    """The file or folder `data` is read from (a --data-loader's .py file too), else None."""
+    if isinstance(data, Loader):
+        return data.path
     return Path(data) if isinstance(data, (str, Path)) else None
 
 

@@ -96,3 +96,17 @@ def test_writing_beside_a_data_folder_of_links_still_works(linked):
     result = quantize(linked, linked / "calib", "--junit", linked / "gates.xml")
     assert result.exit_code == 0, result.output
     assert (linked / "gates.xml").read_text().startswith("<?xml")
+
+
+def test_a_data_loader_file_is_an_input_too(linked):
+    """--data-loader's .py file was not among the inputs: --junit could replace the user's code."""
+    loader = linked / "loader.py"
+    loader.write_text("import numpy as np\n\ndef feeds():\n    for _ in range(4):\n"
+                      "        yield {'x': np.ones((1, 8), np.float32)}\n")
+    (linked / "loader_link.py").symlink_to(loader)
+    before = loader.read_text()
+    for written in (loader, linked / "loader_link.py"):
+        result = run("quantize", linked / "model.onnx", "--data-loader", f"{loader}:feeds", "--output", linked / "out",
+                     "--no-bench", "--junit", written)
+        assert result.exit_code == 2 and "--junit file would overwrite the input" in result.stderr, result.output
+    assert loader.read_text() == before and (linked / "loader_link.py").is_symlink()
