@@ -282,10 +282,10 @@ def _measure_ranges(model: ModelProto, recipe: Recipe, selection, data, progress
 
 
 def recipe_inputs(recipe: Recipe) -> tuple[Path | None, ...]:
-    """The files a recipe reads: itself, its validation data and labels, its tokenizer and initial state
-    (none may be written over)."""
+    """The files a recipe reads: itself and its `base:` files, its validation data and labels, its
+    tokenizer and initial state (none may be written over)."""
     data = recipe.data
-    return (recipe.source, recipe.resolve_path(recipe.validation.data), recipe.resolve_path(recipe.validation.labels),
+    return (*recipe.files, recipe.resolve_path(recipe.validation.data), recipe.resolve_path(recipe.validation.labels),
             recipe.resolve_path(data.text.tokenizer) if data.text else None,
             recipe.resolve_path(data.state.initial) if data.state else None)
 

@@ -1,5 +1,6 @@
-"""Symbolic links never let a written path reach an input (finding 1 of the new-user pass): data folders
-of links, a linked data folder, a link as the written path. Every case builds its folders in tmp_path."""
+"""No written path reaches an input (finding 1 of the new-user pass): through symbolic links (data
+folders of links, a linked data folder, a link as the written path), nor onto inputs that are not
+data (a --data-loader file, a recipe's base file). Every case builds its folders in tmp_path."""
 
 from __future__ import annotations
 
@@ -110,3 +111,14 @@ def test_a_data_loader_file_is_an_input_too(linked):
                      "--no-bench", "--junit", written)
         assert result.exit_code == 2 and "--junit file would overwrite the input" in result.stderr, result.output
     assert loader.read_text() == before and (linked / "loader_link.py").is_symlink()
+
+
+def test_a_recipes_base_file_is_an_input_too(linked):
+    """`base: common.yaml` is read like the recipe itself: --junit naming it is refused, --overwrite or not."""
+    (linked / "common.yaml").write_text("version: 1\n")
+    (linked / "r.yaml").write_text("version: 1\nbase: common.yaml\n")
+    result = quantize(linked, linked / "calib", "--recipe", linked / "r.yaml", "--junit", linked / "common.yaml",
+                      "--overwrite")
+    assert result.exit_code == 2 and f"--junit file would overwrite the input {linked / 'common.yaml'}" \
+        in result.stderr, result.output
+    assert (linked / "common.yaml").read_text() == "version: 1\n"

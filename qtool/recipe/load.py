@@ -47,11 +47,14 @@ def load_recipe(path: str | Path | None) -> Recipe:
 
 def parse_recipe(text: str, path: Path) -> Recipe:
     document, lines = _document(text, path)
-    document = _with_base(document, path, lines, [path.resolve()])
+    bases: list[Path] = []
+    document = _with_base(document, path, lines, [path.resolve()], bases)
     try:
-        return Recipe.model_validate({**document, "source": path.resolve()})
+        recipe = Recipe.model_validate({**document, "source": path.resolve()})
     except ValidationError as exc:
         raise RecipeError(_describe(exc.errors()[0], path, lines)) from None
+    recipe._bases = tuple(bases)
+    return recipe
 
 
 def _read(path: Path) -> str:
@@ -65,8 +68,9 @@ def _read(path: Path) -> str:
         raise RecipeError(f"{path}: cannot read recipe: {exc}") from None
 
 
-def _with_base(document: dict, path: Path, lines: dict, chain: list[Path]) -> dict:
-    """`base: NAME` (a preset) or `base: FILE` (relative to this recipe): that recipe, with this one's keys over it."""
+def _with_base(document: dict, path: Path, lines: dict, chain: list[Path], bases: list[Path]) -> dict:
+    """`base: NAME` (a preset) or `base: FILE` (relative to this recipe): that recipe, with this one's keys over it.
+    The files read for it (not presets) are added to `bases`."""
     if "base" not in document:
         return document
     document = dict(document)
@@ -83,8 +87,10 @@ def _with_base(document: dict, path: Path, lines: dict, chain: list[Path]) -> di
     if target.resolve() in chain or len(chain) >= MAX_BASE_DEPTH:
         raise RecipeError(f"{where}: {base!r} leads back to a recipe already in the chain "
                           f"({' -> '.join(p.name for p in chain)})")
+    if target == local:
+        bases.append(local.absolute())
     parent, parent_lines = _document(_read(target), target)
-    parent = _with_base(parent, target, parent_lines, [*chain, target.resolve()])
+    parent = _with_base(parent, target, parent_lines, [*chain, target.resolve()], bases)
     return _merged(parent, document)
 
 

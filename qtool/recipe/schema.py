@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, PrivateAttr, field_validator
 from pydantic_core import PydanticCustomError
 
 from qtool.recipe import patterns
@@ -382,6 +382,12 @@ class Recipe(_Strict):
     quantization: QuantizationSpec = QuantizationSpec()
     validation: ValidationSpec = ValidationSpec()
     source: Path | None = Field(None, exclude=True, description="File the recipe came from.")
+    _bases: tuple[Path, ...] = PrivateAttr(())  # the `base:` files read for it (inputs: never written over)
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        """The recipe file and the `base:` files it was merged from (none for a preset or Recipe())."""
+        return ((self.source,) if self.source else ()) + self._bases
 
     def resolve_path(self, value: str | None) -> Path | None:
         """Paths in a recipe are relative to the recipe file, not the working dir."""
