@@ -35,13 +35,17 @@ def _places(path: Path) -> frozenset[Path]:
     return frozenset({entry, absolute.resolve()})
 
 
+MAX_WALKED = 1_000_000  # entries looked at under one input folder: bounded time on a link to a huge tree
+
+
 def _folder_links(folder: Path) -> tuple[tuple[Path, Path], ...]:
     """Every symbolic link under `folder` with its target resolved; links to folders are walked
-    too (each real folder once, so a loop of links ends)."""
+    too (each real folder once, so a loop of links ends; at most MAX_WALKED entries in all)."""
     found: list[tuple[Path, Path]] = []
     seen: set[Path] = set()
     pending = [folder]
-    while pending:
+    walked = 0
+    while pending and walked < MAX_WALKED:
         current = pending.pop()
         real = current.resolve()
         if real in seen:
@@ -51,6 +55,7 @@ def _folder_links(folder: Path) -> tuple[tuple[Path, Path], ...]:
             entries = list(os.scandir(current))
         except OSError:
             continue
+        walked += len(entries)
         for entry in entries:
             path = Path(entry.path)
             try:
