@@ -291,8 +291,19 @@ class AlgorithmsSpec(_Strict):
         "reciprocal or log reads a planned tensor). On by default: on the shared models it changed one "
         "tensor (centerface) and no figure for the worse (README).",
     )
+    keep_float: Literal["auto", "off"] = Field(
+        "auto",
+        description="Mixed precision at the model's ends: `auto` tries keeping float the first 1, 2, 3, 4, "
+        "6, ... quantized layers (Conv, ConvTranspose, MatMul, Gemm) from the inputs, with what lies "
+        "between them, and likewise the last ones before the outputs, each region within 10 % of the "
+        "model's multiply-accumulates; it keeps the best region of each end that lifts the worst output "
+        "SQNR on the calibration data by 0.5 dB or more. report.json's `algorithms.keep_float` lists every "
+        "region tried, its cost and its measured gain. Needs calibration data, not a table (skipped with a "
+        "note). Cost: a plan and a pass over the calibration data per region (at most 16). `off`: no "
+        "region. Measured: README's Post-training algorithms.",
+    )
 
-    @field_validator("outliers", mode="before")
+    @field_validator("outliers", "keep_float", mode="before")
     @classmethod
     def _yaml_off(cls, value):
         """YAML 1.1 reads a bare `off` as false (and `on` as true)."""
@@ -334,7 +345,7 @@ class QuantizationSpec(_Strict):
     )
     algorithms: AlgorithmsSpec = Field(
         AlgorithmsSpec(),
-        description="Post-training algorithms: equalization, smoothing, bias_correction, outliers.",
+        description="Post-training algorithms: equalization, smoothing, bias_correction, outliers, keep_float.",
     )
 
 
