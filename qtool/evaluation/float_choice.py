@@ -12,9 +12,11 @@ region pays when its gain exceeds its layers' share (`share_db`: the gain were t
 over the layers) by MIN_GAIN_DB: it carries more of the error than its size. At each end the best
 region that pays is kept (the shallower on a tie within TIE_DB); when both ends have one and together
 they fit the budget, both are kept if that pays again for the second. Deterministic: the same model,
-recipe and data choose the same nodes. Cost: one float run for the layers' shapes, one plan per
-candidate (at most 16) and passes of the float model and the candidates over the calibration data,
-CANDIDATES_PER_PASS at a time (memory: that many sessions).
+recipe and data choose the same nodes. Cost: one float run for the layers' shapes, then over the first
+SCORED_SAMPLES calibration samples passes of the float model with the plan, with the deepest region of
+each end and, only at an end whose deepest region pays (it holds every shallower one), with the other
+regions of that end: one plan per region scored (at most 16), CANDIDATES_PER_PASS models per pass
+(memory: that many sessions). On u2netp, where no region pays, 3 models scored instead of 16.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ MIN_GAIN_DB = 0.5  # a region must lift the worst output SQNR on the calibration
 ACT_BELOW_DB = 30.0  # a plan whose worst output SQNR on the calibration data reaches this is left as it is
 TIE_DB = 0.1  # candidates of one end scoring within this of the best: the cheapest wins
 CANDIDATES_PER_PASS = 4
+SCORED_SAMPLES = 32  # the scoring passes read at most this many calibration samples (as range choice does)
 MIN_LAYERS = 4  # fewer quantized layers: no ends to keep apart from the rest
 
 
@@ -136,6 +139,7 @@ def choose_float_ends(model: ModelProto, recipe: Recipe, selection: Selection, t
     `selection` and `placed` unchanged when none pays. Raises what planning and ONNX Runtime raise."""
     setting = recipe.quantization.algorithms.keep_float
     batch_size = recipe.calibration.batch_size
+    data = data.reopen(min(data.limit or SCORED_SAMPLES, SCORED_SAMPLES))
     count = len(layers(model, selection))
     if count < MIN_LAYERS:
         return selection, placed, FloatEndsOutcome(setting, skipped=f"auto: fewer than {MIN_LAYERS} quantized layers")
@@ -148,12 +152,26 @@ def choose_float_ends(model: ModelProto, recipe: Recipe, selection: Selection, t
     regions = candidate_regions(model, selection, macs)
     if not regions:
         return selection, placed, FloatEndsOutcome(setting, baseline_db=baseline)
-    built = [_build(model, recipe, selection, table, saturating, {node: _why(r) for node in r.nodes}) for r in regions]
-    scores = _scores(model, [p.model for _, p in built], data, batch_size)
-    scored = [ScoredRegion(region, score, share_db(region, count)) for region, score in zip(regions, scores)]
+    built: dict[Region, tuple[Selection, Placement]] = {}
+
+    def score(chosen: list[Region]) -> list[ScoredRegion]:
+        for region in chosen:
+            built[region] = _build(model, recipe, selection, table, saturating, {n: _why(region) for n in region.nodes})
+        figures = _scores(model, [built[region][1].model for region in chosen], data, batch_size)
+        return [ScoredRegion(region, figure, share_db(region, count)) for region, figure in zip(chosen, figures)]
+
+    def pays(scored: ScoredRegion) -> bool:
+        return scored.sqnr_db >= baseline + scored.share_db + MIN_GAIN_DB
+
+    # a deeper region holds every shallower one of its end: where the deepest does not pay, the end is left
+    deepest = score([max((r for r in regions if r.end == end), key=lambda r: r.depth)
+                     for end in ("input", "output") if any(r.end == end for r in regions)])
+    rest = score([r for r in regions if any(pays(d) and d.region.end == r.end for d in deepest)
+                  and r not in {d.region for d in deepest}])
+    scored = sorted(deepest + rest, key=lambda s: regions.index(s.region))
     best: list[ScoredRegion] = []
     for end in ("input", "output"):
-        mine = [s for s in scored if s.region.end == end and s.sqnr_db >= baseline + s.share_db + MIN_GAIN_DB]
+        mine = [s for s in scored if s.region.end == end and pays(s)]
         top = max((s.sqnr_db for s in mine), default=-math.inf)
         pick = next((s for s in mine if s.sqnr_db >= top - TIE_DB), None)  # shallow first
         if pick is not None:
@@ -163,7 +181,7 @@ def choose_float_ends(model: ModelProto, recipe: Recipe, selection: Selection, t
     best.sort(key=lambda s: -s.sqnr_db)
     chosen, score = best[:1], best[0].sqnr_db
     kept = {node: _why(best[0].region) for node in best[0].region.nodes}
-    result = built[regions.index(best[0].region)]
+    result = built[best[0].region]
     if len(best) == 2 and sum(s.region.macs_fraction for s in best) <= MAC_BUDGET:
         both = {node: _why(s.region) for s in best for node in s.region.nodes}
         together = _build(model, recipe, selection, table, saturating, both)

@@ -293,14 +293,15 @@ class AlgorithmsSpec(_Strict):
     )
     keep_float: Literal["auto", "off"] = Field(
         "auto",
-        description="Mixed precision at the model's ends: `auto` tries keeping float the first 1, 2, 3, 4, "
-        "6, ... quantized layers (Conv, ConvTranspose, MatMul, Gemm) from the inputs, with what lies "
-        "between them, and likewise the last ones before the outputs, each region within 10 % of the "
-        "model's multiply-accumulates; it keeps the best region of each end that lifts the worst output "
-        "SQNR on the calibration data by 0.5 dB or more. report.json's `algorithms.keep_float` lists every "
-        "region tried, its cost and its measured gain. Needs calibration data, not a table (skipped with a "
-        "note). Cost: a plan and a pass over the calibration data per region (at most 16). `off`: no "
-        "region. Measured: README's Post-training algorithms.",
+        description="Mixed precision at the model's ends. `auto`: where the plan's worst output SQNR on the "
+        "calibration data is below 30 dB, try keeping float the first 1, 2, 3, 4, 6, ... quantized layers "
+        "(Conv, ConvTranspose, MatMul, Gemm) from the inputs, with what lies between them, and likewise the "
+        "last ones before the outputs, each region within 10 % of the model's multiply-accumulates; keep the "
+        "best region of each end whose gain in worst output SQNR on the calibration data exceeds its "
+        "layers' even share of the noise by 0.5 dB. report.json's `algorithms.keep_float` lists every "
+        "region scored, its cost and its measured gain. Needs calibration data, not a table (skipped with a "
+        "note). Cost: a plan and a pass over (at most 32 of) the calibration data per region scored. `off`: "
+        "no region. Measured: README's Post-training algorithms.",
     )
 
     @field_validator("outliers", "keep_float", mode="before")
