@@ -3,6 +3,7 @@ which to keep float (nodes asserted), its report, its bounds, deterministic."""
 
 from __future__ import annotations
 
+import jsonschema
 import numpy as np
 import pytest
 from onnx import TensorProto, helper
@@ -102,8 +103,11 @@ def test_auto_keeps_the_stem_float_reports_it_and_is_deterministic(tmp_path):
     sqnr = {k: r.report["validation"]["outputs"]["y"]["sqnr_db"] for k, r in results.items()}
     assert sqnr["auto"] > sqnr["off"] + 3, sqnr
     from qtool.reporting.document import render_markdown
+    from qtool.reporting.schemas import report_schema
 
     assert "| keep_float | auto: worst output SQNR" in render_markdown(results["auto"].report)
+    for result in results.values():
+        jsonschema.Draft202012Validator(report_schema("report")).validate(result.report)
 
 
 def test_an_accurate_plan_is_left_as_it_is(tmp_path):
