@@ -84,7 +84,7 @@ def test_auto_keeps_the_stem_float_reports_it_and_is_deterministic(tmp_path):
         if setting in models:
             assert result.model.SerializeToString() == models[setting]  # same inputs, byte-identical model
         models[setting], results[setting] = result.model.SerializeToString(), result
-    assert Recipe().quantization.algorithms.keep_float == "auto"  # the default, measured (README)
+    assert Recipe().quantization.algorithms.keep_float == "off"  # the default, measured (README): centerface
     section = results["auto"].report["algorithms"]["keep_float"]
     assert section["enabled"] is True
     assert list(section["nodes"]) == HEAD
