@@ -28,6 +28,7 @@ from onnx import ModelProto
 
 from qtool.calibration.calibrate import CalibrationTable
 from qtool.evaluation.bias_choice import worst_sqnrs
+from qtool.io.model import in_one_proto
 from qtool.io.samples import DataSource
 from qtool.quantization.algorithms.float_ends import (MAC_BUDGET, Region, candidate_regions, layer_macs, layers,
                                                       swept_tensors)
@@ -43,6 +44,7 @@ TIE_DB = 0.1  # candidates of one end scoring within this of the best: the cheap
 CANDIDATES_PER_PASS = 4
 SCORED_SAMPLES = 32  # the scoring passes read at most this many calibration samples (as range choice does)
 MIN_LAYERS = 4  # fewer quantized layers: no ends to keep apart from the rest
+PAST_LIMIT = "auto: skipped, the model is past protobuf's 2 GB: each region scored is a quantized copy in memory"
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,11 @@ def choose_float_ends(model: ModelProto, recipe: Recipe, selection: Selection, t
     count = len(layers(model, selection))
     if count < MIN_LAYERS:
         return selection, placed, FloatEndsOutcome(setting, skipped=f"auto: fewer than {MIN_LAYERS} quantized layers")
+    if not in_one_proto(model):
+        return selection, placed, FloatEndsOutcome(setting, skipped=PAST_LIMIT)
     (baseline,) = _scores(model, [placed.model], data, batch_size)
+    if baseline == -math.inf:
+        return selection, placed, FloatEndsOutcome(setting, skipped="auto: no float output to score")
     if baseline >= ACT_BELOW_DB:
         return selection, placed, FloatEndsOutcome(setting, baseline_db=baseline, skipped=(
             f"auto: the plan's worst output SQNR on the calibration data, {baseline:.2f} dB, reaches "
@@ -154,7 +160,7 @@ def choose_float_ends(model: ModelProto, recipe: Recipe, selection: Selection, t
         return selection, placed, FloatEndsOutcome(setting, baseline_db=baseline)
     built: dict[Region, tuple[Selection, Placement]] = {}
 
-    def score(chosen: list[Region]) -> list[ScoredRegion]:
+    def scored_regions(chosen: list[Region]) -> list[ScoredRegion]:
         for region in chosen:
             built[region] = _build(model, recipe, selection, table, saturating, {n: _why(region) for n in region.nodes})
         figures = _scores(model, [built[region][1].model for region in chosen], data, batch_size)
@@ -164,9 +170,9 @@ def choose_float_ends(model: ModelProto, recipe: Recipe, selection: Selection, t
         return scored.sqnr_db >= baseline + scored.share_db + MIN_GAIN_DB
 
     # a deeper region holds every shallower one of its end: where the deepest does not pay, the end is left
-    deepest = score([max((r for r in regions if r.end == end), key=lambda r: r.depth)
+    deepest = scored_regions([max((r for r in regions if r.end == end), key=lambda r: r.depth)
                      for end in ("input", "output") if any(r.end == end for r in regions)])
-    rest = score([r for r in regions if any(pays(d) and d.region.end == r.end for d in deepest)
+    rest = scored_regions([r for r in regions if any(pays(d) and d.region.end == r.end for d in deepest)
                   and r not in {d.region for d in deepest}])
     scored = sorted(deepest + rest, key=lambda s: regions.index(s.region))
     best: list[ScoredRegion] = []
@@ -179,13 +185,13 @@ def choose_float_ends(model: ModelProto, recipe: Recipe, selection: Selection, t
     if not best:
         return selection, placed, FloatEndsOutcome(setting, candidates=scored, baseline_db=baseline)
     best.sort(key=lambda s: -s.sqnr_db)
-    chosen, score = best[:1], best[0].sqnr_db
+    chosen, figure = best[:1], best[0].sqnr_db
     kept = {node: _why(best[0].region) for node in best[0].region.nodes}
     result = built[best[0].region]
     if len(best) == 2 and sum(s.region.macs_fraction for s in best) <= MAC_BUDGET:
         both = {node: _why(s.region) for s in best for node in s.region.nodes}
         together = _build(model, recipe, selection, table, saturating, both)
         (joint,) = _scores(model, [together[1].model], data, batch_size)
-        if joint >= score + share_db(best[1].region, count) + MIN_GAIN_DB:
-            chosen, score, kept, result = best, joint, both, together
-    return result[0], result[1], FloatEndsOutcome(setting, kept, chosen, scored, baseline, score)
+        if joint >= figure + share_db(best[1].region, count) + MIN_GAIN_DB:
+            chosen, figure, kept, result = best, joint, both, together
+    return result[0], result[1], FloatEndsOutcome(setting, kept, chosen, scored, baseline, figure)
