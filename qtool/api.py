@@ -121,7 +121,8 @@ def inspect(model_path: str | Path, recipe: Recipe | str | Path | None = None) -
             decisions = preview_plan(model, recipe, select_tensors(model, recipe),
                                      int8_kernels_may_saturate()).plan.nodes
             notes.append("nodes quantized: as `qtool quantize` places them (placeholder ranges); calibration can "
-                         "keep a few more float (degenerate ranges, Concat inputs far apart)")
+                         "keep a few more float (degenerate ranges, Concat inputs far apart; keep_float auto's "
+                         "end regions, measured on the data)")
     opset = inspection.opset_problem(opset_version(header), upgraded)
     return inspection.describe_model(
         header, model_path, ([opset] if opset else []) + problems, prepare_notes=notes,
