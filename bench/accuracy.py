@@ -13,6 +13,7 @@ stay modest because the CPU is shared.
     python bench/accuracy.py                       # or: make bench-accuracy
     python bench/accuracy.py --models digits ppocr_cls --json out/accuracy.json
     python bench/accuracy.py --variants method       # calibration.method minmax vs auto only
+    python bench/accuracy.py --variants default keep_float   # keep_float off (the default) vs auto
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def recipe_for(spec: dict, switches: dict[str, bool | str], method: str | None =
 
 def qtool_variants(spec: dict) -> dict[str, tuple[dict[str, bool], str | None]]:
     """The recipe as shipped (its defaults), then each algorithm alone and all of them, then the
-    shipped recipe with calibration.method minmax and auto, then with outlier handling off:
+    shipped recipe with calibration.method minmax and auto, then with outlier handling off, then with
+    keep_float off and auto (float regions at the model's ends):
     (algorithm switches, method or None)."""
     variants = {"qtool default": ({}, None)}
     for name in ALGORITHMS:
@@ -69,6 +71,8 @@ def qtool_variants(spec: dict) -> dict[str, tuple[dict[str, bool], str | None]]:
     for method in ("minmax", "auto"):
         variants[f"qtool method {method}"] = ({}, method)
     variants["qtool outliers off"] = ({"outliers": "off"}, None)  # the default is auto
+    for setting in ("off", "auto"):  # the default is off; the ppocr presets set auto
+        variants[f"qtool keep_float {setting}"] = ({"keep_float": setting}, None)
     return variants
 
 

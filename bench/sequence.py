@@ -33,8 +33,9 @@ sys.path.insert(0, str(ROOT))
 MODELS = {
     "albert_ja_pos": {"tap": "/model/predictions/decoder/Add_output_0", "metric": "tags",
                       "qtool": ["dynamic", "dynamic, layer 0 only", "static", "static+smoothing",
-                                "static, outliers off"]},
-    "speech_embedding": {"tap": None, "metric": "nn_command", "qtool": ["dynamic", "static", "static, outliers off"]},
+                                "static, outliers off", "static, keep_float auto"]},
+    "speech_embedding": {"tap": None, "metric": "nn_command", "qtool": ["dynamic", "static", "static, outliers off",
+                                                                        "static, keep_float auto"]},
     "pyannote_seg3": {"tap": None, "metric": "speakers", "qtool": ["dynamic"]},
 }
 KERNELS = {"DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulInteger", "DynamicQuantizeLSTM", "ConvInteger",
@@ -78,6 +79,8 @@ def qtool_variant(model_path: Path, folder: Path, kind: str, out: Path) -> Path:
         quant = quant.model_copy(update={"algorithms": quant.algorithms.model_copy(update={"smoothing": True})})
     if kind.endswith("outliers off"):
         quant = quant.model_copy(update={"algorithms": quant.algorithms.model_copy(update={"outliers": "off"})})
+    if kind.endswith("keep_float auto"):
+        quant = quant.model_copy(update={"algorithms": quant.algorithms.model_copy(update={"keep_float": "auto"})})
     if kind.endswith("layer 0 only"):  # what quantize_dynamic covers: it cannot see the weights behind Identity
         later = {"match": {"name": ".*/(query|key|value|dense|ffn|ffn_output)_[123]/MatMul"}, "float": True}
         quant = quant.model_copy(update={"overrides": [OverrideSpec.model_validate(later)]})

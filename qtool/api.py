@@ -22,6 +22,7 @@ from qtool.calibration.shards import calibrate_with
 from qtool.distributed.ray_executor import refuse_past_limit
 from qtool.errors import ModelError, QtoolError, RecipeError, SideFileError, UsageError
 from qtool.evaluation.bias_choice import BiasOutcome, correct_bias
+from qtool.evaluation.float_choice import FloatEndsOutcome, choose_float_ends
 from qtool.evaluation.compare import GATES, GateResult, check_gates, compare_models
 from qtool.evaluation.latency import BenchResult, bench_models
 from qtool.evaluation.method_choice import choose_method
@@ -120,7 +121,8 @@ def inspect(model_path: str | Path, recipe: Recipe | str | Path | None = None) -
             decisions = preview_plan(model, recipe, select_tensors(model, recipe),
                                      int8_kernels_may_saturate()).plan.nodes
             notes.append("nodes quantized: as `qtool quantize` places them (placeholder ranges); calibration can "
-                         "keep a few more float (degenerate ranges, Concat inputs far apart)")
+                         "keep a few more float (degenerate ranges, Concat inputs far apart; keep_float auto's "
+                         "end regions, measured on the data)")
     opset = inspection.opset_problem(opset_version(header), upgraded)
     return inspection.describe_model(
         header, model_path, ([opset] if opset else []) + problems, prepare_notes=notes,
@@ -397,6 +399,9 @@ def quantize(
         warnings += table.notes
     saturating = int8_kernels_may_saturate()
     placed = plan_and_apply(model, recipe, selection, table, saturating)
+    ends: FloatEndsOutcome | None = None
+    if recipe.quantization.algorithms.keep_float == "auto" and calib_data is not None and loaded is None:
+        selection, placed, ends = choose_float_ends(model, recipe, selection, table, saturating, placed, calib_data)
     plan, quantized = placed.plan, placed.model
     ranges_from = Path(calibration) if calibration else calib_data.folder if calib_data else "(no calibration data)"
     warnings += check_coverage(plan, sum(d.quantized for d in selection.nodes), model=model_path,
@@ -433,7 +438,7 @@ def quantize(
         optimized_ops=dict(sorted(ops.items())),
         comparison=comparison, simulated=simulated, gates=gates, warnings=warnings,
         layers=layers, latency=latency, algorithms=algorithms_section(recipe, equalized, smoothed, corrected,
-                                                                             outliers),
+                                                                             outliers, ends),
     )
     if output is not None:
         write_artifacts(output, overwrite, {

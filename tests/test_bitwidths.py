@@ -193,7 +193,9 @@ def _pair(model_path, base: Recipe, calib, evaluation, samples, rounding):
         "calibration": base.calibration.model_copy(update={"samples": samples}),
         "validation": base.validation.model_copy(update={"samples": samples}),
         "quantization": base.quantization.model_copy(update={
-            "weights": base.quantization.weights.model_copy(update={"rounding": rounding})}),
+            "weights": base.quantization.weights.model_copy(update={"rounding": rounding}),
+            # no float regions (ppocr_det's preset has keep_float auto): the bit width alone decides the gain
+            "algorithms": base.quantization.algorithms.model_copy(update={"keep_float": "off"})}),
     })
     wide = base.model_copy(update={"quantization": base.quantization.model_copy(update={"activations": a16})})
     return {name: api.quantize(model_path, calib, recipe, validation_data=evaluation)

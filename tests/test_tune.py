@@ -449,6 +449,7 @@ def test_tuned_recipe_keeps_every_file_it_names_reachable_from_its_new_folder(tm
     assert tuned.resolve_path(tuned.data.text.tokenizer) == (source / "tokenizer.json").resolve()
     assert tuned.resolve_path(tuned.validation.data) == (source / "eval").resolve()
     assert tuned.quantization.algorithms.outliers == "off"  # the trials handled none: quantize must not either
+    assert tuned.quantization.algorithms.keep_float == "off"  # the trials promote: quantize must not add regions
 
 
 def test_a_latency_gate_with_timing_off_is_refused_before_any_work(hostile, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from qtool.evaluation.bias_choice import BiasOutcome
+from qtool.evaluation.float_choice import FloatEndsOutcome
 from qtool.quantization.algorithms.bias_correction import MIN_T, NO_DATA
 from qtool.quantization.algorithms.equalization import EqualizedPair
 from qtool.quantization.algorithms.outliers import OutlierOutcome
@@ -12,17 +13,21 @@ from qtool.quantization.algorithms.smoothing import SmoothedGroup
 from qtool.recipe.schema import Recipe
 
 OUTLIERS_NO_DATA = "outliers: needs calibration data (--data), not a calibration table: skipped"
+KEEP_FLOAT_NO_DATA = "keep_float: needs calibration data (--data), not a calibration table: skipped"
 
 
 def algorithms_section(recipe: Recipe, equalized: list[EqualizedPair], smoothed: list[SmoothedGroup] | None,
-                       corrected: BiasOutcome | None, outliers: OutlierOutcome | None = None) -> dict:
+                       corrected: BiasOutcome | None, outliers: OutlierOutcome | None = None,
+                       ends: FloatEndsOutcome | None = None) -> dict:
     """`smoothed`, `corrected` and `outliers` are None where the algorithm was asked for but could not run
     (no calibration data, or a calibration table) or was not asked for. outliers' `tensors`: each outlier
     tensor, its estimated SQNR at 8 bits (dB) before and after, and its handling (`equalized`, `float`).
     bias_correction's `layers` holds every layer measured
     (`corrected_channels` 0: all its shifts were within `min_t` standard errors of zero, left as
     noise), `kept` and `why` whether the corrected model was kept (`auto` compares both), `skipped`
-    why it did not run although on."""
+    why it did not run although on. keep_float's `chosen`: the regions kept float at the model's ends,
+    `candidates` every region tried (its layers, fraction of the multiply-accumulates, worst output
+    SQNR on the calibration data and gain in dB), `nodes` the nodes kept float."""
     switches = recipe.quantization.algorithms
     return {
         "equalization": {"enabled": switches.equalization, "pairs": [asdict(pair) for pair in equalized]},
@@ -36,6 +41,9 @@ def algorithms_section(recipe: Recipe, equalized: list[EqualizedPair], smoothed:
         "outliers": {"enabled": outliers is not None, "setting": switches.outliers,
                      **(outliers.as_dict() if outliers is not None else {"tensors": []}),
                      **({"skipped": OUTLIERS_NO_DATA} if switches.outliers == "auto" and outliers is None else {})},
+        "keep_float": {"enabled": ends is not None and bool(ends.kept), "setting": switches.keep_float,
+                       **(ends.as_dict() if ends is not None else {"nodes": {}, "chosen": [], "candidates": []}),
+                       **({"skipped": KEEP_FLOAT_NO_DATA} if switches.keep_float == "auto" and ends is None else {})},
     }
 
 
@@ -64,6 +72,9 @@ def algorithms_markdown(section: dict, escape) -> list[str]:
                      f"{outliers['threshold_db']:g} dB at 8 bits): {kinds.count('equalized')} equalized, "
                      f"{kinds.count('float')} with float readers; worst {worst['estimated_db']:.1f} dB "
                      f"({escape(worst['tensor'])}, {worst['handling']})"))
+    ends = section.get("keep_float", {"chosen": []})
+    if ends["chosen"]:
+        rows.append(("keep_float", escape(ends["why"])))
     corrected = section["bias_correction"]
     if corrected["layers"] and not corrected["kept"]:
         rows.append(("bias_correction", escape(corrected["why"])))

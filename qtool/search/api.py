@@ -163,8 +163,8 @@ class TuneResult:
 
 def tuned_recipe_text(recipe: Recipe, overrides: list[dict], output: Path, bias_correction: bool | None = None) -> str:
     """The input recipe's own document plus `overrides` first in quantization.overrides and
-    `bias_correction` (what the trials did; None: as the recipe says) and `outliers: off` (the trials
-    handle none) in quantization.algorithms, its relative paths rewritten for the new folder; checked to
+    `bias_correction` (what the trials did; None: as the recipe says), `outliers: off` (the trials
+    handle none) and `keep_float: off` (the trials' promotions decide) in quantization.algorithms, its relative paths rewritten for the new folder; checked to
     load before it is returned."""
     document = {}
     if recipe.source is not None:
@@ -179,6 +179,8 @@ def tuned_recipe_text(recipe: Recipe, overrides: list[dict], output: Path, bias_
         algorithms["bias_correction"] = bias_correction
     if recipe.quantization.algorithms.outliers != "off":  # the trials handle no outlier tensors: nor may quantize
         algorithms["outliers"] = "off"
+    if recipe.quantization.algorithms.keep_float != "off":  # the trials' promotions decide what is float
+        algorithms["keep_float"] = "off"
     if algorithms:
         quantization["algorithms"] = algorithms
     # every file the recipe names, relative to the new folder (set here even where `base:` gave it)
