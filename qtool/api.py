@@ -25,9 +25,9 @@ from qtool.evaluation.bias_choice import BiasOutcome, correct_bias
 from qtool.evaluation.compare import GATES, GateResult, check_gates, compare_models
 from qtool.evaluation.latency import BenchResult, bench_models
 from qtool.evaluation.method_choice import choose_method
-from qtool.evaluation.validation import (check_gates_are_measurable, extra_figures, kernel_gap_cause, kernel_warnings,
-                                         layers_and_latency, resolve_validation_data, slower_than_float,
-                                         unmeasurable_gates)
+from qtool.evaluation.validation import (accuracy_warnings, check_gates_are_measurable, extra_figures,
+                                         kernel_gap_cause, kernel_warnings, layers_and_latency,
+                                         resolve_validation_data, slower_than_float, unmeasurable_gates)
 from qtool.io.artifacts import guarded, write_artifacts, write_text_atomic
 from qtool.io.data import model_inputs, read_labels
 from qtool.io.external import in_scratch
@@ -412,6 +412,7 @@ def quantize(
                                batch_size=recipe.calibration.batch_size, optimize_candidate=False)
     comparison = compare_models(model, quantized, eval_data, labels=eval_labels,
                                 batch_size=recipe.calibration.batch_size, progress=tick("validate"))
+    warnings += accuracy_warnings(comparison, eval_labels)
     layers, latency = layers_and_latency(
         model, quantized, eval_data, recipe.calibration.batch_size, per_layer,
         bench or "max_latency_ratio" in recipe.validation.gates, threads or BENCH_THREADS, tick,
@@ -528,7 +529,7 @@ def compare(
         reference_path=reference_path, candidate_path=candidate_path, recipe=recipe if recipe_given else None,
         data=data, labels_path=labels_path if labels_path.is_file() else None,
         reference_bytes=reference_bytes, candidate_bytes=candidate_bytes, comparison=comparison,
-        gates=results, layers=layers, latency=latency,
+        gates=results, layers=layers, latency=latency, warnings=accuracy_warnings(comparison, truth),
     )
     if output is not None:
         write_artifacts(output, overwrite, report_writers(report))

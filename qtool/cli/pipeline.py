@@ -87,8 +87,9 @@ def quantize(model: Path, recipe_path: Path | None, data_dir: Path | None, data_
     _exit_on_failed_gates(result, hint)
 
 
-LATENCY_HINT = ("next: only the latency gate failed: the quantized model is accurate but slower than float "
-                "here; ship the float model, or measure on the target machine (--provider, --threads)")
+LATENCY_HINT = ("next: only the latency gate failed: the quantized model passes its accuracy gates (see the warnings "
+                "on what they measured) but is slower than float here; ship the float model, or measure on the "
+                "target machine (--provider, --threads)")
 
 
 def _data(data_dir: Path | None, data_loader: str | None):

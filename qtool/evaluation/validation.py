@@ -11,6 +11,7 @@ from qtool.errors import DataError, RecipeError, UsageError
 from qtool.evaluation.compare import ACCURACY_GATES, GATES, Comparison, not_applicable
 from qtool.evaluation.latency import bench_models, latency_section
 from qtool.evaluation.per_layer import layer_errors, layers_section, weight_errors
+from qtool.evaluation.labels import label_warnings, labels_source
 from qtool.io.data import read_labels
 from qtool.io.feeds import open_data
 from qtool.io.samples import DataSource, integer_outputs
@@ -53,6 +54,15 @@ def resolve_validation_data(
         raise DataError(f"{labels_path}: names none of the {len(files)} validation files in {folder.folder} "
                         f"(no line for {files[0]!r}, for one); expected `file label` lines for those files")
     return folder, labels, warnings
+
+
+def accuracy_warnings(comparison: Comparison, labels: dict | None) -> list[str]:
+    """What the comparison's top-1 accuracy measured, when it may be nothing: labels for part of the
+    data, or a float accuracy at chance (see `label_warnings`)."""
+    if not labels:
+        return []
+    return label_warnings(comparison.samples, comparison.labelled, comparison.accuracy.get("reference"),
+                          comparison.classes, labels_source(labels))
 
 
 def check_gates_are_measurable(recipe: Recipe, labels: dict | None) -> None:

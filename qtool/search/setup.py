@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -17,7 +18,9 @@ from qtool.calibration.calibrate import calibrate as calibrate_tensors
 from qtool.distributed.ray_executor import LostTask
 from qtool.errors import RecipeError, UsageError
 from qtool.evaluation.bias_choice import correct_bias
+from qtool.evaluation.labels import check_label_range, label_warnings, labels_source
 from qtool.evaluation.method_choice import choose_method
+from qtool.evaluation.metrics import is_classifier_output, top1
 from qtool.evaluation.validation import check_gates_are_measurable, resolve_validation_data
 from qtool.io.data import model_inputs
 from qtool.io.external import scratch
@@ -107,10 +110,16 @@ def _setup_trials(model_path: Path, data_dir: Path, recipe: Recipe, folder: Path
     session = make_session(model, threads=threads)
     batches = []
     carry = StateCarry(eval_data.state)  # a stateful model's streams: trials carry their own state likewise
+    scored = Counter()  # the float model's top-1 on the labelled samples: warned about at chance
     for batch in eval_data.batches(recipe.calibration.batch_size):
         reference = carry.run(partial(run, session), batch)
         truth = [eval_labels.get(name, -1) if eval_labels else -1 for name in batch.files]
         batches.append((batch.feeds, reference, truth, batch.starts[0] if batch.starts else None))
+        _score_float(scored, eval_labels, batch.files, reference, truth)
+    if eval_labels:
+        warnings += label_warnings(scored["samples"], scored["labelled"],
+                                   scored["correct"] / scored["labelled"] if scored["labelled"] else None,
+                                   scored["classes"], labels_source(eval_labels))
     integer_only = bool(batches) and not any(np.asarray(value).dtype.kind == "f" for value in batches[0][1].values())
     power: dict[str, list[float]] = {}
     for _, reference, _, _ in batches:  # samples along axis 0, as a trial's first N are taken
@@ -131,6 +140,20 @@ def _setup_trials(model_path: Path, data_dir: Path, recipe: Recipe, folder: Path
                        time.perf_counter() - started, bias is not None and bias.kept, integer_only, power,
                        node_neighbours(model), keys,
                        frozenset(node.name for node, d in quantized if node.name and d.weight_input is not None))
+
+
+def _score_float(scored: Counter, labels: dict | None, files: list[str], reference: dict, truth: list[int]) -> None:
+    """Add one batch's float top-1 to `scored`, refusing labels the first output cannot produce."""
+    scored["samples"] += len(files)
+    first = next(iter(reference), None)
+    if not labels or first is None or not is_classifier_output(np.asarray(reference[first])):
+        return
+    scores = np.asarray(reference[first])
+    scored["classes"] = scores.shape[1]
+    check_label_range(labels, files, scores.shape[1], first)
+    known = np.asarray(truth) >= 0
+    scored["labelled"] += int(known.sum())
+    scored["correct"] += int(np.sum(top1(scores)[known] == np.asarray(truth)[known]))
 
 
 def node_neighbours(model: ModelProto) -> dict[str, frozenset[str]]:
