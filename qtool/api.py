@@ -529,7 +529,8 @@ def compare(
         reference_path=reference_path, candidate_path=candidate_path, recipe=recipe if recipe_given else None,
         data=data, labels_path=labels_path if labels_path.is_file() else None,
         reference_bytes=reference_bytes, candidate_bytes=candidate_bytes, comparison=comparison,
-        gates=results, layers=layers, latency=latency, warnings=accuracy_warnings(comparison, truth),
+        gates=results, layers=layers, latency=latency,
+        warnings=accuracy_warnings(comparison, truth) + slower_than_float(latency),
     )
     if output is not None:
         write_artifacts(output, overwrite, report_writers(report))

@@ -560,3 +560,23 @@ def test_confirm_retimes_the_trial_that_becomes_best_after_the_first_finalists()
                                or second[result.spec.promotions[0][1]])
     assert retimed == ["float", "a16"] and [r.spec.promotions[0][1] for r in finalists] == ["a16", "float"]
     assert search.best.spec.promotions == (("a", "a16"),) and search.latency[(("a", "a16"),)].median == 0.85
+
+
+def timed(ratio: float, spread: float = 0.01):
+    """A BenchResult whose quantized model takes `ratio` times float's 1 ms, known to ±spread."""
+    from qtool.evaluation.latency import BenchResult, Latency
+
+    return BenchResult(Latency(1.0, 0.9, 1.1, 40), Latency(ratio, ratio * 0.9, ratio * 1.1, 40), 1, 5, 1,
+                       "CPUExecutionProvider", exact(ratio, spread))
+
+
+def test_tune_warns_when_the_chosen_trial_is_slower_than_float():
+    """As quantize does: the chosen trial 1.67x float, with no latency gate, is a warning (report and stderr)."""
+    from qtool.search.timing import latency_warnings
+
+    search = fake_search(None)
+    best = search.run()
+    slower = latency_warnings(search, {best.spec.promotions: timed(1.67)}, {})
+    assert any(line.startswith("the chosen trial is slower than float: latency ratio 1.67 (95 % interval 1.65–1.69")
+               for line in slower), slower
+    assert not any("slower" in line for line in latency_warnings(search, {best.spec.promotions: timed(0.8)}, {}))

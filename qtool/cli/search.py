@@ -178,7 +178,7 @@ def tune(model: Path, recipe_path: Path, data_dir: Path, validation_data: Path |
         if report["latency"].get("finalists"):
             click.echo(f"latency: {report['latency']['verdict']}")
         for line in report["warnings"]:
-            if line.startswith(("the chosen trial's latency", "latency too noisy")):
+            if line.startswith(("the chosen trial's latency", "the chosen trial is slower", "latency too noisy")):
                 click.echo(f"warning: {line}", err=True)
     _warn(result.alerts, quiet)
     if result.interrupted:
