@@ -133,7 +133,7 @@ class InitResult:
     recipe: Path
     schema: Path | None  # the JSON Schema written beside it (None: `schema` named one)
     latency_ratio: float | None  # the starter's int8 model against float, as measured (None: no --data to time)
-    warnings: list[str]  # also in the recipe's comments: a gate left out, and why
+    warnings: list[str]  # the latency gate likely to fail (also in the recipe's comments), or why it was not timed
 
 
 def init_recipe(
@@ -169,7 +169,7 @@ def init_recipe(
     text = starter.starter_recipe(model, model_path, output, data, evaluation,
                                   schema or starter.SCHEMA_FILE, image)
     recipe = parse_recipe(text, output)  # what we write must load as it is; a RecipeError here names the key
-    latency = _probe_latency(model_path, recipe, data) if data is not None else None
+    latency, unmeasured = _probe_latency(model_path, recipe, data) if data is not None else (None, "")
     slow = None
     if latency is not None and latency.ratio > starter.LATENCY_MARGIN:  # the gate would fail, or flap
         slow = starter.MeasuredLatency(latency.ratio, latency.reference.median_ms, latency.candidate.median_ms,
@@ -182,23 +182,31 @@ def init_recipe(
     if schema_path is not None:
         write_text_atomic(schema_path, json.dumps(recipe_json_schema(), indent=2) + "\n")
     write_text_atomic(output, text)
-    return InitResult(output, schema_path, latency.ratio if latency else None, [slow.warning()] if slow else [])
+    warnings = [slow.warning()] if slow else []
+    if unmeasured:
+        warnings.append(f"could not time the recipe's int8 model against float on the first sample of {data} "
+                        f"(so its max_latency_ratio gate is unchecked here, and quantize may fail the same way): "
+                        f"{unmeasured}")
+    return InitResult(output, schema_path, latency.ratio if latency else None, warnings)
 
 
-def _probe_latency(model_path: Path, recipe: Recipe, data: Path) -> BenchResult | None:
+def _probe_latency(model_path: Path, recipe: Recipe, data: Path) -> tuple[BenchResult | None, str]:
     """The starter recipe's model against float on the first sample of `data`, as quantize times them
     (interleaved, one thread), its plan placed on placeholder ranges (what ORT runs depends on the graph,
-    not the ranges); None where the data cannot be read as the recipe says yet (CHECK values)."""
+    not the ranges); else (None, why): the data cannot be read as the recipe says, or ONNX Runtime
+    refused to run the model on it (its message, first line)."""
     try:
         model, _ = prepare(model_path, recipe)
         feeds = next(open_data(data, _inputs(model, model_path), 1, recipe).batches(1)).feeds
         quantized = preview_plan(model, recipe, select_tensors(model, recipe), int8_kernels_may_saturate()).model
         return bench_models(model, quantized, feeds, threads=BENCH_THREADS, rounds=LATENCY_PROBE_ROUNDS,
-                            max_seconds=2.0)
-    except (QtoolError, StopIteration):
-        return None
-    except Exception:  # ORT's own Fail/InvalidArgument/... on this sample: quantize will name it, not init
-        return None
+                            max_seconds=2.0), ""
+    except StopIteration:
+        return None, "the data holds no sample"
+    except QtoolError as exc:
+        return None, str(exc)
+    except Exception as exc:  # ORT's own Fail/InvalidArgument/... on this sample
+        return None, f"ONNX Runtime: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
 
 
 def _is_qtool_schema(path: Path) -> bool:
