@@ -17,7 +17,8 @@ from qtool import __version__
 from qtool.authoring import inspection
 from qtool.authoring import starter
 from qtool.calibration import interchange
-from qtool.calibration.calibrate import CalibrationTable, check_table, save_table, table_document
+from qtool.calibration.calibrate import (CalibrationTable, check_table, recipe_differences, save_table,
+                                        table_document)
 from qtool.calibration.shards import calibrate_with
 from qtool.distributed.ray_executor import refuse_past_limit
 from qtool.errors import ModelError, QtoolError, RecipeError, UsageError
@@ -297,17 +298,12 @@ def recipe_inputs(recipe: Recipe) -> tuple[Path | None, ...]:
 
 
 def _table_warnings(table: CalibrationTable, recipe: Recipe) -> list[str]:
-    """Entropy and mse ranges depend on the activation type: say so if the table's differs."""
+    """What the table's recorded making differs in from this recipe (see `recipe_differences`)."""
     if table.provenance.get("format") in ("trt-cache", "ort-table"):
         return [f"calibration ranges imported from {table.provenance['format']} {table.provenance['file']}: "
                 "not checked against this model file"
                 + (", symmetric [-amax, amax]" if table.provenance["format"] == "trt-cache" else "")]
-    made_with = ((table.provenance.get("recipe") or {}).get("resolved") or {}).get("quantization", {})
-    then, now = made_with.get("activations"), recipe.as_dict()["quantization"]["activations"]
-    if then is not None and then != now:
-        return [f"calibration table {table.provenance.get('file')} was made for activations {then}, "
-                f"this recipe quantizes them as {now}"]
-    return []
+    return recipe_differences(table, recipe)
 
 
 def uses_dynamic(recipe: Recipe) -> bool:

@@ -27,7 +27,7 @@ from qtool.io.artifacts import guarded, write_text_atomic
 from qtool.io.batching import per_run_limit
 from qtool.io.samples import Batch, DataSource
 from qtool.numerics import QType
-from qtool.recipe.schema import CalibrationSpec
+from qtool.recipe.schema import CalibrationSpec, Recipe
 from qtool.runtime.session import make_session, run, with_outputs
 from qtool.runtime.streams import StateCarry
 
@@ -341,3 +341,42 @@ def check_table(table: CalibrationTable, model_sha256: str, needed: list[str]) -
             f"{source}: calibration table has no range for {len(missing)} tensor(s) this plan quantizes "
             f"({shown}); was it made with another recipe? run `qtool calibrate` with this recipe"
         )
+
+
+# What a table's ranges depend on beyond the model and the data: how they were measured, how the data
+# became inputs, and the activation type (entropy and mse search the type's grid).
+RANGE_SETTINGS = (("calibration", ("method", "percentile", "moving_average", "bins", "overrides")),
+                  ("data", ("images", "text", "audio", "state")),
+                  ("quantization", ("activations",)))
+
+
+def recipe_differences(table: CalibrationTable, recipe: Recipe) -> list[str]:
+    """A warning naming each setting in RANGE_SETTINGS whose value in the recipe the table recorded
+    (a qtool table written by `calibrate`) differs from `recipe`'s: the table's ranges are used as they
+    are, so the recipe's value does not apply to them. [] when they agree or the table recorded none."""
+    made_with = (table.provenance.get("recipe") or {}).get("resolved") or {}
+    if not made_with:
+        return []
+    now = recipe.as_dict()
+    differ = []
+    for section, keys in RANGE_SETTINGS:
+        for key in keys:
+            then_value = (made_with.get(section) or {}).get(key)
+            now_value = now[section][key]
+            if key in (made_with.get(section) or {}) and then_value != now_value:
+                differ.extend(_leaf_differences(f"{section}.{key}", then_value, now_value))
+    if not differ:
+        return []
+    shown = "; ".join(differ[:4]) + (f"; and {len(differ) - 4} more" if len(differ) > 4 else "")
+    return [f"calibration table {table.provenance.get('file')} was made with {shown}: its ranges are used as "
+            "measured, so this recipe's values do not apply to them; run `qtool calibrate` with this recipe "
+            "to measure them its way"]
+
+
+def _leaf_differences(where: str, then, now) -> list[str]:
+    """`where` then (this recipe: now), per differing leaf of two nested dicts."""
+    if isinstance(then, dict) and isinstance(now, dict):
+        return [line for key in sorted(set(then) | set(now))
+                for line in _leaf_differences(f"{where}.{key}", then.get(key), now.get(key))
+                if then.get(key) != now.get(key)]
+    return [f"{where} {then} (this recipe: {now})"]

@@ -292,7 +292,7 @@ def render_markdown(report: dict) -> str:
         lines.append(f"Reference {md_escape(reference)} vs candidate {md_escape(candidate)}: {headline(report)}.")
     else:
         lines.append(f"Model {md_escape(reference)}: {headline(report)}; {report['plan']['nodes_quantized']} "
-                     f"nodes quantized, {report['plan']['nodes_float']} float.")
+                     f"nodes quantized, {report['plan']['nodes_float']} float. {_ranges_line(report)}")
     lines.append("")
     if report["gates"]:
         lines += ["## Gates", "", "| gate | threshold | value | verdict |", "|---|---|---|---|"]
@@ -367,6 +367,16 @@ def render_markdown(report: dict) -> str:
     versions_line = ", ".join(f"{k} {v}" for k, v in report["versions"].items())
     lines += ["", f"<sub>{versions_line}; {_hashes_line(report)}</sub>", ""]
     return "\n".join(lines)
+
+
+def _ranges_line(report: dict) -> str:
+    """Where a quantize report's activation ranges came from: its calibration data or a table file."""
+    calib = report["calibration"]
+    if calib["method"] == "none":
+        return "No activation ranges (quantization.mode dynamic)."
+    where = (f"calibration table {calib['table']}" if "table" in calib
+             else f"the calibration data {report['inputs']['calibration_data']['path']}")
+    return f"Activation ranges from {md_escape(where)} (method {calib['method']}, {calib['samples']} samples)."
 
 
 def _hashes_line(report: dict) -> str:
