@@ -309,6 +309,8 @@ def trial_row(result: TrialResult, objective_figure: str, float_bytes: int) -> d
     }
     if result.figure("exact_match") is not None:
         row["exact_match"] = result.figure("exact_match")
+    if result.figure("slice_sqnr_db") is not None:  # what a min_slice_sqnr_db gate reads
+        row["slice_sqnr_db"] = result.figure("slice_sqnr_db")
     if result.accuracy:
         row["accuracy"] = result.accuracy["candidate"]
         row["accuracy_drop"] = result.accuracy["reference"] - result.accuracy["candidate"]
