@@ -29,6 +29,7 @@ from qtool.io.samples import DataSource
 from qtool.io.model import file_sha256, model_file_bytes, save_model
 from qtool.numerics import QTYPES
 from qtool.quantization.placement import plan_and_apply
+from qtool.quantization.precedence import unmatched_overrides
 from qtool.quantization.plan import select_tensors, tensor_types
 from qtool.recipe.schema import Recipe
 from qtool.reporting import document as reporting
@@ -82,6 +83,7 @@ def _setup_trials(model_path: Path, data_dir: Path, recipe: Recipe, folder: Path
     eval_data, eval_labels, warnings = resolve_validation_data(recipe, calib_data, inputs, validation_data, labels)
     warnings = reporting.with_data_notes(warnings, calib_data, eval_data)
     check_gates_are_measurable(recipe, eval_labels)
+    warnings += unmatched_overrides(model.graph, recipe.quantization)
     selection = select_tensors(model, recipe)
     quantized = [(node, d) for node, d in zip(model.graph.node, selection.nodes) if d.quantized]
     initializers = {init.name for init in model.graph.initializer}
