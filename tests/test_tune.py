@@ -580,3 +580,25 @@ def test_tune_warns_when_the_chosen_trial_is_slower_than_float():
     assert any(line.startswith("the chosen trial is slower than float: latency ratio 1.67 (95 % interval 1.65–1.69")
                for line in slower), slower
     assert not any("slower" in line for line in latency_warnings(search, {best.spec.promotions: timed(0.8)}, {}))
+
+
+def test_sensitivity_ranks_only_the_nodes_quantize_quantizes(tmp_path):
+    """Finding 15: sensitivity on ppocr_cls ranked 173 nodes, 9 of them HardSigmoid that quantize and inspect
+    always keep float (placement: no integer kernel, 164 quantized). A Conv -> HardSigmoid -> Mul (hard
+    swish) chain: sensitivity ranks what `inspect` lists as quantized, no more."""
+    rng = np.random.default_rng(0)
+    model = make_model(
+        [helper.make_node("Conv", ["x", "w"], ["c"], name="/conv", pads=[1, 1, 1, 1]),
+         helper.make_node("HardSigmoid", ["c"], ["h"], name="/hsig", alpha=1 / 6, beta=0.5),
+         helper.make_node("Mul", ["c", "h"], ["m"], name="/swish"),
+         helper.make_node("Conv", ["m", "w2"], ["y"], name="/conv2", pads=[1, 1, 1, 1])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        {"w": rng.normal(size=(4, 4, 3, 3)).astype(np.float32), "w2": rng.normal(size=(4, 4, 3, 3)).astype(np.float32)})
+    onnx.save(model, tmp_path / "model.onnx")
+    calib = save_npy_folder(tmp_path / "calib", rng.normal(size=(8, 1, 4, 8, 8)))
+    facts = api.inspect(tmp_path / "model.onnx")
+    quantized = {d.node for d in facts.decisions if d.quantized}
+    assert "/hsig" not in quantized and quantized  # placement keeps it float
+    result = search_api.sensitivity(tmp_path / "model.onnx", calib, None, tmp_path / "sens", validation_data=calib)
+    assert {row["node"] for row in result.rows} == quantized

@@ -28,7 +28,7 @@ from qtool.io.feeds import open_data
 from qtool.io.samples import DataSource
 from qtool.io.model import file_sha256, model_file_bytes, save_model
 from qtool.numerics import QTYPES
-from qtool.quantization.placement import plan_and_apply
+from qtool.quantization.placement import plan_and_apply, preview_plan
 from qtool.quantization.precedence import unmatched_overrides
 from qtool.quantization.plan import select_tensors, tensor_types
 from qtool.recipe.schema import Recipe
@@ -49,7 +49,7 @@ class TrialSetup:
     calib_data: DataSource
     eval_data: DataSource
     warnings: list[str]
-    quantizable: list[str]  # nodes the recipe quantizes, graph order
+    quantizable: list[str]  # nodes the recipe quantizes and placement leaves quantized, graph order
     op_types: dict[str, str]
     unnamed: int  # quantized nodes without a name: no recipe can single them out
     calibration_s: float
@@ -105,7 +105,12 @@ def _setup_trials(model_path: Path, data_dir: Path, recipe: Recipe, folder: Path
         _, _, bias = correct_bias(model, recipe, selection, table, saturating, placed.plan, placed.model, calib_data)
         warnings.append(f"bias_correction {'kept' if bias.kept else 'off'} for every trial: {bias.as_dict()['why']}")
     save_model(model, folder / FLOAT_MODEL)
-    named = [node.name for node, _ in quantized if node.name]
+    # What sensitivity ranks and tune promotes: the nodes quantize would quantize, not those its
+    # placement pass always keeps float (ppocr_cls's 9 HardSigmoid: no integer kernel)
+    placed_float = (preview_plan(model, recipe, selection, int8_kernels_may_saturate()).kept_float
+                    if recipe.quantization.placement != "all" else {})
+    ranked = [(node, d) for node, d in quantized if not node.name or node.name not in placed_float]
+    named = [node.name for node, _ in ranked if node.name]
     a16 = with_overrides(recipe, promotion_overrides([(named[0], "a16")], act.dtype)) if named else recipe
     if float_model_name(a16) != FLOAT_MODEL:
         save_model(prepare(model_path, a16)[0], folder / float_model_name(a16))
@@ -138,7 +143,7 @@ def _setup_trials(model_path: Path, data_dir: Path, recipe: Recipe, folder: Path
     keys = frozenset(node.name or f"#{i}" for i, (node, d) in enumerate(zip(model.graph.node, selection.nodes))
                      if d.quantized)
     return TrialSetup(context, model, prepare_notes, calib_data, eval_data, warnings, named,
-                       {node.name: node.op_type for node, _ in quantized}, len(quantized) - len(named),
+                       {node.name: node.op_type for node, _ in ranked}, len(ranked) - len(named),
                        time.perf_counter() - started, bias is not None and bias.kept, integer_only, power,
                        node_neighbours(model), keys,
                        frozenset(node.name for node, d in quantized if node.name and d.weight_input is not None))
