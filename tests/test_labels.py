@@ -1,5 +1,6 @@
-"""Labels an accuracy gate can trust: labels the model cannot produce and conflicting lines are refused
-(exit 2 naming the line); partial labels and a float accuracy at chance are warned about."""
+"""Labels and validation data an accuracy gate can trust: labels the model cannot produce and conflicting
+lines are refused (exit 2 naming the line); partial labels, a float accuracy at chance and validating on
+the calibration folder are warned about."""
 
 from __future__ import annotations
 
@@ -87,3 +88,14 @@ def test_right_labels_for_every_file_warn_nothing(eval_copy, tmp_path):
     result = compare(folder, tmp_path)
     assert result.exit_code == 0
     assert "warning" not in result.stdout
+
+
+def test_validating_on_the_calibration_folder_is_called_optimistic(tmp_path):
+    """Finding 16: the warning came only when validation data was absent, not when --validation-data
+    named the --data folder itself (here through another spelling of its path)."""
+    result = api.quantize(MODEL, SAMPLE / "calib", Recipe(), None,
+                          validation_data=SAMPLE / "calib" / ".." / "calib")
+    assert any(w.startswith("validation ran on the calibration data") and "figures are optimistic" in w
+               for w in result.report["warnings"])
+    other = api.quantize(MODEL, SAMPLE / "calib", Recipe(), None, validation_data=SAMPLE / "eval")
+    assert not any("optimistic" in w for w in other.report["warnings"])

@@ -28,6 +28,10 @@ def resolve_validation_data(
     folder_path = Path(data_override) if data_override else recipe.resolve_path(spec.data)
     if folder_path is not None:
         folder = open_data(folder_path, inputs, spec.samples, recipe)
+        calib_folder = calib_data.folder if calib_data is not None else None
+        if isinstance(calib_folder, Path) and _same_path(folder_path, calib_folder):
+            warnings.append(f"validation ran on the calibration data ({folder_path} is the --data folder): "
+                            "figures are optimistic")
     elif calib_data is None:
         raise UsageError("no calibration data is read (--calibration, or mode dynamic without --data): give "
                          "validation data with "
@@ -54,6 +58,13 @@ def resolve_validation_data(
         raise DataError(f"{labels_path}: names none of the {len(files)} validation files in {folder.folder} "
                         f"(no line for {files[0]!r}, for one); expected `file label` lines for those files")
     return folder, labels, warnings
+
+
+def _same_path(first, second) -> bool:
+    try:
+        return Path(first).resolve() == Path(second).resolve()
+    except (OSError, RuntimeError):  # a symlink loop: not provably the same
+        return False
 
 
 def accuracy_warnings(comparison: Comparison, labels: dict | None) -> list[str]:
