@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import shutil
 
 import onnx
 import pytest
@@ -73,7 +74,16 @@ def test_runs_stay_under_the_memory_budget(tiny, monkeypatch, budget, runs):
     data = DataFolder(folder, model_inputs(model))
     table = collect(model, TENSORS, data, spec, QTYPES["uint8"], False, progress=lambda *a: seen.append(a))
     assert len(exposed) == runs and max(exposed[1:]) <= budget  # the first run measures one sample
-    assert table.samples == 32 and seen[-1][0] == seen[-1][1]
+    # progress counts samples, whatever the passes: never more than 32, ending at 32 of 32 (finding 11)
+    assert table.samples == 32 and seen[-1] == (32, 32) and {total for _, total in seen} == {32}
+    assert [done for done, _ in seen] == sorted(done for done, _ in seen)
+    one = folder.parent / f"one-{runs}"
+    one.mkdir()
+    shutil.copy(sorted(folder.glob("*.npy"))[0], one)
+    seen.clear()
+    collect(model, TENSORS, DataFolder(one, model_inputs(model)), spec, QTYPES["uint8"], False,
+            progress=lambda *a: seen.append(a))
+    assert seen == [(1, 1)]  # u2netp, 1 file: `calibrate: 1/2 samples`, never 1/1
     for name in TENSORS:  # the same samples, in other runs: the same ranges within two bins
         got, want = table.ranges[name], expected[name]
         resolution = 2 * 2 * (want.hi - want.lo) / CalibrationSpec().bins

@@ -122,8 +122,7 @@ def calibrate(
                 outputs = shared.adopt(outputs, first.feeds)  # for the workers
             _observe(pool, moments, outputs, shared)
             del outputs
-            if progress:
-                progress(1, max(total or 0, 1) * passes)
+            _tick(progress, 1, max(total or 0, 1), passes)
             for index, group in enumerate(groups):
                 if passes > 1 or workers:  # a session per group, one at a time; or one that suits workers
                     session = None
@@ -143,8 +142,8 @@ def calibrate(
                         done += count
                         del outputs  # nothing of this run survives into the next
                     del batch
-                    if progress:  # with several passes: sample-passes, so the ETA holds
-                        progress(index * max(total or 0, done) + done, max(total or 0, done) * passes)
+                    samples = max(total or 0, done)
+                    _tick(progress, 1 + index * (samples - 1) + done - 1, samples, passes)
             found = pool.results()
     finally:
         if shared:
@@ -251,6 +250,15 @@ def _json_safe(value):
     if isinstance(value, (list, tuple)):
         return [_json_safe(item) for item in value]
     return value
+
+
+def _tick(progress: Progress | None, runs_done: int, samples: int, passes: int) -> None:
+    """Progress in samples, `samples` in all: the first sample runs once for every tensor, each other
+    once per pass (tensor group), so with several passes the share of those sample-runs done, scaled to
+    the samples (the rate and ETA hold, and the count ends at samples/samples)."""
+    if progress:
+        runs = 1 + (samples - 1) * passes
+        progress(min(samples, runs_done * samples // runs), samples)
 
 
 def table_document(table: CalibrationTable, *, model_path: Path, model_sha256: str, data: DataSource,
