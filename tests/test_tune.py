@@ -174,7 +174,7 @@ def test_tune_says_when_the_chosen_model_is_larger_than_float(tmp_path):
     chosen, float_bytes = report["chosen"], report["target"]["float_bytes"]
     assert chosen["size_bytes"] == (out / "model.onnx").stat().st_size > float_bytes
     assert chosen["size_ratio"] == pytest.approx(float_bytes / chosen["size_bytes"]) and chosen["size_ratio"] < 1
-    assert f"size {chosen['size_ratio']:.2f}× float" in ran.stdout
+    assert f", {1 / chosen['size_ratio']:.2f}× LARGER than float" in ran.stdout  # not `size 0.60× float`
     assert "warning: the chosen model is LARGER than float" in ran.stderr and "min_size_ratio" in ran.stderr
     assert any(w.startswith("the chosen model is LARGER than float") for w in report["warnings"])
     assert "(**larger than float**)" in (out / "report.md").read_text()
@@ -383,6 +383,9 @@ def test_tune_exits_1_when_no_trial_meets_the_latency_gate(hostile, tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stderr
     assert "gate max_latency_ratio: not met by the best trial" in result.stderr
+    chosen_line = next(line for line in result.stdout.splitlines() if line.startswith("chosen: "))
+    assert ", FAILS the gates) → " in chosen_line  # finding 10: it read like a success on stdout
+    assert chosen_line.index("latency") < chosen_line.index("95 % interval") < chosen_line.index("than float,")
     report = validated(out / "report.json")
     gates = {gate["name"]: gate for gate in report["chosen"]["gates"]}
     assert gates["min_sqnr_db"]["passed"] and not gates["max_latency_ratio"]["passed"]
@@ -602,3 +605,13 @@ def test_sensitivity_ranks_only_the_nodes_quantize_quantizes(tmp_path):
     assert "/hsig" not in quantized and quantized  # placement keeps it float
     result = search_api.sensitivity(tmp_path / "model.onnx", calib, None, tmp_path / "sens", validation_data=calib)
     assert {row["node"] for row in result.rows} == quantized
+
+
+def test_tune_wording_says_what_each_figure_is():
+    """Finding 10: `size 2.14× float` meant 2.14x smaller; `±2% ...; tight means ±2%` called a timing noisy."""
+    from qtool.cli.search import _size_text
+    from qtool.evaluation.latency import noise_warning
+
+    assert _size_text(2.14) == ", 2.14× smaller than float" and _size_text(0.5) == ", 2.00× LARGER than float"
+    [line] = noise_warning(timed(0.70, 0.0314))
+    assert "(±3.1%, over 40 interleaved rounds; tight means within ±3.0%)" in line
