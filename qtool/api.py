@@ -396,7 +396,8 @@ def quantize(
         warnings += _table_warnings(loaded, recipe)
     else:
         table = _measure_ranges(model, recipe, selection, calib_data, tick("calibrate"), executor, ray_address)
-        warnings += table.notes
+        # which method calibration.method auto chose is a note (the report's calibration.note), as calibrate prints it
+        warnings += table.notes[:-1] if table.method_choice else table.notes
     saturating = int8_kernels_may_saturate()
     placed = plan_and_apply(model, recipe, selection, table, saturating)
     plan, quantized = placed.plan, placed.model

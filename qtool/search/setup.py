@@ -97,13 +97,14 @@ def _setup_trials(model_path: Path, data_dir: Path, recipe: Recipe, folder: Path
                               tick("calibrate"))
     if spec.method == "auto":  # the recipe's tensors choose as `qtool quantize` does; the others keep minmax
         table = choose_method(model, recipe, selection, table, int8_kernels_may_saturate(), calib_data)
-        warnings.append(f"{table.notes[-1]}, for every trial")
+        prepare_notes = [*prepare_notes, f"{table.notes[-1]}, for every trial"]  # a note, as quantize says it
     bias = None
     if recipe.quantization.algorithms.bias_correction:  # decided once, on the recipe's own plan
         saturating = int8_kernels_may_saturate()
         placed = plan_and_apply(model, recipe, selection, table, saturating)
         _, _, bias = correct_bias(model, recipe, selection, table, saturating, placed.plan, placed.model, calib_data)
-        warnings.append(f"bias_correction {'kept' if bias.kept else 'off'} for every trial: {bias.as_dict()['why']}")
+        prepare_notes = [*prepare_notes, f"bias_correction {'kept' if bias.kept else 'off'} for every trial: "
+                                          f"{bias.as_dict()['why']}"]
     save_model(model, folder / FLOAT_MODEL)
     # What sensitivity ranks and tune promotes: the nodes quantize would quantize, not those its
     # placement pass always keeps float (ppocr_cls's 9 HardSigmoid: no integer kernel)
