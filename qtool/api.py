@@ -535,7 +535,7 @@ def compare(
         data=data, labels_path=labels_path if labels_path.is_file() else None,
         reference_bytes=reference_bytes, candidate_bytes=candidate_bytes, comparison=comparison,
         gates=results, layers=layers, latency=latency,
-        warnings=accuracy_warnings(comparison, truth) + slower_than_float(latency),
+        warnings=accuracy_warnings(comparison, truth) + slower_than_float(latency, compared=True),
     )
     if output is not None:
         write_artifacts(output, overwrite, report_writers(report))

@@ -307,8 +307,8 @@ def test_compare_bench_warns_when_the_candidate_is_slower_than_float(tmp_path):
     assert ran.returncode == 0, ran.stderr
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["latency"]["ratio"] > 1.0
-    slower = [w for w in report["warnings"] if w.startswith("the quantized model is slower than float")]
+    slower = [w for w in report["warnings"] if w.startswith("the candidate is slower than the reference: latency")]
     assert slower and f"warning: {slower[0]}" in ran.stderr
     text = qtool("compare", str(tmp_path / "fast.onnx"), str(tmp_path / "slow.onnx"), "--data", str(data),
                  "--bench", "--output", str(tmp_path / "out2")).stdout
-    assert "slower than float" in text
+    assert "the candidate is slower than the reference" in text

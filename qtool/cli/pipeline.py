@@ -263,6 +263,6 @@ def compare(reference: Path, candidate: Path, data_dir: Path, labels: Path | Non
     elif not quiet:
         terminal.print_compare_summary(terminal.make_console(), result.report, output_dir, verbose)
     if as_json and not quiet:  # stdout holds only the JSON; the summary printed the warnings otherwise
-        for line in slower_than_float(result.report.get("latency")):
+        for line in slower_than_float(result.report.get("latency"), compared=True):
             click.echo(f"warning: {line}", err=True)
     _exit_on_failed_gates(result)

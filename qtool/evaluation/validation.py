@@ -116,23 +116,25 @@ def layers_and_latency(reference: ModelProto, candidate: ModelProto, data: DataS
     return layers, latency
 
 
-def slower_warning(latency: dict | None, what: str = "the quantized model") -> list[str]:
-    """A warning when `what` (a report's latency section's candidate) is slower than float ([] otherwise)."""
+def slower_warning(latency: dict | None, what: str = "the quantized model", against: str = "float") -> list[str]:
+    """A warning when `what` (a report's latency section's candidate) is slower than `against` (its
+    reference) ([] otherwise)."""
     if latency is None or latency["ratio"] <= 1.0:
         return []
     low, high = latency["ratio_interval"]
-    return [f"{what} is slower than float: latency ratio {latency['ratio']:.2f} (95 % interval {low:.2f}–{high:.2f}; "
-            f"{latency['candidate']['median_ms']:.3g} ms vs {latency['reference']['median_ms']:.3g} ms float, "
-            f"{latency['candidate']['runs']} interleaved rounds)"]
+    return [f"{what} is slower than {against}: latency ratio {latency['ratio']:.2f} (95 % interval {low:.2f}–"
+            f"{high:.2f}; {latency['candidate']['median_ms']:.3g} ms vs {latency['reference']['median_ms']:.3g} ms "
+            f"{against}, {latency['candidate']['runs']} interleaved rounds)"]
 
 
-def slower_than_float(latency: dict | None) -> list[str]:
-    """A warning when the quantized model is slower than float, and one when the timing stayed too noisy
-    to say which is faster (its interval never got tight and holds 1: a busy machine)."""
+def slower_than_float(latency: dict | None, compared: bool = False) -> list[str]:
+    """A warning when the quantized model is slower than float (`compared`: the candidate than the
+    reference, as `compare` names them), and one when the timing stayed too noisy to say which is
+    faster (its interval never got tight and holds 1: a busy machine)."""
     if latency is None:
         return []
     low, high = latency["ratio_interval"]
-    warnings = slower_warning(latency)
+    warnings = slower_warning(latency, *(("the candidate", "the reference") if compared else ()))
     if not latency["tight"] and low <= 1.0 <= high:
         warnings.append(f"the latency ratio {latency['ratio']:.2f} is noisy: its 95 % interval is {low:.2f}–{high:.2f} "
                         f"after {latency['candidate']['runs']} interleaved rounds (the machine was busy), too wide "
