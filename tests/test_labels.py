@@ -99,3 +99,13 @@ def test_validating_on_the_calibration_folder_is_called_optimistic(tmp_path):
                for w in result.report["warnings"])
     other = api.quantize(MODEL, SAMPLE / "calib", Recipe(), None, validation_data=SAMPLE / "eval")
     assert not any("optimistic" in w for w in other.report["warnings"])
+
+
+def test_sensitivity_refuses_labels_the_model_cannot_produce(eval_copy, tmp_path):
+    """tune and sensitivity score trials against the same labels: refused there too, before any trial."""
+    from qtool.search import api as search_api
+
+    folder, pairs = eval_copy
+    write_labels(folder, [(name, 10 if i == 0 else label) for i, (name, label) in enumerate(pairs)])
+    with pytest.raises(DataError, match=r"labels.txt:1: label 10 for .* 10 classes, 0–9"):
+        search_api.sensitivity(MODEL, SAMPLE / "calib", Recipe(), tmp_path / "sens", validation_data=folder)
