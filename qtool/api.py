@@ -17,7 +17,8 @@ from qtool import __version__
 from qtool.authoring import inspection
 from qtool.authoring import starter
 from qtool.calibration import interchange
-from qtool.calibration.calibrate import CalibrationTable, check_table, save_table, table_document
+from qtool.calibration.calibrate import (CalibrationTable, check_table, recipe_differences, save_table,
+                                        table_document)
 from qtool.calibration.shards import calibrate_with
 from qtool.distributed.ray_executor import refuse_past_limit
 from qtool.errors import ModelError, QtoolError, RecipeError, SideFileError, UsageError
@@ -26,9 +27,9 @@ from qtool.evaluation.float_choice import FloatEndsOutcome, choose_float_ends
 from qtool.evaluation.compare import GATES, GateResult, check_gates, compare_models
 from qtool.evaluation.latency import BenchResult, bench_models
 from qtool.evaluation.method_choice import choose_method
-from qtool.evaluation.validation import (check_gates_are_measurable, extra_figures, kernel_gap_cause, kernel_warnings,
-                                         layers_and_latency, resolve_validation_data, slower_than_float,
-                                         unmeasurable_gates)
+from qtool.evaluation.validation import (accuracy_warnings, check_gates_are_measurable, extra_figures,
+                                         kernel_gap_cause, kernel_warnings, layers_and_latency,
+                                         resolve_validation_data, slower_than_float, unmeasurable_gates)
 from qtool.io.artifacts import guarded, write_artifacts, write_text_atomic
 from qtool.io.data import model_inputs, read_labels
 from qtool.io.external import in_scratch
@@ -135,7 +136,7 @@ class InitResult:
     recipe: Path
     schema: Path | None  # the JSON Schema written beside it (None: `schema` named one)
     latency_ratio: float | None  # the starter's int8 model against float, as measured (None: no --data to time)
-    warnings: list[str]  # also in the recipe's comments: a gate left out, and why
+    warnings: list[str]  # the latency gate likely to fail (also in the recipe's comments), or why it was not timed
 
 
 def init_recipe(
@@ -173,7 +174,7 @@ def init_recipe(
     text = starter.starter_recipe(model, model_path, output, data, evaluation,
                                   schema or starter.SCHEMA_FILE, image)
     recipe = parse_recipe(text, output)  # what we write must load as it is; a RecipeError here names the key
-    latency = _probe_latency(model_path, recipe, data) if data is not None else None
+    latency, unmeasured = _probe_latency(model_path, recipe, data) if data is not None else (None, "")
     slow = None
     if latency is not None and latency.ratio > starter.LATENCY_MARGIN:  # the gate would fail, or flap
         slow = starter.MeasuredLatency(latency.ratio, latency.reference.median_ms, latency.candidate.median_ms,
@@ -186,23 +187,31 @@ def init_recipe(
     if schema_path is not None:
         write_text_atomic(schema_path, json.dumps(recipe_json_schema(), indent=2) + "\n")
     write_text_atomic(output, text)
-    return InitResult(output, schema_path, latency.ratio if latency else None, [slow.warning()] if slow else [])
+    warnings = [slow.warning()] if slow else []
+    if unmeasured:
+        warnings.append(f"could not time the recipe's int8 model against float on the first sample of {data} "
+                        f"(so its max_latency_ratio gate is unchecked here, and quantize may fail the same way): "
+                        f"{unmeasured}")
+    return InitResult(output, schema_path, latency.ratio if latency else None, warnings)
 
 
-def _probe_latency(model_path: Path, recipe: Recipe, data: Path) -> BenchResult | None:
+def _probe_latency(model_path: Path, recipe: Recipe, data: Path) -> tuple[BenchResult | None, str]:
     """The starter recipe's model against float on the first sample of `data`, as quantize times them
     (interleaved, one thread), its plan placed on placeholder ranges (what ORT runs depends on the graph,
-    not the ranges); None where the data cannot be read as the recipe says yet (CHECK values)."""
+    not the ranges); else (None, why): the data cannot be read as the recipe says, or ONNX Runtime
+    refused to run the model on it (its message, first line)."""
     try:
         model, _ = prepare(model_path, recipe)
         feeds = next(open_data(data, _inputs(model, model_path), 1, recipe).batches(1)).feeds
         quantized = preview_plan(model, recipe, select_tensors(model, recipe), int8_kernels_may_saturate()).model
         return bench_models(model, quantized, feeds, threads=BENCH_THREADS, rounds=LATENCY_PROBE_ROUNDS,
-                            max_seconds=2.0)
-    except (QtoolError, StopIteration):
-        return None
-    except Exception:  # ORT's own Fail/InvalidArgument/... on this sample: quantize will name it, not init
-        return None
+                            max_seconds=2.0), ""
+    except StopIteration:
+        return None, "the data holds no sample"
+    except QtoolError as exc:
+        return None, str(exc)
+    except Exception as exc:  # ORT's own Fail/InvalidArgument/... on this sample
+        return None, f"ONNX Runtime: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
 
 
 def _is_qtool_schema(path: Path) -> bool:
@@ -293,17 +302,12 @@ def recipe_inputs(recipe: Recipe) -> tuple[Path | None, ...]:
 
 
 def _table_warnings(table: CalibrationTable, recipe: Recipe) -> list[str]:
-    """Entropy and mse ranges depend on the activation type: say so if the table's differs."""
+    """What the table's recorded making differs in from this recipe (see `recipe_differences`)."""
     if table.provenance.get("format") in ("trt-cache", "ort-table"):
         return [f"calibration ranges imported from {table.provenance['format']} {table.provenance['file']}: "
                 "not checked against this model file"
                 + (", symmetric [-amax, amax]" if table.provenance["format"] == "trt-cache" else "")]
-    made_with = ((table.provenance.get("recipe") or {}).get("resolved") or {}).get("quantization", {})
-    then, now = made_with.get("activations"), recipe.as_dict()["quantization"]["activations"]
-    if then is not None and then != now:
-        return [f"calibration table {table.provenance.get('file')} was made for activations {then}, "
-                f"this recipe quantizes them as {now}"]
-    return []
+    return recipe_differences(table, recipe)
 
 
 def uses_dynamic(recipe: Recipe) -> bool:
@@ -396,7 +400,8 @@ def quantize(
         warnings += _table_warnings(loaded, recipe)
     else:
         table = _measure_ranges(model, recipe, selection, calib_data, tick("calibrate"), executor, ray_address)
-        warnings += table.notes
+        # which method calibration.method auto chose is a note (the report's calibration.note), as calibrate prints it
+        warnings += table.notes[:-1] if table.method_choice else table.notes
     saturating = int8_kernels_may_saturate()
     placed = plan_and_apply(model, recipe, selection, table, saturating)
     ends: FloatEndsOutcome | None = None
@@ -419,6 +424,7 @@ def quantize(
                                batch_size=recipe.calibration.batch_size, optimize_candidate=False)
     comparison = compare_models(model, quantized, eval_data, labels=eval_labels,
                                 batch_size=recipe.calibration.batch_size, progress=tick("validate"))
+    warnings += accuracy_warnings(comparison, eval_labels)
     layers, latency = layers_and_latency(
         model, quantized, eval_data, recipe.calibration.batch_size, per_layer,
         bench or "max_latency_ratio" in recipe.validation.gates, threads or BENCH_THREADS, tick,
@@ -545,6 +551,7 @@ def compare(
         data=data, labels_path=labels_path if labels_path.is_file() else None,
         reference_bytes=reference_bytes, candidate_bytes=candidate_bytes, comparison=comparison,
         gates=results, layers=layers, latency=latency,
+        warnings=accuracy_warnings(comparison, truth) + slower_than_float(latency, compared=True),
     )
     if output is not None:
         write_artifacts(output, overwrite, report_writers(report))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import shutil
 
 import onnx
 import pytest
@@ -73,7 +74,16 @@ def test_runs_stay_under_the_memory_budget(tiny, monkeypatch, budget, runs):
     data = DataFolder(folder, model_inputs(model))
     table = collect(model, TENSORS, data, spec, QTYPES["uint8"], False, progress=lambda *a: seen.append(a))
     assert len(exposed) == runs and max(exposed[1:]) <= budget  # the first run measures one sample
-    assert table.samples == 32 and seen[-1][0] == seen[-1][1]
+    # progress counts samples, whatever the passes: never more than 32, ending at 32 of 32 (finding 11)
+    assert table.samples == 32 and seen[-1] == (32, 32) and {total for _, total in seen} == {32}
+    assert [done for done, _ in seen] == sorted(done for done, _ in seen)
+    one = folder.parent / f"one-{runs}"
+    one.mkdir()
+    shutil.copy(sorted(folder.glob("*.npy"))[0], one)
+    seen.clear()
+    collect(model, TENSORS, DataFolder(one, model_inputs(model)), spec, QTYPES["uint8"], False,
+            progress=lambda *a: seen.append(a))
+    assert seen == [(1, 1)]  # u2netp, 1 file: `calibrate: 1/2 samples`, never 1/1
     for name in TENSORS:  # the same samples, in other runs: the same ranges within two bins
         got, want = table.ranges[name], expected[name]
         resolution = 2 * 2 * (want.hi - want.lo) / CalibrationSpec().bins
@@ -150,6 +160,34 @@ def test_quantize_from_table_is_byte_identical(sample, tmp_path):
     report = json.loads((tmp_path / "reused" / "report.json").read_text())
     assert report["calibration"]["table"] == str(table)
     assert report["calibration"]["method"] == "percentile"
+
+
+def test_a_table_made_with_another_recipe_is_named_in_a_warning_and_in_report_md(sample, tmp_path):
+    """Finding 9: a table measured with percentile 99.9, used under a recipe saying entropy (and another
+    input preprocessing), was accepted silently; the recipe's method silently did not apply."""
+    from qtool.calibration.calibrate import load_table, recipe_differences
+    from qtool.recipe.load import load_recipe
+
+    _, _, table = sample
+    other = tmp_path / "other.yaml"
+    other.write_text("version: 1\ncalibration: {method: entropy, samples: 64}\nvalidation: {samples: 32}\n")
+    result = CliRunner().invoke(main, ["quantize", str(SAMPLE / "model.onnx"), "--calibration", str(table),
+                                       "--recipe", str(other), "--validation-data", str(SAMPLE / "eval"),
+                                       "--no-bench", "--output", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert (f"calibration table {table} was made with calibration.method percentile (this recipe: entropy); "
+            "calibration.percentile 99.9 (this recipe: 99.99): its ranges are used as measured") in text
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert f"Activation ranges from calibration table {table} (method percentile, 64 samples)." in markdown
+    images = tmp_path / "images.yaml"
+    images.write_text("version: 1\ncalibration: {method: percentile, percentile: 99.9}\n"
+                      "data: {images: {size: [16, 16], layout: NCHW, channels: RGB, scale: 1}}\n")
+    [warning] = recipe_differences(load_table(table), load_recipe(images))
+    assert "data.images None (this recipe: {" in warning and "'scale': 1.0" in warning
+    same = tmp_path / "same.yaml"
+    same.write_text("version: 1\ncalibration: {method: percentile, percentile: 99.9, samples: 8}\n")
+    assert recipe_differences(load_table(table), load_recipe(same)) == []  # samples do not change a range
 
 
 def test_table_for_another_model_is_refused(sample, tmp_path):

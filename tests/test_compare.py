@@ -281,3 +281,34 @@ def test_a_recipe_whose_every_accuracy_gate_is_not_applicable_is_refused(tmp_pat
     assert "not applicable" in ran.stdout
     suite = ET.parse(tmp_path / "junit.xml").getroot()[0]
     assert (suite.get("skipped"), suite.get("failures")) == ("1", "0") and suite.find("testcase/skipped") is not None
+
+
+def matmul_chain(widths: list[int], seed: int = 0) -> onnx.ModelProto:
+    """x [N, widths[0]] -> MatMul ... -> y [N, widths[-1]], weights scaled to keep values near 1."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, prev = [], {}, "x"
+    for i, (a, b) in enumerate(zip(widths, widths[1:])):
+        inits[f"w{i}"] = (rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32)
+        out = "y" if i == len(widths) - 2 else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [out], name=f"/mm{i}"))
+        prev = out
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", widths[0]])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", widths[-1]])], inits)
+
+
+def test_compare_bench_warns_when_the_candidate_is_slower_than_float(tmp_path):
+    """As quantize does: a candidate slower than its reference (here ~100x the arithmetic) is a report
+    warning, printed with the summary, and on stderr under --json."""
+    onnx.save(matmul_chain([16, 16]), tmp_path / "fast.onnx")
+    onnx.save(matmul_chain([16] + [256] * 12 + [16]), tmp_path / "slow.onnx")
+    data = save_npy_folder(tmp_path / "data", np.random.default_rng(0).normal(size=(4, 1, 16)))
+    ran = qtool("compare", str(tmp_path / "fast.onnx"), str(tmp_path / "slow.onnx"), "--data", str(data),
+                "--bench", "--json", "--output", str(tmp_path / "out"))
+    assert ran.returncode == 0, ran.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["latency"]["ratio"] > 1.0
+    slower = [w for w in report["warnings"] if w.startswith("the candidate is slower than the reference: latency")]
+    assert slower and f"warning: {slower[0]}" in ran.stderr
+    text = qtool("compare", str(tmp_path / "fast.onnx"), str(tmp_path / "slow.onnx"), "--data", str(data),
+                 "--bench", "--output", str(tmp_path / "out2")).stdout
+    assert "the candidate is slower than the reference" in text

@@ -15,6 +15,7 @@ from qtool import api
 from qtool.cli.main import main
 from qtool.errors import CalibrationError, DataError, ModelError
 from qtool.recipe.load import load_recipe
+from qtool.recipe.schema import Recipe
 
 
 def gemm_only(seed: int = 0):
@@ -109,8 +110,14 @@ def test_a_node_whose_every_range_is_degenerate_counts_as_float(tmp_path):
     assert not nodes["gate"]["quantized"] and nodes["gate"]["reason"].startswith("float: no usable range for z")
     assert nodes["conv"]["quantized"] and nodes["add"]["quantized"]
     assert result.report["plan"]["nodes_quantized"] == sum(node["quantized"] for node in nodes.values()) == 3
-    assert any(w.startswith("1 of the 4 nodes the recipe quantizes kept float: no usable range")
-               for w in result.report["warnings"])
+    assert any(w.startswith("1 of the 4 nodes the plan quantizes kept float (3 of the model's 4 nodes quantized): "
+                            "no usable range") for w in result.report["warnings"])
+    # Finding 15: under placement fused the Add beside the float Sigmoid stays float too; the warning counted
+    # the recipe's 4 nodes while the plan said 2 of 4 quantized: it counts the plan's, as the summary does.
+    fused = api.quantize(path, data, Recipe())
+    quantized = fused.report["plan"]["nodes_quantized"]
+    assert quantized < 3 and (f"1 of the {quantized + 1} nodes the plan quantizes kept float ({quantized} of the "
+                              "model's 4 nodes quantized)") in " ".join(fused.report["warnings"])
     assert not any(node.op_type == "QuantizeLinear" and node.input[0] in ("z", "half") for node in result.model.graph.node)
 
 

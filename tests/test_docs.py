@@ -204,3 +204,17 @@ def test_no_color_quantize_has_no_colour_codes(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "\x1b[" not in result.stdout
     assert not re.search(r"\x1b\[[0-9;]*m", result.stderr)
+
+
+def test_the_readme_lists_every_command_with_the_output_options():
+    """Finding 17: the README said quantize and calibrate had only --quiet (they have -v and --json too)."""
+    import re
+
+    from qtool.cli.main import main
+
+    text = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    sentence = text[text.index("Output options mean the same"):].split(" have all three")[0]
+    listed = set(re.findall(r"`([a-z]+)`", sentence.split("nothing else there")[1]))
+    having = {name for name, command in main.commands.items()
+              if {"quiet", "verbose", "as_json"} <= {param.name for param in command.params}}
+    assert listed == having

@@ -273,3 +273,33 @@ def test_init_times_the_starter_and_says_when_its_latency_gate_will_fail_here(tm
     assert ran.exit_code == 0 and load_recipe(tmp_path / "d.yaml").validation.gates["max_latency_ratio"] == 1.0
     assert ("warning: the starter recipe's int8 model ran at" in ran.stderr) is (
         "Measured by `qtool init`" in (tmp_path / "d.yaml").read_text())
+
+
+def test_a_size_the_detector_cannot_take_is_refused_naming_the_sizes_it_can(tmp_path):
+    """PaddleOCR's detector needs H and W in multiples of 32: --size 300x300 wrote a recipe whose quantize
+    then failed with ONNX Runtime's `Attempting to broadcast an axis by a dimension other than 1. 19 by 20`."""
+    folder = shared_model("ppocr_det")
+    result = init(str(folder / "model.onnx"), "--data", str(folder / "calib"), "--size", "300x300",
+                  "--output", str(tmp_path / "r.yaml"))
+    assert result.exit_code == 2 and not (tmp_path / "r.yaml").exists()
+    assert ("--size 300x300: the model is a PaddleOCR text detector (DB), whose height and width must be "
+            "multiples of 32") in result.stderr
+    assert "e.g. --size 288x288 or --size 320x320" in result.stderr
+
+
+def test_init_says_why_its_latency_probe_failed(tmp_path):
+    """A model ONNX Runtime cannot run on the data's first sample (a constant [1, 3, 8, 8] added to 10x10
+    inputs): init still writes the recipe, and says on stderr that it could not time it, with ORT's reason."""
+    model = make_model([helper.make_node("Conv", ["x", "w"], ["c"], name="/conv"),
+                        helper.make_node("Add", ["c", "k"], ["y"], name="/add")],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, "H2", "W2"])],
+                       {"w": np.ones((3, 3, 1, 1), np.float32), "k": np.ones((1, 3, 8, 8), np.float32)})
+    save(model, tmp_path / "model.onnx")
+    (tmp_path / "calib").mkdir()
+    np.save(tmp_path / "calib" / "0000.npy", np.ones((1, 3, 10, 10), np.float32))
+    result = init(str(tmp_path / "model.onnx"), "--data", str(tmp_path / "calib"), "--output",
+                  str(tmp_path / "r.yaml"))
+    assert result.exit_code == 0 and (tmp_path / "r.yaml").is_file()
+    assert "warning: could not time the recipe's int8 model against float on the first sample of" in result.stderr
+    assert "ONNX Runtime:" in result.stderr and "broadcast" in result.stderr.lower()

@@ -375,3 +375,14 @@ def test_an_override_that_matches_no_node_is_named(tmp_path):
     unmatched = [w for w in result.report["warnings"] if "matches no node" in w]
     assert unmatched == ["overrides[0] (op_type 'Cnov') matches no node of the model: it does nothing "
                          "(`qtool inspect MODEL` lists the node names and op types)"]
+
+
+def test_an_exclude_entry_that_matches_no_node_is_named_as_an_override_is(tmp_path):
+    """Finding 6: `exclude: {op_types: [Convv], nodes: ['^model/conv2d_99/.*']}` was a silent no-op."""
+    recipe = ("version: 1\nquantization:\n  exclude:\n    op_types: [Convv, Relu]\n"
+              "    nodes: ['^model/conv2d_99/.*', 'pool']\n")
+    result = quantize_tiny(tmp_path, conv_relu_pool_gemm(), recipe)
+    unmatched = [w for w in result.report["warnings"] if "matches no node" in w]
+    assert unmatched == [f"{what} matches no node of the model: it does nothing (`qtool inspect MODEL` lists "
+                         "the node names and op types)"
+                         for what in ("exclude.op_types[0] ('Convv')", "exclude.nodes[0] ('^model/conv2d_99/.*')")]

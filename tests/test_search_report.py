@@ -50,3 +50,27 @@ def test_tune_report_opens_with_the_charts_and_folds_the_promotions():
         "rows": [{"rank": i + 1, "node": f"/n{i}", "sqnr_db": 10.0 + i} for i in range(50)]}})
     assert sensitivity.count("<svg") == 1 and "the 40 most sensitive" in sensitivity
     assert sensitivity.index("<svg") < sensitivity.index("<details>")
+
+
+def test_the_trials_table_shows_the_gated_figure_once_each():
+    """Finding 8: gates {min_slice_sqnr_db: 14.5} (objective sqnr_db) showed 14.74 under both `sqnr_db` and
+    `SQNR dB` and marked the row fail: the gate read the worst slice (14.24), which no column showed."""
+    from qtool.reporting.search import render_markdown
+
+    row = {**trial("a", 100, 14.74, False, chosen=True), "sqnr_db": 14.74, "slice_sqnr_db": 14.24,
+           "latency_ratio": None}
+    report = {"command": "tune", "passed": False, "final": True, "interrupted": False, "warnings": [],
+              "prepare": [], "inputs": {"model": {"path": "m.onnx"}},
+              "target": {"gates": {"min_slice_sqnr_db": 14.5}, "objective": "sqnr_db", "float_accuracy": None},
+              "search": {"trials_run": 1, "max_trials": 5, "wall_s": 1.0, "jobs": 1, "stop_reason": "done"},
+              "chosen": {"trial": "a", "promotions": [], "size_ratio": 4.0},
+              "trials": [row], "latency": {"status": "off"}, "sensitivity": {"rows": []}}
+    text = render_markdown(report)
+    header = next(line for line in text.splitlines() if line.startswith("| # |"))
+    assert header == "| # | trial | promotions | size B | size ratio | latency ratio | sqnr_db | worst slice dB | gates |"
+    assert "| 14.74 | 14.24 | fail |" in text
+    table = render_html(report).split("<h2>Trials</h2>")[1]
+    assert table.count("14.74") == 1 and "<th class=\"num\">worst slice dB</th>" in table and "14.24" in table
+    cosine = render_markdown({**report, "target": {**report["target"], "gates": {"min_cosine": 0.99},
+                                                   "objective": "cosine"}})
+    assert "| cosine | SQNR dB | gates |" in cosine  # no gate on SQNR: it is still shown, once

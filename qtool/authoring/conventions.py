@@ -20,7 +20,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class Convention:
-    """One family's input preprocessing; `size` is None where the family takes any H and W."""
+    """One family's input preprocessing; `size` is None where the family takes any H and W, and then
+    `multiple` (when set) is what H and W must be multiples of (the network's coarsest stride)."""
 
     family: str
     source: str
@@ -30,6 +31,7 @@ class Convention:
     std: tuple[float, ...]
     size: tuple[int, int] | None
     matches: Callable[[ModelProto], bool]
+    multiple: int | None = None
 
 
 def _dims(values) -> list[list]:
@@ -69,13 +71,14 @@ def _is_ppocr_recogniser(model: ModelProto) -> bool:
 
 
 # PaddleOCR's inference scripts (tools/infer/predict_det.py, predict_cls.py, predict_rec.py) decode with
-# OpenCV, so channels are BGR. The text-line models keep the aspect ratio and pad the width to the
+# OpenCV, so channels are BGR. The detector resizes H and W to multiples of 32 (its feature pyramid adds maps
+# upsampled from 1/32 scale to those at 1/16, 1/8 and 1/4: any other size fails to broadcast in ONNX Runtime). The text-line models keep the aspect ratio and pad the width to the
 # size given; qtool resizes to it exactly, which is the same for lines of that aspect.
 _PPOCR = "PaddleOCR's tools/infer/predict_{}.py"
 
 CONVENTIONS = (
     Convention("PaddleOCR text detector (DB)", _PPOCR.format("det") + ": BGR, x/255, ImageNet mean/std",
-               "BGR", 255, IMAGENET_MEAN, IMAGENET_STD, None, _is_ppocr_detector),
+               "BGR", 255, IMAGENET_MEAN, IMAGENET_STD, None, _is_ppocr_detector, multiple=32),
     Convention("PaddleOCR text-line classifier", _PPOCR.format("cls") + ": BGR, x/255, mean/std 0.5, 48x192",
                "BGR", 255, (0.5,), (0.5,), (48, 192), _is_ppocr_classifier),
     Convention("PaddleOCR text recogniser", _PPOCR.format("rec") + ": BGR, x/255, mean/std 0.5, 48x320",

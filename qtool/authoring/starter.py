@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from qtool.authoring.conventions import Convention, find_convention
 from qtool.errors import UsageError
 from qtool.authoring.sequences import TRANSFORMER_BASE, is_transformer, sequence_data_lines
+from qtool.errors import UsageError
 from qtool.io.data import DATA_SUFFIXES, InputSpec, model_inputs
 from qtool.io.samples import integer_outputs
 from qtool.io.images import IMAGE_SUFFIXES, image_dimensions
@@ -170,6 +171,20 @@ def _label_count(folder: Path | None) -> int:
         return 0
 
 
+def check_size(model: ModelProto, size: tuple[int, int] | None) -> None:
+    """Raise UsageError (exit 2) when `size` ([H, W], from --size) is not a multiple of what the model's
+    family needs (PaddleOCR's detector: 32), naming the nearest sizes that are."""
+    convention = find_convention(model)
+    step = convention.multiple if convention is not None else None
+    if size is None or step is None or not any(side % step for side in size):
+        return
+    lower = "x".join(str(max(step, side // step * step)) for side in size)
+    upper = "x".join(str(-(-side // step) * step) for side in size)
+    raise UsageError(f"--size {size[0]}x{size[1]}: the model is a {convention.family}, whose height and width "
+                     f"must be multiples of {step} ({convention.source.split(':')[0]}); e.g. --size {lower} or "
+                     f"--size {upper}")
+
+
 def starter_recipe(
     model: ModelProto,
     model_path: Path,
@@ -181,7 +196,9 @@ def starter_recipe(
     slow: MeasuredLatency | None = None,
 ) -> str:
     """The recipe text: YAML that `load_recipe` accepts as it is. `slow`: the int8 model measured slower
-    than LATENCY_MARGIN x float: the comments say that its max_latency_ratio gate will likely fail here."""
+    than LATENCY_MARGIN x float: the comments say that its max_latency_ratio gate will likely fail here.
+    Raises UsageError for an `image.size` the model family the file shows cannot take (check_size)."""
+    check_size(model, image.size)
     inputs = model_inputs(model)
     base = recipe_path.parent
     transformer = is_transformer(model_path, data_dir, inputs)

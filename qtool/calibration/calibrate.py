@@ -27,7 +27,7 @@ from qtool.io.artifacts import guarded, write_text_atomic
 from qtool.io.batching import per_run_limit
 from qtool.io.samples import Batch, DataSource
 from qtool.numerics import QType
-from qtool.recipe.schema import CalibrationSpec
+from qtool.recipe.schema import CalibrationSpec, Recipe
 from qtool.runtime.session import make_session, run, with_outputs
 from qtool.runtime.streams import StateCarry
 
@@ -122,8 +122,7 @@ def calibrate(
                 outputs = shared.adopt(outputs, first.feeds)  # for the workers
             _observe(pool, moments, outputs, shared)
             del outputs
-            if progress:
-                progress(1, max(total or 0, 1) * passes)
+            _tick(progress, 1, max(total or 0, 1), passes)
             for index, group in enumerate(groups):
                 if passes > 1 or workers:  # a session per group, one at a time; or one that suits workers
                     session = None
@@ -143,8 +142,8 @@ def calibrate(
                         done += count
                         del outputs  # nothing of this run survives into the next
                     del batch
-                    if progress:  # with several passes: sample-passes, so the ETA holds
-                        progress(index * max(total or 0, done) + done, max(total or 0, done) * passes)
+                    samples = max(total or 0, done)
+                    _tick(progress, 1 + index * (samples - 1) + done - 1, samples, passes)
             found = pool.results()
     finally:
         if shared:
@@ -253,6 +252,15 @@ def _json_safe(value):
     return value
 
 
+def _tick(progress: Progress | None, runs_done: int, samples: int, passes: int) -> None:
+    """Progress in samples, `samples` in all: the first sample runs once for every tensor, each other
+    once per pass (tensor group), so with several passes the share of those sample-runs done, scaled to
+    the samples (the rate and ETA hold, and the count ends at samples/samples)."""
+    if progress:
+        runs = 1 + (samples - 1) * passes
+        progress(min(samples, runs_done * samples // runs), samples)
+
+
 def table_document(table: CalibrationTable, *, model_path: Path, model_sha256: str, data: DataSource,
                    recipe: dict, qtool_version: str) -> dict:
     """The calibration table file's content: ranges plus what they were measured on."""
@@ -341,3 +349,42 @@ def check_table(table: CalibrationTable, model_sha256: str, needed: list[str]) -
             f"{source}: calibration table has no range for {len(missing)} tensor(s) this plan quantizes "
             f"({shown}); was it made with another recipe? run `qtool calibrate` with this recipe"
         )
+
+
+# What a table's ranges depend on beyond the model and the data: how they were measured, how the data
+# became inputs, and the activation type (entropy and mse search the type's grid).
+RANGE_SETTINGS = (("calibration", ("method", "percentile", "moving_average", "bins", "overrides")),
+                  ("data", ("images", "text", "audio", "state")),
+                  ("quantization", ("activations",)))
+
+
+def recipe_differences(table: CalibrationTable, recipe: Recipe) -> list[str]:
+    """A warning naming each setting in RANGE_SETTINGS whose value in the recipe the table recorded
+    (a qtool table written by `calibrate`) differs from `recipe`'s: the table's ranges are used as they
+    are, so the recipe's value does not apply to them. [] when they agree or the table recorded none."""
+    made_with = (table.provenance.get("recipe") or {}).get("resolved") or {}
+    if not made_with:
+        return []
+    now = recipe.as_dict()
+    differ = []
+    for section, keys in RANGE_SETTINGS:
+        for key in keys:
+            then_value = (made_with.get(section) or {}).get(key)
+            now_value = now[section][key]
+            if key in (made_with.get(section) or {}) and then_value != now_value:
+                differ.extend(_leaf_differences(f"{section}.{key}", then_value, now_value))
+    if not differ:
+        return []
+    shown = "; ".join(differ[:4]) + (f"; and {len(differ) - 4} more" if len(differ) > 4 else "")
+    return [f"calibration table {table.provenance.get('file')} was made with {shown}: its ranges are used as "
+            "measured, so this recipe's values do not apply to them; run `qtool calibrate` with this recipe "
+            "to measure them its way"]
+
+
+def _leaf_differences(where: str, then, now) -> list[str]:
+    """`where` then (this recipe: now), per differing leaf of two nested dicts."""
+    if isinstance(then, dict) and isinstance(now, dict):
+        return [line for key in sorted(set(then) | set(now))
+                for line in _leaf_differences(f"{where}.{key}", then.get(key), now.get(key))
+                if then.get(key) != now.get(key)]
+    return [f"{where} {then} (this recipe: {now})"]

@@ -90,8 +90,9 @@ def quantize(model: Path, recipe_path: Path | None, data_dir: Path | None, data_
     _exit_on_failed_gates(result, hint, side_file)
 
 
-LATENCY_HINT = ("next: only the latency gate failed: the quantized model is accurate but slower than float "
-                "here; ship the float model, or measure on the target machine (--provider, --threads)")
+LATENCY_HINT = ("next: only the latency gate failed: the quantized model passes its accuracy gates (see the warnings "
+                "on what they measured) but is slower than float here; ship the float model, or measure on the "
+                "target machine (--provider, --threads)")
 
 
 def _data(data_dir: Path | None, data_loader: str | None):
@@ -284,4 +285,7 @@ def compare(reference: Path, candidate: Path, data_dir: Path, labels: Path | Non
         click.echo(render_json(result.report), nl=False)
     elif not quiet:
         terminal.print_compare_summary(terminal.make_console(), result.report, output_dir, verbose)
+    if as_json and not quiet:  # stdout holds only the JSON; the summary printed the warnings otherwise
+        for line in slower_than_float(result.report.get("latency"), compared=True):
+            click.echo(f"warning: {line}", err=True)
     _exit_on_failed_gates(result, side_file=side_file)

@@ -26,6 +26,13 @@ def _duration(ctx, param, value: str | None) -> float | None:
         raise click.BadParameter(str(exc)) from None
 
 
+def _size_text(ratio: float | None) -> str:
+    """The chosen model's size against float's (`ratio`: float bytes / its bytes), in words."""
+    if ratio is None:
+        return ""
+    return f", {ratio:.2f}× smaller than float" if ratio >= 1 else f", {1 / ratio:.2f}× LARGER than float"
+
+
 def _warn_lost(lost: list[dict], quiet: bool) -> None:
     """One stderr line naming the trials Ray lost after its retries (the report lists them too)."""
     if lost and not quiet:
@@ -171,18 +178,19 @@ def tune(model: Path, recipe_path: Path, data_dir: Path, validation_data: Path |
         chosen = report["chosen"]
         row = next((row for row in report["trials"] if row["chosen"]), {})
         ratio, interval = row.get("latency_ratio"), row.get("latency_interval")
-        click.echo(f"{report['search']['trials_run']} trials, {report['search']['wall_s']:.1f} s; "
+        runs = report["search"]["trials_run"]
+        click.echo(f"{runs} trial{'' if runs == 1 else 's'}, {report['search']['wall_s']:.1f} s; "
                    f"{report['search']['stop_reason']}")
-        size = chosen.get("size_ratio")
         click.echo(f"chosen: {chosen['trial']} ({len(chosen['promotions'])} promotion(s)"
                    + (f", latency {ratio:.2f}× float" if ratio is not None else "")
-                   + (f", size {size:.2f}× float" if size is not None else "")
-                   + (f" (95 % interval {interval[0]:.2f}–{interval[1]:.2f})" if interval else "") + ") → "
+                   + (f" (95 % interval {interval[0]:.2f}–{interval[1]:.2f})" if ratio is not None and interval else "")
+                   + _size_text(chosen.get("size_ratio"))
+                   + ("" if chosen["passed"] else ", FAILS the gates") + ") → "
                    f"{output_dir}/model.onnx, {output_dir}/{search_api.TUNED_RECIPE}")
         if report["latency"].get("finalists"):
             click.echo(f"latency: {report['latency']['verdict']}")
         for line in report["warnings"]:
-            if line.startswith(("the chosen trial's latency", "latency too noisy")):
+            if line.startswith(("the chosen trial's latency", "the chosen trial is slower", "latency too noisy")):
                 click.echo(f"warning: {line}", err=True)
     _warn(result.alerts, quiet)
     if result.interrupted:

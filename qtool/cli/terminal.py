@@ -15,6 +15,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from qtool.reporting.document import calibration_notes
+
 
 def make_console(stderr: bool = False) -> Console:
     """Colour only on a terminal (rich decides) and never with NO_COLOR set, not even bold."""
@@ -89,6 +91,8 @@ def print_quantize_summary(console: Console, report: dict, output_dir: Path, ver
     _add_gate_rows(table, report["gates"])
     console.print(table)
     _print_warnings(console, report["warnings"])
+    for note in calibration_notes(report):  # which method calibration.method auto chose: said always
+        console.print(f"note: {note}", highlight=False, markup=False)
     if verbose:
         for note in report["prepare"] + report["plan"]["notes"]:
             console.print(f"note: {note}", highlight=False, markup=False)

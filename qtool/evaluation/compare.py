@@ -9,6 +9,7 @@ import numpy as np
 from onnx import ModelProto
 
 from qtool.errors import DataError
+from qtool.evaluation.labels import check_label_range
 from qtool.evaluation.metrics import is_classifier_output, top1
 from qtool.io.data import DataFolder
 from qtool.runtime.session import make_session, run_batch
@@ -177,6 +178,7 @@ class Comparison:
     outputs: dict[str, dict]  # output name -> figures
     accuracy: dict[str, float] = field(default_factory=dict)  # "reference"/"candidate" -> top-1
     labelled: int = 0
+    classes: int = 0  # the labelled output's class count (accuracy's chance level is 1/classes)
 
     def figure(self, name: str) -> float | None:
         """The worst value of a figure over all outputs (what a gate checks); cosine, SQNR and top-1
@@ -227,13 +229,14 @@ def compare_models(
 ) -> Comparison:
     """Run both models on every sample; stream per-output figures and accuracy. A stateful model's
     streams (`data.state`) run chunk by chunk, each model fed back its own state outputs; text data's
-    padding (`data.mask_input`, its attention mask) is left out of integer outputs' exact match."""
+    padding (`data.mask_input`, its attention mask) is left out of integer outputs' exact match.
+    A label outside the first output's class range raises DataError naming its line."""
     ref_session = make_session(reference)
     cand_session = make_session(candidate, optimize=optimize_candidate)
     ref_carry, cand_carry = StateCarry(data.state), StateCarry(data.state)  # each model its own stream state
     stats: dict[str, OutputStats] = {}
     correct = {"reference": 0, "candidate": 0}
-    labelled = samples = 0
+    labelled = samples = classes = 0
     total = data.total or 0
     for batch in data.batches(batch_size):
         if not batch.files:  # files that hold 0 samples
@@ -249,6 +252,8 @@ def compare_models(
         if labels:
             first = next(iter(ref_out))
             if is_classifier_output(ref_out[first]):
+                classes = ref_out[first].shape[1]
+                check_label_range(labels, batch.files, classes, first)
                 known = [i for i, f in enumerate(batch.files) if f in labels]
                 truth = np.array([labels[batch.files[i]] for i in known])
                 if known:
@@ -261,7 +266,7 @@ def compare_models(
         raise DataError(f"{data.folder}: no samples to validate with (its files hold arrays of length 0 "
                         "along the batch axis)")
     accuracy = {key: value / labelled for key, value in correct.items()} if labelled else {}
-    return Comparison(samples, {name: s.figures() for name, s in stats.items()}, accuracy, labelled)
+    return Comparison(samples, {name: s.figures() for name, s in stats.items()}, accuracy, labelled, classes)
 
 
 # Gates that read the model's accuracy (the others read its size and speed).

@@ -173,6 +173,6 @@ def noise_warning(bench: BenchResult, what: str = "the latency ratio") -> list[s
     if bench.tight:
         return []
     e = bench.estimate
-    return [f"{what} {e.median:.2f} is noisy: its 95 % interval is {e.low:.2f}–{e.high:.2f} "
-            f"(±{e.spread:.0%}, over {e.rounds} interleaved rounds; tight means ±{bench.tolerance:.0%}): "
+    return [f"{what} {e.median:.2f} is noisy: its 95 % interval is {e.low:.3f}–{e.high:.3f} "
+            f"(±{e.spread:.1%}, over {e.rounds} interleaved rounds; tight means within ±{bench.tolerance:.1%}): "
             "the machine was busy; time again on a quiet one before trusting small differences"]

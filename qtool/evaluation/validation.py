@@ -11,6 +11,7 @@ from qtool.errors import DataError, RecipeError, UsageError
 from qtool.evaluation.compare import ACCURACY_GATES, GATES, Comparison, not_applicable
 from qtool.evaluation.latency import bench_models, latency_section
 from qtool.evaluation.per_layer import layer_errors, layers_section, weight_errors
+from qtool.evaluation.labels import label_warnings, labels_source
 from qtool.io.data import read_labels
 from qtool.io.feeds import open_data
 from qtool.io.samples import DataSource, integer_outputs
@@ -27,6 +28,10 @@ def resolve_validation_data(
     folder_path = Path(data_override) if data_override else recipe.resolve_path(spec.data)
     if folder_path is not None:
         folder = open_data(folder_path, inputs, spec.samples, recipe)
+        calib_folder = calib_data.folder if calib_data is not None else None
+        if isinstance(calib_folder, Path) and _same_path(folder_path, calib_folder):
+            warnings.append(f"validation ran on the calibration data ({folder_path} is the --data folder): "
+                            "figures are optimistic")
     elif calib_data is None:
         raise UsageError("no calibration data is read (--calibration, or mode dynamic without --data): give "
                          "validation data with "
@@ -53,6 +58,22 @@ def resolve_validation_data(
         raise DataError(f"{labels_path}: names none of the {len(files)} validation files in {folder.folder} "
                         f"(no line for {files[0]!r}, for one); expected `file label` lines for those files")
     return folder, labels, warnings
+
+
+def _same_path(first, second) -> bool:
+    try:
+        return Path(first).resolve() == Path(second).resolve()
+    except (OSError, RuntimeError):  # a symlink loop: not provably the same
+        return False
+
+
+def accuracy_warnings(comparison: Comparison, labels: dict | None) -> list[str]:
+    """What the comparison's top-1 accuracy measured, when it may be nothing: labels for part of the
+    data, or a float accuracy at chance (see `label_warnings`)."""
+    if not labels:
+        return []
+    return label_warnings(comparison.samples, comparison.labelled, comparison.accuracy.get("reference"),
+                          comparison.classes, labels_source(labels))
 
 
 def check_gates_are_measurable(recipe: Recipe, labels: dict | None) -> None:
@@ -95,18 +116,25 @@ def layers_and_latency(reference: ModelProto, candidate: ModelProto, data: DataS
     return layers, latency
 
 
-def slower_than_float(latency: dict | None) -> list[str]:
-    """A warning when the quantized model is slower than float, and one when the timing stayed too noisy
-    to say which is faster (its interval never got tight and holds 1: a busy machine)."""
+def slower_warning(latency: dict | None, what: str = "the quantized model", against: str = "float") -> list[str]:
+    """A warning when `what` (a report's latency section's candidate) is slower than `against` (its
+    reference) ([] otherwise)."""
+    if latency is None or latency["ratio"] <= 1.0:
+        return []
+    low, high = latency["ratio_interval"]
+    return [f"{what} is slower than {against}: latency ratio {latency['ratio']:.2f} (95 % interval {low:.2f}–"
+            f"{high:.2f}; {latency['candidate']['median_ms']:.3g} ms vs {latency['reference']['median_ms']:.3g} ms "
+            f"{against}, {latency['candidate']['runs']} interleaved rounds)"]
+
+
+def slower_than_float(latency: dict | None, compared: bool = False) -> list[str]:
+    """A warning when the quantized model is slower than float (`compared`: the candidate than the
+    reference, as `compare` names them), and one when the timing stayed too noisy to say which is
+    faster (its interval never got tight and holds 1: a busy machine)."""
     if latency is None:
         return []
     low, high = latency["ratio_interval"]
-    warnings = []
-    if latency["ratio"] > 1.0:
-        warnings.append(f"the quantized model is slower than float: latency ratio {latency['ratio']:.2f} "
-                        f"(95 % interval {low:.2f}–{high:.2f}; {latency['candidate']['median_ms']:.3g} ms vs "
-                        f"{latency['reference']['median_ms']:.3g} ms float, {latency['candidate']['runs']} "
-                        "interleaved rounds)")
+    warnings = slower_warning(latency, *(("the candidate", "the reference") if compared else ()))
     if not latency["tight"] and low <= 1.0 <= high:
         warnings.append(f"the latency ratio {latency['ratio']:.2f} is noisy: its 95 % interval is {low:.2f}–{high:.2f} "
                         f"after {latency['candidate']['runs']} interleaved rounds (the machine was busy), too wide "

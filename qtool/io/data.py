@@ -27,7 +27,7 @@ from qtool.io.samples import Batch, DataSource, fit_to_input, model_inputs
 from qtool.io.images import IMAGE_SUFFIXES, image_size_for, preprocess_image
 from qtool.recipe.inputs import ImageSpec
 
-__all__ = ["Batch", "DataFolder", "DataSource", "InputSpec", "fit_to_input", "model_inputs", "read_labels"]
+__all__ = ["Batch", "DataFolder", "DataSource", "InputSpec", "fit_to_input", "Labels", "model_inputs", "read_labels"]
 
 LABEL_FILES = ("labels.txt",)
 ARRAY_SUFFIXES = (".npy", ".npz")
@@ -234,9 +234,24 @@ class DataFolder(DataSource):
         return other
 
 
-def read_labels(path: Path) -> dict[str, int]:
-    """`file label` per line; blank lines and `#` comments ignored."""
-    labels: dict[str, int] = {}
+class Labels(dict):
+    """File name -> class index (a dict), remembering the file and line each came from, so that a
+    label the model cannot produce is refused naming its line (`where`)."""
+
+    def __init__(self, source: Path):
+        super().__init__()
+        self.source = source
+        self.lines: dict[str, int] = {}
+
+    def where(self, name: str) -> str:
+        """`labels.txt:LINE` of `name`'s label."""
+        return f"{self.source}:{self.lines[name]}" if name in self.lines else str(self.source)
+
+
+def read_labels(path: Path) -> Labels:
+    """`file label` per line; blank lines and `#` comments ignored. Raises DataError naming the line
+    of a malformed one, and of a file labelled twice with different classes (which would be a guess)."""
+    labels = Labels(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
@@ -248,5 +263,10 @@ def read_labels(path: Path) -> dict[str, int]:
         parts = text.split()
         if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
             raise DataError(f"{path}:{number}: expected `file label` with an integer label, got {line!r}")
-        labels[parts[0]] = int(parts[1])
+        name, label = parts[0], int(parts[1])
+        if name in labels and labels[name] != label:
+            raise DataError(f"{path}:{number}: {name} is labelled {label} here but {labels[name]} on line "
+                            f"{labels.lines[name]}: one label a file")
+        labels[name] = label
+        labels.lines.setdefault(name, number)
     return labels

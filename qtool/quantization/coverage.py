@@ -53,13 +53,15 @@ def check_coverage(plan: QuantPlan, asked: int, *, model: Path, recipe: Path | N
                           for reason, ops in sorted(reasons.items(), key=lambda item: -sum(item[1].values()))[:3])
         raise ModelError(f"{model}: nothing to quantize: none of its {len(plan.nodes)} nodes under recipe "
                          f"{recipe or '(built-in default)'} ({shown}); nothing written")
-    if not quantized or rangeless > MAX_RANGELESS_SHARE * asked:
+    planned = quantized + rangeless  # what the plan quantizes with ranges (placement has kept others float)
+    if not quantized or rangeless > MAX_RANGELESS_SHARE * planned:
         degenerate = [note for note in plan.notes if "kept float" in note and "range" in note]
         error = CalibrationError if table else DataError
-        raise error(f"{ranges_from}: no usable range for {rangeless} of the {asked} nodes the recipe quantizes "
+        raise error(f"{ranges_from}: no usable range for {rangeless} of the {planned} nodes the plan quantizes "
                     f"({quantized} left quantized), e.g. {'; '.join(degenerate[:2])}: every value the same, or a "
                     "scale that is zero, tiny or not finite; nothing written")
     if rangeless:
-        return [f"{rangeless} of the {asked} nodes the recipe quantizes kept float: no usable range from "
-                f"{ranges_from} (the plan's notes name each tensor)"]
+        return [f"{rangeless} of the {planned} nodes the plan quantizes kept float ({quantized} of the model's "
+                f"{len(plan.nodes)} nodes quantized): no usable range from {ranges_from} (the plan's notes name "
+                "each tensor)"]
     return []

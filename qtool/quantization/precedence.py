@@ -83,9 +83,14 @@ def settings_reason(settings: NodeSettings) -> str:
 
 
 def unmatched_overrides(graph, quant: QuantizationSpec) -> list[str]:
-    """One warning per override that matches no node of `graph` (a misspelt op type, another
-    exporter's naming): it does nothing, and a recipe that silently does nothing is a lie."""
-    return [f"{_describe_match(i, override)} matches no node of the model: it does nothing "
-            "(`qtool inspect MODEL` lists the node names and op types)"
-            for i, override in enumerate(quant.overrides)
-            if not any(_matches(override.match, node) for node in graph.node)]
+    """One warning per override, and per `exclude` op type or node pattern, that matches no node of
+    `graph` (a misspelt op type, another exporter's naming): it does nothing, and a recipe that silently
+    does nothing is a lie."""
+    hint = "matches no node of the model: it does nothing (`qtool inspect MODEL` lists the node names and op types)"
+    op_types = {node.op_type for node in graph.node}
+    return ([f"{_describe_match(i, override)} {hint}" for i, override in enumerate(quant.overrides)
+             if not any(_matches(override.match, node) for node in graph.node)]
+            + [f"exclude.op_types[{i}] ({op_type!r}) {hint}" for i, op_type in enumerate(quant.exclude.op_types)
+               if op_type not in op_types]
+            + [f"exclude.nodes[{i}] ({pattern!r}) {hint}" for i, pattern in enumerate(quant.exclude.nodes)
+               if not any(patterns.fullmatch(pattern, node.name) for node in graph.node)])

@@ -161,8 +161,8 @@ def _calibration_section(recipe: Recipe, table: CalibrationTable) -> dict:
     section = {"method": recipe.calibration.method, "samples": table.samples, "tensors": len(table.ranges)}
     if table.batching:  # per input its batch axis and why; how many samples a run held
         section["batching"] = table.batching
-    if table.method_choice:  # calibration.method auto: each tensor's chosen range
-        section["method_choice"] = table.method_choice
+    if table.method_choice:  # calibration.method auto: each tensor's chosen range, and the choice in one line
+        section.update(method_choice=table.method_choice, note=table.notes[-1])
     if table.provenance.get("file"):  # ranges read from `--calibration TABLE.json`
         made_with = ((table.provenance.get("recipe") or {}).get("resolved") or {}).get("calibration") or {}
         section.update(method=made_with.get("method", section["method"]), table=table.provenance["file"])
@@ -292,7 +292,7 @@ def render_markdown(report: dict) -> str:
         lines.append(f"Reference {md_escape(reference)} vs candidate {md_escape(candidate)}: {headline(report)}.")
     else:
         lines.append(f"Model {md_escape(reference)}: {headline(report)}; {report['plan']['nodes_quantized']} "
-                     f"nodes quantized, {report['plan']['nodes_float']} float.")
+                     f"nodes quantized, {report['plan']['nodes_float']} float. {_ranges_line(report)}")
     lines.append("")
     if report["gates"]:
         lines += ["## Gates", "", "| gate | threshold | value | verdict |", "|---|---|---|---|"]
@@ -359,7 +359,7 @@ def render_markdown(report: dict) -> str:
                   f"host: {'yes' if report['host']['int8_kernels_may_saturate'] else 'no'})."]
     if "algorithms" in report:
         lines += algorithms_markdown(report["algorithms"], md_escape)
-    notes = report.get("prepare", []) + report.get("plan", {}).get("notes", [])
+    notes = report.get("prepare", []) + report.get("plan", {}).get("notes", []) + calibration_notes(report)
     if notes or report["warnings"]:
         lines += ["", "## Notes", ""]
         lines += [f"- warning: {md_escape(w)}" for w in report["warnings"]]
@@ -367,6 +367,22 @@ def render_markdown(report: dict) -> str:
     versions_line = ", ".join(f"{k} {v}" for k, v in report["versions"].items())
     lines += ["", f"<sub>{versions_line}; {_hashes_line(report)}</sub>", ""]
     return "\n".join(lines)
+
+
+def calibration_notes(report: dict) -> list[str]:
+    """The calibration section's note (which method calibration.method auto chose), if any."""
+    note = (report.get("calibration") or {}).get("note")
+    return [note] if note else []
+
+
+def _ranges_line(report: dict) -> str:
+    """Where a quantize report's activation ranges came from: its calibration data or a table file."""
+    calib = report["calibration"]
+    if calib["method"] == "none":
+        return "No activation ranges (quantization.mode dynamic)."
+    where = (f"calibration table {calib['table']}" if "table" in calib
+             else f"the calibration data {report['inputs']['calibration_data']['path']}")
+    return f"Activation ranges from {md_escape(where)} (method {calib['method']}, {calib['samples']} samples)."
 
 
 def _hashes_line(report: dict) -> str:

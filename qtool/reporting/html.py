@@ -9,7 +9,7 @@ import html
 import math
 import shlex
 
-from qtool.reporting.document import _fmt, _fmt_gate, gate_verdict, headline
+from qtool.reporting.document import _fmt, _fmt_gate, calibration_notes, gate_verdict, headline
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:0;
@@ -316,7 +316,7 @@ def _provenance(report: dict) -> str:
 def render_html(report: dict) -> str:
     passed = report["passed"]
     notes = [f"warning: {w}" for w in report["warnings"]] + report.get("prepare", []) \
-        + report.get("plan", {}).get("notes", [])
+        + report.get("plan", {}).get("notes", []) + calibration_notes(report)
     notes_html = ("<h2>Notes</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>") if notes else ""
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">

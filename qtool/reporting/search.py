@@ -34,6 +34,21 @@ def _figure(row: dict, objective: str) -> str:
     return _fmt(value if number is None else number)
 
 
+# a gate -> the trial row's figure it reads and that figure's column heading
+GATED_COLUMNS = {"max_accuracy_drop": ("accuracy_drop", "accuracy drop"), "min_top1_agreement": None,
+                 "min_sqnr_db": ("sqnr_db", "SQNR dB"), "min_slice_sqnr_db": ("slice_sqnr_db", "worst slice dB"),
+                 "min_cosine": ("cosine", "cosine"), "min_exact_match": ("exact_match", "exact match")}
+
+
+def _figure_columns(target: dict) -> list[tuple[str, str]]:
+    """(row key, heading) of the trials table's figures after the objective: each gated figure the
+    objective column does not already show (what the gates column's verdict read), else SQNR."""
+    shown = {target["objective"], "accuracy_drop" if target["objective"] == "accuracy" else ""}
+    columns = [GATED_COLUMNS[gate] for gate in target["gates"] if GATED_COLUMNS.get(gate)
+               and GATED_COLUMNS[gate][0] not in shown]
+    return columns or ([] if target["objective"] == "sqnr_db" else [("sqnr_db", "SQNR dB")])
+
+
 def _latency(row: dict) -> str:
     ratio = _num(row.get("latency_ratio"))
     return "—" if ratio is None else f"{ratio:.2f}×"
@@ -118,15 +133,17 @@ def render_markdown(report: dict) -> str:
         lines += ["| node | step |", "|---|---|"]
         lines += [f"| {md_escape(p['node'])} | {p['step']} |" for p in chosen["promotions"]]
         lines.append("")
+    figures = _figure_columns(target)
     lines += ["## Trials (★ chosen, ◆ on the size/accuracy frontier)", "",
-              "| # | trial | promotions | size B | size ratio | latency ratio | " + target["objective"]
-              + " | SQNR dB | gates |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| # | trial | promotions | size B | size ratio | latency ratio | " + target["objective"] + " | "
+              + "".join(f"{heading} | " for _, heading in figures) + "gates |",
+              "|---|---|---|---|---|---|---|" + "---|" * len(figures) + "---|"]
     for i, row in enumerate(report["trials"], 1):
         mark = ("★" if row["chosen"] else "") + ("◆" if row["frontier"] else "")
         lines.append(f"| {i}{mark} | {md_escape(row['trial'])} | {_promotions(row)} | {row['size_bytes']:,} | "
                      f"{_fmt(row['size_ratio'])} | {_latency(row)} | {_figure(row, target['objective'])} | "
-                     f"{_fmt(row['sqnr_db'])} | {'pass' if row['passed'] else 'fail'} |")
+                     + "".join(f"{_fmt(row.get(key))} | " for key, _ in figures)
+                     + f"{'pass' if row['passed'] else 'fail'} |")
     lines += ["", _latency_note(report["latency"]), ""]
     sens = report["sensitivity"]
     if sens["rows"]:
@@ -300,13 +317,15 @@ def render_html(report: dict) -> str:
             parts.append(f'<details><summary>The chosen trial\'s {len(chosen["promotions"])} promotion(s)</summary>'
                          + _table(["node", "step"], [[f'<span class="mono">{esc(p["node"])}</span>', esc(p["step"])]
                                                      for p in chosen["promotions"]]) + "</details>")
+        figures = _figure_columns(target)
         rows = [[esc(i) + (" ★" if r["chosen"] else "") + (" ◆" if r["frontier"] else ""),
                  f'<span class="mono">{esc(r["trial"])}</span>', esc(_promotions(r)), esc(f"{r['size_bytes']:,}"),
                  esc(_fmt(r["size_ratio"])), esc(_latency(r)), esc(_figure(r, target["objective"])),
-                 esc(_fmt(r["sqnr_db"])), "pass" if r["passed"] else "fail"] for i, r in enumerate(report["trials"], 1)]
+                 *(esc(_fmt(r.get(key))) for key, _ in figures), "pass" if r["passed"] else "fail"]
+                for i, r in enumerate(report["trials"], 1)]
         parts.append("<h2>Trials</h2>" + _table(["#", "trial", "promotions", "size B", "size ratio", "latency ratio",
-                                                  esc(target["objective"]), "SQNR dB", "gates"], rows,
-                                                 {3, 4, 5, 6, 7}))
+                                                  esc(target["objective"]), *(esc(h) for _, h in figures), "gates"],
+                                                 rows, set(range(3, 7 + len(figures)))))
         if report["sensitivity"]["rows"]:
             parts.append("<h2>Sensitivity</h2><details><summary>All "
                          f'{len(report["sensitivity"]["rows"])} nodes</summary><div class="card">'

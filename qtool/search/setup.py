@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -17,7 +18,9 @@ from qtool.calibration.calibrate import calibrate as calibrate_tensors
 from qtool.distributed.ray_executor import LostTask
 from qtool.errors import RecipeError, UsageError
 from qtool.evaluation.bias_choice import correct_bias
+from qtool.evaluation.labels import check_label_range, label_warnings, labels_source
 from qtool.evaluation.method_choice import choose_method
+from qtool.evaluation.metrics import is_classifier_output, top1
 from qtool.evaluation.validation import check_gates_are_measurable, resolve_validation_data
 from qtool.io.data import model_inputs
 from qtool.io.external import scratch
@@ -26,7 +29,8 @@ from qtool.io.samples import DataSource
 from qtool.io.targets import begins_like
 from qtool.io.model import file_sha256, model_file_bytes, save_model
 from qtool.numerics import QTYPES
-from qtool.quantization.placement import plan_and_apply
+from qtool.quantization.placement import plan_and_apply, preview_plan
+from qtool.quantization.precedence import unmatched_overrides
 from qtool.quantization.plan import select_tensors, tensor_types
 from qtool.recipe.schema import Recipe
 from qtool.reporting import document as reporting
@@ -46,7 +50,7 @@ class TrialSetup:
     calib_data: DataSource
     eval_data: DataSource
     warnings: list[str]
-    quantizable: list[str]  # nodes the recipe quantizes, graph order
+    quantizable: list[str]  # nodes the recipe quantizes and placement leaves quantized, graph order
     op_types: dict[str, str]
     unnamed: int  # quantized nodes without a name: no recipe can single them out
     calibration_s: float
@@ -80,6 +84,7 @@ def _setup_trials(model_path: Path, data_dir: Path, recipe: Recipe, folder: Path
     eval_data, eval_labels, warnings = resolve_validation_data(recipe, calib_data, inputs, validation_data, labels)
     warnings = reporting.with_data_notes(warnings, calib_data, eval_data)
     check_gates_are_measurable(recipe, eval_labels)
+    warnings += unmatched_overrides(model.graph, recipe.quantization)
     selection = select_tensors(model, recipe)
     quantized = [(node, d) for node, d in zip(model.graph.node, selection.nodes) if d.quantized]
     initializers = {init.name for init in model.graph.initializer}
@@ -93,25 +98,37 @@ def _setup_trials(model_path: Path, data_dir: Path, recipe: Recipe, folder: Path
                               tick("calibrate"))
     if spec.method == "auto":  # the recipe's tensors choose as `qtool quantize` does; the others keep minmax
         table = choose_method(model, recipe, selection, table, int8_kernels_may_saturate(), calib_data)
-        warnings.append(f"{table.notes[-1]}, for every trial")
+        prepare_notes = [*prepare_notes, f"{table.notes[-1]}, for every trial"]  # a note, as quantize says it
     bias = None
     if recipe.quantization.algorithms.bias_correction:  # decided once, on the recipe's own plan
         saturating = int8_kernels_may_saturate()
         placed = plan_and_apply(model, recipe, selection, table, saturating)
         _, _, bias = correct_bias(model, recipe, selection, table, saturating, placed.plan, placed.model, calib_data)
-        warnings.append(f"bias_correction {'kept' if bias.kept else 'off'} for every trial: {bias.as_dict()['why']}")
+        prepare_notes = [*prepare_notes, f"bias_correction {'kept' if bias.kept else 'off'} for every trial: "
+                                          f"{bias.as_dict()['why']}"]
     save_model(model, folder / FLOAT_MODEL)
-    named = [node.name for node, _ in quantized if node.name]
+    # What sensitivity ranks and tune promotes: the nodes quantize would quantize, not those its
+    # placement pass always keeps float (ppocr_cls's 9 HardSigmoid: no integer kernel)
+    placed_float = (preview_plan(model, recipe, selection, int8_kernels_may_saturate()).kept_float
+                    if recipe.quantization.placement != "all" else {})
+    ranked = [(node, d) for node, d in quantized if not node.name or node.name not in placed_float]
+    named = [node.name for node, _ in ranked if node.name]
     a16 = with_overrides(recipe, promotion_overrides([(named[0], "a16")], act.dtype)) if named else recipe
     if float_model_name(a16) != FLOAT_MODEL:
         save_model(prepare(model_path, a16)[0], folder / float_model_name(a16))
     session = make_session(model, threads=threads)
     batches = []
     carry = StateCarry(eval_data.state)  # a stateful model's streams: trials carry their own state likewise
+    scored = Counter()  # the float model's top-1 on the labelled samples: warned about at chance
     for batch in eval_data.batches(recipe.calibration.batch_size):
         reference = carry.run(partial(run, session), batch)
         truth = [eval_labels.get(name, -1) if eval_labels else -1 for name in batch.files]
         batches.append((batch.feeds, reference, truth, batch.starts[0] if batch.starts else None))
+        _score_float(scored, eval_labels, batch.files, reference, truth)
+    if eval_labels:
+        warnings += label_warnings(scored["samples"], scored["labelled"],
+                                   scored["correct"] / scored["labelled"] if scored["labelled"] else None,
+                                   scored["classes"], labels_source(eval_labels))
     integer_only = bool(batches) and not any(np.asarray(value).dtype.kind == "f" for value in batches[0][1].values())
     power: dict[str, list[float]] = {}
     for _, reference, _, _ in batches:  # samples along axis 0, as a trial's first N are taken
@@ -128,10 +145,24 @@ def _setup_trials(model_path: Path, data_dir: Path, recipe: Recipe, folder: Path
     keys = frozenset(node.name or f"#{i}" for i, (node, d) in enumerate(zip(model.graph.node, selection.nodes))
                      if d.quantized)
     return TrialSetup(context, model, prepare_notes, calib_data, eval_data, warnings, named,
-                       {node.name: node.op_type for node, _ in quantized}, len(quantized) - len(named),
+                       {node.name: node.op_type for node, _ in ranked}, len(ranked) - len(named),
                        time.perf_counter() - started, bias is not None and bias.kept, integer_only, power,
                        node_neighbours(model), keys,
                        frozenset(node.name for node, d in quantized if node.name and d.weight_input is not None))
+
+
+def _score_float(scored: Counter, labels: dict | None, files: list[str], reference: dict, truth: list[int]) -> None:
+    """Add one batch's float top-1 to `scored`, refusing labels the first output cannot produce."""
+    scored["samples"] += len(files)
+    first = next(iter(reference), None)
+    if not labels or first is None or not is_classifier_output(np.asarray(reference[first])):
+        return
+    scores = np.asarray(reference[first])
+    scored["classes"] = scores.shape[1]
+    check_label_range(labels, files, scores.shape[1], first)
+    known = np.asarray(truth) >= 0
+    scored["labelled"] += int(known.sum())
+    scored["correct"] += int(np.sum(top1(scores)[known] == np.asarray(truth)[known]))
 
 
 def node_neighbours(model: ModelProto) -> dict[str, frozenset[str]]:
@@ -291,6 +322,8 @@ def trial_row(result: TrialResult, objective_figure: str, float_bytes: int) -> d
     }
     if result.figure("exact_match") is not None:
         row["exact_match"] = result.figure("exact_match")
+    if result.figure("slice_sqnr_db") is not None:  # what a min_slice_sqnr_db gate reads
+        row["slice_sqnr_db"] = result.figure("slice_sqnr_db")
     if result.accuracy:
         row["accuracy"] = result.accuracy["candidate"]
         row["accuracy_drop"] = result.accuracy["reference"] - result.accuracy["candidate"]

@@ -4,6 +4,8 @@ finalists' second timing, the max_latency_ratio verdict and the noise warnings."
 from __future__ import annotations
 
 from qtool.evaluation.latency import MIN_ROUNDS, TOLERANCE, BenchResult, noise_warning
+from qtool.evaluation.latency import latency_section as bench_section
+from qtool.evaluation.validation import slower_warning
 from qtool.runtime.session import current_providers
 from qtool.search.promote import Search
 from qtool.search.trial import LATENCY_THREADS, TrialContext, TrialResult, trial_latency
@@ -70,12 +72,14 @@ def latency_verdict(search: Search, latencies: dict[tuple, BenchResult], confirm
 
 
 def latency_warnings(search: Search, latencies: dict[tuple, BenchResult], confirmed: dict[tuple, BenchResult]) -> list[str]:
-    """Warnings when the chosen trial's timing stayed noisy, or could not be told from the runner-up's."""
+    """Warnings when the chosen trial is slower than float, when its timing stayed noisy, or when it could
+    not be told from the runner-up's."""
     best = search.best
     timing = latencies.get(best.spec.promotions) if best is not None and best.passed else None
     if timing is None:
         return []
-    warnings = noise_warning(timing, "the chosen trial's latency ratio")
+    warnings = slower_warning(bench_section(timing), "the chosen trial")
+    warnings += noise_warning(timing, "the chosen trial's latency ratio")
     verdict = latency_verdict(search, latencies, confirmed)["verdict"]
     if verdict.startswith("too noisy"):
         warnings.append(f"latency {verdict}")
