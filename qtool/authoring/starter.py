@@ -17,7 +17,6 @@ from onnx import ModelProto
 from pydantic import ValidationError
 
 from qtool.authoring.conventions import Convention, find_convention
-from qtool.errors import UsageError
 from qtool.authoring.sequences import TRANSFORMER_BASE, is_transformer, sequence_data_lines
 from qtool.errors import UsageError
 from qtool.io.data import DATA_SUFFIXES, InputSpec, model_inputs
