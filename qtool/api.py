@@ -54,7 +54,7 @@ from qtool.reporting import document as reporting
 from qtool.reporting.algorithms import algorithms_section
 from qtool.reporting.files import check_ci_files, report_writers, write_ci_files
 from qtool.runtime.session import (INTEGER_OP_TYPES, check_runnable, int8_kernels_may_saturate, op_histogram,
-                                   optimized_graph)
+                                   optimized_graph, tensor_shapes)
 
 # progress(stage, done, total): the CLI renders it; nothing below the CLI prints.
 Progress = Callable[[str, int, int | None], None]
@@ -394,6 +394,9 @@ def quantize(
         table = _measure_ranges(model, recipe, selection, calib_data, tick("calibrate"), executor, ray_address)
         warnings += table.notes
     saturating = int8_kernels_may_saturate()
+    shape_data = calib_data if calib_data is not None else eval_data
+    if recipe.quantization.placement == "fast" and shape_data is not None:  # what placement estimates costs from
+        table = replace(table, shapes=tensor_shapes(model, next(shape_data.batches(1)).feeds))
     placed = plan_and_apply(model, recipe, selection, table, saturating)
     plan, quantized = placed.plan, placed.model
     ranges_from = Path(calibration) if calibration else calib_data.folder if calib_data else "(no calibration data)"

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qtool.errors import CalibrationError, DataError, ModelError
+from qtool.quantization.kernel_costs import SLOWER_PREFIX
 
 if TYPE_CHECKING:
     from qtool.quantization.plan import NodeDecision, QuantPlan
@@ -45,6 +46,12 @@ def check_coverage(plan: QuantPlan, asked: int, *, model: Path, recipe: Path | N
     calibration data's or table's, `ranges_from`). Returns the warning for a smaller loss."""
     quantized = sum(d.quantized for d in plan.nodes)
     rangeless = sum(d.reason.startswith(NO_RANGE) for d in plan.nodes)
+    slower = sum(d.reason.startswith(SLOWER_PREFIX) for d in plan.nodes)
+    if asked and not quantized and not rangeless and slower:
+        return [f"{model}: no 8-bit kernel pays here: the placement pass estimates every node the recipe "
+                f"quantizes ({slower} kept float for speed) faster as float compute on ONNX Runtime's CPU kernels, "
+                "conversions included, so the model is written without Q/DQ; `quantization.placement: all` "
+                "quantizes them anyway (slower than float)"]
     if not asked or not (quantized or rangeless):
         reasons: dict[str, Counter] = {}
         for d in plan.nodes:
