@@ -121,6 +121,9 @@ def inspect(model_path: str | Path, recipe: Recipe | str | Path | None = None) -
                                      int8_kernels_may_saturate()).plan.nodes
             notes.append("nodes quantized: as `qtool quantize` places them (placeholder ranges); calibration can "
                          "keep a few more float (degenerate ranges, Concat inputs far apart)")
+            if recipe.quantization.placement == "fast":
+                notes.append("placement fast: the groups quantize keeps float for speed are estimated on the tensor "
+                             "shapes of a calibration sample, which inspect does not read: counted as fused")
     opset = inspection.opset_problem(opset_version(header), upgraded)
     return inspection.describe_model(
         header, model_path, ([opset] if opset else []) + problems, prepare_notes=notes,

@@ -12,10 +12,16 @@ from qtool import api
 from qtool.recipe.load import load_recipe
 
 
+def fused_preset(name: str):
+    """The shipped preset with `placement: fused`: these tests check integer kernels, which the ppocr_cls
+    preset's `fast` placement leaves out on CPU (test_ppocr_cls_preset_writes_it_float)."""
+    recipe = load_recipe(ROOT / "qtool" / "recipe" / "presets" / f"{name}.yaml")
+    return recipe.model_copy(update={"quantization": recipe.quantization.model_copy(update={"placement": "fused"})})
+
+
 def quantize_shared(name: str):
     folder = shared_model(name)
-    recipe = load_recipe(ROOT / "qtool" / "recipe" / "presets" / f"{name}.yaml")
-    return api.quantize(folder / "model.onnx", folder / "calib", recipe, validation_data=folder / "eval")
+    return api.quantize(folder / "model.onnx", folder / "calib", fused_preset(name), validation_data=folder / "eval")
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +51,18 @@ def test_ppocr_cls_per_channel_integer_kernels_and_accuracy(ppocr_cls):
     assert "latency" in report  # the recipe's latency gate has it measured
 
 
+def test_ppocr_cls_preset_writes_it_float():
+    """No integer kernel of ppocr_cls pays on ONNX Runtime's CPU kernels (kernel_costs' table): its preset's
+    `placement: fast` keeps every node float and says so, instead of a model slower than float."""
+    folder = shared_model("ppocr_cls")
+    recipe = load_recipe(ROOT / "qtool" / "recipe" / "presets" / "ppocr_cls.yaml")
+    recipe = recipe.model_copy(update={"validation": recipe.validation.model_copy(update={"gates": {}, "samples": 4}),
+                                       "calibration": recipe.calibration.model_copy(update={"samples": 4})})
+    result = api.quantize(folder / "model.onnx", folder / "calib", recipe, validation_data=folder / "eval")
+    assert not {"QuantizeLinear", "DequantizeLinear"} & {node.op_type for node in result.model.graph.node}
+    assert any("no 8-bit kernel pays here" in warning for warning in result.report["warnings"])
+
+
 def test_ppocr_det_loads_and_runs_with_integer_kernels(ppocr_det):
     report = ppocr_det.report
     assert any("opset upgraded from 12 to 13" in note for note in report["prepare"])
@@ -59,7 +77,6 @@ def test_inspect_counts_the_nodes_quantize_quantizes(name, request):
     """inspect runs the placement pass quantize runs (on placeholder ranges): its counts per op type are
     quantize's. Before, it counted before placement: 173 against quantize's 164 on ppocr_cls."""
     quantized = request.getfixturevalue(name).report["plan"]
-    recipe = load_recipe(ROOT / "qtool" / "recipe" / "presets" / f"{name}.yaml")
-    inspected = api.inspect(shared_model(name) / "model.onnx", recipe).as_dict()["quantization"]
+    inspected = api.inspect(shared_model(name) / "model.onnx", fused_preset(name)).as_dict()["quantization"]
     assert inspected["nodes_quantized"] == quantized["nodes_quantized"]
     assert inspected["quantized_op_types"] == quantized["quantized_by_op"]
