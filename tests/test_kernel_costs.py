@@ -12,34 +12,43 @@ RNG = np.random.default_rng(0)
 FAST = "version: 1\nquantization: {placement: fast}\n"
 
 
-def tiny_conv_gemm():
-    """Conv 3->4 on 8x8 -> Relu -> Flatten -> Gemm: every kernel a few µs, where integer calls cost more."""
-    return make_model(
-        [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-         helper.make_node("Relu", ["c"], ["r"], name="relu"),
-         helper.make_node("Flatten", ["r"], ["f"], name="flatten"),
-         helper.make_node("Gemm", ["f", "fw", "fb"], ["y"], name="fc", transB=1)],
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
-        {"w": RNG.normal(size=(4, 3, 3, 3)).astype(np.float32), "b": RNG.normal(size=4).astype(np.float32),
-         "fw": RNG.normal(size=(5, 256)).astype(np.float32), "fb": RNG.normal(size=5).astype(np.float32)},
-    )
+def first_layer(with_head: bool):
+    """Conv 3->64 3x3 on 8x8 (27 products per output: a first layer, where the integer kernel's im2col does
+    not pay), then with_head: Relu -> Flatten -> Gemm 4096->5."""
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1])]
+    initializers = {"w": RNG.normal(size=(64, 3, 3, 3)).astype(np.float32), "b": RNG.normal(size=64).astype(np.float32)}
+    output = helper.make_tensor_value_info("c", TensorProto.FLOAT, ["N", 64, 8, 8])
+    if with_head:
+        nodes += [helper.make_node("Relu", ["c"], ["r"], name="relu"),
+                  helper.make_node("Flatten", ["r"], ["f"], name="flatten"),
+                  helper.make_node("Gemm", ["f", "fw", "fb"], ["y"], name="fc", transB=1)]
+        initializers.update(fw=RNG.normal(size=(5, 4096)).astype(np.float32), fb=RNG.normal(size=5).astype(np.float32))
+        output = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])], [output],
+                      initializers)
 
 
-def test_fast_writes_a_model_of_tiny_kernels_float_and_says_so(tmp_path):
-    model = tiny_conv_gemm()
+def test_fast_keeps_a_first_layer_conv_float_and_is_deterministic(tmp_path):
+    model = first_layer(with_head=True)
     for name in ("fast", "again", "fused"):
         (tmp_path / name).mkdir()
     fast = quantize_tiny(tmp_path / "fast", model, FAST)
-    ops = {node.op_type for node in fast.model.graph.node}
-    assert not ops & {"QuantizeLinear", "DequantizeLinear"}
+    producers = {out: node.op_type for node in fast.model.graph.node for out in node.output}
+    conv = next(node for node in fast.model.graph.node if node.name == "conv")
+    assert producers.get(conv.input[0]) != "DequantizeLinear" and conv.input[1] == "w"  # float input, float weight
     reasons = {node["node"]: node["reason"] for node in fast.report["plan"]["nodes"]}
-    assert reasons["conv"].startswith(SLOWER_PREFIX) and reasons["fc"].startswith(SLOWER_PREFIX)
-    assert any("no 8-bit kernel pays here" in warning for warning in fast.report["warnings"])
+    assert reasons["conv"].startswith(SLOWER_PREFIX) and "µs" in reasons["conv"]
     again = quantize_tiny(tmp_path / "again", model, FAST)
     assert again.model.SerializeToString() == fast.model.SerializeToString()  # no timing: same bytes
-    fused = quantize_tiny(tmp_path / "fused", model)  # the default placement keeps its Q/DQ
-    assert "QuantizeLinear" in {node.op_type for node in fused.model.graph.node}
+    fused = quantize_tiny(tmp_path / "fused", model)  # the default placement quantizes the conv
+    conv = next(node for node in fused.model.graph.node if node.name == "conv")
+    assert {node.op_type for node in fused.model.graph.node if node.output[0] == conv.input[0]} == {"DequantizeLinear"}
+
+
+def test_fast_writes_a_model_where_nothing_pays_float_and_says_so(tmp_path):
+    fast = quantize_tiny(tmp_path, first_layer(with_head=False), FAST)
+    assert not {"QuantizeLinear", "DequantizeLinear"} & {node.op_type for node in fast.model.graph.node}
+    assert any("no 8-bit kernel pays here" in warning for warning in fast.report["warnings"])
 
 
 def conv_pool_conv():

@@ -10,18 +10,20 @@ whose float compute plus conversions is estimated cheaper. Same model, shapes an
 decisions (no timing at quantize time).
 
 The table: medians of ONNX Runtime 1.32 CPU profiles (`SessionOptions.enable_profiling`, one
-thread, x86-64 AVX2 with VNNI-less int8 GEMM) of ppocr_cls (48x192) and ppocr_det (320x320),
+thread, this project's x86-64 machine) of ppocr_cls (48x192), ppocr_det (320x320) and digits_cnn,
 float model vs its qtool int8 model, per node; times in microseconds, e = elements,
 macs = multiply-accumulates. Measured (float µs / int8 µs):
 - Conv 1x1 192->192 on 20x20 (14.7 M MACs): 157 / 52; 32->200 on 2x96 (1.2 M MACs): 20 / 22;
-  1x1x1 SE convs: 5 / 12.
+  1x1x1 SE convs: 5 / 12; digits_cnn (16x16) 3x3 32->64 on 8x8 (1.2 M MACs): 14 / 8.5, 64->192
+  on 4x4 (1.8 M MACs): 28 / 11 (the fit: float 4 + MACs/70k, int8 5 + MACs/300k).
+- MaxPool after a QLinearConv runs as NhwcMaxPool: 3 / 4 (digits_cnn 32x16x16).
 - depthwise Conv: 200 ch 2x96 5x5: 15 / 136; 192 ch 20x20: 58 / 71; 384 ch 10x10: 35 / 40.
 - MaxPool 200x2x96 (uint8 has no MLAS path): 13 / 205. Resize (nearest) 9600 -> 38400: 20 / 42;
   38400 -> 153600: 51 / 120; 153600 -> 614400: 305 / 460.
 - Add 38400: 7 / 10; 76800: 11 / 13. Mul 38400: 6-9 / 19; 76800: 15 / 23; broadcast
   (SE scale) Mul 25344: 7 / 25; 18432: 6 / 44.
-- QuantizeLinear 614400: 132; DequantizeLinear 614400: 106; 4-D NCHW<->NHWC Transpose at a
-  boundary of NHWC integer kernels 153600: 21.
+- QuantizeLinear 614400: 132, 56832: 14; DequantizeLinear 614400: 106, 56832: 9.
+- QLinearLeakyRelu 56832: 16 (float LeakyRelu: fused into the Conv).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import onnx
 Shapes = dict[str, tuple[int, ...]]
 
 SLOWER_PREFIX = "placement fused: integer kernels slower than float here"  # the reason of each node kept float
-MARGIN_US = 2.0  # a group goes float only when estimated this much faster: table error is larger than 0
+MARGIN_US = 10.0  # a group goes float only when estimated this much faster: the table errs by a few µs a kernel
 MAX_GROUP = 64  # nodes one group may grow to (bounds the search on large graphs)
 MAX_SWEEPS = 8
 
@@ -58,17 +60,24 @@ class KernelCost:
     int8_us: Callable[[float], float]
 
 
-_GEMM = KernelCost("macs", _linear(5, 80_000), _linear(12, 250_000))
+_GEMM = KernelCost("macs", _linear(4, 70_000), _linear(5, 300_000))
 _EQUAL = KernelCost("out", _linear(2, 10_000), _linear(2, 10_000))  # data movement: same work either way
 COSTS: dict[str, KernelCost] = {
     "Conv": _GEMM,
     "Gemm": _GEMM,
     "MatMul": _GEMM,
+    # A Conv summing fewer than SMALL_K products per output (a first layer on 1-3 channels): the integer
+    # kernel's im2col does not pay (speech_embedding 1->24 3x3: 27 / 75; ppocr_cls 3->8 3x3: 29 / 106).
+    # A Conv on one pixel (squeeze-excitation): the integer kernel's fixed cost dominates (ppocr_cls 200->50
+    # and 50->200: 5-9 / 12-15; ppocr_det 96->24: 8-11 as int8).
+    "PixelConv": KernelCost("macs", _linear(4, 70_000), _linear(11, 300_000)),
+    "SmallKConv": KernelCost("macs", _linear(4, 20_000), _linear(5, 6_000)),
     "DepthwiseConv": KernelCost("macs", _linear(4, 30_000), lambda m: 10 + 1.3 * (4 + m / 30_000)),
     "Add": KernelCost("out", _cached(_linear(3, 9_000), 2_000), _linear(7, 7_000)),
     "Mul": KernelCost("out", _cached(_linear(3, 6_500), 2_000), _linear(8, 5_000)),
     "BroadcastMul": KernelCost("out", _cached(_linear(3, 6_500), 2_000), _linear(8, 900)),
-    "MaxPool": KernelCost("in", _linear(3, 5_000), _linear(5, 190)),
+    "MaxPool": KernelCost("in", _linear(3, 5_000), _linear(5, 190)),  # uint8 NCHW: a plain loop
+    "NhwcMaxPool": KernelCost("in", _linear(3, 5_000), _linear(3, 5_000)),  # inside ORT's NHWC integer chain
     "Resize": KernelCost("out", _linear(5, 2_000), lambda e: 10 + 1.5 * (5 + e / 2_000)),
     "GlobalAveragePool": KernelCost("in", _linear(3, 6_000), _linear(6, 12_000)),
     "AveragePool": KernelCost("in", _linear(3, 6_000), _linear(6, 12_000)),
@@ -78,22 +87,30 @@ COSTS: dict[str, KernelCost] = {
     # into it too, after anything else they are one pass.
     "Clip": KernelCost("out", _linear(3, 9_000), lambda e: 0.0),
     "Relu": KernelCost("out", _linear(3, 9_000), lambda e: 0.0),
+    # Float LeakyRelu fuses into the Conv before it (FusedConv); QLinearLeakyRelu is a table lookup of its own.
+    "LeakyRelu": KernelCost("out", _linear(3, 9_000), _linear(3, 4_000)),
 }
+# Activations ORT's float optimizer fuses into the float Conv/Gemm before them (FusedConv, FusedGemm):
+# free as float ops when that producer is float too.
+FUSED_ACTIVATIONS = {"Relu", "Clip", "LeakyRelu"}
+SMALL_K = 32
 
 
-def conversion_us(elements: int, rank: int) -> float:
-    """One QuantizeLinear or DequantizeLinear of a tensor, with the NCHW<->NHWC Transpose ORT adds
-    around NHWC integer kernels for a 4-D one."""
-    return 4 + elements / 5_000 + (2 + elements / 7_000 if rank == 4 else 0)
+def conversion_us(elements: int) -> float:
+    """One QuantizeLinear or DequantizeLinear of a tensor (ORT's transpose optimizer moves the NHWC
+    layout Transposes next to them away in the models measured)."""
+    return 2 + elements / 5_000
 
 
-def node_costs(node: onnx.NodeProto, shapes: Shapes, initializers: dict[str, tuple[int, ...]]) -> tuple[float, float]:
-    """(float µs, int8 µs) of `node` on the sample `shapes` came from; (0, 0) when a shape is unknown."""
+def node_costs(node: onnx.NodeProto, shapes: Shapes, initializers: dict[str, tuple[int, ...]],
+               nhwc: bool = False) -> tuple[float, float]:
+    """(float µs, int8 µs) of `node` on the sample `shapes` came from; (0, 0) when a shape is unknown.
+    `nhwc`: ORT runs the node's integer kernel inside its NHWC chain (NhwcMaxPool)."""
     output = shapes.get(node.output[0]) if node.output else None
     first = shapes.get(node.input[0]) if node.input else None
     if output is None or first is None:
         return 0.0, 0.0
-    kind = node.op_type
+    kind = "Nhwc" + node.op_type if nhwc and "Nhwc" + node.op_type in COSTS else node.op_type
     if kind == "Conv" and len(node.input) > 1:
         weight = initializers.get(node.input[1]) or shapes.get(node.input[1])
         group = next((attr.i for attr in node.attribute if attr.name == "group"), 1)
@@ -101,6 +118,10 @@ def node_costs(node: onnx.NodeProto, shapes: Shapes, initializers: dict[str, tup
             return 0.0, 0.0
         if group > 1 and weight[1] == 1 and len(first) > 1 and group == first[1]:
             kind = "DepthwiseConv"
+        elif math.prod(weight[1:]) < SMALL_K:
+            kind = "SmallKConv"
+        elif math.prod(output[2:]) == 1:
+            kind = "PixelConv"
         work = math.prod(output) * math.prod(weight[1:])
     elif kind in ("Gemm", "MatMul") and len(node.input) > 1:
         other = initializers.get(node.input[1]) or shapes.get(node.input[1])
@@ -127,18 +148,21 @@ class Group:
     float_us: float  # the group's float ops and the conversions around them, kept float
 
 
-def slower_regions(graph: onnx.GraphProto, integer: Iterable[str], shapes: Shapes) -> list[Group]:
+def slower_regions(graph: onnx.GraphProto, integer: Iterable[str], shapes: Shapes,
+                   nhwc: Iterable[str] = ()) -> list[Group]:
     """Groups of nodes among `integer` (the planned nodes that run as 8-bit kernels) that are estimated
-    faster kept float, conversions at their borders included; in graph order, disjoint.
+    faster kept float, conversions at their borders included; disjoint. `nhwc`: the nodes ORT runs as
+    Nhwc* integer kernels (read from its optimized graph).
 
-    Greedy: from each node, costliest integer kernel (over its float op) first, grow a group by the neighbour that lowers its estimate most
-    (up to MAX_GROUP nodes), keep it float when it saves more than MARGIN_US; sweep again until none
-    does (MAX_SWEEPS).
+    Greedy: from each node, costliest integer kernel (over its float op) first, grow a group by the
+    neighbour that lowers its estimate most (up to MAX_GROUP nodes), keep it float when it saves more
+    than MARGIN_US; sweep again until none does (MAX_SWEEPS).
     """
     initializers = {init.name: tuple(init.dims) for init in graph.initializer}
     nodes = {node.name: node for node in graph.node}
     order = {node.name: i for i, node in enumerate(graph.node)}
-    cost = {name: node_costs(node, shapes, initializers) for name, node in nodes.items()}
+    in_nhwc = set(nhwc)
+    cost = {name: node_costs(node, shapes, initializers, name in in_nhwc) for name, node in nodes.items()}
     producer = {out: node.name for node in graph.node for out in node.output if out}
     readers: dict[str, list[str]] = {}
     for node in graph.node:
@@ -158,14 +182,22 @@ def slower_regions(graph: onnx.GraphProto, integer: Iterable[str], shapes: Shape
         float_reader = tensor in outputs or any(r not in quantized for r in read)
         integer_reader = any(r in quantized for r in read)
         if (made_integer and float_reader) or (not made_integer and integer_reader):
-            return conversion_us(math.prod(shape), len(shape))
+            return conversion_us(math.prod(shape))
         return 0.0
+
+    def float_cost(name: str, quantized: set[str]) -> float:
+        node = nodes[name]
+        source = producer.get(node.input[0]) if node.input else None
+        if (node.op_type in FUSED_ACTIVATIONS and source is not None and source not in quantized
+                and nodes[source].op_type in ("Conv", "Gemm")):
+            return 0.0
+        return cost[name][0]
 
     def estimate(group: set[str]) -> tuple[float, float]:
         tensors = {t for name in group for t in [*nodes[name].input, *nodes[name].output] if t in shapes}
         after = current - group
         before_us = sum(cost[name][1] for name in group) + sum(crossing(t, current) for t in tensors)
-        after_us = sum(cost[name][0] for name in group) + sum(crossing(t, after) for t in tensors)
+        after_us = sum(float_cost(name, after) for name in group) + sum(crossing(t, after) for t in tensors)
         return before_us, after_us
 
     def neighbours(group: set[str]) -> list[str]:
