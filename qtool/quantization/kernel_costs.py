@@ -66,8 +66,8 @@ COSTS: dict[str, KernelCost] = {
     "Conv": _GEMM,
     "Gemm": _GEMM,
     "MatMul": _GEMM,
-    # A Conv summing fewer than SMALL_K products per output (a first layer on 1-3 channels): the integer
-    # kernel's im2col does not pay (speech_embedding 1->24 3x3: 27 / 75; ppocr_cls 3->8 3x3: 29 / 106).
+    # A spatial Conv on 1-4 input channels (a first layer): the integer kernel's im2col does not pay
+    # (speech_embedding 1->24 3x3: 27 / 75; ppocr_cls 3->8 3x3: 29 / 106; digits_cnn 1->32 3x3: 5 / 13).
     # A Conv on one pixel (squeeze-excitation): the integer kernel's fixed cost dominates (ppocr_cls 200->50
     # and 50->200: 5-9 / 12-15; ppocr_det 96->24: 8-11 as int8).
     "PixelConv": KernelCost("macs", _linear(4, 70_000), _linear(11, 300_000)),
@@ -93,7 +93,7 @@ COSTS: dict[str, KernelCost] = {
 # Activations ORT's float optimizer fuses into the float Conv/Gemm before them (FusedConv, FusedGemm):
 # free as float ops when that producer is float too.
 FUSED_ACTIVATIONS = {"Relu", "Clip", "LeakyRelu"}
-SMALL_K = 32
+SMALL_CIN = 4  # a spatial Conv on this many input channels or fewer: SmallKConv
 
 
 def conversion_us(elements: int) -> float:
@@ -118,7 +118,7 @@ def node_costs(node: onnx.NodeProto, shapes: Shapes, initializers: dict[str, tup
             return 0.0, 0.0
         if group > 1 and weight[1] == 1 and len(first) > 1 and group == first[1]:
             kind = "DepthwiseConv"
-        elif math.prod(weight[1:]) < SMALL_K:
+        elif weight[1] <= SMALL_CIN and math.prod(weight[2:]) > 1:
             kind = "SmallKConv"
         elif math.prod(output[2:]) == 1:
             kind = "PixelConv"
