@@ -38,6 +38,7 @@ Shapes = dict[str, tuple[int, ...]]
 
 SLOWER_PREFIX = "placement fused: integer kernels slower than float here"  # the reason of each node kept float
 MARGIN_US = 10.0  # a group goes float only when estimated this much faster: the table errs by a few µs a kernel
+MIN_GAIN = 0.1  # integer kernels left estimated to save less than this share of the float model's time: none
 MAX_GROUP = 64  # nodes one group may grow to (bounds the search on large graphs)
 MAX_SWEEPS = 8
 
@@ -156,7 +157,8 @@ def slower_regions(graph: onnx.GraphProto, integer: Iterable[str], shapes: Shape
 
     Greedy: from each node, costliest integer kernel (over its float op) first, grow a group by the
     neighbour that lowers its estimate most (up to MAX_GROUP nodes), keep it float when it saves more
-    than MARGIN_US; sweep again until none does (MAX_SWEEPS).
+    than MARGIN_US; sweep again until none does (MAX_SWEEPS). Last, when the integer kernels left save
+    less than MIN_GAIN of the float model's estimated time (within the table's error), they go float too.
     """
     initializers = {init.name: tuple(init.dims) for init in graph.initializer}
     nodes = {node.name: node for node in graph.node}
@@ -233,4 +235,9 @@ def slower_regions(graph: onnx.GraphProto, integer: Iterable[str], shapes: Shape
                 changed = True
         if not changed:
             break
+    if current:  # what is left pays by less than the table can tell: the whole model runs float
+        before, after = estimate(current)
+        model_float_us = sum(float_cost(name, set()) for name in nodes)
+        if after - before < MIN_GAIN * model_float_us:
+            groups.append(Group(tuple(sorted(current, key=order.__getitem__)), before, after))
     return groups
