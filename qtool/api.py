@@ -56,7 +56,7 @@ from qtool.reporting import document as reporting
 from qtool.reporting.algorithms import algorithms_section
 from qtool.reporting.files import check_ci_files, report_writers, write_ci_files
 from qtool.runtime.session import (INTEGER_OP_TYPES, check_runnable, int8_kernels_may_saturate, op_histogram,
-                                   optimized_graph)
+                                   optimized_graph, tensor_shapes)
 
 # progress(stage, done, total): the CLI renders it; nothing below the CLI prints.
 Progress = Callable[[str, int, int | None], None]
@@ -124,6 +124,9 @@ def inspect(model_path: str | Path, recipe: Recipe | str | Path | None = None) -
             notes.append("nodes quantized: as `qtool quantize` places them (placeholder ranges); calibration can "
                          "keep a few more float (degenerate ranges, Concat inputs far apart; keep_float auto's "
                          "end regions, measured on the data)")
+            if recipe.quantization.placement == "fast":
+                notes.append("placement fast: the groups quantize keeps float for speed are estimated on the tensor "
+                             "shapes of a calibration sample, which inspect does not read: counted as fused")
     opset = inspection.opset_problem(opset_version(header), upgraded)
     return inspection.describe_model(
         header, model_path, ([opset] if opset else []) + problems, prepare_notes=notes,
@@ -403,6 +406,9 @@ def quantize(
         # which method calibration.method auto chose is a note (the report's calibration.note), as calibrate prints it
         warnings += table.notes[:-1] if table.method_choice else table.notes
     saturating = int8_kernels_may_saturate()
+    shape_data = calib_data if calib_data is not None else eval_data
+    if recipe.quantization.placement == "fast" and shape_data is not None:  # what placement estimates costs from
+        table = replace(table, shapes=tensor_shapes(model, next(shape_data.batches(1)).feeds))
     placed = plan_and_apply(model, recipe, selection, table, saturating)
     ends: FloatEndsOutcome | None = None
     if recipe.quantization.algorithms.keep_float == "auto" and calib_data is not None and loaded is None:

@@ -11,13 +11,17 @@ import pytest
 
 from conftest import ROOT, shared_model
 from qtool import api
+from qtool.errors import ModelError
 from qtool.recipe.load import load_recipe
+
+
+def preset(name: str):
+    return load_recipe(ROOT / "qtool" / "recipe" / "presets" / f"{name}.yaml")
 
 
 def quantize_shared(name: str):
     folder = shared_model(name)
-    recipe = load_recipe(ROOT / "qtool" / "recipe" / "presets" / f"{name}.yaml")
-    return api.quantize(folder / "model.onnx", folder / "calib", recipe, validation_data=folder / "eval")
+    return api.quantize(folder / "model.onnx", folder / "calib", preset(name), validation_data=folder / "eval")
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +52,19 @@ def test_ppocr_cls_per_channel_integer_kernels_and_accuracy(ppocr_cls):
     assert "latency" in report  # the recipe's latency gate has it measured
 
 
+def test_ppocr_cls_with_placement_fast_is_refused_as_no_kernel_pays():
+    """ppocr_cls's int8 model runs at ~0.6x float on ONNX Runtime's CPU; `placement: fast` estimates every
+    node it quantizes faster as float (kernel_costs' table: the first conv, the depthwise convs, the uint8
+    MaxPool, ...) and refuses, rather than writing an int8 model slower than float or a float copy."""
+    folder = shared_model("ppocr_cls")
+    recipe = preset("ppocr_cls")
+    recipe = recipe.model_copy(update={
+        "quantization": recipe.quantization.model_copy(update={"placement": "fast"}),
+        "calibration": recipe.calibration.model_copy(update={"samples": 4})})
+    with pytest.raises(ModelError, match=r"no 8-bit kernel pays here: .* quantizes \(1\d\d\) faster as float"):
+        api.quantize(folder / "model.onnx", folder / "calib", recipe, validation_data=folder / "eval")
+
+
 def test_ppocr_det_loads_and_runs_with_integer_kernels(ppocr_det):
     report = ppocr_det.report
     assert any("opset upgraded from 12 to 13" in note for note in report["prepare"])
@@ -63,8 +80,7 @@ def test_inspect_counts_the_nodes_quantize_quantizes(name, request):
     quantize's. Before, it counted before placement: 173 against quantize's 164 on ppocr_cls."""
     report = request.getfixturevalue(name).report
     quantized = report["plan"]
-    recipe = load_recipe(ROOT / "qtool" / "recipe" / "presets" / f"{name}.yaml")
-    inspected = api.inspect(shared_model(name) / "model.onnx", recipe).as_dict()["quantization"]
+    inspected = api.inspect(shared_model(name) / "model.onnx", preset(name)).as_dict()["quantization"]
     # the presets' keep_float auto chooses its float regions on calibration data, which inspect has not:
     # the nodes it kept that inspect's plan quantizes
     chosen = report["algorithms"]["keep_float"]["nodes"]

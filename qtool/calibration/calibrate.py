@@ -67,6 +67,9 @@ class CalibrationTable:
     notes: list[str] = field(default_factory=list)  # how the calibration ran, where it differs from the recipe
     # calibration.method auto: the range each tensor chose (qtool.quantization.algorithms.range_choice)
     method_choice: dict = field(default_factory=dict)
+    # Every tensor's shape on one sample (runtime.session.tensor_shapes): what the placement pass
+    # estimates kernel costs from; empty: no such estimate. Never written to the file.
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 def calibrate(

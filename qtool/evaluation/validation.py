@@ -118,10 +118,12 @@ def layers_and_latency(reference: ModelProto, candidate: ModelProto, data: DataS
 
 def slower_warning(latency: dict | None, what: str = "the quantized model", against: str = "float") -> list[str]:
     """A warning when `what` (a report's latency section's candidate) is slower than `against` (its
-    reference) ([] otherwise)."""
-    if latency is None or latency["ratio"] <= 1.0:
+    reference) by more than the timing's noise: its 95 % interval lies above 1. [] otherwise."""
+    if latency is None:
         return []
     low, high = latency["ratio_interval"]
+    if latency["ratio"] <= 1.0 or low <= 1.0:
+        return []
     return [f"{what} is slower than {against}: latency ratio {latency['ratio']:.2f} (95 % interval {low:.2f}–"
             f"{high:.2f}; {latency['candidate']['median_ms']:.3g} ms vs {latency['reference']['median_ms']:.3g} ms "
             f"{against}, {latency['candidate']['runs']} interleaved rounds)"]

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qtool.errors import CalibrationError, DataError, ModelError
+from qtool.quantization.kernel_costs import SLOWER_PREFIX
 
 if TYPE_CHECKING:
     from qtool.quantization.plan import NodeDecision, QuantPlan
@@ -41,10 +42,18 @@ def drop_rangeless(graph, nodes: list[NodeDecision], selected: dict, planned: di
 def check_coverage(plan: QuantPlan, asked: int, *, model: Path, recipe: Path | None, ranges_from: Path | str,
                    table: bool) -> list[str]:
     """Refuse a plan that cannot stand for what the recipe asked (`asked`: the nodes it quantizes):
-    nothing to quantize (the recipe and the model's fault), or no usable range for most of it (the
-    calibration data's or table's, `ranges_from`). Returns the warning for a smaller loss."""
+    nothing to quantize (the recipe and the model's fault), nothing worth quantizing (`placement: fast`
+    keeps every node float for speed), or no usable range for most of it (the calibration data's or
+    table's, `ranges_from`). Returns the warning for a smaller loss."""
     quantized = sum(d.quantized for d in plan.nodes)
     rangeless = sum(d.reason.startswith(NO_RANGE) for d in plan.nodes)
+    slower = sum(d.reason.startswith(SLOWER_PREFIX) for d in plan.nodes)
+    if asked and not quantized and not rangeless and slower:
+        raise ModelError(f"{model}: no 8-bit kernel pays here: `placement: fast` estimates every node the recipe "
+                         f"{recipe or '(built-in default)'} quantizes ({slower}) faster as float compute on ONNX "
+                         "Runtime's CPU kernels, conversions included, so an int8 model would run slower than "
+                         "float; ship the float model, or set `quantization.placement: fused` to quantize anyway; "
+                         "nothing written")
     if not asked or not (quantized or rangeless):
         reasons: dict[str, Counter] = {}
         for d in plan.nodes:

@@ -8,6 +8,7 @@ keeps them float and plans again, until none is left.
 
 from __future__ import annotations
 
+import re
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,15 +22,19 @@ from onnx import ModelProto
 from qtool.calibration.calibrate import CalibrationTable, TensorRange
 from qtool.numerics import QTYPES
 from qtool.quantization.plan import NodeDecision, QuantPlan, Selection, build_plan, select_tensors
+from qtool.quantization.kernel_costs import SLOWER_PREFIX, slower_regions
 from qtool.quantization.qdq import apply_plan
 from qtool.quantization.rules import RULES
 from qtool.recipe.schema import Recipe
-from qtool.runtime.session import INTEGER_OP_TYPES, runtime_source, session_options
+from qtool.runtime.session import INTEGER_OP_TYPES, optimized_graph, runtime_source, session_options
 
+TOKEN = re.compile(r"_token_\d+$")  # ORT's layout pass renames a node it replaces: <name>_token_<n>
 MAX_ROUNDS = 8  # each round keeps at least one more node float; real models settle in 2-3
 NOT_FUSED = "placement fused: ONNX Runtime runs it as float {op} between Q/DQ (no integer kernel)"
 ISLAND = ("placement fused: {kernel} would read only values quantized from float and write only values "
           "dequantized back: the conversions cost more than the integer {op} saves")
+SLOWER = (SLOWER_PREFIX + ": a group of {count} node(s) estimated "
+          "{int8:.0f} µs as 8-bit kernels vs {float:.0f} µs float, conversions included (kernel_costs table)")
 
 
 @dataclass(frozen=True)
@@ -124,8 +129,11 @@ def _has_int8_kernel_types(decision: NodeDecision) -> bool:
         QTYPES[weights.dtype].bits == 8 and weights.granularity != "per_block")
 
 
-def place(build: Callable[[dict[str, str]], tuple[QuantPlan, ModelProto]]) -> Placement:
-    """Plan, ask ORT what it fuses, keep the unfused nodes float, plan again; until stable.
+def place(build: Callable[[dict[str, str]], tuple[QuantPlan, ModelProto]],
+          slower: Callable[[QuantPlan, ModelProto], dict[str, str]] | None = None) -> Placement:
+    """Plan, ask ORT what it fuses, keep the unfused nodes float, plan again; until stable. Then,
+    once, keep float what `slower(plan)` names (integer kernels estimated slower than float) and
+    settle again.
 
     `build(keep_float)` returns the plan and quantized model with those nodes kept float.
     """
@@ -133,11 +141,31 @@ def place(build: Callable[[dict[str, str]], tuple[QuantPlan, ModelProto]]) -> Pl
     plan, model = build(kept)
     for rounds in range(1, MAX_ROUNDS + 1):
         more = {node: why for node, why in unfused_nodes(model, plan).items() if node not in kept}
+        if not more and slower is not None:
+            more = {node: why for node, why in slower(plan, model).items() if node not in kept}
+            slower = None
         if not more:
             return Placement(plan, model, kept, rounds)
         kept.update(more)
         plan, model = build(kept)
     return Placement(plan, model, kept, MAX_ROUNDS)
+
+
+def slower_than_float(model: ModelProto, shapes: dict[str, tuple[int, ...]]
+                      ) -> Callable[[QuantPlan, ModelProto], dict[str, str]]:
+    """`place`'s second step: the planned 8-bit nodes of `model` that kernel_costs.slower_regions keeps
+    float on the tensor shapes of one sample -> why (the group's estimated µs both ways). Which kernels
+    ORT runs in its NHWC integer chain is read from the quantized model's optimized graph."""
+    def slower(plan: QuantPlan, quantized: ModelProto) -> dict[str, str]:
+        integer = [d.node for d in plan.nodes if d.quantized and not d.weight_only and not d.dynamic
+                   and _has_int8_kernel_types(d)]
+        nhwc = {TOKEN.sub("", node.name) for node in optimized_graph(quantized).node if node.op_type.startswith("Nhwc")}
+        kept = {}
+        for group in slower_regions(model.graph, integer, shapes, nhwc):
+            why = SLOWER.format(count=len(group.nodes), int8=group.int8_us, float=group.float_us)
+            kept.update(dict.fromkeys(group.nodes, why))
+        return kept
+    return slower
 
 
 def plan_and_apply(model: ModelProto, recipe: Recipe, selection: Selection, table: CalibrationTable,
@@ -155,10 +183,11 @@ def plan_and_apply(model: ModelProto, recipe: Recipe, selection: Selection, tabl
     if recipe.quantization.placement == "all":
         plan, quantized = build({})
         return Placement(plan, quantized, {}, 0)
-    placed = place(build)
+    fast = recipe.quantization.placement == "fast" and table.shapes
+    placed = place(build, slower_than_float(model, table.shapes) if fast else None)
     if placed.kept_float:
         note = (f"placement fused: {len(placed.kept_float)} node(s) kept float that ONNX Runtime would run as "
-                f"float ops between Q/DQ ({placed.rounds} round(s))")
+                f"float ops between Q/DQ or as integer kernels slower than float ({placed.rounds} round(s))")
         placed = replace(placed, plan=replace(placed.plan, notes=[*placed.plan.notes, note]))
     return placed
 

@@ -139,6 +139,32 @@ def make_session(
         return _checked(ort.InferenceSession(source, options, providers=list(providers)), providers)
 
 
+FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
+
+
+def tensor_shapes(model: ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    """The shape of every floating-point tensor of `model`'s main graph (inputs, node outputs) on one
+    run of `feeds` (one ORT thread); {} when the model is past 2 GB (no in-memory shape inference) or
+    the run fails (the caller then goes without)."""
+    if not in_one_proto(model):
+        return {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except (onnx.shape_inference.InferenceError, ValueError):
+        return {}
+    typed = {value.name: value.type.tensor_type.elem_type
+             for value in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+    wanted = [out for node in model.graph.node for out in node.output if typed.get(out) in FLOAT_TYPES]
+    try:
+        session = make_session(with_outputs(inferred, wanted), threads=1)
+        values = session.run(None, feeds)
+    except Exception:  # noqa: BLE001 - an estimate's input: without it placement skips the estimate
+        return {}
+    shapes = {value.name: tuple(array.shape) for value, array in zip(session.get_outputs(), values)}
+    shapes.update({name: tuple(array.shape) for name, array in feeds.items()})
+    return shapes
+
+
 @contextmanager
 def runtime_source(model: ModelProto, options: ort.SessionOptions) -> Iterator[bytes | str]:
     """What ort.InferenceSession reads `model` from: its bytes, or past 2 GB a file that exists inside

@@ -1,0 +1,243 @@
+"""Integer kernels that cost more than float: a measured cost table, and the regions it keeps float.
+
+ONNX Runtime's CPU integer kernels have a larger fixed cost per call than its float kernels,
+and some have no fast path at all: a model of small tensors (a text-line classifier) runs its
+8-bit model slower than float even where every Q/DQ pair fuses. `slower_regions` estimates,
+per planned node, the time of its integer kernel and of its float op from the tensor shapes of
+one sample, adds the QuantizeLinear/DequantizeLinear (and layout Transpose) conversions on every
+tensor that crosses between integer and float, and keeps float the connected groups of nodes
+whose float compute plus conversions is estimated cheaper. Same model, shapes and plan: same
+decisions (no timing at quantize time).
+
+The table: medians of ONNX Runtime 1.32 CPU profiles (`SessionOptions.enable_profiling`, one
+thread, this project's x86-64 machine) of ppocr_cls (48x192), ppocr_det (320x320) and digits_cnn,
+float model vs its qtool int8 model, per node; times in microseconds, e = elements,
+macs = multiply-accumulates. Measured (float µs / int8 µs):
+- Conv 1x1 192->192 on 20x20 (14.7 M MACs): 157 / 52; 32->200 on 2x96 (1.2 M MACs): 20 / 22;
+  1x1x1 SE convs: 5 / 12; digits_cnn (16x16) 3x3 32->64 on 8x8 (1.2 M MACs): 14 / 8.5, 64->192
+  on 4x4 (1.8 M MACs): 28 / 11 (the fit: float 4 + MACs/70k, int8 5 + MACs/300k).
+- MaxPool after a QLinearConv runs as NhwcMaxPool: 3 / 4 (digits_cnn 32x16x16).
+- depthwise Conv: 200 ch 2x96 5x5: 15 / 136; 192 ch 20x20: 58 / 71; 384 ch 10x10: 35 / 40.
+- MaxPool 200x2x96 (uint8 has no MLAS path): 13 / 205. Resize (nearest) 9600 -> 38400: 20 / 42;
+  38400 -> 153600: 51 / 120; 153600 -> 614400: 305 / 460.
+- Add 38400: 7 / 10; 76800: 11 / 13. Mul 38400: 6-9 / 19; 76800: 15 / 23; broadcast
+  (SE scale) Mul 25344: 7 / 25; 18432: 6 / 44.
+- QuantizeLinear 614400: 132, 56832: 14; DequantizeLinear 614400: 106, 56832: 9.
+- QLinearLeakyRelu 56832: 16 (float LeakyRelu: fused into the Conv).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import onnx
+
+Shapes = dict[str, tuple[int, ...]]
+
+SLOWER_PREFIX = "placement fused: integer kernels slower than float here"  # the reason of each node kept float
+MARGIN_US = 10.0  # a group goes float only when estimated this much faster: the table errs by a few µs a kernel
+MIN_GAIN = 0.1  # integer kernels left estimated to save less than this share of the float model's time: none
+MAX_GROUP = 64  # nodes one group may grow to (bounds the search on large graphs)
+MAX_SWEEPS = 8
+
+
+def _linear(fixed: float, per_us: float) -> Callable[[float], float]:
+    """fixed µs + work / (work per µs)."""
+    return lambda work: fixed + work / per_us
+
+
+def _cached(small: Callable[[float], float], per_us_large: float, knee: float = 100_000) -> Callable[[float], float]:
+    """Float elementwise ops slow down past the cache: beyond `knee` elements, `per_us_large`."""
+    return lambda e: small(e) if e <= knee else max(small(e), e / per_us_large)
+
+
+@dataclass(frozen=True)
+class KernelCost:
+    """µs of one node's float op and of its integer kernel, from its work (`work`: 'macs', 'in' or 'out' elements)."""
+    work: str
+    float_us: Callable[[float], float]
+    int8_us: Callable[[float], float]
+
+
+_GEMM = KernelCost("macs", _linear(4, 70_000), _linear(5, 300_000))
+_EQUAL = KernelCost("out", _linear(2, 10_000), _linear(2, 10_000))  # data movement: same work either way
+COSTS: dict[str, KernelCost] = {
+    "Conv": _GEMM,
+    "Gemm": _GEMM,
+    "MatMul": _GEMM,
+    # A spatial Conv on 1-4 input channels (a first layer): the integer kernel's im2col does not pay
+    # (speech_embedding 1->24 3x3: 27 / 75; ppocr_cls 3->8 3x3: 29 / 106; digits_cnn 1->32 3x3: 5 / 13).
+    # A Conv on one pixel (squeeze-excitation): the integer kernel's fixed cost dominates (ppocr_cls 200->50
+    # and 50->200: 5-9 / 12-15; ppocr_det 96->24: 8-11 as int8).
+    "PixelConv": KernelCost("macs", _linear(4, 70_000), _linear(11, 300_000)),
+    "SmallKConv": KernelCost("macs", _linear(4, 20_000), _linear(5, 6_000)),
+    "DepthwiseConv": KernelCost("macs", _linear(4, 30_000), lambda m: 10 + 1.3 * (4 + m / 30_000)),
+    "Add": KernelCost("out", _cached(_linear(3, 9_000), 2_000), _linear(7, 7_000)),
+    "Mul": KernelCost("out", _cached(_linear(3, 6_500), 2_000), _linear(8, 5_000)),
+    "BroadcastMul": KernelCost("out", _cached(_linear(3, 6_500), 2_000), _linear(8, 900)),
+    "MaxPool": KernelCost("in", _linear(3, 5_000), _linear(5, 190)),  # uint8 NCHW: a plain loop
+    "NhwcMaxPool": KernelCost("in", _linear(3, 5_000), _linear(3, 5_000)),  # inside ORT's NHWC integer chain
+    "Resize": KernelCost("out", _linear(5, 2_000), lambda e: 10 + 1.5 * (5 + e / 2_000)),
+    "GlobalAveragePool": KernelCost("in", _linear(3, 6_000), _linear(6, 12_000)),
+    "AveragePool": KernelCost("in", _linear(3, 6_000), _linear(6, 12_000)),
+    "Sigmoid": KernelCost("out", _linear(3, 2_500), _linear(3, 2_900)),
+    "Concat": KernelCost("out", _linear(2, 2_700), _linear(2, 3_300)),
+    # Relu and Clip run inside their producer's integer kernel; as float ops after a Conv they fuse
+    # into it too, after anything else they are one pass.
+    "Clip": KernelCost("out", _linear(3, 9_000), lambda e: 0.0),
+    "Relu": KernelCost("out", _linear(3, 9_000), lambda e: 0.0),
+    # Float LeakyRelu fuses into the Conv before it (FusedConv); QLinearLeakyRelu is a table lookup of its own.
+    "LeakyRelu": KernelCost("out", _linear(3, 9_000), _linear(3, 4_000)),
+}
+# Activations ORT's float optimizer fuses into the float Conv/Gemm before them (FusedConv, FusedGemm):
+# free as float ops when that producer is float too.
+FUSED_ACTIVATIONS = {"Relu", "Clip", "LeakyRelu"}
+SMALL_CIN = 4  # a spatial Conv on this many input channels or fewer: SmallKConv
+
+
+def conversion_us(elements: int) -> float:
+    """One QuantizeLinear or DequantizeLinear of a tensor (ORT's transpose optimizer moves the NHWC
+    layout Transposes next to them away in the models measured)."""
+    return 2 + elements / 5_000
+
+
+def node_costs(node: onnx.NodeProto, shapes: Shapes, initializers: dict[str, tuple[int, ...]],
+               nhwc: bool = False) -> tuple[float, float]:
+    """(float µs, int8 µs) of `node` on the sample `shapes` came from; (0, 0) when a shape is unknown.
+    `nhwc`: ORT runs the node's integer kernel inside its NHWC chain (NhwcMaxPool)."""
+    output = shapes.get(node.output[0]) if node.output else None
+    first = shapes.get(node.input[0]) if node.input else None
+    if output is None or first is None:
+        return 0.0, 0.0
+    kind = "Nhwc" + node.op_type if nhwc and "Nhwc" + node.op_type in COSTS else node.op_type
+    if kind == "Conv" and len(node.input) > 1:
+        weight = initializers.get(node.input[1]) or shapes.get(node.input[1])
+        group = next((attr.i for attr in node.attribute if attr.name == "group"), 1)
+        if weight is None:
+            return 0.0, 0.0
+        if group > 1 and weight[1] == 1 and len(first) > 1 and group == first[1]:
+            kind = "DepthwiseConv"
+        elif weight[1] <= SMALL_CIN and math.prod(weight[2:]) > 1:
+            kind = "SmallKConv"
+        elif math.prod(output[2:]) == 1:
+            kind = "PixelConv"
+        work = math.prod(output) * math.prod(weight[1:])
+    elif kind in ("Gemm", "MatMul") and len(node.input) > 1:
+        other = initializers.get(node.input[1]) or shapes.get(node.input[1])
+        k = first[-1] if first else 0
+        work = math.prod(output) * k if other is not None else 0
+    else:
+        if kind == "Mul" and len(node.input) > 1:
+            second = shapes.get(node.input[1]) or initializers.get(node.input[1])
+            if second is not None and first != second and math.prod(second) > 1:
+                kind = "BroadcastMul"  # per-channel scales ([N, C, 1, 1] x [N, C, H, W]): no fast path
+        work = 0
+    cost = COSTS.get(kind, _EQUAL)
+    if cost.work == "out":
+        work = math.prod(output)
+    elif cost.work == "in":
+        work = math.prod(first)
+    return cost.float_us(work), cost.int8_us(work)
+
+
+@dataclass(frozen=True)
+class Group:
+    nodes: tuple[str, ...]
+    int8_us: float  # the group's integer kernels and the conversions around them, as planned
+    float_us: float  # the group's float ops and the conversions around them, kept float
+
+
+def slower_regions(graph: onnx.GraphProto, integer: Iterable[str], shapes: Shapes,
+                   nhwc: Iterable[str] = ()) -> list[Group]:
+    """Groups of nodes among `integer` (the planned nodes that run as 8-bit kernels) that are estimated
+    faster kept float, conversions at their borders included; disjoint. `nhwc`: the nodes ORT runs as
+    Nhwc* integer kernels (read from its optimized graph).
+
+    Greedy: from each node, costliest integer kernel (over its float op) first, grow a group by the
+    neighbour that lowers its estimate most (up to MAX_GROUP nodes), keep it float when it saves more
+    than MARGIN_US; sweep again until none does (MAX_SWEEPS). Last, when the integer kernels left save
+    less than MIN_GAIN of the float model's estimated time (within the table's error), they go float too.
+    """
+    initializers = {init.name: tuple(init.dims) for init in graph.initializer}
+    nodes = {node.name: node for node in graph.node}
+    order = {node.name: i for i, node in enumerate(graph.node)}
+    in_nhwc = set(nhwc)
+    cost = {name: node_costs(node, shapes, initializers, name in in_nhwc) for name, node in nodes.items()}
+    producer = {out: node.name for node in graph.node for out in node.output if out}
+    readers: dict[str, list[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            if name and name not in initializers and name in shapes:
+                readers.setdefault(name, []).append(node.name)
+    outputs = {value.name for value in graph.output}
+    current = {name for name in integer if name in nodes}
+
+    def crossing(tensor: str, quantized: set[str]) -> float:
+        """Conversions `tensor` costs when the nodes in `quantized` run integer kernels."""
+        shape = shapes.get(tensor)
+        if shape is None:
+            return 0.0
+        made_integer = producer.get(tensor) in quantized
+        read = readers.get(tensor, [])
+        float_reader = tensor in outputs or any(r not in quantized for r in read)
+        integer_reader = any(r in quantized for r in read)
+        if (made_integer and float_reader) or (not made_integer and integer_reader):
+            return conversion_us(math.prod(shape))
+        return 0.0
+
+    def float_cost(name: str, quantized: set[str]) -> float:
+        node = nodes[name]
+        source = producer.get(node.input[0]) if node.input else None
+        if (node.op_type in FUSED_ACTIVATIONS and source is not None and source not in quantized
+                and nodes[source].op_type in ("Conv", "Gemm")):
+            return 0.0
+        return cost[name][0]
+
+    def estimate(group: set[str]) -> tuple[float, float]:
+        tensors = {t for name in group for t in [*nodes[name].input, *nodes[name].output] if t in shapes}
+        after = current - group
+        before_us = sum(cost[name][1] for name in group) + sum(crossing(t, current) for t in tensors)
+        after_us = sum(float_cost(name, after) for name in group) + sum(crossing(t, after) for t in tensors)
+        return before_us, after_us
+
+    def neighbours(group: set[str]) -> list[str]:
+        found = set()
+        for name in group:
+            node = nodes[name]
+            found.update(producer[t] for t in node.input if t in producer)
+            for t in node.output:
+                found.update(readers.get(t, []))
+        return sorted((found & current) - group, key=order.__getitem__)
+
+    groups: list[Group] = []
+    for _ in range(MAX_SWEEPS):
+        changed = False
+        for seed in sorted(current, key=lambda name: (cost[name][0] - cost[name][1], order[name])):
+            if seed not in current:
+                continue
+            group = {seed}
+            before, after = estimate(group)
+            while len(group) < MAX_GROUP:
+                best = None
+                for name in neighbours(group):
+                    b, a = estimate(group | {name})
+                    if a - b < after - before and (best is None or a - b < best[2] - best[1]):
+                        best = (name, b, a)
+                if best is None:
+                    break
+                group.add(best[0])
+                before, after = best[1], best[2]
+            if after < before - MARGIN_US:
+                groups.append(Group(tuple(sorted(group, key=order.__getitem__)), before, after))
+                current -= group
+                changed = True
+        if not changed:
+            break
+    if current:  # what is left pays by less than the table can tell: the whole model runs float
+        before, after = estimate(current)
+        model_float_us = sum(float_cost(name, set()) for name in nodes)
+        if after - before < MIN_GAIN * model_float_us:
+            groups.append(Group(tuple(sorted(current, key=order.__getitem__)), before, after))
+    return groups
