@@ -12,6 +12,7 @@ faster than float). The ratios are the figures to trust on a shared machine: dri
 
     python bench/latency.py                 # or: make bench-latency
     python bench/latency.py --models ppocr_cls,digits_cnn --seconds 10
+    python bench/latency.py --placement fast   # every model with quantization.placement: fast
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def model_folders() -> dict[str, Path]:
     return folders
 
 
-def recipe_for(name: str):
+def recipe_for(name: str, placement: str | None = None):
     from qtool.recipe.load import load_recipe
     from qtool.recipe.schema import Recipe
 
@@ -48,7 +49,8 @@ def recipe_for(name: str):
     recipe = load_recipe(path) if path.is_file() else Recipe()
     calibration = recipe.calibration.model_copy(update={"samples": CALIB_SAMPLES})
     validation = recipe.validation.model_copy(update={"gates": {}, "samples": 8})
-    return recipe.model_copy(update={"calibration": calibration, "validation": validation})
+    quantization = recipe.quantization.model_copy(update={"placement": placement}) if placement else recipe.quantization
+    return recipe.model_copy(update={"calibration": calibration, "validation": validation, "quantization": quantization})
 
 
 def ort_quantize(prepared, feeds: list[dict], folder: Path):
@@ -91,12 +93,12 @@ def time_interleaved(models: dict, feeds: dict, rounds: int, seconds: float) -> 
     return {name: float(np.median(values) * 1e3) for name, values in times.items()}
 
 
-def bench_model(name: str, folder: Path, rounds: int, seconds: float) -> dict:
+def bench_model(name: str, folder: Path, rounds: int, seconds: float, placement: str | None = None) -> dict:
     import qtool
     from qtool.api import prepare
     from qtool.io.data import DataFolder, model_inputs
 
-    recipe = recipe_for(name)
+    recipe = recipe_for(name, placement)
     images = recipe.data.images if recipe.data else None
     result = qtool.quantize(folder / "model.onnx", folder / "calib", recipe, validation_data=folder / "eval")
     prepared, _ = prepare(folder / "model.onnx", recipe)
@@ -120,7 +122,7 @@ def bench_model(name: str, folder: Path, rounds: int, seconds: float) -> dict:
     row["qtool_speedup"] = ms["float"] / ms["qtool"]
     if "ort" in ms:
         row["ort_speedup"] = ms["float"] / ms["ort"]
-    row["kept_float_by_placement"] = sum("placement fused" in n["reason"] for n in result.report["plan"]["nodes"])
+    row["kept_float_by_placement"] = sum(n["reason"].startswith("placement") for n in result.report["plan"]["nodes"])
     return row
 
 
@@ -130,6 +132,8 @@ def main() -> int:
     parser.add_argument("--models", help="comma-separated folder names (default: every model found)")
     parser.add_argument("--rounds", type=int, default=300)
     parser.add_argument("--seconds", type=float, default=6.0, help="timing budget per model")
+    parser.add_argument("--placement", choices=["fused", "fast", "all"],
+                        help="quantization.placement for every model (default: each preset's own)")
     args = parser.parse_args()
     folders = model_folders()
     wanted = args.models.split(",") if args.models else list(folders)
@@ -139,7 +143,7 @@ def main() -> int:
             print(f"{name:<18} not found (have: {', '.join(folders)})")
             continue
         try:
-            row = bench_model(name, folders[name], args.rounds, args.seconds)
+            row = bench_model(name, folders[name], args.rounds, args.seconds, args.placement)
         except Exception as exc:  # noqa: BLE001 - one model's failure is a row, not the end of the run
             print(f"{name:<18} qtool failed: {type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}")
             if "--debug" in sys.argv:

@@ -36,7 +36,7 @@ import onnx
 
 Shapes = dict[str, tuple[int, ...]]
 
-SLOWER_PREFIX = "placement fused: integer kernels slower than float here"  # the reason of each node kept float
+SLOWER_PREFIX = "placement fast: integer kernels slower than float here"  # the reason of each node kept float
 MARGIN_US = 10.0  # a group goes float only when estimated this much faster: the table errs by a few µs a kernel
 MIN_GAIN = 0.1  # integer kernels left estimated to save less than this share of the float model's time: none
 MAX_GROUP = 64  # nodes one group may grow to (bounds the search on large graphs)
