@@ -128,6 +128,9 @@ def bench_model(name: str, folder: Path, rounds: int, seconds: float, placement:
 
 def main() -> int:
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization's pre-processing advice, every model
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)  # ORT's "Removing initializer ..." lines, dozens a model
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", help="comma-separated folder names (default: every model found)")
     parser.add_argument("--rounds", type=int, default=300)
