@@ -141,7 +141,7 @@ def test_table_contents(sample):
     document = json.loads(table.read_text())
     assert (document["format"], document["version"], document["samples"]) == ("qtool-calibration", 1, 64)
     assert document["qtool_version"] == qtool.__version__
-    assert document["model"]["sha256"] == qtool.api.file_sha256(SAMPLE / "model.onnx")
+    assert document["model"]["sha256"] == qtool.io.model.file_sha256(SAMPLE / "model.onnx")
     assert len(document["data"]["listing_sha256"]) == 64
     assert document["recipe"]["resolved"]["calibration"]["method"] == "percentile"
     entry = next(iter(document["tensors"].values()))
