@@ -288,3 +288,15 @@ def test_minmax_moving_average_does_not_claim_a_clipped_fraction():
     observer = MinMaxObserver(CalibrationSpec(moving_average=0.9), QTYPES["int8"], True)
     observer.update(np.linspace(-1, 1, 10, dtype=np.float32))
     assert observer.summary()["clipped_fraction"] is None
+
+
+@pytest.mark.parametrize("qtype, symmetric", MODES)
+@pytest.mark.parametrize("method", ["entropy", "mse"])
+def test_one_signed_data_far_from_zero_never_gets_an_inverted_range(method, qtype, symmetric):
+    # ppocr_cls's conv2d_56.tmp_1: every value in [-1.5, -0.88]; the KL search on |x| kept fewer bins
+    # than lie below the data (all of it folded into one bin scores 0) and wrote lo -0.45 > hi -0.88,
+    # a table qtool then refused to load
+    rng = np.random.default_rng(8)
+    batches = [-rng.uniform(0.88, 1.5, 10_000) for _ in range(4)]
+    r = observe(method, batches, qtype, symmetric).result()
+    assert r.lo <= r.hi and r.lo <= -0.88

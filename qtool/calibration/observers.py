@@ -270,13 +270,22 @@ class EntropyObserver(_HistogramObserver):
     Asymmetric, one-signed data (ReLU outputs): the same search on |x| with all the levels
     (256 for uint8), range [min, t] (or [-t, max]). Asymmetric mixed-sign data: the symmetric
     search, range (-t, t) cut to the observed [min, max].
+
+    Data of one sign far from 0 (every |x| >= m > 0): a t <= m folds all of it into one bin, which
+    the search scores as lossless; such a t keeps nothing (cut to [min, max] the range would be
+    inverted: ppocr_cls's conv2d_56.tmp_1, all in [-1.5, -0.88], got lo -0.45 > hi -0.88), so the
+    observed [min, max] is used instead.
     """
 
     def _choose(self) -> tuple[float, float]:
         levels = self.qtype.qmax - self.qtype.qmin + 1
         one_signed = not self.symmetric and (self.lo >= 0 or self.hi <= 0)
         bins = kl_threshold(self.hist.folded(), levels if one_signed else levels // 2)
-        return -bins * self.hist.width, bins * self.hist.width
+        t = bins * self.hist.width
+        nearest = max(self.lo, -self.hi, 0.0)  # the smallest |x| when all x share a sign, else 0
+        if t <= nearest:
+            return self.lo, self.hi
+        return -t, t
 
 
 class MseObserver(_HistogramObserver):
