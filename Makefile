@@ -46,7 +46,8 @@ browser:
 docs: install
 	$(BIN)/python tools/make_docs.py
 
-# qtool vs onnxruntime.quantization calibration: time, peak RSS, accuracy (a few minutes)
+# qtool vs onnxruntime.quantization calibration: time, peak RSS, accuracy (a few minutes; digits and ppocr_det).
+# Every model: python bench/calibration.py --models digits,ppocr_det,ppocr_cls,centerface,speech_embedding,u2netp
 bench-calibration: install
 	$(BIN)/python bench/calibration.py
 
