@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import jsonschema
 import numpy as np
-import pytest
 from onnx import TensorProto, helper
 
 from conftest import make_model, save_npy_folder
@@ -129,15 +128,3 @@ def test_with_a_calibration_table_it_is_skipped_with_a_note(tmp_path):
     result = api.quantize(path, None, _recipe("auto"), calibration=table.output, validation_data=data)
     section = result.report["algorithms"]["keep_float"]
     assert section["enabled"] is False and "needs calibration data" in section["skipped"]
-
-
-def test_the_switch_reads_yaml_off_and_names_the_key_when_wrong(tmp_path):
-    from qtool.errors import RecipeError
-    from qtool.recipe.load import load_recipe
-
-    path = tmp_path / "recipe.yaml"
-    path.write_text("version: 1\nquantization:\n  algorithms:\n    keep_float: off\n")  # YAML 1.1: false
-    assert load_recipe(path).quantization.algorithms.keep_float == "off"
-    path.write_text("version: 1\nquantization:\n  algorithms:\n    keep_float: always\n")
-    with pytest.raises(RecipeError, match="algorithms.keep_float"):
-        load_recipe(path)

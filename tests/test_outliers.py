@@ -4,7 +4,6 @@ or kept float, reported, deterministic."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from onnx import TensorProto, helper
 
 from conftest import make_model, save_npy_folder
@@ -111,15 +110,3 @@ def test_with_a_calibration_table_outliers_are_skipped_with_a_note(tmp_path):
     result = api.quantize(path, None, recipe, calibration=table.output, validation_data=data)
     section = result.report["algorithms"]["outliers"]
     assert section["enabled"] is False and "needs calibration data" in section["skipped"]
-
-
-def test_the_switch_reads_yaml_off_and_names_the_key_when_wrong(tmp_path):
-    from qtool.errors import RecipeError
-    from qtool.recipe.load import load_recipe
-
-    path = tmp_path / "recipe.yaml"
-    path.write_text("version: 1\nquantization:\n  algorithms:\n    outliers: off\n")  # YAML 1.1: false
-    assert load_recipe(path).quantization.algorithms.outliers == "off"
-    path.write_text("version: 1\nquantization:\n  algorithms:\n    outliers: always\n")
-    with pytest.raises(RecipeError, match="algorithms.outliers"):
-        load_recipe(path)

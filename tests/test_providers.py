@@ -35,15 +35,20 @@ def test_sessions_get_the_chosen_providers_inside_the_block_only():
     assert make_session(model).get_providers() == ["CPUExecutionProvider"]
 
 
-@pytest.mark.parametrize("command", ["quantize", "calibrate", "compare", "sensitivity", "tune"])
-def test_unavailable_provider_is_one_line_exit_2_listing_what_this_build_has(tmp_path, command):
-    missing = "NoSuchAcceleratorExecutionProvider"
+def command_line(command: str, tmp_path) -> list[str]:
+    """`command` on the sample model and its eval folder, writing under `tmp_path`."""
     model, data = str(SAMPLE / "model.onnx"), str(SAMPLE / "eval")
-    args = {"quantize": ["quantize", model, "--data", data, "--output", str(tmp_path / "out")],
+    return {"quantize": ["quantize", model, "--data", data, "--output", str(tmp_path / "out")],
             "calibrate": ["calibrate", model, "--data", data, "--output", str(tmp_path / "table.json")],
             "compare": ["compare", model, model, "--data", data, "--output", str(tmp_path / "out")],
             "sensitivity": ["sensitivity", model, "--data", data, "--output", str(tmp_path / "out")],
             "tune": ["tune", model, "--recipe", "int8", "--data", data, "--output", str(tmp_path / "out")]}[command]
+
+
+@pytest.mark.parametrize("command", ["quantize", "calibrate", "compare", "sensitivity", "tune"])
+def test_unavailable_provider_is_one_line_exit_2_listing_what_this_build_has(tmp_path, command):
+    missing = "NoSuchAcceleratorExecutionProvider"
+    args = command_line(command, tmp_path)
     result = CliRunner().invoke(main, [*args, "--provider", f"CPU,{missing}"])
     assert result.exit_code == 2
     assert result.output == (f"Error: execution provider '{missing}' is not in this onnxruntime build "
@@ -54,12 +59,7 @@ def test_unavailable_provider_is_one_line_exit_2_listing_what_this_build_has(tmp
 @pytest.mark.parametrize("command", ["quantize", "calibrate", "compare", "sensitivity", "tune"])
 def test_an_option_the_provider_does_not_take_is_refused_naming_those_it_does(tmp_path, command):
     """New-user finding 18: `--provider CPU:bogus=1` ran (exit 0) and the report recorded `bogus` as applied."""
-    model, data = str(SAMPLE / "model.onnx"), str(SAMPLE / "eval")
-    args = {"quantize": ["quantize", model, "--data", data, "--output", str(tmp_path / "out")],
-            "calibrate": ["calibrate", model, "--data", data, "--output", str(tmp_path / "table.json")],
-            "compare": ["compare", model, model, "--data", data, "--output", str(tmp_path / "out")],
-            "sensitivity": ["sensitivity", model, "--data", data, "--output", str(tmp_path / "out")],
-            "tune": ["tune", model, "--recipe", "int8", "--data", data, "--output", str(tmp_path / "out")]}[command]
+    args = command_line(command, tmp_path)
     result = CliRunner().invoke(main, [*args, "--provider", "CPU:bogus=1"])
     assert result.exit_code == 2
     assert result.output == (f"Error: execution provider CPUExecutionProvider: option bogus is not one it takes "

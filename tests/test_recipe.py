@@ -141,3 +141,15 @@ def test_an_unknown_calibration_method_lists_every_allowed_one_auto_included(tmp
     message = error_of(tmp_path, "version: 1\ncalibration: {method: Auto}\n")
     assert message.endswith("recipe.yaml:2: calibration.method: 'Auto' is not allowed: input should be "
                             "'minmax', 'percentile', 'entropy', 'mse' or 'auto'")
+
+
+@pytest.mark.parametrize("switch", ["outliers", "keep_float"])
+def test_auto_off_switches_read_yaml_off_and_name_the_key_when_wrong(tmp_path, switch):
+    """`quantization.algorithms.<switch>: auto | off`: YAML 1.1 reads a bare `off` as false, which the
+    schema takes as "off"; any other word names the key."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"version: 1\nquantization:\n  algorithms:\n    {switch}: off\n")
+    assert getattr(load_recipe(path).quantization.algorithms, switch) == "off"
+    path.write_text(f"version: 1\nquantization:\n  algorithms:\n    {switch}: always\n")
+    with pytest.raises(RecipeError, match=f"algorithms.{switch}"):
+        load_recipe(path)
