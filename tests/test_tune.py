@@ -255,6 +255,16 @@ def test_tune_without_timing(hostile, tmp_path):
     assert (tmp_path / "t" / "report.html").read_text().count("<svg") == 1
 
 
+def test_a_budget_spent_before_the_first_trial_still_tunes_the_recipe_as_given(hostile, tmp_path):
+    # was: BudgetSpent escaped as an internal error (exit 3) when setup alone outlasted --time-budget
+    result = search_api.tune(hostile / "model.onnx", hostile / "calib", hostile / "recipe.yaml", tmp_path / "t",
+                             validation_data=hostile / "eval", time_budget=1e-6, latency_runs=0)
+    report = validated(tmp_path / "t" / "report.json")
+    assert [row["trial"] for row in report["trials"]] == ["recipe as given"]
+    assert "time budget" in report["search"]["stop_reason"] and not result.passed
+    assert (tmp_path / "t" / "model.onnx").is_file()
+
+
 def test_tune_needs_a_target(hostile, tmp_path):
     (tmp_path / "r.yaml").write_text("version: 1\n")
     result = subprocess.run([str(QTOOL), "tune", str(hostile / "model.onnx"), "--recipe", str(tmp_path / "r.yaml"),

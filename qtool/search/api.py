@@ -325,7 +325,7 @@ def tune(
         search.on_trial, search.on_improvement = on_trial, write_best
         search.time_trial = time_trial if latency_runs else None
         try:
-            baseline = search.run_batch([TrialSpec("recipe as given", "baseline")]).get(())
+            baseline = search.run_batch([TrialSpec("recipe as given", "baseline")], timed=False).get(())
             if baseline is None:
                 raise WorkerError(f"the trial of the recipe as given was lost ({lost[-1]['reason']})")
             if not baseline.passed:
