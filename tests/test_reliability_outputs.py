@@ -136,6 +136,28 @@ def test_a_file_qtool_did_not_write_is_not_replaced_by_a_junit_file_or_a_cache(s
     assert notes.read_text() != "notes\n"
 
 
+@pytest.mark.parametrize("command", ["quantize", "compare", "sensitivity", "tune", "ort-table"])
+def test_overwrite_does_not_delete_a_folder_qtool_did_not_write(small, tmp_path, command):
+    """New-user finding: `--output eval/ --overwrite` (a typo for out/) deleted the evaluation set, exit 0."""
+    (small / "r.yaml").write_text("version: 1\nvalidation:\n  gates: {min_cosine: 0.5}\n")
+    model, data = small / "model.onnx", small / "data"
+    args = {"quantize": ("quantize", model, "--data", data),
+            "compare": ("compare", model, model, "--data", data),
+            "sensitivity": ("sensitivity", model, "--data", data, "--samples", 2),
+            "tune": ("tune", model, "--recipe", small / "r.yaml", "--data", data, "--latency-runs", 0),
+            "ort-table": ("calibrate", model, "--data", data, "--format", "ort-table")}[command]
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "0000.npy").write_bytes(b"user data")
+    result = run(*args, "--output", precious, "--overwrite")
+    assert result.exit_code == 2 and f"{precious}: output folder holds 0000.npy and is not a" in result.stderr
+    assert [p.name for p in precious.iterdir()] == ["0000.npy"]
+    (tmp_path / "empty").mkdir()
+    assert run(*args, "--output", tmp_path / "empty", "--overwrite").exit_code == 0  # nothing to lose
+    again = run(*args, "--output", tmp_path / "empty", "--overwrite")  # an earlier run's output is replaced
+    assert again.exit_code == 0, again.output
+
+
 def test_init_over_its_own_model_is_refused(small):
     before = digest(small / "model.onnx")
     result = run("init", small / "model.onnx", "--output", small / "model.onnx", "--overwrite")
@@ -298,6 +320,7 @@ def test_no_usable_temporary_folder_is_one_clear_error(tmp_path, monkeypatch):
 def test_an_output_that_is_a_mount_point_has_its_contents_replaced(small, tmp_path):
     with tmpfs(tmp_path / "out", "size=4m") as out:
         (out / "old.txt").write_text("old")
+        (out / "report.json").write_text('{"schema_version": 1, "command": "quantize"}')  # an earlier run's
         result = run("quantize", small / "model.onnx", "--data", small / "data", "--output", out, "--overwrite")
         names = {p.name for p in out.iterdir()}
         still_mounted = os.path.ismount(out)

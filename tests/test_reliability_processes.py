@@ -83,7 +83,7 @@ def test_an_interrupt_before_the_first_best_keeps_the_earlier_results(hostile, t
     out = tmp_path / "tuned"
     out.mkdir()
     (out / "model.onnx").write_text("earlier run")
-    (out / "report.json").write_text("{}")
+    (out / "report.json").write_text('{"schema_version": 1, "command": "tune"}')  # an earlier run's
     try:
         result = tune(hostile, out, overwrite=True, progress=interrupt_at(stage))
     except KeyboardInterrupt:

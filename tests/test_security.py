@@ -123,8 +123,8 @@ def test_overwrite_keeps_the_old_folder_until_the_new_one_is_complete(tmp_path):
 def test_existing_output_refused_without_overwrite(small, tmp_path):
     model, data = small
     output = tmp_path / "out"
-    output.mkdir()
-    (output / "keep.txt").write_text("mine")
+    assert CliRunner().invoke(main, quantize_args(model, data, output, "-q")).exit_code == 0
+    (output / "keep.txt").write_text("mine")  # an earlier run's folder, a file of the user's added
     result = CliRunner().invoke(main, quantize_args(model, data, output))
     assert result.exit_code == 2
     assert result.stderr == f"Error: {output}: output folder exists; pass --overwrite to replace it\n"

@@ -63,7 +63,9 @@ def calibrate(
     output = Path(output) if output is not None else None
     read_paths = (path_or_none(data_dir), *recipe_inputs(recipe))
     if output is not None and format == "ort-table":
-        check_output_path(output, model_path, overwrite, read_paths)
+        check_output_path(output, model_path, overwrite, read_paths, ours=(
+            "folder of ONNX Runtime's calibration table",
+            lambda folder: {entry.name for entry in folder.iterdir()} <= set(interchange.ORT_FILES)))
     elif output is not None:
         check_output_file(output, model_path, read_paths, what="calibration table", overwrite=overwrite)
     model, _ = prepare(model_path, recipe)

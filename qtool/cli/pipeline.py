@@ -37,8 +37,8 @@ from qtool.runtime.session import parse_providers, use_providers
               help="Evaluation data folder (overrides the recipe's validation.data).")
 @click.option("--labels", type=click.Path(path_type=Path),
               help="labels.txt for the evaluation data (overrides validation.labels).")
-@click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists (and a --junit file "
-                                                "qtool did not write).")
+@click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists (empty, or one "
+                                                "qtool wrote; and a --junit file qtool did not write).")
 @click.option("--per-layer", is_flag=True, help="Per-layer and per-weight error in the report.")
 @click.option("--bench/--no-bench", default=True, show_default=True,
               help="Measure float vs quantized latency (interleaved, ORT CPU, a few seconds at most); "
@@ -255,8 +255,8 @@ def analysis_options(command):
 @analysis_options
 @click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path),
               help="Folder to write report.json, report.md and report.html into.")
-@click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists (and a --junit file "
-                                                "qtool did not write).")
+@click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists (empty, or one "
+                                                "qtool wrote; and a --junit file qtool did not write).")
 @provider_option
 @output_options
 def compare(reference: Path, candidate: Path, data_dir: Path, labels: Path | None, recipe_path: Path | None,

@@ -67,8 +67,8 @@ def _warn(alerts, quiet: bool) -> None:
 @click.option("--cache", type=click.Path(path_type=Path),
               help="Cache file (default: OUTPUT/sensitivity.cache.json, read before the folder is replaced); "
                    "an existing file qtool did not write needs --overwrite.")
-@click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists (and a --cache file "
-                                                "qtool did not write).")
+@click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists (empty, or one "
+                                                "qtool wrote; and a --cache file qtool did not write).")
 @provider_option
 @output_options
 def sensitivity(model: Path, recipe_path: Path | None, data_dir: Path, validation_data: Path | None,
@@ -132,8 +132,9 @@ def sensitivity(model: Path, recipe_path: Path | None, data_dir: Path, validatio
 @click.option("--cache", type=click.Path(path_type=Path),
               help="Sensitivity cache file (default: OUTPUT/sensitivity.cache.json); an existing file qtool "
                    "did not write needs --overwrite.")
-@click.option("--overwrite", is_flag=True, help="Reuse an existing output folder (its results are replaced; "
-                                                "also a --cache file qtool did not write).")
+@click.option("--overwrite", is_flag=True, help="Reuse an existing output folder (empty, or one qtool "
+                                                "wrote: its results are replaced; also a --cache file qtool did "
+                                                "not write).")
 @provider_option
 @output_options
 def tune(model: Path, recipe_path: Path, data_dir: Path, validation_data: Path | None, labels: Path | None,

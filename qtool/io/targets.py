@@ -137,18 +137,6 @@ def refuse_working_folder(target: Path, what: str = "output folder") -> None:
                          "or one of its parents (an empty --output names the working folder); choose another")
 
 
-def check_output_path(output: Path, model_path: Path, overwrite: bool, protected: tuple = ()) -> None:
-    """The output folder may not be, or contain, the input model or any other input
-    (`protected`: data folders, labels, recipe), nor the working folder; an existing one needs --overwrite."""
-    refuse_working_folder(output)
-    refuse_inputs(output, model_path, protected, "output folder")
-    out = Path(output).resolve()
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{output}: exists and is not a folder")
-    if out.exists() and not overwrite:
-        raise UsageError(f"{output}: output folder exists; pass --overwrite to replace it")
-
-
 def begins_like(pattern: bytes) -> Callable[[Path], bool]:
     """A test of whether a file's first 4 KiB match the regular expression `pattern` (what qtool's own
     files of a kind begin with)."""
@@ -161,6 +149,33 @@ def begins_like(pattern: bytes) -> Callable[[Path], bool]:
         except OSError:
             return False
     return test
+
+
+_REPORT = begins_like(rb'\{\s*"schema_version":\s*\d+,\s*"command":\s*"')
+# (what such a folder is, a test that recognises one): what --overwrite may replace besides an empty folder
+REPORT_FOLDER = ("folder qtool wrote (a report.json of qtool's)", lambda folder: _REPORT(folder / "report.json"))
+
+
+def check_output_path(output: Path, model_path: Path, overwrite: bool, protected: tuple = (),
+                      ours: tuple[str, Callable[[Path], bool]] = REPORT_FOLDER) -> None:
+    """The output folder may not be, or contain, the input model or any other input
+    (`protected`: data folders, labels, recipe), nor the working folder; an existing one needs
+    --overwrite, and even then must be empty or one `ours` recognises (a folder of the user's data
+    typed as --output is not deleted). Raises UsageError (exit 2) naming the folder."""
+    refuse_working_folder(output)
+    refuse_inputs(output, model_path, protected, "output folder")
+    out = Path(output).resolve()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{output}: exists and is not a folder")
+    if out.exists():
+        kind, recognise = ours
+        names = sorted(entry.name for entry in out.iterdir())
+        if names and not recognise(out):
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            raise UsageError(f"{output}: output folder holds {shown} and is not a {kind}; --overwrite replaces "
+                             "only an empty folder or one qtool wrote: choose another path, or remove it yourself")
+        if not overwrite:
+            raise UsageError(f"{output}: output folder exists; pass --overwrite to replace it")
 
 
 def check_output_file(path: Path, model_path: Path | None, protected=(), *, what: str,
