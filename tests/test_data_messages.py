@@ -83,3 +83,14 @@ def test_nan_in_validation_data_is_a_data_error_naming_the_file(tmp_path):
     assert result.stderr.splitlines()[-1] == (f"Error: {evaluation / '0001.npy'}: input x holds NaN or Inf "
                                               "values; data must be finite numbers")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_validation_folder_named_by_the_recipe_names_the_recipe_and_key(tmp_path):
+    """New-user finding: `validation.data: evl` said only `Error: /abs/evl: no such data folder or file`,
+    a path the user never typed on the command line."""
+    data = save_npy_folder(tmp_path / "calib", np.ones((3, 1, 8)))
+    (tmp_path / "r.yaml").write_text("version: 1\nvalidation:\n  data: evl\n")
+    result = _quantize(tmp_path, matmul_chain(), data, "--recipe", tmp_path / "r.yaml")
+    assert result.returncode == 2
+    assert result.stderr == (f"Error: {tmp_path / 'r.yaml'}: validation.data: no such data folder or file "
+                             f"{tmp_path / 'evl'}\n")

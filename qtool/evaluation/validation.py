@@ -26,6 +26,8 @@ def resolve_validation_data(
     spec = recipe.validation
     warnings = []
     folder_path = Path(data_override) if data_override else recipe.resolve_path(spec.data)
+    if folder_path is not None and not data_override and not folder_path.exists():
+        raise RecipeError(f"{recipe.source}: validation.data: no such data folder or file {folder_path}")
     if folder_path is not None:
         folder = open_data(folder_path, inputs, spec.samples, recipe)
         calib_folder = calib_data.folder if calib_data is not None else None
