@@ -83,6 +83,30 @@ def test_image_defaults_are_marked_check(tmp_path):
     assert text.count("# CHECK:") == 3  # size, channel order, mean/std
 
 
+def test_colour_images_for_a_one_channel_model_become_grey_and_quantize_runs(tmp_path):
+    """New-user finding: `init` on the sample (1-channel) model with a folder of colour images wrote
+    channels: RGB, and quantize then refused every image ([1, 3, 16, 16] does not fit [N, 1, 16, 16])."""
+    data = tmp_path / "imgs"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(data / f"{i}.png")
+    recipe = tmp_path / "r.yaml"
+    result = init(str(SAMPLE / "model.onnx"), "--data", str(data), "--output", str(recipe))
+    assert result.exit_code == 0, result.output
+    images = load_recipe(recipe).data.images
+    assert images.channels == "GRAY" and images.size == (16, 16)
+    from qtool.io.images import preprocess_image
+    sample = preprocess_image(data / "0.png", images, images.size)
+    expected = np.asarray(Image.open(data / "0.png").convert("L").resize((16, 16), Image.Resampling.BILINEAR))
+    assert sample.shape == (1, 16, 16) and np.abs(sample[0] * 255 - expected).max() <= 1.5
+    outcome = api.quantize(SAMPLE / "model.onnx", data, recipe, tmp_path / "out")
+    assert (tmp_path / "out" / "model.onnx").is_file() and outcome.report["calibration"]
+    (tmp_path / "bad.yaml").write_text("data:\n  images: {channels: GRAY, mean: [0.5, 0.5, 0.5]}\n")
+    with pytest.raises(Exception, match="expected 1 value with channels: GRAY"):
+        load_recipe(tmp_path / "bad.yaml")
+
+
 @pytest.mark.parametrize("args, message", [
     (["--mean", "0.1,0.2"], "expected 1 or 3 values"),
     (["--size", "320"], "expected HxW"),

@@ -336,10 +336,12 @@ def _data_section(inputs: list[InputSpec], data: DataKind, image: ImageChoices,
         f"    layout: {layout}          # from the model's input shape",
     ]
     known = _family_defaults(convention)
-    channels = image.channels or known.channels
+    grey = len(spec.shape) == 4 and spec.shape[1 if layout == "NCHW" else 3] == 1
+    channels = image.channels or ("GRAY" if grey and convention is None else known.channels)
     if image.channels is None and convention is None:
-        lines.append("    # CHECK: RGB is a default; use the channel order your model was trained on.")
-    lines.append(f"    channels: {channels}         # RGB | BGR")
+        lines.append("    # GRAY: the model's input has one channel (images become their luminance)." if grey else
+                     "    # CHECK: RGB is a default; use the channel order your model was trained on.")
+    lines.append(f"    channels: {channels}         # RGB | BGR | GRAY")
     scale = image.scale if image.scale is not None else known.scale
     lines.append(f"    scale: {scale:g}            # pixels (0-255) are divided by this first")
     if (image.mean is None or image.std is None) and convention is None:

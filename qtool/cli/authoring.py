@@ -128,8 +128,9 @@ def _size(ctx, param, value: str | None) -> tuple[int, int] | None:
               help="Evaluation folder to name in validation.data (labels.txt there adds an accuracy gate).")
 @click.option("--output", "output_path", required=True, type=click.Path(path_type=Path),
               help="Recipe file to write.")
-@click.option("--channels", type=click.Choice(["RGB", "BGR"]),
-              help="Channel order the model was trained on (default: the model family's, else RGB marked CHECK).")
+@click.option("--channels", type=click.Choice(["RGB", "BGR", "GRAY"]),
+              help="Channel order the model was trained on (default: the model family's, GRAY for a "
+              "1-channel input, else RGB marked CHECK).")
 @click.option("--mean", callback=_float_list, help="Per-channel mean after scaling, e.g. 0.485,0.456,0.406.")
 @click.option("--std", callback=_float_list, help="Per-channel std, e.g. 0.229,0.224,0.225.")
 @click.option("--scale", type=click.FloatRange(min=0, min_open=True),

@@ -74,8 +74,12 @@ def image_dimensions(path: Path) -> tuple[int, int]:
         raise DataError(f"{path}: not a readable image ({_reason(exc)})") from None
 
 
+GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # R, G, B
+
+
 def preprocess_image(path: Path, spec: ImageSpec, size: tuple[int, int] | None) -> np.ndarray:
-    """The image at `path` as one sample without a batch axis: [C, H, W] or [H, W, C]."""
+    """The image at `path` as one sample without a batch axis: [C, H, W] or [H, W, C] (C = 1 with
+    channels GRAY, else 3); `spec.dtype`. Raises DataError naming the file when it cannot be read."""
     image = decode_image(path)
     image = _resize(image, spec, size, path)
     if spec.crop == "center":
@@ -85,6 +89,9 @@ def preprocess_image(path: Path, spec: ImageSpec, size: tuple[int, int] | None) 
         pixels = np.repeat(pixels[..., None], 3, axis=-1)
         if spec.dtype == "uint8":
             pixels = np.rint(pixels).astype(np.uint8)
+    if spec.channels == "GRAY":  # one channel: ITU-R 601 luminance, as Pillow's convert("L") weighs it
+        grey = pixels.astype(np.float32) @ np.asarray(GRAY_WEIGHTS, np.float32)
+        pixels = (np.clip(np.rint(grey), 0, 255).astype(np.uint8) if spec.dtype == "uint8" else grey)[..., None]
     if spec.channels == "BGR":
         pixels = pixels[..., ::-1]
     if spec.dtype == "uint8":  # the recipe guarantees scale 1, mean 0, std 1

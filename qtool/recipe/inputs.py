@@ -40,7 +40,9 @@ class ImageSpec(Strict):
         "keeps the resized image as it is.",
     )
     layout: Literal["NCHW", "NHWC"] = Field("NCHW", description="Axis order of the model input.")
-    channels: Literal["RGB", "BGR"] = Field("RGB", description="Channel order of the model input.")
+    channels: Literal["RGB", "BGR", "GRAY"] = Field(
+        "RGB", description="Channel order of the model input; GRAY: one channel, the luminance "
+        "(ITU-R 601: 0.299 R + 0.587 G + 0.114 B, as Pillow's mode L), for 1-channel models.")
     scale: Annotated[float, Field(gt=0.0)] = Field(
         255.0, description="Pixel values (0-255) are divided by this first."
     )
@@ -72,7 +74,9 @@ class ImageSpec(Strict):
 
     @field_validator("mean", "std")
     @classmethod
-    def _per_channel(cls, value: list[float]) -> list[float]:
+    def _per_channel(cls, value: list[float], info: ValidationInfo) -> list[float]:
+        if info.data.get("channels") == "GRAY" and len(value) != 1:
+            raise ValueError(f"expected 1 value with channels: GRAY, got {len(value)}")
         if len(value) not in (1, 3):
             raise ValueError(f"expected 1 or 3 values, got {len(value)}")
         return value
