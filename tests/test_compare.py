@@ -312,3 +312,17 @@ def test_compare_bench_warns_when_the_candidate_is_slower_than_float(tmp_path):
     text = qtool("compare", str(tmp_path / "fast.onnx"), str(tmp_path / "slow.onnx"), "--data", str(data),
                  "--bench", "--output", str(tmp_path / "out2")).stdout
     assert "the candidate is slower than the reference" in text
+
+
+@pytest.mark.parametrize("command", ["compare", "quantize"])
+def test_more_bench_threads_than_cpus_is_refused_before_any_work(tmp_path, command):
+    """New-user finding: `compare --bench --threads 99999` never ended and outlived SIGTERM (timeout 120 ran
+    20 minutes); a thread count past this machine's CPUs now exits 2 at once, nothing written."""
+    too_many = (os.cpu_count() or 1) + 1
+    model = str(SAMPLE / "model.onnx")
+    head = ["compare", model, model] if command == "compare" else ["quantize", model]
+    result = CliRunner().invoke(main, [*head, "--data", str(SAMPLE / "calib"), "--output", str(tmp_path / "o"),
+                                       "--bench", "--threads", str(too_many)])
+    assert result.exit_code == 2
+    assert f"--threads {too_many}: the bench runs on this machine, which has {too_many - 1} logical CPUs" in result.stderr
+    assert not (tmp_path / "o").exists()

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable
 
 from onnx import ModelProto
 
-from qtool.errors import ModelError, SideFileError
+from qtool.errors import ModelError, SideFileError, UsageError
 from qtool.io.data import model_inputs
 from qtool.io.feeds import Loader
 from qtool.io.model import load_model, upgrade_opset
@@ -25,6 +26,19 @@ from qtool.runtime.session import check_runnable
 # progress(stage, done, total): the CLI renders it; nothing below the CLI prints.
 Progress = Callable[[str, int, int | None], None]
 BENCH_THREADS = 1  # quantize and compare time on one intra-op thread unless told otherwise: the per-core ratio
+
+
+def bench_threads(threads: int | None) -> int:
+    """The intra-op thread count for the latency bench: BENCH_THREADS when None; more than this
+    machine's logical CPUs (where the bench runs) raises UsageError (exit 2): `--threads 99999` made
+    ONNX Runtime start a pool that never finished, deaf to SIGTERM."""
+    if threads is None:
+        return BENCH_THREADS
+    cpus = os.cpu_count() or 1
+    if not 1 <= threads <= cpus:
+        raise UsageError(f"--threads {threads}: the bench runs on this machine, which has {cpus} logical CPUs; "
+                         f"allowed: 1 to {cpus}")
+    return threads
 
 
 def prepare(model_path: Path, recipe: Recipe | None = None) -> tuple[ModelProto, list[str]]:

@@ -22,7 +22,7 @@ from qtool.reporting import document as reporting
 from qtool.reporting.files import check_ci_files, report_writers
 from qtool.runtime.session import check_runnable
 
-from qtool.api.common import BENCH_THREADS, Progress, prepare, recipe_inputs, stage_progress, write_ci_files_of
+from qtool.api.common import Progress, bench_threads, prepare, recipe_inputs, stage_progress, write_ci_files_of
 
 @dataclass(frozen=True)
 class CompareResult:
@@ -69,6 +69,7 @@ def compare(
     for name, threshold in (gates or {}).items():
         if gate_problem(name, threshold):
             raise UsageError(f"gate {name}={threshold}: {gate_problem(name, threshold)}")
+    threads = bench_threads(threads)
     output = Path(output_dir) if output_dir is not None else None
     read_paths = (candidate_path, data_dir, labels, *recipe_inputs(recipe))
     if output is not None:
@@ -103,7 +104,7 @@ def compare(
     comparison = compare_models(reference, candidate, data, labels=truth, batch_size=batch_size,
                                 progress=tick("validate"))
     layers, latency = layers_and_latency(reference, candidate, data, batch_size, per_layer,
-                                         bench or "max_latency_ratio" in wanted, threads or BENCH_THREADS, tick)
+                                         bench or "max_latency_ratio" in wanted, threads, tick)
     reference_bytes, candidate_bytes = model_file_bytes(reference_path), model_file_bytes(candidate_path)
     results = check_gates(comparison, wanted, extra_figures(reference_bytes, candidate_bytes, latency))
     report = reporting.build_compare_report(

@@ -39,7 +39,7 @@ from qtool.runtime.session import (INTEGER_OP_TYPES, int8_kernels_may_saturate, 
                                    tensor_shapes)
 
 from qtool.api.calibrate import measure_ranges
-from qtool.api.common import (BENCH_THREADS, Progress, data_inputs, path_or_none, prepare_with_pairs, recipe_inputs,
+from qtool.api.common import (Progress, bench_threads, data_inputs, path_or_none, prepare_with_pairs, recipe_inputs,
                               stage_progress, write_ci_files_of)
 
 @dataclass(frozen=True)
@@ -108,6 +108,7 @@ def quantize(
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     if calibration is None and data_dir is None and not uses_dynamic(recipe):
         raise UsageError("calibration data (--data DIR) or a calibration table (--calibration TABLE.json) is needed")
+    threads = bench_threads(threads)
     output = Path(output_dir) if output_dir is not None else None
     read_paths = (path_or_none(data_dir), validation_data, labels, calibration, *recipe_inputs(recipe))
     if output is not None:
@@ -184,7 +185,7 @@ def quantize(
     warnings += accuracy_warnings(comparison, eval_labels)
     layers, latency = layers_and_latency(
         model, quantized, eval_data, recipe.calibration.batch_size, per_layer,
-        bench or "max_latency_ratio" in recipe.validation.gates, threads or BENCH_THREADS, tick,
+        bench or "max_latency_ratio" in recipe.validation.gates, threads, tick,
         {decision.node: decision.reason for decision in plan.nodes})
     warnings += slower_than_float(latency)
     quantized_bytes = proto_size(quantized)  # serializes the model: once

@@ -44,7 +44,7 @@ from qtool.runtime.session import parse_providers, use_providers
               help="Measure float vs quantized latency (interleaved, ORT CPU, a few seconds at most); "
                    "a max_latency_ratio gate measures it even with --no-bench.")
 @click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime intra-op threads for the latency bench "
-                                                           "(default 1).")
+                                                           "(default 1; at most this machine's CPUs).")
 @click.option("--junit", type=click.Path(path_type=Path), help="Write a JUnit XML file: one test case per gate "
                                                                "(an existing file qtool did not write needs --overwrite).")
 @executor_options("calibration shards")
@@ -231,7 +231,8 @@ def analysis_options(command):
                            help="Write a JUnit XML file: one test case per gate (an existing file qtool did "
                                 "not write needs --overwrite).")(command)
     command = click.option("--threads", type=click.IntRange(min=1),
-                           help="ONNX Runtime intra-op threads for --bench (default 1, as quantize).")(command)
+                           help="ONNX Runtime intra-op threads for --bench (default 1, as quantize; at most "
+                                "this machine's CPUs).")(command)
     command = click.option("--bench", is_flag=True,
                            help="Measure latency: interleaved A/B runs on ONNX Runtime CPU.")(command)
     command = click.option("--per-layer", is_flag=True,
