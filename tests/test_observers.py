@@ -169,9 +169,50 @@ def test_entropy_on_relu_outputs_uses_the_full_unsigned_range():
     assert unsigned.hi > signed.hi  # twice the levels: less rounding, so it can afford more range
 
 
+def test_kl_search_scores_a_spike_at_its_first_bin_as_its_neighbour():
+    # bin 0 holds the point the grid represents exactly (0, or the kept end): scored as bin 1, a
+    # uniform histogram under a spike there is uniform, and only keeping it all has KL 0
+    hist = np.full(2048, 100.0)
+    hist[0] = 1e6
+    assert kl_threshold(hist, 256) == kl_threshold(hist, 128) == 2048
+
+
+@pytest.mark.parametrize("qtype, symmetric", MODES)
+def test_exact_zeros_do_not_move_the_entropy_range(qtype, symmetric):
+    # ReLU outputs: u2netp's are 45-77 % zeros, which drove the search to a quarter of their
+    # range (up to 12 % of values clipped). Zeros neither move the grid nor reach the search.
+    rng = np.random.default_rng(5)
+    x = np.abs(rng.laplace(0, 1, 100_000))
+    x[:3] = 40.0
+    plain = observe("entropy", [x], qtype, symmetric).result()
+    relu = observe("entropy", [np.concatenate([x, np.zeros(150_000)])], qtype, symmetric).result()
+    assert relu.hi == plain.hi and 5.0 < plain.hi < 40.0  # lo: the observed min, 0 with the zeros
+
+
+def test_entropy_keeps_a_spike_at_the_short_end_and_the_long_side_whole():
+    # speech_embedding's Maximum(x, -0.4): a spike at -0.4 folded onto |x| = 0.4 was scored as the
+    # long side's; the asymmetric grid [-0.4, hi] represents it exactly. Uniform above: kept whole.
+    rng = np.random.default_rng(4)
+    x = np.concatenate([np.full(60_000, -0.4), rng.uniform(0, 10, 100_000)])
+    r = observe("entropy", np.array_split(rng.permutation(x), 8), "uint8", False)
+    assert r.result().lo == pytest.approx(-0.4) and r.result().hi > 9.9
+    assert r.summary()["clipped_fraction"] < 0.001  # the spike is not clipped
+
+
+def test_entropy_keeps_skewed_uniform_data_whole():
+    rng = np.random.default_rng(3)
+    r = observe("entropy", [rng.uniform(-1, 3, 50_000) for _ in range(4)], "uint8", False).result()
+    assert r.lo == pytest.approx(-1, abs=0.01) and r.hi == pytest.approx(3, abs=0.01)
+
+
 def kl_threshold_reference(hist, levels):
-    """TensorRT's search written out bin by bin, with the same grouping and smoothing."""
+    """TensorRT's search written out bin by bin, with the same grouping and smoothing, and bin 0
+    scored with bin 1's count (pytorch-quantization's `bins[0] = bins[1]`)."""
     n = int(np.flatnonzero(hist)[-1]) + 1
+    if n <= levels:
+        return n
+    hist = hist.astype(float)
+    hist[0] = hist[1]
     scores = {}
     for i in range(levels, n + 1):
         p = hist[:i].astype(float)
