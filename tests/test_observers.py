@@ -175,6 +175,11 @@ def test_kl_search_scores_a_spike_at_its_first_bin_as_its_neighbour():
     hist = np.full(2048, 100.0)
     hist[0] = 1e6
     assert kl_threshold(hist, 256) == kl_threshold(hist, 128) == 2048
+    # ppocr_cls's relu_2.tmp_0: 32 zeros, 32 sparse values; a candidate keeping none of them
+    # (Q all zero once bin 0 is rewritten) scored -inf and clipped all 32
+    sparse = np.zeros(1100)
+    sparse[0], sparse[np.arange(300, 1100, 25)] = 32, 1
+    assert sparse[1 : kl_threshold(sparse, 256)].any()
 
 
 @pytest.mark.parametrize("qtype, symmetric", MODES)
