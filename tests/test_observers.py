@@ -143,7 +143,10 @@ def test_entropy_and_mse_clip_outliers_on_laplace(qtype, symmetric):
     batches = np.array_split(x, 25)
     absmax = lambda r: max(-r.lo, r.hi)  # noqa: E731
     minmax = absmax(observe("minmax", batches, qtype, symmetric).result())
-    assert absmax(observe("entropy", batches, qtype, symmetric).result()) < 0.25 * minmax
+    # every outlier (|x| >= 50) clipped; uint8's searches run on the signed histogram, where each
+    # keeps >= 256 of the ~1240 bins the data spans (41 units of 200), not 128 of ~620 of |x|
+    limit = 0.25 if symmetric else 0.35
+    assert absmax(observe("entropy", batches, qtype, symmetric).result()) < limit * minmax
     # squared error still weighs the ten outliers heavily: mse clips, but less
     assert absmax(observe("mse", batches, qtype, symmetric).result()) < 0.85 * minmax
 
@@ -218,8 +221,11 @@ def kl_threshold_reference(hist, levels):
         return n
     hist = hist.astype(float)
     hist[0] = hist[1]
+    lowest = int(np.flatnonzero(hist[1:])[0]) + levels
+    if n <= lowest:
+        return n
     scores = {}
-    for i in range(levels, n + 1):
+    for i in range(lowest, n + 1):
         p = hist[:i].astype(float)
         p[-1] += hist[i:].sum()
         q = np.zeros(i)

@@ -196,6 +196,12 @@ def kl_threshold(hist: np.ndarray, levels: int) -> int:
     candidates are scored in one pass of array arithmetic, in place where it can be: the
     (candidates x levels) arrays are what the search costs.
 
+    Candidates keep at least `levels` bins from the first non-empty bin past bin 0 (TensorRT's
+    `levels` from 0, for data that starts there): a candidate that keeps a single non-empty bin
+    scores 0 (P and Q both one spike), which collapsed data far from 0 (ppocr_cls's
+    hardsigmoid_0.tmp_0, all in [0.12, 0.32], to [0.1195, 0.1197]) and, with bin 0 rewritten,
+    sparse data (its relu_2.tmp_0, 32 zeros and 32 values, kept none of them: Q all 0, -inf).
+
     Bin 0 is scored with its neighbour's count, as NVIDIA's pytorch-quantization does
     (`_compute_amax_entropy`: `bins[0] = bins[1]`): it holds the exactly represented point,
     where ReLU zeros (or a clamp's bound) pile up. Q spreads that spike over group 0, so a
@@ -209,8 +215,11 @@ def kl_threshold(hist: np.ndarray, levels: int) -> int:
         return n
     hist = hist[:n].astype(np.float64)  # a copy: bin 0 is rewritten
     hist[0] = hist[1]
-    candidates = min(n - levels + 1, MAX_KL_CANDIDATES)
-    keep = np.unique(np.linspace(levels, n, candidates).round().astype(np.intp))
+    lowest = int(np.flatnonzero(hist[1:])[0]) + levels  # `levels` bins from the first data past bin 0
+    if n <= lowest:
+        return n
+    candidates = min(n - lowest + 1, MAX_KL_CANDIDATES)
+    keep = np.unique(np.linspace(lowest, n, candidates).round().astype(np.intp))
     cum = np.concatenate([[0.0], np.cumsum(hist)])
     nonzero_cum = np.concatenate([[0.0], np.cumsum(hist > 0, dtype=np.float64)])
     plogp_cum = np.concatenate([[0.0], np.cumsum(_xlogx(hist))])
@@ -239,9 +248,6 @@ def kl_threshold(hist: np.ndarray, levels: int) -> int:
         plogq = np.multiply(mass, q_value, out=mass).sum(axis=1)
         plogp = plogp_cum[keep - 1] + _xlogx(last + outliers)
         kl = (plogp - plogq) / total - np.log(total) + np.log(cum[keep])
-    # Keeping nothing but the rewritten bin 0 (Q all zero, log 0: -inf) is no candidate: ppocr_cls's
-    # relu_2.tmp_0, 32 zeros and 32 sparse values, was cut to a quarter with half of it clipped.
-    kl[cum[keep] == 0] = np.inf
     return int(keep[np.argmin(kl)])
 
 

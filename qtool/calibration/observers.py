@@ -281,10 +281,9 @@ class EntropyObserver(_HistogramObserver):
     a spike at -0.4 folded onto |x| = 0.4, kept a fifth of their range and clipped up to 31 %
     of their values.
 
-    A threshold that does not reach the data (one-signed data far from 0, every |x| >= m > 0,
-    all folded into one bin, which the search scores as lossless) keeps nothing: cut to
-    [min, max] the range would be inverted (ppocr_cls's conv2d_56.tmp_1, all in [-1.5, -0.88],
-    got lo -0.45 > hi -0.88), so the observed [min, max] is used instead.
+    Data of one sign far from 0 (every |x| >= m > 0): the search keeps at least `levels` bins
+    past m (`kl_threshold`); before, a t <= m (all of it folded into one bin, scored lossless)
+    inverted the range (ppocr_cls's conv2d_56.tmp_1, all in [-1.5, -0.88]: lo -0.45 > hi -0.88).
     """
 
     def _choose(self) -> tuple[float, float]:
@@ -293,16 +292,12 @@ class EntropyObserver(_HistogramObserver):
         mixed = self.lo < 0 < self.hi
         folded = kl_threshold(hist.folded(), levels // 2) if self.symmetric or mixed else None
         if self.symmetric:
-            t = folded * hist.width
-            return (-t, t) if t > max(self.lo, -self.hi, 0.0) else (self.lo, self.hi)
+            return -folded * hist.width, folded * hist.width
         counts = hist.counts[: hist.top - hist.start + 1]  # bins start..top: min(lo, 0) .. max(hi, 0)
         if self.hi >= -self.lo:  # long side positive
-            lo, hi = (end * hist.width for end in kl_ends(counts, levels, hist.start, folded))
-            reaches = hi > max(self.lo, 0.0)
-        else:  # the mirror image: bins counted down from max(hi, 0)
-            hi, lo = (-end * hist.width for end in kl_ends(counts[::-1], levels, -hist.top - 1, folded))
-            reaches = lo < min(self.hi, 0.0)
-        return (lo, hi) if reaches else (self.lo, self.hi)
+            return tuple(end * hist.width for end in kl_ends(counts, levels, hist.start, folded))
+        # the mirror image: bins counted down from max(hi, 0)
+        return tuple(-end * hist.width for end in kl_ends(counts[::-1], levels, -hist.top - 1, folded))[::-1]
 
 
 class MseObserver(_HistogramObserver):
