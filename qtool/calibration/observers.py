@@ -275,7 +275,7 @@ class EntropyObserver(_HistogramObserver):
     on the signed counts with the other end fixed, so the search's bin 0 is always the grid's
     fixed end: for one-signed data the upper end from 0 (mirrored for negative data); for
     mixed-sign data each end in turn from the other until neither moves, starting from the
-    symmetric search's (-t, t) (`_two_ends`).
+    symmetric search's (-t, t) (`kl_ends`).
     Searching |x| with half the levels and cutting (-t, t) to [min, max], as before, scored a
     skewed tensor's short side as its long side's: speech_embedding's Maximum(x, -0.4) outputs,
     a spike at -0.4 folded onto |x| = 0.4, kept a fifth of their range and clipped up to 31 %
