@@ -21,6 +21,8 @@ from onnx import ModelProto
 
 from qtool.calibration.batchable import batchable_copy
 from qtool.calibration.hessians import HessianObserver, Im2Col
+from qtool.calibration.observers import make_observer
+from qtool.calibration.reductions import InGraphMinMax, reducible
 from qtool.calibration.worker_pool import ObserverPool, SharedMemoryFull, SharedOutputs, aligned, worker_count
 from qtool.errors import CalibrationError, DataError, ModelError, QtoolError, one_line
 from qtool.io.artifacts import guarded, write_text_atomic
@@ -94,24 +96,32 @@ def calibrate(
     total = data.total  # None: not known before it is read (a generator)
     specs = {name: spec.for_tensor(name) for name in tensors}
     moments = {node: (tensor, HessianObserver(geometry)) for node, (tensor, geometry) in (hessian_inputs or {}).items()}
-    exposed = list(dict.fromkeys([*tensors, *(tensor for tensor, _ in moments.values())]))
-    session = make_session(with_outputs(model, exposed), optimize=False)
+    # minmax tensors are measured in the graph (calibration/reductions.py); only the rest are exposed whole
+    in_graph = InGraphMinMax(reducible(model, tensors, {name: specs[name].method for name in tensors},
+                                       {tensor for tensor, _ in moments.values()}))
+    exposed = [name for name in dict.fromkeys([*tensors, *(tensor for tensor, _ in moments.values())])
+               if name not in in_graph.tensors]
+    session = make_session(in_graph.add_to(with_outputs(model, exposed)), optimize=False, in_order=True, arena=False)
     runs = _runs(data, spec.batch_size)
     first = next(runs, None)
     if first is None:  # no files, or files that hold 0 samples
         raise DataError(f"{data.folder}: no samples to calibrate with")
     carry = StateCarry(data.state)  # a stateful model: each chunk gets the state the one before returned
     # one sample, every tensor: bytes per sample
-    (outputs, _), = _run(partial(carry.run, partial(run, session)), first, data, notes, proven=False)
-    sizes = {name: float(outputs[name].nbytes) for name in exposed}
+    (outputs, _), = _run(partial(carry.run, in_graph.checked(model, partial(run, session))), first, data, notes,
+                         proven=False)
+    sizes = {**{name: float(outputs[name].nbytes) for name in exposed}, **in_graph.nbytes(outputs)}
     histograms = sum(sizes[name] for name in tensors if specs[name].method != "minmax")
     workers = worker_count(spec.workers, histograms * (total or spec.samples or 1))
     budget = MEMORY_BUDGET // 2 if workers else MEMORY_BUDGET
     groups = _groups(exposed, sizes, budget)
     passes = len(groups)
-    per_run = max(1, int(budget // max(sum(sizes.values()), 1.0))) if passes == 1 else 1
+    # Samples per run as if every tensor were exposed: their bytes bound ORT's own working memory too,
+    # and the runs (which a moving average and the summaries follow) stay those of exposing them all.
+    per_run = max(1, int(budget // max(sum(sizes.values()), 1.0)))
     capacity = max(sum(aligned(sizes[name] * per_run) for name in group) for group in groups)
-    observed = {name: (specs[name], qtype, symmetric, total) for name in tensors}
+    observed = {name: (specs[name], qtype, symmetric, total) for name in tensors if name not in in_graph.tensors}
+    minmax = {name: make_observer(specs[name], qtype, symmetric, total) for name in in_graph.tensors}
     pinned = {tensor: sizes[tensor] for tensor, _ in moments.values()}  # Hessians are summed here
     shared, pool_notes = None, []
     if workers:
@@ -123,16 +133,22 @@ def calibrate(
         with ObserverPool(observed, sizes, workers, pinned, shared) as pool:
             if shared:
                 outputs = shared.adopt(outputs, first.feeds)  # for the workers
-            _observe(pool, moments, outputs, shared)
+            reduced = partial(in_graph.observe, minmax)
+            _observe(pool, moments, outputs, shared, reduced)
             del outputs
             _tick(progress, 1, max(total or 0, 1), passes)
+            whole = set(exposed)
             for index, group in enumerate(groups):
+                mine = set(group)
                 if passes > 1 or workers:  # a session per group, one at a time; or one that suits workers
                     session = None
-                    session = make_session(with_outputs(model, group), optimize=False, pooled=bool(workers))
+                    exposing = with_outputs(model, group)
+                    session = make_session(in_graph.add_to(exposing) if index == 0 else exposing, optimize=False,
+                                           pooled=bool(workers), in_order=True)
                 if shared:
                     shared.use(session)
-                execute = partial(carry.run, shared.run if shared else partial(run, session))
+                execute = shared.run if shared else partial(run, session)
+                execute = partial(carry.run, in_graph.checked(model, execute) if index == 0 else execute)
                 if index:
                     runs = _runs(data, spec.batch_size)
                     again = next(runs)  # the first sample has been observed in every tensor
@@ -141,13 +157,16 @@ def calibrate(
                 done = 1
                 for batch in _split(runs, per_run):
                     for outputs, count in _run(execute, batch, data, notes):
-                        _observe(pool, moments, outputs, shared)
+                        # the model's own outputs come with every pass: each tensor is observed in its group's
+                        outputs = {name: value for name, value in outputs.items() if name in mine or name not in whole}
+                        _observe(pool, moments, outputs, shared, reduced if index == 0 else None)
                         done += count
                         del outputs  # nothing of this run survives into the next
                     del batch
                     samples = max(total or 0, done)
                     _tick(progress, 1 + index * (samples - 1) + done - 1, samples, passes)
-            found = pool.results()
+            found = {**pool.results(), **{name: (observer.result(), observer.summary())
+                                          for name, observer in minmax.items()}}
     finally:
         if shared:
             shared.close()
@@ -163,8 +182,11 @@ def calibrate(
     return CalibrationTable(ranges, done, hessians=hessians, batching=batching, notes=pool_notes)
 
 
-def _observe(pool: ObserverPool, moments: dict, outputs: dict[str, np.ndarray], shared: SharedOutputs | None) -> None:
+def _observe(pool: ObserverPool, moments: dict, outputs: dict[str, np.ndarray], shared: SharedOutputs | None,
+             reduced: Callable[[dict[str, np.ndarray]], None] | None) -> None:
     pool.observe(outputs, shared)
+    if reduced:
+        reduced(outputs)
     for tensor, observer in moments.values():
         if tensor in outputs:
             observer.update(outputs[tensor])
