@@ -126,7 +126,8 @@ def ort_table(model_path: Path, data: Path, recipe, method: str, out: Path) -> N
     from onnxruntime.quantization.calibrate import CalibrationDataReader, CalibrationMethod, create_calibrator
 
     from qtool import __version__, api
-    from qtool.calibration.calibrate import CalibrationTable, TensorRange, save_table, table_document
+    from qtool.calibration.calibrate import CalibrationTable, TensorRange
+    from qtool.calibration.table_file import save_table, table_document
     from qtool.io.data import DataFolder, model_inputs
     from qtool.io.model import file_sha256
 

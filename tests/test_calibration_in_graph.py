@@ -119,3 +119,21 @@ def test_real_model_minmax_table_is_byte_identical(tmp_path, monkeypatch):
         texts.append(out.read_text())
     assert texts[0] == texts[1]
     assert len(json.loads(texts[0])["tensors"]) > 50
+
+
+@pytest.mark.parametrize("budget, note", [(10**9, "ran on a copy with a symbolic batch"),
+                                          (10_000, "runs of one sample are what")])
+def test_a_fixed_batch_model_is_copied_only_where_samples_can_share_runs(tmp_path, monkeypatch, budget, note):
+    """The symbolic-batch copy is checked by running the model (u2netp: 7 s, 925 MB peak): not where the
+    memory budget allows one sample a run anyway."""
+    model = make_model([helper.make_node("Relu", ["x"], ["y"])],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 64])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 64])])
+    x = np.random.default_rng(2).normal(size=(6, 1, 16, 64)).astype(np.float32)
+    folder = save_npy_folder(tmp_path / "data", x)
+    monkeypatch.setattr(calibrate_module, "MEMORY_BUDGET", budget)
+    table = calibrate_module.calibrate(model, ["x", "y"], DataFolder(folder, model_inputs(model)),
+                                       CalibrationSpec(method="minmax", batch_size=4), QTYPES["uint8"], False)
+    assert table.samples == 6 and table.batching["samples_per_run"] == (4 if budget > 10_000 else 1)
+    assert any(note in line for line in table.batching["notes"])
+    assert (table.ranges["x"].lo, table.ranges["x"].hi, table.ranges["y"].lo) == (float(x.min()), float(x.max()), 0.0)
