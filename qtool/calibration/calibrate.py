@@ -82,7 +82,8 @@ def calibrate(
     `spec.overrides` choose another method (or percentile) per tensor: the first match wins.
     `hessian_inputs` (node -> its weight's input and geometry) adds E[x xᵀ] per node, in the same pass.
     Runs hold up to `spec.batch_size` samples stacked along each input's batch axis; a model that
-    fixes its batch at 1 runs on a checked symbolic-batch copy, else one sample per run.
+    fixes its batch at 1 runs on a checked symbolic-batch copy where the memory budget allows runs of
+    several samples, else one sample per run. minmax tensors are measured in the graph (reductions.py).
     """
     notes: list[str] = []
     total = data.total  # None: not known before it is read (a generator)
@@ -93,7 +94,8 @@ def calibrate(
                                        {tensor for tensor, _ in moments.values()}))
     exposed = [name for name in dict.fromkeys([*tensors, *(tensor for tensor, _ in moments.values())])
                if name not in in_graph.tensors]
-    session = make_session(in_graph.add_to(with_outputs(model, exposed)), optimize=False, in_order=True)
+    session = make_session(in_graph.add_to(with_outputs(model, exposed)), optimize=False, in_order=True,
+                           arena=False)
     runs = _runs(data, spec.batch_size)
     first = next(runs, None)
     if first is None:  # no files, or files that hold 0 samples
@@ -146,7 +148,7 @@ def calibrate(
                     session = None
                     exposing = with_outputs(model, group)
                     session = make_session(in_graph.add_to(exposing) if index == 0 else exposing, optimize=False,
-                                           pooled=bool(workers), in_order=True)
+                                           pooled=bool(workers), in_order=True, arena=False)
                 if shared:
                     shared.use(session)
                 execute = shared.run if shared else partial(run, session)
