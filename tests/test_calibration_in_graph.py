@@ -12,7 +12,7 @@ from onnx import ModelProto, TensorProto, helper
 
 import qtool
 from conftest import make_model, save_npy_folder, shared_model
-from qtool.calibration import reductions
+from qtool.calibration import reductions, shards
 from qtool.io.data import DataFolder, model_inputs
 from qtool.numerics import QTYPES
 from qtool.recipe.load import load_recipe
@@ -137,3 +137,20 @@ def test_a_fixed_batch_model_is_copied_only_where_samples_can_share_runs(tmp_pat
     assert table.samples == 6 and table.batching["samples_per_run"] == (4 if budget > 10_000 else 1)
     assert any(note in line for line in table.batching["notes"])
     assert (table.ranges["x"].lo, table.ranges["x"].hi, table.ranges["y"].lo) == (float(x.min()), float(x.max()), 0.0)
+    monkeypatch.setattr(shards, "MEMORY_BUDGET", budget)
+    sharded = shards.calibrate_sharded(model, ["x", "y"], DataFolder(folder, model_inputs(model)),
+                                       CalibrationSpec(method="minmax", batch_size=4), QTYPES["uint8"], False,
+                                       InProcessTasks())
+    assert (sharded.batching, sharded.ranges) == (table.batching, table.ranges)
+
+
+class InProcessTasks:
+    """calibrate_sharded's executor seam, run here (tests/test_shards.py has the full one)."""
+
+    jobs = 2
+
+    def put(self, value):
+        return value
+
+    def map_unordered(self, fn, tasks):
+        return [(task, fn(task)) for task in tasks]

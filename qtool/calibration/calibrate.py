@@ -113,16 +113,10 @@ def calibrate(
     # Samples per run as if every tensor were exposed: their bytes bound ORT's own working memory too,
     # and the runs (which a moving average and the summaries follow) stay those of exposing them all.
     per_run = max(1, int(budget // max(sum(sizes.values()), 1.0)))
-    if min(per_run, spec.batch_size) > 1:  # samples may share runs: a model fixing its batch at 1 needs a copy
-        batchable, data, note = batchable_copy(model, data)
-        notes += [note] if note else []
-        if batchable is not model:  # the copy's session is made below; the first sample is observed
-            model, session, runs = batchable, None, _runs(data, spec.batch_size)
-            next(runs)
-    elif any(axis.fixed for axis in data.axes.values()) and data.state is None:
-        notes.append(f"the model fixes its batch at 1, and runs of one sample are what calibration.batch_size "
-                     f"{spec.batch_size} and the memory budget ({sum(sizes.values()) / 2**20:.0f} MB of tensors a "
-                     "sample) allow: calibration ran it as it is")
+    copy, data = _batchable(model, data, min(per_run, spec.batch_size), sum(sizes.values()), notes)
+    if copy is not model:  # the copy's session is made below; the first sample is observed
+        model, session, runs = copy, None, _runs(data, spec.batch_size)
+        next(runs)
     capacity = max(sum(aligned(sizes[name] * per_run) for name in group) for group in groups)
     observed = {name: (specs[name], qtype, symmetric, total) for name in tensors if name not in in_graph.tensors}
     minmax = {name: make_observer(specs[name], qtype, symmetric, total) for name in in_graph.tensors}
@@ -194,6 +188,22 @@ def _observe(pool: ObserverPool, moments: dict, outputs: dict[str, np.ndarray], 
     for tensor, observer in moments.values():
         if tensor in outputs:
             observer.update(outputs[tensor])
+
+
+def _batchable(model: ModelProto, data: DataSource, most: int, sample_bytes: float,
+               notes: list[str]) -> tuple[ModelProto, DataSource]:
+    """(model, data) to run the rest of the samples on: for a model that fixes its batch at 1, its checked
+    symbolic-batch copy where up to `most` > 1 samples may share a run (the check runs the model: on u2netp
+    7 s and its peak memory, for nothing where runs hold one sample anyway). Notes go to `notes`."""
+    if most > 1:
+        copy, data, note = batchable_copy(model, data)
+        notes += [note] if note else []
+        return copy, data
+    if any(axis.fixed for axis in data.axes.values()) and data.state is None:
+        notes.append(f"the model fixes its batch at 1, and runs of one sample are what calibration.batch_size and "
+                     f"the memory budget ({sample_bytes / 2**20:.0f} MB of tensors a sample) allow: calibration "
+                     "ran it as it is")
+    return model, data
 
 
 def _runs(data: DataSource, batch_size: int) -> Iterator[Batch]:
