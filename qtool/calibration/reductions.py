@@ -41,7 +41,7 @@ def reducible(model: ModelProto, tensors: list[str], methods: dict[str, str], ex
 
 @dataclass
 class InGraphMinMax:
-    """The reductions of `tensors` added to a model copy, and how to read a run's outputs of them.
+    """The reductions of `tensors` added to a model, and how to read a run's outputs of them.
 
     `outputs`: tensor -> {part: graph output name} for the parts of PARTS. Names come from the graph's
     unique_name, so they never collide with the model's own.
@@ -49,8 +49,6 @@ class InGraphMinMax:
 
     tensors: list[str]
     outputs: dict[str, dict[str, str]] = field(default_factory=dict)
-    _whole: set[str] = field(default_factory=set)  # tensors a run found non-finite: exposed in the rerun
-    _rerun: tuple | None = None  # (names, session) exposing _whole
 
     def add_to(self, model: ModelProto) -> ModelProto:
         """`model` (a copy of the caller's: changed in place, not copied again, which past 2 GB counts)
@@ -66,8 +64,8 @@ class InGraphMinMax:
                     helper.make_node(op, [tensor], [names[part]], index.unique_name(f"{names[part]}_{op}"), **attrs))
                 graph.output.append(helper.make_empty_tensor_value_info(names[part]))
             self.outputs[tensor] = names
-        # ONNX Runtime runs nodes in about the order listed: appended at the end, every tensor would stay
-        # alive until then (all of them at once: more memory than exposing them)
+        # A session made with in_order runs nodes about in the order listed: appended at the end, every
+        # tensor would stay alive until then (all of them at once: more memory than exposing them)
         nodes = [node for name in [value.name for value in graph.input] for node in after.pop(name, [])]
         for node in graph.node:
             nodes += [node, *(added for name in node.output for added in after.pop(name, []))]
@@ -80,17 +78,18 @@ class InGraphMinMax:
         """`execute` (a run of the model `add_to` made), followed, where a tensor's sum is not finite,
         by a run of `model` on the same feeds exposing the tensors found so: their arrays join the outputs."""
 
+        rerun: dict = {}  # the session exposing every tensor found non-finite so far, by their names
+
         def execute_checked(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             outputs = execute(feeds)
             bad = [tensor for tensor in self.tensors if not math.isfinite(float(outputs[self.outputs[tensor]["total"]]))]
             if not bad:
                 return outputs
-            if not self._whole.issuperset(bad) or self._rerun is None:
-                self._whole |= set(bad)
-                names = sorted(self._whole)
-                self._rerun = (names, make_session(with_outputs(model, names), optimize=False))
-            names, session = self._rerun
-            whole = run(session, feeds)
+            names = tuple(sorted({*bad, *next(iter(rerun), ())}))
+            if names not in rerun:
+                rerun.clear()
+                rerun[names] = make_session(with_outputs(model, names), optimize=False)
+            whole = run(rerun[names], feeds)
             return {**outputs, **{tensor: whole[tensor] for tensor in bad}}
 
         return execute_checked
