@@ -165,7 +165,7 @@ def test_quantize_from_table_is_byte_identical(sample, tmp_path):
 def test_a_table_made_with_another_recipe_is_named_in_a_warning_and_in_report_md(sample, tmp_path):
     """Finding 9: a table measured with percentile 99.9, used under a recipe saying entropy (and another
     input preprocessing), was accepted silently; the recipe's method silently did not apply."""
-    from qtool.calibration.calibrate import load_table, recipe_differences
+    from qtool.calibration.table_file import load_table, recipe_differences
     from qtool.recipe.load import load_recipe
 
     _, _, table = sample

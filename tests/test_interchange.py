@@ -10,7 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import SAMPLE
-from qtool.calibration.calibrate import CalibrationTable, TensorRange, load_table
+from qtool.calibration.calibrate import CalibrationTable, TensorRange
+from qtool.calibration.table_file import load_table
 from qtool.calibration.interchange import load_any_table, trt_cache_text
 from qtool.cli.main import main
 from qtool.errors import CalibrationError

@@ -9,7 +9,8 @@ from onnx import ModelProto
 
 from qtool import __version__
 from qtool.calibration import interchange
-from qtool.calibration.calibrate import CalibrationTable, save_table, table_document
+from qtool.calibration.calibrate import CalibrationTable
+from qtool.calibration.table_file import save_table, table_document
 from qtool.calibration.shards import calibrate_with
 from qtool.distributed.ray_executor import refuse_past_limit
 from qtool.errors import UsageError

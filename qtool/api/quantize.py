@@ -8,7 +8,8 @@ from pathlib import Path
 from onnx import ModelProto
 
 from qtool.calibration import interchange
-from qtool.calibration.calibrate import CalibrationTable, check_table, recipe_differences
+from qtool.calibration.calibrate import CalibrationTable
+from qtool.calibration.table_file import check_table, recipe_differences
 from qtool.distributed.ray_executor import refuse_past_limit
 from qtool.errors import RecipeError, UsageError
 from qtool.evaluation.bias_choice import BiasOutcome, correct_bias

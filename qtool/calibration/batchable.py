@@ -53,13 +53,14 @@ def _symbolic_batch(model: ModelProto, inputs: set[str]) -> ModelProto:
 
 def _differs(model: ModelProto, candidate: ModelProto, samples: list[dict], copy_data: DataSource) -> str | None:
     """Why the copy cannot stand in for the model on these samples, or None."""
-    reference = make_session(model, optimize=False)
+    reference = make_session(model, optimize=False, arena=False)
     try:
         expected = [run(reference, sample) for sample in samples]
     except Exception as exc:  # the samples' fault, or the model's: the calibration loop names the file
         return f"cannot be checked: the model itself does not run on these samples ({' '.join(str(exc).split())[:200]})"
+    del reference
     try:
-        session = make_session(candidate, optimize=False)
+        session = make_session(candidate, optimize=False, arena=False)
         got = run(session, stack([{**sample} for sample in samples], copy_data.axes))
     except Exception as exc:  # ORT's own exception types: the copy is not valid, say why
         return f"does not run ({' '.join(str(exc).split())[:200]})"

@@ -1,19 +1,16 @@
-"""The streaming calibration loop (batches → ONNX Runtime → observers → ranges) and its table file.
+"""The streaming calibration loop (batches → ONNX Runtime → observers → ranges); its file: table_file.py.
 
-Only the tensors the plan will quantize are exposed, and each run's outputs are
-dropped before the next, so memory does not grow with data. Nor does it grow with
-`batch_size`: one ONNX Runtime run exposes at most MEMORY_BUDGET bytes of tensors
-(see `calibrate`), whatever the recipe or the command line asks. With
-`calibration.workers`, observers run in worker processes too (calibration/worker_pool.py).
+minmax tensors are reduced inside the graph (calibration/reductions.py); only the other tensors the
+plan will quantize are exposed, and each run's outputs are dropped before the next, so memory does
+not grow with data. Nor does it grow with `batch_size`: one ONNX Runtime run holds at most
+MEMORY_BUDGET bytes of these tensors (see `calibrate`), whatever the recipe or the command line asks.
+With `calibration.workers`, observers run in worker processes too (calibration/worker_pool.py).
 """
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
@@ -21,20 +18,18 @@ from onnx import ModelProto
 
 from qtool.calibration.batchable import batchable_copy
 from qtool.calibration.hessians import HessianObserver, Im2Col
+from qtool.calibration.observers import make_observer
+from qtool.calibration.reductions import InGraphMinMax, reducible
 from qtool.calibration.worker_pool import ObserverPool, SharedMemoryFull, SharedOutputs, aligned, worker_count
-from qtool.errors import CalibrationError, DataError, ModelError, QtoolError, one_line
-from qtool.io.artifacts import guarded, write_text_atomic
+from qtool.errors import DataError, ModelError, QtoolError, one_line
 from qtool.io.batching import per_run_limit
 from qtool.io.samples import Batch, DataSource
 from qtool.numerics import QType
-from qtool.recipe.schema import CalibrationSpec, Recipe
+from qtool.recipe.schema import CalibrationSpec
 from qtool.runtime.session import make_session, run, with_outputs
 from qtool.runtime.streams import StateCarry
 
 Progress = Callable[[int, int | None], None]
-
-TABLE_FORMAT = "qtool-calibration"
-TABLE_VERSION = 1
 
 # Bytes of exposed tensors one ONNX Runtime run may return. ORT holds every exposed tensor until
 # the run ends, and hands each back as a numpy copy, so a run's peak is about twice this on top
@@ -87,31 +82,44 @@ def calibrate(
     `spec.overrides` choose another method (or percentile) per tensor: the first match wins.
     `hessian_inputs` (node -> its weight's input and geometry) adds E[x xᵀ] per node, in the same pass.
     Runs hold up to `spec.batch_size` samples stacked along each input's batch axis; a model that
-    fixes its batch at 1 runs on a checked symbolic-batch copy, else one sample per run.
+    fixes its batch at 1 runs on a checked symbolic-batch copy where the memory budget allows runs of
+    several samples, else one sample per run. minmax tensors are measured in the graph (reductions.py).
     """
-    model, data, note = batchable_copy(model, data)
-    notes = [note] if note else []
+    notes: list[str] = []
     total = data.total  # None: not known before it is read (a generator)
     specs = {name: spec.for_tensor(name) for name in tensors}
     moments = {node: (tensor, HessianObserver(geometry)) for node, (tensor, geometry) in (hessian_inputs or {}).items()}
-    exposed = list(dict.fromkeys([*tensors, *(tensor for tensor, _ in moments.values())]))
-    session = make_session(with_outputs(model, exposed), optimize=False)
+    # minmax tensors are measured in the graph (calibration/reductions.py); only the rest are exposed whole
+    in_graph = InGraphMinMax(reducible(model, tensors, {name: specs[name].method for name in tensors},
+                                       {tensor for tensor, _ in moments.values()}))
+    exposed = [name for name in dict.fromkeys([*tensors, *(tensor for tensor, _ in moments.values())])
+               if name not in in_graph.tensors]
+    session = make_session(in_graph.add_to(with_outputs(model, exposed)), optimize=False, in_order=True,
+                           arena=False)
     runs = _runs(data, spec.batch_size)
     first = next(runs, None)
     if first is None:  # no files, or files that hold 0 samples
         raise DataError(f"{data.folder}: no samples to calibrate with")
     carry = StateCarry(data.state)  # a stateful model: each chunk gets the state the one before returned
     # one sample, every tensor: bytes per sample
-    (outputs, _), = _run(partial(carry.run, partial(run, session)), first, data, notes, proven=False)
-    sizes = {name: float(outputs[name].nbytes) for name in exposed}
+    (outputs, _), = _run(partial(carry.run, in_graph.checked(model, partial(run, session))), first, data, notes,
+                         proven=False)
+    sizes = {**{name: float(outputs[name].nbytes) for name in exposed}, **in_graph.nbytes(outputs)}
     histograms = sum(sizes[name] for name in tensors if specs[name].method != "minmax")
     workers = worker_count(spec.workers, histograms * (total or spec.samples or 1))
     budget = MEMORY_BUDGET // 2 if workers else MEMORY_BUDGET
     groups = _groups(exposed, sizes, budget)
     passes = len(groups)
-    per_run = max(1, int(budget // max(sum(sizes.values()), 1.0))) if passes == 1 else 1
+    # Samples per run as if every tensor were exposed: their bytes bound ORT's own working memory too,
+    # and the runs (which a moving average and the summaries follow) stay those of exposing them all.
+    per_run = max(1, int(budget // max(sum(sizes.values()), 1.0)))
+    copy, data = _batchable(model, data, min(per_run, spec.batch_size), sum(sizes.values()), notes)
+    if copy is not model:  # the copy's session is made below; the first sample is observed
+        model, session, runs = copy, None, _runs(data, spec.batch_size)
+        next(runs)
     capacity = max(sum(aligned(sizes[name] * per_run) for name in group) for group in groups)
-    observed = {name: (specs[name], qtype, symmetric, total) for name in tensors}
+    observed = {name: (specs[name], qtype, symmetric, total) for name in tensors if name not in in_graph.tensors}
+    minmax = {name: make_observer(specs[name], qtype, symmetric, total) for name in in_graph.tensors}
     pinned = {tensor: sizes[tensor] for tensor, _ in moments.values()}  # Hessians are summed here
     shared, pool_notes = None, []
     if workers:
@@ -123,16 +131,22 @@ def calibrate(
         with ObserverPool(observed, sizes, workers, pinned, shared) as pool:
             if shared:
                 outputs = shared.adopt(outputs, first.feeds)  # for the workers
-            _observe(pool, moments, outputs, shared)
+            reduced = partial(in_graph.observe, minmax)
+            _observe(pool, moments, outputs, shared, reduced)
             del outputs
             _tick(progress, 1, max(total or 0, 1), passes)
+            whole = set(exposed)
             for index, group in enumerate(groups):
-                if passes > 1 or workers:  # a session per group, one at a time; or one that suits workers
+                mine = set(group)
+                if passes > 1 or workers or session is None:  # a session per group; one that suits workers; the copy
                     session = None
-                    session = make_session(with_outputs(model, group), optimize=False, pooled=bool(workers))
+                    exposing = with_outputs(model, group)
+                    session = make_session(in_graph.add_to(exposing) if index == 0 else exposing, optimize=False,
+                                           pooled=bool(workers), in_order=True, arena=False)
                 if shared:
                     shared.use(session)
-                execute = partial(carry.run, shared.run if shared else partial(run, session))
+                execute = shared.run if shared else partial(run, session)
+                execute = partial(carry.run, in_graph.checked(model, execute) if index == 0 else execute)
                 if index:
                     runs = _runs(data, spec.batch_size)
                     again = next(runs)  # the first sample has been observed in every tensor
@@ -141,13 +155,16 @@ def calibrate(
                 done = 1
                 for batch in _split(runs, per_run):
                     for outputs, count in _run(execute, batch, data, notes):
-                        _observe(pool, moments, outputs, shared)
+                        # the model's own outputs come with every pass: each tensor is observed in its group's
+                        outputs = {name: value for name, value in outputs.items() if name in mine or name not in whole}
+                        _observe(pool, moments, outputs, shared, reduced if index == 0 else None)
                         done += count
                         del outputs  # nothing of this run survives into the next
                     del batch
                     samples = max(total or 0, done)
                     _tick(progress, 1 + index * (samples - 1) + done - 1, samples, passes)
-            found = pool.results()
+            found = {**pool.results(), **{name: (observer.result(), observer.summary())
+                                          for name, observer in minmax.items()}}
     finally:
         if shared:
             shared.close()
@@ -163,11 +180,30 @@ def calibrate(
     return CalibrationTable(ranges, done, hessians=hessians, batching=batching, notes=pool_notes)
 
 
-def _observe(pool: ObserverPool, moments: dict, outputs: dict[str, np.ndarray], shared: SharedOutputs | None) -> None:
+def _observe(pool: ObserverPool, moments: dict, outputs: dict[str, np.ndarray], shared: SharedOutputs | None,
+             reduced: Callable[[dict[str, np.ndarray]], None] | None) -> None:
     pool.observe(outputs, shared)
+    if reduced:
+        reduced(outputs)
     for tensor, observer in moments.values():
         if tensor in outputs:
             observer.update(outputs[tensor])
+
+
+def _batchable(model: ModelProto, data: DataSource, most: int, sample_bytes: float,
+               notes: list[str]) -> tuple[ModelProto, DataSource]:
+    """(model, data) to run the rest of the samples on: for a model that fixes its batch at 1, its checked
+    symbolic-batch copy where up to `most` > 1 samples may share a run (the check runs the model: on u2netp
+    7 s and its peak memory, for nothing where runs hold one sample anyway). Notes go to `notes`."""
+    if most > 1:
+        copy, data, note = batchable_copy(model, data)
+        notes += [note] if note else []
+        return copy, data
+    if any(axis.fixed for axis in data.axes.values()) and data.state is None:
+        notes.append(f"the model fixes its batch at 1, and runs of one sample are what calibration.batch_size and "
+                     f"the memory budget ({sample_bytes / 2**20:.0f} MB of tensors a sample) allow: calibration "
+                     "ran it as it is")
+    return model, data
 
 
 def _runs(data: DataSource, batch_size: int) -> Iterator[Batch]:
@@ -244,17 +280,6 @@ def _raise_run_error(exc: Exception, where: str, proven: bool) -> None:
                      f"declared inputs): {message}") from None
 
 
-def _json_safe(value):
-    """JSON has no inf/nan: write them as strings (as the report does)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "inf" if value > 0 else "-inf" if value < 0 else "nan"
-    if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(item) for item in value]
-    return value
-
-
 def _tick(progress: Progress | None, runs_done: int, samples: int, passes: int) -> None:
     """Progress in samples, `samples` in all: the first sample runs once for every tensor, each other
     once per pass (tensor group), so with several passes the share of those sample-runs done, scaled to
@@ -262,132 +287,3 @@ def _tick(progress: Progress | None, runs_done: int, samples: int, passes: int) 
     if progress:
         runs = 1 + (samples - 1) * passes
         progress(min(samples, runs_done * samples // runs), samples)
-
-
-def table_document(table: CalibrationTable, *, model_path: Path, model_sha256: str, data: DataSource,
-                   recipe: dict, qtool_version: str) -> dict:
-    """The calibration table file's content: ranges plus what they were measured on."""
-    return _json_safe({
-        "format": TABLE_FORMAT,
-        "version": TABLE_VERSION,
-        "qtool_version": qtool_version,
-        "model": {"path": str(model_path), "sha256": model_sha256},
-        "data": {"path": str(data.folder), "listing_sha256": data.listing_hash()},
-        "recipe": recipe,
-        "samples": table.samples,
-        "batching": table.batching,
-        "tensors": {
-            name: {"lo": r.lo, "hi": r.hi, "method": r.method, "summary": r.summary}
-            for name, r in sorted(table.ranges.items())
-        },
-        **({"method_choice": table.method_choice} if table.method_choice else {}),  # calibration.method auto
-    })
-
-
-def save_table(document: dict, path: Path) -> None:
-    """Write atomically: a temporary file beside `path`, renamed over it when complete."""
-    path = Path(path)
-    with guarded(path.parent, "create the folder"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(document, indent=2, allow_nan=False) + "\n")
-
-
-def _number(value, where: str, path: Path) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise CalibrationError(f"{path}: {where}: expected a finite number, got {value!r}")
-    return float(value)
-
-
-def load_table(path: str | Path) -> CalibrationTable:
-    """Read and check a table file written by `qtool calibrate`; any defect is a CalibrationError."""
-    path = Path(path)
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise CalibrationError(f"{path}: cannot read calibration table: {exc.strerror or exc}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CalibrationError(f"{path}: not a calibration table (not valid JSON: {exc})") from None
-    except RecursionError:  # json nests by recursion: thousands of [ or { exhaust Python's stack
-        raise CalibrationError(f"{path}: not a calibration table (JSON nested too deeply)") from None
-    if not isinstance(document, dict) or document.get("format") != TABLE_FORMAT:
-        raise CalibrationError(f"{path}: not a calibration table (expected \"format\": \"{TABLE_FORMAT}\"); "
-                               "write one with `qtool calibrate`")
-    if document.get("version") != TABLE_VERSION:
-        raise CalibrationError(f"{path}: calibration table version {document.get('version')!r} is not "
-                               f"supported (this qtool reads version {TABLE_VERSION})")
-    tensors, model = document.get("tensors"), document.get("model")
-    if not isinstance(tensors, dict) or not isinstance(model, dict) or not isinstance(model.get("sha256"), str):
-        raise CalibrationError(f"{path}: calibration table lacks its \"tensors\" or \"model.sha256\"")
-    ranges = {}
-    for name, entry in tensors.items():
-        if not isinstance(entry, dict):
-            raise CalibrationError(f"{path}: tensors.{name}: expected an object with lo, hi, method")
-        lo = _number(entry.get("lo"), f"tensors.{name}.lo", path)
-        hi = _number(entry.get("hi"), f"tensors.{name}.hi", path)
-        if lo > hi:
-            raise CalibrationError(f"{path}: tensors.{name}: lo {lo:g} is above hi {hi:g}")
-        summary = entry.get("summary") if isinstance(entry.get("summary"), dict) else {}
-        ranges[name] = TensorRange(lo, hi, str(entry.get("method", "")), summary)
-    samples = document.get("samples")
-    provenance = {key: document.get(key) for key in ("model", "data", "recipe", "qtool_version")}
-    batching = document.get("batching") if isinstance(document.get("batching"), dict) else {}
-    return CalibrationTable(ranges, samples if isinstance(samples, int) else 0, {"file": str(path), **provenance},
-                            batching=batching)
-
-
-def check_table(table: CalibrationTable, model_sha256: str, needed: list[str]) -> None:
-    """Refuse a table measured on another model file, or one without a range the plan needs."""
-    source = table.provenance.get("file", "calibration table")
-    recorded = (table.provenance.get("model") or {}).get("sha256")
-    imported = table.provenance.get("format", TABLE_FORMAT) != TABLE_FORMAT  # other tools' files name no model
-    if recorded != model_sha256 and not imported:
-        raise CalibrationError(
-            f"{source}: calibration table was made for another model (sha256 {str(recorded)[:12]}…, "
-            f"this model {model_sha256[:12]}…); run `qtool calibrate` on this model"
-        )
-    missing = [name for name in needed if name not in table.ranges]
-    if missing:
-        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise CalibrationError(
-            f"{source}: calibration table has no range for {len(missing)} tensor(s) this plan quantizes "
-            f"({shown}); was it made with another recipe? run `qtool calibrate` with this recipe"
-        )
-
-
-# What a table's ranges depend on beyond the model and the data: how they were measured, how the data
-# became inputs, and the activation type (entropy and mse search the type's grid).
-RANGE_SETTINGS = (("calibration", ("method", "percentile", "moving_average", "bins", "overrides")),
-                  ("data", ("images", "text", "audio", "state")),
-                  ("quantization", ("activations",)))
-
-
-def recipe_differences(table: CalibrationTable, recipe: Recipe) -> list[str]:
-    """A warning naming each setting in RANGE_SETTINGS whose value in the recipe the table recorded
-    (a qtool table written by `calibrate`) differs from `recipe`'s: the table's ranges are used as they
-    are, so the recipe's value does not apply to them. [] when they agree or the table recorded none."""
-    made_with = (table.provenance.get("recipe") or {}).get("resolved") or {}
-    if not made_with:
-        return []
-    now = recipe.as_dict()
-    differ = []
-    for section, keys in RANGE_SETTINGS:
-        for key in keys:
-            then_value = (made_with.get(section) or {}).get(key)
-            now_value = now[section][key]
-            if key in (made_with.get(section) or {}) and then_value != now_value:
-                differ.extend(_leaf_differences(f"{section}.{key}", then_value, now_value))
-    if not differ:
-        return []
-    shown = "; ".join(differ[:4]) + (f"; and {len(differ) - 4} more" if len(differ) > 4 else "")
-    return [f"calibration table {table.provenance.get('file')} was made with {shown}: its ranges are used as "
-            "measured, so this recipe's values do not apply to them; run `qtool calibrate` with this recipe "
-            "to measure them its way"]
-
-
-def _leaf_differences(where: str, then, now) -> list[str]:
-    """`where` then (this recipe: now), per differing leaf of two nested dicts."""
-    if isinstance(then, dict) and isinstance(now, dict):
-        return [line for key in sorted(set(then) | set(now))
-                for line in _leaf_differences(f"{where}.{key}", then.get(key), now.get(key))
-                if then.get(key) != now.get(key)]
-    return [f"{where} {then} (this recipe: {now})"]

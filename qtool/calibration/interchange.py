@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from qtool.calibration.calibrate import CalibrationTable, TensorRange, load_table
+from qtool.calibration.calibrate import CalibrationTable, TensorRange
+from qtool.calibration.table_file import load_table
 from qtool.errors import CalibrationError
 from qtool.io.artifacts import write_artifacts, write_text_atomic
 

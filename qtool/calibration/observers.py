@@ -112,11 +112,16 @@ class MinMaxObserver:
 
     def update(self, batch: np.ndarray) -> None:
         finite, lo, hi = _finite(batch)
-        if finite.size:
+        self.update_range(lo, hi, finite.size, _samples(batch))
+
+    def update_range(self, lo: float, hi: float, values: int, samples: int) -> None:
+        """`update` from a run's finite min and max measured elsewhere (calibration/reductions.py):
+        `values` finite values (0: the range stays), `samples` the run's length along axis 0 (1 for a scalar)."""
+        if values:
             self._step(lo, hi)
             if self.shard:
                 self.runs.append((lo, hi))
-        self.drift.step(_samples(batch), self._partial if self.shard else self.result)
+        self.drift.step(samples, self._partial if self.shard else self.result)
 
     def _step(self, lo: float, hi: float) -> None:
         if self.lo is None:

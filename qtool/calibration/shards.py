@@ -20,9 +20,8 @@ import numpy as np
 import onnx
 from onnx import ModelProto
 
-from qtool.calibration.batchable import batchable_copy
-from qtool.calibration.calibrate import (MEMORY_BUDGET, CalibrationTable, Progress, TensorRange, _groups, _run,
-                                         _runs, _split, calibrate)
+from qtool.calibration.calibrate import (MEMORY_BUDGET, CalibrationTable, Progress, TensorRange, _batchable, _groups,
+                                         _run, _runs, _split, calibrate)
 from qtool.calibration.observers import histogram_unit, make_observer, merge_shards, shard_observer
 from qtool.distributed.ray_executor import LostTask, RayExecutor, fetch
 from qtool.errors import DataError, UsageError, WorkerError
@@ -93,8 +92,7 @@ def calibrate_sharded(model: ModelProto, tensors: list[str], data: DataSource, s
     Raises DataError for data without samples, WorkerError when the executor lost a shard after
     its retries.
     """
-    model, data, note = batchable_copy(model, data)
-    notes = [note] if note else []
+    notes: list[str] = []
     total = data.total
     specs = {name: spec.for_tensor(name) for name in tensors}
     session = make_session(with_outputs(model, tensors), optimize=False)
@@ -107,6 +105,10 @@ def calibrate_sharded(model: ModelProto, tensors: list[str], data: DataSource, s
     sizes = {name: float(outputs[name].nbytes) for name in tensors}
     groups = _groups(tensors, sizes, MEMORY_BUDGET)
     per_run = max(1, int(MEMORY_BUDGET // max(sum(sizes.values()), 1.0))) if len(groups) == 1 else 1
+    copy, data = _batchable(model, data, min(per_run, spec.batch_size), sum(sizes.values()), notes)
+    if copy is not model:  # the tasks run the copy; the first sample is observed here
+        model, runs = copy, _runs(data, spec.batch_size)
+        next(runs)
     firsts = {name: make_observer(specs[name], qtype, symmetric, total) for name in tensors}
     for name, observer in firsts.items():
         observer.update(outputs[name])
