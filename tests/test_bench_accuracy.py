@@ -44,3 +44,13 @@ def test_logits_sqnr_ignores_a_common_shift_and_measures_the_rest():
     noisy = weight + 0.01 * rng.standard_normal(weight.shape)
     figure = accuracy.logits_sqnr(reference, classifier(noisy), samples, "probabilities")
     assert 20 < figure < 60
+
+
+def test_sqnr_interval_brackets_the_figure_and_is_reproducible():
+    rng = np.random.default_rng(1)
+    reference = [{"y": rng.standard_normal(4)} for _ in range(40)]
+    candidate = [{"y": r["y"] + 0.1 * rng.standard_normal(4) * (1 + 5 * (k < 2))} for k, r in enumerate(reference)]
+    figure = accuracy.sqnr(reference, candidate)["y"]
+    low, high = accuracy.sqnr_interval(reference, candidate, "y")
+    assert low < figure < high
+    assert (low, high) == accuracy.sqnr_interval(reference, candidate, "y")
