@@ -74,8 +74,8 @@ def qtool_variants(spec: dict) -> dict[str, tuple[dict[str, bool], str | None, d
     shipped recipe with calibration.method minmax and auto, then with outlier handling off, then with
     keep_float off and auto (float regions at the model's ends), then gptq rounding, then the
     diagnostics (`error`): each rounding alone — 16-bit weights leave the activations' rounding,
-    16-bit activations the weights', 16-bit Conv outputs the rest (16 bits is float compute on ORT's
-    CPU: these locate the error, they are not recipes to ship):
+    16-bit activations the weights', 16-bit Conv outputs every other rounding (16 bits is float
+    compute on ORT's CPU: these locate the error, they are not recipes to ship):
     (algorithm switches, method or None, recipe.quantization patch or None)."""
     variants = {"qtool default": ({}, None)}
     for name in ALGORITHMS:
@@ -90,7 +90,7 @@ def qtool_variants(spec: dict) -> dict[str, tuple[dict[str, bool], str | None, d
     variants["qtool rounding gptq"] = ({}, None, {"weights": {"rounding": "gptq"}})
     variants["qtool error: activations alone (int16 weights)"] = ({}, None, {"weights": {"dtype": "int16"}})
     variants["qtool error: weights alone (uint16 activations)"] = ({}, None, {"activations": {"dtype": "uint16"}})
-    variants["qtool error: without Conv outputs' (uint16)"] = (
+    variants["qtool error: Conv outputs uint16"] = (
         {}, None, {"overrides": [{"match": {"op_type": "Conv"}, "activations": {"dtype": "uint16"}}]})
     return variants
 
@@ -226,7 +226,7 @@ def sqnr_interval(reference: list[dict], candidate: list[dict], name: str, draws
     noise = np.array([float(np.sum(np.square(r[name].astype(np.float64) - c[name])))
                       for r, c in zip(reference, candidate)])
     picks = np.random.default_rng(0).integers(0, len(signal), (draws, len(signal)))
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):
         figures = 10 * np.log10(signal[picks].sum(axis=1) / noise[picks].sum(axis=1))
     return float(np.percentile(figures, 2.5)), float(np.percentile(figures, 97.5))
 
