@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,31 @@ from onnx import TensorProto, helper, numpy_helper
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_models" / "digits_cnn"
 SHARED_MODELS = ROOT.parent / "shared" / "models"
+
+# Tiny test models (8x8 images, 64-wide MatMuls) run faster as float than as int8 on ONNX Runtime's CPU,
+# so the default `placement: fast` keeps them float (or refuses them: no 8-bit kernel pays). Tests about
+# what an 8-bit plan does on such a model pin `placement: fused`: quantize wherever ORT fuses an integer kernel.
+FUSED = "version: 1\nquantization: {placement: fused}\n"
+
+
+def fused(text: str) -> str:
+    """Recipe YAML `text` with `quantization.placement: fused` added where it names no placement."""
+    import yaml
+
+    recipe = yaml.safe_load(text) or {}
+    quantization = recipe.setdefault("quantization", {})
+    if "placement" in quantization:
+        return text
+    quantization["placement"] = "fused"
+    return yaml.safe_dump(recipe, sort_keys=False)
+
+
+def fused_recipe(recipe=None):
+    """`recipe` (default: the built-in default Recipe()) with `quantization.placement: fused`."""
+    from qtool.recipe.schema import Recipe
+
+    recipe = recipe or Recipe()
+    return recipe.model_copy(update={"quantization": recipe.quantization.model_copy(update={"placement": "fused"})})
 
 
 def shared_model(name: str) -> Path:
@@ -33,17 +59,21 @@ def make_model(nodes, inputs, outputs, initializers=(), opset: int = 13) -> onnx
     return model
 
 
-def untimed_recipe(folder: Path, preset: str = "int8") -> Path:
-    """A shipped recipe without its max_latency_ratio gate, written into `folder`.
+def untimed_recipe(folder: Path, preset: str = "int8", placement: str | None = "fused") -> Path:
+    """A shipped recipe without its max_latency_ratio gate, with `placement` (None: the preset's own),
+    written into `folder`.
 
     Tiny test models run faster in float than in int8 (per-op overhead dominates), and a timing gate
     on a shared machine is bench-latency's business: tests that check inputs, placement or accuracy
-    with a shipped recipe use this copy, every other setting as shipped.
+    with a shipped recipe use this copy, every other setting as shipped; `placement: fused`, since the
+    default `fast` would keep a tiny model float.
     """
     import yaml
 
     recipe = yaml.safe_load((ROOT / "qtool" / "recipe" / "presets" / f"{preset}.yaml").read_text())
     recipe["validation"]["gates"].pop("max_latency_ratio", None)
+    if placement:
+        recipe.setdefault("quantization", {})["placement"] = placement
     path = folder / f"{preset}-untimed.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
@@ -56,9 +86,10 @@ def save_npy_folder(folder: Path, arrays) -> Path:
     return folder
 
 
-def quantize_tiny(tmp_path: Path, model: onnx.ModelProto, recipe_text: str = "version: 1\n", samples: int = 16,
+def quantize_tiny(tmp_path: Path, model: onnx.ModelProto, recipe_text: str = FUSED, samples: int = 16,
                   seed: int = 0):
-    """Quantize `model` (input [N, 3, 8, 8]) with `recipe_text`, on `samples` seeded normal inputs."""
+    """Quantize `model` (input [N, 3, 8, 8]) with `recipe_text`, on `samples` seeded normal inputs; a recipe
+    naming no placement gets `placement: fused` (see FUSED: the default `fast` keeps tiny models float)."""
     from qtool import api
     from qtool.recipe.load import load_recipe
 
@@ -66,7 +97,7 @@ def quantize_tiny(tmp_path: Path, model: onnx.ModelProto, recipe_text: str = "ve
     path.write_bytes(model.SerializeToString())
     data = save_npy_folder(tmp_path / "data", np.random.default_rng(seed).normal(size=(samples, 1, 3, 8, 8)))
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(recipe_text)
+    recipe.write_text(fused(recipe_text))
     return api.quantize(path, data, load_recipe(recipe))
 
 
@@ -111,3 +142,16 @@ def tiny(tmp_path_factory):
     )
     folder = save_npy_folder(tmp_path_factory.mktemp("tiny") / "data", rng.standard_t(3, size=(32, 16, 64)))
     return model, folder
+
+
+def with_fused_recipe(args: list) -> list:
+    """CLI `args` of a `quantize` or `tune` on a tiny model given no --recipe: with `--recipe` a file holding
+    FUSED (the built-in default with `placement: fused`; see FUSED)."""
+    if not args or str(args[0]) not in ("quantize", "tune") or "--recipe" in map(str, args):
+        return list(args)
+    import tempfile
+
+    path = Path(tempfile.gettempdir()) / f"qtool-tests-fused-{os.getpid()}.yaml"
+    if not path.is_file():
+        path.write_text(FUSED)
+    return [*args, "--recipe", str(path)]

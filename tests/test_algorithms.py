@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import make_model, save_npy_folder, shared_model
+from conftest import make_model, save_npy_folder, shared_model, fused_recipe
 from qtool import api
 from qtool.errors import RecipeError
 from qtool.quantization.algorithms.equalization import equalize, find_pairs
@@ -123,7 +123,7 @@ def _quantize_gemm(tmp_path, bias_correction: bool):
     x = np.random.default_rng(3).integers(0, 256, size=(64, 64)).astype(np.float32)
     x[0, 0], x[1, 0] = 0, 255
     data = save_npy_folder(tmp_path / f"data{bias_correction}", [x])
-    recipe = Recipe.model_validate({"quantization": {"algorithms": {"bias_correction": bias_correction}}})
+    recipe = Recipe.model_validate({"quantization": {"placement": "fused", "algorithms": {"bias_correction": bias_correction}}})
     result = api.quantize(path, data, recipe)
     shift = np.mean(_outputs(result.model, {"x": x})["y"] - _outputs(model, {"x": x})["y"], axis=0)
     return result, shift
@@ -160,7 +160,7 @@ def _gemm_rounding_case(tmp_path, name: str, weight: np.ndarray, x: np.ndarray, 
     path = tmp_path / f"{name}.onnx"
     path.write_bytes(model.SerializeToString())
     data = save_npy_folder(tmp_path / f"{name}-data", [x])
-    recipe = Recipe.model_validate({"quantization": {"algorithms": {"bias_correction": setting}}})
+    recipe = Recipe.model_validate({"quantization": {"placement": "fused", "algorithms": {"bias_correction": setting}}})
     return api.quantize(path, data, recipe).report["algorithms"]["bias_correction"]
 
 
@@ -199,7 +199,7 @@ def test_bias_correction_adds_a_bias_where_a_conv_has_none(tmp_path):
     path.write_bytes(model.SerializeToString())
     # A mean of 3 on every input channel: the shift 3·Σε per channel stands far out of its noise.
     data = save_npy_folder(tmp_path / "data", 3 + RNG.normal(size=(8, 1, 3, 8, 8)))
-    recipe = Recipe.model_validate({"quantization": {"algorithms": {"bias_correction": True}}})
+    recipe = Recipe.model_validate({"quantization": {"placement": "fused", "algorithms": {"bias_correction": True}}})
     result = api.quantize(path, data, recipe)
     [layer] = result.report["algorithms"]["bias_correction"]["layers"]
     assert layer["node"] == "conv" and layer["bias_added"] and layer["channels"] == 4
@@ -212,7 +212,7 @@ def test_algorithms_are_reported_deterministic_and_need_data(tmp_path):
     path = tmp_path / "model.onnx"
     path.write_bytes(model.SerializeToString())
     data = save_npy_folder(tmp_path / "data", RNG.normal(size=(8, 1, 3, 8, 8)))
-    recipe = Recipe.model_validate({"quantization": {"algorithms": {"bias_correction": True, "equalization": True}}})
+    recipe = Recipe.model_validate({"quantization": {"placement": "fused", "algorithms": {"bias_correction": True, "equalization": True}}})
     first = api.quantize(path, data, recipe, tmp_path / "a")
     second = api.quantize(path, data, recipe, tmp_path / "b")
     assert (tmp_path / "a" / "model.onnx").read_bytes() == (tmp_path / "b" / "model.onnx").read_bytes()
@@ -231,7 +231,7 @@ def test_algorithms_are_reported_deterministic_and_need_data(tmp_path):
     assert from_table.report["algorithms"]["bias_correction"]["skipped"].startswith(
         "quantization.algorithms.bias_correction needs calibration data")
     assert any("bias_correction needs calibration data" in w for w in from_table.report["warnings"])  # asked for
-    default = api.quantize(path, None, Recipe(), calibration=table.output, validation_data=data)
+    default = api.quantize(path, None, fused_recipe(), calibration=table.output, validation_data=data)
     assert "skipped" in default.report["algorithms"]["bias_correction"]  # on by default: a note, no warning
     assert not any("bias_correction" in w for w in default.report["warnings"])
     # The table was made on the equalized model: its tensors' ranges are the ones quantize needs.
@@ -242,7 +242,7 @@ def test_algorithms_are_reported_deterministic_and_need_data(tmp_path):
 @pytest.mark.parametrize("key", ["equalization", "bias_correction"])
 def test_recipe_switches_are_booleans(tmp_path, key):
     path = tmp_path / "recipe.yaml"
-    path.write_text(f"version: 1\nquantization:\n  algorithms:\n    {key}: maybe\n")
+    path.write_text(f"version: 1\nquantization:\n  placement: fused\n  algorithms:\n    {key}: maybe\n")
     with pytest.raises(RecipeError, match=f"algorithms.{key}"):
         load_recipe(path)
 
@@ -305,7 +305,7 @@ def test_smoothing_through_quantize_is_reported_and_helps(tmp_path):
     data = save_npy_folder(tmp_path / "data", np.random.default_rng(9).normal(size=(16, 1, 4, 16)))
     figures = {}
     for on in (False, True):
-        recipe = Recipe.model_validate({"quantization": {"algorithms": {"smoothing": on}}})
+        recipe = Recipe.model_validate({"quantization": {"placement": "fused", "algorithms": {"smoothing": on}}})
         result = api.quantize(path, data, recipe)
         figures[on] = result.report["validation"]["outputs"]["y"]["sqnr_db"]
         groups = result.report["algorithms"]["smoothing"]["groups"]

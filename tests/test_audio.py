@@ -56,7 +56,7 @@ def _frame_model(path: Path, shape) -> Path:
 
 def _recipe(tmp_path: Path, text: str):
     path = tmp_path / "audio.yaml"
-    path.write_text("version: 1\ndata:\n" + text)
+    path.write_text("version: 1\nquantization: {placement: fused}\ndata:\n" + text)
     return parse_recipe(path.read_text(), path)
 
 
@@ -162,7 +162,7 @@ def test_stateful_audio_model_quantized_from_wav_files_validated_as_streams(tmp_
         _write_wav(calib / f"{index}.wav", _tone(0.5, 22050, index), 22050)  # resampled to 16 kHz
         _write_wav(evaluation / f"{index}.wav", _tone(0.4, 16000, index + 3), 16000)
     recipe = tmp_path / "vad.yaml"
-    recipe.write_text("version: 1\ndata:\n  audio: {sample_rate: 16000}\n  state:\n    carry: {h: h_out}\n"
+    recipe.write_text("version: 1\nquantization: {placement: fused}\ndata:\n  audio: {sample_rate: 16000}\n  state:\n    carry: {h: h_out}\n"
                       "validation:\n  gates: {min_cosine: 0.99}\n")
     result = qtool.quantize(model_path, calib, recipe, tmp_path / "out", validation_data=evaluation)
     assert result.report["validation"]["samples"] == 3 * 40  # 0.4 s of 160-sample frames per file
@@ -214,7 +214,7 @@ def test_what_reading_does_unseen_is_said_once_each(tmp_path):
     (calib / "d.mp3").write_bytes(b"ID3\x03\x00\x00\x00\x00\x00\x00")
     (calib / "b.txt").write_text("a transcript\n")
     recipe = tmp_path / "vad.yaml"
-    recipe.write_text("version: 1\ndata:\n  audio: {sample_rate: 16000, last: drop}\n  state:\n    carry: {h: h_out}\n")
+    recipe.write_text("version: 1\nquantization: {placement: fused}\ndata:\n  audio: {sample_rate: 16000, last: drop}\n  state:\n    carry: {h: h_out}\n")
     said = [
         "data.audio.sample_rate 16000: 1 of 3 audio file(s) resampled from 22050 Hz (a.wav)",
         "data.audio.last drop: 1 audio file(s) shorter than one chunk (160 samples) skipped (c.wav)",
@@ -229,7 +229,7 @@ def test_what_reading_does_unseen_is_said_once_each(tmp_path):
     assert result.exit_code == 0, result.output
     assert all(f"note: {line}" in result.stderr for line in said)
     both = tmp_path / "both.yaml"
-    both.write_text("version: 1\ndata:\n  audio: {}\n  text: {tokenizer: t.json}\n")
+    both.write_text("version: 1\nquantization: {placement: fused}\ndata:\n  audio: {}\n  text: {tokenizer: t.json}\n")
     with pytest.raises(DataError, match=r"holds text \(b\.txt\) and audio files: give the recipe a data\.text or a "
                                         r"data\.audio section"):
         qtool.calibrate(model_path, calib, both)

@@ -30,7 +30,7 @@ def quantize_head(tmp_path, model, dtype, symmetric, granularity):
     path.write_bytes(model.SerializeToString())
     data = save_npy_folder(tmp_path / "data", np.random.default_rng(1).normal(size=(16, 1, 16)))
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"version: 1\nquantization:\n  weights: {{dtype: {dtype}, symmetric: {str(symmetric).lower()}, "
+    recipe.write_text(f"version: 1\nquantization:\n  placement: fused\n  weights: {{dtype: {dtype}, symmetric: {str(symmetric).lower()}, "
                       f"granularity: {granularity}}}\n")
     result = api.quantize(path, data, load_recipe(recipe))
     x = np.random.default_rng(2).normal(size=(8, 16)).astype(np.float32)

@@ -14,12 +14,11 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper
 
-from conftest import ROOT, SAMPLE, make_model, save_npy_folder
+from conftest import ROOT, SAMPLE, make_model, save_npy_folder, fused_recipe
 from qtool import api
 from qtool.cli.main import main
 from qtool.evaluation.per_layer import match_activations, weight_errors
 from qtool.errors import UsageError
-from qtool.recipe.schema import Recipe
 
 
 class Ran:
@@ -44,7 +43,7 @@ def qtool_process(*args: str) -> subprocess.CompletedProcess:
 def digits(tmp_path_factory):
     """The sample model quantized once; both paths and an output root."""
     root = tmp_path_factory.mktemp("digits")
-    api.quantize(SAMPLE / "model.onnx", SAMPLE / "calib", Recipe(), root / "int8",
+    api.quantize(SAMPLE / "model.onnx", SAMPLE / "calib", fused_recipe(), root / "int8",
                  validation_data=SAMPLE / "eval")
     return SAMPLE / "model.onnx", root / "int8" / "model.onnx", root
 
@@ -110,7 +109,7 @@ def test_too_strict_gate_exits_1_naming_it(digits, tmp_path):
 
 def test_recipe_gates_apply_and_cli_overrides_them(digits, tmp_path):
     recipe = tmp_path / "gates.yaml"
-    recipe.write_text("version: 1\nvalidation:\n  gates: {min_cosine: 0.9999999, min_size_ratio: 2}\n")
+    recipe.write_text("version: 1\nquantization: {placement: fused}\nvalidation:\n  gates: {min_cosine: 0.9999999, min_size_ratio: 2}\n")
     failed = qtool(*compare_args(digits, tmp_path / "a", "--recipe", str(recipe), "-q"))
     assert failed.returncode == 1 and "gate min_cosine: FAILED" in failed.stderr
     passed = qtool(*compare_args(digits, tmp_path / "b", "--recipe", str(recipe), "--gate", "min_cosine=0.99", "-q"))
@@ -132,7 +131,7 @@ def test_json_prints_the_report_and_nothing_else(digits, tmp_path):
 
 
 def test_quantize_report_gains_layers_with_recipe_rules(tmp_path):
-    result = api.quantize(SAMPLE / "model.onnx", SAMPLE / "calib", Recipe(), tmp_path / "out",
+    result = api.quantize(SAMPLE / "model.onnx", SAMPLE / "calib", fused_recipe(), tmp_path / "out",
                           validation_data=SAMPLE / "eval", per_layer=True)
     layers = result.report["layers"]
     assert layers["activations"] and layers["weights"]
@@ -156,7 +155,7 @@ def test_layers_match_through_qdq_including_renamed_graph_outputs(tmp_path):
     model = _conv_relu_output_model()
     onnx.save(model, str(tmp_path / "float.onnx"))
     data = save_npy_folder(tmp_path / "data", np.random.default_rng(1).normal(size=(8, 1, 2, 6, 6)))
-    result = api.quantize(tmp_path / "float.onnx", data, Recipe(), tmp_path / "q")
+    result = api.quantize(tmp_path / "float.onnx", data, fused_recipe(), tmp_path / "q")
     quantized = result.model
     renamed = [node for node in quantized.graph.node if node.op_type == "QuantizeLinear"
                and node.input[0] not in {t for n in model.graph.node for t in n.output} | {"x"}]
@@ -264,13 +263,13 @@ def test_a_recipe_whose_every_accuracy_gate_is_not_applicable_is_refused(tmp_pat
                        {"w": rng.normal(size=(8, 4)).astype(np.float32)})
     onnx.save_model(model, str(tmp_path / "model.onnx"))
     data = save_npy_folder(tmp_path / "data", rng.normal(size=(8, 1, 8)).astype(np.float32))
-    (tmp_path / "cosine.yaml").write_text("version: 1\nvalidation:\n  gates: {min_cosine: 0.99, min_size_ratio: 1.0}\n")
+    (tmp_path / "cosine.yaml").write_text("version: 1\nquantization: {placement: fused}\nvalidation:\n  gates: {min_cosine: 0.99, min_size_ratio: 1.0}\n")
     refused = qtool("quantize", str(tmp_path / "model.onnx"), "--recipe", str(tmp_path / "cosine.yaml"),
                     "--data", str(data), "--output", str(tmp_path / "out"), "--no-bench")
     assert refused.returncode == 2 and not (tmp_path / "out").exists()
     assert "cosine.yaml: validation.gates: model.onnx: min_cosine cannot be measured on this model (every output of it " \
            "is integer" in refused.stderr and "gate it with min_exact_match" in refused.stderr
-    (tmp_path / "both.yaml").write_text("version: 1\nvalidation:\n  gates: {min_cosine: 0.99, min_exact_match: 0.5}\n")
+    (tmp_path / "both.yaml").write_text("version: 1\nquantization: {placement: fused}\nvalidation:\n  gates: {min_cosine: 0.99, min_exact_match: 0.5}\n")
     ran = qtool("quantize", str(tmp_path / "model.onnx"), "--recipe", str(tmp_path / "both.yaml"), "--data", str(data),
                 "--output", str(tmp_path / "out"), "--no-bench", "--junit", str(tmp_path / "junit.xml"))
     assert ran.returncode == 0, ran.stderr

@@ -10,12 +10,11 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper
 
-from conftest import ROOT, make_model, save_npy_folder
+from conftest import ROOT, make_model, save_npy_folder, fused_recipe
 from qtool import api
 from qtool.cli.main import main
 from qtool.errors import CalibrationError, DataError, ModelError
 from qtool.recipe.load import load_recipe
-from qtool.recipe.schema import Recipe
 
 
 def gemm_only(seed: int = 0):
@@ -67,7 +66,7 @@ def test_validation_files_of_zero_samples_exit_2(gemm, tmp_path):
     empty.mkdir()
     np.save(empty / "a.npy", np.zeros((0, 16), np.float32))
     with pytest.raises(DataError, match="no samples to validate with"):
-        api.quantize(model, data, validation_data=empty)
+        api.quantize(model, data, fused_recipe(), validation_data=empty)
 
 
 def test_a_table_of_degenerate_ranges_exits_2_naming_it(gemm, tmp_path):
@@ -114,7 +113,7 @@ def test_a_node_whose_every_range_is_degenerate_counts_as_float(tmp_path):
                             "no usable range") for w in result.report["warnings"])
     # Finding 15: under placement fused the Add beside the float Sigmoid stays float too; the warning counted
     # the recipe's 4 nodes while the plan said 2 of 4 quantized: it counts the plan's, as the summary does.
-    fused = api.quantize(path, data, Recipe())
+    fused = api.quantize(path, data, fused_recipe())
     quantized = fused.report["plan"]["nodes_quantized"]
     assert quantized < 3 and (f"1 of the {quantized + 1} nodes the plan quantizes kept float ({quantized} of the "
                               "model's 4 nodes quantized)") in " ".join(fused.report["warnings"])

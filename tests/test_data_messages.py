@@ -9,13 +9,14 @@ import numpy as np
 from onnx import TensorProto, helper
 from PIL import Image
 
-from conftest import ROOT, make_model, matmul_chain, save_npy_folder
+from conftest import ROOT, make_model, matmul_chain, save_npy_folder, with_fused_recipe
 from qtool.io.data import DataFolder, InputSpec
 from qtool.recipe.inputs import ImageSpec
 
 
 def qtool(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qtool", *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+    return subprocess.run([sys.executable, "-m", "qtool", *with_fused_recipe(list(map(str, args)))], capture_output=True,
+                          text=True, cwd=ROOT)
 
 
 def _quantize(tmp_path, model, data, *extra) -> subprocess.CompletedProcess:

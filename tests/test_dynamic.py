@@ -152,7 +152,7 @@ def test_large_embedding_tables_are_stored_int8_per_row_small_ones_stay_float(tm
 def test_overrides_mix_a_static_front_end_with_a_dynamic_back_end(tmp_path):
     path = save(tmp_path, conv_gemm(RNG))
     data = save_npy_folder(tmp_path / "calib", RNG.normal(size=(8, 1, 3, 8, 8)))
-    recipe = recipe_of(overrides=[{"match": {"op_type": "Conv"}, "mode": "static"}])
+    recipe = recipe_of(placement="fused", overrides=[{"match": {"op_type": "Conv"}, "mode": "static"}])
     with pytest.raises(UsageError, match=r"tensor\(s\) the recipe quantizes statically \(e.g. (x|c)\) need "
                                          r"calibration data"):
         api.quantize(path, None, recipe, validation_data=data)
@@ -164,7 +164,7 @@ def test_overrides_mix_a_static_front_end_with_a_dynamic_back_end(tmp_path):
     assert reasons["/enc/conv"].startswith("rule Conv") and "overrides[0]" not in reasons["/head/fc"]
     assert result.report["validation"]["outputs"]["y"]["cosine"] >= 0.99
     # and the other way round: static by default, one node dynamic
-    recipe = Recipe.model_validate({"quantization": {"overrides": [{"match": {"name": "/head/fc"}, "mode": "dynamic"}]}})
+    recipe = Recipe.model_validate({"quantization": {"placement": "fused", "overrides": [{"match": {"name": "/head/fc"}, "mode": "dynamic"}]}})
     ops = api.quantize(path, data, recipe).report["kernels"]["optimized_ops"]
     assert ops.get("QLinearConv") == 1 and ops.get("DynamicQuantizeMatMul") == 1
 

@@ -7,7 +7,7 @@ import jsonschema
 import numpy as np
 from onnx import TensorProto, helper
 
-from conftest import make_model, save_npy_folder
+from conftest import make_model, save_npy_folder, fused_recipe
 from qtool import api
 from qtool.evaluation.float_choice import ACT_BELOW_DB
 from qtool.quantization.algorithms.float_ends import MAC_BUDGET, candidate_regions, layer_macs, layers
@@ -54,14 +54,14 @@ def _write(tmp_path, model, count: int = 16):
 def _recipe(setting: str) -> Recipe:
     # outliers off: the stem's output is an outlier tensor that `outliers` would equalize; here the
     # region choice alone is under test
-    return Recipe.model_validate({"quantization": {"algorithms": {"keep_float": setting, "outliers": "off",
+    return Recipe.model_validate({"quantization": {"placement": "fused", "algorithms": {"keep_float": setting, "outliers": "off",
                                                                   "bias_correction": False}}})
 
 
 def test_regions_grow_by_depth_from_each_end_within_the_budget(tmp_path):
     path, _ = _write(tmp_path, stem_model())
     model, _ = api.prepare(path)
-    selection = select_tensors(model, Recipe())
+    selection = select_tensors(model, fused_recipe())
     assert layers(model, selection) == ["stem", "mix", "body0", "body1", "body2", "body3"]
     shapes = {"s": (1, 8, 8, 8), "m": (1, 16, 8, 8), **{f"c{i}": (1, 16, 8, 8) for i in range(3)},
               "y": (1, 16, 8, 8)}

@@ -11,6 +11,7 @@ import pytest
 from onnx import TensorProto, helper
 from click.testing import CliRunner
 
+from conftest import fused_recipe
 from qtool import api
 from qtool.cli.main import main
 from qtool.recipe.load import load_recipe
@@ -53,7 +54,7 @@ def test_audio_files_and_state_inputs(tmp_path):
     loaded = load_recipe(recipe)
     assert loaded.data.audio.sample_rate == 16000 and loaded.data.audio.chunk is None  # the model fixes 160
     assert loaded.data.state.carry == {"h": "h_out"}
-    result = api.quantize(model, data, recipe)
+    result = api.quantize(model, data, fused_recipe(loaded))  # a tiny model: see conftest.FUSED
     assert result.report["validation"]["samples"] == 2 * 30
 
 
@@ -137,4 +138,4 @@ def test_array_data_and_state_inputs(tmp_path):
     init(model, "--data", data, "--output", recipe)
     loaded = load_recipe(recipe)
     assert loaded.data.state.carry == {"h": "h_out"} and loaded.data.images is None
-    assert api.quantize(model, data, recipe).report["validation"]["samples"] == 48
+    assert api.quantize(model, data, fused_recipe(loaded)).report["validation"]["samples"] == 48  # see conftest.FUSED

@@ -8,14 +8,14 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from conftest import make_model, save_npy_folder
+from conftest import fused_recipe, make_model, save_npy_folder
 from qtool import api
 from qtool.evaluation.compare import Comparison, GateResult, OutputStats, check_gates, feature_axis
 from qtool.quantization import joins
 from qtool.recipe.load import load_recipe
 
 CLASSES, ANCHORS = 16, 64
-RECIPE = "version: 1\nvalidation:\n  gates: {min_cosine: 0.99, min_slice_sqnr_db: 15}\n"
+RECIPE = "version: 1\nquantization: {placement: fused}\nvalidation:\n  gates: {min_cosine: 0.99, min_slice_sqnr_db: 15}\n"
 
 
 def yolo_head(seed: int = 0) -> onnx.ModelProto:
@@ -99,7 +99,7 @@ def test_concat_of_similar_ranges_stays_quantized(tmp_path):
     path = tmp_path / "m.onnx"
     path.write_bytes(model.SerializeToString())
     data = save_npy_folder(tmp_path / "calib", rng.normal(size=(8, 1, 8, ANCHORS)))
-    result = api.quantize(path, data)
+    result = api.quantize(path, data, fused_recipe())
     join = next(node for node in result.report["plan"]["nodes"] if node["node"] == "join")
     assert join["quantized"] and join["reason"] == "rule Concat"
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
-from conftest import make_model, quantize_tiny
+from conftest import make_model, quantize_tiny, save_npy_folder
 from qtool.errors import ModelError
 from qtool.quantization.kernel_costs import SLOWER_PREFIX, node_costs, slower_regions
 
@@ -43,9 +43,26 @@ def test_fast_keeps_a_first_layer_conv_float_and_is_deterministic(tmp_path):
     assert fast.report["kernels"]["integer_ops"].get("QGemm") == 1  # the head keeps its integer kernel
     again = quantize_tiny(tmp_path / "again", model, FAST)
     assert again.model.SerializeToString() == fast.model.SerializeToString()  # no timing: same bytes
-    fused = quantize_tiny(tmp_path / "fused", model)  # the default placement quantizes the conv
+    fused = quantize_tiny(tmp_path / "fused", model)  # placement fused quantizes the conv
     conv = next(node for node in fused.model.graph.node if node.name == "conv")
     assert {node.op_type for node in fused.model.graph.node if node.output[0] == conv.input[0]} == {"DequantizeLinear"}
+
+
+def test_the_default_recipe_places_fast(tmp_path):
+    """`placement: fast` is the default: with no placement named, the first-layer conv stays float for speed
+    and the head keeps its integer kernel, as under `placement: fast` written out."""
+    from qtool import api
+    from qtool.recipe.schema import Recipe
+
+    assert Recipe().quantization.placement == "fast"
+    model = first_layer(with_head=True)
+    path = tmp_path / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    data = save_npy_folder(tmp_path / "data", RNG.normal(size=(16, 1, 3, 8, 8)))
+    default = api.quantize(path, data, Recipe())
+    reasons = {node["node"]: node["reason"] for node in default.report["plan"]["nodes"]}
+    assert reasons["conv"].startswith(SLOWER_PREFIX)
+    assert default.report["kernels"]["integer_ops"].get("QGemm") == 1
 
 
 def test_fast_refuses_a_model_where_nothing_pays(tmp_path):

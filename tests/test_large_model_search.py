@@ -22,7 +22,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from conftest import save_npy_folder
+from conftest import fused_recipe, save_npy_folder
 from test_large_models import lower_limit
 from test_tune import HOSTILE, hostile_model
 from qtool import api
@@ -64,7 +64,7 @@ def twins(tmp_path_factory):
     rng = np.random.default_rng(1)
     save_npy_folder(folder / "calib", [rng.standard_normal((1, WIDTH)) for _ in range(16)])
     save_npy_folder(folder / "eval", [rng.standard_normal((1, WIDTH)) for _ in range(16)])
-    (folder / "recipe.yaml").write_text("version: 1\nvalidation:\n  gates: {min_sqnr_db: 12}\n")
+    (folder / "recipe.yaml").write_text("version: 1\nquantization: {placement: fused}\nvalidation:\n  gates: {min_sqnr_db: 12}\n")
     return folder
 
 
@@ -112,7 +112,7 @@ def test_sensitivity_and_compare_past_the_limit_give_the_twin_s_figures(twins, t
     def run(kind: str):
         ranking = search_api.sensitivity(twins / kind / "model.onnx", twins / "calib", twins / "recipe.yaml",
                                          validation_data=twins / "eval").rows
-        quantized = api.quantize(twins / kind / "model.onnx", twins / "calib", None, tmp_path / kind)
+        quantized = api.quantize(twins / kind / "model.onnx", twins / "calib", fused_recipe(), tmp_path / kind)
         compared = api.compare(twins / kind / "model.onnx", tmp_path / kind / "model.onnx", twins / "eval")
         # size_bytes: past the limit an upper bound (proto_size counts each on-disk tensor's file location)
         return [{k: v for k, v in row.items() if k not in ("seconds", "size_bytes")} for row in ranking], \

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto, helper
 
-from conftest import make_model, save_npy_folder
+from conftest import make_model, save_npy_folder, fused_recipe
 from qtool import api
 from qtool.io.data import DataFolder, model_inputs
 from qtool.quantization.algorithms.outliers import OUTLIER_DB, handle_outliers
@@ -59,7 +59,7 @@ def test_equalization_keeps_the_float_function_and_lifts_the_estimate(tmp_path):
     data = DataFolder(folder, model_inputs(model))
     feeds = {"x": x[:, 0]}
     before = run(make_session(model, optimize=False), feeds)["y"]
-    recipe = Recipe()
+    recipe = fused_recipe()
     model, outcome = handle_outliers(model, select_tensors(model, recipe), data, batch_size=4)
     assert Recipe().quantization.algorithms.outliers == "auto"  # the default, measured (README)
     after = run(make_session(model, optimize=False), feeds)["y"]
@@ -75,7 +75,7 @@ def test_quantize_handles_the_outlier_channel_reports_it_and_is_deterministic(tm
     path, data = _write(tmp_path, outlier_channel_model(), RNG.normal(size=(16, 1, 4, 16)))
     sqnr, models = {}, {}
     for setting in ("off", "auto", "auto"):
-        recipe = Recipe.model_validate({"quantization": {"algorithms": {"outliers": setting}}})
+        recipe = Recipe.model_validate({"quantization": {"placement": "fused", "algorithms": {"outliers": setting}}})
         result = api.quantize(path, data, recipe)
         section = result.report["algorithms"]["outliers"]
         sqnr[setting] = result.report["validation"]["outputs"]["y"]["sqnr_db"]
@@ -94,7 +94,7 @@ def test_a_relative_reader_keeps_its_outlier_input_float(tmp_path):
     x = np.exp(RNG.uniform(-7, 0, size=(32, 1, 16))) * RNG.choice([-1, 1], size=(32, 1, 16))
     path, data = _write(tmp_path, variance_model(), x)
     results = {setting: api.quantize(path, data, Recipe.model_validate(
-        {"quantization": {"algorithms": {"outliers": setting}}})) for setting in ("off", "auto")}
+        {"quantization": {"placement": "fused", "algorithms": {"outliers": setting}}})) for setting in ("off", "auto")}
     section = results["auto"].report["algorithms"]["outliers"]
     assert {(t["tensor"], t["handling"]) for t in section["tensors"]} >= {("var", "float")}
     kept = {d["node"]: d["reason"] for d in results["auto"].report["plan"]["nodes"] if not d["quantized"]}
@@ -105,7 +105,7 @@ def test_a_relative_reader_keeps_its_outlier_input_float(tmp_path):
 
 def test_with_a_calibration_table_outliers_are_skipped_with_a_note(tmp_path):
     path, data = _write(tmp_path, outlier_channel_model(), RNG.normal(size=(8, 1, 4, 16)))
-    recipe = Recipe.model_validate({"quantization": {"algorithms": {"outliers": "auto"}}})
+    recipe = Recipe.model_validate({"quantization": {"placement": "fused", "algorithms": {"outliers": "auto"}}})
     table = api.calibrate(path, data, recipe, tmp_path / "table.json")
     result = api.quantize(path, None, recipe, calibration=table.output, validation_data=data)
     section = result.report["algorithms"]["outliers"]

@@ -198,7 +198,7 @@ def test_fused_placement_keeps_unfused_op_float(tmp_path):
     everywhere = quantize_tiny(tmp_path / "all", conv_hardsigmoid_conv(), ALL).model
     assert consumers_of_dq(everywhere, "HardSigmoid") == {"hsig": [True]}
     (tmp_path / "fused").mkdir()
-    result = quantize_tiny(tmp_path / "fused", conv_hardsigmoid_conv())  # placement: fused is the default
+    result = quantize_tiny(tmp_path / "fused", conv_hardsigmoid_conv())  # quantize_tiny pins placement: fused
     # HardSigmoid has no integer kernel: it reads Erf's float output, no Q/DQ in front of it ...
     assert consumers_of_dq(result.model, "HardSigmoid") == {"hsig": [False]}
     # ... while both Convs still read dequantized input, weight and bias, and ORT fuses both.

@@ -12,7 +12,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from conftest import matmul_chain, save_npy_folder
+from conftest import matmul_chain, save_npy_folder, with_fused_recipe
 from qtool.cli.main import main
 
 
@@ -37,7 +37,7 @@ def state(folder: Path) -> dict:
 
 
 def run(*args, env=None):
-    return CliRunner(env=env).invoke(main, [str(a) for a in args])
+    return CliRunner(env=env).invoke(main, [str(a) for a in with_fused_recipe(list(args))])
 
 
 def quantize(root: Path, data: Path, *extra, env=None):

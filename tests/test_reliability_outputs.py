@@ -22,7 +22,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from conftest import ROOT, matmul_chain, save_npy_folder
+from conftest import FUSED, ROOT, fused_recipe, matmul_chain, save_npy_folder, with_fused_recipe
 from qtool import api
 from qtool.cli.main import main
 from qtool.errors import EXIT_BROKEN_PIPE, EXIT_SIDE_FILE, WriteError
@@ -46,6 +46,7 @@ def digest(path: Path) -> str:
 
 
 def run(*args, env=None, cwd=None):
+    args = with_fused_recipe(list(args))
     return CliRunner(env=env).invoke(main, [str(a) for a in args]) if cwd is None else _in(cwd, args, env)
 
 
@@ -241,7 +242,7 @@ def test_a_failed_gate_is_still_said_when_the_junit_file_cannot_be_written(small
     junit = tmp_path / "not-a-folder" / "gates.xml"  # its folder cannot be made: the JUnit write fails
     gate = "min_sqnr_db=150" if gate_fails else "min_cosine=0.5"
     if command == "quantize":
-        (small / "g.yaml").write_text("version: 1\nvalidation:\n  gates:\n    {}: {}\n".format(*gate.split("=")))
+        (small / "g.yaml").write_text(FUSED + "validation:\n  gates:\n    {}: {}\n".format(*gate.split("=")))
         args = ("quantize", small / "model.onnx", "--data", small / "data", "--recipe", small / "g.yaml")
     else:
         assert run("quantize", small / "model.onnx", "--data", small / "data", "--output", tmp_path / "q",
@@ -302,7 +303,7 @@ def test_a_closed_stdout_pipe_ends_quietly(small):
 
 def test_an_ascii_only_locale_prints_the_summary_in_ascii(small, tmp_path):
     """As with LC_ALL=C PYTHONUTF8=0: stdout's encoding is ASCII (the summary's title holds a →)."""
-    result = CliRunner(charset="ascii").invoke(main, ["quantize", str(small / "model.onnx"), "--data",
+    result = CliRunner(charset="ascii").invoke(main, [*with_fused_recipe(["quantize", str(small / "model.onnx")]), "--data",
                                                       str(small / "data"), "--output", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     result.stdout_bytes.decode("ascii")  # nothing but ASCII
@@ -397,7 +398,7 @@ def test_the_report_names_the_model_that_was_loaded_when_the_file_is_replaced(sm
             onnx.save(matmul_chain(seed=7), str(model))
             replaced.append(digest(model))
 
-    result = api.quantize(model, small / "data", output_dir=tmp_path / "out", progress=progress)
+    result = api.quantize(model, small / "data", fused_recipe(), output_dir=tmp_path / "out", progress=progress)
     assert replaced and replaced[0] != loaded
     assert result.report["inputs"]["model"]["sha256"] == loaded
     assert json.loads((tmp_path / "out" / "report.json").read_text())["inputs"]["model"]["sha256"] == loaded

@@ -12,9 +12,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from conftest import SAMPLE, make_model, save_npy_folder
+from conftest import SAMPLE, make_model, save_npy_folder, fused_recipe
 from qtool import api
-from qtool.recipe.schema import Recipe
 from qtool.reporting.document import render_junit, render_markdown
 from qtool.reporting.html import render_html
 from qtool.reporting.schemas import report_schema
@@ -51,7 +50,7 @@ def hostile(tmp_path_factory):
     data = save_npy_folder(root / "data", rng.normal(size=(16, 1, 2, 4, 4)))
     (data / "labels.txt").write_text("".join(f"{i:04d}.npy {i % 10}\n" for i in range(16)))
     recipe = root / "gates.yaml"
-    recipe.write_text("version: 1\nvalidation:\n  gates: {min_cosine: 0.5, min_size_ratio: 100}\n")
+    recipe.write_text("version: 1\nquantization: {placement: fused}\nvalidation:\n  gates: {min_cosine: 0.5, min_size_ratio: 100}\n")
     result = api.quantize(root / "float.onnx", data, recipe, root / "quantize", per_layer=True, bench=True)
     compared = api.compare(root / "float.onnx", root / "quantize" / "model.onnx", data, root / "compare",
                            recipe=recipe, per_layer=True, bench=True, junit=root / "junit.xml")
@@ -90,7 +89,7 @@ def test_quantize_and_compare_reports_validate(hostile):
 
 def test_minimal_reports_validate(tmp_path):
     """Without per-layer and bench: the optional sections are absent and the rest still validates."""
-    result = api.quantize(SAMPLE / "model.onnx", SAMPLE / "calib", Recipe(), tmp_path / "q",
+    result = api.quantize(SAMPLE / "model.onnx", SAMPLE / "calib", fused_recipe(), tmp_path / "q",
                           validation_data=SAMPLE / "eval")
     assert "layers" not in validate(tmp_path / "q" / "report.json")
     api.compare(SAMPLE / "model.onnx", tmp_path / "q" / "model.onnx", SAMPLE / "eval", tmp_path / "c")

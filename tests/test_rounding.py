@@ -117,8 +117,8 @@ def test_gptq_per_node_override_and_table_fallback(tmp_path):
     nearest with a note; int8 activations still run on ORT's integer kernels."""
     path, calib, evaluation = _conv_gemm(tmp_path)
     recipe = _recipe("gptq", "  overrides:\n    - {match: {op_type: Gemm}, weights: {rounding: nearest}}")
-    recipe = recipe.model_copy(update={"quantization": recipe.quantization.model_copy(
-        update={"activations": recipe.quantization.activations.model_copy(update={"dtype": "uint8"})})})
+    recipe = recipe.model_copy(update={"quantization": recipe.quantization.model_copy(  # a tiny model: see conftest.FUSED
+        update={"placement": "fused", "activations": recipe.quantization.activations.model_copy(update={"dtype": "uint8"})})})
     result = api.quantize(path, calib, recipe, validation_data=evaluation)
     tensors = {n["node"]: n["tensors"] for n in result.report["plan"]["nodes"]}
     assert "gptq rounding" in tensors["conv"]["w"] and "gptq" not in tensors["fc"]["fw"]

@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import ROOT, SAMPLE, make_model, matmul_chain, save_npy_folder
+from conftest import ROOT, SAMPLE, fused_recipe, make_model, matmul_chain, save_npy_folder, with_fused_recipe
 from qtool import api
 from qtool.cli.main import main
 from qtool.errors import DataError, ModelError, WriteError
@@ -29,12 +29,12 @@ from qtool.reporting.document import md_escape
 
 
 def qtool(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qtool", *args], capture_output=True, text=True, cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "qtool", *with_fused_recipe(list(args))], capture_output=True, text=True, cwd=ROOT,
                           **kwargs)
 
 
 def quantize_args(model, data, output, *extra) -> list[str]:
-    return ["quantize", str(model), "--data", str(data), "--output", str(output), *extra]
+    return with_fused_recipe(["quantize", str(model), "--data", str(data), "--output", str(output), *extra])
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -265,7 +265,7 @@ def test_input_onnx_runtime_rejects_at_run_time_names_the_file(tmp_path, where):
         for i in range(8):
             np.save(folder / f"{i:04d}.npy", rng.integers(0, 10, size=(1, 4)) + (40 if folder == bad and i == 5 else 0))
     if where == "compare":
-        api.quantize(model, good, output_dir=tmp_path / "q")
+        api.quantize(model, good, fused_recipe(), output_dir=tmp_path / "q")
         args = ["compare", str(model), str(tmp_path / "q" / "model.onnx"), "--data", str(bad),
                 "--output", str(tmp_path / "out")]
     else:

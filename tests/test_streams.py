@@ -10,6 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from conftest import fused
 import qtool
 from qtool.errors import RecipeError
 from qtool.io.feeds import open_data
@@ -54,7 +55,7 @@ def _streams(folder: Path, count: int, seed: int) -> Path:
 
 def _recipe(folder: Path, extra: str = "") -> Path:
     path = folder / "stateful.yaml"
-    path.write_text("version: 1\ndata:\n  state:\n    carry: {h: h_out}\n" + extra)
+    path.write_text(fused("version: 1\ndata:\n  state:\n    carry: {h: h_out}\n" + extra))  # see conftest.FUSED
     return path
 
 
@@ -106,11 +107,11 @@ def test_state_names_are_checked(tmp_path):
     model_path = _cell(tmp_path / "cell.onnx")
     calib = _streams(tmp_path / "calib", 1, seed=1)
     bad_input = tmp_path / "bad_input.yaml"
-    bad_input.write_text("version: 1\ndata:\n  state:\n    carry: {hidden: h_out}\n")
+    bad_input.write_text("version: 1\nquantization: {placement: fused}\ndata:\n  state:\n    carry: {hidden: h_out}\n")
     with pytest.raises(RecipeError, match=r"data\.state\.carry: 'hidden' is not a model input"):
         qtool.calibrate(model_path, calib, bad_input)
     bad_output = tmp_path / "bad_output.yaml"
-    bad_output.write_text("version: 1\ndata:\n  state:\n    carry: {h: state_out}\n")
+    bad_output.write_text("version: 1\nquantization: {placement: fused}\ndata:\n  state:\n    carry: {h: state_out}\n")
     with pytest.raises(RecipeError, match=r"data\.state\.carry: 'state_out' is not an output of the model"):
         qtool.calibrate(model_path, calib, bad_output)
 
@@ -133,11 +134,11 @@ def test_state_errors_name_the_recipe_and_its_key(tmp_path):
         "    carry: {h: state_out}\n": rf"{recipe}: data\.state\.carry: 'state_out' is not an output of the model",
     }
     for text, message in cases.items():
-        recipe.write_text("version: 1\ndata:\n  state:\n" + text)
+        recipe.write_text("version: 1\nquantization: {placement: fused}\ndata:\n  state:\n" + text)
         with pytest.raises(RecipeError, match=message):
             qtool.calibrate(model_path, calib, recipe)
     np.savez(tmp_path / "stream.npz", x=np.zeros((4, IN), np.float32), h=np.zeros((1, 3), np.float32))
-    recipe.write_text("version: 1\ndata:\n  state:\n    carry: {h: h_out}\n")
+    recipe.write_text("version: 1\nquantization: {placement: fused}\ndata:\n  state:\n    carry: {h: h_out}\n")
     with pytest.raises(DataError, match=rf"stream\.npz \(state input h: data\.state\.carry in {recipe}\): array of "
                                         r"shape \[1, 3\] does not fit input h"):
         qtool.calibrate(model_path, tmp_path / "stream.npz", recipe)
@@ -219,7 +220,7 @@ def test_lstm_state_with_its_batch_on_axis_1_streams_through_quantize_and_per_la
         for index in range(3):  # one stream each: 12 chunks of 10 frames, stacked along the batch axis (1)
             np.save(tmp_path / split / f"{index}.npy", rng.normal(0, 1, (10, 12, IN)).astype(np.float32))
     recipe = tmp_path / "lstm.yaml"
-    recipe.write_text("version: 1\ndata:\n  state:\n    carry: {h0: h_n, c0: c_n}\n")
+    recipe.write_text("version: 1\nquantization: {placement: fused}\ndata:\n  state:\n    carry: {h0: h_n, c0: c_n}\n")
     source = open_data(tmp_path / "eval", model_inputs(onnx.load(model_path)), None,
                        parse_recipe(recipe.read_text(), recipe))
     first = next(source.batches(8))

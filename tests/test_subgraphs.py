@@ -6,9 +6,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import save_npy_folder
+from conftest import save_npy_folder, fused_recipe
 from qtool import api
-from qtool.recipe.schema import Recipe
 from qtool.runtime.session import make_session, run
 
 RNG = np.random.default_rng(11)
@@ -62,7 +61,7 @@ def test_if_branches_stay_float_and_outputs_stay_close(tmp_path):
     onnx.save_model(float_model, str(path))
     samples = [RNG.normal(loc=shift, size=(1, 3, 8, 8)) for shift in [-0.5, 0.5] * 8]  # both branches taken
     data = save_npy_folder(tmp_path / "data", samples)
-    result = api.quantize(path, data, Recipe())
+    result = api.quantize(path, data, fused_recipe())
     model = result.model
     onnx.checker.check_model(model, full_check=True)
 

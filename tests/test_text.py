@@ -90,7 +90,7 @@ def _sentences(seed: int, count: int) -> list[str]:
 
 def _recipe(folder: Path, text: str) -> Path:
     path = folder / "text.yaml"
-    path.write_text("version: 1\ndata:\n  text:\n    tokenizer: tokenizer.json\n" + text)
+    path.write_text("version: 1\nquantization: {placement: fused}\ndata:\n  text:\n    tokenizer: tokenizer.json\n" + text)
     return path
 
 
@@ -150,7 +150,7 @@ def test_text_errors_name_the_key(tmp_path):
     with pytest.raises(RecipeError, match=r"no tokenizer output for model input 'in0'; map each input in "
                                           r"data\.text\.inputs"):
         open_data(tmp_path / "calib.txt", renamed, None, default)
-    missing = parse_recipe("version: 1\ndata:\n  text: {tokenizer: nowhere.json}\n", tmp_path / "r.yaml")
+    missing = parse_recipe("version: 1\nquantization: {placement: fused}\ndata:\n  text: {tokenizer: nowhere.json}\n", tmp_path / "r.yaml")
     with pytest.raises(RecipeError, match=r"data\.text\.tokenizer: no such file .*nowhere\.json"):
         open_data(tmp_path / "calib.txt", fixed, None, missing)
     with pytest.raises(DataError, match=r"holds text .* the recipe needs a data\.text section"):

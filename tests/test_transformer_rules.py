@@ -46,7 +46,7 @@ def test_additive_mask_range_is_clamped_for_softmax(tmp_path, fill):
         np.savez(tmp_path / "data" / f"{i}.npz", x=rng.normal(size=(1, S, D)).astype(np.float32), m=mask)
     path = tmp_path / "model.onnx"
     path.write_bytes(attention(fill).SerializeToString())
-    result = api.quantize(path, tmp_path / "data", Recipe.model_validate({"validation": {"gates": {}}}))
+    result = api.quantize(path, tmp_path / "data", Recipe.model_validate({"quantization": {"placement": "fused"}, "validation": {"gates": {}}}))
     # without the clamp, -10000 gave one scale of ~40 for scores within +-45: 1.8 dB
     assert result.report["validation"]["outputs"]["y"]["sqnr_db"] >= 20
     assert result.report["kernels"]["integer_ops"].get("QLinearSoftmax") == 1
@@ -76,7 +76,7 @@ def test_written_out_layer_norm_stays_float_so_ort_fuses_it(tmp_path):
     path = tmp_path / "model.onnx"
     path.write_bytes(written_out_layer_norm().SerializeToString())
     data = save_npy_folder(tmp_path / "data", np.random.default_rng(2).normal(size=(8, 1, 8, 64)))
-    result = api.quantize(path, data, Recipe.model_validate({"validation": {"gates": {}}}))
+    result = api.quantize(path, data, Recipe.model_validate({"quantization": {"placement": "fused"}, "validation": {"gates": {}}}))
     reasons = {n["node"]: n["reason"] for n in result.report["plan"]["nodes"]}
     assert all(reasons[f"ln/{name}"].startswith("part of a LayerNormalization") for name in "m d p v ve s n g l".split())
     # one LayerNormalization kernel between two integer MatMuls writing float (quantized and rounded
@@ -110,7 +110,7 @@ def test_where_mask_runs_as_qlinear_where(tmp_path, fill):
         np.savez(tmp_path / "data" / f"{i}.npz", x=rng.normal(size=(1, S, D)).astype(np.float32), m=mask)
     path = tmp_path / "model.onnx"
     path.write_bytes(model.SerializeToString())
-    result = api.quantize(path, tmp_path / "data", Recipe.model_validate({"validation": {"gates": {}}}))
+    result = api.quantize(path, tmp_path / "data", Recipe.model_validate({"quantization": {"placement": "fused"}, "validation": {"gates": {}}}))
     assert result.report["kernels"]["integer_ops"].get("QLinearWhere") == 1
     assert result.report["validation"]["outputs"]["y"]["sqnr_db"] >= 20
 

@@ -88,7 +88,7 @@ def hostile(tmp_path_factory):
     rng = np.random.default_rng(1)
     save_npy_folder(folder / "calib", [rng.standard_normal((1, 16)) for _ in range(32)])
     save_npy_folder(folder / "eval", [rng.standard_normal((1, 16)) for _ in range(32)])
-    (folder / "recipe.yaml").write_text("version: 1\nvalidation:\n  gates: {min_sqnr_db: 12}\n")
+    (folder / "recipe.yaml").write_text("version: 1\nquantization: {placement: fused}\nvalidation:\n  gates: {min_sqnr_db: 12}\n")
     return folder
 
 
@@ -115,7 +115,7 @@ def test_sensitivity_with_method_auto_calibrates_every_trial_with_the_chosen_ran
     """Trials share one table: auto chooses as quantize would (per tensor, the recipe's tensors only;
     the others, which only some trials quantize, keep minmax then); the ranking still finds the hostile layer."""
     recipe = tmp_path / "auto.yaml"
-    recipe.write_text("version: 1\ncalibration: {method: auto}\n")
+    recipe.write_text("version: 1\nquantization: {placement: fused}\ncalibration: {method: auto}\n")
     result = search_api.sensitivity(hostile / "model.onnx", hostile / "calib", recipe, tmp_path / "sens",
                                     validation_data=hostile / "eval")
     report = validated(tmp_path / "sens" / "report.json")
@@ -138,7 +138,7 @@ def test_a_ranking_of_ties_says_it_carries_no_information(tmp_path):
     rng = np.random.default_rng(1)
     save_npy_folder(tmp_path / "calib", [rng.standard_normal((1, 16)) for _ in range(16)])
     save_npy_folder(tmp_path / "eval", [rng.standard_normal((1, 16)) for _ in range(8)])
-    (tmp_path / "recipe.yaml").write_text("version: 1\ncalibration: {method: minmax}\n")
+    (tmp_path / "recipe.yaml").write_text("version: 1\nquantization: {placement: fused}\ncalibration: {method: minmax}\n")
     out = tmp_path / "sens"
     result = subprocess.run([str(QTOOL), "sensitivity", str(tmp_path / "model.onnx"), "--data", str(tmp_path / "calib"),
                              "--recipe", str(tmp_path / "recipe.yaml"),
@@ -165,7 +165,7 @@ def test_tune_says_when_the_chosen_model_is_larger_than_float(tmp_path):
     rng = np.random.default_rng(1)
     calib = save_npy_folder(tmp_path / "calib", [rng.standard_normal((1, 8)) for _ in range(16)])
     evaluation = save_npy_folder(tmp_path / "eval", [rng.standard_normal((1, 8)) for _ in range(16)])
-    (tmp_path / "recipe.yaml").write_text("version: 1\nvalidation:\n  gates: {min_sqnr_db: 12}\n")
+    (tmp_path / "recipe.yaml").write_text("version: 1\nquantization: {placement: fused}\nvalidation:\n  gates: {min_sqnr_db: 12}\n")
     out = tmp_path / "tuned"
     ran = CliRunner().invoke(main, ["tune", str(tmp_path / "model.onnx"), "--recipe", str(tmp_path / "recipe.yaml"),
                                     "--data", str(calib), "--validation-data", str(evaluation), "--output", str(out),
@@ -231,7 +231,7 @@ def test_tune_trials_apply_bias_correction_and_quantize_reproduces_them(tmp_path
     save_npy_folder(tmp_path / "calib", [2 + rng.standard_normal((1, 16)) for _ in range(32)])  # mean 2: real shifts
     save_npy_folder(tmp_path / "eval", [2 + rng.standard_normal((1, 16)) for _ in range(16)])
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("version: 1\nquantization:\n  algorithms: {bias_correction: true}\n"
+    recipe.write_text("version: 1\nquantization:\n  placement: fused\n  algorithms: {bias_correction: true}\n"
                       "validation:\n  gates: {min_sqnr_db: 12}\n")
     result = search_api.tune(tmp_path / "model.onnx", tmp_path / "calib", recipe, tmp_path / "t",
                              validation_data=tmp_path / "eval", max_trials=6, latency_runs=0)
@@ -266,7 +266,7 @@ def test_a_budget_spent_before_the_first_trial_still_tunes_the_recipe_as_given(h
 
 
 def test_tune_needs_a_target(hostile, tmp_path):
-    (tmp_path / "r.yaml").write_text("version: 1\n")
+    (tmp_path / "r.yaml").write_text("version: 1\nquantization: {placement: fused}\n")
     result = subprocess.run([str(QTOOL), "tune", str(hostile / "model.onnx"), "--recipe", str(tmp_path / "r.yaml"),
                              "--data", str(hostile / "calib"), "--output", str(tmp_path / "o")],
                             capture_output=True, text=True, timeout=60)
@@ -387,7 +387,7 @@ def test_tune_objective_is_latency_then_size():
 
 def test_tune_exits_1_when_no_trial_meets_the_latency_gate(hostile, tmp_path):
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("version: 1\nvalidation:\n  gates: {min_sqnr_db: 12, max_latency_ratio: 0.01}\n")
+    recipe.write_text("version: 1\nquantization: {placement: fused}\nvalidation:\n  gates: {min_sqnr_db: 12, max_latency_ratio: 0.01}\n")
     out = tmp_path / "tuned"
     result = subprocess.run([str(QTOOL), "tune", str(hostile / "model.onnx"), "--recipe", str(recipe),
                              "--data", str(hostile / "calib"), "--validation-data", str(hostile / "eval"),
@@ -451,8 +451,8 @@ def test_tuned_recipe_keeps_every_file_it_names_reachable_from_its_new_folder(tm
     source = tmp_path / "recipes"
     (source / "eval").mkdir(parents=True)
     (source / "tokenizer.json").write_text("{}")
-    (source / "common.yaml").write_text("version: 1\ncalibration: {batch_size: 2}\n")
-    (source / "recipe.yaml").write_text("version: 1\nbase: common.yaml\ndata: {text: {tokenizer: tokenizer.json}}\n"
+    (source / "common.yaml").write_text("version: 1\nquantization: {placement: fused}\ncalibration: {batch_size: 2}\n")
+    (source / "recipe.yaml").write_text("version: 1\nquantization: {placement: fused}\nbase: common.yaml\ndata: {text: {tokenizer: tokenizer.json}}\n"
                                        "validation: {data: eval}\n")
     output = tmp_path / "out" / "tuned"
     output.mkdir(parents=True)
@@ -470,7 +470,7 @@ def test_tuned_recipe_keeps_every_file_it_names_reachable_from_its_new_folder(tm
 def test_a_latency_gate_with_timing_off_is_refused_before_any_work(hostile, tmp_path):
     """--latency-runs 0 with a max_latency_ratio gate exited 1 'not met (value None)' after the search."""
     recipe = tmp_path / "timed.yaml"
-    recipe.write_text("version: 1\nvalidation:\n  gates: {min_sqnr_db: 12, max_latency_ratio: 1.0}\n")
+    recipe.write_text("version: 1\nquantization: {placement: fused}\nvalidation:\n  gates: {min_sqnr_db: 12, max_latency_ratio: 1.0}\n")
     with pytest.raises(UsageError, match="max_latency_ratio needs the trials timed: --latency-runs above 0"):
         search_api.tune(hostile / "model.onnx", hostile / "calib", recipe, tmp_path / "tuned",
                         validation_data=hostile / "eval", latency_runs=0)
@@ -491,7 +491,7 @@ def test_a_model_whose_every_output_is_integer_is_ranked_and_tuned_by_exact_matc
     calib = save_npy_folder(tmp_path / "calib", [rng.standard_normal((1, 16)) for _ in range(32)])
     evaluation = save_npy_folder(tmp_path / "eval", [rng.standard_normal((4, 16)) for _ in range(32)])
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("version: 1\nvalidation:\n  gates: {min_exact_match: 0.9}\n")
+    recipe.write_text("version: 1\nquantization: {placement: fused}\nvalidation:\n  gates: {min_exact_match: 0.9}\n")
     sens = search_api.sensitivity(tmp_path / "model.onnx", calib, recipe, tmp_path / "sens", validation_data=evaluation)
     assert sens.rows[0]["node"] == HOSTILE and sens.rows[0]["exact_match"] < 0.5  # its outlier input costs the tags
     assert all(row["exact_match"] > 0.9 for row in sens.rows[1:])
@@ -504,7 +504,7 @@ def test_a_model_whose_every_output_is_integer_is_ranked_and_tuned_by_exact_matc
     assert report["trials"][0]["exact_match"] < 0.5 and HOSTILE in {p["node"] for p in report["chosen"]["promotions"]}
     assert report["chosen"]["gates"][0]["name"] == "min_exact_match" and report["chosen"]["gates"][0]["value"] >= 0.9
     cosine_only = tmp_path / "cosine.yaml"
-    cosine_only.write_text("version: 1\nvalidation:\n  gates: {min_cosine: 0.99}\n")
+    cosine_only.write_text("version: 1\nquantization: {placement: fused}\nvalidation:\n  gates: {min_cosine: 0.99}\n")
     with pytest.raises(RecipeError, match="every output of model.onnx is integer .* tune needs min_exact_match"):
         search_api.tune(tmp_path / "model.onnx", calib, cosine_only, tmp_path / "refused", validation_data=evaluation)
     assert not (tmp_path / "refused").exists()

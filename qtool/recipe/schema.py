@@ -341,9 +341,9 @@ class QuantizationSpec(_Strict):
         None, description="Weight-only low-bit quantization of MatMuls with constant weights."
     )
     placement: Literal["fused", "fast", "all"] = Field(
-        "fused",
+        "fast",
         description="`fused`: after planning, nodes ONNX Runtime would still run as float ops between "
-        "Q/DQ pairs (no integer kernel) are kept float, until no such node is left; `fast`: `fused`, then "
+        "Q/DQ pairs (no integer kernel) are kept float, until no such node is left; `fast` (the default): `fused`, then "
         "groups of nodes whose integer kernels are estimated slower than float on the tensor shapes of one "
         "calibration sample, conversions included (a measured ONNX Runtime CPU cost table), are kept float "
         "too (where that is every node, the run is refused, exit 2: no 8-bit kernel pays); `all`: every node "
