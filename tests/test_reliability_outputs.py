@@ -22,7 +22,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from conftest import FUSED, ROOT, fused_recipe, matmul_chain, save_npy_folder, with_fused_recipe
+from conftest import FUSED, ROOT, fused, fused_recipe, matmul_chain, save_npy_folder, with_fused_recipe
 from qtool import api
 from qtool.cli.main import main
 from qtool.errors import EXIT_BROKEN_PIPE, EXIT_SIDE_FILE, WriteError
@@ -140,7 +140,7 @@ def test_a_file_qtool_did_not_write_is_not_replaced_by_a_junit_file_or_a_cache(s
 @pytest.mark.parametrize("command", ["quantize", "compare", "sensitivity", "tune", "ort-table"])
 def test_overwrite_does_not_delete_a_folder_qtool_did_not_write(small, tmp_path, command):
     """New-user finding: `--output eval/ --overwrite` (a typo for out/) deleted the evaluation set, exit 0."""
-    (small / "r.yaml").write_text("version: 1\nvalidation:\n  gates: {min_cosine: 0.5}\n")
+    (small / "r.yaml").write_text(fused("version: 1\nvalidation:\n  gates: {min_cosine: 0.5}\n"))
     model, data = small / "model.onnx", small / "data"
     args = {"quantize": ("quantize", model, "--data", data),
             "compare": ("compare", model, model, "--data", data),
