@@ -30,13 +30,11 @@ from qtool.calibration.calibrate import CalibrationTable
 from qtool.evaluation.bias_choice import worst_sqnrs
 from qtool.io.model import in_one_proto
 from qtool.io.samples import DataSource
-from qtool.quantization.algorithms.float_ends import (MAC_BUDGET, Region, candidate_regions, layer_macs, layers,
-                                                      swept_tensors)
-from qtool.quantization.algorithms.streaming import measured
+from qtool.quantization.algorithms.float_ends import MAC_BUDGET, Region, candidate_regions, layer_macs, layers
 from qtool.quantization.placement import Placement, plan_and_apply
 from qtool.quantization.plan import Selection, select_tensors
 from qtool.recipe.schema import Recipe
-from qtool.runtime.session import make_session, with_outputs
+from qtool.runtime.session import tensor_shapes
 
 MIN_GAIN_DB = 0.5  # a region must lift the worst output SQNR on the calibration data this much past its share
 ACT_BELOW_DB = 30.0  # a plan whose worst output SQNR on the calibration data reaches this is left as it is
@@ -107,14 +105,6 @@ def _figure(value: float | None) -> float | None:
     return round(value, 2) if value is not None and math.isfinite(value) else None
 
 
-def _shapes(model: ModelProto, names: list[str], data: DataSource, batch_size: int) -> dict[str, tuple[int, ...]]:
-    """The tensors' shapes on the first run of the calibration data."""
-    exposed = with_outputs(model, names)
-    runs = measured(make_session(exposed, optimize=False), exposed, data, batch_size)
-    _, outputs = next(runs, (0, {}))
-    return {name: tuple(int(d) for d in value.shape) for name, value in outputs.items() if name in set(names)}
-
-
 def _build(model: ModelProto, recipe: Recipe, selection: Selection, table: CalibrationTable, saturating: bool,
            kept: dict[str, str]) -> tuple[Selection, Placement]:
     chosen = select_tensors(model, recipe, {**selection.kept_float, **kept})
@@ -154,7 +144,9 @@ def choose_float_ends(model: ModelProto, recipe: Recipe, selection: Selection, t
         return selection, placed, FloatEndsOutcome(setting, baseline_db=baseline, skipped=(
             f"auto: the plan's worst output SQNR on the calibration data, {baseline:.2f} dB, reaches "
             f"{ACT_BELOW_DB:g} dB: nothing to lift"))
-    macs = layer_macs(model, selection, _shapes(model, swept_tensors(model, selection), data, batch_size))
+    # MAC shares only: one sample's shapes (placement's, when it measured them) give the same fractions
+    shapes = table.shapes or tensor_shapes(model, next(data.batches(1)).feeds)
+    macs = layer_macs(model, selection, shapes)
     regions = candidate_regions(model, selection, macs)
     if not regions:
         return selection, placed, FloatEndsOutcome(setting, baseline_db=baseline)

@@ -73,13 +73,6 @@ def layer_macs(model: ModelProto, selection: Selection, shapes: dict[str, tuple[
     return macs
 
 
-def swept_tensors(model: ModelProto, selection: Selection) -> list[str]:
-    """The tensors whose shapes `layer_macs` reads."""
-    nodes = {node.name: node for node in model.graph.node}
-    return [nodes[name].input[0] if nodes[name].op_type == "ConvTranspose" else nodes[name].output[0]
-            for name in layers(model, selection)]
-
-
 def _levels(model: ModelProto, counted: set[str], towards_output: bool) -> dict[str, int]:
     """Depth (from the inputs) or height (from the outputs) of every node, in layers counted."""
     graph_nodes = list(model.graph.node)
