@@ -101,7 +101,7 @@ def test_auto_keeps_the_stem_float_reports_it_and_is_deterministic(tmp_path):
     assert off["enabled"] is False and off["nodes"] == {}
     sqnr = {k: r.report["validation"]["outputs"]["y"]["sqnr_db"] for k, r in results.items()}
     assert sqnr["auto"] > sqnr["off"] + 3, sqnr
-    from qtool.reporting.document import render_markdown
+    from qtool.reporting.markdown import render_markdown
     from qtool.reporting.schemas import report_schema
 
     assert "| keep_float | auto: worst output SQNR" in render_markdown(results["auto"].report)

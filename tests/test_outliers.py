@@ -85,7 +85,7 @@ def test_quantize_handles_the_outlier_channel_reports_it_and_is_deterministic(tm
         assert [(t["tensor"], t["handling"]) for t in section["tensors"]] == ([] if setting == "off" else
                                                                               [("t", "equalized")])
     assert sqnr["auto"] > sqnr["off"] + 10, sqnr
-    from qtool.reporting.document import render_markdown
+    from qtool.reporting.markdown import render_markdown
 
     assert "| outliers | 1 outlier tensors of" in render_markdown(result.report)
 

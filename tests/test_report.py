@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 
 from conftest import SAMPLE, make_model, save_npy_folder, fused_recipe
 from qtool import api
-from qtool.reporting.document import render_junit, render_markdown
+from qtool.reporting.markdown import render_junit, render_markdown
 from qtool.reporting.html import render_html
 from qtool.reporting.schemas import report_schema
 

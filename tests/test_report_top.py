@@ -8,7 +8,7 @@ import pytest
 
 from conftest import SAMPLE
 from qtool import api
-from qtool.reporting.document import md_escape, render_markdown
+from qtool.reporting.markdown import md_escape, render_markdown
 from qtool.reporting.html import human_bytes, next_step, render_html
 from qtool.recipe.schema import Recipe
 

@@ -25,7 +25,7 @@ from qtool.errors import DataError, ModelError, WriteError
 from qtool.io import artifacts
 from qtool.io.data import DataFolder, InputSpec, fit_to_input, model_inputs
 from qtool.io.model import load_model
-from qtool.reporting.document import md_escape
+from qtool.reporting.markdown import md_escape
 
 
 def qtool(*args: str, **kwargs) -> subprocess.CompletedProcess:

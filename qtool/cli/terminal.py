@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from qtool.reporting.document import calibration_notes
+from qtool.reporting.markdown import calibration_notes
 
 
 def make_console(stderr: bool = False) -> Console:

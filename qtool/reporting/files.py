@@ -8,14 +8,15 @@ from typing import Callable
 from qtool.errors import SideFileError, WriteError
 from qtool.io.artifacts import append_text, write_text_atomic
 from qtool.io.targets import begins_like, check_output_file
-from qtool.reporting import document as reporting
+from qtool.reporting.document import render_json
+from qtool.reporting.markdown import render_junit, render_markdown
 from qtool.reporting.html import render_html
 
 
 def report_writers(report: dict) -> dict[str, Callable[[Path], None]]:
     return {
-        "report.json": lambda path: path.write_text(reporting.render_json(report), encoding="utf-8"),
-        "report.md": lambda path: path.write_text(reporting.render_markdown(report), encoding="utf-8"),
+        "report.json": lambda path: path.write_text(render_json(report), encoding="utf-8"),
+        "report.md": lambda path: path.write_text(render_markdown(report), encoding="utf-8"),
         "report.html": lambda path: path.write_text(render_html(report), encoding="utf-8"),
     }
 
@@ -47,9 +48,9 @@ def write_ci_files(report: dict, junit: str | Path | None, step_summary: str | P
             junit = Path(junit)
             if not junit.parent.is_dir():
                 junit.parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(junit, reporting.render_junit(report))
+            write_text_atomic(junit, render_junit(report))
         if step_summary:
-            append_text(Path(step_summary), reporting.render_markdown(report) + "\n")
+            append_text(Path(step_summary), render_markdown(report) + "\n")
     except (WriteError, OSError) as exc:
         message = str(exc) if isinstance(exc, WriteError) else f"{junit}: cannot write: {exc.strerror or exc}"
         if artifacts is not None:

@@ -9,7 +9,8 @@ import html
 import math
 import shlex
 
-from qtool.reporting.document import _fmt, _fmt_gate, calibration_notes, gate_verdict, headline
+from qtool.reporting.document import gate_verdict
+from qtool.reporting.markdown import calibration_notes, fmt, fmt_gate, headline
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:0;
@@ -136,7 +137,7 @@ def _table(header: list[str], rows: list[list[str]], numeric: set[int] = frozens
 def _gates(report: dict) -> str:
     if not report["gates"]:
         return '<p class="muted">No gates set.</p>'
-    rows = [[esc(g["name"]), esc(_fmt(g["threshold"])), esc(_fmt_gate(g["value"])),
+    rows = [[esc(g["name"]), esc(fmt(g["threshold"])), esc(fmt_gate(g["value"])),
              esc(gate_verdict(g)) if g["passed"] is None else
              f'<span class="badge {"pass" if g["passed"] else "fail"}">{"pass" if g["passed"] else "FAIL"}</span>']
             for g in report["gates"]]
@@ -147,7 +148,7 @@ def _outputs(report: dict) -> str:
     val = report["validation"]
     rows, charts = [], []
     for name, f in val["outputs"].items():
-        rows.append([f'<span class="mono">{esc(name)}</span>'] + [esc(_fmt(f.get(k))) for k in (
+        rows.append([f'<span class="mono">{esc(name)}</span>'] + [esc(fmt(f.get(k))) for k in (
             "cosine", "sqnr_db", "mse", "max_abs_error", "mean_abs_error", "top1_agreement", "top5_agreement")])
         hist = f.get("sample_sqnr_histogram")
         if hist:
@@ -159,7 +160,7 @@ def _outputs(report: dict) -> str:
         parts.append(f'<p>Top-1 accuracy on {acc["labelled_samples"]} labelled samples: reference '
                      f'{acc["float"]:.2%}, candidate {acc["quantized"]:.2%} (drop {acc["drop"] * 100:.2f} points).</p>')
     if val["outputs"]:
-        parts.append(hbar_chart([(name, f["sqnr_db"], _sqnr_color(_finite(f["sqnr_db"], 100)), f"{_fmt(f['sqnr_db'])} dB")
+        parts.append(hbar_chart([(name, f["sqnr_db"], _sqnr_color(_finite(f["sqnr_db"], 100)), f"{fmt(f['sqnr_db'])} dB")
                                  for name, f in val["outputs"].items()], unit="dB", title="Output SQNR (higher is better)",
                                 cap=max(60.0, max(_finite(f["sqnr_db"], 60.0) for f in val["outputs"].values()))))
     parts += charts
@@ -180,21 +181,21 @@ def _layers(report: dict) -> str:
                               if not _is_inf(r["sqnr_db"])])
     if acts:
         parts.append(hbar_chart([(r["tensor"], r["sqnr_db"], _sqnr_color(_finite(r["sqnr_db"], cap)),
-                                  f"{_fmt(r['sqnr_db'])} dB") for r in acts[:MAX_BARS]],
+                                  f"{fmt(r['sqnr_db'])} dB") for r in acts[:MAX_BARS]],
                                 unit="dB", title=f"Activation SQNR, worst {min(len(acts), MAX_BARS)}", cap=cap))
         rows = [[f'<span class="mono">{esc(r["tensor"])}</span>', f'<span class="mono">{esc(r["node"])}</span>',
-                 esc(r["op_type"]), esc(_fmt(r["sqnr_db"])), esc(_fmt(r["cosine"])), esc(_fmt(r["max_abs_error"])),
+                 esc(r["op_type"]), esc(fmt(r["sqnr_db"])), esc(fmt(r["cosine"])), esc(fmt(r["max_abs_error"])),
                  esc(r.get("rule") or "")] for r in acts]
         parts.append(f'<details><summary>All {len(rows)} activations</summary><div class="card">'
                      + _table(["tensor", "node", "op", "SQNR dB", "cosine", "max abs err", "rule"], rows, {3, 4, 5})
                      + "</div></details>")
     if weights:
         parts.append(hbar_chart([(r["tensor"], r["sqnr_db"], _sqnr_color(_finite(r["sqnr_db"], cap)),
-                                  f"{_fmt(r['sqnr_db'])} dB") for r in weights[:MAX_BARS]],
+                                  f"{fmt(r['sqnr_db'])} dB") for r in weights[:MAX_BARS]],
                                 unit="dB", title=f"Weight SQNR, worst {min(len(weights), MAX_BARS)}", cap=cap))
         rows = [[f'<span class="mono">{esc(r["tensor"])}</span>', f'<span class="mono">{esc(r["node"])}</span>',
-                 esc(r["op_type"]), esc(r["dtype"]), "yes" if r["per_channel"] else "no", esc(_fmt(r["sqnr_db"])),
-                 esc(_fmt(r["max_abs_error"]))] for r in weights]
+                 esc(r["op_type"]), esc(r["dtype"]), "yes" if r["per_channel"] else "no", esc(fmt(r["sqnr_db"])),
+                 esc(fmt(r["max_abs_error"]))] for r in weights]
         parts.append(f'<details><summary>All {len(rows)} weights</summary><div class="card">'
                      + _table(["weight", "node", "op", "dtype", "per channel", "SQNR dB", "max abs err"], rows, {5, 6})
                      + "</div></details>")
@@ -209,13 +210,13 @@ def _speed_and_size(report: dict) -> str:
     parts = ["<h2>Size and latency</h2>",
              hbar_chart([("reference", size["float_bytes"], BAR_COLORS["ref"], human_bytes(size["float_bytes"])),
                          ("candidate", size["quantized_bytes"], BAR_COLORS["cand"], human_bytes(size["quantized_bytes"]))],
-                        unit="B", title=f"File size (ratio {_fmt(size['ratio'])}× smaller)")]
+                        unit="B", title=f"File size (ratio {fmt(size['ratio'])}× smaller)")]
     latency = report.get("latency")
     if latency:
         rows = [(key, latency[key]["median_ms"], BAR_COLORS["ref" if key == "reference" else "cand"],
                  f"{latency[key]['median_ms']:.3g} ms (p10 {latency[key]['p10_ms']:.3g}, p90 {latency[key]['p90_ms']:.3g})")
                 for key in ("reference", "candidate")]
-        parts.append(hbar_chart(rows, unit="ms", title=f"Median latency (ratio {_fmt(latency['ratio'])})"))
+        parts.append(hbar_chart(rows, unit="ms", title=f"Median latency (ratio {fmt(latency['ratio'])})"))
         parts.append(f'<p class="muted">{esc(latency["method"])}; {esc(latency["provider"])}, threads '
                      f'{esc(latency["threads"] or "default")}, batch {latency["batch_size"]}, '
                      f'{latency["reference"]["runs"]} runs each after {latency["warmup"]} warm-up runs.</p>')
@@ -244,7 +245,7 @@ def _accuracy_tile(report: dict) -> str:
     if not val["outputs"]:
         return _tile("n/a", "accuracy")
     name, f = min(val["outputs"].items(), key=lambda item: _finite(item[1].get("cosine"), 1.0))
-    return _tile(f"cosine {_fmt_gate(f.get('cosine'))}", f"worst output {_short(name, 32)}, SQNR {_fmt(f.get('sqnr_db'))} dB")
+    return _tile(f"cosine {fmt_gate(f.get('cosine'))}", f"worst output {_short(name, 32)}, SQNR {fmt(f.get('sqnr_db'))} dB")
 
 
 def next_step(report: dict) -> tuple[str, str | None]:
@@ -272,16 +273,16 @@ def _summary(report: dict) -> str:
     tiles = [_tile("passed" if report["passed"] else "FAILED",
                    f"{verdicts.count(True)} of {applicable} gates passed"
                    + (f", {verdicts.count(None)} not applicable" if None in verdicts else "")),
-             _tile(f"{_fmt(size['ratio'])}× smaller",
+             _tile(f"{fmt(size['ratio'])}× smaller",
                    f"{human_bytes(size['float_bytes'])} → {human_bytes(size['quantized_bytes'])}"),
-             _tile(f"{_fmt(latency['ratio'])}× latency" if latency else "not measured",
+             _tile(f"{fmt(latency['ratio'])}× latency" if latency else "not measured",
                    f"median {latency['candidate']['median_ms']:.3g} vs {latency['reference']['median_ms']:.3g} ms"
                    if latency else "latency (pass --bench)"),
              _accuracy_tile(report)]
     worst = _worst_slice(report)
     if worst is not None:
         name, sl = worst
-        tiles.append(_tile(f"{_fmt(sl['sqnr_db'])} dB",
+        tiles.append(_tile(f"{fmt(sl['sqnr_db'])} dB",
                            f"worst slice of {_short(name, 24)}: index {sl.get('index')} on axis {sl.get('axis')} "
                            f"(of {sl.get('slices')})"))
     text, command = next_step(report)

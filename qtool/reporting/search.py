@@ -11,7 +11,8 @@ import math
 from pathlib import Path
 from typing import Callable
 
-from qtool.reporting.document import _fmt, md_escape, render_json
+from qtool.reporting.document import render_json
+from qtool.reporting.markdown import fmt, md_escape
 from qtool.reporting.html import CSS, MAX_BARS, _sqnr_color, _table, esc, hbar_chart, human_bytes
 
 MD_ROWS = 30
@@ -31,7 +32,7 @@ def _figure(row: dict, objective: str) -> str:
     number = _num(value)
     if objective == "accuracy" and number is not None:
         return f"{number:.2%}"
-    return _fmt(value if number is None else number)
+    return fmt(value if number is None else number)
 
 
 # a gate -> the trial row's figure it reads and that figure's column heading
@@ -88,8 +89,8 @@ def _ranking_md(rows: list[dict], mode: str) -> list[str]:
     lines = ["| rank | node | op | " + " | ".join(heading for _, heading in columns) + " |",
              "|---|---|---|" + "---|" * len(columns)]
     for row in rows[:MD_ROWS]:
-        cells = [_fmt(row.get("rank")), md_escape(row["node"]), md_escape(row.get("op_type", "")),
-                 *(_fmt(row.get(key)) for key, _ in columns)]
+        cells = [fmt(row.get("rank")), md_escape(row["node"]), md_escape(row.get("op_type", "")),
+                 *(fmt(row.get(key)) for key, _ in columns)]
         lines.append("| " + " | ".join(cells) + " |")
     if len(rows) > MD_ROWS:
         lines.append(f"\n{len(rows) - MD_ROWS} more in report.json.")
@@ -109,9 +110,9 @@ def render_markdown(report: dict) -> str:
                  f"Mode: {_mode_text(sens['mode'])}. {len(sens['rows'])} nodes; "
                  f"{'read from the cache' if sens['cache']['hit'] else 'measured'} "
                  f"(cache {md_escape(str(sens['cache']['path']))}). Recipe as given: "
-                 + (f"exact match {_fmt(report['baseline']['exact_match'])} (every output is integer)."
+                 + (f"exact match {fmt(report['baseline']['exact_match'])} (every output is integer)."
                     if "exact_match" in report["baseline"] and _num(report["baseline"]["sqnr_db"]) is None
-                    else f"output SQNR {_fmt(report['baseline']['sqnr_db'])} dB."), ""]
+                    else f"output SQNR {fmt(report['baseline']['sqnr_db'])} dB."), ""]
         lines += _ranking_md(sens["rows"], sens["mode"])
         return "\n".join(lines + _notes_md(report)) + "\n"
     target, search, chosen = report["target"], report["search"], report["chosen"]
@@ -141,8 +142,8 @@ def render_markdown(report: dict) -> str:
     for i, row in enumerate(report["trials"], 1):
         mark = ("★" if row["chosen"] else "") + ("◆" if row["frontier"] else "")
         lines.append(f"| {i}{mark} | {md_escape(row['trial'])} | {_promotions(row)} | {row['size_bytes']:,} | "
-                     f"{_fmt(row['size_ratio'])} | {_latency(row)} | {_figure(row, target['objective'])} | "
-                     + "".join(f"{_fmt(row.get(key))} | " for key, _ in figures)
+                     f"{fmt(row['size_ratio'])} | {_latency(row)} | {_figure(row, target['objective'])} | "
+                     + "".join(f"{fmt(row.get(key))} | " for key, _ in figures)
                      + f"{'pass' if row['passed'] else 'fail'} |")
     lines += ["", _latency_note(report["latency"]), ""]
     sens = report["sensitivity"]
@@ -267,7 +268,7 @@ def sensitivity_chart(rows: list[dict], mode: str) -> str:
     if not shown:
         return ""
     cap = 1.05 * max(_num(r["sqnr_db"]) for r in shown)
-    return hbar_chart([(r["node"], _num(r["sqnr_db"]), _sqnr_color(_num(r["sqnr_db"])), f"{_fmt(r['sqnr_db'])} dB")
+    return hbar_chart([(r["node"], _num(r["sqnr_db"]), _sqnr_color(_num(r["sqnr_db"])), f"{fmt(r['sqnr_db'])} dB")
                        for r in shown], unit="dB", title=f"Output SQNR with one node "
                       f"{'quantized' if mode == 'only_quantized' else 'kept float'}: the {len(shown)} most sensitive",
                       cap=max(cap, 1.0))
@@ -275,8 +276,8 @@ def sensitivity_chart(rows: list[dict], mode: str) -> str:
 
 def _ranking_html(rows: list[dict]) -> str:
     columns = _ranking_columns(rows, "only_float")
-    body = [[esc(_fmt(r.get("rank"))), f'<span class="mono">{esc(r["node"])}</span>', esc(r.get("op_type", "")),
-             *(esc(_fmt(r.get(key))) for key, _ in columns)] for r in rows]
+    body = [[esc(fmt(r.get("rank"))), f'<span class="mono">{esc(r["node"])}</span>', esc(r.get("op_type", "")),
+             *(esc(fmt(r.get(key))) for key, _ in columns)] for r in rows]
     return _table(["rank", "node", "op", *(heading for _, heading in columns)], body, set(range(3, 3 + len(columns))))
 
 
@@ -320,8 +321,8 @@ def render_html(report: dict) -> str:
         figures = _figure_columns(target)
         rows = [[esc(i) + (" ★" if r["chosen"] else "") + (" ◆" if r["frontier"] else ""),
                  f'<span class="mono">{esc(r["trial"])}</span>', esc(_promotions(r)), esc(f"{r['size_bytes']:,}"),
-                 esc(_fmt(r["size_ratio"])), esc(_latency(r)), esc(_figure(r, target["objective"])),
-                 *(esc(_fmt(r.get(key))) for key, _ in figures), "pass" if r["passed"] else "fail"]
+                 esc(fmt(r["size_ratio"])), esc(_latency(r)), esc(_figure(r, target["objective"])),
+                 *(esc(fmt(r.get(key))) for key, _ in figures), "pass" if r["passed"] else "fail"]
                 for i, r in enumerate(report["trials"], 1)]
         parts.append("<h2>Trials</h2>" + _table(["#", "trial", "promotions", "size B", "size ratio", "latency ratio",
                                                   esc(target["objective"]), *(esc(h) for _, h in figures), "gates"],
