@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import sys
 import tempfile
@@ -377,6 +378,10 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main() -> None:
+    logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization's pre-processing advice, every model
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)  # ORT's "Removing initializer ..." lines, dozens a model
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
