@@ -17,7 +17,8 @@ from qtool.evaluation.float_choice import FloatEndsOutcome, choose_float_ends
 from qtool.evaluation.compare import GateResult, check_gates, compare_models
 from qtool.evaluation.validation import (accuracy_warnings, check_gates_are_measurable, extra_figures,
                                          kernel_gap_cause, kernel_warnings, layers_and_latency,
-                                         resolve_validation_data, slower_than_float, unmeasurable_gates)
+                                         resolve_validation_data, slower_than_float, tie_warnings,
+                                         unmeasurable_gates)
 from qtool.io.artifacts import write_artifacts
 from qtool.io.external import in_scratch
 from qtool.io.feeds import open_data
@@ -183,7 +184,7 @@ def quantize(
                                batch_size=recipe.calibration.batch_size, optimize_candidate=False)
     comparison = compare_models(model, quantized, eval_data, labels=eval_labels,
                                 batch_size=recipe.calibration.batch_size, progress=tick("validate"))
-    warnings += accuracy_warnings(comparison, eval_labels)
+    warnings += accuracy_warnings(comparison, eval_labels) + tie_warnings(comparison)
     layers, latency = layers_and_latency(
         model, quantized, eval_data, recipe.calibration.batch_size, per_layer,
         bench or "max_latency_ratio" in recipe.validation.gates, threads, tick,
