@@ -9,6 +9,7 @@ from onnx import ModelProto
 
 from qtool.calibration import interchange
 from qtool.calibration.calibrate import CalibrationTable
+from qtool.calibration.clipping import clipping_warnings
 from qtool.calibration.table_file import check_table, recipe_differences
 from qtool.distributed.ray_executor import refuse_past_limit
 from qtool.errors import RecipeError, UsageError
@@ -159,6 +160,7 @@ def quantize(
         table = measure_ranges(model, recipe, selection, calib_data, tick("calibrate"), executor, ray_address)
         # which method calibration.method auto chose is a note (the report's calibration.note), as calibrate prints it
         warnings += table.notes[:-1] if table.method_choice else table.notes
+    warnings += clipping_warnings(table)  # entropy ranges that cut off over 1 % of a tensor's values
     saturating = int8_kernels_may_saturate()
     shape_data = calib_data if calib_data is not None else eval_data
     if recipe.quantization.placement == "fast" and shape_data is not None:  # what placement estimates costs from

@@ -185,6 +185,9 @@ def calibrate(model: Path, data_dir: Path | None, data_loader: str | None, recip
             raise UsageError("calibration data is needed: --data DIR|FILE or --data-loader FILE.py:FUNCTION")
         result = api.calibrate(model, data, recipe_path, output_path, overwrite=overwrite, progress=progress,
                                format=table_format, executor=executor, ray_address=ray_address)
+    if not quiet:  # on stderr, so also beside --json
+        for line in result.warnings:
+            click.echo(f"warning: {line}", err=True)
     if as_json:
         echo_json(result.document)
         return
