@@ -325,3 +325,22 @@ def test_more_bench_threads_than_cpus_is_refused_before_any_work(tmp_path, comma
     assert result.exit_code == 2
     assert f"--threads {too_many}: the bench runs on this machine, which has {too_many - 1} logical CPUs" in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_top1_agreement_gate_fails_on_a_constant_classifier_output(tmp_path):
+    """Both models give equal scores to every class: argmax reads class 0 for every sample in both, which
+    is no agreement evidence; the gate must fail with a warning, not pass at 100 %."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
+    flat = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [x], [y], {"w": np.zeros((8, 4), np.float32)})
+    for name in ("a", "b"):
+        onnx.save(flat, str(tmp_path / f"{name}.onnx"))
+    data = save_npy_folder(tmp_path / "data", np.random.default_rng(0).normal(size=(6, 1, 8)))
+    result = api.compare(tmp_path / "a.onnx", tmp_path / "b.onnx", data, gates={"min_top1_agreement": 0.9})
+    assert [(g.name, g.value, g.passed) for g in result.gates] == [("min_top1_agreement", None, False)]
+    figures = result.report["validation"]["outputs"]["y"]
+    assert "top1_agreement" not in figures and figures["top1_ties"] == 6
+    assert [w for w in result.report["warnings"] if "tie" in w] == [
+        "output y: the reference's top-1 is a tie (equal top scores: a constant output?) on 6 of 6 samples: "
+        "top-1 agreement cannot be measured (a min_top1_agreement gate fails); check the model and its input "
+        "preprocessing"]

@@ -147,3 +147,27 @@ def test_a_data_loader_that_raises_is_the_data_s_error_naming_it(reference, tmp_
     assert result.returncode == 2, result.stderr
     assert result.stderr == f"Error: {tmp_path / 'loader.py'}:feeds: calling it raised ValueError: no data here\n"
     assert not (tmp_path / "table.json").exists()
+
+
+def test_an_endless_data_loader_stops_at_the_cap_with_a_note(reference, tmp_path):
+    """A generator with no end ran forever without calibration.samples: now the first 256 samples, and a note.
+    (This one raises past 2,000 samples, so that the run before the cap failed instead of hanging.)"""
+    from click.testing import CliRunner
+
+    from qtool.cli.main import main
+
+    folder, _ = reference
+    loader = tmp_path / "loader.py"
+    loader.write_text("import numpy as np\n\n"
+                      "def feeds():\n"
+                      "    rng = np.random.default_rng(0)\n"
+                      "    for index in range(2001):\n"
+                      "        yield {'x': rng.normal(size=(1, 8)).astype(np.float32)}\n"
+                      "    raise RuntimeError('endless: read 2001 samples')\n")
+    result = CliRunner().invoke(main, ["calibrate", str(folder / "model.onnx"), "--data-loader", f"{loader}:feeds",
+                                       "--output", str(tmp_path / "table.json")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "table.json").read_text())["samples"] == 256  # qtool.io.feeds.UNSIZED_CAP
+    assert (f"note: {loader}:feeds: read its first 256 samples only: it has no len() and gave more (an endless "
+            "generator would run forever); set calibration.samples (validation.samples for validation) to read "
+            "another count") in result.stderr.splitlines()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from onnx import ModelProto
@@ -10,6 +10,7 @@ from onnx import ModelProto
 from qtool import __version__
 from qtool.calibration import interchange
 from qtool.calibration.calibrate import CalibrationTable
+from qtool.calibration.clipping import clipping_warnings
 from qtool.calibration.table_file import save_table, table_document
 from qtool.calibration.shards import calibrate_with
 from qtool.distributed.ray_executor import refuse_past_limit
@@ -32,6 +33,7 @@ class CalibrateResult:
     table: CalibrationTable
     document: dict  # the table file's content
     output: Path | None
+    warnings: list[str] = field(default_factory=list)  # entropy ranges that clip much (calibration/clipping.py)
 
 
 @in_scratch  # past 2 GB: the weights' work files go when it returns
@@ -55,6 +57,7 @@ def calibrate(
     ONNX Runtime's TensorRT-EP table (calibration.json, .flatbuffers, .cache).
     `executor` "ray" shards the data over Ray tasks (`ray_address`, default RAY_ADDRESS, else a
     local instance); the table is byte-identical to this process's (docs/scale-out.md).
+    The result's `warnings` name entropy ranges that clip over 1 % of a tensor's values.
     """
     model_path = Path(model_path)
     if format not in interchange.FORMATS:
@@ -84,7 +87,7 @@ def calibrate(
         save_table(document, output)
     elif output is not None:
         interchange.save_foreign(table, format, output, overwrite)
-    return CalibrateResult(table, document, output)
+    return CalibrateResult(table, document, output, clipping_warnings(table))
 
 
 def measure_ranges(model: ModelProto, recipe: Recipe, selection, data, progress, executor: str = "local",

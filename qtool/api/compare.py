@@ -9,7 +9,7 @@ from pathlib import Path
 from qtool.errors import ModelError, UsageError
 from qtool.evaluation.compare import GATES, GateResult, check_gates, compare_models
 from qtool.evaluation.validation import (accuracy_warnings, extra_figures, layers_and_latency, slower_than_float,
-                                         unmeasurable_gates)
+                                         tie_warnings, unmeasurable_gates)
 from qtool.io.artifacts import write_artifacts
 from qtool.io.data import model_inputs, read_labels
 from qtool.io.external import in_scratch
@@ -112,7 +112,8 @@ def compare(
         data=data, labels_path=labels_path if labels_path.is_file() else None,
         reference_bytes=reference_bytes, candidate_bytes=candidate_bytes, comparison=comparison,
         gates=results, layers=layers, latency=latency,
-        warnings=accuracy_warnings(comparison, truth) + slower_than_float(latency, compared=True),
+        warnings=(accuracy_warnings(comparison, truth) + tie_warnings(comparison)
+                  + slower_than_float(latency, compared=True)),
     )
     if output is not None:
         write_artifacts(output, overwrite, report_writers(report))

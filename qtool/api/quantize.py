@@ -9,6 +9,7 @@ from onnx import ModelProto
 
 from qtool.calibration import interchange
 from qtool.calibration.calibrate import CalibrationTable
+from qtool.calibration.clipping import clipping_warnings
 from qtool.calibration.table_file import check_table, recipe_differences
 from qtool.distributed.ray_executor import refuse_past_limit
 from qtool.errors import RecipeError, UsageError
@@ -17,7 +18,8 @@ from qtool.evaluation.float_choice import FloatEndsOutcome, choose_float_ends
 from qtool.evaluation.compare import GateResult, check_gates, compare_models
 from qtool.evaluation.validation import (accuracy_warnings, check_gates_are_measurable, extra_figures,
                                          kernel_gap_cause, kernel_warnings, layers_and_latency,
-                                         resolve_validation_data, slower_than_float, unmeasurable_gates)
+                                         resolve_validation_data, slower_than_float, tie_warnings,
+                                         unmeasurable_gates)
 from qtool.io.artifacts import write_artifacts
 from qtool.io.external import in_scratch
 from qtool.io.feeds import open_data
@@ -158,6 +160,7 @@ def quantize(
         table = measure_ranges(model, recipe, selection, calib_data, tick("calibrate"), executor, ray_address)
         # which method calibration.method auto chose is a note (the report's calibration.note), as calibrate prints it
         warnings += table.notes[:-1] if table.method_choice else table.notes
+    warnings += clipping_warnings(table)  # entropy ranges that cut off over 1 % of a tensor's values
     saturating = int8_kernels_may_saturate()
     shape_data = calib_data if calib_data is not None else eval_data
     if recipe.quantization.placement == "fast" and shape_data is not None:  # what placement estimates costs from
@@ -183,7 +186,7 @@ def quantize(
                                batch_size=recipe.calibration.batch_size, optimize_candidate=False)
     comparison = compare_models(model, quantized, eval_data, labels=eval_labels,
                                 batch_size=recipe.calibration.batch_size, progress=tick("validate"))
-    warnings += accuracy_warnings(comparison, eval_labels)
+    warnings += accuracy_warnings(comparison, eval_labels) + tie_warnings(comparison)
     layers, latency = layers_and_latency(
         model, quantized, eval_data, recipe.calibration.batch_size, per_layer,
         bench or "max_latency_ratio" in recipe.validation.gates, threads, tick,

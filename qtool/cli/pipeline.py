@@ -26,7 +26,8 @@ from qtool.runtime.session import parse_providers, use_providers
 @click.option("--data", "data_dir", type=click.Path(path_type=Path),
               help="Calibration data: a folder, or one .npy/.npz file of stacked samples (not with --calibration; optional with quantization.mode dynamic).")
 @click.option("--data-loader", "data_loader", metavar="FILE.py:FUNCTION",
-              help="Calibration data from a Python function returning feed dicts (runs that file's code).")
+              help="Calibration data from a Python function returning feed dicts (runs that file's code); "
+                   "without a len() and calibration.samples, its first 256 (a note says if it had more).")
 @click.option("--calibration", "calibration", type=click.Path(path_type=Path),
               help="Calibration table to take ranges from instead of --data: qtool's (`qtool calibrate`), a "
                    "TensorRT calibration cache, or ONNX Runtime's TensorRT-EP table (a file or its folder); "
@@ -148,7 +149,8 @@ def _tune_hint(model: Path, recipe_path: Path | None, data_dir: Path, validation
 @click.option("--data", "data_dir", type=click.Path(path_type=Path),
               help="Calibration data: a folder, or one .npy/.npz file of stacked samples.")
 @click.option("--data-loader", "data_loader", metavar="FILE.py:FUNCTION",
-              help="Calibration data from a Python function returning feed dicts (runs that file's code).")
+              help="Calibration data from a Python function returning feed dicts (runs that file's code); "
+                   "without a len() and calibration.samples, its first 256 (a note says if it had more).")
 @click.option("--recipe", "recipe_path", type=click.Path(path_type=Path),
               help="Recipe YAML: its calibration section and which tensors it quantizes (a file or a preset name; default: int8).")
 @click.option("--output", "output_path", required=True, type=click.Path(path_type=Path),
@@ -185,6 +187,9 @@ def calibrate(model: Path, data_dir: Path | None, data_loader: str | None, recip
             raise UsageError("calibration data is needed: --data DIR|FILE or --data-loader FILE.py:FUNCTION")
         result = api.calibrate(model, data, recipe_path, output_path, overwrite=overwrite, progress=progress,
                                format=table_format, executor=executor, ray_address=ray_address)
+    if not quiet:  # on stderr, so also beside --json
+        for line in result.warnings:
+            click.echo(f"warning: {line}", err=True)
     if as_json:
         echo_json(result.document)
         return

@@ -10,7 +10,7 @@ from onnx import ModelProto
 
 from qtool.errors import DataError
 from qtool.evaluation.labels import check_label_range
-from qtool.evaluation.metrics import is_classifier_output, top1
+from qtool.evaluation.metrics import is_classifier_output, top1, untied
 from qtool.io.data import DataFolder
 from qtool.runtime.session import make_session, run_batch
 from qtool.runtime.streams import StateCarry
@@ -55,6 +55,7 @@ class OutputStats:
         self.count = 0
         self.samples = 0
         self.agree = self.agree5 = 0
+        self.ties = 0  # samples whose reference top-1 is a tie (equal top scores): no agreement evidence
         self.classes = 0
         self.classifier = classifier  # False: skip top-k agreement (layers, weights)
         self.sqnr_counts = np.zeros(len(SQNR_EDGES) - 1, dtype=np.int64)
@@ -96,11 +97,12 @@ class OutputStats:
         self.classifier = self.classifier and is_classifier_output(ref)
         if self.classifier:
             self.classes = ref.shape[1]
-            ref_top1 = top1(ref)
-            self.agree += int(np.sum(ref_top1 == top1(cand)))
+            ref_top1, judged = top1(ref), untied(ref)
+            self.ties += int(np.sum(~judged))
+            self.agree += int(np.sum((ref_top1 == top1(cand))[judged]))
             if self.classes > 5:
                 top5 = np.argsort(-b.reshape(b.shape[0], -1), axis=1)[:, :5]
-                self.agree5 += int(np.sum(np.any(top5 == ref_top1[:, None], axis=1)))
+                self.agree5 += int(np.sum(np.any(top5 == ref_top1[:, None], axis=1)[judged]))
             self.samples += ref.shape[0]
 
     def _update_exact(self, ref: np.ndarray, cand: np.ndarray, mask: tuple[str, np.ndarray] | None) -> None:
@@ -151,11 +153,14 @@ class OutputStats:
             if self.masked_by is not None:  # padding left out: say which input marked it, and what was scored
                 figures["exact_match_masked_by"] = self.masked_by
                 figures["exact_match_positions"] = self.scored
-        if self.classifier and self.samples:
-            figures["top1_agreement"] = self.agree / self.samples
+        judged = self.samples - self.ties
+        if self.classifier and judged:  # over the samples whose reference top-1 is one class
+            figures["top1_agreement"] = self.agree / judged
             if self.classes > 5:
                 # the reference's top-1 class is among the candidate's top 5
-                figures["top5_agreement"] = self.agree5 / self.samples
+                figures["top5_agreement"] = self.agree5 / judged
+        if self.classifier and self.ties:  # all of them: no top1_agreement, its gate fails (value n/a)
+            figures["top1_ties"] = self.ties
         if self.slices:
             figures["worst_slice"] = self.worst_slice()
         if histogram:

@@ -44,6 +44,13 @@ def top1(array: np.ndarray) -> np.ndarray:
     return np.argmax(array.reshape(array.shape[0], -1), axis=1)
 
 
+def untied(array: np.ndarray) -> np.ndarray:
+    """[N] bool: whether sample n's highest score is held by one class only. A tie (a constant
+    output, saturated scores, NaN) has argmax 0 by convention, not by the model: no top-1 evidence."""
+    flat = array.reshape(array.shape[0], -1)
+    return np.sum(flat == flat.max(axis=1, keepdims=True), axis=1) == 1
+
+
 def top1_agreement(reference: np.ndarray, candidate: np.ndarray) -> float:
     return float(np.mean(top1(reference) == top1(candidate)))
 

@@ -78,6 +78,25 @@ def accuracy_warnings(comparison: Comparison, labels: dict | None) -> list[str]:
                           comparison.classes, labels_source(labels))
 
 
+def tie_warnings(comparison: Comparison) -> list[str]:
+    """A warning per output whose float (reference) top-1 was a tie on some samples: argmax picks
+    class 0 there by convention, so those samples are no evidence of agreement and top-1 agreement
+    leaves them out; on every sample, it cannot be measured and min_top1_agreement fails."""
+    warnings = []
+    for name, figures in comparison.outputs.items():
+        ties = figures.get("top1_ties", 0)
+        if not ties:
+            continue
+        what = (f"output {name}: the reference's top-1 is a tie (equal top scores: a constant output?) on {ties} of "
+                f"{comparison.samples} samples")
+        if "top1_agreement" in figures:
+            warnings.append(f"{what}: top-1 agreement counts the other {comparison.samples - ties} only")
+        else:
+            warnings.append(f"{what}: top-1 agreement cannot be measured (a min_top1_agreement gate fails); "
+                            "check the model and its input preprocessing")
+    return warnings
+
+
 def check_gates_are_measurable(recipe: Recipe, labels: dict | None) -> None:
     if "max_accuracy_drop" in recipe.validation.gates and not labels:
         raise RecipeError(

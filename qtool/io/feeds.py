@@ -5,7 +5,8 @@ function returning either (`--data-loader file.py:function`, which runs that fil
 
 A list (or any iterable that can be iterated again) and a function are read afresh each pass; a
 one-shot iterator or reader is kept in memory as it is read (up to the sample limit), since
-calibration and validation may read the data more than once.
+calibration and validation may read the data more than once. Feeds without a len() (a generator, a
+reader) and no sample limit are read up to UNSIZED_CAP samples, with a note when there were more.
 """
 
 from __future__ import annotations
@@ -176,6 +177,13 @@ def _reader_items(reader) -> Iterator:
         yield item
 
 
+# Samples read from feeds without a len() when neither calibration.samples nor validation.samples
+# limits them: an endless generator would otherwise run forever (and a one-shot one fill memory, each
+# sample kept for the next pass). 256 is the count the README's recipe example reads; a note says
+# when the feeds had more, and calibration.samples / validation.samples set another count.
+UNSIZED_CAP = 256
+
+
 class FeedSource(DataSource):
     """Feed dicts handed over from Python; samples are named `sample N`."""
 
@@ -188,26 +196,39 @@ class FeedSource(DataSource):
             self._replay = _Replay(_reader_items(data) if hasattr(data, "get_next") else iter(data))
         size = _length(data)
         self.total = min(size, limit) if size is not None and limit else size
+        # [True] once feeds without a len() gave more than UNSIZED_CAP samples; a list, so that the
+        # copies calibration reads through (with_inputs) tell this source too
+        self._cut_short = [False]
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        if not self._cut_short[0]:
+            return ()
+        return (f"{self.folder}: read its first {UNSIZED_CAP} samples only: it has no len() and gave more (an "
+                "endless generator would run forever); set calibration.samples (validation.samples for "
+                "validation) to read another count",)
 
     def where(self, name: str) -> str:
         return f"{self.folder} {name}"
 
-    def _items(self) -> Iterator:
+    def _items(self) -> tuple[Iterator, bool]:
+        """The feeds, and whether they have a len() (else UNSIZED_CAP bounds them)."""
         if self._replay is not None:
-            return iter(self._replay)
+            return iter(self._replay), _length(self.data) is not None
         try:
             source = self.data() if callable(self.data) else self.data
         except Exception as exc:  # the user's code raised before producing any sample: theirs to see
             raise DataError(f"{self.folder}: calling it raised {type(exc).__name__}: {exc}") from None
         if hasattr(source, "get_next"):
-            return _reader_items(source)
+            return _reader_items(source), _length(source) is not None
         if not isinstance(source, Iterable) or isinstance(source, (dict, str, bytes)):
             raise DataError(f"{self.folder}: returned {type(source).__name__}; expected an iterable of "
                             "{input name: array} dicts or an object with get_next()")
-        return iter(source)
+        return iter(source), _length(source) is not None
 
     def _raw(self):
-        items = self._items()
+        items, sized = self._items()
+        cap = None if sized or self.limit is not None else UNSIZED_CAP
         index = 0
         while True:
             try:
@@ -215,6 +236,9 @@ class FeedSource(DataSource):
             except Exception as exc:  # the user's code raised while producing a sample
                 raise DataError(f"{self.folder}: producing sample {index} raised {type(exc).__name__}: {exc}") from None
             if item is None:
+                return
+            if cap is not None and index >= cap:  # one past the cap: there were more
+                self._cut_short[0] = True
                 return
             name = f"sample {index}"
             if not isinstance(item, dict):

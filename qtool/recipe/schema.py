@@ -66,7 +66,8 @@ class CalibrationSpec(_Strict):
         2048, description="Histogram bins for percentile, entropy and mse."
     )
     samples: Annotated[int, Field(ge=1)] | None = Field(
-        None, description="Use at most this many samples (default: all); only these are read from the files."
+        None, description="Use at most this many samples (default: all; 256 of Python feeds without a len(), "
+        "e.g. a --data-loader generator, with a note when it had more); only these are read from the files."
     )
     batch_size: Annotated[int, Field(ge=1, le=4096)] = Field(
         8, description="Up to this many samples per ONNX Runtime run, stacked along each input's batch axis "
@@ -370,7 +371,7 @@ class ValidationSpec(_Strict):
         "file (default: labels.txt inside the evaluation folder, if present).",
     )
     samples: Annotated[int, Field(ge=1)] | None = Field(
-        None, description="Evaluate at most this many samples."
+        None, description="Evaluate at most this many samples (default: all; 256 of Python feeds without a len())."
     )
     gates: dict[Gate, float] = Field(
         default_factory=dict, description="Quality gates; a failed gate makes the exit code 1. "
