@@ -51,10 +51,6 @@ def untied(array: np.ndarray) -> np.ndarray:
     return np.sum(flat == flat.max(axis=1, keepdims=True), axis=1) == 1
 
 
-def top1_agreement(reference: np.ndarray, candidate: np.ndarray) -> float:
-    return float(np.mean(top1(reference) == top1(candidate)))
-
-
 METRICS = {
     "cosine": cosine,
     "sqnr_db": sqnr_db,
