@@ -111,3 +111,25 @@ def test_depthwise_convs_and_broadcast_muls_cost_more_as_integer_kernels():
     float_us, int8_us = node_costs(pointwise, shapes, weights)  # 14.7 M MACs: integer GEMM pays
     assert int8_us < float_us / 2
     assert node_costs(pointwise, {}, weights) == (0.0, 0.0)  # no shape, no estimate
+
+
+def test_tune_and_sensitivity_place_fast_as_quantize_does(tmp_path):
+    """The trials' plans carry out `placement: fast` on the same shapes quantize measures: the recipe as
+    given, tuned, is what quantize gives byte for byte, and sensitivity ranks only the nodes fast quantizes.
+    A recipe quantize refuses (nothing pays) is refused before any output is written."""
+    from qtool.search import api as search_api
+
+    path = tmp_path / "model.onnx"
+    path.write_bytes(first_layer(with_head=True).SerializeToString())
+    data = save_npy_folder(tmp_path / "data", RNG.normal(size=(16, 1, 3, 8, 8)))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(FAST + "validation:\n  gates: {min_cosine: 0.5}\n")
+    tuned = search_api.tune(path, data, recipe, tmp_path / "tuned", latency_runs=0)
+    assert tuned.report["chosen"]["trial"] == "recipe as given" and tuned.report["chosen"]["reproduced_by_quantize"]
+    ranking = search_api.sensitivity(path, data, recipe, tmp_path / "sens")
+    assert "conv" not in {row["node"] for row in ranking.rows} and "fc" in {row["node"] for row in ranking.rows}
+
+    path.write_bytes(first_layer(with_head=False).SerializeToString())
+    with pytest.raises(ModelError, match="no 8-bit kernel pays here"):
+        search_api.tune(path, data, recipe, tmp_path / "refused", latency_runs=0)
+    assert not (tmp_path / "refused").exists()

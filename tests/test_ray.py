@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import SAMPLE, save_npy_folder
+from conftest import SAMPLE, fused, save_npy_folder
 
 from qtool.search import api as search_api
 
@@ -121,7 +121,7 @@ def hostile(tmp_path_factory):
     rng = np.random.default_rng(1)
     save_npy_folder(folder / "calib", [rng.standard_normal((1, 16)) for _ in range(32)])
     save_npy_folder(folder / "eval", [rng.standard_normal((1, 16)) for _ in range(32)])
-    (folder / "recipe.yaml").write_text("version: 1\nvalidation:\n  gates: {min_sqnr_db: 12}\n")
+    (folder / "recipe.yaml").write_text(fused("version: 1\nvalidation:\n  gates: {min_sqnr_db: 12}\n"))  # a tiny model: see FUSED
     return folder
 
 

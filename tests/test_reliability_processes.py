@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import ROOT, save_npy_folder
+from conftest import ROOT, fused, save_npy_folder
 from qtool.errors import WorkerError
 from qtool.search import api as search_api
 from qtool.search.executor import LocalProcessExecutor
@@ -32,7 +32,7 @@ def hostile(tmp_path):
     rng = np.random.default_rng(1)
     save_npy_folder(folder / "calib", [rng.standard_normal((1, 16)) for _ in range(16)])
     save_npy_folder(folder / "eval", [rng.standard_normal((1, 16)) for _ in range(16)])
-    (folder / "recipe.yaml").write_text("version: 1\nvalidation:\n  gates: {min_sqnr_db: 12}\n")
+    (folder / "recipe.yaml").write_text(fused("version: 1\nvalidation:\n  gates: {min_sqnr_db: 12}\n"))  # a tiny model: see FUSED
     return folder
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -29,12 +29,13 @@ from qtool.io.samples import DataSource
 from qtool.io.targets import begins_like
 from qtool.io.model import file_sha256, model_file_bytes, save_model
 from qtool.numerics import QTYPES
-from qtool.quantization.placement import plan_and_apply, preview_plan
+from qtool.quantization.coverage import check_coverage
+from qtool.quantization.placement import plan_and_apply
 from qtool.quantization.precedence import unmatched_overrides
 from qtool.quantization.plan import select_tensors, tensor_types
 from qtool.recipe.schema import Recipe
 from qtool.reporting import document as reporting
-from qtool.runtime.session import current_providers, int8_kernels_may_saturate, make_session, run
+from qtool.runtime.session import current_providers, int8_kernels_may_saturate, make_session, run, tensor_shapes
 from qtool.runtime.streams import StateCarry
 from qtool.search.executor import Executor
 from qtool.search.promote import objective, objective_name
@@ -99,18 +100,22 @@ def _setup_trials(model_path: Path, data_dir: Path, recipe: Recipe, folder: Path
     if spec.method == "auto":  # the recipe's tensors choose as `qtool quantize` does; the others keep minmax
         table = choose_method(model, recipe, selection, table, int8_kernels_may_saturate(), calib_data)
         prepare_notes = [*prepare_notes, f"{table.notes[-1]}, for every trial"]  # a note, as quantize says it
+    if recipe.quantization.placement == "fast":  # what `fast` estimates costs from, as quantize measures it
+        table = replace(table, shapes=tensor_shapes(model, next(calib_data.batches(1)).feeds))
+    saturating = int8_kernels_may_saturate()
+    placed = plan_and_apply(model, recipe, selection, table, saturating)
+    # a recipe quantize refuses (nothing to quantize, nothing that pays, no usable ranges) is refused here too
+    warnings += check_coverage(placed.plan, len(quantized), model=model_path, recipe=recipe.source,
+                               ranges_from=calib_data.folder, table=False)
     bias = None
     if recipe.quantization.algorithms.bias_correction:  # decided once, on the recipe's own plan
-        saturating = int8_kernels_may_saturate()
-        placed = plan_and_apply(model, recipe, selection, table, saturating)
         _, _, bias = correct_bias(model, recipe, selection, table, saturating, placed.plan, placed.model, calib_data)
         prepare_notes = [*prepare_notes, f"bias_correction {'kept' if bias.kept else 'off'} for every trial: "
                                           f"{bias.as_dict()['why']}"]
     save_model(model, folder / FLOAT_MODEL)
     # What sensitivity ranks and tune promotes: the nodes quantize would quantize, not those its
     # placement pass always keeps float (ppocr_cls's 9 HardSigmoid: no integer kernel)
-    placed_float = (preview_plan(model, recipe, selection, int8_kernels_may_saturate()).kept_float
-                    if recipe.quantization.placement != "all" else {})
+    placed_float = placed.kept_float
     ranked = [(node, d) for node, d in quantized if not node.name or node.name not in placed_float]
     named = [node.name for node, _ in ranked if node.name]
     a16 = with_overrides(recipe, promotion_overrides([(named[0], "a16")], act.dtype)) if named else recipe
