@@ -126,7 +126,8 @@ def test_a_file_qtool_did_not_write_is_not_replaced_by_a_junit_file_or_a_cache(s
     notes = tmp_path / "important.txt"
     notes.write_text("notes\n")
     command = "quantize" if option == "--junit" else "sensitivity"
-    args = (command, small / "model.onnx", "--data", small / "data", "--output")
+    (small / "r.yaml").write_text(FUSED)  # a tiny model: see FUSED
+    args = (command, small / "model.onnx", "--recipe", small / "r.yaml", "--data", small / "data", "--output")
     result = run(*args, tmp_path / "o1", option, notes)
     assert result.exit_code == 2 and f"{notes}: {option} file exists and is not a" in result.stderr
     assert notes.read_text() == "notes\n" and not (tmp_path / "o1").exists()
@@ -144,7 +145,7 @@ def test_overwrite_does_not_delete_a_folder_qtool_did_not_write(small, tmp_path,
     model, data = small / "model.onnx", small / "data"
     args = {"quantize": ("quantize", model, "--data", data),
             "compare": ("compare", model, model, "--data", data),
-            "sensitivity": ("sensitivity", model, "--data", data, "--samples", 2),
+            "sensitivity": ("sensitivity", model, "--recipe", small / "r.yaml", "--data", data, "--samples", 2),
             "tune": ("tune", model, "--recipe", small / "r.yaml", "--data", data, "--latency-runs", 0),
             "ort-table": ("calibrate", model, "--data", data, "--format", "ort-table")}[command]
     precious = tmp_path / "precious"

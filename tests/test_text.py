@@ -238,7 +238,9 @@ def test_exact_match_of_tags_leaves_padding_out(tmp_path):
     assert equal / kept > equal_all / count + 0.05  # padding's near-tied tags would drag the figure down
     assert result.passed
     jsonschema = pytest.importorskip("jsonschema")
+    from qtool.reporting.document import render_json
+    from qtool.reporting.markdown import render_markdown
     from qtool.reporting.schemas import report_schema
-    jsonschema.validate(json.loads(qtool.reporting.document.render_json(result.report)), report_schema("report"))
+    jsonschema.validate(json.loads(render_json(result.report)), report_schema("report"))
     assert f"over the {kept} positions where input attention\\_mask is non-zero (padding not scored)" \
-        in qtool.reporting.document.render_markdown(result.report)
+        in render_markdown(result.report)
