@@ -10,7 +10,7 @@ whose float compute plus conversions is estimated cheaper. Same model, shapes an
 decisions (no timing at quantize time).
 
 The table: medians of ONNX Runtime 1.32 CPU profiles (`SessionOptions.enable_profiling`, one
-thread, this project's x86-64 machine) of ppocr_cls (48x192), ppocr_det (320x320) and digits_cnn,
+thread, this project's x86-64 machine) of ppocr_cls (48x192), ppocr_det (320x320), u2netp (320x320) and digits_cnn,
 float model vs its qtool int8 model, per node; times in microseconds, e = elements,
 macs = multiply-accumulates. Measured (float µs / int8 µs):
 - Conv 1x1 192->192 on 20x20 (14.7 M MACs): 157 / 52; 32->200 on 2x96 (1.2 M MACs): 20 / 22;
