@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import SAMPLE
+from conftest import FUSED, SAMPLE
 from qtool.calibration.calibrate import CalibrationTable, TensorRange
 from qtool.calibration.table_file import load_table
 from qtool.calibration.interchange import load_any_table, trt_cache_text
@@ -97,10 +97,14 @@ def test_calibrate_exports_round_trip(exported):
 
 
 def test_quantize_reads_every_format(exported, tmp_path):
+    """`placement: fused`: with a TensorRT table's symmetric int8 ranges, ORT runs digits_cnn's MaxPools as NCHW
+    int8 loops and `fast` keeps the model float (it would refuse), which is not what this test is about."""
     runner, models = CliRunner(), {}
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(FUSED)
     for name in ("table.json", "trt.cache", "ort", "ort/calibration.flatbuffers"):
         output = tmp_path / name.replace("/", "-")
-        result = runner.invoke(main, ["quantize", MODEL, "--calibration", str(exported / name),
+        result = runner.invoke(main, ["quantize", MODEL, "--calibration", str(exported / name), "--recipe", str(recipe),
                                       "--validation-data", EVAL, "--output", str(output), "--quiet"])
         assert result.exit_code == 0, result.output
         models[name] = (output / "model.onnx").read_bytes()

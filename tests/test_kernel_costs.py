@@ -6,44 +6,59 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
-from conftest import make_model, quantize_tiny, save_npy_folder
+from conftest import FUSED, make_model, save_npy_folder
 from qtool.errors import ModelError
-from qtool.quantization.kernel_costs import SLOWER_PREFIX, node_costs, slower_regions
+from qtool.quantization.kernel_costs import SLOWER_PREFIX, conversion_us, node_costs, slower_regions
 
 RNG = np.random.default_rng(0)
 FAST = "version: 1\nquantization: {placement: fast}\n"
 
 
 def first_layer(with_head: bool):
-    """Conv 3->64 3x3 on 8x8 (27 products per output: a first layer, where the integer kernel's im2col does
-    not pay), then with_head: Relu -> Flatten -> Gemm 4096->512 (where the integer kernel pays)."""
+    """Conv 3->64 3x3 on 32x32 (27 products per output: a first layer, where the integer kernel's im2col does
+    not pay: 36 µs float, 65 µs as 8-bit, conversions included, measured), then with_head: Relu -> Conv 64->64
+    3x3 (38 M MACs, where the integer kernel pays)."""
     nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1])]
     initializers = {"w": RNG.normal(size=(64, 3, 3, 3)).astype(np.float32), "b": RNG.normal(size=64).astype(np.float32)}
-    output = helper.make_tensor_value_info("c", TensorProto.FLOAT, ["N", 64, 8, 8])
+    output = helper.make_tensor_value_info("c", TensorProto.FLOAT, ["N", 64, 32, 32])
     if with_head:
         nodes += [helper.make_node("Relu", ["c"], ["r"], name="relu"),
-                  helper.make_node("Flatten", ["r"], ["f"], name="flatten"),
-                  helper.make_node("Gemm", ["f", "fw", "fb"], ["y"], name="fc", transB=1)]
-        initializers.update(fw=RNG.normal(size=(512, 4096)).astype(np.float32), fb=RNG.normal(size=512).astype(np.float32))
-        output = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 512])
-    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])], [output],
+                  helper.make_node("Conv", ["r", "hw"], ["y"], name="head", pads=[1, 1, 1, 1])]
+        initializers.update(hw=(RNG.normal(size=(64, 64, 3, 3)) / 24).astype(np.float32))
+        output = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64, 32, 32])
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 32, 32])], [output],
                       initializers)
+
+
+def quantize_first_layer(tmp_path, model, recipe_text: str | None = FAST):
+    """`model` quantized with `recipe_text` (None: the default recipe) on 8 seeded [1, 3, 32, 32] samples."""
+    from qtool import api
+    from qtool.recipe.load import load_recipe
+    from qtool.recipe.schema import Recipe
+
+    tmp_path.mkdir(exist_ok=True)
+    path = tmp_path / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    data = save_npy_folder(tmp_path / "data", np.random.default_rng(0).normal(size=(8, 1, 3, 32, 32)))
+    recipe = Recipe()
+    if recipe_text is not None:
+        (tmp_path / "recipe.yaml").write_text(recipe_text)
+        recipe = load_recipe(tmp_path / "recipe.yaml")
+    return api.quantize(path, data, recipe)
 
 
 def test_fast_keeps_a_first_layer_conv_float_and_is_deterministic(tmp_path):
     model = first_layer(with_head=True)
-    for name in ("fast", "again", "fused"):
-        (tmp_path / name).mkdir()
-    fast = quantize_tiny(tmp_path / "fast", model, FAST)
+    fast = quantize_first_layer(tmp_path / "fast", model)
     producers = {out: node.op_type for node in fast.model.graph.node for out in node.output}
     conv = next(node for node in fast.model.graph.node if node.name == "conv")
     assert producers.get(conv.input[0]) != "DequantizeLinear" and conv.input[1] == "w"  # float input, float weight
     reasons = {node["node"]: node["reason"] for node in fast.report["plan"]["nodes"]}
     assert reasons["conv"].startswith(SLOWER_PREFIX) and "µs" in reasons["conv"]
-    assert fast.report["kernels"]["integer_ops"].get("QGemm") == 1  # the head keeps its integer kernel
-    again = quantize_tiny(tmp_path / "again", model, FAST)
+    assert fast.report["kernels"]["integer_ops"].get("QLinearConv") == 1  # the head keeps its integer kernel
+    again = quantize_first_layer(tmp_path / "again", model)
     assert again.model.SerializeToString() == fast.model.SerializeToString()  # no timing: same bytes
-    fused = quantize_tiny(tmp_path / "fused", model)  # placement fused quantizes the conv
+    fused = quantize_first_layer(tmp_path / "fused", model, FUSED)  # placement fused quantizes the conv
     conv = next(node for node in fused.model.graph.node if node.name == "conv")
     assert {node.op_type for node in fused.model.graph.node if node.output[0] == conv.input[0]} == {"DequantizeLinear"}
 
@@ -51,25 +66,20 @@ def test_fast_keeps_a_first_layer_conv_float_and_is_deterministic(tmp_path):
 def test_the_default_recipe_places_fast(tmp_path):
     """`placement: fast` is the default: with no placement named, the first-layer conv stays float for speed
     and the head keeps its integer kernel, as under `placement: fast` written out."""
-    from qtool import api
     from qtool.recipe.schema import Recipe
 
     assert Recipe().quantization.placement == "fast"
-    model = first_layer(with_head=True)
-    path = tmp_path / "model.onnx"
-    path.write_bytes(model.SerializeToString())
-    data = save_npy_folder(tmp_path / "data", RNG.normal(size=(16, 1, 3, 8, 8)))
-    default = api.quantize(path, data, Recipe())
+    default = quantize_first_layer(tmp_path, first_layer(with_head=True), None)
     reasons = {node["node"]: node["reason"] for node in default.report["plan"]["nodes"]}
     assert reasons["conv"].startswith(SLOWER_PREFIX)
-    assert default.report["kernels"]["integer_ops"].get("QGemm") == 1
+    assert default.report["kernels"]["integer_ops"].get("QLinearConv") == 1
 
 
 def test_fast_refuses_a_model_where_nothing_pays(tmp_path):
     """Every node estimated faster as float: exit 2 saying so, never an int8 model slower than float nor a
     float copy passed off as quantized."""
     with pytest.raises(ModelError, match=r"no 8-bit kernel pays here: .* quantizes \(1\) faster as float"):
-        quantize_tiny(tmp_path, first_layer(with_head=False), FAST)
+        quantize_first_layer(tmp_path, first_layer(with_head=False))
 
 
 def conv_pool_conv():
@@ -84,10 +94,12 @@ def conv_pool_conv():
     return model, shapes
 
 
-def test_a_uint8_maxpool_goes_float_between_convs_that_pay():
+def test_a_uint8_maxpool_goes_float_with_the_conv_reading_it():
+    """A MaxPool kept float leaves its output without the range it shared with its input: the conv reading it
+    loses its integer kernel too, and the group says so (the first conv keeps its own)."""
     model, shapes = conv_pool_conv()
     groups = slower_regions(model.graph, ["conv1", "pool", "conv2"], shapes)
-    assert [group.nodes for group in groups] == [("pool",)]  # the convs keep their integer kernels
+    assert [group.nodes for group in groups] == [("pool", "conv2")]
     assert groups[0].float_us < groups[0].int8_us
 
 
@@ -121,15 +133,57 @@ def test_tune_and_sensitivity_place_fast_as_quantize_does(tmp_path):
 
     path = tmp_path / "model.onnx"
     path.write_bytes(first_layer(with_head=True).SerializeToString())
-    data = save_npy_folder(tmp_path / "data", RNG.normal(size=(16, 1, 3, 8, 8)))
+    data = save_npy_folder(tmp_path / "data", RNG.normal(size=(8, 1, 3, 32, 32)))
     recipe = tmp_path / "r.yaml"
     recipe.write_text(FAST + "validation:\n  gates: {min_cosine: 0.5}\n")
     tuned = search_api.tune(path, data, recipe, tmp_path / "tuned", latency_runs=0)
     assert tuned.report["chosen"]["trial"] == "recipe as given" and tuned.report["chosen"]["reproduced_by_quantize"]
     ranking = search_api.sensitivity(path, data, recipe, tmp_path / "sens")
-    assert "conv" not in {row["node"] for row in ranking.rows} and "fc" in {row["node"] for row in ranking.rows}
+    assert "conv" not in {row["node"] for row in ranking.rows} and "head" in {row["node"] for row in ranking.rows}
 
     path.write_bytes(first_layer(with_head=False).SerializeToString())
     with pytest.raises(ModelError, match="no 8-bit kernel pays here"):
         search_api.tune(path, data, recipe, tmp_path / "refused", latency_runs=0)
     assert not (tmp_path / "refused").exists()
+def conv_resize_conv(mode: str):
+    """x [N, 64, 16, 16] -> conv1 3x3 -> c (a graph output too: dequantized for it either way) -> Resize `mode` x2
+    -> conv2 3x3 on 32x32 -> y."""
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Resize", ["c", "", "scales"], ["r"], name="resize", mode=mode),
+             helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1])]
+    weights = {name: (RNG.normal(size=(64, 64, 3, 3)) / 24).astype(np.float32) for name in ("w1", "w2")}
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64, 16, 16])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64, 32, 32]),
+                       helper.make_tensor_value_info("c", TensorProto.FLOAT, ["N", 64, 16, 16])],
+                      {**weights, "scales": np.array([1, 1, 2, 2], np.float32)})
+
+
+def test_a_linear_resize_costs_its_float_op_and_conversions_a_nearest_one_its_uint8_kernel():
+    """ONNX Runtime has no integer linear Resize: planned 8-bit, it runs DequantizeLinear -> float Resize ->
+    QuantizeLinear (u2netp's profiles); a nearest Resize runs as a uint8 Resize (ppocr_det's)."""
+    shapes = {"c": (1, 64, 16, 16), "r": (1, 64, 32, 32)}
+    for mode in ("linear", "cubic"):
+        float_us, int8_us = node_costs(conv_resize_conv(mode).graph.node[1], shapes, {})
+        assert int8_us == pytest.approx(float_us + conversion_us(64 * 16 * 16) + conversion_us(64 * 32 * 32))
+    nearest_float_us, nearest_int8_us = node_costs(conv_resize_conv("nearest").graph.node[1], shapes, {})
+    assert nearest_float_us < float_us and nearest_float_us < nearest_int8_us
+
+
+def test_fast_keeps_a_linear_resize_between_convs_quantized(tmp_path):
+    """Kept float, the linear Resize would save only a DequantizeLinear and take conv2's integer kernel with it
+    (its output has no range of its own): under `placement: fast` it stays between Q/DQ, both convs integer."""
+    from qtool import api
+    from qtool.recipe.schema import Recipe
+
+    path = tmp_path / "model.onnx"
+    path.write_bytes(conv_resize_conv("linear").SerializeToString())
+    data = save_npy_folder(tmp_path / "data", RNG.normal(size=(8, 1, 64, 16, 16)))
+    result = api.quantize(path, data, Recipe())
+    graph = result.model.graph
+    producers = {out: node.op_type for node in graph.node for out in node.output}
+    readers = {name: node.op_type for node in graph.node for name in node.input}
+    resize = next(node for node in graph.node if node.name == "resize")
+    assert producers[resize.input[0]] == "DequantizeLinear" and readers[resize.output[0]] == "QuantizeLinear"
+    reasons = {node["node"]: node["reason"] for node in result.report["plan"]["nodes"]}
+    assert not any(reason.startswith(SLOWER_PREFIX) for reason in reasons.values()), reasons
+    assert result.report["kernels"]["integer_ops"].get("QLinearConv") == 2

@@ -10,7 +10,7 @@ whose float compute plus conversions is estimated cheaper. Same model, shapes an
 decisions (no timing at quantize time).
 
 The table: medians of ONNX Runtime 1.32 CPU profiles (`SessionOptions.enable_profiling`, one
-thread, this project's x86-64 machine) of ppocr_cls (48x192), ppocr_det (320x320) and digits_cnn,
+thread, this project's x86-64 machine) of ppocr_cls (48x192), ppocr_det (320x320), u2netp (320x320) and digits_cnn,
 float model vs its qtool int8 model, per node; times in microseconds, e = elements,
 macs = multiply-accumulates. Measured (float µs / int8 µs):
 - Conv 1x1 192->192 on 20x20 (14.7 M MACs): 157 / 52; 32->200 on 2x96 (1.2 M MACs): 20 / 22;
@@ -20,6 +20,11 @@ macs = multiply-accumulates. Measured (float µs / int8 µs):
 - depthwise Conv: 200 ch 2x96 5x5: 15 / 136; 192 ch 20x20: 58 / 71; 384 ch 10x10: 35 / 40.
 - MaxPool 200x2x96 (uint8 has no MLAS path): 13 / 205. Resize (nearest) 9600 -> 38400: 20 / 42;
   38400 -> 153600: 51 / 120; 153600 -> 614400: 305 / 460.
+- Resize (linear, u2netp 320x320, float NCHW): 16x10x10 -> 6400: 19-35; 16x40x40 -> 102400: 165-172;
+  1x10x10 -> 102400: 169-191; 16x80x80 -> 409600: 658-672; 64x40x40 -> 409600: 676; 16x160x160 -> 1638400:
+  2603; 64x80x80 -> 1638400: 2634; 64x160x160 -> 6553600: 14460. ONNX Runtime has no integer kernel for it:
+  between Q/DQ it stays DequantizeLinear -> float Resize -> QuantizeLinear (the same ops in an NHWC chain:
+  314 µs for 409600, 783 for 64 channels' 1638400; 500-540 for one channel's 102400).
 - Add 38400: 7 / 10; 76800: 11 / 13. Mul 38400: 6-9 / 19; 76800: 15 / 23; broadcast
   (SE scale) Mul 25344: 7 / 25; 18432: 6 / 44.
 - QuantizeLinear 614400: 132, 56832: 14; DequantizeLinear 614400: 106, 56832: 9.
@@ -33,6 +38,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import onnx
+
+from qtool.quantization.rules import RULES
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -72,6 +79,10 @@ COSTS: dict[str, KernelCost] = {
     # A Conv on one pixel (squeeze-excitation): the integer kernel's fixed cost dominates (ppocr_cls 200->50
     # and 50->200: 5-9 / 12-15; ppocr_det 96->24: 8-11 as int8).
     "PixelConv": KernelCost("macs", _linear(4, 70_000), _linear(11, 300_000)),
+    # Both kernels run faster with more output channels (a wider GEMM over the short K), node_costs:
+    # float 4 + MACs / max(20k, 800 x channels), int8 5 + MACs / max(6k, 350 x channels). u2netp 3->64 3x3 on
+    # 320x320 (177 M MACs): 3521 / 7857 measured, 3460 / 7904 estimated; ppocr_cls (8 channels) 29 / 106,
+    # 29 / 88; digits_cnn (32) 5 / 13, 8 / 12; speech_embedding (24) 27 / 75, 28 / 62.
     "SmallKConv": KernelCost("macs", _linear(4, 20_000), _linear(5, 6_000)),
     "DepthwiseConv": KernelCost("macs", _linear(4, 30_000), lambda m: 10 + 1.3 * (4 + m / 30_000)),
     "Add": KernelCost("out", _cached(_linear(3, 9_000), 2_000), _linear(7, 7_000)),
@@ -79,11 +90,12 @@ COSTS: dict[str, KernelCost] = {
     "BroadcastMul": KernelCost("out", _cached(_linear(3, 6_500), 2_000), _linear(8, 900)),
     "MaxPool": KernelCost("in", _linear(3, 5_000), _linear(5, 190)),  # uint8 NCHW: a plain loop
     "NhwcMaxPool": KernelCost("in", _linear(3, 5_000), _linear(3, 5_000)),  # inside ORT's NHWC integer chain
-    "Resize": KernelCost("out", _linear(5, 2_000), lambda e: 10 + 1.5 * (5 + e / 2_000)),
+    "Resize": KernelCost("out", _linear(5, 2_000), lambda e: 10 + 1.5 * (5 + e / 2_000)),  # nearest: uint8 Resize
     "GlobalAveragePool": KernelCost("in", _linear(3, 6_000), _linear(6, 12_000)),
     "AveragePool": KernelCost("in", _linear(3, 6_000), _linear(6, 12_000)),
     "Sigmoid": KernelCost("out", _linear(3, 2_500), _linear(3, 2_900)),
-    "Concat": KernelCost("out", _linear(2, 2_700), _linear(2, 3_300)),
+    # u2netp: float 32x160x160: 257 / 219; 128x320x320: 7766 / 2590 (past the cache)
+    "Concat": KernelCost("out", _cached(_linear(2, 2_700), 1_700, knee=4_000_000), _linear(2, 3_300)),
     # Relu and Clip run inside their producer's integer kernel; as float ops after a Conv they fuse
     # into it too, after anything else they are one pass.
     "Clip": KernelCost("out", _linear(3, 9_000), lambda e: 0.0),
@@ -91,16 +103,27 @@ COSTS: dict[str, KernelCost] = {
     # Float LeakyRelu fuses into the Conv before it (FusedConv); QLinearLeakyRelu is a table lookup of its own.
     "LeakyRelu": KernelCost("out", _linear(3, 9_000), _linear(3, 4_000)),
 }
+# Resize linear/cubic, float µs by output elements. No integer kernel: as planned 8-bit it is the same float op
+# between a DequantizeLinear and a QuantizeLinear (node_costs adds them).
+LINEAR_RESIZE_US = _cached(_linear(10, 600), 450, knee=2_000_000)
 # Activations ORT's float optimizer fuses into the float Conv/Gemm before them (FusedConv, FusedGemm):
 # free as float ops when that producer is float too.
 FUSED_ACTIVATIONS = {"Relu", "Clip", "LeakyRelu"}
 SMALL_CIN = 4  # a spatial Conv on this many input channels or fewer: SmallKConv
+SMALLK_PER_CHANNEL = (800, 350)  # SmallKConv's MACs per µs per output channel, float and int8 (at least the table's)
 
 
 def conversion_us(elements: int) -> float:
     """One QuantizeLinear or DequantizeLinear of a tensor (ORT's transpose optimizer moves the NHWC
-    layout Transposes next to them away in the models measured)."""
-    return 2 + elements / 5_000
+    layout Transposes next to them away in the models measured). Past the cache slower: u2netp's
+    QuantizeLinear of 64x320x320: 2958 µs."""
+    return _cached(_linear(2, 5_000), 2_200, knee=2_000_000)(elements)
+
+
+def reorder_us(elements: int) -> float:
+    """ORT's ReorderOutput of a float Conv's blocked (NCHWc) output for a reader outside its float Conv chain,
+    such as a QuantizeLinear: u2netp 16x320x320: 296 µs; 64x320x320: 3304."""
+    return _cached(_linear(0, 5_500), 2_000, knee=2_000_000)(elements)
 
 
 def node_costs(node: onnx.NodeProto, shapes: Shapes, initializers: dict[str, tuple[int, ...]],
@@ -112,6 +135,9 @@ def node_costs(node: onnx.NodeProto, shapes: Shapes, initializers: dict[str, tup
     if output is None or first is None:
         return 0.0, 0.0
     kind = "Nhwc" + node.op_type if nhwc and "Nhwc" + node.op_type in COSTS else node.op_type
+    if kind == "Resize" and next((a.s for a in node.attribute if a.name == "mode"), b"nearest") != b"nearest":
+        float_us = LINEAR_RESIZE_US(math.prod(output))
+        return float_us, float_us + conversion_us(math.prod(first)) + conversion_us(math.prod(output))
     if kind == "Conv" and len(node.input) > 1:
         weight = initializers.get(node.input[1]) or shapes.get(node.input[1])
         group = next((attr.i for attr in node.attribute if attr.name == "group"), 1)
@@ -135,6 +161,9 @@ def node_costs(node: onnx.NodeProto, shapes: Shapes, initializers: dict[str, tup
                 kind = "BroadcastMul"  # per-channel scales ([N, C, 1, 1] x [N, C, H, W]): no fast path
         work = 0
     cost = COSTS.get(kind, _EQUAL)
+    if kind == "SmallKConv":
+        return (4 + work / max(20_000, SMALLK_PER_CHANNEL[0] * weight[0]),
+                5 + work / max(6_000, SMALLK_PER_CHANNEL[1] * weight[0]))
     if cost.work == "out":
         work = math.prod(output)
     elif cost.work == "in":
@@ -183,8 +212,14 @@ def slower_regions(graph: onnx.GraphProto, integer: Iterable[str], shapes: Shape
         read = readers.get(tensor, [])
         float_reader = tensor in outputs or any(r not in quantized for r in read)
         integer_reader = any(r in quantized for r in read)
-        if (made_integer and float_reader) or (not made_integer and integer_reader):
+        if made_integer and float_reader:
             return conversion_us(math.prod(shape))
+        if not made_integer and integer_reader:
+            maker = nodes[producer[tensor]] if tensor in producer else None
+            if maker is not None and maker.op_type in FUSED_ACTIVATIONS and maker.input[0] in producer:
+                maker = nodes[producer[maker.input[0]]]  # fused into the float Conv before it
+            made_by_conv = maker is not None and maker.op_type == "Conv"
+            return conversion_us(math.prod(shape)) + (reorder_us(math.prod(shape)) if made_by_conv else 0.0)
         return 0.0
 
     def float_cost(name: str, quantized: set[str]) -> float:
@@ -194,6 +229,21 @@ def slower_regions(graph: onnx.GraphProto, integer: Iterable[str], shapes: Shape
                 and nodes[source].op_type in ("Conv", "Gemm")):
             return 0.0
         return cost[name][0]
+
+    def closed(group: set[str]) -> set[str]:
+        """`group` and the planned readers of what its data-movement nodes write: a Resize or MaxPool kept float
+        leaves its output without the range it shared with its input, so whatever read it quantized goes float
+        too (u2netp: each Resize kept float took its Concat with it)."""
+        grown, todo = set(group), list(group)
+        while todo:
+            node = nodes[todo.pop()]
+            rule = RULES.get(node.op_type)
+            if rule is None or rule.output != "shared":
+                continue
+            for name in (r for t in node.output for r in readers.get(t, []) if r in current and r not in grown):
+                grown.add(name)
+                todo.append(name)
+        return grown
 
     def estimate(group: set[str]) -> tuple[float, float]:
         tensors = {t for name in group for t in [*nodes[name].input, *nodes[name].output] if t in shapes}
@@ -217,17 +267,17 @@ def slower_regions(graph: onnx.GraphProto, integer: Iterable[str], shapes: Shape
         for seed in sorted(current, key=lambda name: (cost[name][0] - cost[name][1], order[name])):
             if seed not in current:
                 continue
-            group = {seed}
+            group = closed({seed})
             before, after = estimate(group)
             while len(group) < MAX_GROUP:
                 best = None
                 for name in neighbours(group):
-                    b, a = estimate(group | {name})
+                    b, a = estimate(closed(group | {name}))
                     if a - b < after - before and (best is None or a - b < best[2] - best[1]):
                         best = (name, b, a)
                 if best is None:
                     break
-                group.add(best[0])
+                group = closed(group | {best[0]})
                 before, after = best[1], best[2]
             if after < before - MARGIN_US:
                 groups.append(Group(tuple(sorted(group, key=order.__getitem__)), before, after))
