@@ -22,7 +22,7 @@ from onnx import ModelProto
 from qtool.calibration.calibrate import CalibrationTable, TensorRange
 from qtool.numerics import QTYPES
 from qtool.quantization.plan import NodeDecision, QuantPlan, Selection, build_plan, select_tensors
-from qtool.quantization.kernel_costs import SLOWER_PREFIX, slower_regions
+from qtool.quantization.kernel_costs import FITTED_ON, SLOWER_PREFIX, slower_regions, table_applies
 from qtool.quantization.qdq import apply_plan
 from qtool.quantization.rules import RULES
 from qtool.recipe.schema import Recipe
@@ -184,7 +184,13 @@ def plan_and_apply(model: ModelProto, recipe: Recipe, selection: Selection, tabl
         plan, quantized = build({})
         return Placement(plan, quantized, {}, 0)
     fast = recipe.quantization.placement == "fast" and table.shapes
-    placed = place(build, slower_than_float(model, table.shapes) if fast else None)
+    fitted = table_applies(ort.__version__)
+    placed = place(build, slower_than_float(model, table.shapes) if fast and fitted else None)
+    if fast and not fitted:
+        note = (f"placement fast planned as fused: its cost table was measured on ONNX Runtime "
+                f"{'.'.join(map(str, FITTED_ON))}, which fuses and lays out integer kernels differently from "
+                f"this {ort.__version__}; time the model (qtool compare --bench)")
+        placed = replace(placed, plan=replace(placed.plan, notes=[*placed.plan.notes, note]))
     if placed.kept_float:
         note = (f"placement fused: {len(placed.kept_float)} node(s) kept float that ONNX Runtime would run as "
                 f"float ops between Q/DQ or as integer kernels slower than float ({placed.rounds} round(s))")
