@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from onnx import ModelProto
@@ -30,7 +30,7 @@ from qtool.quantization.algorithms.bias_correction import NO_DATA
 from qtool.quantization.algorithms.outliers import handle_outliers
 from qtool.quantization.algorithms.smoothing import smooth
 from qtool.quantization.coverage import check_coverage
-from qtool.quantization.placement import float_nodes_on_integer_kernels, plan_and_apply
+from qtool.quantization.placement import float_nodes_on_integer_kernels, plan_and_apply, with_fast_shapes
 from qtool.quantization.precedence import unmatched_overrides
 from qtool.quantization.plan import select_tensors
 from qtool.recipe.load import load_recipe
@@ -38,8 +38,7 @@ from qtool.recipe.schema import Recipe
 from qtool.reporting import document as reporting
 from qtool.reporting.algorithms import algorithms_section
 from qtool.reporting.files import check_ci_files, report_writers
-from qtool.runtime.session import (INTEGER_OP_TYPES, int8_kernels_may_saturate, op_histogram, optimized_graph,
-                                   tensor_shapes)
+from qtool.runtime.session import INTEGER_OP_TYPES, int8_kernels_may_saturate, op_histogram, optimized_graph
 
 from qtool.api.calibrate import measure_ranges
 from qtool.api.common import (Progress, bench_threads, data_inputs, path_or_none, prepare_with_pairs, recipe_inputs,
@@ -162,9 +161,7 @@ def quantize(
         warnings += table.notes[:-1] if table.method_choice else table.notes
     warnings += clipping_warnings(table)  # entropy ranges that cut off over 1 % of a tensor's values
     saturating = int8_kernels_may_saturate()
-    shape_data = calib_data if calib_data is not None else eval_data
-    if recipe.quantization.placement == "fast" and shape_data is not None:  # what placement estimates costs from
-        table = replace(table, shapes=tensor_shapes(model, next(shape_data.batches(1)).feeds))
+    table = with_fast_shapes(model, recipe, table, calib_data if calib_data is not None else eval_data)
     placed = plan_and_apply(model, recipe, selection, table, saturating)
     ends: FloatEndsOutcome | None = None
     if recipe.quantization.algorithms.keep_float == "auto" and calib_data is not None and loaded is None:

@@ -20,13 +20,14 @@ import onnxruntime as ort
 from onnx import ModelProto
 
 from qtool.calibration.calibrate import CalibrationTable, TensorRange
+from qtool.io.samples import DataSource
 from qtool.numerics import QTYPES
 from qtool.quantization.plan import NodeDecision, QuantPlan, Selection, build_plan, select_tensors
 from qtool.quantization.kernel_costs import FITTED_ON, SLOWER_PREFIX, slower_regions, table_applies
 from qtool.quantization.qdq import apply_plan
 from qtool.quantization.rules import RULES
 from qtool.recipe.schema import Recipe
-from qtool.runtime.session import INTEGER_OP_TYPES, optimized_graph, runtime_source, session_options
+from qtool.runtime.session import INTEGER_OP_TYPES, optimized_graph, runtime_source, session_options, tensor_shapes
 
 TOKEN = re.compile(r"_token_\d+$")  # ORT's layout pass renames a node it replaces: <name>_token_<n>
 MAX_ROUNDS = 8  # each round keeps at least one more node float; real models settle in 2-3
@@ -166,6 +167,15 @@ def slower_than_float(model: ModelProto, shapes: dict[str, tuple[int, ...]]
             kept.update(dict.fromkeys(group.nodes, why))
         return kept
     return slower
+
+
+def with_fast_shapes(model: ModelProto, recipe: Recipe, table: CalibrationTable, data: DataSource | None
+                     ) -> CalibrationTable:
+    """`table` with the tensor shapes of one sample of `data` (runtime.session.tensor_shapes), which
+    `placement: fast` estimates kernel costs from; unchanged for the other placements or without data."""
+    if recipe.quantization.placement != "fast" or data is None:
+        return table
+    return replace(table, shapes=tensor_shapes(model, next(data.batches(1)).feeds))
 
 
 def plan_and_apply(model: ModelProto, recipe: Recipe, selection: Selection, table: CalibrationTable,

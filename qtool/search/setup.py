@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -30,12 +30,12 @@ from qtool.io.targets import begins_like
 from qtool.io.model import file_sha256, model_file_bytes, save_model
 from qtool.numerics import QTYPES
 from qtool.quantization.coverage import check_coverage
-from qtool.quantization.placement import plan_and_apply
+from qtool.quantization.placement import plan_and_apply, with_fast_shapes
 from qtool.quantization.precedence import unmatched_overrides
 from qtool.quantization.plan import select_tensors, tensor_types
 from qtool.recipe.schema import Recipe
 from qtool.reporting import document as reporting
-from qtool.runtime.session import current_providers, int8_kernels_may_saturate, make_session, run, tensor_shapes
+from qtool.runtime.session import current_providers, int8_kernels_may_saturate, make_session, run
 from qtool.runtime.streams import StateCarry
 from qtool.search.executor import Executor
 from qtool.search.promote import objective, objective_name
@@ -100,8 +100,7 @@ def _setup_trials(model_path: Path, data_dir: Path, recipe: Recipe, folder: Path
     if spec.method == "auto":  # the recipe's tensors choose as `qtool quantize` does; the others keep minmax
         table = choose_method(model, recipe, selection, table, int8_kernels_may_saturate(), calib_data)
         prepare_notes = [*prepare_notes, f"{table.notes[-1]}, for every trial"]  # a note, as quantize says it
-    if recipe.quantization.placement == "fast":  # what `fast` estimates costs from, as quantize measures it
-        table = replace(table, shapes=tensor_shapes(model, next(calib_data.batches(1)).feeds))
+    table = with_fast_shapes(model, recipe, table, calib_data)  # as quantize measures them
     saturating = int8_kernels_may_saturate()
     placed = plan_and_apply(model, recipe, selection, table, saturating)
     # a recipe quantize refuses (nothing to quantize, nothing that pays, no usable ranges) is refused here too
@@ -115,8 +114,7 @@ def _setup_trials(model_path: Path, data_dir: Path, recipe: Recipe, folder: Path
     save_model(model, folder / FLOAT_MODEL)
     # What sensitivity ranks and tune promotes: the nodes quantize would quantize, not those its
     # placement pass always keeps float (ppocr_cls's 9 HardSigmoid: no integer kernel)
-    placed_float = placed.kept_float
-    ranked = [(node, d) for node, d in quantized if not node.name or node.name not in placed_float]
+    ranked = [(node, d) for node, d in quantized if not node.name or node.name not in placed.kept_float]
     named = [node.name for node, _ in ranked if node.name]
     a16 = with_overrides(recipe, promotion_overrides([(named[0], "a16")], act.dtype)) if named else recipe
     if float_model_name(a16) != FLOAT_MODEL:
@@ -143,7 +141,7 @@ def _setup_trials(model_path: Path, data_dir: Path, recipe: Recipe, folder: Path
                 power.setdefault(name, []).extend(np.mean(np.square(value.reshape(len(value), -1), dtype=np.float64),
                                                           axis=1).tolist() if value.size else [])
     write_eval_set(folder, batches, eval_data.state.carry if eval_data.state else None)
-    context = TrialContext(str(folder), recipe, table, int8_kernels_may_saturate(), dict(recipe.validation.gates),
+    context = TrialContext(str(folder), recipe, table, saturating, dict(recipe.validation.gates),
                            model_file_bytes(model_path), threads, current_providers(),
                            mask_input=eval_data.mask_input,
                            bias_shifts=bias.shifts if bias is not None and bias.kept else None)
