@@ -225,14 +225,16 @@ def test_tune_trials_apply_bias_correction_and_quantize_reproduces_them(tmp_path
     """With bias_correction the search setup measures the shifts once and every trial corrects the
     layers it quantizes with them; the tuned recipe records the setting, and quantize rebuilds the
     chosen model byte for byte (its own measurement gives the same shifts: they do not depend on
-    which other layers are quantized)."""
+    which other layers are quantized). 7-bit weights (reduce_range), as 8-bit activations get on CPUs
+    without VNNI: the promoted layer's 16-bit activations take 8-bit weights, whose shift the setup
+    measures apart (the recipe's 7-bit one corrected it wrongly, and quantize did not reproduce the trial)."""
     onnx.save(hostile_model(op_type="Gemm"), tmp_path / "model.onnx")
     rng = np.random.default_rng(1)
     save_npy_folder(tmp_path / "calib", [2 + rng.standard_normal((1, 16)) for _ in range(32)])  # mean 2: real shifts
     save_npy_folder(tmp_path / "eval", [2 + rng.standard_normal((1, 16)) for _ in range(16)])
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("version: 1\nquantization:\n  placement: fused\n  algorithms: {bias_correction: true}\n"
-                      "validation:\n  gates: {min_sqnr_db: 12}\n")
+    recipe.write_text("version: 1\nquantization:\n  placement: fused\n  weights: {reduce_range: true}\n"
+                      "  algorithms: {bias_correction: true}\nvalidation:\n  gates: {min_sqnr_db: 12}\n")
     result = search_api.tune(tmp_path / "model.onnx", tmp_path / "calib", recipe, tmp_path / "t",
                              validation_data=tmp_path / "eval", max_trials=6, latency_runs=0)
     report = result.report
@@ -273,27 +275,31 @@ def test_tune_needs_a_target(hostile, tmp_path):
     assert result.returncode == 2 and "tune needs a target" in result.stderr
 
 
-def ppocr_recipe(tmp_path: Path) -> Path:
+def ppocr_recipe(tmp_path: Path, gates: str = "{max_accuracy_drop: 0.01}") -> Path:
     text = (ROOT / "qtool" / "recipe" / "presets" / "ppocr_cls.yaml").read_text()
     recipe = tmp_path / "ppocr.yaml"
     recipe.write_text(text.replace("gates: {min_cosine: 0.85, min_slice_sqnr_db: 6, max_latency_ratio: 1.0}",
-                                   "gates: {max_accuracy_drop: 0.01}"))
+                                   f"gates: {gates}"))
     return recipe
 
 
-def test_tune_ppocr_cls_within_one_point_and_quantize_reproduces_it(tmp_path):
+def test_tune_ppocr_cls_to_22_db_within_one_point_and_quantize_reproduces_it(tmp_path):
+    # The SQNR gate makes the recipe as given miss on every CPU: one point of top-1 is one of 96 lines,
+    # which 7-bit weights (x86 CPUs without VNNI) happen to keep while 8-bit ones lose it (19.3 dB
+    # without VNNI; 20 with it). Tune reaches 22.1-22.9 dB by keeping 16-45 nodes float.
     folder = shared_model("ppocr_cls")
     out = tmp_path / "tuned"
     common = ["--data", str(folder / "calib"), "--validation-data", str(folder / "eval")]
-    result = subprocess.run([str(QTOOL), "tune", str(folder / "model.onnx"), "--recipe", str(ppocr_recipe(tmp_path)),
+    recipe = ppocr_recipe(tmp_path, "{max_accuracy_drop: 0.01, min_sqnr_db: 22}")
+    result = subprocess.run([str(QTOOL), "tune", str(folder / "model.onnx"), "--recipe", str(recipe),
                              *common, "--output", str(out), "--max-trials", "12", "--jobs", "2",
-                             "--sensitivity-samples", "32"], capture_output=True, text=True, timeout=300)
+                             "--sensitivity-samples", "32"], capture_output=True, text=True, timeout=600)
     report = validated(out / "report.json")
     assert result.returncode == 0, (result.stderr, report["search"], report["chosen"])
-    assert report["trials"][0]["accuracy_drop"] > 0.01  # the recipe as given misses the target
+    assert report["trials"][0]["sqnr_db"] < 22  # the recipe as given misses the target
     assert_timed(report)
     chosen = next(row for row in report["trials"] if row["chosen"])
-    assert chosen["accuracy_drop"] <= 0.01 and report["chosen"]["promotions"]
+    assert chosen["accuracy_drop"] <= 0.01 and chosen["sqnr_db"] >= 22 and report["chosen"]["promotions"]
     again = tmp_path / "again"
     result = subprocess.run([str(QTOOL), "quantize", str(folder / "model.onnx"), "--recipe", str(out / "recipe.tuned.yaml"),
                              *common, "--output", str(again), "--quiet"], capture_output=True, text=True, timeout=120)

@@ -97,8 +97,8 @@ def correct_bias(model: ModelProto, recipe: Recipe, selection: Selection, table:
         return plan, quantized, BiasOutcome([], False, setting, skipped=PAST_LIMIT)
     batch_size = recipe.calibration.batch_size
     shifts = measure_shifts(model, recipe, selection, table, saturating_host, data, batch_size)
-    new_plan, corrected, layers = requantize(model, recipe, table, saturating_host, plan, quantized, shifts,
-                                                  selection.kept_float)
+    new_plan, corrected, layers = requantize(model, recipe, table, saturating_host, plan, quantized, [shifts],
+                                             selection.kept_float)
     if corrected is quantized:
         return plan, quantized, BiasOutcome(layers, False, setting, shifts=shifts)
     if setting is True:

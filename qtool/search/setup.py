@@ -14,7 +14,7 @@ import numpy as np
 from onnx import ModelProto, TensorProto
 
 from qtool.api import prepare
-from qtool.calibration.calibrate import calibrate as calibrate_tensors
+from qtool.calibration.calibrate import CalibrationTable, calibrate as calibrate_tensors
 from qtool.distributed.ray_executor import LostTask
 from qtool.errors import RecipeError, UsageError
 from qtool.evaluation.bias_choice import correct_bias
@@ -29,10 +29,11 @@ from qtool.io.samples import DataSource
 from qtool.io.targets import begins_like
 from qtool.io.model import file_sha256, model_file_bytes, save_model
 from qtool.numerics import QTYPES
+from qtool.quantization.algorithms.bias_correction import LayerShift, measure_shifts, weight_keys
 from qtool.quantization.coverage import check_coverage
 from qtool.quantization.placement import plan_and_apply, with_fast_shapes
 from qtool.quantization.precedence import unmatched_overrides
-from qtool.quantization.plan import select_tensors, tensor_types
+from qtool.quantization.plan import build_plan, select_tensors, tensor_types
 from qtool.recipe.schema import Recipe
 from qtool.reporting import document as reporting
 from qtool.runtime.session import current_providers, int8_kernels_may_saturate, make_session, run
@@ -106,19 +107,22 @@ def _setup_trials(model_path: Path, data_dir: Path, recipe: Recipe, folder: Path
     # a recipe quantize refuses (nothing to quantize, nothing that pays, no usable ranges) is refused here too
     warnings += check_coverage(placed.plan, len(quantized), model=model_path, recipe=recipe.source,
                                ranges_from=calib_data.folder, table=False)
-    bias = None
-    if recipe.quantization.algorithms.bias_correction:  # decided once, on the recipe's own plan
-        _, _, bias = correct_bias(model, recipe, selection, table, saturating, placed.plan, placed.model, calib_data)
-        prepare_notes = [*prepare_notes, f"bias_correction {'kept' if bias.kept else 'off'} for every trial: "
-                                          f"{bias.as_dict()['why']}"]
     save_model(model, folder / FLOAT_MODEL)
     # What sensitivity ranks and tune promotes: the nodes quantize would quantize, not those its
     # placement pass always keeps float (ppocr_cls's 9 HardSigmoid: no integer kernel)
     ranked = [(node, d) for node, d in quantized if not node.name or node.name not in placed.kept_float]
     named = [node.name for node, _ in ranked if node.name]
-    a16 = with_overrides(recipe, promotion_overrides([(named[0], "a16")], act.dtype)) if named else recipe
-    if float_model_name(a16) != FLOAT_MODEL:
-        save_model(prepare(model_path, a16)[0], folder / float_model_name(a16))
+    a16 = with_overrides(recipe, promotion_overrides([(name, "a16") for name in named], act.dtype)) if named else recipe
+    a16_model = model if float_model_name(a16) == FLOAT_MODEL else prepare(model_path, a16)[0]
+    if a16_model is not model:
+        save_model(a16_model, folder / float_model_name(a16))
+    bias, shifts = None, None
+    if recipe.quantization.algorithms.bias_correction:  # decided once, on the recipe's own plan
+        _, _, bias = correct_bias(model, recipe, selection, table, saturating, placed.plan, placed.model, calib_data)
+        prepare_notes = [*prepare_notes, f"bias_correction {'kept' if bias.kept else 'off'} for every trial: "
+                                          f"{bias.as_dict()['why']}"]
+        if bias.kept:
+            shifts = (bias.shifts, *_a16_weight_shifts(model, recipe, a16_model, a16, table, saturating, calib_data))
     session = make_session(model, threads=threads)
     batches = []
     carry = StateCarry(eval_data.state)  # a stateful model's streams: trials carry their own state likewise
@@ -144,7 +148,7 @@ def _setup_trials(model_path: Path, data_dir: Path, recipe: Recipe, folder: Path
     context = TrialContext(str(folder), recipe, table, saturating, dict(recipe.validation.gates),
                            model_file_bytes(model_path), threads, current_providers(),
                            mask_input=eval_data.mask_input,
-                           bias_shifts=bias.shifts if bias is not None and bias.kept else None)
+                           bias_shifts=shifts)
     keys = frozenset(node.name or f"#{i}" for i, (node, d) in enumerate(zip(model.graph.node, selection.nodes))
                      if d.quantized)
     return TrialSetup(context, model, prepare_notes, calib_data, eval_data, warnings, named,
@@ -152,6 +156,20 @@ def _setup_trials(model_path: Path, data_dir: Path, recipe: Recipe, folder: Path
                        time.perf_counter() - started, bias is not None and bias.kept, integer_only, power,
                        node_neighbours(model), keys,
                        frozenset(node.name for node, d in quantized if node.name and d.weight_input is not None))
+
+
+def _a16_weight_shifts(model: ModelProto, recipe: Recipe, a16_model: ModelProto, a16: Recipe,
+                       table: CalibrationTable, saturating: bool, data: DataSource) -> tuple[dict[str, LayerShift], ...]:
+    """Bias shifts for the weights layers get when promoted to 16-bit activations (`a16`: every ranked
+    node promoted, on its float model), measured only where they differ from the recipe's: on x86 CPUs
+    without VNNI 8-bit activations take 7-bit weights (reduce_range auto) and 16-bit ones 8-bit
+    weights, so a promoted layer's shift is another measurement. () when no layer's weights differ."""
+    keys = weight_keys(model, build_plan(model, recipe, select_tensors(model, recipe), table, saturating))
+    a16_selection = select_tensors(a16_model, a16)
+    a16_keys = weight_keys(a16_model, build_plan(a16_model, a16, a16_selection, table, saturating))
+    if all(keys.get(name) == key for name, key in a16_keys.items()):
+        return ()
+    return (measure_shifts(a16_model, a16, a16_selection, table, saturating, data, recipe.calibration.batch_size),)
 
 
 def _score_float(scored: Counter, labels: dict | None, files: list[str], reference: dict, truth: list[int]) -> None:

@@ -129,9 +129,10 @@ class TrialContext:
     bundle: object = None
     mask_input: str | None = None  # text data's attention mask: padding is left out of exact match
     # bias correction as the search setup measured and kept it (qtool.evaluation.bias_choice): every
-    # trial corrects the layers it quantizes with these shifts, as `qtool quantize` with
-    # `bias_correction: true` does; None: trials do not correct
-    bias_shifts: dict[str, LayerShift] | None = None
+    # trial corrects the layers it quantizes with these shifts (the recipe's weights, then those of
+    # 16-bit activation promotions where they differ), as `qtool quantize` with `bias_correction: true`
+    # does; None: trials do not correct
+    bias_shifts: tuple[dict[str, LayerShift], ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,9 @@ Nagel et al. 2019, "Data-Free Quantization Through Weight Equalization and Bias 
 in its empirical form: with ε = dequantized weight − float weight, a layer's output mean moves by
 E[node(x, ε)] per output channel. x is the layer's input in the *float* model: the shift then depends
 on the layer's own weight rounding alone, not on which other layers are quantized, so one
-measurement serves every plan made from the same recipe (`qtool tune`'s and `qtool sensitivity`'s
-trials read it, and `qtool quantize` with a tuned recipe measures the same values). Using x̃, the
+measurement serves every plan that rounds the layer's weight the same way (`qtool tune`'s and
+`qtool sensitivity`'s trials read it, and `qtool quantize` with a tuned recipe measures the same
+values; a layer promoted to 16-bit activations can get other weights, measured apart). Using x̃, the
 quantized input, would add E[node(x̃ − x, ε)], a product of two rounding errors.
 
 One streaming pass of the float model, with node(x, ε) added per layer as a branch reduced to one
@@ -17,7 +18,9 @@ Memory: the model plus one run's tensors; the shifts are [C] vectors.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+
 import numpy as np
 from onnx import ModelProto, helper, numpy_helper
 
@@ -40,13 +43,15 @@ NO_DATA = ("quantization.algorithms.bias_correction needs calibration data (--da
 @dataclass(frozen=True)
 class LayerShift:
     """What one pass measured for one layer: E[node(x, ε)] per output channel (`mean`, [C] float64),
-    its standard error over the `samples` samples (`sem`, [C]; inf with one sample)."""
+    its standard error over the `samples` samples (`sem`, [C]; inf with one sample), and the weight
+    quantization ε came from (`weight_keys`): it corrects only a weight quantized the same way."""
 
     node: str
     op_type: str
     mean: np.ndarray
     sem: np.ndarray
     samples: int
+    weight: tuple = ()
 
     def keep_channels(self) -> np.ndarray:
         """[C] bool: the channels whose shift stands out of its noise (|mean| >= MIN_T · sem)."""
@@ -72,6 +77,18 @@ def _targets(model: ModelProto, plan: QuantPlan) -> list[tuple[object, object]]:
     return [(node, decision) for node, decision in zip(model.graph.node, plan.nodes)
             if decision.quantized and node.op_type in OP_TYPES and decision.weight_input is not None
             and node.input[decision.weight_input] in plan.constants]
+
+
+def weight_keys(model: ModelProto, plan: QuantPlan) -> dict[str, tuple]:
+    """Per layer `plan` quantizes, how its weight is rounded (type, axis, block, reduce_range, symmetric,
+    rounding): two plans giving a layer the same key give it the same ε. They can differ: a layer
+    promoted to 16-bit activations gets 8-bit weights where 8-bit activations get 7-bit ones."""
+    keys = {}
+    for node, decision in _targets(model, plan):
+        quant = plan.constants[node.input[decision.weight_input]]
+        keys[node.name] = (quant.qtype, quant.axis, quant.block_size, quant.reduce_range, quant.symmetric,
+                           quant.codes is None)
+    return keys
 
 
 def weight_errors(float_model: ModelProto, quantized: ModelProto, targets) -> dict[str, np.ndarray]:
@@ -157,6 +174,7 @@ def measure_shifts(float_model: ModelProto, recipe, selection, table, saturating
     targets = _targets(float_model, plan)
     if not targets:
         return {}
+    keys = weight_keys(float_model, plan)
     errors = weight_errors(float_model, apply_plan(float_model, plan), targets)
     measuring, outputs = _measuring_model(float_model, targets, errors)
     if not outputs:
@@ -177,16 +195,18 @@ def measure_shifts(float_model: ModelProto, recipe, selection, table, saturating
         mean = total / max(seen, 1)
         variance = np.maximum(squares[name] / max(seen, 1) - np.square(mean), 0.0) * seen / max(seen - 1, 1)
         sem = np.sqrt(variance / seen) if seen > 1 else np.full_like(mean, np.inf)
-        shifts[name] = LayerShift(name, op_types[name], mean, sem, seen)
+        shifts[name] = LayerShift(name, op_types[name], mean, sem, seen, keys[name])
     return shifts
 
 
-def correct_biases(float_model: ModelProto, plan: QuantPlan, shifts: dict[str, LayerShift]
+def correct_biases(float_model: ModelProto, plan: QuantPlan, shifts: Sequence[dict[str, LayerShift]]
                    ) -> tuple[ModelProto, list[BiasShift]]:
     """A copy of `float_model` whose layers quantized in `plan` carry bias − shift on the channels
     `LayerShift.keep_channels` keeps (others unchanged), and one row per measured layer quantized in
-    `plan` (`corrected_channels` 0: every channel's shift was noise, the bias is unchanged)."""
-    quantized = {node.name for node, _ in _targets(float_model, plan)}
+    `plan` (`corrected_channels` 0: every channel's shift was noise, the bias is unchanged). `shifts`:
+    measurements of layer -> shift; a layer takes the first measured with the weight rounding `plan`
+    gives it, and is left alone when none was."""
+    keys = weight_keys(float_model, plan)
     corrected = ModelProto()
     corrected.CopyFrom(float_model)
     index = GraphIndex(corrected.graph)
@@ -196,7 +216,9 @@ def correct_biases(float_model: ModelProto, plan: QuantPlan, shifts: dict[str, L
             readers[name] = readers.get(name, 0) + 1
     changes = []
     for node in corrected.graph.node:
-        measured_shift = shifts.get(node.name) if node.name in quantized else None
+        measured_shift = next((measurement[node.name] for measurement in shifts if node.name in keys
+                               and node.name in measurement and measurement[node.name].weight == keys[node.name]),
+                              None)
         if measured_shift is None:
             continue
         keep = measured_shift.keep_channels()
@@ -234,7 +256,7 @@ def correct_biases(float_model: ModelProto, plan: QuantPlan, shifts: dict[str, L
 
 
 def requantize(float_model: ModelProto, recipe, table, saturating_host: bool, plan: QuantPlan, quantized: ModelProto,
-               shifts: dict[str, LayerShift], keep_float: dict[str, str] | None = None
+               shifts: Sequence[dict[str, LayerShift]], keep_float: dict[str, str] | None = None
                ) -> tuple[QuantPlan, ModelProto, list[BiasShift]]:
     """Correct the biases of the layers `plan` (the recipe's, placement included, made from
     `float_model`) quantizes, then plan and apply the corrected model again as `qtool quantize` does:
