@@ -174,7 +174,8 @@ def quantize(
     if recipe.quantization.algorithms.bias_correction and calib_data is not None:
         plan, quantized, corrected = correct_bias(model, recipe, selection, table, saturating, plan, quantized,
                                                   calib_data)
-    elif "bias_correction" in recipe.quantization.algorithms.model_fields_set and calib_data is None:
+    elif (recipe.quantization.algorithms.bias_correction and calib_data is None
+          and "bias_correction" in recipe.quantization.algorithms.model_fields_set):
         warnings.append(NO_DATA)  # asked for in so many words; the default is skipped with a note only
     copy_metadata(model, quantized)
     optimized = optimized_graph(quantized)  # one session: the kernels section and the warning below read it
