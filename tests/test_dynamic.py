@@ -19,7 +19,7 @@ from qtool.cli.main import main
 from qtool.errors import ModelError, UsageError
 from qtool.quantization.dynamic import GATHER_MIN_ELEMENTS
 from qtool.recipe.schema import Recipe
-from qtool.runtime.session import make_session, run
+from qtool.runtime.session import int8_kernels_may_saturate, make_session, run
 
 RNG = np.random.default_rng(21)
 UNTIMED = {"version": 1, "quantization": {"mode": "dynamic"}, "validation": {"gates": {"min_cosine": 0.99}}}
@@ -63,10 +63,12 @@ def test_matmul_and_gemm_become_dynamic_quantize_matmul_without_calibration_data
     assert ops.count("DynamicQuantizeMatMul") == 2 and "QuantizeLinear" not in ops and "DequantizeLinear" not in ops
     fc1, fc2 = (n for n in result.model.graph.node if n.op_type == "DynamicQuantizeMatMul")
     assert fc1.domain == "com.microsoft" and (fc1.name, fc2.name) == ("/fc1/MatMul", "/fc2/Gemm")
-    # per output column: codes x scale give back the weight (within half a step), int8 symmetric
+    # per output column: codes x scale give back the weight (within half a step), int8 symmetric; 7-bit
+    # (reduce_range auto) on x86 CPUs without VNNI, where ORT's kernels add int8 pairs in int16
     w = initializer(model, "w")
     codes, scale = initializer(result.model, fc1.input[1]), initializer(result.model, fc1.input[2])
-    assert codes.dtype == np.int8 and scale.shape == (32,) and np.abs(codes).max() == 127
+    top = 63 if int8_kernels_may_saturate() else 127
+    assert codes.dtype == np.int8 and scale.shape == (32,) and np.abs(codes).max() == top
     assert np.all(np.abs(codes * scale - w) <= scale / 2 + 1e-7)
     # the bias Add that alone reads the MatMul is folded into the kernel's bias input
     assert "Add" not in ops and list(fc1.output) == ["a"]

@@ -76,14 +76,17 @@ def test_written_out_layer_norm_stays_float_so_ort_fuses_it(tmp_path):
     path = tmp_path / "model.onnx"
     path.write_bytes(written_out_layer_norm().SerializeToString())
     data = save_npy_folder(tmp_path / "data", np.random.default_rng(2).normal(size=(8, 1, 8, 64)))
-    result = api.quantize(path, data, Recipe.model_validate({"quantization": {"placement": "fused"}, "validation": {"gates": {}}}))
+    # 7-bit weights on every CPU (`reduce_range: auto` gives 8-bit on VNNI CPUs only): the same SQNR everywhere
+    recipe = {"quantization": {"placement": "fused", "weights": {"reduce_range": True}}, "validation": {"gates": {}}}
+    result = api.quantize(path, data, Recipe.model_validate(recipe))
     reasons = {n["node"]: n["reason"] for n in result.report["plan"]["nodes"]}
     assert all(reasons[f"ln/{name}"].startswith("part of a LayerNormalization") for name in "m d p v ve s n g l".split())
     # one LayerNormalization kernel between two integer MatMuls writing float (quantized and rounded
-    # by the rules, the Add/Mul split it into nine ops: 34.0 dB; now 36.9 dB)
+    # by the rules, the Add/Mul split it into nine ops: 34.0 dB with 8-bit weights; now 36.9 dB with
+    # 8-bit weights, 34.9 dB with 7-bit)
     assert result.report["kernels"]["optimized_ops"] == {"LayerNormalization": 1, "MatMulIntegerToFloat": 2,
                                                          "QuantizeLinear": 2}
-    assert result.report["validation"]["outputs"]["y"]["sqnr_db"] >= 35
+    assert result.report["validation"]["outputs"]["y"]["sqnr_db"] >= 34.5
 
 
 @pytest.mark.parametrize("fill", [-10000.0, -3.4e38])
