@@ -345,8 +345,11 @@ def test_tune_report_schema_is_a_valid_json_schema():
 def test_parse_duration():
     assert parse_duration("90s") == 90 and parse_duration("30m") == 1800 and parse_duration("1.5h") == 5400
     assert parse_duration("45") == 45
-    with pytest.raises(ValueError):
-        parse_duration("soon")
+    # compound forms, largest unit first (new-user finding: `--time-budget 1h30m` was refused)
+    assert parse_duration("1h30m") == 5400 and parse_duration("2m30s") == 150 and parse_duration("1H0M5S") == 3605
+    for text in ("soon", "", "h", "30m1h", "1h 30m", "1d", "nan", "inf", "0s", "-5m", "0h0m"):
+        with pytest.raises(ValueError):
+            parse_duration(text)
 
 
 def exact(ratio: float, spread: float = 0.0):
