@@ -18,7 +18,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from conftest import ROOT, fused_recipe, make_model, save_npy_folder, shared_model
+from conftest import ROOT, SAMPLE, fused_recipe, make_model, save_npy_folder, shared_model
 from qtool import api
 from qtool.errors import UsageError
 from qtool.recipe.load import load_recipe
@@ -622,6 +622,36 @@ def test_sensitivity_ranks_only_the_nodes_quantize_quantizes(tmp_path):
     assert "/hsig" not in quantized and quantized  # placement keeps it float
     result = search_api.sensitivity(tmp_path / "model.onnx", calib, recipe, tmp_path / "sens", validation_data=calib)
     assert {row["node"] for row in result.rows} == quantized
+
+
+def test_sensitivity_with_placement_fast_measures_each_node_alone():
+    """New-user finding: under the default `placement: fast`, 12 of digits_cnn's 13 nodes quantized alone were
+    kept float by the placement pass (one kernel alone, with conversions on both sides, does not pay) and
+    ranked as error-free (SQNR inf, all tied at rank 2), though fast's whole plan quantizes all 13. A node
+    quantized alone now keeps its Q/DQ (placement all): every node ranked, the first conv most sensitive."""
+    import math
+
+    result = search_api.sensitivity(SAMPLE / "model.onnx", SAMPLE / "calib", "int8",
+                                    validation_data=SAMPLE / "eval", samples=8)
+    assert len(result.rows) == 13 and result.alerts == ()
+    assert all(row["rank"] is not None and math.isfinite(row["sqnr_db"]) for row in result.rows), result.rows
+    assert result.rows[0]["node"] == "/conv1/Conv"
+
+
+def test_a_node_its_trial_kept_float_is_unranked_and_named():
+    """A trial that quantized nothing measured no error: its node comes last, unranked, with a note, and
+    the warning names it, rather than a perfect SQNR ranking it least sensitive."""
+    from types import SimpleNamespace
+
+    from qtool.search.setup import unranked_note
+    from qtool.search.trial import KEPT_FLOAT_ALONE, TrialSpec, rank_nodes
+
+    kept = SimpleNamespace(spec=TrialSpec("only /gap", "sensitivity", only="/gap"), quantized_nodes=0)
+    baseline = SimpleNamespace(figure=lambda name: 40.0 if name == "sqnr_db" else None)
+    rows = rank_nodes([kept], {"/gap": "GlobalAveragePool"}, "only_quantized", baseline)
+    assert rows == [{"node": "/gap", "op_type": "GlobalAveragePool", "rank": None, "note": KEPT_FLOAT_ALONE}]
+    assert unranked_note(rows).startswith("1 of 1 nodes not ranked (/gap): quantized alone, their plan kept them")
+    assert unranked_note([{"node": "/conv", "rank": 1, "sqnr_db": 30.0}]) is None
 
 
 def test_tune_wording_says_what_each_figure_is():

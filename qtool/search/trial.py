@@ -102,7 +102,13 @@ def with_overrides(recipe: Recipe, overrides: list[dict]) -> Recipe:
 
 
 def trial_recipe(recipe: Recipe, spec: TrialSpec) -> Recipe:
-    return with_overrides(recipe, trial_overrides(spec, recipe))
+    """The recipe one trial quantizes with. A node quantized alone keeps every Q/DQ it plans (`placement:
+    all`): it measures that node's own error, where `fast` or `fused` would judge a lone node's speed
+    (conversions on both sides of one kernel) and keep it float, its error unmeasured."""
+    recipe = with_overrides(recipe, trial_overrides(spec, recipe))
+    if spec.only is None:
+        return recipe
+    return recipe.model_copy(update={"quantization": recipe.quantization.model_copy(update={"placement": "all"})})
 
 
 def float_model_name(recipe: Recipe) -> str:
@@ -336,11 +342,17 @@ def ranking_figure(result: TrialResult) -> str:
         else "sqnr_db"
 
 
+# the note of a sensitivity row whose only_quantized trial quantized nothing: the node's error is unknown
+KEPT_FLOAT_ALONE = "not measured: its trial quantized nothing (the node's plan kept it float, e.g. no usable range)"
+
+
 def rank_nodes(results: list[TrialResult], op_types: dict[str, str], mode: str,
                baseline: TrialResult | None = None) -> list[dict]:
     """Rows, most sensitive first.
 
-    mode "only_quantized": the error with the node quantized alone (lowest SQNR first);
+    mode "only_quantized": the error with the node quantized alone (lowest SQNR first); a node its
+    trial kept float anyway is not measured by it and comes last, unranked (KEPT_FLOAT_ALONE), never
+    as an error-free node;
     mode "only_float": the SQNR gained over the full recipe by keeping the node float
     (largest gain first). A model whose outputs are all integer ranks by exact match instead
     (`exact_match`, `exact_match_gain`). Nodes that score the same share a rank (1, 1, 3: ties are
@@ -349,7 +361,8 @@ def rank_nodes(results: list[TrialResult], op_types: dict[str, str], mode: str,
     figure = ranking_figure(baseline or results[0]) if results or baseline else "sqnr_db"
     gain_key = "sqnr_gain_db" if figure == "sqnr_db" else "exact_match_gain"
     rows = []
-    for result in results:
+    unranked = [result for result in results if mode == "only_quantized" and not result.quantized_nodes]
+    for result in (result for result in results if mode != "only_quantized" or result.quantized_nodes):
         node = result.spec.only if mode == "only_quantized" else result.spec.keep_float
         row = {"node": node, "op_type": op_types.get(node, ""), "sqnr_db": worst(result, "sqnr_db"),
                "cosine": worst(result, "cosine"), "size_bytes": result.size_bytes}
@@ -372,7 +385,8 @@ def rank_nodes(results: list[TrialResult], op_types: dict[str, str], mode: str,
     rows.sort(key=lambda row: (*severity(row), row["node"]))
     for place, row in enumerate(rows, 1):
         row["rank"] = rows[place - 2]["rank"] if place > 1 and severity(rows[place - 2]) == severity(row) else place
-    return rows
+    return rows + sorted(({"node": result.spec.only, "op_type": op_types.get(result.spec.only, ""), "rank": None,
+                           "note": KEPT_FLOAT_ALONE} for result in unranked), key=lambda row: row["node"])
 
 
 def cache_key(model_sha256: str, recipe: Recipe, listings: list[str], mode: str,
