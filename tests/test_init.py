@@ -273,6 +273,18 @@ def test_data_paths_are_relative_only_when_short_and_under_a_common_root(tmp_pat
     assert recipe_path_text(tmp_path / "a" / "b", tmp_path / "c" / "d") == "../../a/b"
 
 
+def test_json_carries_the_measured_latency_and_the_warnings_stderr_prints(tmp_path):
+    """New-user finding: `init --json` printed only the two paths; a script reading it missed what init
+    measured and warned (the latency gate likely to fail, placement fast refusing)."""
+    ran = init(str(SAMPLE / "model.onnx"), "--data", str(SAMPLE / "calib"), "--output", str(tmp_path / "r.yaml"),
+               "--json")
+    assert ran.exit_code == 0, ran.output
+    document = json.loads(ran.stdout)
+    assert set(document) == {"recipe", "schema", "latency_ratio", "warnings"}
+    assert document["latency_ratio"] > 0
+    assert [f"warning: {line}" for line in document["warnings"]] == ran.stderr.splitlines()
+
+
 def test_init_says_when_placement_fast_keeps_every_node_float_so_quantize_refuses(tmp_path):
     """New-user finding: on ppocr_cls, init timed the fused int8 model (1.36x float) and said only that the
     latency gate would likely fail, while `qtool quantize` with the starter refused (exit 2: `placement:

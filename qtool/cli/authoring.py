@@ -178,7 +178,8 @@ def init(model: Path, data_dir: Path | None, validation_data: Path | None, outpu
     for line in result.warnings if not quiet else ():
         click.echo(f"warning: {line}", err=True)
     if as_json:
-        echo_json({"recipe": str(recipe), "schema": str(schema_file) if schema_file else None})
+        echo_json({"recipe": str(recipe), "schema": str(schema_file) if schema_file else None,
+                   "latency_ratio": result.latency_ratio, "warnings": result.warnings})
         return
     if quiet:
         return

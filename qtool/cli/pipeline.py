@@ -54,7 +54,8 @@ from qtool.runtime.session import Provider, use_providers
 def quantize(model: Path, recipe_path: Path | None, data_dir: Path | None, data_loader: str | None,
              calibration: Path | None, output_dir: Path, validation_data: Path | None, labels: Path | None, overwrite: bool,
              per_layer: bool, bench: bool, threads: int | None, junit: Path | None, executor: str,
-             ray_address: str | None, providers: tuple[Provider, ...] | None, quiet: bool, verbose: bool, as_json: bool) -> None:
+             ray_address: str | None, providers: tuple[Provider, ...] | None, quiet: bool, verbose: bool,
+             as_json: bool) -> None:
     """Quantize MODEL to int8 QDQ, validate it against the float model, write a report.
 
     Exit codes: 0 done and every gate passed; 1 a gate failed (artifacts
