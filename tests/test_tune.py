@@ -638,20 +638,26 @@ def test_sensitivity_with_placement_fast_measures_each_node_alone():
     assert result.rows[0]["node"] == "/conv1/Conv"
 
 
-def test_a_node_its_trial_kept_float_is_unranked_and_named():
-    """A trial that quantized nothing measured no error: its node comes last, unranked, with a note, and
-    the warning names it, rather than a perfect SQNR ranking it least sensitive."""
+def test_a_node_whose_trial_quantized_nothing_is_unranked_and_named():
+    """A trial that quantized nothing measured nothing: its node comes last, unranked, with a note, and
+    the warning names it, rather than a perfect SQNR ranking it least (or, kept float, most) sensitive."""
     from types import SimpleNamespace
 
     from qtool.search.setup import unranked_note
-    from qtool.search.trial import KEPT_FLOAT_ALONE, TrialSpec, rank_nodes
+    from qtool.search.trial import QUANTIZED_NOTHING, TrialSpec, rank_nodes
 
     kept = SimpleNamespace(spec=TrialSpec("only /gap", "sensitivity", only="/gap"), quantized_nodes=0)
     baseline = SimpleNamespace(figure=lambda name: 40.0 if name == "sqnr_db" else None)
     rows = rank_nodes([kept], {"/gap": "GlobalAveragePool"}, "only_quantized", baseline)
-    assert rows == [{"node": "/gap", "op_type": "GlobalAveragePool", "rank": None, "note": KEPT_FLOAT_ALONE}]
-    assert unranked_note(rows).startswith("1 of 1 nodes not ranked (/gap): quantized alone, their plan kept them")
+    assert rows == [{"node": "/gap", "op_type": "GlobalAveragePool", "rank": None, "note": QUANTIZED_NOTHING}]
+    assert unranked_note(rows).startswith("1 of 1 nodes not ranked (/gap): their trial quantized nothing")
     assert unranked_note([{"node": "/conv", "rank": 1, "sqnr_db": 30.0}]) is None
+    # only_float: digits_cnn with /conv2/Conv float, placement fast kept every node float (SQNR inf): it
+    # ranked first, "gaining" infinite dB, though keeping it float only gave up every integer kernel
+    everything_float = SimpleNamespace(spec=TrialSpec("float /conv2", "sensitivity", keep_float="/conv2"),
+                                       quantized_nodes=0)
+    assert rank_nodes([everything_float], {"/conv2": "Conv"}, "only_float", baseline) == [
+        {"node": "/conv2", "op_type": "Conv", "rank": None, "note": QUANTIZED_NOTHING}]
 
 
 def test_tune_wording_says_what_each_figure_is():

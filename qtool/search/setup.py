@@ -39,7 +39,7 @@ from qtool.runtime.session import current_providers, int8_kernels_may_saturate, 
 from qtool.runtime.streams import StateCarry
 from qtool.search.executor import Executor
 from qtool.search.promote import objective, objective_name
-from qtool.search.trial import (FLOAT_MODEL, KEPT_FLOAT_ALONE, TrialContext, TrialResult, TrialSpec,
+from qtool.search.trial import (FLOAT_MODEL, QUANTIZED_NOTHING, TrialContext, TrialResult, TrialSpec,
                                 float_model_name, promotion_overrides, rank_nodes, run_trial, with_overrides, worst,
                                 write_eval_set)
 
@@ -316,14 +316,14 @@ def ranking_note(rows: list[dict]) -> str | None:
 
 
 def unranked_note(rows: list[dict]) -> str | None:
-    """A warning naming how many nodes the only_quantized ranking could not measure because their trial
-    kept them float (trial.KEPT_FLOAT_ALONE); None when there are none."""
-    kept = [row["node"] for row in rows if row.get("note") == KEPT_FLOAT_ALONE]
+    """A warning naming the nodes the ranking could not measure because their trial quantized nothing
+    (trial.QUANTIZED_NOTHING); None when there are none."""
+    kept = [row["node"] for row in rows if row.get("note") == QUANTIZED_NOTHING]
     if not kept:
         return None
     named = ", ".join(kept[:3]) + (f" and {len(kept) - 3} more" if len(kept) > 3 else "")
-    return (f"{len(kept)} of {len(rows)} nodes not ranked ({named}): quantized alone, their plan kept them "
-            "float (the report's rows say so), so their error was not measured; they come last")
+    return (f"{len(kept)} of {len(rows)} nodes not ranked ({named}): their trial quantized nothing (its plan "
+            "kept every node float), so it measured nothing about them; they come last")
 
 
 def trial_row(result: TrialResult, objective_figure: str, float_bytes: int) -> dict:

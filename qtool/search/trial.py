@@ -342,28 +342,32 @@ def ranking_figure(result: TrialResult) -> str:
         else "sqnr_db"
 
 
-# the note of a sensitivity row whose only_quantized trial quantized nothing: the node's error is unknown
-KEPT_FLOAT_ALONE = "not measured: its trial quantized nothing (the node's plan kept it float, e.g. no usable range)"
+# the note of a sensitivity row whose trial quantized nothing: what the node's precision does is unknown
+QUANTIZED_NOTHING = ("not measured: its trial quantized nothing (its plan kept every node float: no usable range, "
+                     "or, with this node float, placement fast found no integer kernel that pays)")
 
 
 def rank_nodes(results: list[TrialResult], op_types: dict[str, str], mode: str,
                baseline: TrialResult | None = None) -> list[dict]:
     """Rows, most sensitive first.
 
-    mode "only_quantized": the error with the node quantized alone (lowest SQNR first); a node its
-    trial kept float anyway is not measured by it and comes last, unranked (KEPT_FLOAT_ALONE), never
-    as an error-free node;
+    mode "only_quantized": the error with the node quantized alone (lowest SQNR first);
     mode "only_float": the SQNR gained over the full recipe by keeping the node float
     (largest gain first). A model whose outputs are all integer ranks by exact match instead
-    (`exact_match`, `exact_match_gain`). Nodes that score the same share a rank (1, 1, 3: ties are
+    (`exact_match`, `exact_match_gain`). A trial that quantized nothing measured neither: its node
+    comes last, unranked (QUANTIZED_NOTHING), never as error-free or as the one float node that
+    gains most. Nodes that score the same share a rank (1, 1, 3: ties are
     not ordered by anything the measurement said; `ranking_note` names a ranking that is all ties).
     """
     figure = ranking_figure(baseline or results[0]) if results or baseline else "sqnr_db"
     gain_key = "sqnr_gain_db" if figure == "sqnr_db" else "exact_match_gain"
     rows = []
-    unranked = [result for result in results if mode == "only_quantized" and not result.quantized_nodes]
-    for result in (result for result in results if mode != "only_quantized" or result.quantized_nodes):
-        node = result.spec.only if mode == "only_quantized" else result.spec.keep_float
+    def node_of(result: TrialResult) -> str:
+        return result.spec.only if mode == "only_quantized" else result.spec.keep_float
+
+    unranked = [result for result in results if not result.quantized_nodes]
+    for result in (result for result in results if result.quantized_nodes):
+        node = node_of(result)
         row = {"node": node, "op_type": op_types.get(node, ""), "sqnr_db": worst(result, "sqnr_db"),
                "cosine": worst(result, "cosine"), "size_bytes": result.size_bytes}
         if figure == "exact_match":
@@ -385,8 +389,8 @@ def rank_nodes(results: list[TrialResult], op_types: dict[str, str], mode: str,
     rows.sort(key=lambda row: (*severity(row), row["node"]))
     for place, row in enumerate(rows, 1):
         row["rank"] = rows[place - 2]["rank"] if place > 1 and severity(rows[place - 2]) == severity(row) else place
-    return rows + sorted(({"node": result.spec.only, "op_type": op_types.get(result.spec.only, ""), "rank": None,
-                           "note": KEPT_FLOAT_ALONE} for result in unranked), key=lambda row: row["node"])
+    return rows + sorted(({"node": node_of(result), "op_type": op_types.get(node_of(result), ""), "rank": None,
+                           "note": QUANTIZED_NOTHING} for result in unranked), key=lambda row: row["node"])
 
 
 def cache_key(model_sha256: str, recipe: Recipe, listings: list[str], mode: str,
