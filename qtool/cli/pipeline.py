@@ -22,7 +22,7 @@ from qtool.runtime.session import Provider, use_providers
 
 @click.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), help="Recipe YAML, or a preset by name (`qtool recipes`; default: int8).")
+@click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), help="Recipe YAML, or a preset by name (`qtool recipes`; default: int8's settings without its gates, so no gate fails).")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path),
               help="Calibration data: a folder, or one .npy/.npz file of stacked samples (not with --calibration; optional with quantization.mode dynamic).")
 @click.option("--data-loader", "data_loader", metavar="FILE.py:FUNCTION",

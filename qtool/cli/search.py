@@ -49,7 +49,7 @@ def _warn(alerts, quiet: bool) -> None:
 
 @click.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), help="Recipe YAML, or a preset by name (`qtool recipes`; default: int8).")
+@click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), help="Recipe YAML, or a preset by name (`qtool recipes`; default: int8's settings without its gates).")
 @click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path), help="Calibration data folder.")
 @click.option("--validation-data", type=click.Path(path_type=Path),
               help="Evaluation data folder (overrides the recipe's validation.data).")
