@@ -103,8 +103,9 @@ def test_inspect_with_data_previews_placement_fast_as_quantize_places_it():
     plan = quantized.report["plan"]
     previewed = api.inspect(folder / "model.onnx", recipe, folder / "calib").as_dict()
     unshaped = api.inspect(folder / "model.onnx", recipe).as_dict()
-    assert previewed["quantization"]["nodes_quantized"] == plan["nodes_quantized"] == 111
+    # 111 and 116 on ONNX Runtime 1.32 with kernel_costs' table of this writing; the claim is the equality
+    assert previewed["quantization"]["nodes_quantized"] == plan["nodes_quantized"]
     assert previewed["quantization"]["quantized_op_types"] == plan["quantized_by_op"]
-    assert unshaped["quantization"]["nodes_quantized"] == 116
+    assert unshaped["quantization"]["nodes_quantized"] > plan["nodes_quantized"]
     assert any(note.endswith("counted as fused") for note in unshaped["prepare"])
     assert any(f"shapes of the first sample of {folder / 'calib'}" in note for note in previewed["prepare"])
