@@ -660,6 +660,19 @@ def test_a_node_whose_trial_quantized_nothing_is_unranked_and_named():
         {"node": "/conv2", "op_type": "Conv", "rank": None, "note": QUANTIZED_NOTHING}]
 
 
+def test_a_sensitivity_cache_of_version_1_is_measured_again(hostile, tmp_path):
+    """Version 1 caches ranked nodes kept float alone as error-free (SQNR inf); their key did not change
+    with the fix, so the document's version tells them apart: an old cache is measured again, not read."""
+    args = (hostile / "model.onnx", hostile / "calib", hostile / "recipe.yaml", tmp_path / "sens")
+    assert not search_api.sensitivity(*args, validation_data=hostile / "eval").cache_hit
+    cache = tmp_path / "sens" / "sensitivity.cache.json"
+    document = json.loads(cache.read_text())
+    assert document["version"] == 2
+    cache.write_text(json.dumps({**document, "version": 1}))
+    assert not search_api.sensitivity(*args, validation_data=hostile / "eval", overwrite=True).cache_hit
+    assert json.loads(cache.read_text())["version"] == 2
+
+
 def test_tune_wording_says_what_each_figure_is():
     """Finding 10: `size 2.14× float` meant 2.14x smaller; `±2% ...; tight means ±2%` called a timing noisy."""
     from qtool.cli.search import _size_text

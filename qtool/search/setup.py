@@ -245,13 +245,20 @@ def executor_section(executor: Executor, lost: list[dict]) -> dict:
             "shipped_bytes": getattr(executor, "shipped_bytes", 0), "lost_trials": list(lost)}
 
 
+# 2: a node quantized alone keeps its Q/DQ, and a trial that quantized nothing is unranked; version 1's
+# rankings hold such nodes as error-free (SQNR inf) under placement fast, so they are measured again
+CACHE_VERSION = 2
+
+
 def read_cache(path: Path, key: str | None = None) -> dict | None:
-    """The cache document at `path` (None when unreadable, or when `key` is given and differs)."""
+    """The cache document at `path` (None when unreadable, of another CACHE_VERSION, or when `key` is
+    given and differs)."""
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         return None
-    if not isinstance(document, dict) or (key is not None and document.get("key") != key):
+    if not isinstance(document, dict) or document.get("version") != CACHE_VERSION or (
+            key is not None and document.get("key") != key):
         return None
     return document
 
@@ -262,7 +269,7 @@ CACHE_FILE = ("sensitivity cache qtool wrote", begins_like(rb'\{\s*"format":\s*"
 
 def cache_document(key: str, mode: str, model_path: Path, rows: list[dict]) -> str:
     """The sensitivity cache file's text: the ranking under the key of everything it depends on."""
-    return json.dumps(json_ready({"format": "qtool-sensitivity", "version": 1, "key": key, "mode": mode,
+    return json.dumps(json_ready({"format": "qtool-sensitivity", "version": CACHE_VERSION, "key": key, "mode": mode,
                                   "model_sha256": file_sha256(model_path), "rows": rows}), indent=2) + "\n"
 
 
