@@ -273,6 +273,38 @@ def test_data_paths_are_relative_only_when_short_and_under_a_common_root(tmp_pat
     assert recipe_path_text(tmp_path / "a" / "b", tmp_path / "c" / "d") == "../../a/b"
 
 
+def test_json_carries_the_measured_latency_and_the_warnings_stderr_prints(tmp_path):
+    """New-user finding: `init --json` printed only the two paths; a script reading it missed what init
+    measured and warned (the latency gate likely to fail, placement fast refusing)."""
+    ran = init(str(SAMPLE / "model.onnx"), "--data", str(SAMPLE / "calib"), "--output", str(tmp_path / "r.yaml"),
+               "--json")
+    assert ran.exit_code == 0, ran.output
+    document = json.loads(ran.stdout)
+    assert set(document) == {"recipe", "schema", "latency_ratio", "warnings"}
+    assert document["latency_ratio"] > 0
+    assert [f"warning: {line}" for line in document["warnings"]] == ran.stderr.splitlines()
+
+
+def test_init_says_when_placement_fast_keeps_every_node_float_so_quantize_refuses(tmp_path):
+    """New-user finding: on ppocr_cls, init timed the fused int8 model (1.36x float) and said only that the
+    latency gate would likely fail, while `qtool quantize` with the starter refused (exit 2: `placement:
+    fast`, the default, keeps all 164 nodes float on the sample's shapes). init now previews fast on its
+    first sample as quantize places it and says quantize refuses; the timing is of placement fused."""
+    from qtool.errors import ModelError
+
+    folder = shared_model("ppocr_cls")
+    result = api.init_recipe(folder / "model.onnx", tmp_path / "recipe.yaml", data_dir=folder / "calib")
+    said = "`qtool quantize` with it refuses (exit 2: no 8-bit kernel pays)"
+    assert len(result.warnings) == 1 and said in result.warnings[0]
+    assert f"`quantization.placement: fused` its int8 model ran at {result.latency_ratio:.2f}x" in result.warnings[0]
+    comments = " ".join(line.strip().lstrip("# ") for line in result.recipe.read_text().splitlines())
+    assert said in comments
+    recipe = load_recipe(result.recipe)
+    recipe = recipe.model_copy(update={"calibration": recipe.calibration.model_copy(update={"samples": 2})})
+    with pytest.raises(ModelError, match="no 8-bit kernel pays"):
+        api.quantize(folder / "model.onnx", folder / "calib", recipe)
+
+
 def test_init_times_the_starter_and_says_when_its_latency_gate_will_fail_here(tmp_path):
     """ppocr_cls and pyannote_seg3 failed their own init recipe's max_latency_ratio 1.0 without a word
     at init (int8 slower than float there). init now times the starter's int8 model (placed as quantize

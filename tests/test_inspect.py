@@ -141,3 +141,38 @@ def test_shared_models_list_opset_problem_and_quantized_nodes(name, opset, famil
     assert quant["nodes_quantized"] > quant["nodes_float"] > 0
     assert all(reason for reason in quant["float_reasons"])
     assert facts["inputs"][0]["name"] == "x" and facts["inputs"][0]["shape"][1] == 3
+
+
+def test_data_that_cannot_feed_the_model_is_exit_2_naming_the_file(tmp_path):
+    """inspect --data reads the first sample as quantize would: a file of the wrong shape, a missing or
+    empty folder is one line and exit 2, never an internal error."""
+    model = tmp_path / "tiny.onnx"
+    onnx.save(tiny_model(), str(model))
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    np.save(wrong / "a.npy", np.zeros((1, 3, 5, 5), np.float32))
+    (tmp_path / "empty").mkdir()
+    runner = CliRunner()
+    result = runner.invoke(main, ["inspect", str(model), "--data", str(wrong)])
+    assert (result.exit_code, result.output) == (2, f"Error: {wrong / 'a.npy'}: array of shape [1, 3, 5, 5] does "
+                                                    "not fit input x: float32 [batch, 3, 8, 8]\n")
+    for folder in (tmp_path / "missing", tmp_path / "empty"):
+        result = runner.invoke(main, ["inspect", str(model), "--data", str(folder)])
+        assert result.exit_code == 2 and result.output.startswith(f"Error: {folder}: "), result.output
+
+
+def test_data_previews_placement_fast_on_its_first_sample(tmp_path):
+    """Without data, inspect counts `placement: fast` as fused and says so; with data it estimates on the
+    first sample's shapes, as quantize: the tiny model's int8 kernels do not pay, so it stays float."""
+    model = tmp_path / "tiny.onnx"
+    onnx.save(tiny_model(), str(model))
+    data = tmp_path / "calib"
+    data.mkdir()
+    np.save(data / "a.npy", np.random.default_rng(0).normal(size=(1, 3, 8, 8)).astype(np.float32))
+    unshaped = inspect_json(str(model))
+    shaped = inspect_json(str(model), "--data", str(data))
+    assert unshaped["quantization"]["nodes_quantized"] == 2
+    assert any(note.endswith("counted as fused") for note in unshaped["prepare"])
+    assert shaped["quantization"]["nodes_quantized"] == 0
+    assert {d["node"]: d["reason"].split(":")[0] for d in shaped["quantization"]["nodes"] if d["node"] != "shape"} == {
+        "conv": "placement fast", "relu": "placement fast"}

@@ -57,6 +57,17 @@ def test_unavailable_provider_is_one_line_exit_2_listing_what_this_build_has(tmp
 
 
 @pytest.mark.parametrize("command", ["quantize", "calibrate", "compare", "sensitivity", "tune"])
+@pytest.mark.parametrize("value", ["", " ", "CPU,"])
+def test_an_empty_provider_name_is_exit_2_naming_those_this_build_has(tmp_path, command, value):
+    """New-user finding: `--provider ""` ran on CPU (exit 0), as if the option were not given."""
+    result = CliRunner().invoke(main, [*command_line(command, tmp_path), "--provider", value])
+    assert result.exit_code == 2
+    assert result.output == (f"Error: --provider {value!r} leaves a provider name empty; this onnxruntime build "
+                             f"({ort.__version__}) has: {', '.join(ort.get_available_providers())}\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["quantize", "calibrate", "compare", "sensitivity", "tune"])
 def test_an_option_the_provider_does_not_take_is_refused_naming_those_it_does(tmp_path, command):
     """New-user finding 18: `--provider CPU:bogus=1` ran (exit 0) and the report recorded `bogus` as applied."""
     args = command_line(command, tmp_path)

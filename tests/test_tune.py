@@ -18,7 +18,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from conftest import ROOT, fused_recipe, make_model, save_npy_folder, shared_model
+from conftest import ROOT, SAMPLE, fused_recipe, make_model, save_npy_folder, shared_model
 from qtool import api
 from qtool.errors import UsageError
 from qtool.recipe.load import load_recipe
@@ -351,8 +351,11 @@ def test_tune_report_schema_is_a_valid_json_schema():
 def test_parse_duration():
     assert parse_duration("90s") == 90 and parse_duration("30m") == 1800 and parse_duration("1.5h") == 5400
     assert parse_duration("45") == 45
-    with pytest.raises(ValueError):
-        parse_duration("soon")
+    # compound forms, largest unit first (new-user finding: `--time-budget 1h30m` was refused)
+    assert parse_duration("1h30m") == 5400 and parse_duration("2m30s") == 150 and parse_duration("1H0M5S") == 3605
+    for text in ("soon", "", "h", "30m1h", "1h 30m", "1d", "nan", "inf", "0s", "-5m", "0h0m"):
+        with pytest.raises(ValueError):
+            parse_duration(text)
 
 
 def exact(ratio: float, spread: float = 0.0):
@@ -625,6 +628,55 @@ def test_sensitivity_ranks_only_the_nodes_quantize_quantizes(tmp_path):
     assert "/hsig" not in quantized and quantized  # placement keeps it float
     result = search_api.sensitivity(tmp_path / "model.onnx", calib, recipe, tmp_path / "sens", validation_data=calib)
     assert {row["node"] for row in result.rows} == quantized
+
+
+def test_sensitivity_with_placement_fast_measures_each_node_alone():
+    """New-user finding: under the default `placement: fast`, 12 of digits_cnn's 13 nodes quantized alone were
+    kept float by the placement pass (one kernel alone, with conversions on both sides, does not pay) and
+    ranked as error-free (SQNR inf, all tied at rank 2), though fast's whole plan quantizes all 13. A node
+    quantized alone now keeps its Q/DQ (placement all): every node ranked, the first conv most sensitive."""
+    import math
+
+    result = search_api.sensitivity(SAMPLE / "model.onnx", SAMPLE / "calib", "int8",
+                                    validation_data=SAMPLE / "eval", samples=8)
+    assert len(result.rows) == 13 and result.alerts == ()
+    assert all(row["rank"] is not None and math.isfinite(row["sqnr_db"]) for row in result.rows), result.rows
+    assert result.rows[0]["node"] == "/conv1/Conv"
+
+
+def test_a_node_whose_trial_quantized_nothing_is_unranked_and_named():
+    """A trial that quantized nothing measured nothing: its node comes last, unranked, with a note, and
+    the warning names it, rather than a perfect SQNR ranking it least (or, kept float, most) sensitive."""
+    from types import SimpleNamespace
+
+    from qtool.search.setup import unranked_note
+    from qtool.search.trial import QUANTIZED_NOTHING, TrialSpec, rank_nodes
+
+    kept = SimpleNamespace(spec=TrialSpec("only /gap", "sensitivity", only="/gap"), quantized_nodes=0)
+    baseline = SimpleNamespace(figure=lambda name: 40.0 if name == "sqnr_db" else None)
+    rows = rank_nodes([kept], {"/gap": "GlobalAveragePool"}, "only_quantized", baseline)
+    assert rows == [{"node": "/gap", "op_type": "GlobalAveragePool", "rank": None, "note": QUANTIZED_NOTHING}]
+    assert unranked_note(rows).startswith("1 of 1 nodes not ranked (/gap): their trial quantized nothing")
+    assert unranked_note([{"node": "/conv", "rank": 1, "sqnr_db": 30.0}]) is None
+    # only_float: digits_cnn with /conv2/Conv float, placement fast kept every node float (SQNR inf): it
+    # ranked first, "gaining" infinite dB, though keeping it float only gave up every integer kernel
+    everything_float = SimpleNamespace(spec=TrialSpec("float /conv2", "sensitivity", keep_float="/conv2"),
+                                       quantized_nodes=0)
+    assert rank_nodes([everything_float], {"/conv2": "Conv"}, "only_float", baseline) == [
+        {"node": "/conv2", "op_type": "Conv", "rank": None, "note": QUANTIZED_NOTHING}]
+
+
+def test_a_sensitivity_cache_of_version_1_is_measured_again(hostile, tmp_path):
+    """Version 1 caches ranked nodes kept float alone as error-free (SQNR inf); their key did not change
+    with the fix, so the document's version tells them apart: an old cache is measured again, not read."""
+    args = (hostile / "model.onnx", hostile / "calib", hostile / "recipe.yaml", tmp_path / "sens")
+    assert not search_api.sensitivity(*args, validation_data=hostile / "eval").cache_hit
+    cache = tmp_path / "sens" / "sensitivity.cache.json"
+    document = json.loads(cache.read_text())
+    assert document["version"] == 2
+    cache.write_text(json.dumps({**document, "version": 1}))
+    assert not search_api.sensitivity(*args, validation_data=hostile / "eval", overwrite=True).cache_hit
+    assert json.loads(cache.read_text())["version"] == 2
 
 
 def test_tune_wording_says_what_each_figure_is():

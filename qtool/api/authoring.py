@@ -6,16 +6,19 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from onnx import ModelProto
 
 from qtool.authoring import inspection
 from qtool.authoring import starter
-from qtool.errors import ModelError, QtoolError, UsageError
+from qtool.errors import DataError, ModelError, QtoolError, UsageError
 from qtool.evaluation.latency import BenchResult, bench_models
 from qtool.io.artifacts import guarded, write_text_atomic
 from qtool.io.external import in_scratch
 from qtool.io.feeds import open_data
+from qtool.io.samples import DataSource
 from qtool.io.targets import check_output_file
 from qtool.io.model import load_model, opset_version, read_header
+from qtool.quantization.kernel_costs import SLOWER_PREFIX
 from qtool.quantization.placement import preview_plan
 from qtool.quantization.plan import select_tensors
 from qtool.recipe.load import load_recipe, parse_recipe
@@ -28,11 +31,14 @@ LATENCY_PROBE_ROUNDS = 60  # qtool init's float/int8 timing: a few seconds at mo
 
 
 @in_scratch  # past 2 GB: the weights' work files go when it returns
-def inspect(model_path: str | Path, recipe: Recipe | str | Path | None = None) -> inspection.Inspection:
+def inspect(model_path: str | Path, recipe: Recipe | str | Path | None = None,
+            data: str | Path | None = None) -> inspection.Inspection:
     """What a model is and what qtool would do to it under `recipe`.
 
     Problems qtool would refuse or change later are listed, not raised; only
-    a file that is not a readable ONNX model is an error.
+    a file that is not a readable ONNX model is an error, and `data` (a calibration folder or file) that
+    cannot feed it: `placement: fast` previews on its first sample's tensor shapes, as quantize plans
+    (without it, fast is counted as fused, with a note).
     """
     model_path = Path(model_path)
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
@@ -49,20 +55,32 @@ def inspect(model_path: str | Path, recipe: Recipe | str | Path | None = None) -
             problems.append(inspection.Problem("refuse", str(exc)))
             upgraded = False
         else:  # the placement pass too, as quantize runs it: the two counts agree
+            sample = _first_sample(model, model_path, recipe, data)
             decisions = preview_plan(model, recipe, select_tensors(model, recipe),
-                                     int8_kernels_may_saturate()).plan.nodes
+                                     int8_kernels_may_saturate(), sample).plan.nodes
             notes.append("nodes quantized: as `qtool quantize` places them (placeholder ranges); calibration can "
                          "keep a few more float (degenerate ranges, Concat inputs far apart; keep_float auto's "
                          "end regions, measured on the data)")
             if recipe.quantization.placement == "fast":
-                notes.append("placement fast: the groups quantize keeps float for speed are estimated on the tensor "
-                             "shapes of a calibration sample, which inspect does not read: counted as fused")
+                notes.append(f"placement fast: the groups quantize keeps float for speed estimated on the tensor "
+                             f"shapes of the first sample of {data}" if sample is not None else
+                             "placement fast: the groups quantize keeps float for speed are estimated on the tensor "
+                             "shapes of a calibration sample; without --data inspect reads none: counted as fused")
     opset = inspection.opset_problem(opset_version(header), upgraded)
     return inspection.describe_model(
         header, model_path, ([opset] if opset else []) + problems, prepare_notes=notes,
         recipe=str(recipe.source) if recipe.source else "built-in default", decisions=decisions,
     )
 
+
+def _first_sample(model: ModelProto, model_path: Path, recipe: Recipe, data: str | Path | None) -> DataSource | None:
+    """`data` opened as quantize reads it, one sample (None without `data`); a DataError when it holds none."""
+    if data is None:
+        return None
+    source = open_data(data, data_inputs(model, model_path), 1, recipe)
+    if next(source.batches(1), None) is None:
+        raise DataError(f"{data}: holds no sample")
+    return source
 
 
 @dataclass(frozen=True)
@@ -108,11 +126,11 @@ def init_recipe(
     text = starter.starter_recipe(model, model_path, output, data, evaluation,
                                   schema or starter.SCHEMA_FILE, image)
     recipe = parse_recipe(text, output)  # what we write must load as it is; a RecipeError here names the key
-    latency, unmeasured = _probe_latency(model_path, recipe, data) if data is not None else (None, "")
+    latency, unmeasured, all_float = _probe_latency(model_path, recipe, data) if data is not None else (None, "", False)
     slow = None
-    if latency is not None and latency.ratio > starter.LATENCY_MARGIN:  # the gate would fail, or flap
+    if latency is not None and (all_float or latency.ratio > starter.LATENCY_MARGIN):  # the gate would fail, or flap
         slow = starter.MeasuredLatency(latency.ratio, latency.reference.median_ms, latency.candidate.median_ms,
-                                       latency.candidate.runs)
+                                       latency.candidate.runs, all_float)
         text = starter.starter_recipe(model, model_path, output, data, evaluation,
                                       schema or starter.SCHEMA_FILE, image, slow)
         parse_recipe(text, output)
@@ -129,23 +147,34 @@ def init_recipe(
     return InitResult(output, schema_path, latency.ratio if latency else None, warnings)
 
 
-def _probe_latency(model_path: Path, recipe: Recipe, data: Path) -> tuple[BenchResult | None, str]:
+def _probe_latency(model_path: Path, recipe: Recipe, data: Path) -> tuple[BenchResult | None, str, bool]:
     """The starter recipe's model against float on the first sample of `data`, as quantize times them
     (interleaved, one thread), its plan placed on placeholder ranges (what ORT runs depends on the graph,
-    not the ranges); else (None, why): the data cannot be read as the recipe says, or ONNX Runtime
-    refused to run the model on it (its message, first line)."""
+    not the ranges) and, for `placement: fast`, that sample's tensor shapes, as quantize places it. Where
+    fast keeps every node float (quantize refuses), the fused plan is timed and the flag is True. Else
+    (None, why, False): the data cannot be read as the recipe says, or ONNX Runtime refused to run the
+    model on it (its message, first line)."""
     try:
         model, _ = prepare(model_path, recipe)
-        feeds = next(open_data(data, data_inputs(model, model_path), 1, recipe).batches(1)).feeds
-        quantized = preview_plan(model, recipe, select_tensors(model, recipe), int8_kernels_may_saturate()).model
-        return bench_models(model, quantized, feeds, threads=BENCH_THREADS, rounds=LATENCY_PROBE_ROUNDS,
-                            max_seconds=2.0), ""
+        source = open_data(data, data_inputs(model, model_path), 1, recipe)
+        feeds = next(source.batches(1)).feeds
+        selection, saturating = select_tensors(model, recipe), int8_kernels_may_saturate()
+        placed = preview_plan(model, recipe, selection, saturating, source)
+        all_float = (recipe.quantization.placement == "fast" and not any(d.quantized for d in placed.plan.nodes)
+                     and any(d.reason.startswith(SLOWER_PREFIX) for d in placed.plan.nodes))
+        if all_float:  # what quantize refuses: time what `placement: fused` would run instead
+            fused = recipe.model_copy(update={"quantization": recipe.quantization.model_copy(
+                update={"placement": "fused"})})
+            placed = preview_plan(model, fused, selection, saturating)
+        return bench_models(model, placed.model, feeds, threads=BENCH_THREADS, rounds=LATENCY_PROBE_ROUNDS,
+                            max_seconds=2.0), "", all_float
     except StopIteration:
-        return None, "the data holds no sample"
+        return None, "the data holds no sample", False
     except QtoolError as exc:
-        return None, str(exc)
+        return None, str(exc), False
     except Exception as exc:  # ORT's own Fail/InvalidArgument/... on this sample
-        return None, f"ONNX Runtime: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+        return None, (f"ONNX Runtime: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+                      ), False
 
 
 def _is_qtool_schema(path: Path) -> bool:

@@ -141,8 +141,17 @@ class MeasuredLatency:
     float_ms: float
     quantized_ms: float
     runs: int
+    fast_keeps_all_float: bool = False  # placement fast kept every node float: the model timed is placed fused
 
     def warning(self) -> str:
+        if self.fast_keeps_all_float:
+            return ("`placement: fast` (the default) estimates every node this recipe quantizes faster as float "
+                    "on ONNX Runtime's CPU kernels here, so `qtool quantize` with it refuses (exit 2: no 8-bit "
+                    f"kernel pays); with `quantization.placement: fused` its int8 model ran at {self.ratio:.2f}x "
+                    f"float's latency ({self.quantized_ms:.3g} ms against {self.float_ms:.3g} ms, median of "
+                    f"{self.runs} interleaved runs, one thread): "
+                    "ship the float model, or set placement fused (and measure on the target machine: "
+                    "--provider, --threads)")
         return (f"the starter recipe's int8 model ran at {self.ratio:.2f}x float's latency here ({self.quantized_ms:.3g} "
                 f"ms against {self.float_ms:.3g} ms, median of {self.runs} interleaved runs, one thread): above "
                 f"{LATENCY_MARGIN}x, int8 gains little or nothing on this model with these kernels, so quantize "

@@ -22,20 +22,25 @@ from qtool.reporting.schemas import REPORT_SCHEMAS, report_schema
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--recipe", "recipe_path", type=click.Path(path_type=Path),
               help="Recipe whose rules decide what would be quantized (a file or a preset name; default: int8).")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path),
+              help="Calibration data (a folder or file, read as the recipe says): placement fast is "
+                   "previewed on its first sample's tensor shapes, as quantize plans it (without: as fused).")
 @output_options
-def inspect(model: Path, recipe_path: Path | None, quiet: bool, verbose: bool, as_json: bool) -> None:
+def inspect(model: Path, recipe_path: Path | None, data_dir: Path | None, quiet: bool, verbose: bool,
+            as_json: bool) -> None:
     """Show what MODEL is and what qtool would do to it.
 
     Inputs and outputs (symbolic dims named), opset, op types, external data,
     the problems qtool would refuse or change, and which nodes the recipe
     would quantize, with the reason each other node stays float. Exits 0
-    even when it lists problems; 2 only for an unreadable file.
+    even when it lists problems; 2 only for an unreadable file or --data
+    that cannot feed the model.
 
     \b
     Example:
-      qtool inspect model.onnx --recipe int8
+      qtool inspect model.onnx --recipe int8 --data calib/
     """
-    facts = api.inspect(model, recipe_path)
+    facts = api.inspect(model, recipe_path, data_dir)
     if as_json:
         echo_json(facts.as_dict())
     elif not quiet:
@@ -156,8 +161,10 @@ def init(model: Path, data_dir: Path | None, validation_data: Path | None, outpu
     (.wav .flac .ogg) data.audio, and inputs named like state (h0, c, state,
     hidden, ...) with an output of their shape data.state. The recipe loads as
     written; `qtool quantize` runs it unchanged. With --data, the recipe's int8
-    model is timed against float on the first sample: above 0.9x float a warning
-    says that its max_latency_ratio gate will likely fail on this machine.
+    model (placed as quantize places it) is timed against float on the first
+    sample: above 0.9x float a warning says that its max_latency_ratio gate will
+    likely fail on this machine; where placement fast keeps every node float
+    (quantize refuses: no 8-bit kernel pays) it says so, timing placement fused.
 
     \b
     Example:
@@ -171,7 +178,8 @@ def init(model: Path, data_dir: Path | None, validation_data: Path | None, outpu
     for line in result.warnings if not quiet else ():
         click.echo(f"warning: {line}", err=True)
     if as_json:
-        echo_json({"recipe": str(recipe), "schema": str(schema_file) if schema_file else None})
+        echo_json({"recipe": str(recipe), "schema": str(schema_file) if schema_file else None,
+                   "latency_ratio": result.latency_ratio, "warnings": result.warnings})
         return
     if quiet:
         return

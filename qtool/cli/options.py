@@ -29,10 +29,18 @@ def output_options(command):
     return command
 
 
+def _parse_providers(ctx: click.Context, param, value: str | None):
+    """The providers `--provider` names, parsed (None: not given, ORT's default); an empty value is
+    refused as the names it lacks are, never read as CPU."""
+    from qtool.runtime.session import parse_providers
+
+    return None if value is None else parse_providers(value)
+
+
 def provider_option(command):
     """`--provider`: ONNX Runtime execution providers for every session of the command."""
     return click.option(
-        "--provider", "provider", metavar="NAME[:K=V;..][,NAME..]",
+        "--provider", "providers", metavar="NAME[:K=V;..][,NAME..]", callback=_parse_providers,
         help="ONNX Runtime execution providers, in order of preference, with options where needed "
              "(e.g. TensorRT:trt_fp16_enable=1,CUDA,CPU; short names add ExecutionProvider) for every "
              "session of the command: calibration, validation, trials, per-layer and latency; recorded in "

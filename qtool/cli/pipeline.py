@@ -17,12 +17,12 @@ from qtool.errors import EXIT_GATE_FAILED, SideFileError, UsageError, one_line
 from qtool.evaluation.validation import slower_than_float
 from qtool.io.feeds import load_loader
 from qtool.reporting.document import render_json
-from qtool.runtime.session import parse_providers, use_providers
+from qtool.runtime.session import Provider, use_providers
 
 
 @click.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), help="Recipe YAML, or a preset by name (`qtool recipes`; default: int8).")
+@click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), help="Recipe YAML, or a preset by name (`qtool recipes`; default: int8's settings without its gates, so no gate fails).")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path),
               help="Calibration data: a folder, or one .npy/.npz file of stacked samples (not with --calibration; optional with quantization.mode dynamic).")
 @click.option("--data-loader", "data_loader", metavar="FILE.py:FUNCTION",
@@ -54,7 +54,8 @@ from qtool.runtime.session import parse_providers, use_providers
 def quantize(model: Path, recipe_path: Path | None, data_dir: Path | None, data_loader: str | None,
              calibration: Path | None, output_dir: Path, validation_data: Path | None, labels: Path | None, overwrite: bool,
              per_layer: bool, bench: bool, threads: int | None, junit: Path | None, executor: str,
-             ray_address: str | None, provider: str | None, quiet: bool, verbose: bool, as_json: bool) -> None:
+             ray_address: str | None, providers: tuple[Provider, ...] | None, quiet: bool, verbose: bool,
+             as_json: bool) -> None:
     """Quantize MODEL to int8 QDQ, validate it against the float model, write a report.
 
     Exit codes: 0 done and every gate passed; 1 a gate failed (artifacts
@@ -69,7 +70,7 @@ def quantize(model: Path, recipe_path: Path | None, data_dir: Path | None, data_
       qtool quantize model.onnx --calibration table.json \\
           --validation-data eval/ --output out/int8
     """
-    with use_providers(parse_providers(provider) if provider else None), \
+    with use_providers(providers), \
             terminal.StageProgress(terminal.make_console(stderr=True), quiet or as_json) as progress:
         result, side_file = _keeping_result(lambda: api.quantize(
             model, _data(data_dir, data_loader), recipe_path, output_dir, validation_data=validation_data,
@@ -165,7 +166,7 @@ def _tune_hint(model: Path, recipe_path: Path | None, data_dir: Path, validation
 @output_options
 def calibrate(model: Path, data_dir: Path | None, data_loader: str | None, recipe_path: Path | None,
               output_path: Path, overwrite: bool, table_format: str, executor: str, ray_address: str | None,
-              provider: str | None, quiet: bool, verbose: bool, as_json: bool) -> None:
+              providers: tuple[Provider, ...] | None, quiet: bool, verbose: bool, as_json: bool) -> None:
     """Measure a range for every tensor the recipe would quantize; write a calibration table.
 
     The table (JSON, versioned) holds per tensor its range, method and the
@@ -180,7 +181,7 @@ def calibrate(model: Path, data_dir: Path | None, data_loader: str | None, recip
       qtool quantize model.onnx --calibration table.json --recipe int8 \\
           --validation-data eval/ --output out/int8
     """
-    with use_providers(parse_providers(provider) if provider else None), \
+    with use_providers(providers), \
             terminal.StageProgress(terminal.make_console(stderr=True), quiet or as_json) as progress:
         data = _data(data_dir, data_loader)
         if data is None:
@@ -267,7 +268,7 @@ def analysis_options(command):
 @output_options
 def compare(reference: Path, candidate: Path, data_dir: Path, labels: Path | None, recipe_path: Path | None,
             gates: dict, per_layer: bool, bench: bool, threads: int | None, junit: Path | None, output_dir: Path,
-            overwrite: bool, provider: str | None, quiet: bool, verbose: bool, as_json: bool) -> None:
+            overwrite: bool, providers: tuple[Provider, ...] | None, quiet: bool, verbose: bool, as_json: bool) -> None:
     """Compare CANDIDATE (e.g. quantized) with REFERENCE (e.g. float) on the same inputs; write a report.
 
     Per output: cosine, SQNR, MSE, max/mean abs error, top-1/top-5 agreement,
@@ -281,7 +282,7 @@ def compare(reference: Path, candidate: Path, data_dir: Path, labels: Path | Non
       qtool compare model.onnx out/int8/model.onnx --data eval/ --per-layer --bench \\
           --gate min_cosine=0.99 --gate max_latency_ratio=1.2 --junit gates.xml --output out/compare
     """
-    with use_providers(parse_providers(provider) if provider else None), \
+    with use_providers(providers), \
             terminal.StageProgress(terminal.make_console(stderr=True), quiet or as_json) as progress:
         result, side_file = _keeping_result(lambda: api.compare(
             reference, candidate, data_dir, output_dir, labels=labels, recipe=recipe_path, gates=gates,

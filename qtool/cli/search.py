@@ -11,7 +11,7 @@ from qtool.cli import terminal
 from qtool.cli.options import executor_options, output_options, provider_option
 from qtool.errors import EXIT_GATE_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED
 from qtool.reporting.document import render_json
-from qtool.runtime.session import parse_providers, use_providers
+from qtool.runtime.session import Provider, use_providers
 from qtool.search import api as search_api
 
 
@@ -49,7 +49,7 @@ def _warn(alerts, quiet: bool) -> None:
 
 @click.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), help="Recipe YAML, or a preset by name (`qtool recipes`; default: int8).")
+@click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), help="Recipe YAML, or a preset by name (`qtool recipes`; default: int8's settings without its gates).")
 @click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path), help="Calibration data folder.")
 @click.option("--validation-data", type=click.Path(path_type=Path),
               help="Evaluation data folder (overrides the recipe's validation.data).")
@@ -74,7 +74,7 @@ def _warn(alerts, quiet: bool) -> None:
 def sensitivity(model: Path, recipe_path: Path | None, data_dir: Path, validation_data: Path | None,
                 labels: Path | None, output_dir: Path, mode: str, samples: int | None, jobs: int | None,
                 executor: str, ray_address: str | None, cache: Path | None, overwrite: bool,
-                provider: str | None, quiet: bool, verbose: bool, as_json: bool) -> None:
+                providers: tuple[Provider, ...] | None, quiet: bool, verbose: bool, as_json: bool) -> None:
     """Rank the nodes the recipe quantizes by the output error each one causes.
 
     One calibration, then one cheap trial per node (quantized alone, or kept
@@ -87,7 +87,7 @@ def sensitivity(model: Path, recipe_path: Path | None, data_dir: Path, validatio
       qtool sensitivity model.onnx --recipe int8 --data calib/ \\
           --validation-data eval/ --jobs 2 --output out/sensitivity
     """
-    with use_providers(parse_providers(provider) if provider else None), \
+    with use_providers(providers), \
             terminal.StageProgress(terminal.make_console(stderr=True), quiet or as_json) as progress:
         result = search_api.sensitivity(model, data_dir, recipe_path, output_dir, validation_data=validation_data,
                                     labels=labels, mode=mode, samples=samples, jobs=jobs, cache=cache,
@@ -116,7 +116,7 @@ def sensitivity(model: Path, recipe_path: Path | None, data_dir: Path, validatio
 @click.option("--max-trials", type=click.IntRange(min=1), default=24, show_default=True,
               help="Search trials at most (the sensitivity pass is not counted).")
 @click.option("--time-budget", callback=_duration, metavar="DURATION",
-              help="Stop starting trials after this long, e.g. 90s, 30m, 1h (sensitivity included).")
+              help="Stop starting trials after this long, e.g. 90s, 30m, 1h30m (sensitivity included).")
 @click.option("--jobs", type=click.IntRange(min=1),
               help="Trials run at once: processes here (default 1; one ONNX Runtime thread each when "
                    "above 1), or Ray tasks with --executor ray (default: the cluster's CPUs).")
@@ -140,7 +140,7 @@ def sensitivity(model: Path, recipe_path: Path | None, data_dir: Path, validatio
 def tune(model: Path, recipe_path: Path, data_dir: Path, validation_data: Path | None, labels: Path | None,
          output_dir: Path, max_trials: int, time_budget: float | None, jobs: int | None, executor: str,
          ray_address: str | None, sensitivity_samples: int | None, latency_runs: int, cache: Path | None,
-         overwrite: bool, provider: str | None, quiet: bool, verbose: bool, as_json: bool) -> None:
+         overwrite: bool, providers: tuple[Provider, ...] | None, quiet: bool, verbose: bool, as_json: bool) -> None:
     """Find per-node precision (float, or 16-bit activations) that meets the recipe's gates, fastest first.
 
     Target: the recipe's validation.gates (max_accuracy_drop with labels,
@@ -164,7 +164,7 @@ def tune(model: Path, recipe_path: Path, data_dir: Path, validation_data: Path |
         if verbose and not as_json:
             err.print(line, highlight=False, markup=False)
 
-    with use_providers(parse_providers(provider) if provider else None), \
+    with use_providers(providers), \
             terminal.StageProgress(err, quiet or as_json) as progress:
         result = search_api.tune(model, data_dir, recipe_path, output_dir, validation_data=validation_data, labels=labels,
                              max_trials=max_trials, time_budget=time_budget, jobs=jobs,

@@ -179,8 +179,10 @@ def print_sensitivity(console: Console, rows: list[dict], output_dir: Path, cach
         table.add_column(column, justify="right" if column in ("rank", heading) else "left")
     for row in rows[: 20 if verbose else 5]:
         value = row.get(key)
-        table.add_row(str(row.get("rank")), escape(row["node"]), escape(row.get("op_type", "")),
-                      f"{value:.{4 if key == 'exact_match' else 2}f}" if isinstance(value, float) else str(value))
+        table.add_row(str(row["rank"]) if row.get("rank") is not None else "-", escape(row["node"]),
+                      escape(row.get("op_type", "")),
+                      f"{value:.{4 if key == 'exact_match' else 2}f}" if isinstance(value, float)
+                      else "not measured" if value is None else str(value))
     console.print(table)
 
 

@@ -211,10 +211,12 @@ def plan_and_apply(model: ModelProto, recipe: Recipe, selection: Selection, tabl
 BOUNDED_BELOW = {"Relu": (0.0, None), "Sigmoid": (0.0, 1.0), "HardSigmoid": (0.0, 1.0), "Softmax": (0.0, 1.0)}
 
 
-def preview_plan(model: ModelProto, recipe: Recipe, selection: Selection, saturating_host: bool) -> Placement:
-    """The plan `quantize` would carry out and its model, without data (`qtool inspect`, `qtool init`'s
+def preview_plan(model: ModelProto, recipe: Recipe, selection: Selection, saturating_host: bool,
+                 data: DataSource | None = None) -> Placement:
+    """The plan `quantize` would carry out and its model, without calibrating (`qtool inspect`, `qtool init`'s
     latency probe): `plan_and_apply` itself, on
-    placeholder ranges for the tensors the recipe calibrates. What ORT fuses depends on two things about
+    placeholder ranges for the tensors the recipe calibrates, and for `placement: fast` the tensor shapes
+    of `data`'s first sample (without `data`, fast plans as fused). What ORT fuses depends on two things about
     ranges, which the placeholders keep: no two tensors share a scale (ORT drops a DequantizeLinear ->
     QuantizeLinear pair of equal scales), and a Relu's, Clip's or Sigmoid's output range lies within what
     the op can produce (ORT removes the Relu/Clip before a QuantizeLinear only then, and fuses its producer).
@@ -237,4 +239,5 @@ def preview_plan(model: ModelProto, recipe: Recipe, selection: Selection, satura
             hi = min(hi, high) - spread / 2 if high is not None else hi
             hi = hi if hi > lo else lo + 1.0 + spread
         ranges[name] = TensorRange(lo, hi, "placeholder")
-    return plan_and_apply(model, recipe, selection, CalibrationTable(ranges, 1), saturating_host)
+    table = with_fast_shapes(model, recipe, CalibrationTable(ranges, 1), data)
+    return plan_and_apply(model, recipe, selection, table, saturating_host)

@@ -186,6 +186,9 @@ def _describe(error: dict, path: Path, lines: dict) -> str:
         return f"{path}:{line}: {key}: unknown key; allowed here: {allowed}"
     if kind == "missing":
         return f"{path}:{line}: {key}: required key is missing"
+    names = (error.get("ctx") or {}).get("expected")
+    if loc[-1:] == ("[key]",) and names:  # a mapping's key outside its names (a gate's): pydantic's marker
+        return f"{path}:{line}: {'.'.join(map(str, loc[:-1]))}: unknown key; allowed here: {names}"
     return f"{path}:{line}: {key}: {given!r} is not allowed: {error['msg'][0].lower()}{error['msg'][1:]}"
 
 

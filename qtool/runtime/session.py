@@ -46,13 +46,16 @@ def parse_providers(text: str) -> tuple[Provider, ...]:
     for item in (part.strip() for part in text.split(",")):
         name, _, options_text = item.partition(":")
         name = name.strip()
-        if name and not name.lower().endswith("executionprovider"):
+        if not name:
+            raise UsageError(f"--provider {text!r} leaves a provider name empty; this onnxruntime build "
+                             f"({ort.__version__}) has: {', '.join(available)}")
+        if not name.lower().endswith("executionprovider"):
             name += "ExecutionProvider"
         name = by_folded_name.get(name.lower(), name)
         if any(name == chosen for chosen, _ in providers):
             raise UsageError(f"execution provider {name} is named twice in --provider {text!r}")
         if name not in available:
-            raise UsageError(f"execution provider {name or item!r} is not in this onnxruntime build "
+            raise UsageError(f"execution provider {name!r} is not in this onnxruntime build "
                              f"({ort.__version__}); it has: {', '.join(available)}")
         options = {}
         for pair in filter(None, (p.strip() for p in options_text.split(";"))):

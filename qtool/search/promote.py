@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
@@ -300,16 +301,18 @@ def pareto_frontier(results: list[TrialResult], name: str) -> list[TrialResult]:
     return sorted(frontier, key=lambda r: r.size_bytes)
 
 
+_DURATION = re.compile(r"(?:(\d+(?:\.\d*)?|\.\d+)h)?(?:(\d+(?:\.\d*)?|\.\d+)m)?(?:(\d+(?:\.\d*)?|\.\d+)s)?")
+
+
 def parse_duration(text: str) -> float:
-    """'90s', '30m', '1.5h' or plain seconds -> seconds."""
+    """'90s', '30m', '1.5h', '1h30m', '2m30s' or plain seconds -> seconds; else a ValueError."""
     text = text.strip().lower()
-    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
-    scale = units.get(text[-1:], None)
-    number = text[:-1] if scale else text
+    parts = _DURATION.fullmatch(text)
     try:
-        value = float(number) * (scale or 1.0)
+        value = (sum(float(part or 0) * scale for part, scale in zip(parts.groups(), (3600.0, 60.0, 1.0)))
+                 if text and parts else float(text))
     except ValueError:
-        raise ValueError(f"expected a duration like 90s, 30m or 1h, got {text!r}") from None
+        raise ValueError(f"expected a duration like 90s, 30m, 1h or 1h30m, got {text!r}") from None
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"expected a positive duration, got {text!r}")
     return value

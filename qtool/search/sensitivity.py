@@ -25,7 +25,7 @@ from qtool.search.executor import make_executor
 from qtool.search.promote import objective_name
 from qtool.search.setup import (CACHE_FILE, cache_document, check_ranking_samples, executor_section,
                                 measure_sensitivity, ranking_note, read_cache, search_inputs, setup_trials,
-                                trial_row)
+                                trial_row, unranked_note)
 from qtool.search.trial import TrialSpec, cache_key, folder_files, run_trial
 
 SENSITIVITY_CACHE = "sensitivity.cache.json"
@@ -105,8 +105,8 @@ def sensitivity(
             rows, complete = measure_sensitivity(setup, pool, mode, None, tick, baseline, samples, lost)
         where = executor_section(pool, lost)
     cache_text = cache_document(key, mode, model_path, rows)
-    tie = ranking_note(rows)
-    alerts += [tie] if tie else []
+    tie, unranked = ranking_note(rows), unranked_note(rows)
+    alerts += [note for note in (tie, unranked) if note]
     report = {
         "schema_version": reporting.REPORT_SCHEMA_VERSION, "command": "sensitivity", "passed": True,
         "versions": reporting.versions(), "execution_providers": reporting.execution_providers(),

@@ -40,8 +40,9 @@ from qtool.runtime.session import current_providers, int8_kernels_may_saturate, 
 from qtool.runtime.streams import StateCarry
 from qtool.search.executor import Executor
 from qtool.search.promote import objective, objective_name
-from qtool.search.trial import (FLOAT_MODEL, TrialContext, TrialResult, TrialSpec, float_model_name,
-                                promotion_overrides, rank_nodes, run_trial, with_overrides, worst, write_eval_set)
+from qtool.search.trial import (FLOAT_MODEL, QUANTIZED_NOTHING, TrialContext, TrialResult, TrialSpec,
+                                float_model_name, promotion_overrides, rank_nodes, run_trial, with_overrides, worst,
+                                write_eval_set)
 
 
 @dataclass
@@ -262,13 +263,20 @@ def executor_section(executor: Executor, lost: list[dict]) -> dict:
             "shipped_bytes": getattr(executor, "shipped_bytes", 0), "lost_trials": list(lost)}
 
 
+# 2: a node quantized alone keeps its Q/DQ, and a trial that quantized nothing is unranked; version 1's
+# rankings hold such nodes as error-free (SQNR inf) under placement fast, so they are measured again
+CACHE_VERSION = 2
+
+
 def read_cache(path: Path, key: str | None = None) -> dict | None:
-    """The cache document at `path` (None when unreadable, or when `key` is given and differs)."""
+    """The cache document at `path` (None when unreadable, of another CACHE_VERSION, or when `key` is
+    given and differs)."""
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         return None
-    if not isinstance(document, dict) or (key is not None and document.get("key") != key):
+    if not isinstance(document, dict) or document.get("version") != CACHE_VERSION or (
+            key is not None and document.get("key") != key):
         return None
     return document
 
@@ -279,7 +287,7 @@ CACHE_FILE = ("sensitivity cache qtool wrote", begins_like(rb'\{\s*"format":\s*"
 
 def cache_document(key: str, mode: str, model_path: Path, rows: list[dict]) -> str:
     """The sensitivity cache file's text: the ranking under the key of everything it depends on."""
-    return json.dumps(json_ready({"format": "qtool-sensitivity", "version": 1, "key": key, "mode": mode,
+    return json.dumps(json_ready({"format": "qtool-sensitivity", "version": CACHE_VERSION, "key": key, "mode": mode,
                                   "model_sha256": file_sha256(model_path), "rows": rows}), indent=2) + "\n"
 
 
@@ -330,6 +338,17 @@ def ranking_note(rows: list[dict]) -> str | None:
             f"({figure.replace('_', ' ')} {shown:.4g}); their order is only the node names'. Measure on more "
             "or harder validation samples (one node alone may change no tag on these), or rank by a float "
             "output (the logits before an ArgMax)")
+
+
+def unranked_note(rows: list[dict]) -> str | None:
+    """A warning naming the nodes the ranking could not measure because their trial quantized nothing
+    (trial.QUANTIZED_NOTHING); None when there are none."""
+    kept = [row["node"] for row in rows if row.get("note") == QUANTIZED_NOTHING]
+    if not kept:
+        return None
+    named = ", ".join(kept[:3]) + (f" and {len(kept) - 3} more" if len(kept) > 3 else "")
+    return (f"{len(kept)} of {len(rows)} nodes not ranked ({named}): their trial quantized nothing (its plan "
+            "kept every node float), so it measured nothing about them; they come last")
 
 
 def trial_row(result: TrialResult, objective_figure: str, float_bytes: int) -> dict:

@@ -102,7 +102,13 @@ def with_overrides(recipe: Recipe, overrides: list[dict]) -> Recipe:
 
 
 def trial_recipe(recipe: Recipe, spec: TrialSpec) -> Recipe:
-    return with_overrides(recipe, trial_overrides(spec, recipe))
+    """The recipe one trial quantizes with. A node quantized alone keeps every Q/DQ it plans (`placement:
+    all`): it measures that node's own error, where `fast` or `fused` would judge a lone node's speed
+    (conversions on both sides of one kernel) and keep it float, its error unmeasured."""
+    recipe = with_overrides(recipe, trial_overrides(spec, recipe))
+    if spec.only is None:
+        return recipe
+    return recipe.model_copy(update={"quantization": recipe.quantization.model_copy(update={"placement": "all"})})
 
 
 def float_model_name(recipe: Recipe) -> str:
@@ -337,6 +343,11 @@ def ranking_figure(result: TrialResult) -> str:
         else "sqnr_db"
 
 
+# the note of a sensitivity row whose trial quantized nothing: what the node's precision does is unknown
+QUANTIZED_NOTHING = ("not measured: its trial quantized nothing (its plan kept every node float: no usable range, "
+                     "or, with this node float, placement fast found no integer kernel that pays)")
+
+
 def rank_nodes(results: list[TrialResult], op_types: dict[str, str], mode: str,
                baseline: TrialResult | None = None) -> list[dict]:
     """Rows, most sensitive first.
@@ -344,14 +355,20 @@ def rank_nodes(results: list[TrialResult], op_types: dict[str, str], mode: str,
     mode "only_quantized": the error with the node quantized alone (lowest SQNR first);
     mode "only_float": the SQNR gained over the full recipe by keeping the node float
     (largest gain first). A model whose outputs are all integer ranks by exact match instead
-    (`exact_match`, `exact_match_gain`). Nodes that score the same share a rank (1, 1, 3: ties are
+    (`exact_match`, `exact_match_gain`). A trial that quantized nothing measured neither: its node
+    comes last, unranked (QUANTIZED_NOTHING), never as error-free or as the one float node that
+    gains most. Nodes that score the same share a rank (1, 1, 3: ties are
     not ordered by anything the measurement said; `ranking_note` names a ranking that is all ties).
     """
     figure = ranking_figure(baseline or results[0]) if results or baseline else "sqnr_db"
     gain_key = "sqnr_gain_db" if figure == "sqnr_db" else "exact_match_gain"
     rows = []
-    for result in results:
-        node = result.spec.only if mode == "only_quantized" else result.spec.keep_float
+    def node_of(result: TrialResult) -> str:
+        return result.spec.only if mode == "only_quantized" else result.spec.keep_float
+
+    unranked = [result for result in results if not result.quantized_nodes]
+    for result in (result for result in results if result.quantized_nodes):
+        node = node_of(result)
         row = {"node": node, "op_type": op_types.get(node, ""), "sqnr_db": worst(result, "sqnr_db"),
                "cosine": worst(result, "cosine"), "size_bytes": result.size_bytes}
         if figure == "exact_match":
@@ -373,7 +390,8 @@ def rank_nodes(results: list[TrialResult], op_types: dict[str, str], mode: str,
     rows.sort(key=lambda row: (*severity(row), row["node"]))
     for place, row in enumerate(rows, 1):
         row["rank"] = rows[place - 2]["rank"] if place > 1 and severity(rows[place - 2]) == severity(row) else place
-    return rows
+    return rows + sorted(({"node": node_of(result), "op_type": op_types.get(node_of(result), ""), "rank": None,
+                           "note": QUANTIZED_NOTHING} for result in unranked), key=lambda row: row["node"])
 
 
 def cache_key(model_sha256: str, recipe: Recipe, listings: list[str], mode: str,

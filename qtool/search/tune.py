@@ -33,7 +33,7 @@ from qtool.search.promote import Search, objective, pareto_frontier
 from qtool.search.sensitivity import SENSITIVITY_CACHE, check_samples
 from qtool.search.setup import (CACHE_FILE, TrialSetup, cache_document, check_ranking_samples, executor_section,
                                 measure_sensitivity, ranking_note, read_cache, run_specs, search_inputs, setup_trials,
-                                trial_row, tune_objective)
+                                trial_row, tune_objective, unranked_note)
 from qtool.search.trial import (A16, SEARCH_GATES, TrialResult, TrialSpec, build_trial_model, cache_key,
                                 folder_files, promotion_overrides, trial_latency)
 
@@ -231,10 +231,10 @@ def tune(
                     if complete:
                         write_text_atomic(cache_path, cache_document(key, "only_quantized", model_path, rows))
                 sens.update(rows=rows, complete=complete, cache_hit=cached is not None)
-                tie = ranking_note(rows)
-                if tie and tie not in setup.warnings:  # the search then promotes in name order
-                    setup.warnings.append(tie)
-                    alerts.append(tie)
+                for note in (ranking_note(rows), unranked_note(rows)):  # ties: promoted in name order
+                    if note and note not in setup.warnings:
+                        setup.warnings.append(note)
+                        alerts.append(note)
                 search.ranking = [row["node"] for row in rows]
                 search.run()
             else:
