@@ -36,6 +36,22 @@ def batchable_copy(model: ModelProto, data: DataSource) -> tuple[ModelProto, Dat
                                   f"batch dimension, checked to give the same outputs on {len(samples)} samples")
 
 
+def model_for_runs(model: ModelProto, data: DataSource, most: int, sample_bytes: float,
+                   notes: list[str]) -> tuple[ModelProto, DataSource]:
+    """(model, data) to run the rest of the samples on: for a model that fixes its batch at 1, its checked
+    symbolic-batch copy where up to `most` > 1 samples may share a run (the check runs the model: on u2netp
+    7 s and its peak memory, for nothing where runs hold one sample anyway). Notes go to `notes`."""
+    if most > 1:
+        copy, data, note = batchable_copy(model, data)
+        notes += [note] if note else []
+        return copy, data
+    if any(axis.fixed for axis in data.axes.values()) and data.state is None:
+        notes.append(f"the model fixes its batch at 1, and runs of one sample are what calibration.batch_size and "
+                     f"the memory budget ({sample_bytes / 2**20:.0f} MB of tensors a sample) allow: calibration "
+                     "ran it as it is")
+    return model, data
+
+
 def _symbolic_batch(model: ModelProto, inputs: set[str]) -> ModelProto:
     copy = ModelProto()
     copy.CopyFrom(model)

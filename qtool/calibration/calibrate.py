@@ -3,7 +3,7 @@
 minmax tensors are reduced inside the graph (calibration/reductions.py); only the other tensors the
 plan will quantize are exposed, and each run's outputs are dropped before the next, so memory does
 not grow with data. Nor does it grow with `batch_size`: one ONNX Runtime run holds at most
-MEMORY_BUDGET bytes of these tensors (see `calibrate`), whatever the recipe or the command line asks.
+MEMORY_BUDGET bytes of these tensors (calibration/passes.py), whatever the recipe or the command line asks.
 With `calibration.workers`, observers run in worker processes too (calibration/worker_pool.py).
 """
 
@@ -16,13 +16,13 @@ from typing import Callable, Iterator
 import numpy as np
 from onnx import ModelProto
 
-from qtool.calibration.batchable import batchable_copy
+from qtool.calibration.batchable import model_for_runs
 from qtool.calibration.hessians import HessianObserver, Im2Col
-from qtool.calibration.observers import make_observer
+from qtool.calibration.observers import Observer, Range, make_observer
+from qtool.calibration.passes import PassPlan, plan_passes
 from qtool.calibration.reductions import InGraphMinMax, reducible
+from qtool.calibration.runs import batching_of, first_and_rest, run_batch, runs_of
 from qtool.calibration.worker_pool import ObserverPool, SharedMemoryFull, SharedOutputs, aligned, worker_count
-from qtool.errors import DataError, ModelError, QtoolError, one_line
-from qtool.io.batching import per_run_limit
 from qtool.io.samples import Batch, DataSource
 from qtool.numerics import QType
 from qtool.recipe.schema import CalibrationSpec
@@ -84,87 +84,53 @@ def calibrate(
     Runs hold up to `spec.batch_size` samples stacked along each input's batch axis; a model that
     fixes its batch at 1 runs on a checked symbolic-batch copy where the memory budget allows runs of
     several samples, else one sample per run. minmax tensors are measured in the graph (reductions.py).
+    Raises DataError for data without samples or a sample ONNX Runtime refuses, ModelError where the
+    model fails on the first sample.
     """
     notes: list[str] = []
     total = data.total  # None: not known before it is read (a generator)
     specs = {name: spec.for_tensor(name) for name in tensors}
     moments = {node: (tensor, HessianObserver(geometry)) for node, (tensor, geometry) in (hessian_inputs or {}).items()}
-    # minmax tensors are measured in the graph (calibration/reductions.py); only the rest are exposed whole
     in_graph = InGraphMinMax(reducible(model, tensors, {name: specs[name].method for name in tensors},
                                        {tensor for tensor, _ in moments.values()}))
     exposed = [name for name in dict.fromkeys([*tensors, *(tensor for tensor, _ in moments.values())])
                if name not in in_graph.tensors]
     session = make_session(in_graph.add_to(with_outputs(model, exposed)), optimize=False, in_order=True,
                            arena=False)
-    runs = _runs(data, spec.batch_size)
-    first = next(runs, None)
-    if first is None:  # no files, or files that hold 0 samples
-        raise DataError(f"{data.folder}: no samples to calibrate with")
+    first, runs = first_and_rest(data, spec.batch_size)
     carry = StateCarry(data.state)  # a stateful model: each chunk gets the state the one before returned
     # one sample, every tensor: bytes per sample
-    (outputs, _), = _run(partial(carry.run, in_graph.checked(model, partial(run, session))), first, data, notes,
-                         proven=False)
+    (outputs, _), = run_batch(partial(carry.run, in_graph.checked(model, partial(run, session))), first, data, notes,
+                              proven=False)
     sizes = {**{name: float(outputs[name].nbytes) for name in exposed}, **in_graph.nbytes(outputs)}
     histograms = sum(sizes[name] for name in tensors if specs[name].method != "minmax")
     workers = worker_count(spec.workers, histograms * (total or spec.samples or 1))
-    budget = MEMORY_BUDGET // 2 if workers else MEMORY_BUDGET
-    groups = _groups(exposed, sizes, budget)
-    passes = len(groups)
-    # Samples per run as if every tensor were exposed: their bytes bound ORT's own working memory too,
-    # and the runs (which a moving average and the summaries follow) stay those of exposing them all.
-    per_run = max(1, int(budget // max(sum(sizes.values()), 1.0)))
-    copy, data = _batchable(model, data, min(per_run, spec.batch_size), sum(sizes.values()), notes)
+    plan = plan_passes(exposed, sizes, MEMORY_BUDGET // 2 if workers else MEMORY_BUDGET)
+    copy, data = model_for_runs(model, data, min(plan.per_run, spec.batch_size), sum(sizes.values()), notes)
     if copy is not model:  # the copy's session is made below; the first sample is observed
-        model, session, runs = copy, None, _runs(data, spec.batch_size)
-        next(runs)
-    capacity = max(sum(aligned(sizes[name] * per_run) for name in group) for group in groups)
+        model, session = copy, None
+        _, runs = first_and_rest(data, spec.batch_size)
     observed = {name: (specs[name], qtype, symmetric, total) for name in tensors if name not in in_graph.tensors}
     minmax = {name: make_observer(specs[name], qtype, symmetric, total) for name in in_graph.tensors}
     pinned = {tensor: sizes[tensor] for tensor, _ in moments.values()}  # Hessians are summed here
     shared, pool_notes = None, []
     if workers:
         try:
-            shared = SharedOutputs(capacity)
+            shared = SharedOutputs(max(sum(aligned(sizes[name] * plan.per_run) for name in group)
+                                       for group in plan.groups))
         except SharedMemoryFull as exc:
             workers, pool_notes = 0, [f"calibration observers ran in this process only: {exc}"]
+    if len(plan.groups) > 1 or workers:
+        session = None  # each pass makes its own (one that suits the workers)
     try:
         with ObserverPool(observed, sizes, workers, pinned, shared) as pool:
-            if shared:
-                outputs = shared.adopt(outputs, first.feeds)  # for the workers
-            reduced = partial(in_graph.observe, minmax)
-            _observe(pool, moments, outputs, shared, reduced)
+            observers = _Observers(pool, shared, in_graph, minmax, moments)
+            observers.observe(shared.adopt(outputs, first.feeds) if shared else outputs, reductions=True)
             del outputs
-            _tick(progress, 1, max(total or 0, 1), passes)
-            whole = set(exposed)
-            for index, group in enumerate(groups):
-                mine = set(group)
-                if passes > 1 or workers or session is None:  # a session per group; one that suits workers; the copy
-                    session = None
-                    exposing = with_outputs(model, group)
-                    session = make_session(in_graph.add_to(exposing) if index == 0 else exposing, optimize=False,
-                                           pooled=bool(workers), in_order=True, arena=False)
-                if shared:
-                    shared.use(session)
-                execute = shared.run if shared else partial(run, session)
-                execute = partial(carry.run, in_graph.checked(model, execute) if index == 0 else execute)
-                if index:
-                    runs = _runs(data, spec.batch_size)
-                    again = next(runs)  # the first sample has been observed in every tensor
-                    if data.state is not None:  # but the stream's next chunk needs the state it returns
-                        execute(again)
-                done = 1
-                for batch in _split(runs, per_run):
-                    for outputs, count in _run(execute, batch, data, notes):
-                        # the model's own outputs come with every pass: each tensor is observed in its group's
-                        outputs = {name: value for name, value in outputs.items() if name in mine or name not in whole}
-                        _observe(pool, moments, outputs, shared, reduced if index == 0 else None)
-                        done += count
-                        del outputs  # nothing of this run survives into the next
-                    del batch
-                    samples = max(total or 0, done)
-                    _tick(progress, 1 + index * (samples - 1) + done - 1, samples, passes)
-            found = {**pool.results(), **{name: (observer.result(), observer.summary())
-                                          for name, observer in minmax.items()}}
+            _tick(progress, 1, max(total or 0, 1), len(plan.groups))
+            done = _observe_passes(model, data, spec.batch_size, plan, runs, session, carry, observers, notes,
+                                   progress)
+            found = observers.results()
     finally:
         if shared:
             shared.close()
@@ -172,112 +138,74 @@ def calibrate(
     ranges = {name: TensorRange(float(found[name][0].lo), float(found[name][0].hi), specs[name].method, found[name][1])
               for name in tensors}
     hessians = {node: h for node, (_, observer) in moments.items() if (h := observer.result()) is not None}
-    most = 1 if data.state is not None else min(per_run, spec.batch_size, per_run_limit(data.axes) or spec.batch_size)
-    if data.state is not None:
-        carried = ", ".join(f"{name} <- {output}" for name, output in data.state.carry.items())
-        notes.append(f"data.state: each data file ran as one stream, a chunk per run, state fed back ({carried})")
-    batching = {"inputs": data.batching(), "samples_per_run": most, "notes": notes}
-    return CalibrationTable(ranges, done, hessians=hessians, batching=batching, notes=pool_notes)
+    return CalibrationTable(ranges, done, hessians=hessians, notes=pool_notes,
+                            batching=batching_of(data, plan.per_run, spec.batch_size, notes))
 
 
-def _observe(pool: ObserverPool, moments: dict, outputs: dict[str, np.ndarray], shared: SharedOutputs | None,
-             reduced: Callable[[dict[str, np.ndarray]], None] | None) -> None:
-    pool.observe(outputs, shared)
-    if reduced:
-        reduced(outputs)
-    for tensor, observer in moments.values():
-        if tensor in outputs:
-            observer.update(outputs[tensor])
+@dataclass(frozen=True)
+class _Observers:
+    """Everything a run's outputs feed: the pool's observers (histograms, and minmax of tensors exposed
+    whole), the observers of the in-graph reductions, and gptq's Hessians (summed in this process)."""
+
+    pool: ObserverPool
+    shared: SharedOutputs | None  # where the outputs are, for the pool's workers; None: no workers
+    in_graph: InGraphMinMax
+    minmax: dict[str, Observer]  # of in_graph's tensors
+    moments: dict[str, tuple[str, HessianObserver]]  # node -> (its weight's input, its Hessian)
+
+    def observe(self, outputs: dict[str, np.ndarray], reductions: bool) -> None:
+        """`reductions`: the outputs hold the in-graph reductions (the first pass's runs return them)."""
+        self.pool.observe(outputs, self.shared)
+        if reductions:
+            self.in_graph.observe(self.minmax, outputs)
+        for tensor, observer in self.moments.values():
+            if tensor in outputs:
+                observer.update(outputs[tensor])
+
+    def results(self) -> dict[str, tuple[Range, dict]]:
+        """Each tensor's range and summary (the pool's workers exit)."""
+        return {**self.pool.results(), **{name: (observer.result(), observer.summary())
+                                          for name, observer in self.minmax.items()}}
 
 
-def _batchable(model: ModelProto, data: DataSource, most: int, sample_bytes: float,
-               notes: list[str]) -> tuple[ModelProto, DataSource]:
-    """(model, data) to run the rest of the samples on: for a model that fixes its batch at 1, its checked
-    symbolic-batch copy where up to `most` > 1 samples may share a run (the check runs the model: on u2netp
-    7 s and its peak memory, for nothing where runs hold one sample anyway). Notes go to `notes`."""
-    if most > 1:
-        copy, data, note = batchable_copy(model, data)
-        notes += [note] if note else []
-        return copy, data
-    if any(axis.fixed for axis in data.axes.values()) and data.state is None:
-        notes.append(f"the model fixes its batch at 1, and runs of one sample are what calibration.batch_size and "
-                     f"the memory budget ({sample_bytes / 2**20:.0f} MB of tensors a sample) allow: calibration "
-                     "ran it as it is")
-    return model, data
+def _observe_passes(model: ModelProto, data: DataSource, batch_size: int, plan: PassPlan, runs: Iterator[Batch],
+                    session, carry: StateCarry, observers: _Observers, notes: list[str],
+                    progress: Progress | None) -> int:
+    """Run the data after its first sample once per pass of `plan`, each run's outputs to `observers`;
+    the samples seen in a pass, the first included.
 
-
-def _runs(data: DataSource, batch_size: int) -> Iterator[Batch]:
-    """The data's batches, the first sample on its own (it measures the tensors' size)."""
-    batches = data.batches(batch_size)
-    for batch in batches:
-        yield from _split(iter([batch]), 1, first_only=True)
-        break
-    yield from batches
-
-
-def _split(runs: Iterator[Batch], step: int, first_only: bool = False) -> Iterator[Batch]:
-    """Runs of at most `step` samples (the feeds are views, not copies); `first_only`: the first
-    sample alone, then the rest unsplit."""
-    for batch in runs:
-        if batch.count <= step:
-            yield batch
-            continue
-        starts = [0, 1, batch.count] if first_only else [*range(0, batch.count, step), batch.count]
-        for a, b in zip(starts[:-1], starts[1:]):
-            yield batch.part(a, b)
-
-
-def _groups(tensors: list[str], sizes: dict[str, float], budget: float) -> list[list[str]]:
-    """Consecutive groups of tensors whose bytes per sample fit the budget (a tensor over it alone);
-    one group when they all fit."""
-    groups: list[list[str]] = [[]]
-    used = 0.0
-    for name in tensors:
-        if groups[-1] and used + sizes[name] > budget:
-            groups.append([])
-            used = 0.0
-        groups[-1].append(name)
-        used += sizes[name]
-    return groups
-
-
-# What ONNX Runtime says when it refuses feeds before running any node: the data's fault.
-FEED_ERRORS = ("invalid dimensions for input", "invalid rank for input", "unexpected input data type",
-               "missing input", "invalid input name", "invalid feed input name")
-
-
-def _run(execute: Callable[[Batch], dict[str, np.ndarray]], batch: Batch, data: DataSource,
-         notes: list[str], proven: bool = True) -> Iterator[tuple[dict[str, np.ndarray], int]]:
-    """(outputs, samples) of one run; where ORT refuses a run of several samples, one run per sample
-    (batch_size is "up to N per run", never a reason to fail), noted once. `proven`: the model has
-    already run on another sample, so a failure on this one is this sample's."""
-    try:
-        outputs = execute(batch)
-    except QtoolError:
-        raise
-    except Exception as exc:  # ORT reports bad feeds as assorted exception types
-        if batch.count == 1:
-            _raise_run_error(exc, data.where(batch.files[0]), proven)
-        note = (f"ONNX Runtime refused runs of {batch.count} samples stacked along the batch axes "
-                f"({one_line(str(exc)) or type(exc).__name__}): some ran one sample per run")
-        if note.split(" samples", 1)[0] not in " ".join(notes):
-            notes.append(note)
-        for index in range(batch.count):
-            yield from _run(execute, batch.part(index, index + 1), data, notes, proven)
-        return
-    yield outputs, batch.count
-
-
-def _raise_run_error(exc: Exception, where: str, proven: bool) -> None:
-    """Feeds ORT refuses, or a failure inside the model on one sample after others ran (e.g. a Gather
-    index out of range), are the data's fault; a failure on the first sample is the model's."""
-    message = one_line(str(exc)) or type(exc).__name__
-    if any(marker in message.lower() for marker in FEED_ERRORS):
-        raise DataError(f"{where}: ONNX Runtime refused this input: {message}") from None
-    if proven:
-        raise DataError(f"{where}: ONNX Runtime failed to run the float model on this input: {message}") from None
-    raise ModelError(f"ONNX Runtime failed running the model (on {where}, whose arrays fit the model's "
-                     f"declared inputs): {message}") from None
+    `runs`: the rest of the data for the first pass (later passes read it again); `session`: the first
+    pass's where it can run it, else None. The in-graph reductions ride with the first pass only.
+    """
+    total, passes, shared = data.total, len(plan.groups), observers.shared
+    whole = {name for group in plan.groups for name in group}
+    for index, group in enumerate(plan.groups):
+        mine = set(group)
+        if index or session is None:
+            session = None  # the pass before's goes before this one's is made
+            exposing = with_outputs(model, group)
+            session = make_session(observers.in_graph.add_to(exposing) if index == 0 else exposing, optimize=False,
+                                   pooled=bool(shared), in_order=True, arena=False)
+        if shared:
+            shared.use(session)
+        execute = shared.run if shared else partial(run, session)
+        execute = partial(carry.run, observers.in_graph.checked(model, execute) if index == 0 else execute)
+        if index:
+            again, runs = first_and_rest(data, batch_size)  # the first sample has been observed in every tensor
+            if data.state is not None:  # but the stream's next chunk needs the state it returns
+                execute(again)
+        done = 1
+        for batch in runs_of(runs, plan.per_run):
+            for outputs, count in run_batch(execute, batch, data, notes):
+                # the model's own outputs come with every pass: each tensor is observed in its group's
+                outputs = {name: value for name, value in outputs.items() if name in mine or name not in whole}
+                observers.observe(outputs, reductions=index == 0)
+                done += count
+                del outputs  # nothing of this run survives into the next
+            del batch
+            samples = max(total or 0, done)
+            _tick(progress, 1 + index * (samples - 1) + done - 1, samples, passes)
+    return done
 
 
 def _tick(progress: Progress | None, runs_done: int, samples: int, passes: int) -> None:

@@ -397,6 +397,4 @@ def merge_shards(first: Observer, parts: list[Observer]) -> Observer:
             merged.drift.snapshots = [*merged.drift.snapshots, (at, probe.result())][-2:]
         merged.absorb(part)
         merged.drift.samples = part.drift.samples
-    if isinstance(merged, _HistogramObserver):
-        merged._result = None
     return merged

@@ -20,12 +20,13 @@ import numpy as np
 import onnx
 from onnx import ModelProto
 
-from qtool.calibration.calibrate import (MEMORY_BUDGET, CalibrationTable, Progress, TensorRange, _batchable, _groups,
-                                         _run, _runs, _split, calibrate)
+from qtool.calibration.batchable import model_for_runs
+from qtool.calibration.calibrate import MEMORY_BUDGET, CalibrationTable, Progress, TensorRange, calibrate
 from qtool.calibration.observers import histogram_unit, make_observer, merge_shards, shard_observer
+from qtool.calibration.passes import plan_passes
+from qtool.calibration.runs import batching_of, first_and_rest, run_batch, runs_of
 from qtool.distributed.ray_executor import LostTask, RayExecutor, fetch
-from qtool.errors import DataError, UsageError, WorkerError
-from qtool.io.batching import per_run_limit
+from qtool.errors import UsageError, WorkerError
 from qtool.io.samples import DataSource
 from qtool.numerics import QType
 from qtool.recipe.schema import CalibrationSpec
@@ -76,8 +77,8 @@ def observe_shard(task: tuple) -> tuple[dict, int, list[str]]:
     for group in plan.groups:
         session = make_session(with_outputs(model, group), optimize=False)
         done = 0
-        for batch in _split(iter(batches), plan.per_run):
-            for outputs, count in _run(partial(_run_feeds, session), batch, _Where(plan.folder), notes):
+        for batch in runs_of(iter(batches), plan.per_run):
+            for outputs, count in run_batch(partial(_run_feeds, session), batch, _Where(plan.folder), notes):
                 for name in group:
                     observers[name].update(outputs[name])
                 done += count
@@ -96,26 +97,22 @@ def calibrate_sharded(model: ModelProto, tensors: list[str], data: DataSource, s
     total = data.total
     specs = {name: spec.for_tensor(name) for name in tensors}
     session = make_session(with_outputs(model, tensors), optimize=False)
-    runs = _runs(data, spec.batch_size)
-    first = next(runs, None)
-    if first is None:
-        raise DataError(f"{data.folder}: no samples to calibrate with")
-    (outputs, _), = _run(partial(_run_feeds, session), first, data, notes, proven=False)
+    first, runs = first_and_rest(data, spec.batch_size)
+    (outputs, _), = run_batch(partial(_run_feeds, session), first, data, notes, proven=False)
     del session
     sizes = {name: float(outputs[name].nbytes) for name in tensors}
-    groups = _groups(tensors, sizes, MEMORY_BUDGET)
-    per_run = max(1, int(MEMORY_BUDGET // max(sum(sizes.values()), 1.0))) if len(groups) == 1 else 1
-    copy, data = _batchable(model, data, min(per_run, spec.batch_size), sum(sizes.values()), notes)
+    passes = plan_passes(tensors, sizes, MEMORY_BUDGET)
+    copy, data = model_for_runs(model, data, min(passes.per_run, spec.batch_size), sum(sizes.values()), notes)
     if copy is not model:  # the tasks run the copy; the first sample is observed here
-        model, runs = copy, _runs(data, spec.batch_size)
-        next(runs)
+        model = copy
+        _, runs = first_and_rest(data, spec.batch_size)
     firsts = {name: make_observer(specs[name], qtype, symmetric, total) for name in tensors}
     for name, observer in firsts.items():
         observer.update(outputs[name])
     del outputs
     units = {name: unit for name in tensors if (unit := histogram_unit(firsts[name])) is not None}
-    plan = ShardPlan(executor.put(model.SerializeToString()), tuple(tuple(g) for g in groups), per_run, specs,
-                     qtype, symmetric, total, units, str(data.folder))
+    plan = ShardPlan(executor.put(model.SerializeToString()), tuple(tuple(g) for g in passes.groups), passes.per_run,
+                     specs, qtype, symmetric, total, units, str(data.folder))
     per_shard = max(spec.batch_size, math.ceil(max((total or 0) - 1, 1) / (executor.jobs * SHARDS_PER_JOB)))
     shards: list[tuple[int, object]] = []  # (samples before the shard, its batches in the object store)
 
@@ -153,9 +150,7 @@ def calibrate_sharded(model: ModelProto, tensors: list[str], data: DataSource, s
         notes += [line for line in part[2] if line not in notes]
     ranges = {name: TensorRange(float(merged[name].result().lo), float(merged[name].result().hi), specs[name].method,
                                 merged[name].summary()) for name in tensors}
-    most = min(per_run, spec.batch_size, per_run_limit(data.axes) or spec.batch_size)
-    batching = {"inputs": data.batching(), "samples_per_run": most, "notes": notes}
-    return CalibrationTable(ranges, done, batching=batching)
+    return CalibrationTable(ranges, done, batching=batching_of(data, passes.per_run, spec.batch_size, notes))
 
 
 def _observe(executor, plan: ShardPlan, shards: Iterator[tuple[int, object]], progress: Progress | None,
