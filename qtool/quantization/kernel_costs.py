@@ -29,6 +29,11 @@ macs = multiply-accumulates. Measured (float µs / int8 µs):
   (SE scale) Mul 25344: 7 / 25; 18432: 6 / 44.
 - QuantizeLinear 614400: 132, 56832: 14; DequantizeLinear 614400: 106, 56832: 9.
 - QLinearLeakyRelu 56832: 16 (float LeakyRelu: fused into the Conv).
+- Softmax over the last axis (albert_ja_pos's attention, then one-Softmax models; AVX2 without AVX-512,
+  inputs plain and with half the columns -3.4e38, which made no difference here): [1, 4, 256, 256]: 136 /
+  935-1427 (albert_ja_pos: 131-135 / 872-879); 4x128x128: 58 / 374; 12x128x128: 155 / 1091; 4x64x64: 17-24 / 61;
+  8x32x32: 11 / 35; 2x512x512: 265-352 / 5739-6737. QLinearSoftmax was 3-20x float at every size. (On an
+  AVX-512 host docs/recipe.md saw the masked float Softmax itself at 3.1-3.7 ms: not this table's host.)
 """
 
 from __future__ import annotations
@@ -107,6 +112,7 @@ COSTS: dict[str, KernelCost] = {
     "GlobalAveragePool": KernelCost("in", _linear(3, 6_000), _linear(6, 12_000)),
     "AveragePool": KernelCost("in", _linear(3, 6_000), _linear(6, 12_000)),
     "Sigmoid": KernelCost("out", _linear(3, 2_500), _linear(3, 2_900)),
+    "Softmax": KernelCost("out", _linear(2, 1_700), _linear(4, 250)),  # QLinearSoftmax: 3-20x float
     # u2netp: float 32x160x160: 257 / 219; 128x320x320: 7766 / 2590 (past the cache)
     "Concat": KernelCost("out", _cached(_linear(2, 2_700), 1_700, knee=4_000_000), _linear(2, 3_300)),
     # Relu and Clip run inside their producer's integer kernel; as float ops after a Conv they fuse
