@@ -47,6 +47,14 @@ def quantize_first_layer(tmp_path, model, recipe_text: str | None = FAST):
     return api.quantize(path, data, recipe)
 
 
+def wiring(graph, name: str) -> tuple[str | None, str | None]:
+    """The op types of the node writing node `name`'s first input and of one reading its first output."""
+    producers = {out: node.op_type for node in graph.node for out in node.output}
+    readers = {tensor: node.op_type for node in graph.node for tensor in node.input}
+    node = next(node for node in graph.node if node.name == name)
+    return producers.get(node.input[0]), readers.get(node.output[0])
+
+
 def test_fast_keeps_a_first_layer_conv_float_and_is_deterministic(tmp_path):
     model = first_layer(with_head=True)
     fast = quantize_first_layer(tmp_path / "fast", model)
@@ -179,11 +187,7 @@ def test_fast_keeps_a_linear_resize_between_convs_quantized(tmp_path):
     path.write_bytes(conv_resize_conv("linear").SerializeToString())
     data = save_npy_folder(tmp_path / "data", RNG.normal(size=(8, 1, 64, 16, 16)))
     result = api.quantize(path, data, Recipe())
-    graph = result.model.graph
-    producers = {out: node.op_type for node in graph.node for out in node.output}
-    readers = {name: node.op_type for node in graph.node for name in node.input}
-    resize = next(node for node in graph.node if node.name == "resize")
-    assert producers[resize.input[0]] == "DequantizeLinear" and readers[resize.output[0]] == "QuantizeLinear"
+    assert wiring(result.model.graph, "resize") == ("DequantizeLinear", "QuantizeLinear")
     reasons = {node["node"]: node["reason"] for node in result.report["plan"]["nodes"]}
     assert not any(reason.startswith(SLOWER_PREFIX) for reason in reasons.values()), reasons
     assert result.report["kernels"]["integer_ops"].get("QLinearConv") == 2
@@ -226,11 +230,7 @@ def test_fast_keeps_softmax_float_between_integer_matmuls(tmp_path):
         (tmp_path / f"{placement}.yaml").write_text(f"version: 1\nquantization: {{placement: {placement}}}\n")
         results[placement] = api.quantize(path, data, load_recipe(tmp_path / f"{placement}.yaml"))
     fast = results["fast"]
-    graph = fast.model.graph
-    producers = {out: node.op_type for node in graph.node for out in node.output}
-    readers = {name: node.op_type for node in graph.node for name in node.input}
-    softmax = next(node for node in graph.node if node.name == "softmax")
-    assert producers[softmax.input[0]] == "MatMul" and readers[softmax.output[0]] == "QuantizeLinear"
+    assert wiring(fast.model.graph, "softmax") == ("MatMul", "QuantizeLinear")
     reasons = {node["node"]: node["reason"] for node in fast.report["plan"]["nodes"]}
     assert reasons["softmax"].startswith(SLOWER_PREFIX)
     assert fast.report["kernels"]["integer_ops"] == {"MatMulIntegerToFloat": 2}
