@@ -287,6 +287,50 @@ def test_fused_placement_keeps_an_integer_island_float(tmp_path):
     assert "conversions cost more than the integer Add saves" in decisions["add"]["reason"]
 
 
+def test_fused_placement_keeps_a_relu_between_float_nodes_float(tmp_path):
+    """Conv -> Erf -> Relu -> Erf: the Relu's Q/DQ pair has no integer kernel on either side (ORT would drop
+    the Relu and run the pair as two roundings); ppocr_det's BatchNormalization -> Relu -> ConvTranspose."""
+    model = make_model(
+        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+         helper.make_node("Erf", ["c"], ["e"], name="erf1"),
+         helper.make_node("Relu", ["e"], ["r"], name="relu"),
+         helper.make_node("Erf", ["r"], ["y"], name="erf2")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        {"w": RNG.normal(size=(3, 3, 3, 3)).astype(np.float32)},
+    )
+    quantized_inputs = lambda m: {n.input[0] for n in m.graph.node if n.op_type == "QuantizeLinear"}  # noqa: E731
+    (tmp_path / "all").mkdir()
+    assert "r" in quantized_inputs(quantize_tiny(tmp_path / "all", model, ALL).model)
+    (tmp_path / "fused").mkdir()
+    result = quantize_tiny(tmp_path / "fused", model)
+    assert "r" not in quantized_inputs(result.model) and "e" not in quantized_inputs(result.model)
+    assert consumers_of_dq(result.model, "Relu") == {"relu": [False]}
+    assert optimized_op_histogram(result.model)["QLinearConv"] == 1
+    decisions = {n["node"]: n for n in result.report["plan"]["nodes"]}
+    assert "Relu between float nodes" in decisions["relu"]["reason"]
+
+
+def test_a_tensor_only_float_convs_read_has_no_unread_dequantize(tmp_path):
+    """conv_q (quantized) -> q -> conv_float (kept float): conv_float reads q through the per-channel
+    DequantizeLinear that keeps ORT from quantizing its weight; the plain one would be read by nothing,
+    and ORT runs it all the same."""
+    conv = lambda name, x, y: helper.make_node("Conv", [x, f"{name}.w"], [y], name=name, pads=[1, 1, 1, 1])
+    model = make_model(
+        [conv("conv_q", "x", "q"), conv("conv_float", "q", "y")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        {f"{name}.w": RNG.normal(size=(3, 3, 3, 3)).astype(np.float32) for name in ("conv_q", "conv_float")})
+    result = quantize_tiny(tmp_path, model, "version: 1\nquantization:\n  overrides:\n"
+                                            "    - {match: {name: '^conv_float$'}, float: true}\n")
+    graph = result.model.graph
+    read = {name for node in graph.node for name in node.input} | {value.name for value in graph.output}
+    dequantize = [node for node in graph.node if node.op_type == "DequantizeLinear"]
+    assert dequantize and all(node.output[0] in read for node in dequantize)
+    assert consumers_of_dq(result.model, "Conv")["conv_float"] == [True, False]
+    assert optimized_op_histogram(result.model)["QLinearConv"] == 1
+
+
 def float_and_quantized_readers():
     """x → conv_a (float) → a; a → conv_q (quantized) → q → conv_after_q (float) → y2;
     a → conv_float (float) → y1. Every Conv 3×3, 3 channels, pads 1."""

@@ -34,6 +34,8 @@ MAX_ROUNDS = 8  # each round keeps at least one more node float; real models set
 NOT_FUSED = "placement fused: ONNX Runtime runs it as float {op} between Q/DQ (no integer kernel)"
 ISLAND = ("placement fused: {kernel} would read only values quantized from float and write only values "
           "dequantized back: the conversions cost more than the integer {op} saves")
+ROUND_TRIP = ("placement fused: {op} between float nodes: its Q/DQ pair would only round, no integer kernel "
+              "writes or reads it")
 SLOWER = (SLOWER_PREFIX + ": a group of {count} node(s) estimated "
           "{int8:.0f} µs as 8-bit kernels vs {float:.0f} µs float, conversions included (kernel_costs table)")
 
@@ -61,7 +63,8 @@ def fusion_graph(model: ModelProto) -> onnx.GraphProto:
 
 def unfused_nodes(quantized: ModelProto, plan: QuantPlan) -> dict[str, str]:
     """Planned compute nodes ORT leaves as float ops reading a DequantizeLinear output, and weightless
-    ones it fuses into an integer kernel with float on every side (an island) -> reason.
+    ones it fuses into an integer kernel with float on every side (an island), and Relu/Clip nodes
+    between float nodes (float_sandwiched) -> reason.
 
     Data-movement ops (shared scale) are left alone: their outputs take their input's range, which
     is what lets ORT drop their Q/DQ; Relu/Clip are folded into their producer's range; nodes with
@@ -88,7 +91,53 @@ def unfused_nodes(quantized: ModelProto, plan: QuantPlan) -> dict[str, str]:
                 unfused[decision.node] = NOT_FUSED.format(op=decision.op_type)
         elif decision.weight_input is None and _island(node, producer, readers):
             unfused[decision.node] = ISLAND.format(op=decision.op_type, kernel=node.op_type)
-    return unfused
+    return {**unfused, **float_sandwiched(quantized, plan)}
+
+
+def float_sandwiched(quantized: ModelProto, plan: QuantPlan) -> dict[str, str]:
+    """Planned Relu/Clip nodes (their range stands for their producer's) whose producer is float, or a graph
+    input, and whose readers are all float nodes -> why. ONNX Runtime removes such a Relu before its
+    QuantizeLinear and runs the pair as two conversions that only round (ppocr_det's head: BatchNormalization
+    -> Relu -> ConvTranspose, 400 µs of Q/DQ on 64x160x160)."""
+    decisions = {d.node: d for d in plan.nodes}
+    graph = quantized.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {value.name for value in graph.output}
+
+    def final_readers(tensor: str) -> list[onnx.NodeProto] | None:
+        """The nodes reading `tensor` through Q/DQ; None where a graph output is on the way."""
+        found = []
+        for reader in readers.get(tensor, []):
+            if reader.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+                found.append(reader)
+            elif reader.output[0] in outputs:
+                return None
+            else:
+                more = final_readers(reader.output[0])
+                if more is None:
+                    return None
+                found += more
+        return found
+
+    def is_float(node: onnx.NodeProto | None) -> bool:
+        decision = decisions.get(node.name) if node is not None else None
+        return node is None or (decision is not None and not decision.quantized)
+
+    sandwiched = {}
+    for node in graph.node:
+        decision = decisions.get(node.name)
+        rule = RULES.get(node.op_type)
+        if decision is None or not decision.quantized or rule is None or not rule.fuses_into_producer:
+            continue
+        source = producer.get(node.input[0])
+        after = final_readers(node.output[0]) if node.output[0] not in outputs else None
+        if is_float(source) and after and all(is_float(reader) for reader in after):
+            sandwiched[node.name] = ROUND_TRIP.format(op=node.op_type)
+    return sandwiched
 
 
 def float_nodes_on_integer_kernels(optimized: onnx.GraphProto, plan: QuantPlan) -> list[str]:
