@@ -23,6 +23,7 @@ from qtool.calibration.calibrate import CalibrationTable, TensorRange
 from qtool.io.samples import DataSource
 from qtool.numerics import QTYPES
 from qtool.quantization.plan import NodeDecision, QuantPlan, Selection, build_plan, select_tensors
+from qtool.quantization.hard_swish import fuse_hard_swish
 from qtool.quantization.kernel_costs import FITTED_ON, SLOWER_PREFIX, slower_regions, table_applies
 from qtool.quantization.qdq import apply_plan
 from qtool.quantization.rules import RULES
@@ -254,6 +255,11 @@ def plan_and_apply(model: ModelProto, recipe: Recipe, selection: Selection, tabl
         note = (f"placement fused: {len(placed.kept_float)} node(s) kept float that ONNX Runtime would run as "
                 f"float ops between Q/DQ or as integer kernels slower than float ({placed.rounds} round(s))")
         placed = replace(placed, plan=replace(placed.plan, notes=[*placed.plan.notes, note]))
+    rewritten, count = fuse_hard_swish(placed.model, placed.plan)
+    if count:
+        note = (f"{count} hard-swish(es) written out in float ops (x * clip(x + 3, 0, 6)) run as HardSwish, which "
+                "ONNX Runtime fuses into the float Conv before it")
+        placed = replace(placed, model=rewritten, plan=replace(placed.plan, notes=[*placed.plan.notes, note]))
     return placed
 
 
