@@ -16,7 +16,7 @@ from qtool.quantization.plan import build_plan, resolve_settings, select_tensors
 from qtool.quantization.qdq import apply_plan
 from qtool.quantization.weights import nbits_quant
 from qtool.recipe.load import load_recipe
-from qtool.recipe.schema import Recipe
+from qtool.recipe.schema import ExcludeSpec, Recipe
 from qtool.runtime.session import make_session, run
 
 RNG = np.random.default_rng(5)
@@ -194,8 +194,10 @@ def _pair(model_path, base: Recipe, calib, evaluation, samples, rounding):
         "validation": base.validation.model_copy(update={"samples": samples}),
         "quantization": base.quantization.model_copy(update={
             "weights": base.quantization.weights.model_copy(update={"rounding": rounding}),
-            # no float regions (ppocr_det's preset has keep_float auto): the bit width alone decides the gain
-            "algorithms": base.quantization.algorithms.model_copy(update={"keep_float": "off"})}),
+            # no float regions (ppocr_det's preset has keep_float auto and its stem excluded): the bit width
+            # alone decides the gain
+            "algorithms": base.quantization.algorithms.model_copy(update={"keep_float": "off"}),
+            "exclude": ExcludeSpec()}),
     })
     wide = base.model_copy(update={"quantization": base.quantization.model_copy(update={"activations": a16})})
     return {name: api.quantize(model_path, calib, recipe, validation_data=evaluation)

@@ -287,6 +287,50 @@ def test_fused_placement_keeps_an_integer_island_float(tmp_path):
     assert "conversions cost more than the integer Add saves" in decisions["add"]["reason"]
 
 
+def test_fused_placement_keeps_a_relu_between_float_nodes_float(tmp_path):
+    """Conv -> Erf -> Relu -> Erf: the Relu's Q/DQ pair has no integer kernel on either side (ORT would drop
+    the Relu and run the pair as two roundings); ppocr_det's BatchNormalization -> Relu -> ConvTranspose."""
+    model = make_model(
+        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+         helper.make_node("Erf", ["c"], ["e"], name="erf1"),
+         helper.make_node("Relu", ["e"], ["r"], name="relu"),
+         helper.make_node("Erf", ["r"], ["y"], name="erf2")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        {"w": RNG.normal(size=(3, 3, 3, 3)).astype(np.float32)},
+    )
+    quantized_inputs = lambda m: {n.input[0] for n in m.graph.node if n.op_type == "QuantizeLinear"}  # noqa: E731
+    (tmp_path / "all").mkdir()
+    assert "r" in quantized_inputs(quantize_tiny(tmp_path / "all", model, ALL).model)
+    (tmp_path / "fused").mkdir()
+    result = quantize_tiny(tmp_path / "fused", model)
+    assert "r" not in quantized_inputs(result.model) and "e" not in quantized_inputs(result.model)
+    assert consumers_of_dq(result.model, "Relu") == {"relu": [False]}
+    assert optimized_op_histogram(result.model)["QLinearConv"] == 1
+    decisions = {n["node"]: n for n in result.report["plan"]["nodes"]}
+    assert "Relu between float nodes" in decisions["relu"]["reason"]
+
+
+def test_a_tensor_only_float_convs_read_has_no_unread_dequantize(tmp_path):
+    """conv_q (quantized) -> q -> conv_float (kept float): conv_float reads q through the per-channel
+    DequantizeLinear that keeps ORT from quantizing its weight; the plain one would be read by nothing,
+    and ORT runs it all the same."""
+    conv = lambda name, x, y: helper.make_node("Conv", [x, f"{name}.w"], [y], name=name, pads=[1, 1, 1, 1])
+    model = make_model(
+        [conv("conv_q", "x", "q"), conv("conv_float", "q", "y")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        {f"{name}.w": RNG.normal(size=(3, 3, 3, 3)).astype(np.float32) for name in ("conv_q", "conv_float")})
+    result = quantize_tiny(tmp_path, model, "version: 1\nquantization:\n  overrides:\n"
+                                            "    - {match: {name: '^conv_float$'}, float: true}\n")
+    graph = result.model.graph
+    read = {name for node in graph.node for name in node.input} | {value.name for value in graph.output}
+    dequantize = [node for node in graph.node if node.op_type == "DequantizeLinear"]
+    assert dequantize and all(node.output[0] in read for node in dequantize)
+    assert consumers_of_dq(result.model, "Conv")["conv_float"] == [True, False]
+    assert optimized_op_histogram(result.model)["QLinearConv"] == 1
+
+
 def float_and_quantized_readers():
     """x → conv_a (float) → a; a → conv_q (quantized) → q → conv_after_q (float) → y2;
     a → conv_float (float) → y1. Every Conv 3×3, 3 channels, pads 1."""
@@ -387,3 +431,46 @@ def test_an_exclude_entry_that_matches_no_node_is_named_as_an_override_is(tmp_pa
     assert unmatched == [f"{what} matches no node of the model: it does nothing (`qtool inspect MODEL` lists "
                          "the node names and op types)"
                          for what in ("exclude.op_types[0] ('Convv')", "exclude.nodes[0] ('^model/conv2d_99/.*')")]
+
+
+def stem_with_hard_swish():
+    """x -> conv_a -> a; a * clip(a + 3, 0, 6) -> m (the 1/6 already in conv_b, as prepare leaves it);
+    m - 0.5 -> s -> conv_b (pads 1) -> b; b -> conv_q -> y and b -> Erf -> e (float: b as conv_b wrote it)."""
+    conv = lambda name, x, y: helper.make_node("Conv", [x, f"{name}.w"], [y], name=name, pads=[1, 1, 1, 1])  # noqa: E731
+    return make_model(
+        [conv("conv_a", "x", "a"),
+         helper.make_node("Add", ["a", "three"], ["a3"], name="add3"),
+         helper.make_node("Clip", ["a3", "zero", "six"], ["r6"], name="clip"),
+         helper.make_node("Mul", ["a", "r6"], ["m"], name="mul"),
+         helper.make_node("Add", ["m", "shift"], ["s"], name="shift_add"),
+         conv("conv_b", "s", "b"), conv("conv_q", "b", "y"), helper.make_node("Erf", ["b"], ["e"], name="erf")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("e", TensorProto.FLOAT, ["N", 8, 8, 8]),
+         helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 8, 8])],
+        {"conv_a.w": RNG.normal(size=(8, 3, 3, 3)).astype(np.float32),
+         "conv_b.w": RNG.normal(size=(8, 8, 3, 3)).astype(np.float32) / 6,
+         "conv_q.w": RNG.normal(size=(8, 8, 3, 3)).astype(np.float32),
+         "three": np.array(3, np.float32), "zero": np.array(0, np.float32), "six": np.array(6, np.float32),
+         "shift": np.array(-0.5, np.float32)})
+
+
+def test_a_float_hard_swish_runs_as_one_hard_swish(tmp_path):
+    """Kept float (keep_float's stem), the written-out hard-swish becomes HardSwish, its factor 6 carried through
+    the scalar Add (-0.5 / 6) into conv_b's weights; conv_b's output is the float model's."""
+    import onnxruntime as ort
+
+    model = stem_with_hard_swish()
+    floats = "version: 1\nquantization:\n  overrides:\n    - {match: {name: '^(conv_a|add3|clip|mul|shift_add|conv_b)$'}, float: true}\n"
+    result = quantize_tiny(tmp_path, model, floats)
+    ops = Counter(node.op_type for node in result.model.graph.node)
+    assert (ops["HardSwish"], ops["Clip"], ops["Mul"]) == (1, 0, 0)
+    inits = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    conv_b = next(node for node in result.model.graph.node if node.name == "conv_b")
+    np.testing.assert_allclose(inits[conv_b.input[1]], numpy_helper.to_array(model.graph.initializer[1]) * 6, rtol=1e-6)
+    shift = next(node for node in result.model.graph.node if node.name == "shift_add")
+    assert [inits.get(name) for name in shift.input if name in inits] == [np.float32(-0.5 / 6)]
+    assert optimized_op_histogram(result.model)["QLinearConv"] == 1
+    assert any("1 hard-swish(es)" in note for note in result.report["plan"]["notes"])
+    x = RNG.normal(size=(2, 3, 8, 8)).astype(np.float32)
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(["e"], {"x": x})[0]  # noqa: E731
+    np.testing.assert_allclose(run(result.model), run(model), rtol=1e-4, atol=1e-4)

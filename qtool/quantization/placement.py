@@ -23,6 +23,7 @@ from qtool.calibration.calibrate import CalibrationTable, TensorRange
 from qtool.io.samples import DataSource
 from qtool.numerics import QTYPES
 from qtool.quantization.plan import NodeDecision, QuantPlan, Selection, build_plan, select_tensors
+from qtool.quantization.hard_swish import fuse_hard_swish
 from qtool.quantization.kernel_costs import FITTED_ON, SLOWER_PREFIX, slower_regions, table_applies
 from qtool.quantization.qdq import apply_plan
 from qtool.quantization.rules import RULES
@@ -34,6 +35,8 @@ MAX_ROUNDS = 8  # each round keeps at least one more node float; real models set
 NOT_FUSED = "placement fused: ONNX Runtime runs it as float {op} between Q/DQ (no integer kernel)"
 ISLAND = ("placement fused: {kernel} would read only values quantized from float and write only values "
           "dequantized back: the conversions cost more than the integer {op} saves")
+ROUND_TRIP = ("placement fused: {op} between float nodes: its Q/DQ pair would only round, no integer kernel "
+              "writes or reads it")
 SLOWER = (SLOWER_PREFIX + ": a group of {count} node(s) estimated "
           "{int8:.0f} µs as 8-bit kernels vs {float:.0f} µs float, conversions included (kernel_costs table)")
 
@@ -61,7 +64,8 @@ def fusion_graph(model: ModelProto) -> onnx.GraphProto:
 
 def unfused_nodes(quantized: ModelProto, plan: QuantPlan) -> dict[str, str]:
     """Planned compute nodes ORT leaves as float ops reading a DequantizeLinear output, and weightless
-    ones it fuses into an integer kernel with float on every side (an island) -> reason.
+    ones it fuses into an integer kernel with float on every side (an island), and Relu/Clip nodes
+    between float nodes (float_sandwiched) -> reason.
 
     Data-movement ops (shared scale) are left alone: their outputs take their input's range, which
     is what lets ORT drop their Q/DQ; Relu/Clip are folded into their producer's range; nodes with
@@ -88,7 +92,53 @@ def unfused_nodes(quantized: ModelProto, plan: QuantPlan) -> dict[str, str]:
                 unfused[decision.node] = NOT_FUSED.format(op=decision.op_type)
         elif decision.weight_input is None and _island(node, producer, readers):
             unfused[decision.node] = ISLAND.format(op=decision.op_type, kernel=node.op_type)
-    return unfused
+    return {**unfused, **float_sandwiched(quantized, plan)}
+
+
+def float_sandwiched(quantized: ModelProto, plan: QuantPlan) -> dict[str, str]:
+    """Planned Relu/Clip nodes (their range stands for their producer's) whose producer is float, or a graph
+    input, and whose readers are all float nodes -> why. ONNX Runtime removes such a Relu before its
+    QuantizeLinear and runs the pair as two conversions that only round (ppocr_det's head: BatchNormalization
+    -> Relu -> ConvTranspose, 400 µs of Q/DQ on 64x160x160)."""
+    decisions = {d.node: d for d in plan.nodes}
+    graph = quantized.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {value.name for value in graph.output}
+
+    def final_readers(tensor: str) -> list[onnx.NodeProto] | None:
+        """The nodes reading `tensor` through Q/DQ; None where a graph output is on the way."""
+        found = []
+        for reader in readers.get(tensor, []):
+            if reader.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+                found.append(reader)
+            elif reader.output[0] in outputs:
+                return None
+            else:
+                more = final_readers(reader.output[0])
+                if more is None:
+                    return None
+                found += more
+        return found
+
+    def is_float(node: onnx.NodeProto | None) -> bool:
+        decision = decisions.get(node.name) if node is not None else None
+        return node is None or (decision is not None and not decision.quantized)
+
+    sandwiched = {}
+    for node in graph.node:
+        decision = decisions.get(node.name)
+        rule = RULES.get(node.op_type)
+        if decision is None or not decision.quantized or rule is None or not rule.fuses_into_producer:
+            continue
+        source = producer.get(node.input[0])
+        after = final_readers(node.output[0]) if node.output[0] not in outputs else None
+        if is_float(source) and after and all(is_float(reader) for reader in after):
+            sandwiched[node.name] = ROUND_TRIP.format(op=node.op_type)
+    return sandwiched
 
 
 def float_nodes_on_integer_kernels(optimized: onnx.GraphProto, plan: QuantPlan) -> list[str]:
@@ -205,6 +255,11 @@ def plan_and_apply(model: ModelProto, recipe: Recipe, selection: Selection, tabl
         note = (f"placement fused: {len(placed.kept_float)} node(s) kept float that ONNX Runtime would run as "
                 f"float ops between Q/DQ or as integer kernels slower than float ({placed.rounds} round(s))")
         placed = replace(placed, plan=replace(placed.plan, notes=[*placed.plan.notes, note]))
+    rewritten, count = fuse_hard_swish(placed.model, placed.plan)
+    if count:
+        note = (f"{count} hard-swish(es) written out in float ops (x * clip(x + 3, 0, 6)) run as HardSwish, which "
+                "ONNX Runtime fuses into the float Conv before it")
+        placed = replace(placed, model=rewritten, plan=replace(placed.plan, notes=[*placed.plan.notes, note]))
     return placed
 
 
