@@ -63,6 +63,8 @@ def test_fast_keeps_a_first_layer_conv_float_and_is_deterministic(tmp_path):
     assert producers.get(conv.input[0]) != "DequantizeLinear" and conv.input[1] == "w"  # float input, float weight
     reasons = {node["node"]: node["reason"] for node in fast.report["plan"]["nodes"]}
     assert reasons["conv"].startswith(SLOWER_PREFIX) and "µs" in reasons["conv"]
+    assert any(note.startswith("placement fast: 1 node(s) kept float") and "slower than float" in note
+               for note in fast.report["plan"]["notes"])  # it said "placement fused" under fast too
     assert fast.report["kernels"]["integer_ops"].get("QLinearConv") == 1  # the head keeps its integer kernel
     again = quantize_first_layer(tmp_path / "again", model)
     assert again.model.SerializeToString() == fast.model.SerializeToString()  # no timing: same bytes

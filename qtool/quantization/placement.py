@@ -252,8 +252,9 @@ def plan_and_apply(model: ModelProto, recipe: Recipe, selection: Selection, tabl
                 f"this {ort.__version__}; time the model (qtool compare --bench)")
         placed = replace(placed, plan=replace(placed.plan, notes=[*placed.plan.notes, note]))
     if placed.kept_float:
-        note = (f"placement fused: {len(placed.kept_float)} node(s) kept float that ONNX Runtime would run as "
-                f"float ops between Q/DQ or as integer kernels slower than float ({placed.rounds} round(s))")
+        slower = " or as integer kernels slower than float" if fast and fitted else ""
+        note = (f"placement {recipe.quantization.placement}: {len(placed.kept_float)} node(s) kept float that "
+                f"ONNX Runtime would run as float ops between Q/DQ{slower} ({placed.rounds} round(s))")
         placed = replace(placed, plan=replace(placed.plan, notes=[*placed.plan.notes, note]))
     rewritten, count = fuse_hard_swish(placed.model, placed.plan)
     if count:
