@@ -34,6 +34,20 @@ macs = multiply-accumulates. Measured (float µs / int8 µs):
   935-1427 (albert_ja_pos: 131-135 / 872-879); 4x128x128: 58 / 374; 12x128x128: 155 / 1091; 4x64x64: 17-24 / 61;
   8x32x32: 11 / 35; 2x512x512: 265-352 / 5739-6737. QLinearSoftmax was 3-20x float at every size. (On an
   AVX-512 host docs/recipe.md saw the masked float Softmax itself at 3.1-3.7 ms: not this table's host.)
+
+On an AVX2 host without VNNI (AMD EPYC, 2 shared cores; u8s8 GEMMs through vpmaddubsw, 7-bit weights) the
+table's decisions held, so it is not split by ISA: with the default recipe every model ran at least as fast
+as float (bench/latency.py, one thread, float / int8: digits_cnn 1.23, speech_embedding 1.17, centerface 1.16-1.21,
+u2netp 1.91, albert_ja_pos 1.01-1.04, pyannote_seg3 1.01; ppocr_cls refuses, its fused int8 model 0.86). There
+the integer GEMM gains less (1x1 Conv 14.7 M MACs: 393-430 / 214-226 µs, 1.8x instead of 3x, profiled under
+load), but scaling `Conv`'s int8 rate to match made digits_cnn and speech_embedding refuse although they run
+1.2x faster as int8: a float model also pays NCHWc ReorderInput/ReorderOutput around its Convs (ppocr_det
+320x320: 3.4 of 31 ms float, 1.1 of 26 ms in its int8 model) that per-kernel rates leave out. Mispriced there:
+ppocr_det's depthwise Convs (5x5, 192-384 channels on 20x20 and 10x10: 58-176 / 57-166 µs, not 1.3x + 10)
+and broadcast QLinearMuls in the NHWC chain ([10, 10, C] x [C]: 19-23 / 21-26 µs, not 5-6x), so `fast` (its
+preset pins `fused`) kept 86 nodes float there and ran 1.11-1.12x float against `fused`'s 1.15-1.18x;
+ppocr_cls's (3 rows of 96, 32-88 channels: 27-47 / 62-164 and 17-18 / 41 µs) match the table, so one rate
+per op cannot fit both.
 """
 
 from __future__ import annotations
