@@ -248,6 +248,19 @@ def test_tune_trials_apply_bias_correction_and_quantize_reproduces_them(tmp_path
     assert section["kept"] and sum(layer["corrected_channels"] for layer in section["layers"]) > 0
 
 
+def test_a_chosen_trial_quantize_does_not_reproduce_is_a_warning(hostile, tmp_path, monkeypatch):
+    """reproduced_by_quantize false was only a field in report.json: model.onnx (quantize's) then is not the
+    model the report's figures describe, and nothing on stderr or in warnings said so."""
+    from qtool.search import tune as tune_module
+
+    monkeypatch.setattr(tune_module, "content_sha256", lambda model: "another model")
+    result = search_api.tune(hostile / "model.onnx", hostile / "calib", hostile / "recipe.yaml", tmp_path / "t",
+                             validation_data=hostile / "eval", max_trials=2, latency_runs=0)
+    report = validated(tmp_path / "t" / "report.json")
+    assert report["chosen"]["reproduced_by_quantize"] is False
+    assert tune_module.NOT_REPRODUCED in report["warnings"] and tune_module.NOT_REPRODUCED in result.alerts
+
+
 def test_tune_without_timing(hostile, tmp_path):
     result = search_api.tune(hostile / "model.onnx", hostile / "calib", hostile / "recipe.yaml", tmp_path / "t",
                          validation_data=hostile / "eval", max_trials=4, latency_runs=0)

@@ -264,6 +264,9 @@ def tune(
                 interrupted, (terminated, search.stop_reason) = True, _interruption(exc)
         report = build_report(True, search.stop_reason)
         report["chosen"]["reproduced_by_quantize"] = reproduced
+        if reproduced is False:  # the figures above are the trial's, the file is quantize's: say so
+            report["warnings"].append(NOT_REPRODUCED)
+            alerts.append(NOT_REPRODUCED)
         speed_gate = latency_gate(latency_limit, latencies.get(best.spec.promotions) if best else None)
         if speed_gate is not None:
             report["chosen"]["gates"].append(speed_gate)
@@ -279,6 +282,11 @@ def tune(
         raise WorkerError(f"{died}; the best trial so far is kept in {output}")
     alerts += _larger_than_float(state["best"], setup.context.float_bytes)
     return TuneResult(report, bool(report["chosen"]["passed"]), interrupted, output, terminated, alerts=tuple(alerts))
+
+
+NOT_REPRODUCED = ("the tuned recipe re-run with `qtool quantize` gave a DIFFERENT model than the chosen trial: "
+                  "model.onnx is quantize's (what the recipe reproduces), and the trial's figures in this report "
+                  "were not measured on it; check it with `qtool compare`")
 
 
 def _interruption(exc: KeyboardInterrupt) -> tuple[bool, str]:
