@@ -261,6 +261,22 @@ def test_a_chosen_trial_quantize_does_not_reproduce_is_a_warning(hostile, tmp_pa
     assert tune_module.NOT_REPRODUCED in report["warnings"] and tune_module.NOT_REPRODUCED in result.alerts
 
 
+def test_keep_float_auto_the_trials_do_not_run_is_a_warning(hostile, tmp_path):
+    """A new user's ppocr_cls recipe (keep_float auto) failed max_accuracy_drop under quantize while tune's
+    'recipe as given', run without keep_float, passed it, and nothing said the two differ."""
+    recipe = tmp_path / "auto.yaml"
+    recipe.write_text((hostile / "recipe.yaml").read_text().replace(
+        "quantization: {placement: fused}", "quantization: {placement: fused, algorithms: {keep_float: auto}}"))
+    result = search_api.tune(hostile / "model.onnx", hostile / "calib", recipe, tmp_path / "t",
+                             validation_data=hostile / "eval", max_trials=2, latency_runs=0)
+    [warning] = [line for line in result.alerts if "keep_float auto" in line]
+    assert "'recipe as given' is the recipe without it" in warning and warning in result.report["warnings"]
+    assert load_recipe(tmp_path / "t" / "recipe.tuned.yaml").quantization.algorithms.keep_float == "off"
+    plain = search_api.tune(hostile / "model.onnx", hostile / "calib", hostile / "recipe.yaml", tmp_path / "p",
+                            validation_data=hostile / "eval", max_trials=2, latency_runs=0)
+    assert not any("keep_float" in line for line in plain.alerts)
+
+
 def test_tune_without_timing(hostile, tmp_path):
     result = search_api.tune(hostile / "model.onnx", hostile / "calib", hostile / "recipe.yaml", tmp_path / "t",
                          validation_data=hostile / "eval", max_trials=4, latency_runs=0)

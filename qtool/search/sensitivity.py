@@ -23,8 +23,8 @@ from qtool.reporting import document as reporting
 from qtool.reporting.search import search_report_writers
 from qtool.search.executor import make_executor
 from qtool.search.promote import objective_name
-from qtool.search.setup import (CACHE_FILE, cache_document, check_ranking_samples, executor_section,
-                                measure_sensitivity, ranking_note, read_cache, search_inputs, setup_trials,
+from qtool.search.setup import (CACHE_FILE, algorithms_the_trials_skip, cache_document, check_ranking_samples,
+                                executor_section, measure_sensitivity, ranking_note, read_cache, search_inputs, setup_trials,
                                 trial_row, unranked_note)
 from qtool.search.trial import TrialSpec, cache_key, folder_files, run_trial
 
@@ -91,7 +91,7 @@ def sensitivity(
             make_executor(jobs, executor, ray_address) as pool:
         setup = setup_trials(model_path, data_dir, recipe, folder, validation_data, labels,
                               1 if pool.jobs > 1 or pool.remote else None, tick)
-        alerts = check_ranking_samples(setup, samples, "--samples")
+        alerts = algorithms_the_trials_skip(recipe) + check_ranking_samples(setup, samples, "--samples")
         key = cache_key(file_sha256(model_path), recipe,
                         [setup.calib_data.listing_hash(), setup.eval_data.listing_hash()], f"{mode}:{samples}",
                         setup.context.providers)

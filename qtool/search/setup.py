@@ -207,6 +207,17 @@ COARSE_SAMPLES = 8  # below it a ranking is coarse (measured: see check_ranking_
 NEAR_ZERO = 0.01  # the first N samples' mean square, against all samples': below it they carry no signal
 
 
+def algorithms_the_trials_skip(recipe: Recipe) -> list[str]:
+    """A warning when the recipe asks for keep_float auto, which no trial runs (the promotions decide what
+    is float) and the tuned recipe turns off: every trial, "recipe as given" included, then differs from
+    `qtool quantize` of this recipe ([] otherwise). outliers auto, the default, goes unsaid: it changes a
+    tensor on few models (one of the shared ones)."""
+    if recipe.quantization.algorithms.keep_float != "auto":
+        return []
+    return ["the trials run without the recipe's keep_float auto (recipe.tuned.yaml sets it off): 'recipe as "
+            "given' is the recipe without it, and its figures are not those of `qtool quantize` with this recipe"]
+
+
 def check_ranking_samples(setup: TrialSetup, samples: int | None, option: str) -> list[str]:
     """Whether the first `samples` evaluation samples can rank nodes: a UsageError (exit 2) naming the
     fewest that can when a float output of theirs is near zero (mean square under 1 % of the whole

@@ -31,8 +31,8 @@ from qtool.search.executor import make_executor
 from qtool.search.timing import latency_gate, latency_section, latency_verdict, latency_warnings, time_trials
 from qtool.search.promote import Search, objective, pareto_frontier
 from qtool.search.sensitivity import SENSITIVITY_CACHE, check_samples
-from qtool.search.setup import (CACHE_FILE, TrialSetup, cache_document, check_ranking_samples, executor_section,
-                                measure_sensitivity, ranking_note, read_cache, run_specs, search_inputs, setup_trials,
+from qtool.search.setup import (CACHE_FILE, TrialSetup, algorithms_the_trials_skip, cache_document,
+                                check_ranking_samples, executor_section, measure_sensitivity, ranking_note, read_cache, run_specs, search_inputs, setup_trials,
                                 trial_row, tune_objective, unranked_note)
 from qtool.search.trial import (A16, SEARCH_GATES, TrialResult, TrialSpec, build_trial_model, cache_key,
                                 folder_files, promotion_overrides, trial_latency)
@@ -92,7 +92,8 @@ def tuned_recipe_text(recipe: Recipe, overrides: list[dict], output: Path, bias_
         document["base"] = recipe_path_text(recipe.source.parent / base, output)
     header = (f"# Written by `qtool tune` from {recipe.source or 'the built-in default recipe'}.\n"
               f"# The first {len(overrides)} entries of quantization.overrides were added by the search\n"
-              "# (exact node names); the rest is the input recipe. Re-run it with `qtool quantize`.\n")
+              "# (exact node names); the rest is the input recipe, its quantization.algorithms as the\n"
+              "# trials ran them. Re-run it with `qtool quantize`.\n")
     text = header + yaml.safe_dump(document, sort_keys=False, allow_unicode=True, width=100)
     parse_recipe(text, output / TUNED_RECIPE)
     return text
@@ -166,7 +167,8 @@ def tune(
         setup = setup_trials(model_path, data_dir, recipe, folder, validation_data, labels,
                               1 if pool.jobs > 1 or pool.remote else None, tick)
         figure = tune_objective(gates, setup, recipe, model_path)
-        alerts = check_ranking_samples(setup, sensitivity_samples, "--sensitivity-samples")
+        alerts = (algorithms_the_trials_skip(recipe)
+                  + check_ranking_samples(setup, sensitivity_samples, "--sensitivity-samples"))
         setup.warnings.extend(alerts)
         context = replace(setup.context, gates=gates)  # what this process builds and times trials from
         if pool.remote:  # trials elsewhere read the work folder from the object store, not as a path
