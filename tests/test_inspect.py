@@ -176,3 +176,7 @@ def test_data_previews_placement_fast_on_its_first_sample(tmp_path):
     assert shaped["quantization"]["nodes_quantized"] == 0
     assert {d["node"]: d["reason"].split(":")[0] for d in shaped["quantization"]["nodes"] if d["node"] != "shape"} == {
         "conv": "placement fast", "relu": "placement fast"}
+    # quantize refuses that plan (exit 2): inspect lists the refusal, not only "0 of 3 nodes"
+    [refusal] = [problem for problem in shaped["problems"] if problem["action"] == "refuse"]
+    assert "no 8-bit kernel pays here" in refusal["message"] and "nothing written" not in refusal["message"]
+    assert unshaped["problems"] == []

@@ -19,6 +19,7 @@ from qtool.io.samples import DataSource
 from qtool.io.targets import check_output_file
 from qtool.io.model import load_model, opset_version, read_header
 from qtool.quantization.kernel_costs import SLOWER_PREFIX
+from qtool.quantization.coverage import check_coverage
 from qtool.quantization.placement import preview_plan
 from qtool.quantization.plan import select_tensors
 from qtool.recipe.load import load_recipe, parse_recipe
@@ -56,8 +57,14 @@ def inspect(model_path: str | Path, recipe: Recipe | str | Path | None = None,
             upgraded = False
         else:  # the placement pass too, as quantize runs it: the two counts agree
             sample = _first_sample(model, model_path, recipe, data)
-            decisions = preview_plan(model, recipe, select_tensors(model, recipe),
-                                     int8_kernels_may_saturate(), sample).plan.nodes
+            selection = select_tensors(model, recipe)
+            plan = preview_plan(model, recipe, selection, int8_kernels_may_saturate(), sample).plan
+            decisions = plan.nodes
+            try:  # what quantize refuses before calibrating: nothing to quantize, or no 8-bit kernel that pays
+                check_coverage(plan, sum(d.quantized for d in selection.nodes), model=model_path,
+                               recipe=recipe.source, ranges_from="placeholder ranges", table=False)
+            except ModelError as exc:
+                problems.append(inspection.Problem("refuse", str(exc).removesuffix("; nothing written")))
             notes.append("nodes quantized: as `qtool quantize` places them (placeholder ranges); calibration can "
                          "keep a few more float (degenerate ranges, Concat inputs far apart; keep_float auto's "
                          "end regions, measured on the data)")
