@@ -20,6 +20,7 @@ import onnxruntime as ort
 from onnx import ModelProto
 
 from qtool.calibration.calibrate import CalibrationTable, TensorRange
+from qtool.io.model import GraphIndex
 from qtool.io.samples import DataSource
 from qtool.numerics import QTYPES
 from qtool.quantization.plan import NodeDecision, QuantPlan, Selection, build_plan, select_tensors
@@ -101,18 +102,13 @@ def float_sandwiched(quantized: ModelProto, plan: QuantPlan) -> dict[str, str]:
     QuantizeLinear and runs the pair as two conversions that only round (ppocr_det's head: BatchNormalization
     -> Relu -> ConvTranspose, 400 µs of Q/DQ on 64x160x160)."""
     decisions = {d.node: d for d in plan.nodes}
-    graph = quantized.graph
-    producer = {out: node for node in graph.node for out in node.output}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    outputs = {value.name for value in graph.output}
+    index = GraphIndex(quantized.graph)
+    outputs = index.graph_outputs
 
     def final_readers(tensor: str) -> list[onnx.NodeProto] | None:
         """The nodes reading `tensor` through Q/DQ; None where a graph output is on the way."""
         found = []
-        for reader in readers.get(tensor, []):
+        for reader in index.consumers.get(tensor, []):
             if reader.op_type not in ("QuantizeLinear", "DequantizeLinear"):
                 found.append(reader)
             elif reader.output[0] in outputs:
@@ -129,12 +125,12 @@ def float_sandwiched(quantized: ModelProto, plan: QuantPlan) -> dict[str, str]:
         return node is None or (decision is not None and not decision.quantized)
 
     sandwiched = {}
-    for node in graph.node:
+    for node in quantized.graph.node:
         decision = decisions.get(node.name)
         rule = RULES.get(node.op_type)
         if decision is None or not decision.quantized or rule is None or not rule.fuses_into_producer:
             continue
-        source = producer.get(node.input[0])
+        source = index.producer.get(node.input[0])
         after = final_readers(node.output[0]) if node.output[0] not in outputs else None
         if is_float(source) and after and all(is_float(reader) for reader in after):
             sandwiched[node.name] = ROUND_TRIP.format(op=node.op_type)
