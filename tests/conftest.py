@@ -37,7 +37,7 @@ def fused_recipe(recipe=None):
     from qtool.recipe.schema import Recipe
 
     recipe = recipe or Recipe()
-    return recipe.model_copy(update={"quantization": recipe.quantization.model_copy(update={"placement": "fused"})})
+    return recipe.with_placement("fused")
 
 
 def shared_model(name: str) -> Path:

@@ -18,8 +18,7 @@ from qtool.io.feeds import open_data
 from qtool.io.samples import DataSource
 from qtool.io.targets import check_output_file
 from qtool.io.model import load_model, opset_version, read_header
-from qtool.quantization.kernel_costs import SLOWER_PREFIX
-from qtool.quantization.coverage import check_coverage
+from qtool.quantization.coverage import check_coverage, no_kernel_pays
 from qtool.quantization.placement import preview_plan
 from qtool.quantization.plan import select_tensors
 from qtool.recipe.load import load_recipe, parse_recipe
@@ -167,12 +166,9 @@ def _probe_latency(model_path: Path, recipe: Recipe, data: Path) -> tuple[BenchR
         feeds = next(source.batches(1)).feeds
         selection, saturating = select_tensors(model, recipe), int8_kernels_may_saturate()
         placed = preview_plan(model, recipe, selection, saturating, source)
-        all_float = (recipe.quantization.placement == "fast" and not any(d.quantized for d in placed.plan.nodes)
-                     and any(d.reason.startswith(SLOWER_PREFIX) for d in placed.plan.nodes))
+        all_float = no_kernel_pays(placed.plan)
         if all_float:  # what quantize refuses: time what `placement: fused` would run instead
-            fused = recipe.model_copy(update={"quantization": recipe.quantization.model_copy(
-                update={"placement": "fused"})})
-            placed = preview_plan(model, fused, selection, saturating)
+            placed = preview_plan(model, recipe.with_placement("fused"), selection, saturating)
         return bench_models(model, placed.model, feeds, threads=BENCH_THREADS, rounds=LATENCY_PROBE_ROUNDS,
                             max_seconds=2.0), "", all_float
     except StopIteration:

@@ -39,6 +39,13 @@ def drop_rangeless(graph, nodes: list[NodeDecision], selected: dict, planned: di
     return result
 
 
+def no_kernel_pays(plan: QuantPlan) -> bool:
+    """Whether `placement: fast` kept every node of `plan` float for speed: nothing quantized, no node
+    left without a range, and at least one kept float by the cost table."""
+    return (not any(d.quantized for d in plan.nodes) and not any(d.reason.startswith(NO_RANGE) for d in plan.nodes)
+            and any(d.reason.startswith(SLOWER_PREFIX) for d in plan.nodes))
+
+
 def check_coverage(plan: QuantPlan, asked: int, *, model: Path, recipe: Path | None, ranges_from: Path | str,
                    table: bool) -> list[str]:
     """Refuse a plan that cannot stand for what the recipe asked (`asked`: the nodes it quantizes):
@@ -48,7 +55,7 @@ def check_coverage(plan: QuantPlan, asked: int, *, model: Path, recipe: Path | N
     quantized = sum(d.quantized for d in plan.nodes)
     rangeless = sum(d.reason.startswith(NO_RANGE) for d in plan.nodes)
     slower = sum(d.reason.startswith(SLOWER_PREFIX) for d in plan.nodes)
-    if asked and not quantized and not rangeless and slower:
+    if asked and no_kernel_pays(plan):
         raise ModelError(f"{model}: no 8-bit kernel pays here: `placement: fast` estimates every node the recipe "
                          f"{recipe or '(built-in default)'} quantizes ({slower}) faster as float compute on ONNX "
                          "Runtime's CPU kernels, conversions included, so an int8 model would run slower than "

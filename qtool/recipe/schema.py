@@ -414,6 +414,10 @@ class Recipe(_Strict):
         base = self.source.parent if self.source else Path.cwd()
         return (base / value).resolve()
 
+    def with_placement(self, placement: str) -> "Recipe":
+        """This recipe with `quantization.placement` set to `placement` (fast, fused or all)."""
+        return self.model_copy(update={"quantization": self.quantization.model_copy(update={"placement": placement})})
+
     def as_dict(self) -> dict[str, Any]:
         """The recipe as resolved (defaults filled in), for reports."""
         return self.model_dump(mode="json", exclude={"source"})

@@ -108,7 +108,7 @@ def trial_recipe(recipe: Recipe, spec: TrialSpec) -> Recipe:
     recipe = with_overrides(recipe, trial_overrides(spec, recipe))
     if spec.only is None:
         return recipe
-    return recipe.model_copy(update={"quantization": recipe.quantization.model_copy(update={"placement": "all"})})
+    return recipe.with_placement("all")
 
 
 def float_model_name(recipe: Recipe) -> str:
