@@ -24,8 +24,8 @@ from qtool.reporting.search import search_report_writers
 from qtool.search.executor import make_executor
 from qtool.search.promote import objective_name
 from qtool.search.setup import (CACHE_FILE, algorithms_the_trials_skip, cache_document, check_ranking_samples,
-                                executor_section, measure_sensitivity, ranking_note, read_cache, search_inputs, setup_trials,
-                                trial_row, unranked_note)
+                                executor_section, measure_sensitivity, ranking_note, read_cache, search_inputs,
+                                setup_trials, trial_row, unranked_note)
 from qtool.search.trial import TrialSpec, cache_key, folder_files, run_trial
 
 SENSITIVITY_CACHE = "sensitivity.cache.json"

@@ -159,8 +159,8 @@ def _setup_trials(model_path: Path, data_dir: Path, recipe: Recipe, folder: Path
                        frozenset(node.name for node, d in quantized if node.name and d.weight_input is not None))
 
 
-def _a16_weight_shifts(model: ModelProto, recipe: Recipe, a16_model: ModelProto, a16: Recipe,
-                       table: CalibrationTable, saturating: bool, data: DataSource) -> tuple[dict[str, LayerShift], ...]:
+def _a16_weight_shifts(model: ModelProto, recipe: Recipe, a16_model: ModelProto, a16: Recipe, table: CalibrationTable,
+                       saturating: bool, data: DataSource) -> tuple[dict[str, LayerShift], ...]:
     """Bias shifts for the weights layers get when promoted to 16-bit activations (`a16`: every ranked
     node promoted, on its float model), measured only where they differ from the recipe's: on x86 CPUs
     without VNNI 8-bit activations take 7-bit weights (reduce_range auto) and 16-bit ones 8-bit

@@ -32,8 +32,9 @@ from qtool.search.timing import latency_gate, latency_section, latency_verdict, 
 from qtool.search.promote import Search, objective, pareto_frontier
 from qtool.search.sensitivity import SENSITIVITY_CACHE, check_samples
 from qtool.search.setup import (CACHE_FILE, TrialSetup, algorithms_the_trials_skip, cache_document,
-                                check_ranking_samples, executor_section, measure_sensitivity, ranking_note, read_cache, run_specs, search_inputs, setup_trials,
-                                trial_row, tune_objective, unranked_note)
+                                check_ranking_samples, executor_section, measure_sensitivity, ranking_note,
+                                read_cache, run_specs, search_inputs, setup_trials, trial_row, tune_objective,
+                                unranked_note)
 from qtool.search.trial import (A16, SEARCH_GATES, TrialResult, TrialSpec, build_trial_model, cache_key,
                                 folder_files, promotion_overrides, trial_latency)
 
