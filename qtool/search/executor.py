@@ -80,20 +80,24 @@ class LocalProcessExecutor:
 
     def map_unordered(self, fn, tasks):
         futures: dict = {}
+        workers: list = []
         try:
             futures.update((self._pool.submit(fn, task), task) for task in tasks)
+            # the workers as started: once the pool breaks it may have dropped the one that died
+            workers = list((self._pool._processes or {}).values())
             for future in as_completed(futures):
                 yield futures[future], future.result()
         except BrokenProcessPool:
-            raise WorkerError(f"a trial worker process died before it was done ({self._deaths()}); "
+            raise WorkerError(f"a trial worker process died before it was done ({self._deaths(workers)}); "
                               "out of memory? try fewer --jobs") from None
         finally:
             for future in futures:
                 future.cancel()
 
-    def _deaths(self) -> str:
-        codes = sorted({process.exitcode for process in list((self._pool._processes or {}).values())
-                        if process.exitcode is not None})
+    def _deaths(self, workers: list) -> str:
+        """How `workers` and the pool's current ones ended: signals and exit codes, or "killed"."""
+        processes = workers + list((self._pool._processes or {}).values())
+        codes = sorted({process.exitcode for process in processes if process.exitcode is not None})
         named = [f"signal {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals()
                  else f"exit code {code}" for code in codes]
         return ", ".join(named) or "killed"
