@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from conftest import ROOT
 from qtool.cli.main import main
 from qtool.errors import RecipeError
-from qtool.recipe.load import load_recipe
+from qtool.recipe.load import load_recipe, parse_recipe
 from qtool.recipe.schema import Recipe
 
 PRESETS = ROOT / "qtool" / "recipe" / "presets"
@@ -65,6 +65,16 @@ def test_base_file_beside_the_recipe_and_chains(tmp_path):
     mine = load_recipe(tmp_path / "mine.yaml")
     assert (mine.calibration.method, mine.calibration.samples) == ("mse", 64)
     assert mine.quantization.weights == load_recipe("int8").quantization.weights
+
+
+def test_base_file_climbing_out_of_a_folder_not_made_yet(tmp_path):
+    """`qtool tune --output out/tuned` checks recipe.tuned.yaml (`base: ../../mine.yaml`) before out/tuned
+    exists: the base was refused as 'neither a preset nor a file' and tune exited 2 after calibrating."""
+    (tmp_path / "mine.yaml").write_text("base: int8\ncalibration: {samples: 64}\n")
+    tuned = parse_recipe("base: ../../mine.yaml\ncalibration: {method: mse}\n",
+                         tmp_path / "out" / "tuned" / "recipe.tuned.yaml")
+    assert (tuned.calibration.method, tuned.calibration.samples) == ("mse", 64)
+    assert tuned.files[1:] == ((tmp_path / "mine.yaml").resolve(),)
 
 
 @pytest.mark.parametrize("text, message", [

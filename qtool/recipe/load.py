@@ -79,7 +79,9 @@ def _with_base(document: dict, path: Path, lines: dict, chain: list[Path], bases
     if not isinstance(base, str) or not base.strip():
         raise RecipeError(f"{where}: {base!r} is not allowed: a preset name ({', '.join(preset_names())}) "
                           "or a recipe file")
-    local = path.parent / base
+    # resolved as every path a recipe names is: `../../team.yaml` from a folder not made yet (tune's
+    # recipe.tuned.yaml, checked before its output folder exists) is the file it names
+    local = (path.parent / base).resolve()
     target = local if local.is_file() else preset_path(base)
     if target is None:
         raise RecipeError(f"{where}: {base!r} is neither a preset ({', '.join(preset_names())}) nor a file "
@@ -88,7 +90,7 @@ def _with_base(document: dict, path: Path, lines: dict, chain: list[Path], bases
         raise RecipeError(f"{where}: {base!r} leads back to a recipe already in the chain "
                           f"({' -> '.join(p.name for p in chain)})")
     if target == local:
-        bases.append(local.absolute())
+        bases.append(local)
     parent, parent_lines = _document(_read(target), target)
     parent = _with_base(parent, target, parent_lines, [*chain, target.resolve()], bases)
     return _merged(parent, document)
