@@ -28,3 +28,19 @@ def test_progress_lines_count_in_the_stage_unit(stage, unit):
     with StageProgress(Console(file=out, force_terminal=False, width=120), quiet=False) as progress:
         progress(stage, 4, 4)
     assert out.getvalue().startswith(f"{stage}: 4/4 {unit}")
+
+
+@pytest.mark.parametrize("ci, bar", [("true", False), ("1", False), ("false", True), ("", True), (None, True)])
+def test_a_ci_run_on_a_terminal_gets_plain_lines_not_a_bar(monkeypatch, ci, bar):
+    """A CI runner that gives the job a pseudo-terminal (GitLab with a tty, Jenkins, `script`) showed
+    rich's redrawn bars, hundreds of escape-coded lines in the log; CI (set by every major CI service)
+    now means plain lines there too."""
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", ci)
+    out = io.StringIO()
+    with StageProgress(Console(file=out, force_terminal=True, width=120), quiet=False) as progress:
+        progress("calibrate", 4, 4)
+        assert (progress.bar is not None) == bar
+    assert out.getvalue().startswith("calibrate: 4/4 samples") != bar

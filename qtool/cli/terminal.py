@@ -1,7 +1,7 @@
 """What qtool shows on a terminal or in a CI log: consoles, progress, summary tables.
 
-Colour and progress bars only on a terminal (never with NO_COLOR); plain
-periodic lines otherwise.
+Colour only on a terminal (never with NO_COLOR); progress bars only on a
+terminal outside CI (the `CI` variable); plain periodic lines otherwise.
 """
 
 from __future__ import annotations
@@ -27,8 +27,15 @@ def make_console(stderr: bool = False) -> Console:
 STAGE_UNITS = {"sensitivity": "nodes", "tune": "trials", "latency": "trials"}
 
 
+def in_ci() -> bool:
+    """Whether a CI service runs us: `CI` set (GitHub, GitLab, Jenkins' plugins, CircleCI, ... set it), not 0/false.
+
+    Some runners give the job a pseudo-terminal; a redrawn bar there is escape codes in the log."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
 class StageProgress:
-    """A rich progress bar on a terminal; a plain line every few seconds otherwise (CI logs)."""
+    """A rich progress bar on a terminal; a plain line every few seconds otherwise and in CI."""
 
     def __init__(self, console: Console, quiet: bool):
         self.console = console
@@ -39,7 +46,7 @@ class StageProgress:
         self.started: dict[str, float] = {}  # stage → when its first report came (plain lines)
 
     def __enter__(self):
-        if self.console.is_terminal and not self.quiet:
+        if self.console.is_terminal and not in_ci() and not self.quiet:
             self.bar = Progress(TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(),
                                 TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
                                 console=self.console, transient=True)
