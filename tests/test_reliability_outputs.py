@@ -270,6 +270,33 @@ def test_calibration_table_on_a_read_only_mount_exits_2(small, tmp_path):
     assert result.exit_code == 2 and f"{ro / 't.json'}: cannot write: Read-only file system" in result.stderr
 
 
+@pytest.mark.parametrize("command", ["quantize", "calibrate", "compare"])
+def test_an_output_that_cannot_be_written_is_refused_before_the_work(small, tmp_path, command):
+    """A new user's quantize --output on a read-only mount calibrated and validated, then exited 2
+    'cannot create the output folder'; tune would search first. Now one line before any work."""
+    (tmp_path / "not-a-folder").write_text("x")
+    results = [_refused_run(small, command, tmp_path / "not-a-folder" / "out") + ("Not a directory",)]
+    if os.geteuid() == 0 and command == "quantize":
+        with tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
+            results.append(_refused_run(small, command, ro / "out") + ("Read-only file system",))
+    for result, written, why in results:
+        assert result.exit_code == 2, result.output
+        action = "write" if command == "calibrate" else "create the output folder"
+        assert result.stderr.splitlines() == [f"Error: {written}: cannot {action}: {why}"]  # no progress line before
+        assert not list(tmp_path.glob("**/*.qtool-tmp"))
+
+
+def _refused_run(small, command, target: Path):
+    """(the result, the path its error names) of `command` writing to `target`."""
+    if command == "compare":
+        return run("compare", small / "model.onnx", small / "model.onnx", "--data", small / "data",
+                   "--output", target), target
+    if command == "calibrate":
+        return run("calibrate", small / "model.onnx", "--data", small / "data", "--output", target / "t.json"), \
+            target / "t.json"
+    return run("quantize", small / "model.onnx", "--data", small / "data", "--output", target), target
+
+
 def test_calibration_table_on_a_full_disk_exits_2_and_leaves_nothing(small, tmp_path):
     with tmpfs(tmp_path / "full", "size=64k") as full:
         with contextlib.suppress(OSError):

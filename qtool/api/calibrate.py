@@ -16,6 +16,7 @@ from qtool.calibration.shards import calibrate_with
 from qtool.distributed.ray_executor import refuse_past_limit
 from qtool.errors import UsageError
 from qtool.evaluation.method_choice import choose_method
+from qtool.io.artifacts import check_writable
 from qtool.io.external import in_scratch
 from qtool.io.feeds import open_data
 from qtool.io.targets import check_output_file, check_output_path
@@ -72,6 +73,7 @@ def calibrate(
             lambda folder: {entry.name for entry in folder.iterdir()} <= set(interchange.ORT_FILES)))
     elif output is not None:
         check_output_file(output, model_path, read_paths, what="calibration table", overwrite=overwrite)
+        check_writable(output, "write")  # before calibrating, not after
     model, _ = prepare(model_path, recipe)
     data = open_data(data_dir, data_inputs(model, model_path), recipe.calibration.samples, recipe)
     selection = select_tensors(model, recipe)

@@ -109,6 +109,26 @@ def _umask() -> int:
     return mask
 
 
+def check_writable(target: Path, action: str = "create the output folder") -> None:
+    """Before any work: the folder where writing `target` would make its first entry (the staging
+    path, or the folders up to it) takes one. A read-only mount, a folder without write permission
+    or a file where a folder must be failed only after calibration and validation had run.
+    Raises WriteError naming `target`, as the write itself would."""
+    target = Path(target).absolute()
+    folder = target if target.is_dir() and os.path.ismount(target) else target.parent  # where staging goes
+    while not folder.exists() and not folder.is_symlink() and folder != folder.parent:
+        folder = folder.parent  # the first missing folder is made here
+    probe: Path | None = None
+    try:
+        with signals_deferred(), guarded(target, action):
+            probe = folder / staging_name()
+            probe.mkdir(mode=0o700)
+    finally:
+        if probe is not None:
+            with contextlib.suppress(OSError):
+                probe.rmdir()
+
+
 def write_artifacts(output: Path, overwrite: bool, writers: dict[str, Callable[[Path], None]]) -> None:
     """Write every artifact into a temporary folder beside `output`, then rename it into place.
 

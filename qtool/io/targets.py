@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from qtool.errors import UsageError
+from qtool.io.artifacts import check_writable
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,8 @@ def check_output_path(output: Path, model_path: Path, overwrite: bool, protected
     """The output folder may not be, or contain, the input model or any other input
     (`protected`: data folders, labels, recipe), nor the working folder; an existing one needs
     --overwrite, and even then must be empty or one `ours` recognises (a folder of the user's data
-    typed as --output is not deleted). Raises UsageError (exit 2) naming the folder."""
+    typed as --output is not deleted), and its place must take a new folder (WriteError, exit 2, before
+    any work). Raises UsageError (exit 2) naming the folder."""
     refuse_working_folder(output)
     refuse_inputs(output, model_path, protected, "output folder")
     out = Path(output).resolve()
@@ -176,6 +178,7 @@ def check_output_path(output: Path, model_path: Path, overwrite: bool, protected
                              "only an empty folder or one qtool wrote: choose another path, or remove it yourself")
         if not overwrite:
             raise UsageError(f"{output}: output folder exists; pass --overwrite to replace it")
+    check_writable(output)
 
 
 def check_output_file(path: Path, model_path: Path | None, protected=(), *, what: str,
