@@ -86,6 +86,9 @@ def algorithms_markdown(section: dict, escape) -> list[str]:
         rows.append(("bias_correction", f"{len(layers)} biases corrected ({kept} of {channels} channels; the "
                      f"rest within {corrected['min_t']:g} standard errors of 0)" + (
             f"; largest shift {worst['max_abs_shift']:.3g} ({escape(worst['node'])})" if worst else "")))
+    # on by default, yet nothing ran: quantize from a table reads no calibration data (report.json's `skipped`)
+    rows += [(name, "skipped: needs calibration data (--data), not a calibration table")
+             for name in ("bias_correction", "outliers", "keep_float") if section.get(name, {}).get("skipped")]
     if not rows:
         return []
     return ["", "## Algorithms", "", "| algorithm | what it changed |", "|---|---|",
