@@ -14,6 +14,7 @@ from conftest import SAMPLE
 from qtool import api
 from qtool.cli.main import main
 from qtool.errors import DataError
+from qtool.evaluation.labels import label_warnings
 from qtool.io.data import read_labels
 from qtool.recipe.schema import Recipe
 
@@ -80,6 +81,23 @@ def test_float_accuracy_at_chance_and_partial_labels_are_warned_about(eval_copy,
     assert "at or below chance (1/10 = 10.0%)" in text
     report = yaml.safe_load((tmp_path / "out" / "report.json").read_text())
     assert any("at or below chance" in warning for warning in report["warnings"])
+
+
+def test_labels_that_measure_nothing_are_warned_about(eval_copy, tmp_path):
+    """A new user's --labels on speech_embedding (an embedding [N, 1, 1, 96], no class scores), or a
+    labels file naming none of the files: no accuracy, and no word of why."""
+    folder, pairs = eval_copy
+    write_labels(folder, [(f"other-{name}", label) for name, label in pairs])
+    result = CliRunner().invoke(main, ["compare", str(MODEL), str(MODEL), "--data", str(folder), "--output",
+                                       str(tmp_path / "out")], env={"GITHUB_STEP_SUMMARY": None})
+    assert result.exit_code == 0, result.output
+    report = yaml.safe_load((tmp_path / "out" / "report.json").read_text())
+    assert "accuracy" not in report["validation"]
+    assert report["warnings"] == [f"{folder / 'labels.txt'} labels none of the 16 validation samples (it names "
+                                  "none of their files): no top-1 accuracy measured"]
+    assert label_warnings(16, 0, None, 0, "labels.txt") == [
+        "labels.txt labels none of the 16 validation samples (the model's first output is not class scores "
+        "[N, classes]): no top-1 accuracy measured"]
 
 
 def test_right_labels_for_every_file_warn_nothing(eval_copy, tmp_path):
