@@ -44,3 +44,13 @@ def test_a_ci_run_on_a_terminal_gets_plain_lines_not_a_bar(monkeypatch, ci, bar)
         progress("calibrate", 4, 4)
         assert (progress.bar is not None) == bar
     assert out.getvalue().startswith("calibrate: 4/4 samples") != bar
+
+
+def test_a_gate_tune_missed_is_shown_as_the_summary_shows_it():
+    """tune printed 'gate min_sqnr_db: not met by the best trial (value 27.43675942149157, threshold 30)'."""
+    from qtool.cli.terminal import missed_gate_line
+
+    gate = {"name": "min_sqnr_db", "threshold": 30.0, "value": 27.43675942149157, "passed": False}
+    assert missed_gate_line(gate, "the best trial") == ("gate min_sqnr_db: not met by the best trial "
+                                                        "(value 27.437, threshold 30)")
+    assert "value n/a" in missed_gate_line({**gate, "value": None}, "the best trial")

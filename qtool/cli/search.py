@@ -202,6 +202,5 @@ def tune(model: Path, recipe_path: Path, data_dir: Path, validation_data: Path |
     if not result.passed:
         for gate in report["chosen"]["gates"]:
             if gate["passed"] is False:  # None: not applicable to this model
-                click.echo(f"gate {gate['name']}: not met by the best trial (value {gate['value']}, "
-                           f"threshold {gate['threshold']:g})", err=True)
+                click.echo(terminal.missed_gate_line(gate, "the best trial"), err=True)
         sys.exit(EXIT_GATE_FAILED)

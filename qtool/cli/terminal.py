@@ -202,6 +202,12 @@ def gate_value_text(value: float, threshold: float) -> str:
     return repr(value)
 
 
+def missed_gate_line(gate: dict, by: str) -> str:
+    """`gate NAME: not met by BY (value V, threshold T)`, V as the summary table shows it (not 27.43675942149157)."""
+    value = "n/a" if gate["value"] is None else gate_value_text(gate["value"], gate["threshold"])
+    return f"gate {gate['name']}: not met by {by} (value {value}, threshold {gate['threshold']:g})"
+
+
 def _add_gate_rows(table: Table, gates: list[dict]) -> None:
     for gate in gates:
         if gate["passed"] is None:  # checked nothing on this model: neither pass nor FAIL
