@@ -25,7 +25,7 @@ from qtool.recipe.load import load_recipe, parse_recipe
 from qtool.recipe.schema import Recipe, recipe_json_schema
 from qtool.runtime.session import int8_kernels_may_saturate
 
-from qtool.api.common import BENCH_THREADS, data_inputs, prepare
+from qtool.api.common import BENCH_THREADS, Progress, data_inputs, prepare, stage_progress
 
 LATENCY_PROBE_ROUNDS = 60  # qtool init's float/int8 timing: a few seconds at most
 
@@ -106,6 +106,7 @@ def init_recipe(
     image: starter.ImageChoices = starter.ImageChoices(),
     schema: str | None = None,
     overwrite: bool = False,
+    progress: Progress | None = None,
 ) -> InitResult:
     """Write a starter recipe for `model_path` (and the JSON Schema beside it unless `schema` names one).
 
@@ -113,7 +114,8 @@ def init_recipe(
     first sample; measured above 0.9x float, the recipe's comments and the warnings say that its
     max_latency_ratio gate will likely fail here (the gate stays: a model slower than float is no model to ship).
     The written text is checked to load as a recipe before anything is written; an `image` value
-    data.images would refuse is a UsageError naming its option (`--std 0`) first.
+    data.images would refuse is a UsageError naming its option (`--std 0`) first. `progress` hears
+    stage "timing" (0 of 1, then 1 of 1) around that timing: a minute or more on a large model.
     """
     model_path, output = Path(model_path), Path(output)
     if image is not None:
@@ -132,7 +134,12 @@ def init_recipe(
     text = starter.starter_recipe(model, model_path, output, data, evaluation,
                                   schema or starter.SCHEMA_FILE, image)
     recipe = parse_recipe(text, output)  # what we write must load as it is; a RecipeError here names the key
-    latency, unmeasured, all_float = _probe_latency(model_path, recipe, data) if data is not None else (None, "", False)
+    latency, unmeasured, all_float = None, "", False
+    if data is not None:
+        tick = stage_progress(progress)("timing") or (lambda done, total: None)
+        tick(0, 1)
+        latency, unmeasured, all_float = _probe_latency(model_path, recipe, data)
+        tick(1, 1)
     slow = None
     if latency is not None and (all_float or latency.ratio > starter.LATENCY_MARGIN):  # the gate would fail, or flap
         slow = starter.MeasuredLatency(latency.ratio, latency.reference.median_ms, latency.candidate.median_ms,

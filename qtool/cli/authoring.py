@@ -172,8 +172,9 @@ def init(model: Path, data_dir: Path | None, validation_data: Path | None, outpu
           --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 --output recipe.yaml
     """
     choices = starter.ImageChoices(channels=channels, mean=mean, std=std, scale=scale, size=size)
-    result = api.init_recipe(model, output_path, data_dir=data_dir, validation_data=validation_data,
-                             image=choices, schema=schema_ref, overwrite=overwrite)
+    with terminal.StageProgress(terminal.make_console(stderr=True), quiet or as_json) as progress:
+        result = api.init_recipe(model, output_path, data_dir=data_dir, validation_data=validation_data,
+                                 image=choices, schema=schema_ref, overwrite=overwrite, progress=progress)
     recipe, schema_file = result.recipe, result.schema
     for line in result.warnings if not quiet else ():
         click.echo(f"warning: {line}", err=True)
