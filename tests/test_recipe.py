@@ -104,6 +104,21 @@ def test_booleans_stay_booleans_where_the_schema_says_so(tmp_path):
     assert recipe.quantization.overrides[0].float is True
 
 
+@pytest.mark.parametrize("text, message", [
+    ("quantization:\n  activations: int8\n",
+     ":2: quantization.activations: 'int8' is not allowed: expected a mapping of its keys: dtype, symmetric"),
+    ("calibration: 5\n", ":1: calibration: 5 is not allowed: expected a mapping of its keys: batch_size, bins, "
+                          "method, moving_average, overrides, percentile, samples, workers"),
+    ("quantization:\n  overrides: [5]\n", ":2: quantization.overrides.0: 5 is not allowed: expected a mapping of "
+                                           "its keys: activations, float, match, mode, weights"),
+])
+def test_a_value_where_a_section_belongs_names_the_sections_keys(tmp_path, text, message):
+    """A new user's `activations: int8` read 'input should be a valid dictionary or instance of ActivationSpec'
+    (a class name of the code, no allowed keys)."""
+    error = error_of(tmp_path, text)
+    assert message in error and "Spec" not in error
+
+
 @pytest.mark.parametrize("gate, value, allowed", [
     ("min_cosine", ".nan", "finite number"),
     ("min_cosine", "5", "5 is outside what min_cosine measures: expected a cosine from -1 to 1"),

@@ -188,6 +188,9 @@ def _describe(error: dict, path: Path, lines: dict) -> str:
         return f"{path}:{line}: {key}: unknown key; allowed here: {allowed}"
     if kind == "missing":
         return f"{path}:{line}: {key}: required key is missing"
+    if kind == "model_type":  # pydantic's 'a valid dictionary or instance of ActivationSpec': our class names
+        return (f"{path}:{line}: {key}: {given!r} is not allowed: expected a mapping of its keys: "
+                f"{', '.join(sorted(_allowed_keys(loc)))}")
     names = (error.get("ctx") or {}).get("expected")
     if loc[-1:] == ("[key]",) and names:  # a mapping's key outside its names (a gate's): pydantic's marker
         return f"{path}:{line}: {'.'.join(map(str, loc[:-1]))}: unknown key; allowed here: {names}"
