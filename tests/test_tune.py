@@ -716,3 +716,30 @@ def test_tune_wording_says_what_each_figure_is():
     assert _size_text(2.14) == ", 2.14× smaller than float" and _size_text(0.5) == ", 2.00× LARGER than float"
     [line] = noise_warning(timed(0.70, 0.0314))
     assert "(±3.1%, over 40 interleaved rounds; tight means within ±3.0%)" in line
+
+
+def test_when_no_trial_passes_the_one_closest_to_passing_is_chosen():
+    """Cosine (the objective) ties at 0.999 in every trial and min_slice_sqnr_db fails in all: the search
+    chose by the objective, then the fewest promotions, i.e. the recipe as given, 3 dB short, over a
+    trial 0.5 dB short. Now the smallest shortfall on the failing gates wins, then the objective."""
+    from qtool.evaluation.compare import GateResult
+    from qtool.search.promote import Search, shortfall
+    from qtool.search.trial import TrialResult
+
+    def evaluate(specs):
+        for spec in specs:
+            slice_db = 3.0 + 2.5 * ("a" in {node for node, _ in spec.promotions})
+            yield TrialResult(spec, {"y": {"cosine": 0.999, "slice_sqnr_db": slice_db}}, {}, 0, 8, 1000, 2, 0.0,
+                              gates=(GateResult("min_cosine", 0.99, 0.999, True),
+                                     GateResult("min_slice_sqnr_db", 6.0, slice_db, False)))
+
+    search = Search(["a", "b"], ("float",), evaluate, "cosine", 20)
+    best = search.run()
+    assert search.stop_reason == "no promotion tried passes the gates"
+    assert ("a", "float") in best.spec.promotions and shortfall(best) == (1, pytest.approx(0.5 / 6))
+    given = search.results[()]
+    assert shortfall(given) == (1, pytest.approx(3 / 6))
+    # a gate failed by more counts before the objective; fewer failed gates before a smaller shortfall
+    two = TrialResult(given.spec, {}, {}, 0, 8, 1000, 2, 0.0, gates=(GateResult("min_cosine", 0.99, 0.98, False),
+                                                                     GateResult("max_accuracy_drop", 0.0, 0.5, False)))
+    assert shortfall(two) == (2, pytest.approx(0.01 / 0.99 + 0.5))
