@@ -6,6 +6,7 @@ Every report.json these tests write is validated against the shipped tune-report
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -433,6 +434,10 @@ def test_tune_exits_1_when_no_trial_meets_the_latency_gate(hostile, tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stderr
     assert "gate max_latency_ratio: not met by the best trial" in result.stderr
+    # the value as the summary's gate rows show it (five significant digits), not a raw float's 17
+    shown = re.search(r"gate max_latency_ratio: not met by the best trial \(value (\S+), threshold 0.01\)",
+                      result.stderr).group(1)
+    assert re.fullmatch(r"\d\.\d{4}", shown), shown
     chosen_line = next(line for line in result.stdout.splitlines() if line.startswith("chosen: "))
     assert ", FAILS the gates) → " in chosen_line  # finding 10: it read like a success on stdout
     assert chosen_line.index("latency") < chosen_line.index("95 % interval") < chosen_line.index("than float,")

@@ -202,6 +202,7 @@ def tune(model: Path, recipe_path: Path, data_dir: Path, validation_data: Path |
     if not result.passed:
         for gate in report["chosen"]["gates"]:
             if gate["passed"] is False:  # None: not applicable to this model
-                click.echo(f"gate {gate['name']}: not met by the best trial (value {gate['value']}, "
+                value = "n/a" if gate["value"] is None else terminal.gate_value_text(gate["value"], gate["threshold"])
+                click.echo(f"gate {gate['name']}: not met by the best trial (value {value}, "
                            f"threshold {gate['threshold']:g})", err=True)
         sys.exit(EXIT_GATE_FAILED)
