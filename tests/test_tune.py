@@ -748,3 +748,55 @@ def test_when_no_trial_passes_the_one_closest_to_passing_is_chosen():
     two = TrialResult(given.spec, {}, {}, 0, 8, 1000, 2, 0.0, gates=(GateResult("min_cosine", 0.99, 0.98, False),
                                                                      GateResult("max_accuracy_drop", 0.0, 0.5, False)))
     assert shortfall(two) == (2, pytest.approx(0.01 / 0.99 + 0.5))
+
+
+def test_the_time_budget_holds_back_the_final_quantize_and_a_cut_ranking_is_a_warning(hostile, tmp_path, monkeypatch):
+    """--time-budget 1m30s ran 112 s: sensitivity, search and timing stopped at the deadline, then
+    quantize re-ran the tuned recipe (calibration, two comparisons) past it. Its estimate (the setup's
+    seconds plus three trials') is now held back. Here the setup claims an hour, so a 30-minute budget is
+    spent once the recipe as given ran: the ranking stops after one node, which was only `complete: false`
+    in report.json and now is a warning (report and stderr), and the search starts no trial."""
+    from qtool.search import tune as tune_module
+
+    real = tune_module.setup_trials
+
+    def slow_setup(*args, **kwargs):
+        setup = real(*args, **kwargs)
+        setup.calibration_s = 3600.0
+        return setup
+
+    monkeypatch.setattr(tune_module, "setup_trials", slow_setup)
+    result = search_api.tune(hostile / "model.onnx", hostile / "calib", hostile / "recipe.yaml", tmp_path / "t",
+                             validation_data=hostile / "eval", time_budget=1800, latency_runs=20)
+    report = validated(tmp_path / "t" / "report.json")
+    assert report["search"]["reserved_s"] == pytest.approx(3600 + 3 * report["trials"][0]["seconds"], rel=0.01)
+    assert [row["trial"] for row in report["trials"]] == ["recipe as given"]
+    assert "time budget" in report["search"]["stop_reason"] and not result.passed
+    assert report["sensitivity"]["complete"] is False
+    measured = [row for row in report["sensitivity"]["rows"] if row.get("rank") is not None]
+    assert len(measured) == 1
+    [warning] = [line for line in result.alerts if "sensitivity ranking short" in line]
+    assert warning.startswith("the time budget cut the sensitivity ranking short: 1 of 6 nodes measured; the other "
+                              "5 come last") and warning in report["warnings"]
+    assert report["trials"][0]["latency_ratio"] is not None  # the chosen trial is still timed
+    unbudgeted = search_api.tune(hostile / "model.onnx", hostile / "calib", hostile / "recipe.yaml", tmp_path / "u",
+                                 validation_data=hostile / "eval", max_trials=4, latency_runs=0)
+    assert unbudgeted.report["search"]["reserved_s"] is None
+    assert not any("sensitivity ranking short" in line for line in unbudgeted.alerts)
+
+
+def test_past_the_deadline_only_the_chosen_trial_is_timed(monkeypatch):
+    """The trials that failed the gates are timed after the search for the report only: past the deadline
+    they are left untimed (a large model's timing took seconds each, past --time-budget); the chosen one,
+    which the summary and a max_latency_ratio verdict read, still is."""
+    from qtool.search import timing
+    from qtool.search.trial import TrialResult, TrialSpec
+
+    timed_specs = []
+    monkeypatch.setattr(timing, "trial_latency", lambda context, spec, runs: timed_specs.append(spec.key) or spec.key)
+    trials = [TrialResult(TrialSpec(key, "search", ((key, "float"),)), {}, {}, 0, 1, 10, 1, 0.0) for key in "abc"]
+    latencies: dict = {}
+    timing.time_trials(None, trials, 20, latencies, None, deadline=time.monotonic() - 1, chosen=trials[1])
+    assert timed_specs == ["b"] and list(latencies.values()) == ["b"]
+    timing.time_trials(None, trials, 20, latencies, None, deadline=time.monotonic() + 3600, chosen=trials[1])
+    assert timed_specs == ["b", "a", "c"]
