@@ -754,8 +754,9 @@ def test_the_time_budget_holds_back_the_final_quantize_and_a_cut_ranking_is_a_wa
     """--time-budget 1m30s ran 112 s: sensitivity, search and timing stopped at the deadline, then
     quantize re-ran the tuned recipe (calibration, two comparisons) past it. Its estimate (the setup's
     seconds plus three trials') is now held back. Here the setup claims an hour, so a 30-minute budget is
-    spent once the recipe as given ran: the ranking stops after one node, which was only `complete: false`
-    in report.json and now is a warning (report and stderr), and the search starts no trial."""
+    spent once the recipe as given ran: the ranking measures no node, which was only `complete: false`
+    in report.json and now is a warning (report and stderr), the search starts no trial, and the re-run,
+    which would overrun the budget by more than half its estimate, is left out with a warning."""
     from qtool.search import tune as tune_module
 
     real = tune_module.setup_trials
@@ -773,15 +774,17 @@ def test_the_time_budget_holds_back_the_final_quantize_and_a_cut_ranking_is_a_wa
     assert [row["trial"] for row in report["trials"]] == ["recipe as given"]
     assert "time budget" in report["search"]["stop_reason"] and not result.passed
     assert report["sensitivity"]["complete"] is False
-    measured = [row for row in report["sensitivity"]["rows"] if row.get("rank") is not None]
-    assert len(measured) == 1
+    assert not [row for row in report["sensitivity"]["rows"] if row.get("rank") is not None]
     [warning] = [line for line in result.alerts if "sensitivity ranking short" in line]
-    assert warning.startswith("the time budget cut the sensitivity ranking short: 1 of 6 nodes measured; the other "
-                              "5 come last") and warning in report["warnings"]
+    assert warning.startswith("the time budget cut the sensitivity ranking short: 0 of 6 nodes measured; the other "
+                              "6 come last") and warning in report["warnings"]
     assert report["trials"][0]["latency_ratio"] is not None  # the chosen trial is still timed
+    assert report["chosen"]["reproduced_by_quantize"] is None
+    [unchecked] = [line for line in result.alerts if "too little to re-run recipe.tuned.yaml" in line]
+    assert unchecked in report["warnings"] and (tmp_path / "t" / "model.onnx").is_file()
     unbudgeted = search_api.tune(hostile / "model.onnx", hostile / "calib", hostile / "recipe.yaml", tmp_path / "u",
                                  validation_data=hostile / "eval", max_trials=4, latency_runs=0)
-    assert unbudgeted.report["search"]["reserved_s"] is None
+    assert unbudgeted.report["search"]["reserved_s"] is None and unbudgeted.report["chosen"]["reproduced_by_quantize"]
     assert not any("sensitivity ranking short" in line for line in unbudgeted.alerts)
 
 

@@ -315,7 +315,8 @@ def measure_sensitivity(setup: TrialSetup, executor: Executor, mode: str, deadli
                  for node in setup.quantizable]
     progress = tick("sensitivity")
     results = []
-    for result in run_specs(executor, setup.context, specs, lost):
+    spent = deadline is not None and time.monotonic() >= deadline  # then not even one trial is started
+    for result in () if spent else run_specs(executor, setup.context, specs, lost):
         results.append(result)
         if progress:
             progress(len(results), len(specs))

@@ -268,7 +268,11 @@ def tune(
             if died is not None:
                 raise died
             return TuneResult(build_report(True, search.stop_reason), False, interrupted, output, terminated, False)
-        if not interrupted and died is None and best is not None:
+        unchecked = None
+        if not interrupted and died is None and best is not None and reserved is not None \
+                and deadline - time.monotonic() < reserved / 2:  # it would overrun the budget by more than half
+            unchecked = not_reproduced_for_time(reserved, deadline - time.monotonic())
+        elif not interrupted and died is None and best is not None:
             try:
                 tuned = load_recipe(output / TUNED_RECIPE)
                 again = quantize(model_path, data_dir, tuned, validation_data=validation_data, labels=labels)
@@ -281,6 +285,9 @@ def tune(
         if reproduced is False:  # the figures above are the trial's, the file is quantize's: say so
             report["warnings"].append(NOT_REPRODUCED)
             alerts.append(NOT_REPRODUCED)
+        if unchecked:
+            report["warnings"].append(unchecked)
+            alerts.append(unchecked)
         speed_gate = latency_gate(latency_limit, latencies.get(best.spec.promotions) if best else None)
         if speed_gate is not None:
             report["chosen"]["gates"].append(speed_gate)
@@ -311,6 +318,14 @@ def final_quantize_estimate(setup_s: float, trial_s: float) -> float:
 NOT_REPRODUCED = ("the tuned recipe re-run with `qtool quantize` gave a DIFFERENT model than the chosen trial: "
                   "model.onnx is quantize's (what the recipe reproduces), and the trial's figures in this report "
                   "were not measured on it; check it with `qtool compare`")
+
+
+def not_reproduced_for_time(estimate: float, left: float) -> str:
+    """The warning when the budget left no time for quantize's re-run of the tuned recipe."""
+    return (f"the time budget left {max(left, 0):.0f} s, too little to re-run recipe.tuned.yaml through `qtool "
+            f"quantize` (about {estimate:.0f} s: the setup took most of the budget): model.onnx is the chosen "
+            "trial's own model, not checked against what the recipe reproduces; run `qtool quantize` with "
+            "recipe.tuned.yaml to check, or give a longer --time-budget")
 
 
 def _interruption(exc: KeyboardInterrupt) -> tuple[bool, str]:
