@@ -154,7 +154,7 @@ def print_compare_summary(console: Console, report: dict, output_dir: Path, verb
     size = report["size"]
     table.add_row("size", f"{size['float_bytes']:,} → {size['quantized_bytes']:,} B ({size['ratio']:.2f}× smaller)")
     if report.get("latency"):
-        table.add_row("latency", latency_text(report["latency"]))
+        table.add_row("latency", latency_text(report["latency"], "reference"))
     for name, f in report["validation"]["outputs"].items():
         agreement = f" / top-1 agr. {f['top1_agreement']:.2%}" if "top1_agreement" in f else ""
         table.add_row(f"{escape(name)}: cosine / SQNR", f"{f['cosine']:.5f} / {f['sqnr_db']:.2f} dB{agreement}")
@@ -184,12 +184,12 @@ def print_sensitivity(console: Console, rows: list[dict], output_dir: Path, cach
     console.print(table)
 
 
-def latency_text(latency: dict) -> str:
-    """A report's latency section as one summary value: medians, then the ratio to float and its interval,
-    e.g. `2.31 → 1.68 ms (0.73× float, 95 % interval 0.71–0.77)`."""
+def latency_text(latency: dict, reference: str = "float") -> str:
+    """A report's latency section as one summary value: medians, then the ratio to the `reference` model
+    and its interval, e.g. `2.31 → 1.68 ms (0.73× float, 95 % interval 0.71–0.77)`."""
     low, high = latency["ratio_interval"]
     return (f"{latency['reference']['median_ms']:.3g} → {latency['candidate']['median_ms']:.3g} ms "
-            f"({latency['ratio']:.2f}× float, 95 % interval {low:.2f}–{high:.2f}"
+            f"({latency['ratio']:.2f}× {reference}, 95 % interval {low:.2f}–{high:.2f}"
             f"{'' if latency['tight'] else ', noisy'})")
 
 
