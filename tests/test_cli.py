@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -163,20 +164,26 @@ def test_json_flag_prints_only_json_on_stdout(tmp_path, command):
 
 
 def test_quantize_times_by_default_and_no_bench_skips(tmp_path):
+    """Timed by default, and the summary shows the ratio: it showed only as a max_latency_ratio gate's row
+    (or a slower-than-float warning), so a user without that gate never saw what was measured."""
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("version: 1\nvalidation: {gates: {min_cosine: 0.9}}\n")  # no latency gate
-    reports = {}
+    reports, stdout = {}, {}
     for name, extra in (("timed", ()), ("untimed", ("--no-bench",))):
-        args = quantize_args(tmp_path / name, "-q")
+        args = quantize_args(tmp_path / name)
         args[args.index("--recipe") + 1] = str(recipe)
-        result = qtool(*args, *extra)
+        result = subprocess.run([sys.executable, "-m", "qtool", *args, *extra], capture_output=True, text=True,
+                                cwd=ROOT, env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1"})
         assert result.returncode == 0, result.stderr
-        reports[name] = json.loads((tmp_path / name / "report.json").read_text())
+        reports[name], stdout[name] = json.loads((tmp_path / name / "report.json").read_text()), result.stdout
     latency = reports["timed"]["latency"]
     assert latency["threads"] == 1 and latency["candidate"]["runs"] >= 20 and latency["ratio"] > 0
     low, high = latency["ratio_interval"]
     assert low <= latency["ratio"] <= high and isinstance(latency["tight"], bool)
-    assert "latency" not in reports["untimed"]
+    [row] = [line for line in stdout["timed"].splitlines() if line.startswith("│ latency ")]
+    assert (f"{latency['reference']['median_ms']:.3g} → {latency['candidate']['median_ms']:.3g} ms "
+            f"({latency['ratio']:.2f}× float, 95 % interval {low:.2f}–{high:.2f}") in row
+    assert "latency" not in reports["untimed"] and "│ latency " not in stdout["untimed"]
 
 
 def test_slower_than_float_is_a_warning():

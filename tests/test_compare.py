@@ -62,7 +62,7 @@ def test_compare_per_output_per_layer_bench_and_passing_gates(digits, tmp_path):
                                  "--gate", "min_cosine=0.99", "--gate", "max_accuracy_drop=0.01",
                                  "--gate", "min_size_ratio=3", "--gate", "max_latency_ratio=50",
                                  "--junit", str(junit)),
-                   env={"GITHUB_STEP_SUMMARY": str(summary)})
+                   env={"GITHUB_STEP_SUMMARY": str(summary), "COLUMNS": "200"})
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.html", "report.json", "report.md"]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -84,6 +84,9 @@ def test_compare_per_output_per_layer_bench_and_passing_gates(digits, tmp_path):
     # one thread without --threads, as quantize times: the two commands' ratios compare
     assert latency["threads"] == 1 and latency["reference"]["runs"] >= 10
     assert latency["reference"]["p10_ms"] <= latency["reference"]["median_ms"] <= latency["reference"]["p90_ms"]
+    low, high = latency["ratio_interval"]  # the summary's row, as quantize's: the ratio is to the reference
+    assert (f"{latency['reference']['median_ms']:.3g} → {latency['candidate']['median_ms']:.3g} ms "
+            f"({latency['ratio']:.2f}× reference, 95 % interval {low:.2f}–{high:.2f}") in result.stdout
     assert report["size"]["ratio"] > 3
     assert len(report["inputs"]["candidate"]["sha256"]) == 64
     cases = ET.parse(junit).getroot().findall(".//testcase")

@@ -6,6 +6,7 @@ Every report.json these tests write is validated against the shipped tune-report
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -433,6 +434,10 @@ def test_tune_exits_1_when_no_trial_meets_the_latency_gate(hostile, tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stderr
     assert "gate max_latency_ratio: not met by the best trial" in result.stderr
+    # the value as the summary's gate rows show it (five significant digits), not a raw float's 17
+    shown = re.search(r"gate max_latency_ratio: not met by the best trial \(value (\S+), threshold 0.01\)",
+                      result.stderr).group(1)
+    assert re.fullmatch(r"\d\.\d{4}", shown), shown
     chosen_line = next(line for line in result.stdout.splitlines() if line.startswith("chosen: "))
     assert ", FAILS the gates) → " in chosen_line  # finding 10: it read like a success on stdout
     assert chosen_line.index("latency") < chosen_line.index("95 % interval") < chosen_line.index("than float,")
@@ -716,3 +721,85 @@ def test_tune_wording_says_what_each_figure_is():
     assert _size_text(2.14) == ", 2.14× smaller than float" and _size_text(0.5) == ", 2.00× LARGER than float"
     [line] = noise_warning(timed(0.70, 0.0314))
     assert "(±3.1%, over 40 interleaved rounds; tight means within ±3.0%)" in line
+
+
+def test_when_no_trial_passes_the_one_closest_to_passing_is_chosen():
+    """Cosine (the objective) ties at 0.999 in every trial and min_slice_sqnr_db fails in all: the search
+    chose by the objective, then the fewest promotions, i.e. the recipe as given, 3 dB short, over a
+    trial 0.5 dB short. Now the smallest shortfall on the failing gates wins, then the objective."""
+    from qtool.evaluation.compare import GateResult
+    from qtool.search.promote import Search, shortfall
+    from qtool.search.trial import TrialResult
+
+    def evaluate(specs):
+        for spec in specs:
+            slice_db = 3.0 + 2.5 * ("a" in {node for node, _ in spec.promotions})
+            yield TrialResult(spec, {"y": {"cosine": 0.999, "slice_sqnr_db": slice_db}}, {}, 0, 8, 1000, 2, 0.0,
+                              gates=(GateResult("min_cosine", 0.99, 0.999, True),
+                                     GateResult("min_slice_sqnr_db", 6.0, slice_db, False)))
+
+    search = Search(["a", "b"], ("float",), evaluate, "cosine", 20)
+    best = search.run()
+    assert search.stop_reason == "no promotion tried passes the gates"
+    assert ("a", "float") in best.spec.promotions and shortfall(best) == (1, pytest.approx(0.5 / 6))
+    given = search.results[()]
+    assert shortfall(given) == (1, pytest.approx(3 / 6))
+    # a gate failed by more counts before the objective; fewer failed gates before a smaller shortfall
+    two = TrialResult(given.spec, {}, {}, 0, 8, 1000, 2, 0.0, gates=(GateResult("min_cosine", 0.99, 0.98, False),
+                                                                     GateResult("max_accuracy_drop", 0.0, 0.5, False)))
+    assert shortfall(two) == (2, pytest.approx(0.01 / 0.99 + 0.5))
+
+
+def test_the_time_budget_holds_back_the_final_quantize_and_a_cut_ranking_is_a_warning(hostile, tmp_path, monkeypatch):
+    """--time-budget 1m30s ran 112 s: sensitivity, search and timing stopped at the deadline, then
+    quantize re-ran the tuned recipe (calibration, two comparisons) past it. Its estimate (the setup's
+    seconds plus three trials') is now held back. Here the setup claims an hour, so a 30-minute budget is
+    spent once the recipe as given ran: the ranking measures no node, which was only `complete: false`
+    in report.json and now is a warning (report and stderr), the search starts no trial, and the re-run,
+    which would overrun the budget by more than half its estimate, is left out with a warning."""
+    from qtool.search import tune as tune_module
+
+    real = tune_module.setup_trials
+
+    def slow_setup(*args, **kwargs):
+        setup = real(*args, **kwargs)
+        setup.calibration_s = 3600.0
+        return setup
+
+    monkeypatch.setattr(tune_module, "setup_trials", slow_setup)
+    result = search_api.tune(hostile / "model.onnx", hostile / "calib", hostile / "recipe.yaml", tmp_path / "t",
+                             validation_data=hostile / "eval", time_budget=1800, latency_runs=20)
+    report = validated(tmp_path / "t" / "report.json")
+    assert report["search"]["reserved_s"] == pytest.approx(3600 + 3 * report["trials"][0]["seconds"], rel=0.01)
+    assert [row["trial"] for row in report["trials"]] == ["recipe as given"]
+    assert "time budget" in report["search"]["stop_reason"] and not result.passed
+    assert report["sensitivity"]["complete"] is False
+    assert not [row for row in report["sensitivity"]["rows"] if row.get("rank") is not None]
+    [warning] = [line for line in result.alerts if "sensitivity ranking short" in line]
+    assert warning.startswith("the time budget cut the sensitivity ranking short: 0 of 6 nodes measured; the other "
+                              "6 come last") and warning in report["warnings"]
+    assert report["trials"][0]["latency_ratio"] is not None  # the chosen trial is still timed
+    assert report["chosen"]["reproduced_by_quantize"] is None
+    [unchecked] = [line for line in result.alerts if "too little to re-run recipe.tuned.yaml" in line]
+    assert unchecked in report["warnings"] and (tmp_path / "t" / "model.onnx").is_file()
+    unbudgeted = search_api.tune(hostile / "model.onnx", hostile / "calib", hostile / "recipe.yaml", tmp_path / "u",
+                                 validation_data=hostile / "eval", max_trials=4, latency_runs=0)
+    assert unbudgeted.report["search"]["reserved_s"] is None and unbudgeted.report["chosen"]["reproduced_by_quantize"]
+    assert not any("sensitivity ranking short" in line for line in unbudgeted.alerts)
+
+
+def test_past_the_deadline_only_the_chosen_trial_is_timed(monkeypatch):
+    """The trials that failed the gates are timed after the search for the report only: past the deadline
+    they are left untimed (a large model's timing took seconds each, past --time-budget); the chosen one,
+    which the summary and a max_latency_ratio verdict read, still is."""
+    from qtool.search import timing
+    from qtool.search.trial import TrialResult, TrialSpec
+
+    timed_specs = []
+    monkeypatch.setattr(timing, "trial_latency", lambda context, spec, runs: timed_specs.append(spec.key) or spec.key)
+    trials = [TrialResult(TrialSpec(key, "search", ((key, "float"),)), {}, {}, 0, 1, 10, 1, 0.0) for key in "abc"]
+    latencies: dict = {}
+    timing.time_trials(None, trials, 20, latencies, None, deadline=time.monotonic() - 1, chosen=trials[1])
+    assert timed_specs == ["b"] and list(latencies.values()) == ["b"]
+    timing.time_trials(None, trials, 20, latencies, None, deadline=time.monotonic() + 3600, chosen=trials[1])
+    assert timed_specs == ["b", "a", "c"]

@@ -116,7 +116,8 @@ def sensitivity(model: Path, recipe_path: Path | None, data_dir: Path, validatio
 @click.option("--max-trials", type=click.IntRange(min=1), default=24, show_default=True,
               help="Search trials at most (the sensitivity pass is not counted).")
 @click.option("--time-budget", callback=_duration, metavar="DURATION",
-              help="Stop starting trials after this long, e.g. 90s, 30m, 1h30m (sensitivity included).")
+              help="Stop starting trials after this long, e.g. 90s, 30m, 1h30m (sensitivity and timing "
+                   "included), less the time the final quantize of the tuned recipe is expected to take.")
 @click.option("--jobs", type=click.IntRange(min=1),
               help="Trials run at once: processes here (default 1; one ONNX Runtime thread each when "
                    "above 1), or Ray tasks with --executor ray (default: the cluster's CPUs).")

@@ -95,6 +95,8 @@ def print_quantize_summary(console: Console, report: dict, output_dir: Path, ver
     accuracy = report["validation"].get("accuracy")
     if accuracy:
         table.add_row("top-1 float → quantized", f"{accuracy['float']:.2%} → {accuracy['quantized']:.2%}")
+    if report.get("latency"):  # measured with --bench (the default), not only for a max_latency_ratio gate
+        table.add_row("latency", latency_text(report["latency"]))
     _add_gate_rows(table, report["gates"])
     console.print(table)
     _print_warnings(console, report["warnings"])
@@ -158,12 +160,8 @@ def print_compare_summary(console: Console, report: dict, output_dir: Path, verb
     table.add_column("value", justify="right")
     size = report["size"]
     table.add_row("size", f"{size['float_bytes']:,} → {size['quantized_bytes']:,} B ({size['ratio']:.2f}× smaller)")
-    latency = report.get("latency")
-    if latency:
-        low, high = latency["ratio_interval"]
-        table.add_row("latency ratio (median)", f"{latency['ratio']:.3f} [{low:.3f}–{high:.3f}"
-                      f"{'' if latency['tight'] else ', noisy'}] ({latency['reference']['median_ms']:.3g} → "
-                      f"{latency['candidate']['median_ms']:.3g} ms)")
+    if report.get("latency"):
+        table.add_row("latency", latency_text(report["latency"], "reference"))
     for name, f in report["validation"]["outputs"].items():
         agreement = f" / top-1 agr. {f['top1_agreement']:.2%}" if "top1_agreement" in f else ""
         table.add_row(f"{escape(name)}: cosine / SQNR", f"{f['cosine']:.5f} / {f['sqnr_db']:.2f} dB{agreement}")
@@ -191,6 +189,15 @@ def print_sensitivity(console: Console, rows: list[dict], output_dir: Path, cach
                       f"{value:.{4 if key == 'exact_match' else 2}f}" if isinstance(value, float)
                       else "not measured" if value is None else str(value))
     console.print(table)
+
+
+def latency_text(latency: dict, reference: str = "float") -> str:
+    """A report's latency section as one summary value: medians, then the ratio to the `reference` model
+    and its interval, e.g. `2.31 → 1.68 ms (0.73× float, 95 % interval 0.71–0.77)`."""
+    low, high = latency["ratio_interval"]
+    return (f"{latency['reference']['median_ms']:.3g} → {latency['candidate']['median_ms']:.3g} ms "
+            f"({latency['ratio']:.2f}× {reference}, 95 % interval {low:.2f}–{high:.2f}"
+            f"{'' if latency['tight'] else ', noisy'})")
 
 
 def gate_value_text(value: float, threshold: float) -> str:

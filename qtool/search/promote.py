@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
+from qtool.evaluation.compare import GATES
 from qtool.evaluation.latency import RatioEstimate
 from qtool.search.trial import TrialResult, TrialSpec
 
@@ -54,18 +55,33 @@ def objective(result: TrialResult, name: str) -> float:
     return float(value)
 
 
+def shortfall(result: TrialResult) -> tuple[int, float]:
+    """How far a trial is from passing: (failed gates, their summed shortfall, each relative to its
+    threshold's magnitude so that dB, cosine and ratios add up). A gate without a value counts as
+    infinitely short; (0, 0.0) for a trial that meets every gate."""
+    failed = [gate for gate in result.gates if not gate.passed]
+    total = 0.0
+    for gate in failed:
+        if gate.value is None or math.isnan(gate.value):
+            return len(failed), math.inf
+        _, larger_is_better = GATES[gate.name]
+        gap = gate.threshold - gate.value if larger_is_better else gate.value - gate.threshold
+        total += max(gap, 0.0) / (abs(gate.threshold) or 1.0)
+    return len(failed), total
+
+
 def preference(result: TrialResult, name: str, latency_ratio: float | None = None) -> tuple:
     """Sort key, best first: passing, the fastest (ratios within LATENCY_TIE of each other tie;
-    untimed trials all tie), then the smallest model, the fewest promotions; else the best figure.
+    untimed trials all tie), then the smallest model, the fewest promotions. Failing: the closest to
+    passing (`shortfall`: fewest failed gates, then the smallest shortfall on them), then the best
+    figure (a trial tied on the objective but nearer on a failing gate was passed over).
     A trial that quantizes nothing comes last: it is the float model, no compromise to hand back."""
     figure = objective(result, name)
     promotions = len(result.spec.promotions)
     if result.passed:
         speed = math.inf if latency_ratio is None else round(latency_ratio / LATENCY_TIE)
         return (0, speed, result.size_bytes, promotions, -figure)
-    if not result.quantized_nodes:
-        return (2, -figure, promotions, result.size_bytes)
-    return (1, -figure, promotions, result.size_bytes)
+    return (1 if result.quantized_nodes else 2, *shortfall(result), -figure, promotions, result.size_bytes)
 
 
 def promotion_spec(nodes: Iterable[str], step: str, label: str) -> TrialSpec:

@@ -315,7 +315,8 @@ def measure_sensitivity(setup: TrialSetup, executor: Executor, mode: str, deadli
                  for node in setup.quantizable]
     progress = tick("sensitivity")
     results = []
-    for result in run_specs(executor, setup.context, specs, lost):
+    spent = deadline is not None and time.monotonic() >= deadline  # then not even one trial is started
+    for result in () if spent else run_specs(executor, setup.context, specs, lost):
         results.append(result)
         if progress:
             progress(len(results), len(specs))
@@ -326,7 +327,7 @@ def measure_sensitivity(setup: TrialSetup, executor: Executor, mode: str, deadli
     lost_keys = {entry["trial"] for entry in lost}
     rows += [{"node": node, "op_type": setup.op_types[node], "rank": None,
               "note": "not measured (trial lost: its worker died)" if spec.key in lost_keys
-              else "not measured (time budget)"}
+              else BUDGET_CUT}
              for node, spec in zip(setup.quantizable, specs) if node not in measured]
     return rows, len(results) == len(specs)
 
@@ -360,6 +361,21 @@ def unranked_note(rows: list[dict]) -> str | None:
     named = ", ".join(kept[:3]) + (f" and {len(kept) - 3} more" if len(kept) > 3 else "")
     return (f"{len(kept)} of {len(rows)} nodes not ranked ({named}): their trial quantized nothing (its plan "
             "kept every node float), so it measured nothing about them; they come last")
+
+
+BUDGET_CUT = "not measured (time budget)"  # the note of a sensitivity row the time budget left out
+
+
+def budget_cut_note(rows: list[dict]) -> str | None:
+    """A warning when the time budget stopped the ranking before every node was measured (the report's
+    `complete: false` alone went unseen): the unmeasured nodes come last, so the search may never promote
+    the node that matters; None otherwise."""
+    cut = [row["node"] for row in rows if row.get("note") == BUDGET_CUT]
+    if not cut:
+        return None
+    return (f"the time budget cut the sensitivity ranking short: {len(rows) - len(cut)} of {len(rows)} nodes "
+            f"measured; the other {len(cut)} come last, unranked, and are promoted last if at all: give a longer "
+            "--time-budget, or rank on fewer samples (--sensitivity-samples)")
 
 
 def trial_row(result: TrialResult, objective_figure: str, float_bytes: int) -> dict:

@@ -3,6 +3,8 @@ finalists' second timing, the max_latency_ratio verdict and the noise warnings."
 
 from __future__ import annotations
 
+import time
+
 from qtool.evaluation.latency import MIN_ROUNDS, TOLERANCE, BenchResult, noise_warning
 from qtool.evaluation.latency import latency_section as bench_section
 from qtool.evaluation.validation import slower_warning
@@ -20,10 +22,13 @@ def latency_gate(limit: float | None, timing: BenchResult | None) -> dict | None
             "passed": value is not None and value <= limit}
 
 
-def time_trials(context: TrialContext, trials: list[TrialResult], runs: int, latencies: dict, progress) -> None:
-    """Time the trials the search did not (those that failed the gates), for the report."""
+def time_trials(context: TrialContext, trials: list[TrialResult], runs: int, latencies: dict, progress,
+                deadline: float | None = None, chosen: TrialResult | None = None) -> None:
+    """Time the trials the search did not (those that failed the gates), for the report. Past `deadline`
+    (a time.monotonic() value) only `chosen` is: the others' rows are left untimed."""
     for done, result in enumerate(trials, 1):
-        if result.spec.promotions not in latencies:
+        spent = deadline is not None and time.monotonic() >= deadline
+        if result.spec.promotions not in latencies and (not spent or result is chosen):
             latencies[result.spec.promotions] = trial_latency(context, result.spec, runs)
         if progress:
             progress(done, len(trials))

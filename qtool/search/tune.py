@@ -31,7 +31,7 @@ from qtool.search.executor import make_executor
 from qtool.search.timing import latency_gate, latency_section, latency_verdict, latency_warnings, time_trials
 from qtool.search.promote import Search, objective, pareto_frontier
 from qtool.search.sensitivity import SENSITIVITY_CACHE, check_samples
-from qtool.search.setup import (CACHE_FILE, TrialSetup, algorithms_the_trials_skip, cache_document,
+from qtool.search.setup import (CACHE_FILE, TrialSetup, algorithms_the_trials_skip, budget_cut_note, cache_document,
                                 check_ranking_samples, executor_section, measure_sensitivity, ranking_note,
                                 read_cache, run_specs, search_inputs, setup_trials, trial_row, tune_objective,
                                 unranked_note)
@@ -183,10 +183,11 @@ def tune(
                         deadline, pool.jobs, neighbours=setup.neighbours or {}, quantizable=setup.quantized_keys,
                         weighted=setup.weighted)
         sens: dict = {"rows": [], "complete": False, "cache_hit": False}
+        reserved = None  # seconds of the budget held back for the final quantize (None: no budget)
 
         def build_report(final: bool, stop: str) -> dict:
             return _tune_report(model_path, recipe, setup, search, sens, figure, gates, stop, final,
-                                interrupted, max_trials, time_budget, executor_section(pool, lost),
+                                interrupted, max_trials, (time_budget, reserved), executor_section(pool, lost),
                                 time.monotonic() - started, latencies, latency_runs, confirmed)
 
         def write_best(result: TrialResult) -> None:
@@ -213,6 +214,8 @@ def tune(
 
         def retime(result: TrialResult):
             first = latencies[result.spec.promotions]
+            if search.deadline is not None and time.monotonic() >= search.deadline:
+                return first.estimate  # the budget is spent: the first timing stands (no finalist row)
             rounds = max(latency_runs, 2 * CONFIRM["min_rounds"])
             latencies[result.spec.promotions] = trial_latency(context, result.spec, rounds, **CONFIRM)
             confirmed[result.spec.promotions] = first
@@ -224,15 +227,22 @@ def tune(
             baseline = search.run_batch([TrialSpec("recipe as given", "baseline")], timed=False).get(())
             if baseline is None:
                 raise WorkerError(f"the trial of the recipe as given was lost ({lost[-1]['reason']})")
+            if deadline is not None:  # quantize re-runs the tuned recipe after the budget's trials: held back
+                reserved = final_quantize_estimate(setup.calibration_s, baseline.seconds)
+                search.deadline = deadline - reserved
             if not baseline.passed:
                 cached = cached_document if cached_document and cached_document.get("key") == key else None
                 if cached is not None:
                     rows, complete = cached["rows"], True
                 else:
-                    rows, complete = measure_sensitivity(setup, pool, "only_quantized", deadline, tick, baseline,
-                                                         sensitivity_samples, lost)
+                    rows, complete = measure_sensitivity(setup, pool, "only_quantized", search.deadline, tick,
+                                                         baseline, sensitivity_samples, lost)
                     if complete:
                         write_text_atomic(cache_path, cache_document(key, "only_quantized", model_path, rows))
+                    cut = budget_cut_note(rows)
+                    if cut:
+                        setup.warnings.append(cut)
+                        alerts.append(cut)
                 sens.update(rows=rows, complete=complete, cache_hit=cached is not None)
                 for note in (ranking_note(rows), unranked_note(rows)):  # ties: promoted in name order
                     if note and note not in setup.warnings:
@@ -244,7 +254,8 @@ def tune(
                 search.stop_reason = "the recipe as given passes the gates: nothing to promote"
             if latency_runs:
                 search.confirm(retime)
-                time_trials(context, search.order, latency_runs, latencies, tick("latency"))
+                time_trials(context, search.order, latency_runs, latencies, tick("latency"), search.deadline,
+                            search.best)
         except KeyboardInterrupt as exc:
             interrupted, (terminated, search.stop_reason) = True, _interruption(exc)
             pool.close()
@@ -257,7 +268,11 @@ def tune(
             if died is not None:
                 raise died
             return TuneResult(build_report(True, search.stop_reason), False, interrupted, output, terminated, False)
-        if not interrupted and died is None and best is not None:
+        unchecked = None
+        if not interrupted and died is None and best is not None and reserved is not None \
+                and deadline - time.monotonic() < reserved / 2:  # it would overrun the budget by more than half
+            unchecked = not_reproduced_for_time(reserved, deadline - time.monotonic())
+        elif not interrupted and died is None and best is not None:
             try:
                 tuned = load_recipe(output / TUNED_RECIPE)
                 again = quantize(model_path, data_dir, tuned, validation_data=validation_data, labels=labels)
@@ -270,6 +285,9 @@ def tune(
         if reproduced is False:  # the figures above are the trial's, the file is quantize's: say so
             report["warnings"].append(NOT_REPRODUCED)
             alerts.append(NOT_REPRODUCED)
+        if unchecked:
+            report["warnings"].append(unchecked)
+            alerts.append(unchecked)
         speed_gate = latency_gate(latency_limit, latencies.get(best.spec.promotions) if best else None)
         if speed_gate is not None:
             report["chosen"]["gates"].append(speed_gate)
@@ -287,9 +305,27 @@ def tune(
     return TuneResult(report, bool(report["chosen"]["passed"]), interrupted, output, terminated, alerts=tuple(alerts))
 
 
+def final_quantize_estimate(setup_s: float, trial_s: float) -> float:
+    """Seconds the re-run of the tuned recipe through `quantize` should take, held back from --time-budget
+    (unbounded, it took tune 100 s past a 4-minute budget on ppocr_det): it prepares and calibrates again as
+    the setup did (`setup_s`, with one float run over the evaluation data) and compares float and quantized
+    twice (with and without ORT's optimizations): two quantized runs, each about a trial (`trial_s`, the
+    recipe as given's), and one more float run, about another. Measured there: 31 s setup, 9 s a trial,
+    quantize 61 s against this 58 s."""
+    return setup_s + 3 * trial_s
+
+
 NOT_REPRODUCED = ("the tuned recipe re-run with `qtool quantize` gave a DIFFERENT model than the chosen trial: "
                   "model.onnx is quantize's (what the recipe reproduces), and the trial's figures in this report "
                   "were not measured on it; check it with `qtool compare`")
+
+
+def not_reproduced_for_time(estimate: float, left: float) -> str:
+    """The warning when the budget left no time for quantize's re-run of the tuned recipe."""
+    return (f"the time budget left {max(left, 0):.0f} s, too little to re-run recipe.tuned.yaml through `qtool "
+            f"quantize` (about {estimate:.0f} s: the setup took most of the budget): model.onnx is the chosen "
+            "trial's own model, not checked against what the recipe reproduces; run `qtool quantize` with "
+            "recipe.tuned.yaml to check, or give a longer --time-budget")
 
 
 def _interruption(exc: KeyboardInterrupt) -> tuple[bool, str]:
@@ -317,8 +353,8 @@ def _describe_trial(result: TrialResult, figure: str) -> str:
 
 def _tune_report(model_path: Path, recipe: Recipe, setup: TrialSetup, search: Search, sens: dict, figure: str,
                  gates: dict, stop: str, final: bool, interrupted: bool, max_trials: int,
-                 time_budget: float | None, where: dict, wall_s: float, latencies: dict[tuple, BenchResult],
-                 latency_runs: int, confirmed: dict[tuple, BenchResult]) -> dict:
+                 budget: tuple[float | None, float | None], where: dict, wall_s: float,
+                 latencies: dict[tuple, BenchResult], latency_runs: int, confirmed: dict[tuple, BenchResult]) -> dict:
     float_bytes = setup.context.float_bytes
     trials = [trial_row(result, figure, float_bytes) for result in search.order]
     frontier = {result.spec.key for result in pareto_frontier(search.order, figure)}
@@ -345,7 +381,8 @@ def _tune_report(model_path: Path, recipe: Recipe, setup: TrialSetup, search: Se
         "warnings": setup.warnings + _larger_than_float(best, float_bytes) + latency_warnings(search, latencies, confirmed),
         "target": {"gates": gates, "objective": figure, "float_accuracy": reference,
                    "float_bytes": float_bytes},
-        "search": {"max_trials": max_trials, "time_budget_s": time_budget, "jobs": where["jobs"], "executor": where,
+        "search": {"max_trials": max_trials, "time_budget_s": budget[0], "reserved_s": budget[1],
+                   "jobs": where["jobs"], "executor": where,
                    "trials_run": len(search.order), "stop_reason": stop, "wall_s": wall_s,
                    "calibration_s": setup.calibration_s, "steps": list(search.steps)},
         "latency": {**latency_section(latency_runs, final, interrupted),
