@@ -146,8 +146,9 @@ def tune(model: Path, recipe_path: Path, data_dir: Path, validation_data: Path |
 
     Target: the recipe's validation.gates (max_accuracy_drop with labels,
     min_cosine, min_sqnr_db, min_slice_sqnr_db, min_top1_agreement, min_size_ratio). The most
-    sensitive nodes are promoted a step, a few at a time, then bisected back
-    to the fewest promotions and tried at the other step; of the trials that
+    sensitive nodes, and beside them the first nodes in graph order (one float
+    region from the inputs), are promoted a step, a few at a time, then bisected
+    back to the fewest promotions and tried at the other step; of the trials that
     pass, the fastest is chosen (then the smallest). A max_latency_ratio gate
     the chosen trial misses exits 1 with it written. After every better trial the model and
     recipe.tuned.yaml (the input recipe plus exact-name overrides; re-run it

@@ -1,13 +1,17 @@
 """The search: promote the most sensitive nodes a precision step, a few at a time, until the gates pass.
 
 Steps above the recipe are float, then 16-bit activations. For each step the
-number of promoted nodes (taken in sensitivity order) grows 1, 2, 4, ... until
-the gates pass; then it is bisected back, each promoted node is tried demoted
-again (least sensitive first, but those left with only quantized neighbours, which
-cost a conversion on every side, first of all), and the nodes left are tried at the
-other steps. A float promotion also takes the integer regions it encloses (`fill`):
-a Conv kept float whose output is still quantized by its readers keeps the rounding
-error it was promoted to remove, and pays conversions besides.
+number of promoted nodes grows 1, 2, 4, ... until the gates pass, taken in two
+orders side by side: sensitivity order ("top k") and graph order ("first k": one
+float region from the inputs, which removes every rounding inside it, where lone
+nodes promoted in sensitivity order leave their inputs and outputs rounded). The
+smaller passing set wins; its count is bisected back in its own order, each
+promoted node is tried demoted again (last in its order first, but those left
+with only quantized neighbours, which cost a conversion on every side, first of
+all), and the nodes left are tried at the other steps. A float promotion also
+takes the integer regions it encloses (`fill`): a Conv kept float whose output
+is still quantized by its readers keeps the rounding error it was promoted to
+remove, and pays conversions besides.
 Among the trials that pass, the fastest wins (each timed as its batch ends), then the smallest;
 `confirm` re-times the close finalists with more rounds once the search is done. Trials go out
 `jobs` at a time through `evaluate`; the search never sees processes. A trial `evaluate` does not
@@ -118,6 +122,9 @@ class Search:
     neighbours: dict[str, frozenset[str]] = field(default_factory=dict)
     quantizable: frozenset[str] = frozenset()  # nodes the recipe quantizes (the others are float already)
     weighted: frozenset[str] = frozenset()  # of those, the ones with a stored weight (Conv, Gemm, MatMul)
+    # the ranked nodes in graph order (inputs first): the second order the search grows ("first k");
+    # empty: sensitivity order only
+    graph_order: list[str] = field(default_factory=list)
     results: dict[tuple, TrialResult] = field(default_factory=dict)
     order: list[TrialResult] = field(default_factory=list)
     best: TrialResult | None = None
@@ -204,35 +211,23 @@ class Search:
         if self.passes([], "", "recipe as given"):
             self.stop_reason = "the recipe as given passes the gates: nothing to promote"
             return
-        count = len(self.ranking)
         for step in self.steps:
-            known_fail, known_pass = 0, None
-            sizes = sorted({min(count, 2**i) for i in range(0, max(1, math.ceil(math.log2(max(count, 1)))) + 1)})
-            position = 0
-            while known_pass is None and position < len(sizes):
-                batch = sizes[position: position + self.jobs]
-                position += len(batch)
-                specs = [self._spec(self.ranking[:k], step, f"{step} top {k}") for k in batch]
-                outcome = self.run_batch(specs)
-                for k, spec in zip(batch, specs):
-                    if spec.promotions in outcome and outcome[spec.promotions].passed:
-                        known_pass = k
-                        break
-                    known_fail = k
-            if known_pass is None:
+            grown = self._grow(step)
+            if grown is None:
                 continue
-            while known_pass - known_fail > 1:  # bisect back, `jobs` probes at a time
+            name, order, known_fail, known_pass = grown
+            while known_pass - known_fail > 1:  # bisect back in that order, `jobs` probes at a time
                 gap = known_pass - known_fail
                 probes = sorted({known_fail + max(1, round(gap * (i + 1) / (self.jobs + 1)))
                                  for i in range(self.jobs)} - {known_pass})
-                specs = [self._spec(self.ranking[:k], step, f"{step} top {k}") for k in probes]
+                specs = [self._spec(order[:k], step, f"{step} {name} {k}") for k in probes]
                 outcome = self.run_batch(specs)
                 for k, spec in zip(probes, specs):
                     if spec.promotions in outcome and outcome[spec.promotions].passed:
                         known_pass = k
                         break
                     known_fail = k
-            promoted = self._prune(list(self.ranking[:known_pass]), step)
+            promoted = self._prune(list(order[:known_pass]), step, name)
             # The same nodes at the other steps: the cheapest precision that fixes them wins (preference).
             others = [other for other in self.steps if other != step]
             self.run_batch([promotion_spec(promoted, other, f"{other} same {len(promoted)}") for other in others])
@@ -240,6 +235,37 @@ class Search:
             self.stop_reason = f"gates pass with {len(self.best.spec.promotions)} promotion(s) to {', '.join(steps)}"
             return
         self.stop_reason = "no promotion tried passes the gates"
+
+    def orders(self) -> list[tuple[str, list[str]]]:
+        """The orders the search grows promotions in, by label: sensitivity ("top"), then graph order
+        ("first") where it is given and differs."""
+        ranked = set(self.ranking)
+        graph = [node for node in self.graph_order if node in ranked]
+        return [("top", self.ranking)] + ([("first", graph)] if graph and graph != self.ranking else [])
+
+    def _grow(self, step: str) -> tuple[str, list[str], int, int] | None:
+        """Promote the first 1, 2, 4, ... nodes of each order (`orders`), the same count in every order
+        side by side, `jobs` trials at a time, until a trial passes. Returns (order label, order, the
+        largest count of that order that failed below it, the passing count) for the passing trial with
+        the fewest promotions (the first order on a tie), None when no count passes."""
+        orders, count = self.orders(), len(self.ranking)
+        sizes = sorted({min(count, 2**i) for i in range(0, max(1, math.ceil(math.log2(max(count, 1)))) + 1)})
+        candidates = [(k, name, order) for k in sizes for name, order in orders]
+        failed = {name: 0 for name, _ in orders}
+        for start in range(0, len(candidates), self.jobs):
+            batch = candidates[start: start + self.jobs]
+            specs = [self._spec(order[:k], step, f"{step} {name} {k}") for k, name, order in batch]
+            outcome = self.run_batch(specs)
+            passed = [spec.promotions in outcome and outcome[spec.promotions].passed for spec in specs]
+            if any(passed):
+                _, chosen = min((len(spec.promotions), i) for i, spec in enumerate(specs) if passed[i])
+                k, name, order = batch[chosen]
+                known_fail = max([failed[name]] + [j for (j, n, _), ok in zip(batch, passed)
+                                                   if n == name and j < k and not ok])
+                return name, order, known_fail, k
+            for k, name, _ in batch:
+                failed[name] = max(failed[name], k)
+        return None
 
     def _spec(self, nodes: list[str], step: str, label: str) -> TrialSpec:
         """The trial promoting `nodes` to `step`; to float, with the integer regions they leave
@@ -285,20 +311,23 @@ class Search:
                 added |= region
         return list(promoted) + sorted(added, key=lambda n: (rank[n], n))
 
-    def _prune(self, promoted: list[str], step: str) -> list[str]:
+    def _prune(self, promoted: list[str], step: str, name: str = "top") -> list[str]:
         """Demote promoted nodes again while the gates still pass; the nodes left. Isolated promotions
-        (`isolated`: the costliest for latency) are tried first, then the rest, least sensitive first."""
+        (`isolated`: the costliest for latency) are tried first, then the rest, last in their order
+        (`name`'s: the least sensitive, or the deepest) first. Of a batch whose trials pass, the first
+        node is demoted and the others are tried again without it (they passed beside it, not without it)."""
         first = self.isolated(promoted)
         untried = list(reversed(first)) + [n for n in reversed(promoted) if n not in first]
         while untried and len(promoted) > 1:
             batch, untried = untried[: self.jobs], untried[self.jobs:]
             specs = [self._spec([n for n in promoted if n != drop], step,
-                                    f"{step} top {len(promoted)} without 1") for drop in batch]
+                                    f"{step} {name} {len(promoted)} without 1") for drop in batch]
             outcome = self.run_batch(specs)
-            for drop, spec in zip(batch, specs):
-                if spec.promotions in outcome and outcome[spec.promotions].passed:
-                    promoted = [n for n in promoted if n != drop]
-                    break
+            passed = [drop for drop, spec in zip(batch, specs)
+                      if spec.promotions in outcome and outcome[spec.promotions].passed]
+            if passed:
+                promoted = [n for n in promoted if n != passed[0]]
+                untried = passed[1:] + untried
         return promoted
 
 

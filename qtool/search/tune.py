@@ -181,7 +181,7 @@ def tune(
         trials_progress = tick("tune")
         search = Search([], steps, lambda specs: run_specs(pool, shipped, specs, lost), figure, max_trials,
                         deadline, pool.jobs, neighbours=setup.neighbours or {}, quantizable=setup.quantized_keys,
-                        weighted=setup.weighted)
+                        weighted=setup.weighted, graph_order=list(setup.quantizable))
         sens: dict = {"rows": [], "complete": False, "cache_hit": False}
         reserved = None  # seconds of the budget held back for the final quantize (None: no budget)
 
