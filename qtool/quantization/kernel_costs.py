@@ -60,12 +60,14 @@ on ppocr_cls's. Broadcast QLinearMul ([H, W, C] x [C]): ppocr_det [80, 80, 24] 2
 Nearest uint8 Resize (NHWC): 38400 -> 153600 259, 153600 -> 614400 1044 (float 58 and 292): 3.6x float, where the
 table had 1.5x; float nearest Resize x2 runs at 5k elements per table µs, not 2k.
 
-ppocr_cls under this table still refuses (no 8-bit kernel pays). Tried by hand (placement fused, all but the named
-nodes excluded; interleaved against float, bench/latency.py's way): only the last stage's 1x1 Convs and residual
-Adds integer (6 nodes) ran 1.16x the prepared float model but 1.06x a float model with its hard-swishes fused
-as qtool writes float ones, at 30.9 dB; that stage's 8 nodes 1.04x / 0.95x at 26.6 dB; every 1x1 Conv and
-residual Add (29) 0.92x at 22.1 dB; fused 0.64-0.78x. An integer kernel at 5 % of the model's time is inside
-MIN_GAIN (and this host's noise): none measurably faster.
+ppocr_cls under this table still refuses (no 8-bit kernel pays). Partial placements tried by hand (placement
+fused, every node but those named excluded, 32 calibration lines, 96 eval lines; model time as the sum of per-node
+profile medians, two runs, since wall-clock medians of 2 ms runs swung 2-5x on that loaded host): float 2409-3023
+µs; float with its 18 hard-swishes run as HardSwish (what qtool writes for float ones) 1784-2217; the last
+block's 1x1 Convs and residual Add integer (3 nodes) 1745-1985, 1.02-1.12x that, 33.7 dB, top-1 91.67 % (float
+92.71); the last two blocks' (6) 2080-2394, 0.86-0.93x, 30.9 dB; the last stage's (8) 2092-2134, 0.85-1.04x, 28.4 dB;
+every 1x1 Conv and residual Add (29) 3258-3727, 22.1 dB (8 lines); fused 3729-4284. None is faster than float compute by
+more than this host's noise or MIN_GAIN, and none keeps top-1.
 """
 
 from __future__ import annotations
