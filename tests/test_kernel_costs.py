@@ -118,21 +118,33 @@ def test_nothing_goes_float_where_every_kernel_pays():
     assert slower_regions(model.graph, ["conv1", "conv2"], shapes) == []
 
 
-def test_depthwise_convs_and_broadcast_muls_cost_more_as_integer_kernels():
-    shapes = {"a": (1, 192, 20, 20), "d": (1, 192, 20, 20), "s": (1, 192, 1, 1), "m": (1, 192, 20, 20),
-              "e": (1, 192, 20, 20), "c": (1, 192, 20, 20)}
-    weights = {"wd": (192, 1, 3, 3), "wc": (192, 192, 1, 1)}
-    depthwise = helper.make_node("Conv", ["a", "wd"], ["d"], group=192)
+def test_depthwise_convs_and_broadcast_muls_cost_more_as_integer_kernels_on_a_text_line():
+    """ppocr_cls's shapes (3 rows of 96): depthwise QLinearConv 2-3.5x float, broadcast QLinearMul 1.5-1.9x,
+    elementwise QLinearMul ~1.3x (profiled); a 1x1 Conv of 14.7 M MACs pays as an integer GEMM."""
+    shapes = {"a": (1, 88, 3, 96), "d": (1, 88, 3, 96), "s": (1, 88, 1, 1), "m": (1, 88, 3, 96), "e": (1, 88, 3, 96),
+              "b": (1, 192, 20, 20), "c": (1, 192, 20, 20)}
+    weights = {"wd": (88, 1, 5, 5), "wc": (192, 192, 1, 1)}
+    depthwise = helper.make_node("Conv", ["a", "wd"], ["d"], group=88, kernel_shape=[5, 5], pads=[2, 2, 2, 2])
     broadcast = helper.make_node("Mul", ["a", "s"], ["m"])
     elementwise = helper.make_node("Mul", ["a", "d"], ["e"])
-    pointwise = helper.make_node("Conv", ["a", "wc"], ["c"])
+    pointwise = helper.make_node("Conv", ["b", "wc"], ["c"])
     for node in (depthwise, broadcast, elementwise):
         float_us, int8_us = node_costs(node, shapes, weights)
         assert int8_us > float_us, node.op_type
-    assert node_costs(broadcast, shapes, weights)[1] > node_costs(elementwise, shapes, weights)[1]
+    float_us, int8_us = node_costs(depthwise, shapes, weights)
+    assert int8_us > 1.8 * float_us
     float_us, int8_us = node_costs(pointwise, shapes, weights)  # 14.7 M MACs: integer GEMM pays
     assert int8_us < float_us / 2
     assert node_costs(pointwise, {}, weights) == (0.0, 0.0)  # no shape, no estimate
+
+
+def test_a_broadcast_mul_costs_its_integer_kernel_more_per_pixel():
+    """QLinearMul by a [C] vector in the NHWC chain restarts the broadcast at every pixel: ppocr_det's
+    [80, 80, 24] x [24] ran 257 µs, its [40, 40, 96] x [96] (as many elements) 82 µs."""
+    node = helper.make_node("Mul", ["a", "s"], ["m"])
+    many = node_costs(node, {"a": (1, 24, 80, 80), "s": (1, 24, 1, 1), "m": (1, 24, 80, 80)}, {})
+    few = node_costs(node, {"a": (1, 96, 40, 40), "s": (1, 96, 1, 1), "m": (1, 96, 40, 40)}, {})
+    assert many[0] == few[0] and many[1] > 2 * few[1]
 
 
 def test_tune_and_sensitivity_place_fast_as_quantize_does(tmp_path):
@@ -245,3 +257,42 @@ def test_softmax_costs_more_as_an_integer_kernel_at_every_measured_size():
     for shape in ((1, 8, 32, 32), (1, 4, 64, 64), (1, 4, 256, 256), (1, 2, 512, 512)):
         float_us, int8_us = node_costs(node, {"s": shape, "p": shape}, {})
         assert int8_us > 2 * float_us, shape
+
+
+def real_model_shapes(name: str):
+    """(prepared float model of shared model `name`, its tensor shapes on the first eval sample, preprocessed
+    as its preset says)."""
+    from qtool.api import prepare
+    from qtool.io.data import DataFolder, model_inputs
+    from qtool.recipe.load import load_recipe
+    from qtool.runtime.session import tensor_shapes
+    from conftest import ROOT, shared_model
+
+    folder = shared_model(name)
+    recipe = load_recipe(ROOT / "qtool" / "recipe" / "presets" / f"{name}.yaml")
+    model, _ = prepare(folder / "model.onnx", recipe)
+    feeds = next(DataFolder(folder / "eval", model_inputs(model), 1, images=recipe.data.images).batches(1)).feeds
+    return model, tensor_shapes(model, feeds)
+
+
+def depthwise_convs(model, kernel: int) -> set[str]:
+    weights = {init.name: tuple(init.dims) for init in model.graph.initializer}
+    return {node.name for node in model.graph.node if node.op_type == "Conv" and weights[node.input[1]][1] == 1
+            and weights[node.input[1]][0] > 1 and weights[node.input[1]][2:] == (kernel, kernel)}
+
+
+def test_depthwise_convs_go_float_on_a_text_line_not_on_a_square_map():
+    """Profiled here: ppocr_det's 5x5 depthwise Convs (192-384 channels on 20x20 and 10x10) run as integer
+    kernels at 0.9-1.1x their float time, ppocr_cls's (3 rows of 96, 32-200 channels) at 2-3.5x: ORT's float
+    kernel skips the taps in the padding (most of a 5x5 window on 3 rows) and runs long rows fast, its
+    integer kernel computes every tap. With every node of both real models planned 8-bit, `fast` keeps
+    ppocr_cls's float and ppocr_det's integer (one rate per op kept 4 of ppocr_det's 8 float)."""
+    from qtool.quantization.rules import RULES
+
+    for name, expect_float in (("ppocr_det", False), ("ppocr_cls", True)):
+        model, shapes = real_model_shapes(name)
+        planned = [node.name for node in model.graph.node if node.op_type in RULES]
+        kept = {node for group in slower_regions(model.graph, planned, shapes) for node in group.nodes}
+        depthwise = depthwise_convs(model, 5)
+        assert len(depthwise) == 8
+        assert (depthwise <= kept if expect_float else not depthwise & kept), (name, sorted(depthwise & kept))

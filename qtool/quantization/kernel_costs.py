@@ -17,7 +17,8 @@ macs = multiply-accumulates. Measured (float µs / int8 µs):
   1x1x1 SE convs: 5 / 12; digits_cnn (16x16) 3x3 32->64 on 8x8 (1.2 M MACs): 14 / 8.5, 64->192
   on 4x4 (1.8 M MACs): 28 / 11 (the fit: float 4 + MACs/70k, int8 5 + MACs/300k).
 - MaxPool after a QLinearConv runs as NhwcMaxPool: 3 / 4 (digits_cnn 32x16x16).
-- depthwise Conv: 200 ch 2x96 5x5: 15 / 136; 192 ch 20x20: 58 / 71; 384 ch 10x10: 35 / 40.
+- depthwise Conv: 200 ch 2x96 5x5: 15 / 136; 192 ch 20x20: 58 / 71; 384 ch 10x10: 35 / 40 (why, and the
+  fit by shape: below).
 - MaxPool 200x2x96 (uint8 has no MLAS path): 13 / 205. Resize (nearest) 9600 -> 38400: 20 / 42;
   38400 -> 153600: 51 / 120; 153600 -> 614400: 305 / 460.
 - Resize (linear, u2netp 320x320, float NCHW): 16x10x10 -> 6400: 19-35; 16x40x40 -> 102400: 165-172;
@@ -42,12 +43,31 @@ u2netp 1.91, albert_ja_pos 1.01-1.04, pyannote_seg3 1.01; ppocr_cls refuses, its
 the integer GEMM gains less (1x1 Conv 14.7 M MACs: 393-430 / 214-226 µs, 1.8x instead of 3x, profiled under
 load), but scaling `Conv`'s int8 rate to match made digits_cnn and speech_embedding refuse although they run
 1.2x faster as int8: a float model also pays NCHWc ReorderInput/ReorderOutput around its Convs (ppocr_det
-320x320: 3.4 of 31 ms float, 1.1 of 26 ms in its int8 model) that per-kernel rates leave out. Mispriced there:
-ppocr_det's depthwise Convs (5x5, 192-384 channels on 20x20 and 10x10: 58-176 / 57-166 µs, not 1.3x + 10)
-and broadcast QLinearMuls in the NHWC chain ([10, 10, C] x [C]: 19-23 / 21-26 µs, not 5-6x), so `fast` (its
-preset pins `fused`) kept 86 nodes float there and ran 1.11-1.12x float against `fused`'s 1.15-1.18x;
-ppocr_cls's (3 rows of 96, 32-88 channels: 27-47 / 62-164 and 17-18 / 41 µs) match the table, so one rate
-per op cannot fit both.
+320x320: 3.4 of 31 ms float, 1.1 of 26 ms in its int8 model) that per-kernel rates leave out. Mispriced there by one
+rate per op: ppocr_det's depthwise Convs and broadcast QLinearMuls ran as integer kernels at about float's time,
+ppocr_cls's at 2-3.5x, so `fast` kept 86 of ppocr_det's nodes float (1.11x float against `fused`'s 1.15-1.18x).
+
+Shape by shape (that host, single-node float vs QDQ models and both models' profiles; host µs, about 2.45x the
+table's, whose 1x1 Conv 192->192 20x20 ran 376-385 / 186-195 there): ORT's float depthwise kernel (NCHWc) skips
+the taps that fall in the padding and runs output rows of 8 channels, so it is fast on a few long rows; its
+integer kernel computes every tap (padding as the zero point) at a rate per MAC. 5x5, float / int8: 200 ch 2x96
+19-51 / 64-157 (40% of the taps inside), 88 ch 3x96 9-46 / 26-118, 200 ch 7x96 88 / 209, 200 ch 96x2 (2-long
+rows) 50-99 / 39-63; square maps 192 ch 20x20 85-171 / 87-173, 384 ch 10x10 51-125 / 46-115, 192 ch 20x20
+stride 2 16-57 / 16-60; 3x3: 16 ch 160x160 129-140 / 287-289, 96 ch 40x40 38-94 / 47-115. depthwise_us fits
+float 2 + C x rows / 300 + taps inside / 30k, int8 10 + MACs / 28k (table µs): 1.1x on ppocr_det's maps, 2.1-2.8x
+on ppocr_cls's. Broadcast QLinearMul ([H, W, C] x [C]): ppocr_det [80, 80, 24] 257, [40, 40, 96] 82, [20, 20,
+96] 29, [10, 10, 384] 21; ppocr_cls [2, 96, 200] 35, [3, 96, 88] 34 (float 17-23): 1.2-1.9x float, not 5-6x.
+Nearest uint8 Resize (NHWC): 38400 -> 153600 259, 153600 -> 614400 1044 (float 58 and 292): 3.6x float, where the
+table had 1.5x; float nearest Resize x2 runs at 5k elements per table µs, not 2k.
+
+ppocr_cls under this table still refuses (no 8-bit kernel pays). Partial placements tried by hand (placement
+fused, every node but those named excluded, 32 calibration lines, 96 eval lines; model time as the sum of per-node
+profile medians, two runs, since wall-clock medians of 2 ms runs swung 2-5x on that loaded host): float 2409-3023
+µs; float with its 18 hard-swishes run as HardSwish (what qtool writes for float ones) 1784-2217; the last
+block's 1x1 Convs and residual Add integer (3 nodes) 1745-1985, 1.02-1.12x that, 33.7 dB, top-1 91.67 % (float
+92.71); the last two blocks' (6) 2080-2394, 0.86-0.93x, 30.9 dB; the last stage's (8) 2092-2134, 0.85-1.04x, 28.4 dB;
+every 1x1 Conv and residual Add (29) 3258-3727, 22.1 dB (8 lines); fused 3729-4284. None is faster than float compute by
+more than this host's noise or MIN_GAIN, and none keeps top-1.
 """
 
 from __future__ import annotations
@@ -116,13 +136,15 @@ COSTS: dict[str, KernelCost] = {
     # 320x320 (177 M MACs): 3521 / 7857 measured, 3460 / 7904 estimated; ppocr_cls (8 channels) 29 / 106,
     # 29 / 88; digits_cnn (32) 5 / 13, 8 / 12; speech_embedding (24) 27 / 75, 28 / 62.
     "SmallKConv": KernelCost("macs", _linear(4, 20_000), _linear(5, 6_000)),
-    "DepthwiseConv": KernelCost("macs", _linear(4, 30_000), lambda m: 10 + 1.3 * (4 + m / 30_000)),
+    # Depthwise: node_costs prices it from the shapes (depthwise_us), not from one rate.
     "Add": KernelCost("out", _cached(_linear(3, 9_000), 2_000), _linear(7, 7_000)),
     "Mul": KernelCost("out", _cached(_linear(3, 6_500), 2_000), _linear(8, 5_000)),
-    "BroadcastMul": KernelCost("out", _cached(_linear(3, 6_500), 2_000), _linear(8, 900)),
+    # Broadcast Mul ([N, C, H, W] x [N, C, 1, 1], a squeeze-excitation scale): the integer kernel (in the NHWC
+    # chain, [H, W, C] x [C]) pays per pixel as well as per element, node_costs: int8 3 + pixels / 70 + e / 10k.
+    "BroadcastMul": KernelCost("out", _cached(_linear(3, 6_500), 5_000), _linear(3, 10_000)),
     "MaxPool": KernelCost("in", _linear(3, 5_000), _linear(5, 190)),  # uint8 NCHW: a plain loop
     "NhwcMaxPool": KernelCost("in", _linear(3, 5_000), _linear(3, 5_000)),  # inside ORT's NHWC integer chain
-    "Resize": KernelCost("out", _linear(5, 2_000), lambda e: 10 + 1.5 * (5 + e / 2_000)),  # nearest: uint8 Resize
+    "Resize": KernelCost("out", _linear(5, 5_000), _linear(17, 1_300)),  # nearest: uint8 Resize (NHWC), 3-4x float
     "GlobalAveragePool": KernelCost("in", _linear(3, 6_000), _linear(6, 12_000)),
     "AveragePool": KernelCost("in", _linear(3, 6_000), _linear(6, 12_000)),
     "Sigmoid": KernelCost("out", _linear(3, 2_500), _linear(3, 2_900)),
@@ -144,6 +166,47 @@ LINEAR_RESIZE_US = _cached(_linear(10, 600), 450, knee=2_000_000)
 FUSED_ACTIVATIONS = {"Relu", "Clip", "LeakyRelu"}
 SMALL_CIN = 4  # a spatial Conv on this many input channels or fewer: SmallKConv
 SMALLK_PER_CHANNEL = (800, 350)  # SmallKConv's MACs per µs per output channel, float and int8 (at least the table's)
+BROADCAST_PIXELS_PER_US = 70  # QLinearMul by a [C] vector: the broadcast restarts at every pixel
+# Depthwise Conv (depthwise_us): float 2 + C x output rows / 300 + taps inside the input / 30k,
+# int8 10 + every tap / 28k (MACs, the padding's included).
+DEPTHWISE_FLOAT = (2, 300, 30_000)
+DEPTHWISE_INT8 = (10, 28_000)
+
+
+def _inside_taps(size: int, out: int, kernel: int, stride: int, dilation: int, pad: int) -> int:
+    """Kernel taps, summed over the `out` output positions of one axis, that land inside the input."""
+    return sum(sum(1 for t in range(kernel) if 0 <= i * stride - pad + t * dilation < size) for i in range(out))
+
+
+def depthwise_us(node: onnx.NodeProto, first: tuple[int, ...], output: tuple[int, ...],
+                 weight: tuple[int, ...]) -> tuple[float, float]:
+    """(float µs, int8 µs) of a depthwise Conv, NCHW `first` [N, C, H, W] -> `output`, weight [C, 1, kh, kw].
+
+    ORT's float kernel (NCHWc) runs output rows of 8 channels and skips the taps that fall in the padding;
+    its integer kernel computes every tap (padding as the zero point) at a rate per MAC. So a few long rows
+    with most of a 5x5 window in the padding (ppocr_cls: 3 rows of 96) run float at a third of the int8 time,
+    square maps (ppocr_det: 20x20, 10x10) at about the same."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    axes = len(weight) - 2
+    kernel, spatial, out = weight[2:], first[2:], output[2:]
+    if len(spatial) != axes or len(out) != axes:
+        return 0.0, 0.0
+    strides = attrs.get("strides") or [1] * axes
+    dilations = attrs.get("dilations") or [1] * axes
+    pads = attrs.get("pads") or [0] * (2 * axes)
+    auto_pad = attrs.get("auto_pad", b"NOTSET")
+    if auto_pad in (b"SAME_UPPER", b"SAME_LOWER"):
+        totals = [max(0, (o - 1) * s + (k - 1) * d + 1 - n)
+                  for o, s, k, d, n in zip(out, strides, kernel, dilations, spatial)]
+        pads = [t // 2 if auto_pad == b"SAME_UPPER" else t - t // 2 for t in totals]
+    inside = math.prod(_inside_taps(n, o, k, s, d, p)
+                       for n, o, k, s, d, p in zip(spatial, out, kernel, strides, dilations, pads[:axes]))
+    rows = output[1] * math.prod(out[:-1]) if axes > 1 else output[1]
+    channels = output[0] * output[1]
+    macs = math.prod(output) * math.prod(kernel)
+    fixed, per_row, per_us = DEPTHWISE_FLOAT
+    return (fixed + output[0] * rows / per_row + channels * inside / per_us,
+            DEPTHWISE_INT8[0] + macs / DEPTHWISE_INT8[1])
 
 
 def conversion_us(elements: int) -> float:
@@ -177,8 +240,8 @@ def node_costs(node: onnx.NodeProto, shapes: Shapes, initializers: dict[str, tup
         if weight is None:
             return 0.0, 0.0
         if group > 1 and weight[1] == 1 and len(first) > 1 and group == first[1]:
-            kind = "DepthwiseConv"
-        elif weight[1] <= SMALL_CIN and math.prod(weight[2:]) > 1:
+            return depthwise_us(node, first, output, weight)
+        if weight[1] <= SMALL_CIN and math.prod(weight[2:]) > 1:
             kind = "SmallKConv"
         elif math.prod(output[2:]) == 1:
             kind = "PixelConv"
@@ -197,6 +260,9 @@ def node_costs(node: onnx.NodeProto, shapes: Shapes, initializers: dict[str, tup
     if kind == "SmallKConv":
         return (4 + work / max(20_000, SMALLK_PER_CHANNEL[0] * weight[0]),
                 5 + work / max(6_000, SMALLK_PER_CHANNEL[1] * weight[0]))
+    if kind == "BroadcastMul" and len(output) > 2:
+        pixels = math.prod(output) // output[1]
+        return cost.float_us(math.prod(output)), cost.int8_us(math.prod(output)) + pixels / BROADCAST_PIXELS_PER_US
     if cost.work == "out":
         work = math.prod(output)
     elif cost.work == "in":
