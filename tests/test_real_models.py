@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT, shared_model
 from qtool import api
 from qtool.errors import ModelError
-from qtool.quantization.kernel_costs import SLOWER_PREFIX
+from qtool.quantization.kernel_costs import KEPT_FOR_SPEED
 from qtool.recipe.load import load_recipe
 from qtool.runtime.session import int8_kernels_may_saturate
 
@@ -96,7 +96,7 @@ def test_inspect_counts_the_nodes_quantize_quantizes(name, request):
     chosen = set(report["algorithms"]["keep_float"]["nodes"])
     reasons = {node["node"]: node["reason"] for node in report["plan"]["nodes"]}
     kept = [d for d in inspected["nodes"]
-            if d["quantized"] and (d["node"] in chosen or reasons.get(d["node"], "").startswith(SLOWER_PREFIX))]
+            if d["quantized"] and (d["node"] in chosen or reasons.get(d["node"], "").startswith(KEPT_FOR_SPEED))]
     kept_ops = Counter(d["op_type"] for d in kept)
     assert inspected["nodes_quantized"] == quantized["nodes_quantized"] + len(kept)
     assert inspected["quantized_op_types"] == dict(Counter(quantized["quantized_by_op"]) + kept_ops)

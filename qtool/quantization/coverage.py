@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qtool.errors import CalibrationError, DataError, ModelError
-from qtool.quantization.kernel_costs import SLOWER_PREFIX
+from qtool.quantization.kernel_costs import KEPT_FOR_SPEED
 
 if TYPE_CHECKING:
     from qtool.quantization.plan import NodeDecision, QuantPlan
@@ -43,7 +43,7 @@ def no_kernel_pays(plan: QuantPlan) -> bool:
     """Whether `placement: fast` kept every node of `plan` float for speed: nothing quantized, no node
     left without a range, and at least one kept float by the cost table."""
     return (not any(d.quantized for d in plan.nodes) and not any(d.reason.startswith(NO_RANGE) for d in plan.nodes)
-            and any(d.reason.startswith(SLOWER_PREFIX) for d in plan.nodes))
+            and any(d.reason.startswith(KEPT_FOR_SPEED) for d in plan.nodes))
 
 
 def check_coverage(plan: QuantPlan, asked: int, *, model: Path, recipe: Path | None, ranges_from: Path | str,
@@ -54,12 +54,12 @@ def check_coverage(plan: QuantPlan, asked: int, *, model: Path, recipe: Path | N
     table's, `ranges_from`). Returns the warning for a smaller loss."""
     quantized = sum(d.quantized for d in plan.nodes)
     rangeless = sum(d.reason.startswith(NO_RANGE) for d in plan.nodes)
-    slower = sum(d.reason.startswith(SLOWER_PREFIX) for d in plan.nodes)
+    slower = sum(d.reason.startswith(KEPT_FOR_SPEED) for d in plan.nodes)
     if asked and no_kernel_pays(plan):
         raise ModelError(f"{model}: no 8-bit kernel pays here: `placement: fast` estimates every node the recipe "
                          f"{recipe or '(built-in default)'} quantizes ({slower}) faster as float compute on ONNX "
-                         "Runtime's CPU kernels, conversions included, so an int8 model would run slower than "
-                         "float; ship the float model, or set `quantization.placement: fused` to quantize anyway; "
+                         "Runtime's CPU kernels, conversions included, or faster by less than the table can tell, "
+                         "so an int8 model would run no faster than float; ship the float model, or set `quantization.placement: fused` to quantize anyway; "
                          "nothing written")
     if not asked or not (quantized or rangeless):
         reasons: dict[str, Counter] = {}

@@ -25,7 +25,7 @@ from qtool.io.samples import DataSource
 from qtool.numerics import QTYPES
 from qtool.quantization.plan import NodeDecision, QuantPlan, Selection, build_plan, select_tensors
 from qtool.quantization.hard_swish import fuse_hard_swish
-from qtool.quantization.kernel_costs import FITTED_ON, SLOWER_PREFIX, slower_regions, table_applies
+from qtool.quantization.kernel_costs import FITTED_ON, KEPT_FOR_SPEED, MIN_GAIN, slower_regions, table_applies
 from qtool.quantization.qdq import apply_plan
 from qtool.quantization.rules import RULES
 from qtool.recipe.schema import Recipe
@@ -38,8 +38,11 @@ ISLAND = ("placement fused: {kernel} would read only values quantized from float
           "dequantized back: the conversions cost more than the integer {op} saves")
 ROUND_TRIP = ("placement fused: {op} between float nodes: its Q/DQ pair would only round, no integer kernel "
               "writes or reads it")
-SLOWER = (SLOWER_PREFIX + ": a group of {count} node(s) estimated "
+SLOWER = (KEPT_FOR_SPEED + " slower than float here: a group of {count} node(s) estimated "
           "{int8:.0f} µs as 8-bit kernels vs {float:.0f} µs float, conversions included (kernel_costs table)")
+NOT_MEASURABLE = (KEPT_FOR_SPEED + " not measurably faster here: the {count} node(s) left estimated {int8:.0f} µs "
+                  "as 8-bit kernels vs {float:.0f} µs float, conversions included, saving under {share:.0%} of the "
+                  "float model's {model:.0f} µs: within the kernel_costs table's error")
 
 
 @dataclass(frozen=True)
@@ -209,7 +212,9 @@ def slower_than_float(model: ModelProto, shapes: dict[str, tuple[int, ...]]
         nhwc = {TOKEN.sub("", node.name) for node in optimized_graph(quantized).node if node.op_type.startswith("Nhwc")}
         kept = {}
         for group in slower_regions(model.graph, integer, shapes, nhwc):
-            why = SLOWER.format(count=len(group.nodes), int8=group.int8_us, float=group.float_us)
+            why = (NOT_MEASURABLE if group.model_float_us else SLOWER).format(
+                count=len(group.nodes), int8=group.int8_us, float=group.float_us, share=MIN_GAIN,
+                model=group.model_float_us)
             kept.update(dict.fromkeys(group.nodes, why))
         return kept
     return slower

@@ -347,7 +347,9 @@ class QuantizationSpec(_Strict):
         "Q/DQ pairs (no integer kernel) are kept float, until no such node is left; `fast` (the default): `fused`, then "
         "groups of nodes whose integer kernels are estimated slower than float on the tensor shapes of one "
         "calibration sample, conversions included (a measured ONNX Runtime CPU cost table), are kept float "
-        "too (where that is every node, the run is refused, exit 2: no 8-bit kernel pays); `all`: every node "
+        "too, and so are the integer kernels left when they are estimated to save under 5 % of the float model's "
+        "time (within the table's error; where that is every node, the run is refused, exit 2: no 8-bit kernel "
+        "pays); `all`: every node "
         "the rules and overrides quantize keeps its Q/DQ.",
     )
     algorithms: AlgorithmsSpec = Field(
