@@ -153,7 +153,7 @@ def _tune_hint(model: Path, recipe_path: Path | None, data_dir: Path, validation
               help="Calibration data from a Python function returning feed dicts (runs that file's code); "
                    "without a len() and calibration.samples, its first 256 (a note says if it had more).")
 @click.option("--recipe", "recipe_path", type=click.Path(path_type=Path),
-              help="Recipe YAML: its calibration section and which tensors it quantizes (a file or a preset name; default: int8).")
+              help="Recipe YAML: its calibration section and which tensors it quantizes (a file or a preset name; default: int8's settings without its gates).")
 @click.option("--output", "output_path", required=True, type=click.Path(path_type=Path),
               help="Calibration table file to write (JSON).")
 @click.option("--overwrite", is_flag=True, help="Replace the table file if it exists.")
