@@ -1,5 +1,5 @@
 """`python -m qtool` runs the CLI."""
 
-from qtool.cli.main import main
+from qtool.cli.launch import main
 
 main()

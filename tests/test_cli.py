@@ -212,3 +212,24 @@ def test_labels_that_name_none_of_the_validation_files_exit_2(tmp_path):
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith(f"Error: {labels}: names none of the ") and "validation files" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_while_the_cli_loads_is_one_line_and_exit_130():
+    """A Ctrl-C in the seconds the CLI's imports take (numpy, onnx, ONNX Runtime) printed a 30-line
+    KeyboardInterrupt traceback (a new user: `timeout -s INT 2 qtool quantize ...`). Made deterministic here:
+    an import hook raises KeyboardInterrupt where onnxruntime is imported, as `python -m qtool` starts."""
+    script = "\n".join([
+        "import runpy, sys",
+        "class CtrlC:",
+        "    def find_spec(self, name, path=None, target=None):",
+        "        if name == 'onnxruntime':",
+        "            raise KeyboardInterrupt",
+        "sys.meta_path.insert(0, CtrlC())",
+        "import qtool",
+        "assert not {'numpy', 'onnx', 'onnxruntime'} & set(sys.modules), 'import qtool loaded the stack'",
+        "sys.argv = ['qtool', '--version']",
+        "runpy.run_module('qtool', run_name='__main__')",
+    ])
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert (result.returncode, result.stderr) == (130, "Interrupted: nothing was written.\n")
+    assert qtool("--version").stdout.strip().endswith(__version__)  # without the hook it runs
