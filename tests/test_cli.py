@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from conftest import ROOT, SAMPLE
 from qtool import __version__
 from qtool.cli.main import main
+from qtool.cli.terminal import milliseconds_text
 
 
 def qtool(*args: str) -> subprocess.CompletedProcess:
@@ -181,7 +182,8 @@ def test_quantize_times_by_default_and_no_bench_skips(tmp_path):
     low, high = latency["ratio_interval"]
     assert low <= latency["ratio"] <= high and isinstance(latency["tight"], bool)
     [row] = [line for line in stdout["timed"].splitlines() if line.startswith("│ latency ")]
-    assert (f"{latency['reference']['median_ms']:.3g} → {latency['candidate']['median_ms']:.3g} ms "
+    reference_ms, candidate_ms = (milliseconds_text(latency[model]["median_ms"]) for model in ("reference", "candidate"))
+    assert (f"{reference_ms} → {candidate_ms} ms "
             f"({latency['ratio']:.2f}× float, 95 % interval {low:.2f}–{high:.2f}") in row
     assert "latency" not in reports["untimed"] and "│ latency " not in stdout["untimed"]
 

@@ -17,6 +17,7 @@ from onnx import TensorProto, helper
 from conftest import ROOT, SAMPLE, make_model, save_npy_folder, fused_recipe
 from qtool import api
 from qtool.cli.main import main
+from qtool.cli.terminal import milliseconds_text
 from qtool.evaluation.per_layer import match_activations, weight_errors
 from qtool.errors import UsageError
 
@@ -85,7 +86,8 @@ def test_compare_per_output_per_layer_bench_and_passing_gates(digits, tmp_path):
     assert latency["threads"] == 1 and latency["reference"]["runs"] >= 10
     assert latency["reference"]["p10_ms"] <= latency["reference"]["median_ms"] <= latency["reference"]["p90_ms"]
     low, high = latency["ratio_interval"]  # the summary's row, as quantize's: the ratio is to the reference
-    assert (f"{latency['reference']['median_ms']:.3g} → {latency['candidate']['median_ms']:.3g} ms "
+    reference_ms, candidate_ms = (milliseconds_text(latency[model]["median_ms"]) for model in ("reference", "candidate"))
+    assert (f"{reference_ms} → {candidate_ms} ms "
             f"({latency['ratio']:.2f}× reference, 95 % interval {low:.2f}–{high:.2f}") in result.stdout
     assert report["size"]["ratio"] > 3
     assert len(report["inputs"]["candidate"]["sha256"]) == 64

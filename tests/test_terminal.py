@@ -54,3 +54,18 @@ def test_a_gate_tune_missed_is_shown_as_the_summary_shows_it():
     assert missed_gate_line(gate, "the best trial") == ("gate min_sqnr_db: not met by the best trial "
                                                         "(value 27.437, threshold 30)")
     assert "value n/a" in missed_gate_line({**gate, "value": None}, "the best trial")
+
+
+def test_latency_row_gives_both_medians_to_the_same_precision_and_never_in_exponent_form():
+    """speech_embedding's row read `2.13 → 1.8 ms` (`:.3g` drops the trailing zero) and a model over a
+    second would read `1.23e+03 ms`."""
+    from qtool.cli.terminal import latency_text
+
+    def timing(reference_ms, candidate_ms):
+        return {"reference": {"median_ms": reference_ms}, "candidate": {"median_ms": candidate_ms},
+                "ratio": 0.85, "ratio_interval": [0.83, 0.87], "tight": True}
+
+    assert latency_text(timing(2.1312, 1.8004)).startswith("2.13 → 1.80 ms (0.85× float, 95 % interval 0.83–0.87)")
+    assert latency_text(timing(26.349, 22.217)).startswith("26.3 → 22.2 ms")
+    assert latency_text(timing(1234.4, 998.7)).startswith("1234 → 999 ms")
+    assert latency_text(timing(0.04567, 0.0391)).startswith("0.0457 → 0.0391 ms")

@@ -6,6 +6,7 @@ terminal outside CI (the `CI` variable); plain periodic lines otherwise.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -195,9 +196,17 @@ def latency_text(latency: dict, reference: str = "float") -> str:
     """A report's latency section as one summary value: medians, then the ratio to the `reference` model
     and its interval, e.g. `2.31 → 1.68 ms (0.73× float, 95 % interval 0.71–0.77)`."""
     low, high = latency["ratio_interval"]
-    return (f"{latency['reference']['median_ms']:.3g} → {latency['candidate']['median_ms']:.3g} ms "
+    return (f"{milliseconds_text(latency['reference']['median_ms'])} → "
+            f"{milliseconds_text(latency['candidate']['median_ms'])} ms "
             f"({latency['ratio']:.2f}× {reference}, 95 % interval {low:.2f}–{high:.2f}"
             f"{'' if latency['tight'] else ', noisy'})")
+
+
+def milliseconds_text(ms: float) -> str:
+    """Three significant digits in fixed point, trailing zeros kept: `1.80` beside `2.13` (`:.3g` gave
+    `1.8`), `1234` (`:.3g` gave `1.23e+03`)."""
+    decimals = max(0, 2 - math.floor(math.log10(abs(ms)))) if ms else 2
+    return f"{ms:.{decimals}f}"
 
 
 def gate_value_text(value: float, threshold: float) -> str:
