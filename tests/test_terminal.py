@@ -69,3 +69,20 @@ def test_latency_row_gives_both_medians_to_the_same_precision_and_never_in_expon
     assert latency_text(timing(26.349, 22.217)).startswith("26.3 → 22.2 ms")
     assert latency_text(timing(1234.4, 998.7)).startswith("1234 → 999 ms")
     assert latency_text(timing(0.04567, 0.0391)).startswith("0.0457 → 0.0391 ms")
+
+
+def test_progress_rate_counts_only_the_work_done_after_the_first_report(monkeypatch):
+    """tune's latency stage reported its 17 trials at once and read '17/17 trials, 486478.8 trials/s':
+    the rate divided everything done by the microseconds since that same first report."""
+    clock = iter([100.0, 100.00003, 200.0, 205.0, 210.0])
+    monkeypatch.setattr("qtool.cli.terminal.time.monotonic", lambda: next(clock))
+    out = io.StringIO()
+    with StageProgress(Console(file=out, force_terminal=False, width=120), quiet=False) as progress:
+        progress("latency", 17, 17)
+        progress("latency", 17, 17)
+        progress("tune", 5, 20)   # five trials done before the clock starts
+        progress("tune", 10, 20)
+        progress("tune", 20, 20)
+    lines = out.getvalue().splitlines()
+    assert lines[:2] == ["latency: 17/17 trials", "latency: 17/17 trials"]
+    assert lines[-2:] == ["tune: 10/20 trials, 1.0 trials/s", "tune: 20/20 trials, 1.5 trials/s"]
