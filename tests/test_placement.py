@@ -474,3 +474,21 @@ def test_a_float_hard_swish_runs_as_one_hard_swish(tmp_path):
     x = RNG.normal(size=(2, 3, 8, 8)).astype(np.float32)
     run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(["e"], {"x": x})[0]  # noqa: E731
     np.testing.assert_allclose(run(result.model), run(model), rtol=1e-4, atol=1e-4)
+
+
+def test_float_conv_after_a_quantized_maxpool_stays_float_in_ort(tmp_path):
+    """ORT moves a per-tensor DequantizeLinear down through a MaxPool, then quantizes the float Conv
+    after it (WeightBiasQuantization): speech_embedding with conv2d_3/7/11/15 excluded ran all four as
+    QLinearConv while the report called them float."""
+    conv = lambda name, x, y: helper.make_node("Conv", [x, f"{name}.w"], [y], name=name, pads=[1, 1, 1, 1])
+    weights = {f"{name}.w": RNG.normal(size=(3, 3, 3, 3)).astype(np.float32) for name in ("first", "middle", "last")}
+    model = make_model(
+        [conv("first", "x", "a"), helper.make_node("MaxPool", ["a"], ["p"], name="pool", kernel_shape=[2, 2]),
+         conv("middle", "p", "b"), conv("last", "b", "y")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 7, 7])], weights)
+    result = quantize_tiny(tmp_path, model, "version: 1\nquantization:\n  overrides:\n"
+                                            "    - {match: {name: '^middle$'}, float: true}\n")
+    assert result.report["plan"]["quantized_by_op"] == {"Conv": 2, "MaxPool": 1}
+    ops = optimized_op_histogram(result.model)
+    assert (ops["QLinearConv"], ops["Conv"]) == (2, 1)

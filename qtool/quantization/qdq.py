@@ -121,6 +121,7 @@ def apply_plan(model: ModelProto, plan: QuantPlan) -> ModelProto:
 
     quantized_outputs = {out for node, decision in zip(graph.node, plan.nodes) if decision.quantized
                          for out in node.output}
+    float_nodes = {node.name for node, decision in zip(graph.node, plan.nodes) if not decision.quantized}
     float_readers: dict[tuple[str, int], str] = {}  # (activation, channels) -> its per-channel DequantizeLinear
     for at, (node, decision) in enumerate(zip(graph.node, plan.nodes)):
         bias = _bias_int32_cannot_hold(node, decision, plan, index) if decision.quantized else None
@@ -134,7 +135,8 @@ def apply_plan(model: ModelProto, plan: QuantPlan) -> ModelProto:
         for i, name in enumerate(node.input):
             if name in plan.activations and (decision.quantized or name in quantized_outputs
                                               or name in index.graph_outputs):
-                channels = None if decision.quantized or i else _float_weight_channels(node, index)
+                channels = None if i else (_float_weight_channels_behind(node, index, plan, float_nodes)
+                                           if decision.quantized else _float_weight_channels(node, index))
                 if channels is None:
                     node.input[i] = dequantized[name]
                     continue
@@ -211,6 +213,23 @@ def _float_weight_channels(node: onnx.NodeProto, index: GraphIndex) -> int | Non
     if node.op_type == "Gemm" and not next((a.i for a in node.attribute if a.name == "transA"), 0):
         return weight.dims[1] if next((a.i for a in node.attribute if a.name == "transB"), 0) else weight.dims[0]
     return None
+
+
+def _float_weight_channels_behind(node: onnx.NodeProto, index: GraphIndex, plan: QuantPlan,
+                                  float_nodes: set[str]) -> int | None:
+    """Input channels of the float Conv/ConvTranspose/Gemm nodes that read a quantized MaxPool's
+    unquantized output, when they are all its readers and of one width, else None.
+
+    ONNX Runtime moves a per-tensor DequantizeLinear down through a MaxPool (QDQ propagation); the
+    float node behind it then meets `_float_weight_channels`'s pattern and runs as an integer kernel
+    (speech_embedding with conv2d_3/7/11/15 excluded: all four ran as QLinearConv). A per-channel
+    DequantizeLinear before the MaxPool (whose channels are the reader's) is not moved.
+    """
+    if node.op_type != "MaxPool" or len(node.output) != 1 or node.output[0] in plan.activations:
+        return None
+    widths = {_float_weight_channels(reader, index) if reader.name in float_nodes else None
+              for reader in index.consumers.get(node.output[0], [])}
+    return widths.pop() if len(widths) == 1 else None
 
 
 def _bias_int32_cannot_hold(node: onnx.NodeProto, decision, plan: QuantPlan, index: GraphIndex) -> np.ndarray | None:
