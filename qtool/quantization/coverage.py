@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qtool.errors import CalibrationError, DataError, ModelError
-from qtool.quantization.kernel_costs import KEPT_FOR_SPEED
+from qtool.quantization.kernel_costs import KEPT_FOR_SPEED, MIN_GAIN
 
 if TYPE_CHECKING:
     from qtool.quantization.plan import NodeDecision, QuantPlan
@@ -58,9 +58,10 @@ def check_coverage(plan: QuantPlan, asked: int, *, model: Path, recipe: Path | N
     if asked and no_kernel_pays(plan):
         raise ModelError(f"{model}: no 8-bit kernel pays here: `placement: fast` estimates every node the recipe "
                          f"{recipe or '(built-in default)'} quantizes ({slower}) faster as float compute on ONNX "
-                         "Runtime's CPU kernels, conversions included, or faster by less than the table can tell, "
-                         "so an int8 model would run no faster than float; ship the float model, or set `quantization.placement: fused` to quantize anyway; "
-                         "nothing written")
+                         f"Runtime's CPU kernels, conversions included, or 8-bit faster by less than the table can "
+                         f"resolve (under {MIN_GAIN:.0%} of the float model's time), so an int8 model would not run "
+                         "measurably faster than float; ship the float model, or set `quantization.placement: "
+                         "fused` to quantize anyway; nothing written")
     if not asked or not (quantized or rangeless):
         reasons: dict[str, Counter] = {}
         for d in plan.nodes:
