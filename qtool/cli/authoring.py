@@ -21,7 +21,8 @@ from qtool.reporting.schemas import REPORT_SCHEMAS, report_schema
 @click.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--recipe", "recipe_path", type=click.Path(path_type=Path),
-              help="Recipe whose rules decide what would be quantized (a file or a preset name; default: int8's settings without its gates).")
+              help="Recipe whose rules decide what would be quantized (a file or a preset name; "
+                   "default: int8's settings without its gates).")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path),
               help="Calibration data (a folder or file, read as the recipe says): placement fast is "
                    "previewed on its first sample's tensor shapes, as quantize plans it (without: as fused).")

@@ -22,8 +22,9 @@ def check_label_range(labels: dict[str, int], names: list[str], classes: int, ou
 def label_warnings(samples: int, labelled: int, float_accuracy: float | None, classes: int,
                    source: str) -> list[str]:
     """Warnings on what an accuracy figure measured: labels (`source`) for none (`classes` 0: the first
-    output is no class scores) or only `labelled` of `samples` evaluation samples, and a float top-1 at or below chance (1/`classes`), which says the labels or
-    the preprocessing do not match the model rather than anything about quantization."""
+    output is no class scores) or only `labelled` of `samples` evaluation samples, and a float top-1 at
+    or below chance (1/`classes`), which says the labels or the preprocessing do not match the model
+    rather than anything about quantization."""
     warnings = []
     if not labelled and samples:  # given, yet unused: say why rather than leave the accuracy out in silence
         why = "it names none of their files" if classes else "the model's first output is not class scores [N, classes]"
