@@ -235,3 +235,15 @@ def test_ctrl_c_while_the_cli_loads_is_one_line_and_exit_130():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
     assert (result.returncode, result.stderr) == (130, "Interrupted: nothing was written.\n")
     assert qtool("--version").stdout.strip().endswith(__version__)  # without the hook it runs
+
+
+def test_the_lazy_public_api_names_every_export_once():
+    """`qtool.__all__` and the table `__getattr__` imports from are written out separately (pyflakes reads a
+    literal __all__): each name in one is in the other and resolves to its object."""
+    import qtool
+
+    assert set(qtool.__all__) == {*qtool._HOMES, "__version__"}
+    for name, home in qtool._HOMES.items():
+        assert getattr(qtool, name) is getattr(__import__(home, fromlist=[name]), name)
+    with pytest.raises(AttributeError):
+        qtool.not_a_name  # noqa: B018
